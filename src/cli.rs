@@ -1,0 +1,278 @@
+//! The command line of SPEC §8.1: argument definitions and dispatch. Each
+//! command loads the configuration, then calls into the library.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{Config, FlagOverrides, Sources};
+use crate::{db, telemetry};
+
+/// An error that is the caller's to fix (bad flag, bad config, missing
+/// input): exit code 2 rather than 1.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+/// Exit codes of SPEC §8.1: 2 for usage or configuration errors, 1 otherwise.
+pub fn exit_code(err: &anyhow::Error) -> u8 {
+    let usage = err.chain().any(|e| {
+        e.downcast_ref::<UsageError>().is_some()
+            || e.downcast_ref::<crate::config::ConfigError>().is_some()
+    });
+    if usage { 2 } else { 1 }
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "pqmig",
+    version,
+    about = "Moves data stored in PostgreSQL onto post-quantum cryptography."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// Config file (TOML) [env: PQMIG_CONFIG; default: /etc/pqmig/pqmig.toml when present]
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// PostgreSQL URL; prefer DATABASE_URL, a flag is visible in `ps`
+    #[arg(long, global = true, value_name = "URL")]
+    pub database_url: Option<String>,
+    /// Keyring file of the local key provider [env: PQMIG_KEYRING]
+    #[arg(long, global = true, value_name = "FILE")]
+    pub keyring: Option<PathBuf>,
+    /// Log filter, e.g. `info` or `pqmig=debug` [env: PQMIG_LOG]
+    #[arg(long = "log", global = true, value_name = "FILTER")]
+    pub log_level: Option<String>,
+    /// Log format: text, json or auto (text on a terminal) [env: PQMIG_LOG_FORMAT]
+    #[arg(long, global = true, value_name = "FORMAT")]
+    pub log_format: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the worker daemon: claim jobs from pq_migration_jobs and migrate their items.
+    Run(RunArgs),
+    /// Apply pending schema migrations (safe to run from several replicas at once).
+    Migrate,
+    /// Queue a migration job and print its id.
+    Enqueue(JobSpecArgs),
+    /// Show jobs, their progress, rate and ETA.
+    Status(StatusArgs),
+    /// Cancel a pending or running job (progress is kept).
+    Cancel(JobArg),
+    /// Re-queue a failed or cancelled job from where it stopped.
+    Resume(JobArg),
+    /// Show what a job would do (matched items, estimated time) without queueing it.
+    Plan(JobSpecArgs),
+    /// Re-check every item a job migrated; exits non-zero on any mismatch.
+    Verify(JobArg),
+    /// Restore the previous values of every item a job migrated, from its backups.
+    Rollback(JobArg),
+    /// Delete a job's backups (after `pqmig verify`).
+    PurgeBackups(JobArg),
+    /// Count items still on quantum-vulnerable crypto, by scope and algorithm.
+    Inventory(JsonArg),
+    /// Manage keys of the local key provider.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Create a scratch database with sample data, migrate it end to end and show the result.
+    Demo,
+    /// Measure items/s of a scope on a seeded scratch database.
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Jobs worked at once by this process [env: PQMIG_CONCURRENCY]
+    #[arg(long)]
+    pub concurrency: Option<i64>,
+    /// Address of the HTTP listener for /metrics, /healthz, /readyz [env: PQMIG_METRICS_ADDR]
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct JobSpecArgs {
+    /// wrappers, signatures or hashes
+    #[arg(long)]
+    pub scope: String,
+    /// Target encryption policy, by name or id
+    #[arg(long)]
+    pub policy: Option<String>,
+    /// Target algorithm, by alias (e.g. ML-KEM-768) or id
+    #[arg(long)]
+    pub algo: Option<String>,
+    /// Selection as JSON, or @FILE to read it from a file
+    #[arg(long)]
+    pub selection: Option<String>,
+    /// Start no earlier than this RFC 3339 time
+    #[arg(long, conflicts_with = "in_")]
+    pub at: Option<String>,
+    /// Start after this duration (e.g. 10m)
+    #[arg(long = "in", id = "in_")]
+    pub in_: Option<String>,
+    /// Higher runs first
+    #[arg(long, default_value_t = 0)]
+    pub priority: i16,
+    /// users.id of whoever asked for the job
+    #[arg(long)]
+    pub created_by: Option<i64>,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// One job's details instead of the list
+    pub job: Option<i64>,
+    /// Refresh until the job(s) finish
+    #[arg(long)]
+    pub watch: bool,
+    /// Machine-readable output
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct JobArg {
+    /// Job id
+    pub job: i64,
+}
+
+#[derive(Debug, Args)]
+pub struct JsonArg {
+    /// Machine-readable output
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Create keys in the keyring file (mode 0600).
+    Generate(KeysGenerateArgs),
+    /// Create a signing key (a signing_keys row, private key sealed under a KEK).
+    Signing(KeysSigningArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct KeysGenerateArgs {
+    /// AES-256-GCM, X25519, ML-KEM-768, ML-KEM-1024, X-Wing, HMAC-SHA-256, ...
+    #[arg(long)]
+    pub algorithm: String,
+    /// Reference of the new key, e.g. local:pq-a
+    #[arg(long = "ref")]
+    pub key_ref: String,
+    /// Also register kms_providers / kms_keys rows
+    #[arg(long)]
+    pub register: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct KeysSigningArgs {
+    /// ML-DSA-65, ML-DSA-44, ML-DSA-87, SLH-DSA-SHA2-128s, SLH-DSA-SHA2-128f, Ed25519, ECDSA-P256
+    #[arg(long)]
+    pub algorithm: String,
+    /// Unique name of the key
+    #[arg(long)]
+    pub name: String,
+    /// kms_keys reference of the AES-256-GCM key that seals the private key
+    #[arg(long)]
+    pub kek: String,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// wrappers, signatures or hashes
+    #[arg(long)]
+    pub scope: String,
+    /// Items to seed
+    #[arg(long, default_value_t = 10_000)]
+    pub items: u64,
+    /// PQ layers per wrapper
+    #[arg(long)]
+    pub layers: Option<u32>,
+    /// Target algorithm alias
+    #[arg(long)]
+    pub algo: Option<String>,
+}
+
+impl Cli {
+    fn overrides(&self) -> FlagOverrides {
+        let g = &self.global;
+        let (concurrency, metrics_addr) = match &self.command {
+            Command::Run(r) => (r.concurrency, r.metrics_addr.clone()),
+            _ => (None, None),
+        };
+        FlagOverrides {
+            config: g.config.clone(),
+            database_url: g.database_url.clone(),
+            concurrency,
+            metrics_addr,
+            keyring: g.keyring.clone(),
+            log_format: g.log_format.clone(),
+            log_level: g.log_level.clone(),
+        }
+    }
+}
+
+/// Load the configuration from the process's environment and the flags.
+pub fn load_config(cli: &Cli) -> Result<Config, crate::config::ConfigError> {
+    let env = |name: &str| std::env::var(name).ok();
+    Config::load(&Sources {
+        flags: cli.overrides(),
+        env: &env,
+    })
+}
+
+/// Run one command to completion.
+pub async fn execute(cli: Cli) -> anyhow::Result<()> {
+    let config = load_config(&cli)?;
+    telemetry::init(&config);
+    match cli.command {
+        Command::Migrate => migrate(&config).await,
+        Command::Run(_) => {
+            let client = db::connect(&config.database).await?;
+            db::migrate::check_current(&client).await?;
+            Err(not_yet("run"))
+        }
+        Command::Enqueue(_) => Err(not_yet("enqueue")),
+        Command::Status(_) => Err(not_yet("status")),
+        Command::Cancel(_) => Err(not_yet("cancel")),
+        Command::Resume(_) => Err(not_yet("resume")),
+        Command::Plan(_) => Err(not_yet("plan")),
+        Command::Verify(_) => Err(not_yet("verify")),
+        Command::Rollback(_) => Err(not_yet("rollback")),
+        Command::PurgeBackups(_) => Err(not_yet("purge-backups")),
+        Command::Inventory(_) => Err(not_yet("inventory")),
+        Command::Keys(_) => Err(not_yet("keys")),
+        Command::Demo => Err(not_yet("demo")),
+        Command::Bench(_) => Err(not_yet("bench")),
+    }
+}
+
+fn not_yet(command: &str) -> anyhow::Error {
+    UsageError(format!(
+        "`pqmig {command}` is not implemented yet in this build"
+    ))
+    .into()
+}
+
+async fn migrate(config: &Config) -> anyhow::Result<()> {
+    let mut client = db::connect(&config.database).await?;
+    let applied = db::migrate::apply(&mut client).await?;
+    let version = db::migrate::current_version(&client).await?.unwrap_or(0);
+    if applied.is_empty() {
+        println!("schema is up to date (version {version})");
+    } else {
+        for m in &applied {
+            println!("applied V{}__{}", m.version, m.name);
+        }
+        println!("schema is now at version {version}");
+    }
+    Ok(())
+}
