@@ -1,0 +1,8 @@
+//! The integration suite: one binary, one module per concern, every test
+//! against the real PostgreSQL in a database of its own.
+
+mod common;
+
+mod cli;
+mod config;
+mod migrate;
