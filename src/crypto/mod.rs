@@ -1,0 +1,7 @@
+//! Cryptographic building blocks of the scopes. Every primitive comes from a
+//! maintained RustCrypto crate implementing the final standard; nothing here
+//! is hand-rolled, this module only composes them into the SPEC §5 formats.
+//!
+//! - [`onion`]: the keyed hash onion of SPEC §5.4 (HMAC over the old hash).
+
+pub mod onion;

@@ -1,0 +1,70 @@
+//! Key providers (SPEC §4): resolve a `kms_keys.external_key_ref` to secret
+//! bytes. This release ships the `local` keyring file; Vault, AWS and GCP
+//! providers implement the same [`KeyProvider`] trait.
+
+mod local;
+
+use std::fmt;
+use std::path::PathBuf;
+
+use zeroize::Zeroizing;
+
+pub use local::LocalKeyring;
+
+/// Resolves key references to secrets. Implementations are shared between
+/// worker threads, hence `Send + Sync`.
+pub trait KeyProvider: Send + Sync {
+    /// The secret named by `key_ref`, with the algorithm it is for.
+    fn secret(&self, key_ref: &str) -> Result<KeySecret, KeyError>;
+
+    /// Like [`KeyProvider::secret`], but a key made for another algorithm
+    /// is an error: a pepper must never be used as a KEK, nor the reverse.
+    fn secret_for(&self, key_ref: &str, algorithm: &str) -> Result<KeySecret, KeyError> {
+        let secret = self.secret(key_ref)?;
+        if secret.algorithm.eq_ignore_ascii_case(algorithm) {
+            Ok(secret)
+        } else {
+            Err(KeyError::WrongAlgorithm {
+                key_ref: key_ref.to_owned(),
+                expected: algorithm.to_owned(),
+                found: secret.algorithm.clone(),
+            })
+        }
+    }
+}
+
+/// Secret key bytes, wiped from memory on drop and never printed.
+#[derive(Clone)]
+pub struct KeySecret {
+    /// Canonical algorithm name, as listed in SPEC §4 (e.g. `HMAC-SHA3-256`).
+    pub algorithm: String,
+    pub bytes: Zeroizing<Vec<u8>>,
+}
+
+impl fmt::Debug for KeySecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeySecret")
+            .field("algorithm", &self.algorithm)
+            .field(
+                "bytes",
+                &format_args!("<redacted {} bytes>", self.bytes.len()),
+            )
+            .finish()
+    }
+}
+
+/// Why a key could not be provided. Messages are one line and never carry
+/// secret material, so they may go to logs and to a job's `error` column.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("key {key_ref:?} is not in the keyring")]
+    NotFound { key_ref: String },
+    #[error("keyring {}: {reason}", path.display())]
+    Keyring { path: PathBuf, reason: String },
+    #[error("key {key_ref:?} is a {found} key, expected {expected}")]
+    WrongAlgorithm {
+        key_ref: String,
+        expected: String,
+        found: String,
+    },
+}
