@@ -235,15 +235,11 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
     telemetry::init(&config);
     match cli.command {
         Command::Migrate => migrate(&config).await,
-        Command::Run(_) => {
-            let client = db::connect(&config.database).await?;
-            db::migrate::check_current(&client).await?;
-            Err(not_yet("run"))
-        }
+        Command::Run(_) => run(&config).await,
         Command::Enqueue(_) => Err(not_yet("enqueue")),
         Command::Status(_) => Err(not_yet("status")),
-        Command::Cancel(_) => Err(not_yet("cancel")),
-        Command::Resume(_) => Err(not_yet("resume")),
+        Command::Cancel(a) => job_action(&config, a.job, "cancel").await,
+        Command::Resume(a) => job_action(&config, a.job, "resume").await,
         Command::Plan(_) => Err(not_yet("plan")),
         Command::Verify(_) => Err(not_yet("verify")),
         Command::Rollback(_) => Err(not_yet("rollback")),
@@ -253,6 +249,84 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Demo => Err(not_yet("demo")),
         Command::Bench(_) => Err(not_yet("bench")),
     }
+}
+
+/// The daemon: schema check, then claim and work jobs until SIGTERM/SIGINT
+/// (drain); a second signal exits at once.
+async fn run(config: &Config) -> anyhow::Result<()> {
+    let client = db::connect(&config.database).await?;
+    db::migrate::check_current(&client).await?;
+    drop(client);
+    let pool = db::pool(&config.database)?;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    watch_signals(shutdown.clone())?;
+    let scope = crate::scope::ScopeContext {
+        keyring: config.keyring.clone(),
+    };
+    crate::daemon::run(config, pool, scope, shutdown).await
+}
+
+/// First SIGTERM/SIGINT: drain. Second: exit now (open transactions roll
+/// back when the connections drop).
+fn watch_signals(shutdown: tokio_util::sync::CancellationToken) -> anyhow::Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
+    std::thread::Builder::new()
+        .name("pqmig-signals".into())
+        .spawn(move || {
+            let mut seen = 0;
+            for sig in signals.forever() {
+                seen += 1;
+                if seen == 1 {
+                    tracing::info!(signal = sig, "shutting down: finishing in-flight batches");
+                    shutdown.cancel();
+                } else {
+                    eprintln!("pqmig: second signal, exiting now");
+                    std::process::exit(1);
+                }
+            }
+        })?;
+    Ok(())
+}
+
+/// `cancel` and `resume`, with a confirmation of what happened.
+async fn job_action(config: &Config, job: i64, action: &str) -> anyhow::Result<()> {
+    use crate::db::jobs::{self, JobAction};
+    let client = db::connect(&config.database).await?;
+    db::migrate::check_current(&client).await?;
+    let who = format!("cli:{}", whoami());
+    let outcome = match action {
+        "cancel" => jobs::job_cancel(&client, job, &who).await?,
+        _ => jobs::job_resume(&client, job, &who).await?,
+    };
+    match outcome {
+        JobAction::Done if action == "cancel" => {
+            println!(
+                "job {job} cancelled; a running worker stops at its next heartbeat, progress is kept"
+            );
+            Ok(())
+        }
+        JobAction::Done => {
+            println!("job {job} re-queued; it continues from its cursor");
+            Ok(())
+        }
+        JobAction::NotFound => Err(UsageError(format!("no job with id {job}")).into()),
+        JobAction::WrongStatus(status) => {
+            let allowed = if action == "cancel" {
+                "pending or running"
+            } else {
+                "failed or cancelled"
+            };
+            Err(UsageError(format!(
+                "job {job} is {status}; only {allowed} jobs can be {action}ed"
+            ))
+            .into())
+        }
+    }
+}
+
+fn whoami() -> String {
+    std::env::var("USER").unwrap_or_else(|_| "unknown".into())
 }
 
 fn not_yet(command: &str) -> anyhow::Error {

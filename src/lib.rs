@@ -6,9 +6,21 @@
 //! - [`cli`]: the command line (SPEC §8.1) and its exit codes.
 //! - [`config`]: file, environment and flags → validated [`config::Config`].
 //! - [`telemetry`]: logging setup.
+//! - [`daemon`]: the worker daemon: producer (claim), executor (one job),
+//!   rescuer (expired leases), listener (NOTIFY wake-ups).
+//! - [`selection`]: a job's JSONB selection, parsed strictly.
+//! - [`scope`]: what a job does to its items (hashes; wrappers and
+//!   signatures to come).
+//! - [`crypto`]: primitives from maintained crates (the HMAC onion).
+//! - [`keys`]: key providers (the local keyring file).
 //! - [`db`]: connections, the pool, schema migrations; all SQL lives here.
 
 pub mod cli;
 pub mod config;
+pub mod crypto;
+pub mod daemon;
 pub mod db;
+pub mod keys;
+pub mod scope;
+pub mod selection;
 pub mod telemetry;

@@ -5,4 +5,8 @@ mod common;
 
 mod cli;
 mod config;
+mod engine;
+mod hashes_fixture;
+mod keyring;
 mod migrate;
+mod onion;

@@ -3,6 +3,9 @@
 //!
 //! - [`migrate`]: applying `migrations/` and checking the schema version.
 
+pub mod algorithms;
+pub mod hashes;
+pub mod jobs;
 pub mod migrate;
 
 use std::str::FromStr;
@@ -82,4 +85,17 @@ pub fn describe(pg: &tokio_postgres::Config) -> String {
     let port = pg.get_ports().first().copied().unwrap_or(5432);
     let db = pg.get_dbname().or(pg.get_user()).unwrap_or("?");
     format!("{host}:{port}/{db}")
+}
+
+/// A dedicated connection whose messages (notifications) the caller polls.
+pub async fn connect_raw(
+    cfg: &DatabaseConfig,
+) -> anyhow::Result<(
+    tokio_postgres::Client,
+    tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>,
+)> {
+    let pg = pg_config(cfg)?;
+    pg.connect(NoTls)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot connect to the database at {}: {e}", describe(&pg)))
 }

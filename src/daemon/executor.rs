@@ -1,0 +1,420 @@
+//! One claimed job: validate, count, then walk the items batch by batch
+//! (one transaction per batch holding its item writes and the job's
+//! progress), keeping the lease alive with a heartbeat tied to this task.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tokio::sync::{Notify, OwnedSemaphorePermit};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
+
+use super::{Shared, jitter};
+use crate::db::jobs::{self, ClaimedJob, Lease};
+use crate::scope::{BatchCounts, JobError, Prepared};
+
+/// Batch size bounds for adaptive sizing.
+const MIN_BATCH: i64 = 1;
+const MAX_BATCH: i64 = 10_000;
+const FIRST_BATCH: i64 = 100;
+/// Retries of one batch before the job is released for a later attempt.
+const BATCH_RETRIES: u32 = 5;
+
+/// Removes the job from the registry on every exit path.
+struct Registered<'a> {
+    shared: &'a Shared,
+    id: i64,
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        self.shared
+            .running
+            .lock()
+            .expect("registry")
+            .remove(&self.id);
+    }
+}
+
+pub async fn run(shared: Arc<Shared>, job: ClaimedJob, _permit: OwnedSemaphorePermit) {
+    let lease = job.lease;
+    let nudge = Arc::new(Notify::new());
+    shared
+        .running
+        .lock()
+        .expect("registry")
+        .insert(lease.job_id, (lease, Arc::clone(&nudge)));
+    let _registered = Registered {
+        shared: &shared,
+        id: lease.job_id,
+    };
+    let lost = CancellationToken::new();
+    // Aborted when this function returns, whichever way.
+    let _heartbeat = AbortOnDropHandle::new(tokio::spawn(heartbeat(
+        Arc::clone(&shared),
+        lease,
+        nudge,
+        lost.clone(),
+    )));
+
+    let outcome = tokio::select! {
+        r = work(&shared, &job, &lost) => r,
+        _ = lost.cancelled() => Err(JobError::LeaseLost),
+    };
+    match outcome {
+        Ok(()) => {}
+        Err(JobError::LeaseLost) => {
+            tracing::warn!(
+                job_id = lease.job_id,
+                "lease lost (cancelled or reclaimed); dropped the job"
+            );
+        }
+        Err(JobError::Fatal(msg)) => finish_failed(&shared, lease, &msg, json!({})).await,
+        Err(JobError::Transient(_)) if shared.shutdown.is_cancelled() => {
+            release(&shared, lease, true, None, "shutdown").await;
+        }
+        Err(JobError::Transient(msg))
+            if job.attempts >= shared.worker.max_attempts.get() as i32 =>
+        {
+            let msg = format!("gave up after {} attempts; last error: {msg}", job.attempts);
+            finish_failed(&shared, lease, &msg, json!({})).await;
+        }
+        Err(JobError::Transient(msg)) => {
+            tracing::warn!(job_id = lease.job_id, error = %msg, "giving the job back after repeated transient errors");
+            release(
+                &shared,
+                lease,
+                false,
+                Some(backoff(&shared, BATCH_RETRIES)),
+                &msg,
+            )
+            .await;
+        }
+    }
+}
+
+/// Renew the lease every heartbeat interval, or at once when nudged.
+async fn heartbeat(shared: Arc<Shared>, lease: Lease, nudge: Arc<Notify>, lost: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(shared.worker.heartbeat_interval) => {}
+            _ = nudge.notified() => {}
+        }
+        let renewed = async {
+            let client = shared.pool.get().await.map_err(|e| e.to_string())?;
+            jobs::job_heartbeat(&**client, lease)
+                .await
+                .map_err(|e| e.to_string())
+        }
+        .await;
+        match renewed {
+            Ok(true) => {}
+            Ok(false) => {
+                lost.cancel();
+                return;
+            }
+            // The fence on the next write decides; keep trying meanwhile.
+            Err(e) => tracing::warn!(job_id = lease.job_id, error = %e, "heartbeat failed"),
+        }
+    }
+}
+
+fn backoff(shared: &Shared, attempt: u32) -> Duration {
+    let w = &shared.worker;
+    let d = w
+        .retry_backoff
+        .saturating_mul(1 << attempt.min(16))
+        .min(w.retry_backoff_max);
+    jitter(d, 0.2)
+}
+
+async fn finish_failed(shared: &Shared, lease: Lease, msg: &str, result: serde_json::Value) {
+    tracing::warn!(job_id = lease.job_id, error = %msg, "job failed");
+    let r = async {
+        let client = shared.pool.get().await.map_err(|e| e.to_string())?;
+        jobs::job_finish(
+            &**client,
+            lease,
+            "failed",
+            Some(msg),
+            &result,
+            &shared.worker_id,
+        )
+        .await
+        .map_err(|e| e.to_string())
+    }
+    .await;
+    if let Err(e) = r {
+        tracing::warn!(job_id = lease.job_id, error = %e, "could not record the failure; the lease will expire");
+    }
+}
+
+async fn release(
+    shared: &Shared,
+    lease: Lease,
+    keep_attempt: bool,
+    delay: Option<Duration>,
+    reason: &str,
+) {
+    let r = async {
+        let client = shared.pool.get().await.map_err(|e| e.to_string())?;
+        jobs::job_release(
+            &**client,
+            lease,
+            &shared.worker_id,
+            keep_attempt,
+            delay,
+            reason,
+        )
+        .await
+        .map_err(|e| e.to_string())
+    }
+    .await;
+    match r {
+        Ok(true) => tracing::info!(job_id = lease.job_id, reason, "released job"),
+        Ok(false) => {}
+        Err(e) => {
+            tracing::warn!(job_id = lease.job_id, error = %e, "could not release; the lease will expire")
+        }
+    }
+}
+
+/// Where a job stands between batches; persisted as its `cursor`.
+#[derive(Debug, Clone, Copy, Default)]
+struct Progress {
+    after_id: i64,
+    migrated: i64,
+    skipped: i64,
+}
+
+impl Progress {
+    fn from_job(job: &ClaimedJob) -> Progress {
+        let get = |k: &str| {
+            job.cursor
+                .as_ref()
+                .and_then(|c| c.get(k))
+                .and_then(|v| v.as_i64())
+        };
+        Progress {
+            after_id: get("after_id").unwrap_or(i64::MIN),
+            migrated: get("migrated").unwrap_or(0),
+            skipped: get("skipped").unwrap_or(0),
+        }
+    }
+
+    fn to_json(self) -> serde_json::Value {
+        json!({"after_id": self.after_id, "migrated": self.migrated, "skipped": self.skipped})
+    }
+}
+
+/// Run `f` until it succeeds, retrying transient errors with backoff.
+async fn retrying<T, F, Fut>(
+    shared: &Shared,
+    lost: &CancellationToken,
+    what: &str,
+    mut f: F,
+) -> Result<T, JobError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, JobError>>,
+{
+    let mut attempt = 0;
+    loop {
+        match f().await {
+            Err(JobError::Transient(msg)) if attempt < BATCH_RETRIES => {
+                let wait = backoff(shared, attempt);
+                tracing::warn!(error = %msg, retry_in = ?wait, "{what} failed; retrying");
+                attempt += 1;
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = lost.cancelled() => return Err(JobError::LeaseLost),
+                    // Shutdown does not wait out a backoff: the job is released.
+                    _ = shared.shutdown.cancelled() => return Err(JobError::Transient(msg)),
+                }
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn work(shared: &Shared, job: &ClaimedJob, lost: &CancellationToken) -> Result<(), JobError> {
+    let lease = job.lease;
+    let scope = retrying(shared, lost, "validation", || async {
+        let client = shared.pool.get().await?;
+        Prepared::prepare(&**client, job, &shared.scope).await
+    })
+    .await?;
+    let Prepared::Hashes(h) = &scope;
+    let common = scope.common().clone();
+    let mut progress = Progress::from_job(job);
+    let mut processed = job.processed_count;
+    let mut failed = job.failed_count;
+    let cap = common.limit.unwrap_or(i64::MAX);
+
+    let total = match job.total_count {
+        Some(t) => t,
+        None => {
+            let t = retrying(shared, lost, "count", || async {
+                let client = shared.pool.get().await?;
+                h.count(&**client, progress.after_id, cap).await
+            })
+            .await?;
+            let client = shared.pool.get().await?;
+            if !jobs::job_set_total(&**client, lease, t).await? {
+                return Err(JobError::LeaseLost);
+            }
+            t
+        }
+    };
+
+    let mut batch = common.batch_size.unwrap_or(FIRST_BATCH);
+    let started = Instant::now();
+    let mut walked_here = 0i64;
+    loop {
+        if shared.shutdown.is_cancelled() {
+            release(shared, lease, true, None, "shutdown").await;
+            return Ok(());
+        }
+        let remaining = cap - (processed + failed);
+        if remaining <= 0 {
+            break;
+        }
+        let mut n = batch.min(remaining);
+        if let Some(rate) = common.max_rate {
+            n = n.min((rate.ceil() as i64).max(1));
+        }
+        let t0 = Instant::now();
+        let committed = retrying(shared, lost, "batch", || async {
+            let mut client = shared.pool.get().await?;
+            let rows = h.fetch(&**client, progress.after_id, n).await?;
+            let Some(last) = rows.last().map(|r| r.id) else {
+                return Ok(None);
+            };
+            let fetched = rows.len() as i64;
+            let computed = h.compute_off_thread(rows).await?;
+            let tx = client.transaction().await?;
+            let (counts, failures) = h.write(&*tx, lease.job_id, computed).await?;
+            let ids: Vec<String> = failures.iter().map(|f| f.item_id.to_string()).collect();
+            let codes: Vec<&str> = failures.iter().map(|f| f.code).collect();
+            let msgs: Vec<String> = failures.iter().map(|f| f.message.clone()).collect();
+            jobs::item_errors_insert(&*tx, lease.job_id, &ids, &codes, &msgs).await?;
+            let next = Progress {
+                after_id: last,
+                migrated: progress.migrated + counts.migrated,
+                skipped: progress.skipped + counts.skipped,
+            };
+            // Fenced: zero rows rolls back every item write of the batch.
+            let ok = jobs::job_progress(
+                &*tx,
+                lease,
+                counts.migrated + counts.skipped,
+                counts.failed,
+                &next.to_json(),
+            )
+            .await?;
+            if ok.is_none() {
+                return Err(JobError::LeaseLost);
+            }
+            tx.commit().await?;
+            Ok(Some((next, counts, fetched)))
+        })
+        .await?;
+        let Some((next, counts, fetched)) = committed else {
+            break;
+        };
+        progress = next;
+        processed += counts.migrated + counts.skipped;
+        failed += counts.failed;
+        walked_here += counts.walked();
+        record_batch(&counts, t0.elapsed());
+        if failed > common.max_failures {
+            let msg = format!(
+                "{failed} items failed, more than max_failures ({})",
+                common.max_failures
+            );
+            finish_failed(
+                shared,
+                lease,
+                &msg,
+                summary(total, &progress, failed, &common),
+            )
+            .await;
+            return Ok(());
+        }
+        if common.batch_size.is_none() {
+            batch = adapt(batch, fetched, t0.elapsed(), shared.worker.batch_target);
+        }
+        if let Some(rate) = common.max_rate {
+            let due = Duration::from_secs_f64(walked_here as f64 / rate);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shared.shutdown.cancelled() => {}
+                }
+            }
+        }
+    }
+
+    let result = summary(total, &progress, failed, &common);
+    let client = shared.pool.get().await?;
+    if failed > 0 {
+        let msg = format!("{failed} items failed");
+        if !jobs::job_finish(
+            &**client,
+            lease,
+            "failed",
+            Some(&msg),
+            &result,
+            &shared.worker_id,
+        )
+        .await?
+        {
+            return Err(JobError::LeaseLost);
+        }
+        tracing::warn!(
+            job_id = lease.job_id,
+            failed,
+            "job walked every item, some failed"
+        );
+        return Ok(());
+    }
+    let mut client = client;
+    let tx = client.transaction().await?;
+    h.on_done(&*tx, lease.job_id).await?;
+    if !jobs::job_finish(&*tx, lease, "done", None, &result, &shared.worker_id).await? {
+        return Err(JobError::LeaseLost);
+    }
+    tx.commit().await?;
+    tracing::info!(job_id = lease.job_id, processed, "job done");
+    Ok(())
+}
+
+fn summary(
+    total: i64,
+    p: &Progress,
+    failed: i64,
+    common: &crate::selection::Common,
+) -> serde_json::Value {
+    json!({
+        "matched": total,
+        "migrated": p.migrated,
+        "skipped": p.skipped,
+        "failed": failed,
+        "dry_run": common.dry_run,
+    })
+}
+
+/// Move the batch size toward the target duration, at most doubling or
+/// halving per step so one slow batch cannot swing it wildly.
+fn adapt(current: i64, fetched: i64, took: Duration, target: Duration) -> i64 {
+    if fetched < current {
+        return current;
+    }
+    let ratio = (target.as_secs_f64() / took.as_secs_f64().max(1e-4)).clamp(0.5, 2.0);
+    ((current as f64 * ratio).round() as i64).clamp(MIN_BATCH, MAX_BATCH)
+}
+
+fn record_batch(counts: &BatchCounts, took: Duration) {
+    tracing::debug!(migrated = counts.migrated, skipped = counts.skipped, failed = counts.failed, took = ?took, "batch committed");
+}

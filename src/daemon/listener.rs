@@ -1,0 +1,77 @@
+//! LISTEN pqmig_jobs on a dedicated connection. A notification wakes the
+//! producer, and nudges the heartbeat of a job this process runs (it was
+//! cancelled or reclaimed). It is only a hint: the jittered poll is the
+//! truth, so a lost connection costs latency, never correctness.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::sync::Notify;
+use tokio_postgres::AsyncMessage;
+use tokio_util::sync::CancellationToken;
+
+use super::{Shared, jitter};
+use crate::config::DatabaseConfig;
+
+pub async fn run(
+    db: DatabaseConfig,
+    shared: Arc<Shared>,
+    wake: Arc<Notify>,
+    token: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match listen_once(&db, &shared, &wake, &token).await {
+            Ok(()) => return,
+            Err(e) => tracing::warn!(error = %e, retry_in = ?backoff, "LISTEN connection lost"),
+        }
+        // Jobs may have been queued while we were deaf.
+        wake.notify_one();
+        tokio::select! {
+            _ = tokio::time::sleep(jitter(backoff, 0.2)) => {}
+            _ = token.cancelled() => return,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// Ok when cancelled; Err when the connection failed or ended.
+async fn listen_once(
+    db: &DatabaseConfig,
+    shared: &Shared,
+    wake: &Notify,
+    token: &CancellationToken,
+) -> Result<(), String> {
+    let (client, mut connection) = crate::db::connect_raw(db)
+        .await
+        .map_err(|e| format!("{e:#}"))?;
+    let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+    let listen = client.batch_execute("LISTEN pqmig_jobs");
+    tokio::pin!(listen);
+    let mut listening = false;
+    loop {
+        tokio::select! {
+            r = &mut listen, if !listening => {
+                r.map_err(|e| e.to_string())?;
+                listening = true;
+                tracing::debug!("listening on pqmig_jobs");
+                wake.notify_one();
+            }
+            msg = messages.next() => match msg {
+                Some(Ok(AsyncMessage::Notification(n))) => {
+                    if let Ok(id) = n.payload().parse::<i64>()
+                        && let Some((_, nudge)) = shared.running.lock().expect("registry").get(&id)
+                    {
+                        nudge.notify_one();
+                    }
+                    wake.notify_one();
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(e.to_string()),
+                None => return Err("connection closed".into()),
+            },
+            _ = token.cancelled() => return Ok(()),
+        }
+    }
+}

@@ -1,0 +1,135 @@
+//! The worker daemon (SPEC §7): a producer claims due jobs into a bounded
+//! pool of executors, a rescuer returns expired leases to the queue, and a
+//! listener turns NOTIFYs into prompt wake-ups.
+//!
+//! - [`producer`]: claim loop (permit first, then claim at most the free slots).
+//! - [`executor`]: one job, batch by batch, with its heartbeat.
+//! - [`rescuer`]: expired leases back to `pending`, or `failed` at max_attempts.
+//! - [`listener`]: LISTEN pqmig_jobs with reconnect; a hint, the poll is the truth.
+//!
+//! Job states: `pending` → (claim) → `running` → `done` | `failed`;
+//! `running` → (release, lease expiry) → `pending`; `pending`/`running` →
+//! (operator) → `cancelled`; `failed`/`cancelled` → (resume) → `pending`.
+
+pub mod executor;
+pub mod listener;
+pub mod producer;
+pub mod rescuer;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use deadpool_postgres::Pool;
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Config, WorkerConfig};
+use crate::db::jobs::{self, Lease};
+use crate::scope::ScopeContext;
+
+/// What every task of the daemon shares. Passed in, never global.
+pub struct Shared {
+    pub pool: Pool,
+    pub worker: WorkerConfig,
+    pub worker_id: String,
+    pub scope: ScopeContext,
+    /// Jobs this process holds, by id: their lease and a nudge that makes
+    /// their heartbeat check the lease now (a NOTIFY for a job we run means
+    /// it was cancelled or reclaimed).
+    pub running: Mutex<HashMap<i64, (Lease, Arc<Notify>)>>,
+    /// Stop claiming; in-flight batches commit, then jobs are released.
+    pub shutdown: CancellationToken,
+}
+
+/// `host-pid-random`: unique per process, readable in `locked_by`.
+pub fn worker_id() -> String {
+    let host = gethostname::gethostname().to_string_lossy().into_owned();
+    let suffix: u32 = rand::random();
+    format!("{host}-{}-{:06x}", std::process::id(), suffix & 0xff_ffff)
+}
+
+/// `d` scaled by a random factor in [1 - frac, 1 + frac].
+pub fn jitter(d: Duration, frac: f64) -> Duration {
+    let f = 1.0 + frac * (2.0 * rand::random::<f64>() - 1.0);
+    d.mul_f64(f.max(0.0))
+}
+
+/// Run the daemon until `shutdown` is cancelled, then drain: in-flight
+/// batches get `shutdown_timeout` to commit, their jobs go back to
+/// `pending` without using up an attempt.
+pub async fn run(
+    config: &Config,
+    pool: Pool,
+    scope: ScopeContext,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let shared = Arc::new(Shared {
+        pool,
+        worker: config.worker.clone(),
+        worker_id: worker_id(),
+        scope,
+        running: Mutex::new(HashMap::new()),
+        shutdown: shutdown.clone(),
+    });
+    tracing::info!(worker = %shared.worker_id, concurrency = shared.worker.concurrency.get(), "pqmig daemon started");
+
+    let wake = Arc::new(Notify::new());
+    let background = CancellationToken::new();
+    let listener = tokio::spawn(listener::run(
+        config.database.clone(),
+        Arc::clone(&shared),
+        Arc::clone(&wake),
+        background.clone(),
+    ));
+    let rescuer = tokio::spawn(rescuer::Rescuer::new(Arc::clone(&shared)).run(background.clone()));
+
+    let slots = Arc::new(Semaphore::new(shared.worker.concurrency.get()));
+    let tracker = TaskTracker::new();
+    producer::run(
+        Arc::clone(&shared),
+        Arc::clone(&slots),
+        wake,
+        tracker.clone(),
+    )
+    .await;
+
+    // Phase two: drain with a deadline.
+    tracker.close();
+    let held = shared.running.lock().expect("registry").len();
+    if held > 0 {
+        tracing::info!(jobs = held, timeout = ?shared.worker.shutdown_timeout, "draining in-flight jobs");
+    }
+    if tokio::time::timeout(shared.worker.shutdown_timeout, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("shutdown timeout reached; releasing the jobs still held");
+        let leases: Vec<Lease> = shared
+            .running
+            .lock()
+            .expect("registry")
+            .values()
+            .map(|(l, _)| *l)
+            .collect();
+        if let Ok(client) = shared.pool.get().await {
+            for lease in leases {
+                let _ = jobs::job_release(
+                    &**client,
+                    lease,
+                    &shared.worker_id,
+                    true,
+                    None,
+                    "shutdown timeout",
+                )
+                .await;
+            }
+        }
+    }
+    background.cancel();
+    let _ = listener.await;
+    let _ = rescuer.await;
+    tracing::info!("pqmig daemon stopped");
+    Ok(())
+}

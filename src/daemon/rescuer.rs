@@ -1,0 +1,51 @@
+//! Every replica runs a rescuer: running jobs whose heartbeat is older than
+//! the lease go back to `pending` with their cursor (event `reclaimed`), or
+//! end `failed` once they used `max_attempts`. SKIP LOCKED lets replicas
+//! scan at once without blocking each other.
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use super::{Shared, jitter};
+use crate::db::jobs;
+
+pub struct Rescuer {
+    shared: Arc<Shared>,
+}
+
+impl Rescuer {
+    pub fn new(shared: Arc<Shared>) -> Rescuer {
+        Rescuer { shared }
+    }
+
+    /// One scan; returns the (job id, new status) pairs it changed.
+    pub async fn run_once(&self) -> Result<Vec<(i64, String)>, String> {
+        let w = &self.shared.worker;
+        let client = self.shared.pool.get().await.map_err(|e| e.to_string())?;
+        let rescued = jobs::job_rescue(
+            &**client,
+            w.lease,
+            w.max_attempts.get() as i32,
+            &self.shared.worker_id,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        for (id, status) in &rescued {
+            tracing::warn!(job_id = id, new_status = %status, "lease expired; job reclaimed");
+        }
+        Ok(rescued)
+    }
+
+    pub async fn run(self, token: CancellationToken) {
+        loop {
+            if let Err(e) = self.run_once().await {
+                tracing::warn!(error = %e, "rescuer scan failed");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(jitter(self.shared.worker.rescue_interval, 0.2)) => {}
+                _ = token.cancelled() => return,
+            }
+        }
+    }
+}

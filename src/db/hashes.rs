@@ -1,0 +1,324 @@
+//! Statements of the `hashes` scope. Table and column names come only from
+//! `field_hash_policies` checked against information_schema (see
+//! `scope::hashes`), and are quoted here; every value is a bind parameter.
+
+use tokio_postgres::GenericClient;
+use tokio_postgres::types::ToSql;
+
+use crate::selection::Common;
+
+/// Quote an identifier for PostgreSQL (`"` doubled inside).
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// One row of the hashed table.
+#[derive(Debug, Clone)]
+pub struct HashRow {
+    pub id: i64,
+    pub hash: Option<Vec<u8>>,
+    pub version: Option<String>,
+}
+
+/// Rows to rewrite: compare-and-set on the values read, so a concurrent
+/// application write in between is never overwritten.
+#[derive(Debug, Default)]
+pub struct HashUpdates {
+    pub ids: Vec<i64>,
+    pub old_hashes: Vec<Vec<u8>>,
+    pub old_versions: Vec<String>,
+    pub new_hashes: Vec<Vec<u8>>,
+    pub new_versions: Vec<String>,
+}
+
+type Param = Box<dyn ToSql + Sync + Send>;
+
+/// The statements of one job, built once from validated identifiers.
+pub struct HashStatements {
+    table: String,
+    column: String,
+    version_column: String,
+    from: String,
+    id: String,
+    hash: String,
+    ver: String,
+    created: Option<String>,
+    filters: Vec<(String, Param)>,
+}
+
+impl HashStatements {
+    /// `created_at` is the column the created_before/after filters use.
+    pub fn new(
+        table: &str,
+        id_column: &str,
+        column: &str,
+        version_column: &str,
+        created_column: Option<&str>,
+        common: &Common,
+        from_version: Option<&str>,
+    ) -> HashStatements {
+        let mut s = HashStatements {
+            table: table.to_owned(),
+            column: column.to_owned(),
+            version_column: version_column.to_owned(),
+            from: quote_ident(table),
+            id: quote_ident(id_column),
+            hash: quote_ident(column),
+            ver: quote_ident(version_column),
+            created: created_column.map(quote_ident),
+            filters: Vec::new(),
+        };
+        let id = s.id.clone();
+        if let Some(ids) = &common.ids {
+            s.filters.push((
+                format!("{id} = ANY(${{}}::bigint[])"),
+                Box::new(ids.clone()),
+            ));
+        }
+        if let Some(v) = common.id_from {
+            s.filters
+                .push((format!("{id} >= ${{}}::bigint"), Box::new(v)));
+        }
+        if let Some(v) = common.id_to {
+            s.filters
+                .push((format!("{id} <= ${{}}::bigint"), Box::new(v)));
+        }
+        if let Some(created) = s.created.clone() {
+            if let Some(t) = common.created_before {
+                s.filters
+                    .push((format!("{created} < ${{}}::timestamptz"), Box::new(t)));
+            }
+            if let Some(t) = common.created_after {
+                s.filters
+                    .push((format!("{created} > ${{}}::timestamptz"), Box::new(t)));
+            }
+        }
+        if let Some(v) = from_version {
+            let ver = s.ver.clone();
+            s.filters
+                .push((format!("{ver} = ${{}}::text"), Box::new(v.to_owned())));
+        }
+        s
+    }
+
+    pub fn table(&self) -> &str {
+        &self.table
+    }
+
+    /// ` AND f1 AND f2 ...` with placeholders numbered from `first`.
+    fn filter_sql(&self, first: usize) -> String {
+        self.filters
+            .iter()
+            .enumerate()
+            .map(|(i, (sql, _))| format!(" AND {}", sql.replace("${}", &format!("${}", first + i))))
+            .collect()
+    }
+
+    fn params<'a>(&'a self, fixed: &[&'a (dyn ToSql + Sync)]) -> Vec<&'a (dyn ToSql + Sync)> {
+        let mut p: Vec<&(dyn ToSql + Sync)> = fixed.to_vec();
+        p.extend(
+            self.filters
+                .iter()
+                .map(|(_, v)| v.as_ref() as &(dyn ToSql + Sync)),
+        );
+        p
+    }
+
+    /// Items the selection matches after `after`, capped at `cap`.
+    pub async fn hashes_count(
+        &self,
+        c: &impl GenericClient,
+        after: i64,
+        cap: i64,
+    ) -> Result<i64, tokio_postgres::Error> {
+        let (from, id) = (&self.from, &self.id);
+        let sql = format!(
+            "SELECT count(*) FROM (SELECT 1 FROM {from} WHERE {id} > $1{} LIMIT $2) s",
+            self.filter_sql(3)
+        );
+        let row = c.query_one(&sql, &self.params(&[&after, &cap])).await?;
+        Ok(row.get(0))
+    }
+
+    /// The next `n` rows after the keyset cursor, in id order.
+    pub async fn hashes_fetch_batch(
+        &self,
+        c: &impl GenericClient,
+        after: i64,
+        n: i64,
+    ) -> Result<Vec<HashRow>, tokio_postgres::Error> {
+        let (from, id, hash, ver) = (&self.from, &self.id, &self.hash, &self.ver);
+        let sql = format!(
+            "SELECT {id}::bigint, {hash}, {ver}::text FROM {from} WHERE {id} > $1{} ORDER BY {id} LIMIT $2",
+            self.filter_sql(3)
+        );
+        let rows = c.query(&sql, &self.params(&[&after, &n])).await?;
+        Ok(rows.iter().map(row_to_hash).collect())
+    }
+
+    /// Re-read and lock rows (those that changed under a compare-and-set),
+    /// still applying the selection's filters.
+    pub async fn hashes_lock_rows(
+        &self,
+        c: &impl GenericClient,
+        ids: &[i64],
+    ) -> Result<Vec<HashRow>, tokio_postgres::Error> {
+        let (from, id, hash, ver) = (&self.from, &self.id, &self.hash, &self.ver);
+        let sql = format!(
+            "SELECT {id}::bigint, {hash}, {ver}::text FROM {from} WHERE {id} = ANY($1::bigint[]){} \
+             ORDER BY {id} FOR UPDATE",
+            self.filter_sql(2)
+        );
+        let ids = ids.to_vec();
+        let rows = c.query(&sql, &self.params(&[&ids])).await?;
+        Ok(rows.iter().map(row_to_hash).collect())
+    }
+
+    /// Compare-and-set update of a batch, writing each replaced row's old
+    /// values to `pq_migration_backups` in the same statement. Returns the
+    /// ids actually updated; the others changed since they were read.
+    pub async fn hashes_update_batch(
+        &self,
+        c: &impl GenericClient,
+        job_id: i64,
+        u: &HashUpdates,
+        backup: bool,
+    ) -> Result<Vec<i64>, tokio_postgres::Error> {
+        if u.ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (from, id, hash, ver) = (&self.from, &self.id, &self.hash, &self.ver);
+        let sql = format!(
+            "WITH v AS (SELECT * FROM unnest($1::bigint[], $2::bytea[], $3::text[], $4::bytea[], $5::text[]) \
+                          AS v(id, old_h, old_v, new_h, new_v)), \
+             upd AS (UPDATE {from} t SET {hash} = v.new_h, {ver} = v.new_v FROM v \
+                     WHERE t.{id} = v.id AND t.{hash} = v.old_h AND t.{ver} = v.old_v \
+                     RETURNING v.id, v.old_h, v.old_v), \
+             bk AS (INSERT INTO pq_migration_backups (job_id, item_table, item_id, data) \
+                    SELECT $6, $7, upd.id::text, jsonb_build_object('column', $8::text, \
+                           'value_hex', encode(upd.old_h, 'hex'), 'version_column', $9::text, 'version', upd.old_v) \
+                    FROM upd WHERE $10) \
+             SELECT id FROM upd"
+        );
+        let rows = c
+            .query(
+                &sql,
+                &[
+                    &u.ids,
+                    &u.old_hashes,
+                    &u.old_versions,
+                    &u.new_hashes,
+                    &u.new_versions,
+                    &job_id,
+                    &self.table,
+                    &self.column,
+                    &self.version_column,
+                    &backup,
+                ],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+}
+
+fn row_to_hash(r: &tokio_postgres::Row) -> HashRow {
+    HashRow {
+        id: r.get(0),
+        hash: r.get(1),
+        version: r.get(2),
+    }
+}
+
+/// A column of the hashed table as information_schema describes it.
+#[derive(Debug, Clone)]
+pub struct ColumnInfo {
+    pub name: String,
+    pub data_type: String,
+    pub max_length: Option<i32>,
+}
+
+/// Columns of `table` in the current schema (empty: no such table).
+pub async fn table_columns(
+    c: &impl GenericClient,
+    table: &str,
+) -> Result<Vec<ColumnInfo>, tokio_postgres::Error> {
+    let rows = c
+        .query(
+            "SELECT column_name::text, data_type::text, character_maximum_length::int \
+             FROM information_schema.columns \
+             WHERE table_schema = current_schema() AND table_name = $1 ORDER BY ordinal_position",
+            &[&table],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| ColumnInfo {
+            name: r.get(0),
+            data_type: r.get(1),
+            max_length: r.get(2),
+        })
+        .collect())
+}
+
+/// Whether (table, column) is registered for hashing.
+pub async fn field_hash_policy_exists(
+    c: &impl GenericClient,
+    table: &str,
+    column: &str,
+) -> Result<bool, tokio_postgres::Error> {
+    let row = c
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM field_hash_policies WHERE entity_table = $1 AND field_name = $2)",
+            &[&table, &column],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+/// The target profile: the newest active one of the algorithm.
+#[derive(Debug, Clone)]
+pub struct HashProfile {
+    pub id: i64,
+    pub name: String,
+    pub output_len: Option<i16>,
+    pub params: serde_json::Value,
+}
+
+pub async fn hash_profile_active(
+    c: &impl GenericClient,
+    algo_id: i64,
+) -> Result<Option<HashProfile>, tokio_postgres::Error> {
+    let row = c
+        .query_opt(
+            "SELECT id, name::text, output_len, params FROM hash_profiles \
+             WHERE algo_id = $1 AND status = 'active' ORDER BY created_at DESC, id DESC LIMIT 1",
+            &[&algo_id],
+        )
+        .await?;
+    Ok(row.map(|r| HashProfile {
+        id: r.get(0),
+        name: r.get(1),
+        output_len: r.get(2),
+        params: r
+            .get::<_, Option<serde_json::Value>>(3)
+            .unwrap_or(serde_json::Value::Null),
+    }))
+}
+
+/// Record that (table, column) now uses `profile_id` (on a job's success).
+pub async fn field_hash_policy_insert(
+    c: &impl GenericClient,
+    table: &str,
+    column: &str,
+    profile_id: i64,
+    job_id: i64,
+) -> Result<(), tokio_postgres::Error> {
+    c.execute(
+        "INSERT INTO field_hash_policies (entity_table, field_name, profile_id, effective_from, notes) \
+         VALUES ($1, $2, $3, now(), format('pqmig job %s', $4::bigint)) \
+         ON CONFLICT DO NOTHING",
+        &[&table, &column, &profile_id, &job_id],
+    )
+    .await?;
+    Ok(())
+}

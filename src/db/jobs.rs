@@ -1,0 +1,311 @@
+//! Statements on `pq_migration_jobs` and its event log. Every write made on
+//! behalf of a running job is fenced by its lease: `WHERE id = $1 AND
+//! lease_token = $2 AND status = 'running'`; zero rows means the lease is
+//! lost (cancelled or reclaimed) and the caller must drop the job.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio_postgres::GenericClient;
+use uuid::Uuid;
+
+/// The fence of one claimed job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lease {
+    pub job_id: i64,
+    pub token: Uuid,
+}
+
+/// A job as claimed, with everything the executor needs.
+#[derive(Debug, Clone)]
+pub struct ClaimedJob {
+    pub lease: Lease,
+    pub scope: String,
+    pub target_policy_id: Option<i64>,
+    pub target_algo_id: Option<i64>,
+    pub selection: Option<Value>,
+    pub attempts: i32,
+    pub cursor: Option<Value>,
+    pub processed_count: i64,
+    pub failed_count: i64,
+    pub total_count: Option<i64>,
+}
+
+/// The claim query. Its WHERE and ORDER BY match `idx_pq_mig_claim` exactly
+/// (migrations/V3), so a claim reads a few index entries instead of sorting
+/// every pending row.
+pub const CLAIM_SELECT: &str = "SELECT id FROM pq_migration_jobs \
+     WHERE status = 'pending' AND (scheduled_at IS NULL OR scheduled_at <= now()) \
+     ORDER BY priority DESC, scheduled_at ASC NULLS FIRST, id ASC \
+     LIMIT $1 FOR UPDATE SKIP LOCKED";
+
+/// Claim up to `limit` due jobs for `worker`, committing at once.
+pub async fn job_claim(
+    c: &impl GenericClient,
+    limit: i64,
+    worker: &str,
+) -> Result<Vec<ClaimedJob>, tokio_postgres::Error> {
+    let sql = format!(
+        "WITH c AS ({CLAIM_SELECT}), \
+         u AS (UPDATE pq_migration_jobs j SET status = 'running', \
+                 started_at = COALESCE(j.started_at, now()), attempts = j.attempts + 1, \
+                 locked_by = $2, lease_token = gen_random_uuid(), heartbeat_at = now(), \
+                 finished_at = NULL, updated_at = now() \
+               FROM c WHERE j.id = c.id \
+               RETURNING j.id, j.scope, j.target_policy_id, j.target_algo_id, j.selection, \
+                 j.attempts, j.lease_token, j.cursor, j.processed_count, j.failed_count, j.total_count), \
+         e AS (INSERT INTO pq_migration_job_events (job_id, event, worker, detail) \
+               SELECT id, 'claimed', $2, jsonb_build_object('attempt', attempts) FROM u) \
+         SELECT * FROM u ORDER BY id"
+    );
+    let rows = c.query(&sql, &[&limit, &worker]).await?;
+    Ok(rows
+        .iter()
+        .map(|r| ClaimedJob {
+            lease: Lease {
+                job_id: r.get(0),
+                token: r.get(6),
+            },
+            scope: r.get(1),
+            target_policy_id: r.get(2),
+            target_algo_id: r.get(3),
+            selection: r.get(4),
+            attempts: r.get(5),
+            cursor: r.get(7),
+            processed_count: r.get(8),
+            failed_count: r.get(9),
+            total_count: r.get(10),
+        })
+        .collect())
+}
+
+/// Renew the lease. `false`: the job is no longer ours.
+pub async fn job_heartbeat(
+    c: &impl GenericClient,
+    lease: Lease,
+) -> Result<bool, tokio_postgres::Error> {
+    let n = c
+        .execute(
+            "UPDATE pq_migration_jobs SET heartbeat_at = now() \
+             WHERE id = $1 AND lease_token = $2 AND status = 'running'",
+            &[&lease.job_id, &lease.token],
+        )
+        .await?;
+    Ok(n == 1)
+}
+
+/// Record how many items the selection matches (once, on first claim).
+pub async fn job_set_total(
+    c: &impl GenericClient,
+    lease: Lease,
+    total: i64,
+) -> Result<bool, tokio_postgres::Error> {
+    let n = c
+        .execute(
+            "UPDATE pq_migration_jobs SET total_count = $3, updated_at = now() \
+             WHERE id = $1 AND lease_token = $2 AND status = 'running'",
+            &[&lease.job_id, &lease.token, &total],
+        )
+        .await?;
+    Ok(n == 1)
+}
+
+/// Add a batch's counts and move the cursor; run first inside the batch's
+/// transaction so the job row is locked (and fenced) before any item write.
+pub async fn job_progress(
+    c: &impl GenericClient,
+    lease: Lease,
+    processed: i64,
+    failed: i64,
+    cursor: &Value,
+) -> Result<Option<(i64, i64)>, tokio_postgres::Error> {
+    let row = c
+        .query_opt(
+            "UPDATE pq_migration_jobs SET processed_count = processed_count + $3, \
+               failed_count = failed_count + $4, cursor = $5, updated_at = now() \
+             WHERE id = $1 AND lease_token = $2 AND status = 'running' \
+             RETURNING processed_count, failed_count",
+            &[&lease.job_id, &lease.token, &processed, &failed, cursor],
+        )
+        .await?;
+    Ok(row.map(|r| (r.get(0), r.get(1))))
+}
+
+/// End a job (`done` or `failed`), with its event, fenced.
+pub async fn job_finish(
+    c: &impl GenericClient,
+    lease: Lease,
+    status: &str,
+    error: Option<&str>,
+    result: &Value,
+    worker: &str,
+) -> Result<bool, tokio_postgres::Error> {
+    let rows = c
+        .query(
+            "WITH u AS (UPDATE pq_migration_jobs SET status = $3, error = $4, \
+                 result = $5::jsonb || jsonb_build_object('duration_seconds', \
+                   round(extract(epoch FROM now() - COALESCE(started_at, now()))::numeric, 3)), \
+                 finished_at = now(), updated_at = now(), lease_token = NULL, heartbeat_at = NULL \
+               WHERE id = $1 AND lease_token = $2 AND status = 'running' RETURNING id) \
+             INSERT INTO pq_migration_job_events (job_id, event, worker, detail) \
+             SELECT id, $3, $6, jsonb_build_object('error', $4::text, 'result', $5::jsonb) FROM u \
+             RETURNING job_id",
+            &[
+                &lease.job_id,
+                &lease.token,
+                &status,
+                &error,
+                result,
+                &worker,
+            ],
+        )
+        .await?;
+    Ok(rows.len() == 1)
+}
+
+/// Hand a job back to the queue. `keep_attempt` (graceful shutdown) gives
+/// the attempt back; `delay` postpones the next claim (transient errors).
+pub async fn job_release(
+    c: &impl GenericClient,
+    lease: Lease,
+    worker: &str,
+    keep_attempt: bool,
+    delay: Option<Duration>,
+    reason: &str,
+) -> Result<bool, tokio_postgres::Error> {
+    let delay_s = delay.map(|d| d.as_secs_f64());
+    let rows = c
+        .query(
+            "WITH u AS (UPDATE pq_migration_jobs SET status = 'pending', \
+                 attempts = CASE WHEN $4 THEN greatest(attempts - 1, 0) ELSE attempts END, \
+                 scheduled_at = CASE WHEN $5::float8 IS NULL THEN scheduled_at \
+                                     ELSE now() + $5::float8 * interval '1 second' END, \
+                 locked_by = NULL, lease_token = NULL, heartbeat_at = NULL, updated_at = now() \
+               WHERE id = $1 AND lease_token = $2 AND status = 'running' RETURNING id) \
+             INSERT INTO pq_migration_job_events (job_id, event, worker, detail) \
+             SELECT id, 'released', $3, jsonb_build_object('reason', $6::text) FROM u RETURNING job_id",
+            &[&lease.job_id, &lease.token, &worker, &keep_attempt, &delay_s, &reason],
+        )
+        .await?;
+    Ok(rows.len() == 1)
+}
+
+/// Return running jobs whose heartbeat is older than `lease` to `pending`
+/// (cursor kept), or fail them once they used `max_attempts`. Returns the
+/// (job id, new status) pairs.
+pub async fn job_rescue(
+    c: &impl GenericClient,
+    lease: Duration,
+    max_attempts: i32,
+    worker: &str,
+) -> Result<Vec<(i64, String)>, tokio_postgres::Error> {
+    let rows = c
+        .query(
+            "WITH s AS (SELECT id FROM pq_migration_jobs \
+                 WHERE status = 'running' AND heartbeat_at < now() - $1::float8 * interval '1 second' \
+                 ORDER BY heartbeat_at LIMIT 100 FOR UPDATE SKIP LOCKED), \
+             u AS (UPDATE pq_migration_jobs j SET \
+                 status = CASE WHEN j.attempts >= $2 THEN 'failed' ELSE 'pending' END, \
+                 error = CASE WHEN j.attempts >= $2 \
+                   THEN format('lease expired %s times (max_attempts %s); last worker %s', \
+                               j.attempts, $2, j.locked_by) ELSE j.error END, \
+                 finished_at = CASE WHEN j.attempts >= $2 THEN now() END, \
+                 locked_by = NULL, lease_token = NULL, heartbeat_at = NULL, updated_at = now() \
+               FROM s WHERE j.id = s.id \
+               RETURNING j.id, j.status, j.attempts), \
+             e AS (INSERT INTO pq_migration_job_events (job_id, event, worker, detail) \
+               SELECT id, CASE status WHEN 'failed' THEN 'failed' ELSE 'reclaimed' END, $3, \
+                      jsonb_build_object('reason', 'lease expired', 'attempts', attempts) FROM u) \
+             SELECT id, status FROM u ORDER BY id",
+            &[&lease.as_secs_f64(), &max_attempts, &worker],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// Outcome of an operator action on one job.
+#[derive(Debug, PartialEq, Eq)]
+pub enum JobAction {
+    Done,
+    NotFound,
+    /// The job's status does not allow the action.
+    WrongStatus(String),
+}
+
+async fn job_status(c: &impl GenericClient, id: i64) -> Result<JobAction, tokio_postgres::Error> {
+    let row = c
+        .query_opt("SELECT status FROM pq_migration_jobs WHERE id = $1", &[&id])
+        .await?;
+    Ok(match row {
+        None => JobAction::NotFound,
+        Some(r) => JobAction::WrongStatus(r.get(0)),
+    })
+}
+
+/// Cancel a pending or running job; a running worker notices at its next
+/// fenced write or heartbeat and stops, keeping its progress.
+pub async fn job_cancel(
+    c: &impl GenericClient,
+    id: i64,
+    who: &str,
+) -> Result<JobAction, tokio_postgres::Error> {
+    let rows = c
+        .query(
+            "WITH u AS (UPDATE pq_migration_jobs SET status = 'cancelled', finished_at = now(), \
+                 updated_at = now(), lease_token = NULL, heartbeat_at = NULL \
+               WHERE id = $1 AND status IN ('pending', 'running') RETURNING id, processed_count) \
+             INSERT INTO pq_migration_job_events (job_id, event, worker, detail) \
+             SELECT id, 'cancelled', $2, jsonb_build_object('processed_count', processed_count) FROM u \
+             RETURNING job_id",
+            &[&id, &who],
+        )
+        .await?;
+    if rows.len() == 1 {
+        return Ok(JobAction::Done);
+    }
+    job_status(c, id).await
+}
+
+/// Re-queue a failed or cancelled job from its cursor with fresh attempts.
+pub async fn job_resume(
+    c: &impl GenericClient,
+    id: i64,
+    who: &str,
+) -> Result<JobAction, tokio_postgres::Error> {
+    let rows = c
+        .query(
+            "WITH u AS (UPDATE pq_migration_jobs SET status = 'pending', attempts = 0, error = NULL, \
+                 finished_at = NULL, scheduled_at = NULL, updated_at = now() \
+               WHERE id = $1 AND status IN ('failed', 'cancelled') RETURNING id, cursor) \
+             INSERT INTO pq_migration_job_events (job_id, event, worker, detail) \
+             SELECT id, 'resumed', $2, jsonb_build_object('cursor', cursor) FROM u RETURNING job_id",
+            &[&id, &who],
+        )
+        .await?;
+    if rows.len() == 1 {
+        return Ok(JobAction::Done);
+    }
+    job_status(c, id).await
+}
+
+/// Record item failures of one batch (one row per job and item).
+pub async fn item_errors_insert(
+    c: &impl GenericClient,
+    job_id: i64,
+    item_ids: &[String],
+    codes: &[&str],
+    messages: &[String],
+) -> Result<(), tokio_postgres::Error> {
+    if item_ids.is_empty() {
+        return Ok(());
+    }
+    c.execute(
+        "INSERT INTO pq_migration_item_errors (job_id, item_id, error_code, message) \
+         SELECT $1, i, c, m FROM unnest($2::text[], $3::text[], $4::text[]) AS x(i, c, m) \
+         ON CONFLICT (job_id, item_id) DO UPDATE \
+           SET error_code = EXCLUDED.error_code, message = EXCLUDED.message, created_at = now()",
+        &[&job_id, &item_ids, &codes, &messages],
+    )
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,330 @@
+//! The `hashes` scope: wrap each stored lookup hash in an HMAC with the
+//! target profile's pepper (the "onion", SPEC §5.4) and extend its version
+//! chain. Identifiers come only from `field_hash_policies` and
+//! information_schema; concurrent application writes are protected by
+//! compare-and-set on the old hash and version (see `db::hashes`).
+
+use std::sync::Arc;
+
+use tokio_postgres::GenericClient;
+
+use super::{BatchCounts, ItemFailure, JobError, ScopeContext};
+use crate::crypto::onion::{HmacHash, Onion};
+use crate::db::hashes::{self as dbh, HashRow, HashStatements, HashUpdates};
+use crate::db::jobs::ClaimedJob;
+use crate::keys::{KeyProvider, LocalKeyring};
+use crate::selection::{self, Common};
+
+pub struct HashesJob {
+    sel: selection::Hashes,
+    stmts: HashStatements,
+    onion: Arc<Onion>,
+    version_max_len: Option<usize>,
+    profile_id: i64,
+}
+
+/// The new values of one batch, computed off the async executor.
+pub struct Computed {
+    pub updates: HashUpdates,
+    pub failures: Vec<ItemFailure>,
+    pub skipped: i64,
+}
+
+fn fatal(msg: impl Into<String>) -> JobError {
+    JobError::Fatal(msg.into())
+}
+
+impl HashesJob {
+    pub async fn prepare(
+        c: &impl GenericClient,
+        job: &ClaimedJob,
+        ctx: &ScopeContext,
+    ) -> Result<HashesJob, JobError> {
+        let sel =
+            selection::parse_hashes(job.selection.as_ref()).map_err(|e| fatal(e.to_string()))?;
+
+        let algo_id = job.target_algo_id.ok_or_else(|| {
+            fatal("target_algo_id is required for the hashes scope (an HMAC algorithm)")
+        })?;
+        let algo = crate::db::algorithms::algorithm_by_id(c, algo_id)
+            .await?
+            .ok_or_else(|| fatal(format!("target algorithm id {algo_id} does not exist")))?;
+        let label = algo.label();
+        if algo.class != "hash" || algo.name != "HMAC" {
+            return Err(fatal(format!(
+                "target algorithm {label} (id {algo_id}) is not a keyed hash: the hashes scope needs an HMAC algorithm"
+            )));
+        }
+        algo.check_usable(sel.common.allow_experimental)
+            .map_err(fatal)?;
+        let hash = algo
+            .variant
+            .as_deref()
+            .and_then(HmacHash::from_variant)
+            .ok_or_else(|| {
+                fatal(format!(
+                    "target algorithm {label}: unsupported HMAC variant"
+                ))
+            })?;
+
+        let profile = dbh::hash_profile_active(c, algo_id).await?.ok_or_else(|| {
+            fatal(format!(
+                "no active hash_profiles row for target algorithm {label} (id {algo_id})"
+            ))
+        })?;
+        let key_ref = profile
+            .params
+            .get("key_ref")
+            .and_then(|v| v.as_str())
+            .ok_or_else(|| {
+                fatal(format!(
+                    "hash profile {:?} has no params.key_ref naming its pepper",
+                    profile.name
+                ))
+            })?;
+
+        // Identifiers: registered for hashing and present in this schema.
+        if !dbh::field_hash_policy_exists(c, &sel.table, &sel.column).await? {
+            return Err(fatal(format!(
+                "selection.table/column: {:.64}.{:.64} is not registered in field_hash_policies",
+                sel.table, sel.column
+            )));
+        }
+        let columns = dbh::table_columns(c, &sel.table).await?;
+        if columns.is_empty() {
+            return Err(fatal(format!(
+                "selection.table: no table {:.64} in the current schema",
+                sel.table
+            )));
+        }
+        let find = |key: &str, name: &str| {
+            columns.iter().find(|col| col.name == name).ok_or_else(|| {
+                fatal(format!(
+                    "selection.{key}: table {} has no column {name:.64}",
+                    sel.table
+                ))
+            })
+        };
+        let hash_col = find("column", &sel.column)?;
+        if hash_col.data_type != "bytea" {
+            return Err(fatal(format!(
+                "selection.column: {}.{} is {}, expected bytea",
+                sel.table, sel.column, hash_col.data_type
+            )));
+        }
+        let version_name = sel
+            .version_column
+            .clone()
+            .unwrap_or_else(|| format!("{}_key_version", sel.column));
+        let ver_col = find("version_column", &version_name)?;
+        if !matches!(ver_col.data_type.as_str(), "text" | "character varying") {
+            return Err(fatal(format!(
+                "selection.version_column: {}.{} is {}, expected text or varchar",
+                sel.table, version_name, ver_col.data_type
+            )));
+        }
+        let id_name = sel.id_column.clone().unwrap_or_else(|| "id".into());
+        let id_col = find("id_column", &id_name)?;
+        if !matches!(id_col.data_type.as_str(), "bigint" | "integer" | "smallint") {
+            return Err(fatal(format!(
+                "selection.id_column: {}.{} is {}, expected an integer type",
+                sel.table, id_name, id_col.data_type
+            )));
+        }
+        let created = if sel.common.created_before.is_some() || sel.common.created_after.is_some() {
+            Some(find("created_before", "created_at")?.name.clone())
+        } else {
+            None
+        };
+
+        // The pepper, last: a keyring problem is reported only for a job
+        // that is otherwise valid.
+        let path = ctx.keyring.as_ref().ok_or_else(|| {
+            fatal("no keyring configured (keys.keyring or PQMIG_KEYRING) to read the pepper from")
+        })?;
+        let keyring = LocalKeyring::load(path).map_err(|e| fatal(e.to_string()))?;
+        let secret = keyring.secret(key_ref).map_err(|e| fatal(e.to_string()))?;
+        if !secret.algorithm.to_ascii_uppercase().starts_with("HMAC") {
+            return Err(fatal(format!(
+                "key {key_ref:?} is a {} key, the profile {:?} needs an HMAC pepper",
+                secret.algorithm, profile.name
+            )));
+        }
+        let output_len = profile.output_len.map(|n| n as usize);
+        let onion = Onion::new(hash, secret.bytes.clone(), output_len, &profile.name)
+            .map_err(|e| fatal(format!("hash profile {:?}: {e}", profile.name)))?;
+
+        let stmts = HashStatements::new(
+            &sel.table,
+            &id_name,
+            &sel.column,
+            &version_name,
+            created.as_deref(),
+            &sel.common,
+            sel.from_version.as_deref(),
+        );
+        Ok(HashesJob {
+            version_max_len: ver_col.max_length.map(|n| n as usize),
+            sel,
+            stmts,
+            onion: Arc::new(onion),
+            profile_id: profile.id,
+        })
+    }
+
+    pub fn common(&self) -> &Common {
+        &self.sel.common
+    }
+
+    pub fn item_table(&self) -> &str {
+        self.stmts.table()
+    }
+
+    pub async fn count(
+        &self,
+        c: &impl GenericClient,
+        after: i64,
+        cap: i64,
+    ) -> Result<i64, JobError> {
+        Ok(self.stmts.hashes_count(c, after, cap).await?)
+    }
+
+    pub async fn fetch(
+        &self,
+        c: &impl GenericClient,
+        after: i64,
+        n: i64,
+    ) -> Result<Vec<HashRow>, JobError> {
+        Ok(self.stmts.hashes_fetch_batch(c, after, n).await?)
+    }
+
+    /// CPU part of a batch; run it on a blocking thread.
+    pub fn compute(onion: &Onion, version_max_len: Option<usize>, rows: &[HashRow]) -> Computed {
+        let mut out = Computed {
+            updates: HashUpdates::default(),
+            failures: Vec::new(),
+            skipped: 0,
+        };
+        for row in rows {
+            let (Some(hash), Some(version)) = (&row.hash, &row.version) else {
+                if row.hash.is_none() {
+                    // Nothing stored, nothing exposed.
+                    out.skipped += 1;
+                } else {
+                    out.failures.push(ItemFailure {
+                        item_id: row.id,
+                        code: "data",
+                        message: "version column is NULL: the hash chain is unknown".into(),
+                    });
+                }
+                continue;
+            };
+            if onion.is_migrated(version) {
+                out.skipped += 1;
+                continue;
+            }
+            let new_version = onion.new_version(version);
+            if let Some(max) = version_max_len
+                && new_version.chars().count() > max
+            {
+                out.failures.push(ItemFailure {
+                    item_id: row.id,
+                    code: "version_too_long",
+                    message: format!(
+                        "new version is {} characters, the column holds {max}",
+                        new_version.chars().count()
+                    ),
+                });
+                continue;
+            }
+            let u = &mut out.updates;
+            u.ids.push(row.id);
+            u.new_hashes.push(onion.rehash(hash));
+            u.old_hashes.push(hash.clone());
+            u.old_versions.push(version.clone());
+            u.new_versions.push(new_version);
+        }
+        out
+    }
+
+    pub async fn compute_off_thread(&self, rows: Vec<HashRow>) -> Result<Computed, JobError> {
+        let onion = Arc::clone(&self.onion);
+        let max = self.version_max_len;
+        tokio::task::spawn_blocking(move || Self::compute(&onion, max, &rows))
+            .await
+            .map_err(|e| JobError::Fatal(format!("hash computation panicked: {e}")))
+    }
+
+    /// Write a computed batch inside the caller's transaction. Rows that
+    /// changed since they were read are locked, re-read and recomputed, so
+    /// neither the application's write nor the migration is lost.
+    pub async fn write(
+        &self,
+        tx: &impl GenericClient,
+        job_id: i64,
+        computed: Computed,
+    ) -> Result<(BatchCounts, Vec<ItemFailure>), JobError> {
+        let backup = self.sel.common.backup;
+        let Computed {
+            updates,
+            mut failures,
+            mut skipped,
+        } = computed;
+        let mut migrated = 0i64;
+        if self.sel.common.dry_run {
+            migrated = updates.ids.len() as i64;
+        } else {
+            let done = self
+                .stmts
+                .hashes_update_batch(tx, job_id, &updates, backup)
+                .await?;
+            migrated += done.len() as i64;
+            if done.len() < updates.ids.len() {
+                let done: std::collections::HashSet<i64> = done.into_iter().collect();
+                let conflicted: Vec<i64> = updates
+                    .ids
+                    .iter()
+                    .copied()
+                    .filter(|id| !done.contains(id))
+                    .collect();
+                let rows = self.stmts.hashes_lock_rows(tx, &conflicted).await?;
+                // Rows deleted or moved out of the selection meanwhile are
+                // no longer items of this job.
+                skipped += (conflicted.len() - rows.len()) as i64;
+                let again = Self::compute(&self.onion, self.version_max_len, &rows);
+                skipped += again.skipped;
+                failures.extend(again.failures);
+                let n = self
+                    .stmts
+                    .hashes_update_batch(tx, job_id, &again.updates, backup)
+                    .await?;
+                if n.len() != again.updates.ids.len() {
+                    return Err(JobError::Transient("rows changed while locked".into()));
+                }
+                migrated += n.len() as i64;
+            }
+        }
+        let counts = BatchCounts {
+            migrated,
+            skipped,
+            failed: failures.len() as i64,
+            integrity: failures.iter().filter(|f| f.code == "integrity").count() as i64,
+        };
+        Ok((counts, failures))
+    }
+
+    /// On success: record that the column now uses the profile.
+    pub async fn on_done(&self, tx: &impl GenericClient, job_id: i64) -> Result<(), JobError> {
+        if !self.sel.common.dry_run {
+            dbh::field_hash_policy_insert(
+                tx,
+                &self.sel.table,
+                &self.sel.column,
+                self.profile_id,
+                job_id,
+            )
+            .await?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,129 @@
+//! The scopes: what a job does to its items. Each scope validates a job
+//! before any item is touched (`prepare`), then reads batches, computes the
+//! new values off the async executor and writes them in the batch's
+//! transaction.
+//!
+//! - [`hashes`]: HMAC onion over keyed lookup hashes (SPEC §5.4, §6.4).
+
+pub mod hashes;
+
+use std::path::PathBuf;
+
+use crate::db::jobs::ClaimedJob;
+
+/// Why a job or batch did not go through, classified where it happened.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// The job cannot succeed as written: it ends `failed` with this message.
+    #[error("{0}")]
+    Fatal(String),
+    /// Connection loss, timeouts, serialization failures: retry with backoff.
+    #[error("transient: {0}")]
+    Transient(String),
+    /// Zero rows from a fenced write: cancelled or reclaimed elsewhere.
+    #[error("lease lost")]
+    LeaseLost,
+}
+
+impl From<tokio_postgres::Error> for JobError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        if is_transient(&e) {
+            JobError::Transient(format!("database: {e}"))
+        } else {
+            JobError::Fatal(format!("database: {e}"))
+        }
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for JobError {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        match e {
+            deadpool_postgres::PoolError::Backend(e) => e.into(),
+            other => JobError::Transient(format!("database pool: {other}")),
+        }
+    }
+}
+
+/// Errors worth retrying: the connection went away, the server is
+/// restarting, or the statement lost a race or hit a timeout.
+pub fn is_transient(e: &tokio_postgres::Error) -> bool {
+    if e.is_closed() {
+        return true;
+    }
+    match e.code() {
+        Some(code) => {
+            let c = code.code();
+            c.starts_with("08")
+                || c.starts_with("57P")
+                || matches!(c, "40001" | "40P01" | "57014" | "55P03" | "53300" | "53400")
+        }
+        // No SQLSTATE: an I/O or protocol error on the connection.
+        None => true,
+    }
+}
+
+/// What a scope needs from the process around it.
+#[derive(Debug, Clone, Default)]
+pub struct ScopeContext {
+    pub keyring: Option<PathBuf>,
+}
+
+/// The counts of one batch.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct BatchCounts {
+    pub migrated: i64,
+    pub skipped: i64,
+    pub failed: i64,
+    /// Item failures that are failed authentication of existing data.
+    pub integrity: i64,
+}
+
+impl BatchCounts {
+    pub fn walked(&self) -> i64 {
+        self.migrated + self.skipped + self.failed
+    }
+
+    pub fn add(&mut self, o: BatchCounts) {
+        self.migrated += o.migrated;
+        self.skipped += o.skipped;
+        self.failed += o.failed;
+        self.integrity += o.integrity;
+    }
+}
+
+/// One item failure, recorded in `pq_migration_item_errors`.
+#[derive(Debug, Clone)]
+pub struct ItemFailure {
+    pub item_id: i64,
+    pub code: &'static str,
+    pub message: String,
+}
+
+/// A validated job of some scope.
+pub enum Prepared {
+    Hashes(hashes::HashesJob),
+}
+
+impl Prepared {
+    /// Validate the job and resolve its target; nothing is written.
+    pub async fn prepare(
+        c: &impl tokio_postgres::GenericClient,
+        job: &ClaimedJob,
+        ctx: &ScopeContext,
+    ) -> Result<Prepared, JobError> {
+        match job.scope.as_str() {
+            "hashes" => Ok(Prepared::Hashes(
+                hashes::HashesJob::prepare(c, job, ctx).await?,
+            )),
+            other => Err(JobError::Fatal(format!(
+                "scope {other:?} is not supported by this pqmig build"
+            ))),
+        }
+    }
+
+    pub fn common(&self) -> &crate::selection::Common {
+        match self {
+            Prepared::Hashes(h) => h.common(),
+        }
+    }
+}
