@@ -1,0 +1,237 @@
+//! A database with users whose email hashes are on a legacy profile, a
+//! keyring holding the new pepper, and helpers to queue hashes jobs and run
+//! daemons (in-process or as real `pqmig run` processes).
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use hmac::{KeyInit, Mac, SimpleHmac as Hmac};
+use serde_json::{Value, json};
+use sha3::Sha3_256;
+
+use crate::common::{TestDb, pqmig};
+
+pub const PEPPER: [u8; 32] = [0x5a; 32];
+pub const PROFILE: &str = "pepper-v2";
+
+pub struct Fixture {
+    pub db: TestDb,
+    pub dir: tempfile::TempDir,
+    pub keyring: PathBuf,
+    pub algo_id: i64,
+}
+
+/// The expected onion of one stored hash, computed independently of pqmig.
+pub fn expected_hash(old: &[u8]) -> Vec<u8> {
+    let mut mac = Hmac::<Sha3_256>::new_from_slice(&PEPPER).expect("key");
+    mac.update(old);
+    mac.finalize().into_bytes().to_vec()
+}
+
+pub fn legacy_hash(i: i64) -> Vec<u8> {
+    use sha2::Digest;
+    sha2::Sha256::digest(format!("user{i}@example.org").as_bytes()).to_vec()
+}
+
+impl Fixture {
+    /// `users` rows 1..=n with legacy hashes at version "v1".
+    pub async fn new(n: i64) -> Fixture {
+        let db = TestDb::migrated().await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let keyring = dir.path().join("keyring.json");
+        let b64 = base64::engine::general_purpose::STANDARD.encode(PEPPER);
+        let doc = json!({"version": 1, "keys": [
+            {"ref": "local:pepper-v2", "algorithm": "HMAC-SHA3-256", "secret": b64}
+        ]});
+        std::fs::write(&keyring, doc.to_string()).expect("write keyring");
+        std::fs::set_permissions(&keyring, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+
+        let c = db.client().await;
+        c.batch_execute(
+            "INSERT INTO hash_profiles (name, algo_id, output_len, params) \
+               SELECT 'sha256-v1', algo_id, NULL, '{}' FROM crypto_standard_aliases WHERE alias = 'SHA-256'; \
+             INSERT INTO hash_profiles (name, algo_id, output_len, params) \
+               SELECT 'pepper-v2', algo_id, NULL, '{\"key_ref\": \"local:pepper-v2\"}' \
+               FROM crypto_standard_aliases WHERE alias = 'HMAC-SHA3-256'; \
+             INSERT INTO field_hash_policies (entity_table, field_name, profile_id, effective_from) \
+               SELECT 'users', 'email_hash', id, now() - interval '1 year' FROM hash_profiles WHERE name = 'sha256-v1';",
+        )
+        .await
+        .expect("profiles");
+        let ids: Vec<i64> = (1..=n).collect();
+        let hashes: Vec<Vec<u8>> = ids.iter().map(|&i| legacy_hash(i)).collect();
+        c.execute(
+            "INSERT INTO users (id, email_hash, email_hash_key_version) \
+             SELECT i, h, 'v1' FROM unnest($1::bigint[], $2::bytea[]) AS x(i, h)",
+            &[&ids, &hashes],
+        )
+        .await
+        .expect("users");
+        let algo_id: i64 = c
+            .query_one(
+                "SELECT algo_id FROM crypto_standard_aliases WHERE alias = 'HMAC-SHA3-256'",
+                &[],
+            )
+            .await
+            .expect("algo")
+            .get(0);
+        Fixture {
+            db,
+            dir,
+            keyring,
+            algo_id,
+        }
+    }
+
+    /// Queue a hashes job over users.email_hash with extra selection keys.
+    pub async fn enqueue(&self, extra: Value) -> i64 {
+        let mut sel = json!({"table": "users", "column": "email_hash"});
+        if let (Some(s), Some(e)) = (sel.as_object_mut(), extra.as_object()) {
+            for (k, v) in e {
+                s.insert(k.clone(), v.clone());
+            }
+        }
+        self.enqueue_raw(Some(self.algo_id), sel).await
+    }
+
+    pub async fn enqueue_raw(&self, algo_id: Option<i64>, selection: Value) -> i64 {
+        self.db
+            .client()
+            .await
+            .query_one(
+                "INSERT INTO pq_migration_jobs (scope, target_algo_id, selection) VALUES ('hashes', $1, $2) RETURNING id",
+                &[&algo_id, &selection],
+            )
+            .await
+            .expect("enqueue")
+            .get(0)
+    }
+
+    /// The daemon's environment: short intervals so leases expire quickly,
+    /// and a server-side limit on idle transactions so a stopped process
+    /// cannot hold row locks for ever.
+    pub fn daemon_env(&self) -> Vec<(String, String)> {
+        let sep = if self.db.url.contains('?') { '&' } else { '?' };
+        let url = format!(
+            "{}{sep}options=-c%20idle_in_transaction_session_timeout%3D1000",
+            self.db.url
+        );
+        vec![
+            ("DATABASE_URL".into(), url),
+            ("PQMIG_KEYRING".into(), self.keyring.display().to_string()),
+            ("PQMIG_POLL_INTERVAL".into(), "200ms".into()),
+            ("PQMIG_HEARTBEAT_INTERVAL".into(), "250ms".into()),
+            ("PQMIG_LEASE".into(), "1500ms".into()),
+            ("PQMIG_RESCUE_INTERVAL".into(), "300ms".into()),
+            ("PQMIG_SHUTDOWN_TIMEOUT".into(), "10s".into()),
+            ("PQMIG_LOG_FORMAT".into(), "json".into()),
+            ("PQMIG_LOG".into(), "info".into()),
+        ]
+    }
+
+    /// A real `pqmig run` process; its stderr goes to `<dir>/<name>.log`.
+    pub fn spawn_daemon(&self, name: &str, extra: &[(&str, &str)]) -> Child {
+        let log =
+            std::fs::File::create(self.dir.path().join(format!("{name}.log"))).expect("log file");
+        let env = self.daemon_env();
+        let mut envs: Vec<(&str, &str)> =
+            env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        envs.extend_from_slice(extra);
+        pqmig(&["run"], &envs)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn pqmig run")
+    }
+
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default()
+    }
+
+    pub async fn job(&self, id: i64) -> JobRow {
+        let r = self
+            .db
+            .client()
+            .await
+            .query_one(
+                "SELECT status, processed_count, failed_count, error, attempts, total_count, result \
+                 FROM pq_migration_jobs WHERE id = $1",
+                &[&id],
+            )
+            .await
+            .expect("job row");
+        JobRow {
+            status: r.get(0),
+            processed: r.get(1),
+            failed: r.get(2),
+            error: r.get(3),
+            attempts: r.get(4),
+            total: r.get(5),
+            result: r.get(6),
+        }
+    }
+
+    /// Poll until the job satisfies `pred`, or panic after `secs`.
+    pub async fn wait_job(&self, id: i64, secs: u64, pred: impl Fn(&JobRow) -> bool) -> JobRow {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let j = self.job(id).await;
+            if pred(&j) {
+                return j;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "job {id} did not reach the expected state in {secs}s: {j:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Every user row: (id, hash, version).
+    pub async fn users(&self) -> Vec<(i64, Vec<u8>, String)> {
+        self.db
+            .client()
+            .await
+            .query(
+                "SELECT id, email_hash, email_hash_key_version FROM users ORDER BY id",
+                &[],
+            )
+            .await
+            .expect("users")
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect()
+    }
+
+    /// Each row migrated exactly once: one new link, hash = onion(legacy).
+    pub async fn assert_all_migrated_once(&self) {
+        for (id, hash, version) in self.users().await {
+            assert_eq!(version, format!("{PROFILE}/v1"), "user {id}: version chain");
+            assert_eq!(hash, expected_hash(&legacy_hash(id)), "user {id}: hash");
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct JobRow {
+    pub status: String,
+    pub processed: i64,
+    pub failed: i64,
+    pub error: Option<String>,
+    pub attempts: i32,
+    pub total: Option<i64>,
+    pub result: Option<Value>,
+}
+
+pub fn terminal(j: &JobRow) -> bool {
+    matches!(j.status.as_str(), "done" | "failed" | "cancelled")
+}
+
+pub fn signal(child: &Child, sig: i32) {
+    // SAFETY: kill(2) on a child we spawned and still own.
+    let rc = unsafe { libc::kill(child.id() as i32, sig) };
+    assert_eq!(rc, 0, "kill({}, {sig})", child.id());
+}
