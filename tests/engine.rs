@@ -665,6 +665,7 @@ async fn a_paused_daemon_is_fenced_out() {
     signal(&a, libc::SIGTERM);
     assert!(a.wait().expect("wait").success(), "{}", fx.log("a"));
     assert!(fx.log("a").contains("lease lost"), "{}", fx.log("a"));
+    crate::hashes_fixture::assert_no_secret(&(fx.log("a") + &fx.log("b")));
 }
 
 #[tokio::test]
@@ -807,4 +808,171 @@ async fn concurrent_application_write_is_not_lost() {
         hash5,
         &crate::hashes_fixture::expected_hash(&crate::hashes_fixture::legacy_hash(5))
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item_failures_are_recorded_and_max_failures_stops_the_job() {
+    let fx = Fixture::new(200).await;
+    let c = fx.db.client().await;
+    let long = "x".repeat(60);
+    c.execute(
+        "UPDATE users SET email_hash_key_version = NULL WHERE id IN (10, 20)",
+        &[],
+    )
+    .await
+    .expect("null versions");
+    c.execute(
+        "UPDATE users SET email_hash_key_version = $1 WHERE id = 30",
+        &[&long],
+    )
+    .await
+    .expect("long version");
+    c.execute("UPDATE users SET email_hash = NULL WHERE id = 40", &[])
+        .await
+        .expect("null hash");
+    let daemon = InProcess::start(&fx, &[]);
+    let id = fx.enqueue(json!({"batch_size": 25})).await;
+    let j = fx.wait_job(id, 30, terminal).await;
+    assert_eq!(j.status, "failed", "{j:?}");
+    assert_eq!(j.error.as_deref(), Some("3 items failed"));
+    assert_eq!(
+        (j.processed, j.failed),
+        (197, 3),
+        "every item walked, counted once"
+    );
+    let result = j.result.expect("result");
+    assert_eq!(
+        (result["migrated"].as_i64(), result["skipped"].as_i64()),
+        (Some(196), Some(1))
+    );
+    let errors: Vec<(String, String)> = c
+        .query(
+            "SELECT item_id, error_code FROM pq_migration_item_errors WHERE job_id = $1 ORDER BY item_id::int",
+            &[&id],
+        )
+        .await
+        .expect("errors")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let expected = [("10", "data"), ("20", "data"), ("30", "version_too_long")];
+    assert_eq!(errors, expected.map(|(a, b)| (a.to_owned(), b.to_owned())));
+    let untouched: Vec<Option<String>> = c
+        .query(
+            "SELECT email_hash_key_version FROM users WHERE id IN (10, 20, 30) ORDER BY id",
+            &[],
+        )
+        .await
+        .expect("failed rows")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        untouched,
+        vec![None, None, Some(long)],
+        "failed items are left as they were"
+    );
+
+    // With max_failures 1 a fresh job over the same rows stops early.
+    c.execute("UPDATE users SET email_hash_key_version = 'v1', email_hash = sha256('x'::bytea) WHERE id > 100", &[])
+        .await
+        .expect("reset");
+    let strict = fx
+        .enqueue(json!({"batch_size": 5, "max_failures": 1}))
+        .await;
+    let j = fx.wait_job(strict, 30, terminal).await;
+    assert_eq!(j.status, "failed", "{j:?}");
+    assert!(
+        j.error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("more than max_failures (1)"),
+        "{j:?}"
+    );
+    assert!(
+        j.processed < 100,
+        "stopped at the second failure, not at the end: {j:?}"
+    );
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_exits_at_once() {
+    let fx = Fixture::new(3000).await;
+    let mut daemon = fx.spawn_daemon("d", &[("PQMIG_SHUTDOWN_TIMEOUT", "60s")]);
+    let id = slow_job(&fx, 200).await;
+    fx.wait_job(id, 30, |j| j.processed >= 50).await;
+    // Block the next batch's writes so the drain has something to wait for.
+    let mut locker = fx.db.client().await;
+    let lock = locker.transaction().await.expect("tx");
+    lock.batch_execute("LOCK TABLE users IN EXCLUSIVE MODE")
+        .await
+        .expect("lock");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    signal(&daemon, libc::SIGTERM);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        daemon.try_wait().expect("try_wait").is_none(),
+        "still draining"
+    );
+    let t0 = Instant::now();
+    signal(&daemon, libc::SIGTERM);
+    let status = daemon.wait().expect("wait");
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    assert_eq!(status.code(), Some(1), "{}", fx.log("d"));
+    lock.rollback().await.expect("unlock");
+    // Whatever was in flight rolled back: the counts match the rows.
+    let j = fx.job(id).await;
+    let migrated = fx
+        .users()
+        .await
+        .iter()
+        .filter(|(_, _, v)| v != "v1")
+        .count() as i64;
+    assert_eq!(migrated, j.processed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminated_connections_are_retried_and_the_job_finishes() {
+    let fx = Fixture::new(3000).await;
+    let config = fx.dir.path().join("pqmig.toml");
+    std::fs::write(
+        &config,
+        "[worker]\nretry_backoff = \"100ms\"\nretry_backoff_max = \"1s\"\n",
+    )
+    .expect("config");
+    let mut daemon = fx.spawn_daemon("d", &[("PQMIG_CONFIG", config.to_str().expect("utf-8"))]);
+    let id = slow_job(&fx, 1500).await;
+    let admin = crate::common::connect(&crate::common::admin_url()).await;
+    for step in 1..=3 {
+        fx.wait_job(id, 30, |j| j.processed >= step * 500).await;
+        admin
+            .execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE datname = $1 AND application_name = 'pqmig'",
+                &[&fx.db.name],
+            )
+            .await
+            .expect("terminate");
+    }
+    let j = fx.wait_job(id, 60, terminal).await;
+    assert_eq!(
+        (j.status.as_str(), j.processed, j.failed),
+        ("done", 3000, 0),
+        "{j:?}\n{}",
+        fx.log("d")
+    );
+    fx.assert_all_migrated_once().await;
+    assert!(
+        fx.log("d").contains("LISTEN connection lost"),
+        "the connections were terminated"
+    );
+    crate::hashes_fixture::assert_no_secret(&fx.log("d"));
+    // Wake-ups still work after the LISTEN connection was killed.
+    let t0 = Instant::now();
+    let next = fx.enqueue(json!({})).await;
+    fx.wait_job(next, 10, terminal).await;
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    signal(&daemon, libc::SIGTERM);
+    assert!(daemon.wait().expect("wait").success());
 }

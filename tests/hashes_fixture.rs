@@ -235,3 +235,14 @@ pub fn signal(child: &Child, sig: i32) {
     let rc = unsafe { libc::kill(child.id() as i32, sig) };
     assert_eq!(rc, 0, "kill({}, {sig})", child.id());
 }
+
+/// The pepper must never reach a log line, in any encoding.
+pub fn assert_no_secret(log: &str) {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(PEPPER);
+    let hex: String = PEPPER.iter().map(|b| format!("{b:02x}")).collect();
+    assert!(!log.is_empty(), "the log was captured");
+    for needle in [b64.as_str(), &b64[..16], hex.as_str(), &hex[..16]] {
+        assert!(!log.contains(needle), "secret material in the log");
+    }
+}
