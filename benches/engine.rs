@@ -135,6 +135,7 @@ async fn run(url: &str, jobs: i64, rows: i64) {
         "PQMIG_KEYRING" => Some(keyring.display().to_string()),
         "PQMIG_POLL_INTERVAL" => Some("100ms".into()),
         "PQMIG_LOG" => Some("warn".into()),
+        "PQMIG_METRICS_ADDR" => Some("127.0.0.1:0".into()),
         _ => None,
     };
     let config = pqmig::config::Config::load(&pqmig::config::Sources {
@@ -142,15 +143,14 @@ async fn run(url: &str, jobs: i64, rows: i64) {
         env: &env,
     })
     .expect("config");
-    let pool = pqmig::db::pool(&config.database).expect("pool");
+    let services = pqmig::daemon::Services::from_config(&config)
+        .await
+        .expect("services");
     let token = tokio_util::sync::CancellationToken::new();
-    let scope = pqmig::scope::ScopeContext {
-        keyring: config.keyring.clone(),
-    };
     let t0 = Instant::now();
     let daemon = {
         let (config, token) = (config.clone(), token.clone());
-        tokio::spawn(async move { pqmig::daemon::run(&config, pool, scope, token).await })
+        tokio::spawn(async move { pqmig::daemon::run(&config, services, token).await })
     };
     loop {
         let r = c

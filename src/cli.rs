@@ -257,13 +257,10 @@ async fn run(config: &Config) -> anyhow::Result<()> {
     let client = db::connect(&config.database).await?;
     db::migrate::check_current(&client).await?;
     drop(client);
-    let pool = db::pool(&config.database)?;
+    let services = crate::daemon::Services::from_config(config).await?;
     let shutdown = tokio_util::sync::CancellationToken::new();
     watch_signals(shutdown.clone())?;
-    let scope = crate::scope::ScopeContext {
-        keyring: config.keyring.clone(),
-    };
-    crate::daemon::run(config, pool, scope, shutdown).await
+    crate::daemon::run(config, services, shutdown).await
 }
 
 /// First SIGTERM/SIGINT: drain. Second: exit now (open transactions roll

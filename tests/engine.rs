@@ -11,13 +11,15 @@ use crate::common::run;
 use crate::hashes_fixture::{Fixture, PROFILE, signal, terminal};
 
 /// An in-process daemon on the fixture's database; stops when dropped.
-struct InProcess {
+pub struct InProcess {
     token: CancellationToken,
     handle: Option<tokio::task::JoinHandle<()>>,
+    /// Where its /metrics, /healthz and /readyz answer.
+    pub addr: std::net::SocketAddr,
 }
 
 impl InProcess {
-    fn start(fx: &Fixture, extra: &[(&str, &str)]) -> InProcess {
+    pub async fn start(fx: &Fixture, extra: &[(&str, &str)]) -> InProcess {
         let mut env: std::collections::HashMap<String, String> =
             fx.daemon_env().into_iter().collect();
         for (k, v) in extra {
@@ -29,24 +31,25 @@ impl InProcess {
             env: &lookup,
         })
         .expect("config");
-        let pool = pqmig::db::pool(&config.database).expect("pool");
-        let scope = pqmig::scope::ScopeContext {
-            keyring: config.keyring.clone(),
-        };
+        let services = pqmig::daemon::Services::from_config(&config)
+            .await
+            .expect("services");
+        let addr = services.http.local_addr().expect("bound");
         let token = CancellationToken::new();
         let t = token.clone();
         let handle = tokio::spawn(async move {
-            pqmig::daemon::run(&config, pool, scope, t)
+            pqmig::daemon::run(&config, services, t)
                 .await
                 .expect("daemon");
         });
         InProcess {
             token,
             handle: Some(handle),
+            addr,
         }
     }
 
-    async fn stop(mut self) {
+    pub async fn stop(mut self) {
         self.token.cancel();
         if let Some(h) = self.handle.take() {
             h.await.expect("daemon task");
@@ -63,7 +66,7 @@ impl Drop for InProcess {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hashes_job_migrates_every_row_once_and_is_idempotent() {
     let fx = Fixture::new(500).await;
-    let daemon = InProcess::start(&fx, &[]);
+    let daemon = InProcess::start(&fx, &[]).await;
     let id = fx.enqueue(json!({"batch_size": 64})).await;
     let j = fx.wait_job(id, 30, terminal).await;
     assert_eq!(j.status, "done", "{j:?}");
@@ -136,7 +139,7 @@ fn hex(b: &[u8]) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dry_run_limit_and_filters() {
     let fx = Fixture::new(300).await;
-    let daemon = InProcess::start(&fx, &[]);
+    let daemon = InProcess::start(&fx, &[]).await;
     let dry = fx.enqueue(json!({"dry_run": true})).await;
     let j = fx.wait_job(dry, 30, terminal).await;
     assert_eq!((j.status.as_str(), j.processed), ("done", 300));
@@ -258,7 +261,7 @@ async fn hostile_and_invalid_jobs_fail_before_touching_a_row() {
     for (algo, sel, _) in &cases {
         ids.push(fx.enqueue_raw(*algo, sel.clone()).await);
     }
-    let daemon = InProcess::start(&fx, &[]);
+    let daemon = InProcess::start(&fx, &[]).await;
     for (id, (_, sel, expected)) in ids.iter().zip(&cases) {
         let j = fx.wait_job(*id, 30, terminal).await;
         assert_eq!(j.status, "failed", "{sel}: {j:?}");
@@ -286,7 +289,7 @@ async fn hostile_and_invalid_jobs_fail_before_touching_a_row() {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&fx.keyring, std::fs::Permissions::from_mode(0o644)).expect("chmod");
     let id = fx.enqueue(json!({})).await;
-    let daemon = InProcess::start(&fx, &[]);
+    let daemon = InProcess::start(&fx, &[]).await;
     let j = fx.wait_job(id, 30, terminal).await;
     daemon.stop().await;
     assert_eq!(j.status, "failed");
@@ -329,7 +332,7 @@ async fn claim_query_uses_the_partial_index() {
 async fn notify_wakes_the_daemon_and_scheduled_jobs_wait() {
     let fx = Fixture::new(10).await;
     // Polling every minute: only the NOTIFY can start the job promptly.
-    let daemon = InProcess::start(&fx, &[("PQMIG_POLL_INTERVAL", "60s")]);
+    let daemon = InProcess::start(&fx, &[("PQMIG_POLL_INTERVAL", "60s")]).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let t0 = Instant::now();
     let id = fx.enqueue(json!({})).await;
@@ -341,7 +344,7 @@ async fn notify_wakes_the_daemon_and_scheduled_jobs_wait() {
     );
     daemon.stop().await;
 
-    let daemon = InProcess::start(&fx, &[]);
+    let daemon = InProcess::start(&fx, &[]).await;
     let c = fx.db.client().await;
     let later: i64 = c
         .query_one(
@@ -830,7 +833,7 @@ async fn item_failures_are_recorded_and_max_failures_stops_the_job() {
     c.execute("UPDATE users SET email_hash = NULL WHERE id = 40", &[])
         .await
         .expect("null hash");
-    let daemon = InProcess::start(&fx, &[]);
+    let daemon = InProcess::start(&fx, &[]).await;
     let id = fx.enqueue(json!({"batch_size": 25})).await;
     let j = fx.wait_job(id, 30, terminal).await;
     assert_eq!(j.status, "failed", "{j:?}");

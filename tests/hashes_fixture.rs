@@ -129,6 +129,7 @@ impl Fixture {
             ("PQMIG_SHUTDOWN_TIMEOUT".into(), "10s".into()),
             ("PQMIG_LOG_FORMAT".into(), "json".into()),
             ("PQMIG_LOG".into(), "info".into()),
+            ("PQMIG_METRICS_ADDR".into(), "127.0.0.1:0".into()),
         ]
     }
 

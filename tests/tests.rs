@@ -9,4 +9,5 @@ mod engine;
 mod hashes_fixture;
 mod keyring;
 mod migrate;
+mod observe;
 mod onion;

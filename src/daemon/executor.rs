@@ -12,6 +12,7 @@ use tokio_util::task::AbortOnDropHandle;
 
 use super::{Shared, jitter};
 use crate::db::jobs::{self, ClaimedJob, Lease};
+use crate::metrics::Metrics;
 use crate::scope::{BatchCounts, JobError, Prepared};
 
 /// Batch size bounds for adaptive sizing.
@@ -21,33 +22,52 @@ const FIRST_BATCH: i64 = 100;
 /// Retries of one batch before the job is released for a later attempt.
 const BATCH_RETRIES: u32 = 5;
 
-/// Removes the job from the registry on every exit path.
+/// Removes the job from the registry (and the gauges) on every exit path.
 struct Registered<'a> {
     shared: &'a Shared,
     id: i64,
+    scope: &'static str,
 }
 
 impl Drop for Registered<'_> {
     fn drop(&mut self) {
+        let mut running = self.shared.running.lock().expect("registry");
+        running.remove(&self.id);
+        slot_gauges(self.shared, running.len());
         self.shared
-            .running
-            .lock()
-            .expect("registry")
-            .remove(&self.id);
+            .metrics
+            .jobs_running
+            .with_label_values(&[self.scope])
+            .dec();
     }
+}
+
+fn slot_gauges(shared: &Shared, busy: usize) {
+    let total = shared.worker.concurrency.get();
+    let g = &shared.metrics.worker_slots;
+    g.with_label_values(&["busy"]).set(busy as i64);
+    g.with_label_values(&["free"])
+        .set(total.saturating_sub(busy) as i64);
 }
 
 pub async fn run(shared: Arc<Shared>, job: ClaimedJob, _permit: OwnedSemaphorePermit) {
     let lease = job.lease;
     let nudge = Arc::new(Notify::new());
+    let scope = Metrics::scope_label(&job.scope);
+    {
+        let mut running = shared.running.lock().expect("registry");
+        running.insert(lease.job_id, (lease, Arc::clone(&nudge)));
+        slot_gauges(&shared, running.len());
+    }
     shared
-        .running
-        .lock()
-        .expect("registry")
-        .insert(lease.job_id, (lease, Arc::clone(&nudge)));
+        .metrics
+        .jobs_running
+        .with_label_values(&[scope])
+        .inc();
     let _registered = Registered {
         shared: &shared,
         id: lease.job_id,
+        scope,
     };
     let lost = CancellationToken::new();
     // Aborted when this function returns, whichever way.
@@ -62,25 +82,40 @@ pub async fn run(shared: Arc<Shared>, job: ClaimedJob, _permit: OwnedSemaphorePe
         r = work(&shared, &job, &lost) => r,
         _ = lost.cancelled() => Err(JobError::LeaseLost),
     };
+    let finished = |status: &str| {
+        shared
+            .metrics
+            .jobs_finished
+            .with_label_values(&[scope, status])
+            .inc();
+    };
     match outcome {
-        Ok(()) => {}
+        Ok(status) => finished(status),
         Err(JobError::LeaseLost) => {
+            shared.metrics.leases_lost.inc();
+            finished("lost");
             tracing::warn!(
                 job_id = lease.job_id,
                 "lease lost (cancelled or reclaimed); dropped the job"
             );
         }
-        Err(JobError::Fatal(msg)) => finish_failed(&shared, lease, &msg, json!({})).await,
+        Err(JobError::Fatal(msg)) => {
+            finished("failed");
+            finish_failed(&shared, lease, &msg, json!({})).await;
+        }
         Err(JobError::Transient(_)) if shared.shutdown.is_cancelled() => {
+            finished("released");
             release(&shared, lease, true, None, "shutdown").await;
         }
         Err(JobError::Transient(msg))
             if job.attempts >= shared.worker.max_attempts.get() as i32 =>
         {
+            finished("failed");
             let msg = format!("gave up after {} attempts; last error: {msg}", job.attempts);
             finish_failed(&shared, lease, &msg, json!({})).await;
         }
         Err(JobError::Transient(msg)) => {
+            finished("released");
             tracing::warn!(job_id = lease.job_id, error = %msg, "giving the job back after repeated transient errors");
             release(
                 &shared,
@@ -238,7 +273,12 @@ where
     }
 }
 
-async fn work(shared: &Shared, job: &ClaimedJob, lost: &CancellationToken) -> Result<(), JobError> {
+/// Ok: how the job ended for this process (`done`, `failed`, `released`).
+async fn work(
+    shared: &Shared,
+    job: &ClaimedJob,
+    lost: &CancellationToken,
+) -> Result<&'static str, JobError> {
     let lease = job.lease;
     let scope = retrying(shared, lost, "validation", || async {
         let client = shared.pool.get().await?;
@@ -251,6 +291,7 @@ async fn work(shared: &Shared, job: &ClaimedJob, lost: &CancellationToken) -> Re
     let mut processed = job.processed_count;
     let mut failed = job.failed_count;
     let cap = common.limit.unwrap_or(i64::MAX);
+    let job_scope = Metrics::scope_label(&job.scope);
 
     let total = match job.total_count {
         Some(t) => t,
@@ -274,7 +315,7 @@ async fn work(shared: &Shared, job: &ClaimedJob, lost: &CancellationToken) -> Re
     loop {
         if shared.shutdown.is_cancelled() {
             release(shared, lease, true, None, "shutdown").await;
-            return Ok(());
+            return Ok("released");
         }
         let remaining = cap - (processed + failed);
         if remaining <= 0 {
@@ -317,17 +358,27 @@ async fn work(shared: &Shared, job: &ClaimedJob, lost: &CancellationToken) -> Re
                 return Err(JobError::LeaseLost);
             }
             tx.commit().await?;
-            Ok(Some((next, counts, fetched)))
+            let kinds: Vec<&'static str> = codes
+                .iter()
+                .map(|c| crate::metrics::failure_kind(c))
+                .collect();
+            Ok(Some((next, counts, fetched, kinds)))
         })
         .await?;
-        let Some((next, counts, fetched)) = committed else {
+        let Some((next, counts, fetched, failure_kinds)) = committed else {
             break;
         };
         progress = next;
         processed += counts.migrated + counts.skipped;
         failed += counts.failed;
         walked_here += counts.walked();
-        record_batch(&counts, t0.elapsed());
+        record_batch(
+            &shared.metrics,
+            job_scope,
+            &counts,
+            &failure_kinds,
+            t0.elapsed(),
+        );
         if failed > common.max_failures {
             let msg = format!(
                 "{failed} items failed, more than max_failures ({})",
@@ -340,7 +391,7 @@ async fn work(shared: &Shared, job: &ClaimedJob, lost: &CancellationToken) -> Re
                 summary(total, &progress, failed, &common),
             )
             .await;
-            return Ok(());
+            return Ok("failed");
         }
         if common.batch_size.is_none() {
             batch = adapt(batch, fetched, t0.elapsed(), shared.worker.batch_target);
@@ -377,7 +428,7 @@ async fn work(shared: &Shared, job: &ClaimedJob, lost: &CancellationToken) -> Re
             failed,
             "job walked every item, some failed"
         );
-        return Ok(());
+        return Ok("failed");
     }
     let mut client = client;
     let tx = client.transaction().await?;
@@ -387,7 +438,7 @@ async fn work(shared: &Shared, job: &ClaimedJob, lost: &CancellationToken) -> Re
     }
     tx.commit().await?;
     tracing::info!(job_id = lease.job_id, processed, "job done");
-    Ok(())
+    Ok("done")
 }
 
 fn summary(
@@ -415,6 +466,21 @@ fn adapt(current: i64, fetched: i64, took: Duration, target: Duration) -> i64 {
     ((current as f64 * ratio).round() as i64).clamp(MIN_BATCH, MAX_BATCH)
 }
 
-fn record_batch(counts: &BatchCounts, took: Duration) {
+fn record_batch(
+    m: &Metrics,
+    scope: &str,
+    counts: &BatchCounts,
+    failure_kinds: &[&'static str],
+    took: Duration,
+) {
+    m.items_processed
+        .with_label_values(&[scope])
+        .inc_by((counts.migrated + counts.skipped) as u64);
+    for kind in failure_kinds {
+        m.item_failures.with_label_values(&[scope, kind]).inc();
+    }
+    m.batch_duration
+        .with_label_values(&[scope])
+        .observe(took.as_secs_f64());
     tracing::debug!(migrated = counts.migrated, skipped = counts.skipped, failed = counts.failed, took = ?took, "batch committed");
 }

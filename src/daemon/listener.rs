@@ -22,7 +22,9 @@ pub async fn run(
 ) {
     let mut backoff = Duration::from_millis(100);
     loop {
-        match listen_once(&db, &shared, &wake, &token).await {
+        let result = listen_once(&db, &shared, &wake, &token).await;
+        shared.metrics.listener_connected.set(0);
+        match result {
             Ok(()) => return,
             Err(e) => tracing::warn!(error = %e, retry_in = ?backoff, "LISTEN connection lost"),
         }
@@ -55,6 +57,7 @@ async fn listen_once(
             r = &mut listen, if !listening => {
                 r.map_err(|e| e.to_string())?;
                 listening = true;
+                shared.metrics.listener_connected.set(1);
                 tracing::debug!("listening on pqmig_jobs");
                 wake.notify_one();
             }

@@ -6,6 +6,7 @@
 //! - [`executor`]: one job, batch by batch, with its heartbeat.
 //! - [`rescuer`]: expired leases back to `pending`, or `failed` at max_attempts.
 //! - [`listener`]: LISTEN pqmig_jobs with reconnect; a hint, the poll is the truth.
+//! - [`sampler`]: queue depth, pool and exposure gauges at a bounded rate.
 //!
 //! Job states: `pending` → (claim) → `running` → `done` | `failed`;
 //! `running` → (release, lease expiry) → `pending`; `pending`/`running` →
@@ -15,18 +16,24 @@ pub mod executor;
 pub mod listener;
 pub mod producer;
 pub mod rescuer;
+pub mod sampler;
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use deadpool_postgres::Pool;
+use sd_notify::NotifyState;
+use tokio::net::TcpListener;
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, WorkerConfig};
 use crate::db::jobs::{self, Lease};
+use crate::http::Health;
+use crate::metrics::Metrics;
 use crate::scope::ScopeContext;
 
 /// What every task of the daemon shares. Passed in, never global.
@@ -35,12 +42,49 @@ pub struct Shared {
     pub worker: WorkerConfig,
     pub worker_id: String,
     pub scope: ScopeContext,
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<Health>,
     /// Jobs this process holds, by id: their lease and a nudge that makes
     /// their heartbeat check the lease now (a NOTIFY for a job we run means
     /// it was cancelled or reclaimed).
     pub running: Mutex<HashMap<i64, (Lease, Arc<Notify>)>>,
     /// Stop claiming; in-flight batches commit, then jobs are released.
     pub shutdown: CancellationToken,
+}
+
+/// The resources a daemon runs on, built by the caller (tests build their
+/// own and bind port 0).
+pub struct Services {
+    pub pool: Pool,
+    pub scope: ScopeContext,
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<Health>,
+    /// Where /metrics, /healthz and /readyz are served.
+    pub http: TcpListener,
+}
+
+impl Services {
+    /// Pool, keyring path, fresh metrics, and the HTTP listener bound to
+    /// `metrics.listen`.
+    pub async fn from_config(config: &Config) -> anyhow::Result<Services> {
+        let http = TcpListener::bind(config.metrics_listen)
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "metrics.listen: cannot listen on {}: {e}",
+                    config.metrics_listen
+                )
+            })?;
+        Ok(Services {
+            pool: crate::db::pool(&config.database)?,
+            scope: ScopeContext {
+                keyring: config.keyring.clone(),
+            },
+            metrics: Arc::new(Metrics::new()),
+            health: Arc::new(Health::new(config.worker.poll_interval)),
+            http,
+        })
+    }
 }
 
 /// `host-pid-random`: unique per process, readable in `locked_by`.
@@ -58,25 +102,37 @@ pub fn jitter(d: Duration, frac: f64) -> Duration {
 
 /// Run the daemon until `shutdown` is cancelled, then drain: in-flight
 /// batches get `shutdown_timeout` to commit, their jobs go back to
-/// `pending` without using up an attempt.
+/// `pending` without using up an attempt. The caller has checked the schema.
 pub async fn run(
     config: &Config,
-    pool: Pool,
-    scope: ScopeContext,
+    services: Services,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let Services {
+        pool,
+        scope,
+        metrics,
+        health,
+        http,
+    } = services;
     let shared = Arc::new(Shared {
         pool,
         worker: config.worker.clone(),
         worker_id: worker_id(),
         scope,
+        metrics,
+        health,
         running: Mutex::new(HashMap::new()),
         shutdown: shutdown.clone(),
     });
-    tracing::info!(worker = %shared.worker_id, concurrency = shared.worker.concurrency.get(), "pqmig daemon started");
+    let addr = http.local_addr()?;
+    tracing::info!(worker = %shared.worker_id, concurrency = shared.worker.concurrency.get(), %addr, "pqmig daemon started");
 
     let wake = Arc::new(Notify::new());
     let background = CancellationToken::new();
+    let http_stop = CancellationToken::new();
+    let app = crate::http::router(Arc::clone(&shared.metrics), Arc::clone(&shared.health));
+    let server = tokio::spawn(crate::http::serve(http, app, http_stop.clone()));
     let listener = tokio::spawn(listener::run(
         config.database.clone(),
         Arc::clone(&shared),
@@ -84,6 +140,11 @@ pub async fn run(
         background.clone(),
     ));
     let rescuer = tokio::spawn(rescuer::Rescuer::new(Arc::clone(&shared)).run(background.clone()));
+    let sampler = tokio::spawn(sampler::run(Arc::clone(&shared), background.clone()));
+    let watchdog = tokio::spawn(watchdog(Arc::clone(&shared), background.clone()));
+
+    shared.health.tick();
+    let _ = sd_notify::notify(&[NotifyState::Ready]);
 
     let slots = Arc::new(Semaphore::new(shared.worker.concurrency.get()));
     let tracker = TaskTracker::new();
@@ -96,6 +157,8 @@ pub async fn run(
     .await;
 
     // Phase two: drain with a deadline.
+    shared.health.draining.store(true, Ordering::Relaxed);
+    let _ = sd_notify::notify(&[NotifyState::Stopping]);
     tracker.close();
     let held = shared.running.lock().expect("registry").len();
     if held > 0 {
@@ -128,8 +191,28 @@ pub async fn run(
         }
     }
     background.cancel();
-    let _ = listener.await;
-    let _ = rescuer.await;
+    let _ = tokio::join!(listener, rescuer, sampler, watchdog);
+    http_stop.cancel();
+    let _ = server.await;
     tracing::info!("pqmig daemon stopped");
     Ok(())
+}
+
+/// WATCHDOG=1 every half watchdog period, but only while the claim loop
+/// makes progress: a wedged loop lets systemd restart the process.
+async fn watchdog(shared: Arc<Shared>, token: CancellationToken) {
+    let Some(period) = sd_notify::watchdog_enabled() else {
+        return;
+    };
+    loop {
+        if shared.health.loop_alive() || shared.health.draining.load(Ordering::Relaxed) {
+            let _ = sd_notify::notify(&[NotifyState::Watchdog]);
+        } else {
+            tracing::warn!("claim loop stalled; withholding the watchdog ping");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(period / 2) => {}
+            _ = token.cancelled() => return,
+        }
+    }
 }

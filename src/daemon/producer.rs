@@ -18,8 +18,12 @@ pub async fn run(
 ) {
     let mut backoff = Duration::from_millis(100);
     loop {
+        shared.health.tick();
+        // Wake up every poll interval even with all slots busy, so the
+        // loop's liveness (readiness, watchdog) stays visible.
         let permit = tokio::select! {
             p = Arc::clone(&slots).acquire_owned() => p.expect("semaphore never closed"),
+            _ = tokio::time::sleep(shared.worker.poll_interval) => continue,
             _ = shared.shutdown.cancelled() => return,
         };
         let mut permits = vec![permit];
@@ -29,9 +33,12 @@ pub async fn run(
         let wanted = permits.len();
         let claimed = async {
             let client = shared.pool.get().await.map_err(|e| e.to_string())?;
-            jobs::job_claim(&**client, wanted as i64, &shared.worker_id)
+            let timer = shared.metrics.claim_duration.start_timer();
+            let claimed = jobs::job_claim(&**client, wanted as i64, &shared.worker_id)
                 .await
-                .map_err(|e| e.to_string())
+                .map_err(|e| e.to_string());
+            timer.observe_duration();
+            claimed
         }
         .await;
         let full = match claimed {
@@ -41,6 +48,12 @@ pub async fn run(
                 for job in claimed {
                     let permit = permits.pop().expect("one permit per claimed job");
                     tracing::info!(job_id = job.lease.job_id, scope = %job.scope, attempt = job.attempts, "claimed job");
+                    let scope = crate::metrics::Metrics::scope_label(&job.scope);
+                    shared
+                        .metrics
+                        .jobs_claimed
+                        .with_label_values(&[scope])
+                        .inc();
                     tracker.spawn(executor::run(Arc::clone(&shared), job, permit));
                 }
                 n == wanted

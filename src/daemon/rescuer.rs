@@ -31,6 +31,10 @@ impl Rescuer {
         )
         .await
         .map_err(|e| e.to_string())?;
+        self.shared
+            .metrics
+            .leases_reclaimed
+            .inc_by(rescued.len() as u64);
         for (id, status) in &rescued {
             tracing::warn!(job_id = id, new_status = %status, "lease expired; job reclaimed");
         }

@@ -5,6 +5,7 @@
 
 pub mod algorithms;
 pub mod hashes;
+pub mod inventory;
 pub mod jobs;
 pub mod migrate;
 

@@ -1,0 +1,338 @@
+//! Observability: /metrics through the registry (checked by promtool and
+//! scraped by a real Prometheus), /healthz and /readyz, the exposure
+//! inventory, and the systemd notify protocol.
+
+use std::net::SocketAddr;
+use std::os::unix::net::UnixDatagram;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::engine::InProcess;
+use crate::hashes_fixture::{Fixture, signal, terminal};
+
+/// A plain HTTP/1.0 GET on loopback: (status, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await
+        .expect("request");
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.expect("response");
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The value of one sample line, e.g. `pqmig_items_processed_total{scope="hashes"}`.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)
+            .and_then(|rest| rest.trim().parse().ok())
+    })
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_the_work_and_pass_promtool() {
+    let fx = Fixture::new(300).await;
+    let daemon = InProcess::start(&fx, &[]).await;
+    let (_, before) = http_get(daemon.addr, "/metrics").await;
+    for series in [
+        r#"pqmig_items_processed_total{scope="wrappers"}"#,
+        r#"pqmig_jobs_finished_total{scope="signatures",status="failed"}"#,
+        r#"pqmig_item_failures_total{scope="hashes",kind="integrity"}"#,
+        r#"pqmig_queue_jobs{status="pending"}"#,
+        r#"pqmig_leases_reclaimed_total"#,
+    ] {
+        assert_eq!(
+            sample(&before, series),
+            Some(0.0),
+            "{series} pre-initialised to 0"
+        );
+    }
+    assert!(before.contains("pqmig_build_info{version=\""), "build info");
+    assert!(
+        before.contains("process_resident_memory_bytes"),
+        "process metrics"
+    );
+
+    let id = fx.enqueue(json!({"batch_size": 40})).await;
+    let j = fx.wait_job(id, 30, terminal).await;
+    assert_eq!(j.status, "done");
+    // The counters are updated after the commit; give the task a moment.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let text = loop {
+        let (code, text) = http_get(daemon.addr, "/metrics").await;
+        assert_eq!(code, 200);
+        if sample(
+            &text,
+            r#"pqmig_jobs_finished_total{scope="hashes",status="done"}"#,
+        ) == Some(1.0)
+        {
+            break text;
+        }
+        assert!(Instant::now() < deadline, "done never counted:\n{text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        sample(&text, r#"pqmig_items_processed_total{scope="hashes"}"#),
+        Some(300.0)
+    );
+    assert_eq!(
+        sample(&text, r#"pqmig_jobs_claimed_total{scope="hashes"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            r#"pqmig_batch_duration_seconds_count{scope="hashes"}"#
+        ),
+        Some(8.0)
+    );
+    assert_eq!(
+        sample(&text, r#"pqmig_jobs_running{scope="hashes"}"#),
+        Some(0.0)
+    );
+    assert_eq!(
+        sample(&text, r#"pqmig_worker_slots{state="free"}"#),
+        Some(4.0)
+    );
+    assert!(
+        !text.contains("job_id") && !text.contains("item_id"),
+        "no unbounded labels"
+    );
+
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (run .ci/setup-deploy to install it)");
+    use std::io::Write;
+    promtool
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("pipe");
+    let out = promtool.wait_with_output().expect("promtool");
+    assert!(
+        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+        "promtool check metrics:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_follows_the_database_and_the_drain() {
+    let fx = Fixture::new(3000).await;
+    let daemon = InProcess::start(&fx, &[]).await;
+    let addr = daemon.addr;
+    let ready = |want: u16| async move {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (code, body) = http_get(addr, "/readyz").await;
+            if code == want {
+                return body;
+            }
+            assert!(Instant::now() < deadline, "/readyz stayed {code}: {body}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let body = ready(200).await;
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&body).expect("json")["status"],
+        "ready"
+    );
+
+    // The database goes away: not ready, still healthy.
+    let admin = crate::common::connect(&crate::common::admin_url()).await;
+    let name = &fx.db.name;
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE \"{name}\" ALLOW_CONNECTIONS false; \
+             SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}';"
+        ))
+        .await
+        .expect("cut the database off");
+    let body = ready(503).await;
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(v["failing"], json!(["database"]), "{body}");
+    assert_eq!(http_get(addr, "/healthz").await.0, 200);
+    admin
+        .batch_execute(&format!("ALTER DATABASE \"{name}\" ALLOW_CONNECTIONS true"))
+        .await
+        .expect("restore");
+    ready(200).await;
+
+    // Draining: not ready, still healthy.
+    let id = fx.enqueue(json!({"batch_size": 50, "max_rate": 300})).await;
+    fx.wait_job(id, 30, |j| j.processed > 0).await;
+    let mut locker = fx.db.client().await;
+    let lock = locker.transaction().await.expect("tx");
+    lock.batch_execute("LOCK TABLE users IN EXCLUSIVE MODE")
+        .await
+        .expect("lock");
+    let stopping = tokio::spawn(daemon.stop());
+    let body = ready(503).await;
+    assert!(body.contains("draining"), "{body}");
+    assert_eq!(
+        http_get(addr, "/healthz").await.0,
+        200,
+        "healthy while draining"
+    );
+    lock.rollback().await.expect("unlock");
+    stopping.await.expect("stopped");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exposure_inventory_moves_from_legacy_to_backups() {
+    let fx = Fixture::new(120).await;
+    let c = fx.db.client().await;
+    let count = |rows: &[pqmig::db::inventory::Exposed], alg: &str| {
+        rows.iter()
+            .filter(|e| e.scope == "hashes" && e.algorithm == alg)
+            .map(|e| e.items)
+            .sum::<i64>()
+    };
+    let before = pqmig::db::inventory::exposed_items(&c)
+        .await
+        .expect("inventory");
+    assert_eq!(count(&before, "unknown"), 120, "{before:?}");
+    let daemon = InProcess::start(&fx, &[]).await;
+    let id = fx.enqueue(json!({})).await;
+    assert_eq!(fx.wait_job(id, 30, terminal).await.status, "done");
+    daemon.stop().await;
+    let after = pqmig::db::inventory::exposed_items(&c)
+        .await
+        .expect("inventory");
+    assert_eq!(count(&after, "unknown"), 0, "{after:?}");
+    assert_eq!(
+        count(&after, "backup"),
+        120,
+        "backups still hold the classical hashes"
+    );
+    c.execute("DELETE FROM pq_migration_backups WHERE job_id = $1", &[&id])
+        .await
+        .expect("purge");
+    let purged = pqmig::db::inventory::exposed_items(&c)
+        .await
+        .expect("inventory");
+    assert!(purged.iter().all(|e| e.scope != "hashes"), "{purged:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_notify_ready_watchdog_stopping_in_order() {
+    let fx = Fixture::new(10).await;
+    let sock_path = fx.dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).expect("bind notify socket");
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let path = sock_path.to_str().expect("utf-8").to_owned();
+    let mut daemon = fx.spawn_daemon(
+        "d",
+        &[("NOTIFY_SOCKET", &path), ("WATCHDOG_USEC", "400000")],
+    );
+    let mut seen: Vec<String> = Vec::new();
+    let mut buf = [0u8; 512];
+    let mut signalled = false;
+    while !seen.iter().any(|m| m.contains("STOPPING=1")) {
+        let n = sock.recv(&mut buf).expect("a notify message within 10 s");
+        seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        if !signalled && seen.iter().filter(|m| m.contains("WATCHDOG=1")).count() >= 2 {
+            signal(&daemon, libc::SIGTERM);
+            signalled = true;
+        }
+    }
+    assert!(daemon.wait().expect("wait").success());
+    let pos = |needle: &str| seen.iter().position(|m| m.contains(needle)).expect(needle);
+    assert!(pos("READY=1") < pos("WATCHDOG=1"), "{seen:?}");
+    assert!(pos("WATCHDOG=1") < pos("STOPPING=1"), "{seen:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_prometheus_scrapes_the_daemon() {
+    let fx = Fixture::new(1500).await;
+    let (metrics_port, prom_port) = (free_port(), free_port());
+    let metrics_addr = format!("127.0.0.1:{metrics_port}");
+    let mut daemon = fx.spawn_daemon("d", &[("PQMIG_METRICS_ADDR", &metrics_addr)]);
+    let config = fx.dir.path().join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: pqmig\n    static_configs:\n      - targets: ['{metrics_addr}']\n"
+        ),
+    )
+    .expect("prometheus config");
+    let log = std::fs::File::create(fx.dir.path().join("prometheus.log")).expect("log");
+    let mut prom = Command::new("prometheus")
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            fx.dir.path().join("tsdb").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("prometheus (run .ci/setup-deploy to install it)");
+
+    let id = fx
+        .enqueue(json!({"batch_size": 100, "max_rate": 1000}))
+        .await;
+    let j = fx.wait_job(id, 60, terminal).await;
+    assert_eq!((j.status.as_str(), j.processed), ("done", 1500));
+
+    let prom_addr: SocketAddr = format!("127.0.0.1:{prom_port}").parse().expect("addr");
+    let query = "/api/v1/query?query=pqmig_items_processed_total%7Bscope%3D%22hashes%22%7D";
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let got = tokio::net::TcpStream::connect(prom_addr).await.is_ok();
+        if got {
+            let (code, body) = http_get(prom_addr, query).await;
+            if code == 200 {
+                let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+                let value = v["data"]["result"][0]["value"][1]
+                    .as_str()
+                    .and_then(|s| s.parse::<f64>().ok());
+                if value == Some(j.processed as f64) {
+                    break;
+                }
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Prometheus never saw {} items:\n{}",
+            j.processed,
+            std::fs::read_to_string(fx.dir.path().join("prometheus.log")).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let (_, up) = http_get(prom_addr, "/api/v1/query?query=up%7Bjob%3D%22pqmig%22%7D").await;
+    assert!(up.contains(r#""1"]"#), "target up: {up}");
+    let _ = prom.kill();
+    let _ = prom.wait();
+    signal(&daemon, libc::SIGTERM);
+    assert!(daemon.wait().expect("wait").success());
+}
