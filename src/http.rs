@@ -34,7 +34,8 @@ impl Health {
         Health {
             started: Instant::now(),
             last_tick_ms: AtomicU64::new(0),
-            database_ok: AtomicBool::new(true),
+            // Unknown until the sampler's first round, which runs at start.
+            database_ok: AtomicBool::new(false),
             schema_ok: AtomicBool::new(true),
             draining: AtomicBool::new(false),
             stall_after: poll_interval * 3 + Duration::from_secs(10),

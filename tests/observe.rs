@@ -336,3 +336,55 @@ async fn a_real_prometheus_scrapes_the_daemon() {
     signal(&daemon, libc::SIGTERM);
     assert!(daemon.wait().expect("wait").success());
 }
+
+/// The README's grants are enough for the daemon: a role with exactly
+/// those runs a hashes job, and the samplers (inventory included) succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn least_privilege_role_runs_a_job() {
+    let fx = Fixture::new(100).await;
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).expect("README");
+    let start = readme
+        .find("CREATE ROLE pqmig LOGIN;")
+        .expect("grants in README");
+    let end = start
+        + readme[start..]
+            .find("```")
+            .expect("end of the grants block");
+    let role = format!("{}_role", fx.db.name);
+    let grants = readme[start..end]
+        .replace("pqmig;", &format!("\"{role}\";"))
+        .replace("ROLE pqmig ", &format!("ROLE \"{role}\" "));
+    let c = fx.db.client().await;
+    c.batch_execute(&grants).await.expect("README grants apply");
+
+    let url = fx.db.url.replacen("postgres@", &format!("{role}@"), 1);
+    assert!(url.contains(&role), "the test URL names the role: {url}");
+    let daemon = InProcess::start(&fx, &[("DATABASE_URL", url.as_str())]).await;
+    let id = fx.enqueue(json!({})).await;
+    let j = fx.wait_job(id, 30, terminal).await;
+    assert_eq!((j.status.as_str(), j.processed), ("done", 100), "{j:?}");
+    // The first sample (inventory included) ran as the role: ready.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (code, body) = http_get(daemon.addr, "/readyz").await;
+        if code == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, text) = http_get(daemon.addr, "/metrics").await;
+    assert!(
+        text.contains("pqmig_exposed_items{"),
+        "the inventory was sampled as the role"
+    );
+    daemon.stop().await;
+    drop(c);
+    let admin = crate::common::connect(&crate::common::admin_url()).await;
+    // Owned nothing; its grants go with the database, then the role goes.
+    drop(fx);
+    let _ = admin
+        .batch_execute(&format!("DROP ROLE IF EXISTS \"{role}\""))
+        .await;
+}
