@@ -8,7 +8,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::common::run;
-use crate::hashes_fixture::{Fixture, PROFILE, signal, terminal};
+use crate::hashes_fixture::{Fixture, PROFILE, signal, terminal, terminate};
 
 /// An in-process daemon on the fixture's database; stops when dropped.
 pub struct InProcess {
@@ -509,8 +509,7 @@ async fn cancel_stops_the_worker_and_resume_finishes() {
         "{j:?}"
     );
     fx.assert_all_migrated_once().await;
-    signal(&daemon, libc::SIGTERM);
-    assert!(daemon.wait().expect("wait").success());
+    terminate(&mut daemon);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -540,17 +539,7 @@ async fn sigterm_drains_and_releases_without_using_an_attempt() {
         .count() as i64;
     assert_eq!(migrated, j.processed, "no half batch");
     assert_eq!(j.processed % 50, 0, "whole batches only");
-    let released: i64 = fx
-        .db
-        .client()
-        .await
-        .query_one(
-            "SELECT count(*) FROM pq_migration_job_events WHERE job_id = $1 AND event = 'released'",
-            &[&id],
-        )
-        .await
-        .expect("events")
-        .get(0);
+    let released = fx.events(id, "released").await;
     assert_eq!(released, 1);
 }
 
@@ -626,20 +615,9 @@ async fn sigkill_mid_job_then_another_daemon_finishes_it() {
     );
     assert_eq!(j.attempts, 2);
     fx.assert_all_migrated_once().await;
-    let reclaimed: i64 = fx
-        .db
-        .client()
-        .await
-        .query_one(
-            "SELECT count(*) FROM pq_migration_job_events WHERE job_id = $1 AND event = 'reclaimed'",
-            &[&id],
-        )
-        .await
-        .expect("events")
-        .get(0);
+    let reclaimed = fx.events(id, "reclaimed").await;
     assert_eq!(reclaimed, 1);
-    signal(&b, libc::SIGTERM);
-    assert!(b.wait().expect("wait").success());
+    terminate(&mut b);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -653,8 +631,7 @@ async fn a_paused_daemon_is_fenced_out() {
     let j = fx.wait_job(id, 60, terminal).await;
     assert_eq!((j.status.as_str(), j.processed), ("done", 3000), "{j:?}");
     let snapshot = (fx.users().await, fx.job(id).await.processed);
-    signal(&b, libc::SIGTERM);
-    assert!(b.wait().expect("wait").success());
+    terminate(&mut b);
 
     signal(&a, libc::SIGCONT);
     // Several heartbeats and batch attempts of the resumed process.
@@ -976,6 +953,5 @@ async fn terminated_connections_are_retried_and_the_job_finishes() {
     let next = fx.enqueue(json!({})).await;
     fx.wait_job(next, 10, terminal).await;
     assert!(t0.elapsed() < Duration::from_secs(5));
-    signal(&daemon, libc::SIGTERM);
-    assert!(daemon.wait().expect("wait").success());
+    terminate(&mut daemon);
 }

@@ -191,6 +191,20 @@ impl Fixture {
         }
     }
 
+    /// How many `event` rows the job has in its event log.
+    pub async fn events(&self, id: i64, event: &str) -> i64 {
+        self.db
+            .client()
+            .await
+            .query_one(
+                "SELECT count(*) FROM pq_migration_job_events WHERE job_id = $1 AND event = $2",
+                &[&id, &event],
+            )
+            .await
+            .expect("events")
+            .get(0)
+    }
+
     /// Every user row: (id, hash, version).
     pub async fn users(&self) -> Vec<(i64, Vec<u8>, String)> {
         self.db
@@ -229,6 +243,13 @@ pub struct JobRow {
 
 pub fn terminal(j: &JobRow) -> bool {
     matches!(j.status.as_str(), "done" | "failed" | "cancelled")
+}
+
+/// SIGTERM, then the drained daemon must exit 0.
+pub fn terminate(child: &mut Child) {
+    signal(child, libc::SIGTERM);
+    let status = child.wait().expect("wait");
+    assert!(status.success(), "daemon exit after SIGTERM: {status:?}");
 }
 
 pub fn signal(child: &Child, sig: i32) {

@@ -11,7 +11,7 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::engine::InProcess;
-use crate::hashes_fixture::{Fixture, signal, terminal};
+use crate::hashes_fixture::{Fixture, signal, terminal, terminate};
 
 /// A plain HTTP/1.0 GET on loopback: (status, body).
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
@@ -333,8 +333,7 @@ async fn a_real_prometheus_scrapes_the_daemon() {
     assert!(up.contains(r#""1"]"#), "target up: {up}");
     let _ = prom.kill();
     let _ = prom.wait();
-    signal(&daemon, libc::SIGTERM);
-    assert!(daemon.wait().expect("wait").success());
+    terminate(&mut daemon);
 }
 
 /// The README's grants are enough for the daemon: a role with exactly
