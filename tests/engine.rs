@@ -955,3 +955,38 @@ async fn terminated_connections_are_retried_and_the_job_finishes() {
     assert!(t0.elapsed() < Duration::from_secs(5));
     terminate(&mut daemon);
 }
+
+/// A database error that retrying cannot fix fails the job with the
+/// server's own message, and the batch leaves no trace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_permanent_database_error_fails_the_job_with_its_message() {
+    let fx = Fixture::new(50).await;
+    fx.db
+        .client()
+        .await
+        .batch_execute(
+            "CREATE FUNCTION no_updates() RETURNS trigger LANGUAGE plpgsql AS \
+               $$BEGIN RAISE EXCEPTION 'users are frozen for the audit'; END$$; \
+             CREATE TRIGGER frozen BEFORE UPDATE ON users FOR EACH ROW EXECUTE FUNCTION no_updates();",
+        )
+        .await
+        .expect("trigger");
+    let daemon = InProcess::start(&fx, &[]).await;
+    let id = fx.enqueue(json!({})).await;
+    let j = fx.wait_job(id, 30, terminal).await;
+    daemon.stop().await;
+    assert_eq!(j.status, "failed");
+    let err = j.error.unwrap_or_default();
+    assert!(err.contains("users are frozen for the audit"), "{err}");
+    assert_eq!(j.processed, 0);
+    assert!(fx.users().await.iter().all(|(_, _, v)| v == "v1"));
+    let backups: i64 = fx
+        .db
+        .client()
+        .await
+        .query_one("SELECT count(*) FROM pq_migration_backups", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(backups, 0, "the failed batch rolled back whole");
+}

@@ -137,10 +137,14 @@ async fn heartbeat(shared: Arc<Shared>, lease: Lease, nudge: Arc<Notify>, lost: 
             _ = nudge.notified() => {}
         }
         let renewed = async {
-            let client = shared.pool.get().await.map_err(|e| e.to_string())?;
+            let client = shared
+                .pool
+                .get()
+                .await
+                .map_err(|e| crate::db::error_chain(&e))?;
             jobs::job_heartbeat(&**client, lease)
                 .await
-                .map_err(|e| e.to_string())
+                .map_err(|e| crate::db::error_chain(&e))
         }
         .await;
         match renewed {
@@ -167,7 +171,11 @@ fn backoff(shared: &Shared, attempt: u32) -> Duration {
 async fn finish_failed(shared: &Shared, lease: Lease, msg: &str, result: serde_json::Value) {
     tracing::warn!(job_id = lease.job_id, error = %msg, "job failed");
     let r = async {
-        let client = shared.pool.get().await.map_err(|e| e.to_string())?;
+        let client = shared
+            .pool
+            .get()
+            .await
+            .map_err(|e| crate::db::error_chain(&e))?;
         jobs::job_finish(
             &**client,
             lease,
@@ -177,7 +185,7 @@ async fn finish_failed(shared: &Shared, lease: Lease, msg: &str, result: serde_j
             &shared.worker_id,
         )
         .await
-        .map_err(|e| e.to_string())
+        .map_err(|e| crate::db::error_chain(&e))
     }
     .await;
     if let Err(e) = r {
@@ -193,7 +201,11 @@ async fn release(
     reason: &str,
 ) {
     let r = async {
-        let client = shared.pool.get().await.map_err(|e| e.to_string())?;
+        let client = shared
+            .pool
+            .get()
+            .await
+            .map_err(|e| crate::db::error_chain(&e))?;
         jobs::job_release(
             &**client,
             lease,
@@ -203,7 +215,7 @@ async fn release(
             reason,
         )
         .await
-        .map_err(|e| e.to_string())
+        .map_err(|e| crate::db::error_chain(&e))
     }
     .await;
     match r {

@@ -55,7 +55,7 @@ async fn listen_once(
     loop {
         tokio::select! {
             r = &mut listen, if !listening => {
-                r.map_err(|e| e.to_string())?;
+                r.map_err(|e| crate::db::error_chain(&e))?;
                 listening = true;
                 shared.metrics.listener_connected.set(1);
                 tracing::debug!("listening on pqmig_jobs");
@@ -71,7 +71,7 @@ async fn listen_once(
                     wake.notify_one();
                 }
                 Some(Ok(_)) => {}
-                Some(Err(e)) => return Err(e.to_string()),
+                Some(Err(e)) => return Err(crate::db::error_chain(&e)),
                 None => return Err("connection closed".into()),
             },
             _ = token.cancelled() => return Ok(()),

@@ -32,11 +32,15 @@ pub async fn run(
         }
         let wanted = permits.len();
         let claimed = async {
-            let client = shared.pool.get().await.map_err(|e| e.to_string())?;
+            let client = shared
+                .pool
+                .get()
+                .await
+                .map_err(|e| crate::db::error_chain(&e))?;
             let timer = shared.metrics.claim_duration.start_timer();
             let claimed = jobs::job_claim(&**client, wanted as i64, &shared.worker_id)
                 .await
-                .map_err(|e| e.to_string());
+                .map_err(|e| crate::db::error_chain(&e));
             timer.observe_duration();
             claimed
         }

@@ -22,7 +22,12 @@ impl Rescuer {
     /// One scan; returns the (job id, new status) pairs it changed.
     pub async fn run_once(&self) -> Result<Vec<(i64, String)>, String> {
         let w = &self.shared.worker;
-        let client = self.shared.pool.get().await.map_err(|e| e.to_string())?;
+        let client = self
+            .shared
+            .pool
+            .get()
+            .await
+            .map_err(|e| crate::db::error_chain(&e))?;
         let rescued = jobs::job_rescue(
             &**client,
             w.lease,
@@ -30,7 +35,7 @@ impl Rescuer {
             &self.shared.worker_id,
         )
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| crate::db::error_chain(&e))?;
         self.shared
             .metrics
             .leases_reclaimed

@@ -54,12 +54,16 @@ fn pool_gauges(shared: &Shared) {
 }
 
 async fn sample(shared: &Shared, with_inventory: bool) -> Result<(), String> {
-    let client = shared.pool.get().await.map_err(|e| e.to_string())?;
+    let client = shared
+        .pool
+        .get()
+        .await
+        .map_err(|e| crate::db::error_chain(&e))?;
     let schema_ok = migrate::check_current(&client).await.is_ok();
     shared.health.schema_ok.store(schema_ok, Ordering::Relaxed);
     let (by_status, age) = inventory::queue_sample(&**client)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| crate::db::error_chain(&e))?;
     let m = &shared.metrics;
     for status in crate::metrics::QUEUE_STATUSES {
         let n = by_status
@@ -72,7 +76,7 @@ async fn sample(shared: &Shared, with_inventory: bool) -> Result<(), String> {
     if with_inventory {
         let exposed = inventory::exposed_items(&**client)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| crate::db::error_chain(&e))?;
         m.exposed_items.reset();
         for e in exposed {
             m.exposed_items

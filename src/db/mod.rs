@@ -100,3 +100,19 @@ pub async fn connect_raw(
         .await
         .map_err(|e| anyhow::anyhow!("cannot connect to the database at {}: {e}", describe(&pg)))
 }
+
+/// An error with its causes on one line. tokio-postgres' own `Display` is
+/// only "db error"; the server's message is in the source chain.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let t = c.to_string();
+        if !text.contains(&t) {
+            text.push_str(": ");
+            text.push_str(&t);
+        }
+        cause = c.source();
+    }
+    text.replace('\n', " ")
+}

@@ -27,10 +27,11 @@ pub enum JobError {
 
 impl From<tokio_postgres::Error> for JobError {
     fn from(e: tokio_postgres::Error) -> Self {
+        let text = crate::db::error_chain(&e);
         if is_transient(&e) {
-            JobError::Transient(format!("database: {e}"))
+            JobError::Transient(format!("database: {text}"))
         } else {
-            JobError::Fatal(format!("database: {e}"))
+            JobError::Fatal(format!("database: {text}"))
         }
     }
 }
@@ -39,7 +40,9 @@ impl From<deadpool_postgres::PoolError> for JobError {
     fn from(e: deadpool_postgres::PoolError) -> Self {
         match e {
             deadpool_postgres::PoolError::Backend(e) => e.into(),
-            other => JobError::Transient(format!("database pool: {other}")),
+            other => {
+                JobError::Transient(format!("database pool: {}", crate::db::error_chain(&other)))
+            }
         }
     }
 }
