@@ -83,7 +83,7 @@ pub enum Command {
     #[command(subcommand)]
     Keys(KeysCommand),
     /// Create a scratch database with sample data, migrate it end to end and show the result.
-    Demo,
+    Demo(DemoArgs),
     /// Measure items/s of a scope on a seeded scratch database.
     Bench(BenchArgs),
 }
@@ -186,6 +186,13 @@ pub struct KeysSigningArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Keep the demo database afterwards instead of dropping it
+    #[arg(long)]
+    pub keep: bool,
+}
+
+#[derive(Debug, Args)]
 pub struct BenchArgs {
     /// wrappers, signatures or hashes
     #[arg(long)]
@@ -246,7 +253,9 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::PurgeBackups(_) => Err(not_yet("purge-backups")),
         Command::Inventory(_) => Err(not_yet("inventory")),
         Command::Keys(_) => Err(not_yet("keys")),
-        Command::Demo => Err(not_yet("demo")),
+        Command::Demo(a) => {
+            crate::demo::run(&config, &crate::demo::DemoOptions { keep: a.keep }).await
+        }
         Command::Bench(_) => Err(not_yet("bench")),
     }
 }

@@ -136,8 +136,30 @@ pub struct Sources<'a> {
 pub struct DatabaseUrl(String);
 
 impl DatabaseUrl {
+    pub fn new(url: &str) -> DatabaseUrl {
+        DatabaseUrl(url.to_owned())
+    }
+
     pub fn expose(&self) -> &str {
         &self.0
+    }
+
+    /// The same server and credentials, another database.
+    pub fn with_database(&self, dbname: &str) -> Result<DatabaseUrl, ConfigError> {
+        let url = &self.0;
+        let Some(authority_start) = url.find("://").map(|i| i + 3) else {
+            // key=value form: a later dbname wins.
+            return Ok(DatabaseUrl(format!("{url} dbname={dbname}")));
+        };
+        let (head, query) = match url.find('?') {
+            Some(q) => (&url[..q], &url[q..]),
+            None => (url.as_str(), ""),
+        };
+        let base = match head[authority_start..].find('/') {
+            Some(slash) => &head[..authority_start + slash],
+            None => head,
+        };
+        Ok(DatabaseUrl(format!("{base}/{dbname}{query}")))
     }
 }
 

@@ -4,6 +4,7 @@
 //! Layout (data flows top to bottom):
 //!
 //! - [`cli`]: the command line (SPEC §8.1) and its exit codes.
+//! - [`demo`]: `pqmig demo`, end to end on a scratch database.
 //! - [`config`]: file, environment and flags → validated [`config::Config`].
 //! - [`telemetry`]: logging setup.
 //! - [`daemon`]: the worker daemon: producer (claim), executor (one job),
@@ -20,6 +21,7 @@ pub mod config;
 pub mod crypto;
 pub mod daemon;
 pub mod db;
+pub mod demo;
 pub mod http;
 pub mod keys;
 pub mod metrics;

@@ -5,6 +5,7 @@ mod common;
 
 mod cli;
 mod config;
+mod demo;
 mod engine;
 mod hashes_fixture;
 mod keyring;

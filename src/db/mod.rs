@@ -4,6 +4,7 @@
 //! - [`migrate`]: applying `migrations/` and checking the schema version.
 
 pub mod algorithms;
+pub mod demo;
 pub mod hashes;
 pub mod inventory;
 pub mod jobs;

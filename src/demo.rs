@@ -1,0 +1,177 @@
+//! `pqmig demo`: a scratch database with legacy data, one job per scope
+//! this build supports, the daemon run in-process until they finish, and
+//! the exposure inventory before and after.
+
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, DatabaseUrl};
+use crate::db::{self, demo as dbd, inventory};
+
+/// Rows of legacy data per scope.
+pub const DEMO_ITEMS: i64 = 5_000;
+
+pub struct DemoOptions {
+    /// Keep the scratch database afterwards (its name is printed).
+    pub keep: bool,
+}
+
+/// Run the demo against the configured server (or the local default).
+pub async fn run(config: &Config, opts: &DemoOptions) -> anyhow::Result<()> {
+    let admin_url = config
+        .database
+        .url
+        .clone()
+        .unwrap_or_else(|| DatabaseUrl::new(crate::config::LOCAL_DATABASE_URL));
+    let mut admin_cfg = config.database.clone();
+    admin_cfg.url = Some(admin_url.clone());
+    let admin = db::connect(&admin_cfg).await?;
+    let name = format!(
+        "pqmig_demo_{}_{}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs(),
+        std::process::id()
+    );
+    dbd::database_create(&admin, &name).await?;
+    println!("demo database: {name} on {}", admin_url);
+    let result = run_in(config, &admin_url, &name).await;
+    if opts.keep {
+        println!("kept database {name} (drop it with: DROP DATABASE \"{name}\")");
+    } else if let Err(e) = dbd::database_drop(&admin, &name).await {
+        eprintln!(
+            "pqmig: could not drop the demo database {name}: {}",
+            db::error_chain(&e)
+        );
+    }
+    result
+}
+
+async fn run_in(config: &Config, admin_url: &DatabaseUrl, name: &str) -> anyhow::Result<()> {
+    let mut cfg = config.clone();
+    cfg.database.url = Some(admin_url.with_database(name)?);
+    // Loopback only, any free port: the demo must not collide with a daemon.
+    cfg.metrics_listen = "127.0.0.1:0".parse()?;
+    cfg.worker.poll_interval = Duration::from_millis(200);
+
+    let mut client = db::connect(&cfg.database).await?;
+    db::migrate::apply(&mut client).await?;
+
+    // A keyring in a private temporary directory, removed afterwards.
+    let dir = std::env::temp_dir().join(format!("pqmig-demo-{}", std::process::id()));
+    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+    let _cleanup = RemoveOnDrop(dir.clone());
+    let keyring = dir.join("keyring.json");
+    let mut pepper = zeroize::Zeroizing::new([0u8; 32]);
+    rand::fill(&mut pepper[..]);
+    let doc = zeroize::Zeroizing::new(
+        json!({"version": 1, "keys": [{
+            "ref": "local:pepper-v2",
+            "algorithm": "HMAC-SHA3-256",
+            "secret": base64::engine::general_purpose::STANDARD.encode(&pepper[..]),
+        }]})
+        .to_string(),
+    );
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&keyring)?
+        .write_all(doc.as_bytes())?;
+    cfg.keyring = Some(keyring);
+
+    let t = Instant::now();
+    dbd::hashes_seed(&client, DEMO_ITEMS, "local:pepper-v2").await?;
+    println!(
+        "seeded {DEMO_ITEMS} users with unkeyed SHA-256 email hashes in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    println!("scopes wrappers and signatures: not in this build yet, no data seeded for them");
+
+    println!("\nexposure inventory before:");
+    print_inventory(&inventory::exposed_items(&client).await?);
+
+    let selection = json!({"table": "users", "column": "email_hash"});
+    let job = dbd::job_insert(&client, "hashes", "HMAC-SHA3-256", &selection).await?;
+    println!("\nqueued job {job}: hashes users.email_hash -> HMAC-SHA3-256 (profile pepper-v2)");
+
+    let services = crate::daemon::Services::from_config(&cfg).await?;
+    println!(
+        "daemon metrics on http://{}/metrics",
+        services.http.local_addr()?
+    );
+    let token = CancellationToken::new();
+    let daemon = {
+        let (cfg, token) = (cfg.clone(), token.clone());
+        tokio::spawn(async move { crate::daemon::run(&cfg, services, token).await })
+    };
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(120);
+    let jobs = loop {
+        let jobs = dbd::jobs_summary(&client).await?;
+        if jobs
+            .iter()
+            .all(|j| !matches!(j.2.as_str(), "pending" | "running"))
+        {
+            break jobs;
+        }
+        if Instant::now() > deadline {
+            token.cancel();
+            anyhow::bail!("demo jobs did not finish within 2 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    token.cancel();
+    daemon.await??;
+    let secs = started.elapsed().as_secs_f64();
+
+    println!("\njobs:");
+    println!(
+        "  {:>4}  {:<10} {:<9} {:>9} {:>6}  result",
+        "id", "scope", "status", "processed", "failed"
+    );
+    for (id, scope, status, processed, failed, error, result) in &jobs {
+        let detail = match (error, result) {
+            (Some(e), _) => e.clone(),
+            (None, Some(r)) => r.to_string(),
+            _ => String::new(),
+        };
+        println!("  {id:>4}  {scope:<10} {status:<9} {processed:>9} {failed:>6}  {detail}");
+    }
+    let total: i64 = jobs.iter().map(|j| j.3).sum();
+    println!(
+        "  {total} items in {secs:.2} s ({:.0} items/s)",
+        total as f64 / secs
+    );
+
+    println!(
+        "\nexposure inventory after (backups keep classical copies until `pqmig purge-backups`):"
+    );
+    print_inventory(&inventory::exposed_items(&client).await?);
+    if jobs.iter().any(|j| j.2 != "done") {
+        anyhow::bail!("not every demo job ended done");
+    }
+    Ok(())
+}
+
+fn print_inventory(rows: &[inventory::Exposed]) {
+    if rows.is_empty() {
+        println!("  nothing exposed");
+    }
+    for e in rows {
+        println!("  {:<10} {:<14} {:>8} items", e.scope, e.algorithm, e.items);
+    }
+}
+
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

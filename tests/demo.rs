@@ -1,0 +1,57 @@
+//! `pqmig demo` end to end: its summary matches what it left in the database.
+
+use crate::common::{admin_url, connect, run, stderr, stdout, url_for};
+
+#[tokio::test]
+async fn demo_runs_end_to_end_and_its_summary_matches_the_database() {
+    let admin = admin_url();
+    let out = run(
+        &["demo", "--keep"],
+        &[("DATABASE_URL", admin.as_str()), ("PQMIG_LOG", "warn")],
+    );
+    let text = stdout(&out);
+    assert!(out.status.success(), "{text}\n{}", stderr(&out));
+    let name = text
+        .lines()
+        .find_map(|l| l.strip_prefix("demo database: "))
+        .and_then(|l| l.split_whitespace().next())
+        .expect("demo names its database")
+        .to_owned();
+    let c = connect(&url_for(&admin, &name)).await;
+    let (status, processed): (String, i64) = {
+        let r = c
+            .query_one(
+                "SELECT status, processed_count FROM pq_migration_jobs WHERE scope = 'hashes'",
+                &[],
+            )
+            .await
+            .expect("job");
+        (r.get(0), r.get(1))
+    };
+    let migrated: i64 = c
+        .query_one(
+            "SELECT count(*) FROM users WHERE email_hash_key_version = 'pepper-v2/sha256-v1'",
+            &[],
+        )
+        .await
+        .expect("users")
+        .get(0);
+    drop(c);
+    let _ = connect(&admin)
+        .await
+        .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+        .await;
+    assert_eq!(status, "done");
+    assert_eq!(processed, pqmig::demo::DEMO_ITEMS);
+    assert_eq!(migrated, processed, "every user migrated");
+    let line = format!("hashes     done      {:>9}      0", processed);
+    assert!(text.contains(&line), "summary line {line:?} in:\n{text}");
+    assert!(
+        text.contains(&format!("hashes     SHA-256        {:>8} items", processed)),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("hashes     backup         {:>8} items", processed)),
+        "{text}"
+    );
+}
