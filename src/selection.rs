@@ -89,14 +89,10 @@ impl<'a> Reader<'a> {
         match selection {
             None | Some(Value::Null) => Ok(Reader { map: empty }),
             Some(Value::Object(map)) => Ok(Reader { map }),
-            Some(other) => Err(SelectionError {
-                key: String::new(),
-                reason: format!("must be a JSON object, got {}", kind(other)),
-            })
-            .map_err(|e| SelectionError {
-                key: "(root)".into(),
-                ..e
-            }),
+            Some(other) => Err(bad(
+                "(root)",
+                format!("must be a JSON object, got {}", kind(other)),
+            )),
         }
     }
 

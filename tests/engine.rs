@@ -204,6 +204,15 @@ async fn hostile_and_invalid_jobs_fail_before_touching_a_row() {
     .await
     .expect("unregistered table");
 
+    trait Merged {
+        fn merged(self, k: &str, v: serde_json::Value) -> Self;
+    }
+    impl Merged for serde_json::Value {
+        fn merged(mut self, k: &str, v: serde_json::Value) -> Self {
+            self[k] = v;
+            self
+        }
+    }
     let base = json!({"table": "users", "column": "email_hash"});
     let with = |k: &str, v: serde_json::Value| {
         let mut s = base.clone();
@@ -256,6 +265,26 @@ async fn hostile_and_invalid_jobs_fail_before_touching_a_row() {
         (Some(hmac512), base.clone(), "deprecated"),
         (Some(hmac256), base.clone(), "no active hash_profiles row"),
         (None, base.clone(), "target_algo_id is required"),
+        (
+            Some(fx.algo_id),
+            with("ids", json!((0..100_001).collect::<Vec<i64>>())),
+            "at most 100000 allowed",
+        ),
+        (
+            Some(fx.algo_id),
+            with("id_from", json!(u64::MAX)),
+            "selection.id_from: expected an integer (64-bit), got an integer out of range",
+        ),
+        (
+            Some(fx.algo_id),
+            with("id_from", json!({"a": {"b": [[]]}})),
+            "got an object",
+        ),
+        (
+            Some(fx.algo_id),
+            with("id_from", json!(10)).merged("id_to", json!(5)),
+            "greater than id_to",
+        ),
     ];
     let mut ids = Vec::new();
     for (algo, sel, _) in &cases {
