@@ -58,7 +58,7 @@ async fn metrics_count_the_work_and_pass_promtool() {
     for series in [
         r#"pqmig_items_processed_total{scope="wrappers"}"#,
         r#"pqmig_jobs_finished_total{scope="signatures",status="failed"}"#,
-        r#"pqmig_item_failures_total{scope="hashes",kind="integrity"}"#,
+        r#"pqmig_item_failures_total{kind="integrity",scope="hashes"}"#,
         r#"pqmig_queue_jobs{status="pending"}"#,
         r#"pqmig_leases_reclaimed_total"#,
     ] {
