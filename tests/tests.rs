@@ -6,6 +6,7 @@ mod common;
 mod cli;
 mod config;
 mod demo;
+mod deploy;
 mod engine;
 mod hashes_fixture;
 mod keyring;
