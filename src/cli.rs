@@ -244,7 +244,12 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Migrate => migrate(&config).await,
         Command::Run(_) => run(&config).await,
         Command::Enqueue(_) => Err(not_yet("enqueue")),
-        Command::Status(_) => Err(not_yet("status")),
+        Command::Status(a) if a.watch => Err(not_yet("status --watch")),
+        Command::Status(a) => {
+            let client = db::connect(&config.database).await?;
+            db::migrate::check_current(&client).await?;
+            crate::status::run(&client, a.job, a.json).await
+        }
         Command::Cancel(a) => job_action(&config, a.job, "cancel").await,
         Command::Resume(a) => job_action(&config, a.job, "resume").await,
         Command::Plan(_) => Err(not_yet("plan")),

@@ -5,6 +5,7 @@
 //!
 //! - [`cli`]: the command line (SPEC §8.1) and its exit codes.
 //! - [`demo`]: `pqmig demo`, end to end on a scratch database.
+//! - [`status`]: `pqmig status`, the job table and one job's details.
 //! - [`config`]: file, environment and flags → validated [`config::Config`].
 //! - [`telemetry`]: logging setup.
 //! - [`daemon`]: the worker daemon: producer (claim), executor (one job),
@@ -27,4 +28,5 @@ pub mod keys;
 pub mod metrics;
 pub mod scope;
 pub mod selection;
+pub mod status;
 pub mod telemetry;

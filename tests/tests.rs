@@ -13,3 +13,4 @@ mod keyring;
 mod migrate;
 mod observe;
 mod onion;
+mod status;

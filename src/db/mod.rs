@@ -9,6 +9,7 @@ pub mod hashes;
 pub mod inventory;
 pub mod jobs;
 pub mod migrate;
+pub mod status;
 
 use std::str::FromStr;
 

@@ -1,0 +1,168 @@
+//! `pqmig status`: the job table, or one job with its events and item
+//! errors; `--json` prints the same data as a stable JSON document.
+
+use crate::cli::UsageError;
+use crate::db::status::{self, JobView};
+
+/// Finished jobs shown after the unfinished ones.
+const FINISHED_SHOWN: i64 = 20;
+
+pub async fn run(
+    client: &tokio_postgres::Client,
+    job: Option<i64>,
+    json: bool,
+) -> anyhow::Result<()> {
+    match job {
+        None => {
+            let jobs = status::jobs_list(client, FINISHED_SHOWN).await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({ "jobs": jobs }))?
+                );
+            } else {
+                print_table(&jobs);
+            }
+        }
+        Some(id) => {
+            let job = status::job_get(client, id)
+                .await?
+                .ok_or_else(|| UsageError(format!("no job with id {id}")))?;
+            let events = status::job_events(client, id, 20).await?;
+            let (errors, error_total) = status::job_item_errors(client, id, 20).await?;
+            if json {
+                let doc = serde_json::json!({
+                    "job": job,
+                    "events": events,
+                    "item_errors": errors,
+                    "item_errors_total": error_total,
+                });
+                println!("{}", serde_json::to_string_pretty(&doc)?);
+            } else {
+                print_job(&job);
+                println!("\nevents:");
+                for e in &events {
+                    let detail = e.detail.as_ref().map(|d| d.to_string()).unwrap_or_default();
+                    println!(
+                        "  {}  {:<9} {:<28} {detail}",
+                        e.at,
+                        e.event,
+                        e.worker.as_deref().unwrap_or("-")
+                    );
+                }
+                if error_total > 0 {
+                    println!(
+                        "\nitem errors ({error_total} in all, first {}):",
+                        errors.len()
+                    );
+                    for e in &errors {
+                        println!("  {:<12} {:<18} {}", e.item_id, e.error_code, e.message);
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn progress(j: &JobView) -> String {
+    match j.total {
+        Some(t) if t > 0 => format!(
+            "{}/{} ({:.0}%)",
+            j.processed + j.failed,
+            t,
+            100.0 * (j.processed + j.failed) as f64 / t as f64
+        ),
+        Some(t) => format!("{}/{t}", j.processed + j.failed),
+        None => format!("{}/?", j.processed + j.failed),
+    }
+}
+
+/// `90s` → `1m30s`: short and readable.
+pub fn short_duration(secs: f64) -> String {
+    let s = secs.max(0.0).round() as u64;
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m{:02}s", s / 60, s % 60),
+        3600..=86_399 => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+        _ => format!("{}d{:02}h", s / 86_400, (s % 86_400) / 3600),
+    }
+}
+
+fn print_table(jobs: &[JobView]) {
+    if jobs.is_empty() {
+        println!("no jobs");
+        return;
+    }
+    println!(
+        "{:>6}  {:<10} {:<14} {:<9} {:>22} {:>7} {:>9} {:>8} {:>7}  worker",
+        "id", "scope", "target", "status", "progress", "failed", "rate/s", "eta", "age"
+    );
+    for j in jobs {
+        println!(
+            "{:>6}  {:<10} {:<14} {:<9} {:>22} {:>7} {:>9} {:>8} {:>7}  {}",
+            j.id,
+            j.scope,
+            j.target_algo
+                .as_deref()
+                .or(j.target_policy.as_deref())
+                .unwrap_or("-"),
+            j.status,
+            progress(j),
+            j.failed,
+            j.rate_per_second
+                .map(|r| format!("{r:.0}"))
+                .unwrap_or_else(|| "-".into()),
+            j.eta_seconds
+                .map(short_duration)
+                .unwrap_or_else(|| "-".into()),
+            short_duration(j.age_seconds),
+            j.worker.as_deref().unwrap_or("-"),
+        );
+    }
+}
+
+fn print_job(j: &JobView) {
+    println!(
+        "job {} ({} -> {})",
+        j.id,
+        j.scope,
+        j.target_algo
+            .as_deref()
+            .or(j.target_policy.as_deref())
+            .unwrap_or("-")
+    );
+    println!(
+        "  status     {} (attempt {}, priority {})",
+        j.status, j.attempts, j.priority
+    );
+    println!("  progress   {}, {} failed", progress(j), j.failed);
+    if let Some(r) = j.rate_per_second {
+        println!("  rate       {r:.0} items/s");
+    }
+    if let Some(e) = j.eta_seconds {
+        println!("  eta        {}", short_duration(e));
+    }
+    println!("  age        {}", short_duration(j.age_seconds));
+    for (label, v) in [
+        ("scheduled", &j.scheduled_at),
+        ("started", &j.started_at),
+        ("finished", &j.finished_at),
+    ] {
+        if let Some(v) = v {
+            println!("  {label:<10} {v}");
+        }
+    }
+    if let Some(w) = &j.worker {
+        println!("  worker     {w}");
+    }
+    if let Some(s) = &j.selection {
+        println!("  selection  {s}");
+    }
+    if let Some(e) = &j.error {
+        println!("  error      {e}");
+    }
+    if let Some(r) = &j.result {
+        println!("  result     {r}");
+    }
+}
