@@ -243,7 +243,11 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Migrate => migrate(&config).await,
         Command::Run(_) => run(&config).await,
-        Command::Enqueue(_) => Err(not_yet("enqueue")),
+        Command::Enqueue(a) => {
+            let client = db::connect(&config.database).await?;
+            db::migrate::check_current(&client).await?;
+            crate::enqueue::run(&config, &client, &a).await
+        }
         Command::Status(a) if a.watch => Err(not_yet("status --watch")),
         Command::Status(a) => {
             let client = db::connect(&config.database).await?;

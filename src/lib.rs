@@ -5,6 +5,7 @@
 //!
 //! - [`cli`]: the command line (SPEC §8.1) and its exit codes.
 //! - [`demo`]: `pqmig demo`, end to end on a scratch database.
+//! - [`enqueue`]: `pqmig enqueue`, validated like the daemon validates.
 //! - [`status`]: `pqmig status`, the job table and one job's details.
 //! - [`config`]: file, environment and flags → validated [`config::Config`].
 //! - [`telemetry`]: logging setup.
@@ -23,6 +24,7 @@ pub mod crypto;
 pub mod daemon;
 pub mod db;
 pub mod demo;
+pub mod enqueue;
 pub mod http;
 pub mod keys;
 pub mod metrics;

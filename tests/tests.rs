@@ -8,6 +8,7 @@ mod config;
 mod demo;
 mod deploy;
 mod engine;
+mod enqueue;
 mod hashes_fixture;
 mod keyring;
 mod migrate;

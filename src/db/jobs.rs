@@ -309,3 +309,55 @@ pub async fn item_errors_insert(
     .await?;
     Ok(())
 }
+
+/// A new job, as `pqmig enqueue` queues it.
+#[derive(Debug, Clone, Default)]
+pub struct NewJob {
+    pub scope: String,
+    pub target_policy_id: Option<i64>,
+    pub target_algo_id: Option<i64>,
+    pub selection: Option<Value>,
+    /// Seconds from now (database clock) before the job is due.
+    pub delay_seconds: Option<f64>,
+    /// An absolute RFC 3339 time instead of a delay.
+    pub scheduled_at: Option<time::OffsetDateTime>,
+    pub priority: i16,
+    pub created_by: Option<i64>,
+}
+
+pub async fn job_insert(c: &impl GenericClient, j: &NewJob) -> Result<i64, tokio_postgres::Error> {
+    let row = c
+        .query_one(
+            "INSERT INTO pq_migration_jobs (scope, target_policy_id, target_algo_id, selection, scheduled_at, \
+                                            priority, created_by) \
+             VALUES ($1, $2, $3, $4, COALESCE($5::timestamptz, now() + $6::float8 * interval '1 second'), $7, $8) \
+             RETURNING id",
+            &[
+                &j.scope,
+                &j.target_policy_id,
+                &j.target_algo_id,
+                &j.selection,
+                &j.scheduled_at,
+                &j.delay_seconds,
+                &j.priority,
+                &j.created_by,
+            ],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+/// A policy id by name or numeric id.
+pub async fn policy_resolve(
+    c: &impl GenericClient,
+    name_or_id: &str,
+) -> Result<Option<i64>, tokio_postgres::Error> {
+    let id: Option<i64> = name_or_id.parse().ok();
+    let row = c
+        .query_opt(
+            "SELECT id FROM encryption_policies WHERE policy_name = $1 OR id = $2 ORDER BY (policy_name = $1) DESC LIMIT 1",
+            &[&name_or_id, &id],
+        )
+        .await?;
+    Ok(row.map(|r| r.get(0)))
+}

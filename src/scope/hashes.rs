@@ -34,12 +34,31 @@ fn fatal(msg: impl Into<String>) -> JobError {
     JobError::Fatal(msg.into())
 }
 
+/// A hashes job checked against the database, its key not loaded yet.
+pub struct Checked {
+    sel: selection::Hashes,
+    hash: HmacHash,
+    profile: dbh::HashProfile,
+    key_ref: String,
+    version_name: String,
+    id_name: String,
+    created: Option<String>,
+    version_max_len: Option<usize>,
+}
+
 impl HashesJob {
+    /// Validate the job and load its pepper; nothing is written.
     pub async fn prepare(
         c: &impl GenericClient,
         job: &ClaimedJob,
         ctx: &ScopeContext,
     ) -> Result<HashesJob, JobError> {
+        Self::check(c, job).await?.load_key(ctx)
+    }
+
+    /// Every check that needs only the database: selection, target
+    /// algorithm, profile, registration and column types.
+    pub async fn check(c: &impl GenericClient, job: &ClaimedJob) -> Result<Checked, JobError> {
         let sel =
             selection::parse_hashes(job.selection.as_ref()).map_err(|e| fatal(e.to_string()))?;
 
@@ -137,13 +156,38 @@ impl HashesJob {
             None
         };
 
-        // The pepper, last: a keyring problem is reported only for a job
-        // that is otherwise valid.
+        Ok(Checked {
+            version_max_len: ver_col.max_length.map(|n| n as usize),
+            key_ref: key_ref.to_owned(),
+            sel,
+            hash,
+            profile,
+            version_name,
+            id_name,
+            created,
+        })
+    }
+}
+
+impl Checked {
+    /// The pepper, last: a keyring problem is reported only for a job that
+    /// is otherwise valid.
+    pub fn load_key(self, ctx: &ScopeContext) -> Result<HashesJob, JobError> {
+        let Checked {
+            sel,
+            hash,
+            profile,
+            key_ref,
+            version_name,
+            id_name,
+            created,
+            version_max_len,
+        } = self;
         let path = ctx.keyring.as_ref().ok_or_else(|| {
             fatal("no keyring configured (keys.keyring or PQMIG_KEYRING) to read the pepper from")
         })?;
         let keyring = LocalKeyring::load(path).map_err(|e| fatal(e.to_string()))?;
-        let secret = keyring.secret(key_ref).map_err(|e| fatal(e.to_string()))?;
+        let secret = keyring.secret(&key_ref).map_err(|e| fatal(e.to_string()))?;
         if !secret.algorithm.to_ascii_uppercase().starts_with("HMAC") {
             return Err(fatal(format!(
                 "key {key_ref:?} is a {} key, the profile {:?} needs an HMAC pepper",
@@ -164,14 +208,16 @@ impl HashesJob {
             sel.from_version.as_deref(),
         );
         Ok(HashesJob {
-            version_max_len: ver_col.max_length.map(|n| n as usize),
+            version_max_len,
             sel,
             stmts,
             onion: Arc::new(onion),
             profile_id: profile.id,
         })
     }
+}
 
+impl HashesJob {
     pub fn common(&self) -> &Common {
         &self.sel.common
     }

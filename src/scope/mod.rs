@@ -124,6 +124,20 @@ impl Prepared {
         }
     }
 
+    /// The checks that need only the database (no key material): what
+    /// `pqmig enqueue` runs when no keyring is configured where it runs.
+    pub async fn validate(
+        c: &impl tokio_postgres::GenericClient,
+        job: &ClaimedJob,
+    ) -> Result<(), JobError> {
+        match job.scope.as_str() {
+            "hashes" => hashes::HashesJob::check(c, job).await.map(|_| ()),
+            other => Err(JobError::Fatal(format!(
+                "scope {other:?} is not supported by this pqmig build"
+            ))),
+        }
+    }
+
     pub fn common(&self) -> &crate::selection::Common {
         match self {
             Prepared::Hashes(h) => h.common(),

@@ -1,0 +1,130 @@
+//! `pqmig enqueue`: resolve the target, validate the job the way the daemon
+//! will, then queue it and print its id.
+
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use crate::cli::{JobSpecArgs, UsageError};
+use crate::config::Config;
+use crate::db::jobs::{self, ClaimedJob, Lease, NewJob};
+use crate::scope::{JobError, Prepared, ScopeContext};
+
+fn usage(msg: impl Into<String>) -> anyhow::Error {
+    UsageError(msg.into()).into()
+}
+
+/// Turn the flags into a job, checking everything that needs no database.
+pub fn parse(args: &JobSpecArgs) -> anyhow::Result<NewJob> {
+    if !["wrappers", "signatures", "hashes"].contains(&args.scope.as_str()) {
+        return Err(usage(format!(
+            "--scope: {:?} is not one of wrappers, signatures, hashes",
+            args.scope
+        )));
+    }
+    let selection = match args.selection.as_deref() {
+        None => None,
+        Some(text) => {
+            let (source, text) = match text.strip_prefix('@') {
+                Some(path) => (
+                    format!("--selection @{path}"),
+                    std::fs::read_to_string(path)
+                        .map_err(|e| usage(format!("--selection: cannot read {path}: {e}")))?,
+                ),
+                None => ("--selection".to_owned(), text.to_owned()),
+            };
+            Some(
+                serde_json::from_str(&text)
+                    .map_err(|e| usage(format!("{source}: invalid JSON: {e}")))?,
+            )
+        }
+    };
+    let scheduled_at = match args.at.as_deref() {
+        None => None,
+        Some(at) => Some(
+            OffsetDateTime::parse(at, &Rfc3339)
+                .map_err(|e| usage(format!("--at: {at:?} is not an RFC 3339 time: {e}")))?,
+        ),
+    };
+    let delay_seconds = match args.in_.as_deref() {
+        None => None,
+        Some(d) => Some(
+            humantime::parse_duration(d)
+                .map_err(|e| usage(format!("--in: {d:?} is not a duration (e.g. 10m): {e}")))?
+                .as_secs_f64(),
+        ),
+    };
+    Ok(NewJob {
+        scope: args.scope.clone(),
+        selection,
+        scheduled_at,
+        delay_seconds,
+        priority: args.priority,
+        created_by: args.created_by,
+        ..Default::default()
+    })
+}
+
+/// Resolve names to ids, validate as the daemon will, insert.
+pub async fn run(
+    config: &Config,
+    client: &tokio_postgres::Client,
+    args: &JobSpecArgs,
+) -> anyhow::Result<()> {
+    let mut job = parse(args)?;
+    if let Some(p) = args.policy.as_deref() {
+        job.target_policy_id = Some(jobs::policy_resolve(client, p).await?.ok_or_else(|| {
+            usage(format!(
+                "--policy: no encryption policy named or numbered {p:?}"
+            ))
+        })?);
+    }
+    if let Some(a) = args.algo.as_deref() {
+        let id = match a.parse::<i64>() {
+            Ok(id) => crate::db::algorithms::algorithm_by_id(client, id)
+                .await?
+                .map(|x| x.id),
+            Err(_) => crate::db::algorithms::algorithm_by_alias(client, a).await?,
+        };
+        job.target_algo_id =
+            Some(id.ok_or_else(|| usage(format!("--algo: no algorithm with alias or id {a:?}")))?);
+    }
+
+    // The daemon's own checks, on a job that is not in the table yet.
+    let probe = ClaimedJob {
+        lease: Lease {
+            job_id: 0,
+            token: uuid::Uuid::nil(),
+        },
+        scope: job.scope.clone(),
+        target_policy_id: job.target_policy_id,
+        target_algo_id: job.target_algo_id,
+        selection: job.selection.clone(),
+        attempts: 0,
+        cursor: None,
+        processed_count: 0,
+        failed_count: 0,
+        total_count: None,
+    };
+    let checked = match &config.keyring {
+        Some(path) => {
+            let ctx = ScopeContext {
+                keyring: Some(path.clone()),
+            };
+            Prepared::prepare(client, &probe, &ctx).await.map(|_| true)
+        }
+        None => Prepared::validate(client, &probe).await.map(|_| false),
+    };
+    let keys_checked = match checked {
+        Ok(k) => k,
+        Err(JobError::Fatal(msg)) => return Err(usage(format!("the job would fail: {msg}"))),
+        Err(other) => return Err(anyhow::anyhow!("{other}")),
+    };
+    let id = jobs::job_insert(client, &job).await?;
+    println!("{id}");
+    if !keys_checked {
+        eprintln!(
+            "note: job {id} queued; its key material was not checked here (no keyring configured), the daemon checks it when it claims the job"
+        );
+    }
+    Ok(())
+}
