@@ -260,7 +260,11 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Verify(_) => Err(not_yet("verify")),
         Command::Rollback(_) => Err(not_yet("rollback")),
         Command::PurgeBackups(_) => Err(not_yet("purge-backups")),
-        Command::Inventory(_) => Err(not_yet("inventory")),
+        Command::Inventory(a) => {
+            let client = db::connect(&config.database).await?;
+            db::migrate::check_current(&client).await?;
+            crate::inventory::run(&client, a.json).await
+        }
         Command::Keys(_) => Err(not_yet("keys")),
         Command::Demo(a) => {
             crate::demo::run(&config, &crate::demo::DemoOptions { keep: a.keep }).await

@@ -6,6 +6,7 @@
 //! - [`cli`]: the command line (SPEC §8.1) and its exit codes.
 //! - [`demo`]: `pqmig demo`, end to end on a scratch database.
 //! - [`enqueue`]: `pqmig enqueue`, validated like the daemon validates.
+//! - [`inventory`]: `pqmig inventory`, vulnerable vs PQ-protected items.
 //! - [`status`]: `pqmig status`, the job table and one job's details.
 //! - [`config`]: file, environment and flags → validated [`config::Config`].
 //! - [`telemetry`]: logging setup.
@@ -26,6 +27,7 @@ pub mod db;
 pub mod demo;
 pub mod enqueue;
 pub mod http;
+pub mod inventory;
 pub mod keys;
 pub mod metrics;
 pub mod scope;

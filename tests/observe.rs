@@ -387,3 +387,42 @@ async fn least_privilege_role_runs_a_job() {
         .batch_execute(&format!("DROP ROLE IF EXISTS \"{role}\""))
         .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inventory_command_splits_vulnerable_and_protected() {
+    let fx = Fixture::new(40).await;
+    let env = [("DATABASE_URL", fx.db.url.as_str())];
+    let inventory = || {
+        let out = crate::common::run(&["inventory", "--json"], &env);
+        assert!(out.status.success(), "{}", crate::common::stderr(&out));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("json")
+    };
+    let total = |doc: &serde_json::Value, kind: &str, alg: &str| -> i64 {
+        doc[kind]
+            .as_array()
+            .expect("array")
+            .iter()
+            .filter(|l| l["scope"] == "hashes" && l["algorithm"] == alg)
+            .map(|l| l["items"].as_i64().expect("items"))
+            .sum()
+    };
+    let before = inventory();
+    assert_eq!(total(&before, "vulnerable", "unknown"), 40, "{before}");
+    assert_eq!(total(&before, "protected", "HMAC-SHA3-256"), 0, "{before}");
+
+    let daemon = InProcess::start(&fx, &[]).await;
+    let id = fx.enqueue(json!({"id_to": 30})).await;
+    assert_eq!(fx.wait_job(id, 30, terminal).await.status, "done");
+    daemon.stop().await;
+    let after = inventory();
+    assert_eq!(total(&after, "vulnerable", "unknown"), 10, "{after}");
+    assert_eq!(total(&after, "vulnerable", "backup"), 30, "{after}");
+    assert_eq!(total(&after, "protected", "HMAC-SHA3-256"), 30, "{after}");
+
+    let out = crate::common::run(&["inventory"], &env);
+    let text = crate::common::stdout(&out);
+    assert!(
+        text.contains("hashes") && text.contains("EXPOSED"),
+        "{text}"
+    );
+}

@@ -86,7 +86,7 @@ pub async fn exposed_items(c: &impl GenericClient) -> Result<Vec<Exposed>, tokio
             items: r.get(1),
         });
     }
-    out.extend(exposed_hashes(c).await?);
+    out.extend(hashes_by_outer_link(c, false).await?);
     let rows = c
         .query(
             "SELECT CASE WHEN item_table = 'key_wrappers' THEN 'wrappers' ELSE 'hashes' END, count(*) \
@@ -110,10 +110,58 @@ pub async fn exposed_items(c: &impl GenericClient) -> Result<Vec<Exposed>, tokio
     Ok(out)
 }
 
+/// Items per scope and algorithm already protected by PQ crypto: wrappers
+/// on `pqmig-wrap-v1` (by KEM), signed subjects with a PQ countersignature
+/// (by its algorithm), lookup hashes whose outermost link is a keyed PQ
+/// profile (by its algorithm). The complement of [`exposed_items`], backups
+/// aside.
+pub async fn protected_items(
+    c: &impl GenericClient,
+) -> Result<Vec<Exposed>, tokio_postgres::Error> {
+    let mut out = Vec::new();
+    let rows = c
+        .query(
+            "SELECT COALESCE(crypto_suite->>'kem', 'unknown'), count(*) FROM key_wrappers \
+             WHERE status IN ('active', 'rotated') AND crypto_suite->>'format' = 'pqmig-wrap-v1' \
+             GROUP BY 1 ORDER BY 1",
+            &[],
+        )
+        .await?;
+    for r in rows {
+        out.push(Exposed {
+            scope: "wrappers",
+            algorithm: r.get(0),
+            items: r.get(1),
+        });
+    }
+    let rows = c
+        .query(
+            "SELECT COALESCE(al.alias, a.name::text), count(DISTINCT (s.subject_table, s.subject_pk, s.context)) \
+             FROM signatures s JOIN crypto_algorithms a ON a.id = s.algo_id \
+             LEFT JOIN LATERAL (SELECT alias::text FROM crypto_standard_aliases x WHERE x.algo_id = a.id \
+                                ORDER BY alias LIMIT 1) al ON true \
+             WHERE COALESCE((a.params->>'pq')::boolean, false) GROUP BY 1 ORDER BY 1",
+            &[],
+        )
+        .await?;
+    for r in rows {
+        out.push(Exposed {
+            scope: "signatures",
+            algorithm: r.get(0),
+            items: r.get(1),
+        });
+    }
+    out.extend(hashes_by_outer_link(c, true).await?);
+    Ok(out)
+}
+
 /// For every registered (table, column) that exists: rows grouped by the
-/// outermost link of their version chain, exposed unless that link names a
-/// keyed PQ profile.
-async fn exposed_hashes(c: &impl GenericClient) -> Result<Vec<Exposed>, tokio_postgres::Error> {
+/// outermost link of their version chain, split on whether that link names
+/// a keyed PQ profile (`protected`) or not.
+async fn hashes_by_outer_link(
+    c: &impl GenericClient,
+    protected: bool,
+) -> Result<Vec<Exposed>, tokio_postgres::Error> {
     let fields = c
         .query(
             "SELECT DISTINCT f.entity_table::text, f.field_name::text FROM field_hash_policies f \
@@ -134,13 +182,14 @@ async fn exposed_hashes(c: &impl GenericClient) -> Result<Vec<Exposed>, tokio_po
              LEFT JOIN crypto_algorithms a ON a.id = p.algo_id \
              LEFT JOIN LATERAL (SELECT alias::text FROM crypto_standard_aliases s WHERE s.algo_id = a.id \
                                 ORDER BY alias LIMIT 1) al ON true \
-             WHERE x.{h} IS NOT NULL AND NOT COALESCE((a.params->>'pq')::boolean AND a.name = 'HMAC', false) \
+             WHERE x.{h} IS NOT NULL \
+               AND COALESCE((a.params->>'pq')::boolean AND a.name = 'HMAC', false) = $1 \
              GROUP BY 1",
             t = quote_ident(&table),
             v = quote_ident(&format!("{column}_key_version")),
             h = quote_ident(&column),
         );
-        for r in c.query(&sql, &[]).await? {
+        for r in c.query(&sql, &[&protected]).await? {
             *totals.entry(r.get(0)).or_default() += r.get::<_, i64>(1);
         }
     }
