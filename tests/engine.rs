@@ -267,6 +267,16 @@ async fn hostile_and_invalid_jobs_fail_before_touching_a_row() {
         (None, base.clone(), "target_algo_id is required"),
         (
             Some(fx.algo_id),
+            with("version_column", json!("password_hash")),
+            "is not a version column",
+        ),
+        (
+            Some(fx.algo_id),
+            with("id_column", json!("failed_logins")),
+            "has no unique index",
+        ),
+        (
+            Some(fx.algo_id),
             with("ids", json!((0..100_001).collect::<Vec<i64>>())),
             "at most 100000 allowed",
         ),
@@ -1018,4 +1028,47 @@ async fn a_permanent_database_error_fails_the_job_with_its_message() {
         .expect("count")
         .get(0);
     assert_eq!(backups, 0, "the failed batch rolled back whole");
+}
+
+/// An int4 primary key walks like a bigint one; a host CHECK that rejects
+/// the new version fails the job without copying the row into the error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn int4_ids_work_and_constraint_details_stay_out_of_errors() {
+    let fx = Fixture::new(0).await;
+    let c = fx.db.client().await;
+    c.batch_execute(
+        "CREATE TABLE accounts (id int PRIMARY KEY, email_hash bytea, email_hash_key_version text, \
+                                secret_note text); \
+         INSERT INTO accounts SELECT i, sha256(i::text::bytea), 'v1', 'TOPSECRET' FROM generate_series(1, 30) i; \
+         INSERT INTO field_hash_policies (entity_table, field_name, profile_id) \
+           SELECT 'accounts', 'email_hash', id FROM hash_profiles WHERE name = 'sha256-v1';",
+    )
+    .await
+    .expect("accounts");
+    let daemon = InProcess::start(&fx, &[]).await;
+    let ok = fx
+        .enqueue(json!({"table": "accounts", "batch_size": 7}))
+        .await;
+    let j = fx.wait_job(ok, 30, terminal).await;
+    assert_eq!((j.status.as_str(), j.processed), ("done", 30), "{j:?}");
+
+    c.batch_execute(
+        "UPDATE accounts SET email_hash_key_version = 'v1'; \
+         ALTER TABLE accounts ADD CONSTRAINT short_versions CHECK (length(email_hash_key_version) < 5);",
+    )
+    .await
+    .expect("constraint");
+    let bad = fx.enqueue(json!({"table": "accounts"})).await;
+    let j = fx.wait_job(bad, 30, terminal).await;
+    daemon.stop().await;
+    assert_eq!(j.status, "failed");
+    let err = j.error.unwrap_or_default();
+    assert!(
+        err.contains("23514") && err.contains("short_versions"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("TOPSECRET") && !err.contains("Failing row"),
+        "row data in the error: {err}"
+    );
 }

@@ -26,13 +26,21 @@ const BATCH_RETRIES: u32 = 5;
 struct Registered<'a> {
     shared: &'a Shared,
     id: i64,
+    token: uuid::Uuid,
     scope: &'static str,
 }
 
 impl Drop for Registered<'_> {
     fn drop(&mut self) {
         let mut running = self.shared.running.lock().expect("registry");
-        running.remove(&self.id);
+        // The same job may have been reclaimed and claimed again by this
+        // process: only remove the entry of this claim.
+        if running
+            .get(&self.id)
+            .is_some_and(|(l, _)| l.token == self.token)
+        {
+            running.remove(&self.id);
+        }
         slot_gauges(self.shared, running.len());
         self.shared
             .metrics
@@ -42,7 +50,7 @@ impl Drop for Registered<'_> {
     }
 }
 
-fn slot_gauges(shared: &Shared, busy: usize) {
+pub(super) fn slot_gauges(shared: &Shared, busy: usize) {
     let total = shared.worker.concurrency.get();
     let g = &shared.metrics.worker_slots;
     g.with_label_values(&["busy"]).set(busy as i64);
@@ -67,6 +75,7 @@ pub async fn run(shared: Arc<Shared>, job: ClaimedJob, _permit: OwnedSemaphorePe
     let _registered = Registered {
         shared: &shared,
         id: lease.job_id,
+        token: lease.token,
         scope,
     };
     let lost = CancellationToken::new();
@@ -100,8 +109,7 @@ pub async fn run(shared: Arc<Shared>, job: ClaimedJob, _permit: OwnedSemaphorePe
             );
         }
         Err(JobError::Fatal(msg)) => {
-            finished("failed");
-            finish_failed(&shared, lease, &msg, json!({})).await;
+            finished(finish_failed(&shared, lease, &msg, json!({})).await);
         }
         Err(JobError::Transient(_)) if shared.shutdown.is_cancelled() => {
             finished("released");
@@ -110,9 +118,8 @@ pub async fn run(shared: Arc<Shared>, job: ClaimedJob, _permit: OwnedSemaphorePe
         Err(JobError::Transient(msg))
             if job.attempts >= shared.worker.max_attempts.get() as i32 =>
         {
-            finished("failed");
             let msg = format!("gave up after {} attempts; last error: {msg}", job.attempts);
-            finish_failed(&shared, lease, &msg, json!({})).await;
+            finished(finish_failed(&shared, lease, &msg, json!({})).await);
         }
         Err(JobError::Transient(msg)) => {
             finished("released");
@@ -168,7 +175,14 @@ fn backoff(shared: &Shared, attempt: u32) -> Duration {
     jitter(d, 0.2)
 }
 
-async fn finish_failed(shared: &Shared, lease: Lease, msg: &str, result: serde_json::Value) {
+/// Returns the status to count: `failed`, or `lost` when the fence found the
+/// job no longer ours (e.g. cancelled meanwhile).
+async fn finish_failed(
+    shared: &Shared,
+    lease: Lease,
+    msg: &str,
+    result: serde_json::Value,
+) -> &'static str {
     tracing::warn!(job_id = lease.job_id, error = %msg, "job failed");
     let r = async {
         let client = shared
@@ -188,8 +202,13 @@ async fn finish_failed(shared: &Shared, lease: Lease, msg: &str, result: serde_j
         .map_err(|e| crate::db::error_chain(&e))
     }
     .await;
-    if let Err(e) = r {
-        tracing::warn!(job_id = lease.job_id, error = %e, "could not record the failure; the lease will expire");
+    match r {
+        Ok(true) => "failed",
+        Ok(false) => "lost",
+        Err(e) => {
+            tracing::warn!(job_id = lease.job_id, error = %e, "could not record the failure; the lease will expire");
+            "failed"
+        }
     }
 }
 
@@ -396,14 +415,8 @@ async fn work(
                 "{failed} items failed, more than max_failures ({})",
                 common.max_failures
             );
-            finish_failed(
-                shared,
-                lease,
-                &msg,
-                summary(total, &progress, failed, &common),
-            )
-            .await;
-            return Ok("failed");
+            let result = summary(total, &progress, failed, &common);
+            return Ok(finish_failed(shared, lease, &msg, result).await);
         }
         if common.batch_size.is_none() {
             batch = adapt(batch, fetched, t0.elapsed(), shared.worker.batch_target);

@@ -144,6 +144,7 @@ pub async fn run(
     let watchdog = tokio::spawn(watchdog(Arc::clone(&shared), background.clone()));
 
     shared.health.tick();
+    executor::slot_gauges(&shared, 0);
     let _ = sd_notify::notify(&[NotifyState::Ready]);
 
     let slots = Arc::new(Semaphore::new(shared.worker.concurrency.get()));

@@ -19,21 +19,19 @@ pub const INVENTORY_EVERY: Duration = Duration::from_secs(60);
 pub async fn run(shared: Arc<Shared>, token: CancellationToken) {
     let mut last_inventory: Option<Instant> = None;
     loop {
-        let inventory_due = last_inventory.is_none_or(|t| t.elapsed() >= INVENTORY_EVERY);
-        match tokio::time::timeout(Duration::from_secs(4), sample(&shared, inventory_due)).await {
-            Ok(Ok(())) => {
-                shared.health.database_ok.store(true, Ordering::Relaxed);
-                if inventory_due {
-                    last_inventory = Some(Instant::now());
-                }
-            }
-            Ok(Err(e)) => {
+        match sample_queue(&shared).await {
+            Ok(()) => shared.health.database_ok.store(true, Ordering::Relaxed),
+            Err(e) => {
                 shared.health.database_ok.store(false, Ordering::Relaxed);
                 tracing::warn!(error = %e, "sampling the database failed");
             }
-            Err(_) => {
-                shared.health.database_ok.store(false, Ordering::Relaxed);
-                tracing::warn!("sampling the database timed out");
+        }
+        // The inventory scans item tables: a slow or failed scan is logged,
+        // retried at its own pace, and never marks the database unreachable.
+        if last_inventory.is_none_or(|t| t.elapsed() >= INVENTORY_EVERY) {
+            last_inventory = Some(Instant::now());
+            if let Err(e) = sample_inventory(&shared).await {
+                tracing::warn!(error = %e, "sampling the exposure inventory failed");
             }
         }
         pool_gauges(&shared);
@@ -53,17 +51,22 @@ fn pool_gauges(shared: &Shared) {
     g.with_label_values(&["max"]).set(status.max_size as i64);
 }
 
-async fn sample(shared: &Shared, with_inventory: bool) -> Result<(), String> {
-    let client = shared
+/// Schema version and queue depth; the server cancels it after 3 s.
+async fn sample_queue(shared: &Shared) -> Result<(), String> {
+    let err = |e: tokio_postgres::Error| crate::db::error_chain(&e);
+    let mut client = shared
         .pool
         .get()
         .await
         .map_err(|e| crate::db::error_chain(&e))?;
-    let schema_ok = migrate::check_current(&client).await.is_ok();
-    shared.health.schema_ok.store(schema_ok, Ordering::Relaxed);
-    let (by_status, age) = inventory::queue_sample(&**client)
+    let tx = client.transaction().await.map_err(err)?;
+    tx.batch_execute("SET LOCAL statement_timeout = '3s'")
         .await
-        .map_err(|e| crate::db::error_chain(&e))?;
+        .map_err(err)?;
+    let schema_ok = migrate::check_current(&*tx).await.is_ok();
+    shared.health.schema_ok.store(schema_ok, Ordering::Relaxed);
+    let (by_status, age) = inventory::queue_sample(&*tx).await.map_err(err)?;
+    tx.commit().await.map_err(err)?;
     let m = &shared.metrics;
     for status in crate::metrics::QUEUE_STATUSES {
         let n = by_status
@@ -73,16 +76,29 @@ async fn sample(shared: &Shared, with_inventory: bool) -> Result<(), String> {
         m.queue_jobs.with_label_values(&[status]).set(n);
     }
     m.queue_oldest_pending_age.set(age);
-    if with_inventory {
-        let exposed = inventory::exposed_items(&**client)
-            .await
-            .map_err(|e| crate::db::error_chain(&e))?;
-        m.exposed_items.reset();
-        for e in exposed {
-            m.exposed_items
-                .with_label_values(&[e.scope, e.algorithm.as_str()])
-                .set(e.items as f64);
-        }
+    Ok(())
+}
+
+/// The exposure inventory; the server cancels it after 30 s.
+async fn sample_inventory(shared: &Shared) -> Result<(), String> {
+    let err = |e: tokio_postgres::Error| crate::db::error_chain(&e);
+    let mut client = shared
+        .pool
+        .get()
+        .await
+        .map_err(|e| crate::db::error_chain(&e))?;
+    let tx = client.transaction().await.map_err(err)?;
+    tx.batch_execute("SET LOCAL statement_timeout = '30s'")
+        .await
+        .map_err(err)?;
+    let exposed = inventory::exposed_items(&*tx).await.map_err(err)?;
+    tx.commit().await.map_err(err)?;
+    let m = &shared.metrics;
+    m.exposed_items.reset();
+    for e in exposed {
+        m.exposed_items
+            .with_label_values(&[e.scope, e.algorithm.as_str()])
+            .set(e.items as f64);
     }
     Ok(())
 }

@@ -46,22 +46,34 @@ pub struct HashStatements {
     filters: Vec<(String, Param)>,
 }
 
+/// The validated names a hashes job works on.
+pub struct HashTarget<'a> {
+    pub schema: &'a str,
+    pub table: &'a str,
+    pub id_column: &'a str,
+    pub column: &'a str,
+    pub version_column: &'a str,
+    /// The column the created_before/after filters use, when they are set.
+    pub created_column: Option<&'a str>,
+}
+
 impl HashStatements {
-    /// `created_at` is the column the created_before/after filters use.
-    pub fn new(
-        table: &str,
-        id_column: &str,
-        column: &str,
-        version_column: &str,
-        created_column: Option<&str>,
-        common: &Common,
-        from_version: Option<&str>,
-    ) -> HashStatements {
+    pub fn new(t: &HashTarget<'_>, common: &Common, from_version: Option<&str>) -> HashStatements {
+        let HashTarget {
+            schema,
+            table,
+            id_column,
+            column,
+            version_column,
+            created_column,
+        } = *t;
         let mut s = HashStatements {
             table: table.to_owned(),
             column: column.to_owned(),
             version_column: version_column.to_owned(),
-            from: quote_ident(table),
+            // Qualified: the checks looked in current_schema(), so the
+            // statements must not resolve the name through search_path.
+            from: format!("{}.{}", quote_ident(schema), quote_ident(table)),
             id: quote_ident(id_column),
             hash: quote_ident(column),
             ver: quote_ident(version_column),
@@ -133,7 +145,7 @@ impl HashStatements {
     ) -> Result<i64, tokio_postgres::Error> {
         let (from, id) = (&self.from, &self.id);
         let sql = format!(
-            "SELECT count(*) FROM (SELECT 1 FROM {from} WHERE {id} > $1{} LIMIT $2) s",
+            "SELECT count(*) FROM (SELECT 1 FROM {from} WHERE {id} > $1::bigint{} LIMIT $2) s",
             self.filter_sql(3)
         );
         let row = c.query_one(&sql, &self.params(&[&after, &cap])).await?;
@@ -149,7 +161,7 @@ impl HashStatements {
     ) -> Result<Vec<HashRow>, tokio_postgres::Error> {
         let (from, id, hash, ver) = (&self.from, &self.id, &self.hash, &self.ver);
         let sql = format!(
-            "SELECT {id}::bigint, {hash}, {ver}::text FROM {from} WHERE {id} > $1{} ORDER BY {id} LIMIT $2",
+            "SELECT {id}::bigint, {hash}, {ver}::text FROM {from} WHERE {id} > $1::bigint{} ORDER BY {id} LIMIT $2",
             self.filter_sql(3)
         );
         let rows = c.query(&sql, &self.params(&[&after, &n])).await?;
@@ -321,4 +333,30 @@ pub async fn field_hash_policy_insert(
     )
     .await?;
     Ok(())
+}
+
+/// Whether `column` alone carries a unique index (or the primary key) on
+/// `table` in the current schema: the keyset walk needs distinct ids.
+pub async fn column_is_unique(
+    c: &impl GenericClient,
+    table: &str,
+    column: &str,
+) -> Result<bool, tokio_postgres::Error> {
+    let row = c
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_index i \
+               JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0] \
+               WHERE i.indrelid = to_regclass(quote_ident(current_schema()) || '.' || quote_ident($1)) \
+                 AND i.indisunique AND i.indnkeyatts = 1 AND i.indpred IS NULL AND i.indexprs IS NULL \
+                 AND a.attname = $2)",
+            &[&table, &column],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+pub async fn current_schema(c: &impl GenericClient) -> Result<String, tokio_postgres::Error> {
+    Ok(c.query_one("SELECT current_schema()::text", &[])
+        .await?
+        .get(0))
 }

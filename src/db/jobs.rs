@@ -110,8 +110,9 @@ pub async fn job_set_total(
     Ok(n == 1)
 }
 
-/// Add a batch's counts and move the cursor; run first inside the batch's
-/// transaction so the job row is locked (and fenced) before any item write.
+/// Add a batch's counts and move the cursor: the last statement of the
+/// batch's transaction, so the job row is locked only briefly; zero rows
+/// rolls back the batch's item writes with it.
 pub async fn job_progress(
     c: &impl GenericClient,
     lease: Lease,
@@ -202,7 +203,8 @@ pub async fn job_rescue(
     let rows = c
         .query(
             "WITH s AS (SELECT id FROM pq_migration_jobs \
-                 WHERE status = 'running' AND heartbeat_at < now() - $1::float8 * interval '1 second' \
+                 WHERE status = 'running' \
+                   AND (heartbeat_at IS NULL OR heartbeat_at < now() - $1::float8 * interval '1 second') \
                  ORDER BY heartbeat_at LIMIT 100 FOR UPDATE SKIP LOCKED), \
              u AS (UPDATE pq_migration_jobs j SET \
                  status = CASE WHEN j.attempts >= $2 THEN 'failed' ELSE 'pending' END, \

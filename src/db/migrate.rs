@@ -76,7 +76,9 @@ pub async fn apply(client: &mut Client) -> Result<Vec<Applied>, MigrateError> {
 }
 
 /// The highest applied migration version, or `None` before the first migrate.
-pub async fn current_version(client: &Client) -> Result<Option<i32>, MigrateError> {
+pub async fn current_version(
+    client: &impl tokio_postgres::GenericClient,
+) -> Result<Option<i32>, MigrateError> {
     let exists: bool = client
         .query_one("SELECT to_regclass($1) IS NOT NULL", &[&HISTORY_TABLE])
         .await?
@@ -92,7 +94,9 @@ pub async fn current_version(client: &Client) -> Result<Option<i32>, MigrateErro
 
 /// Refuse to work on a schema older than this build needs. A newer schema is
 /// fine: migrations are additive.
-pub async fn check_current(client: &Client) -> Result<i32, MigrateError> {
+pub async fn check_current(
+    client: &impl tokio_postgres::GenericClient,
+) -> Result<i32, MigrateError> {
     let needed = latest_version();
     match current_version(client).await? {
         None => Err(MigrateError::Missing),

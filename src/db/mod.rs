@@ -73,6 +73,9 @@ pub fn pool(cfg: &DatabaseConfig) -> anyhow::Result<Pool> {
         .runtime(Runtime::Tokio1)
         .wait_timeout(Some(cfg.connect_timeout))
         .create_timeout(Some(cfg.connect_timeout))
+        // A connection handed back mid-query (a dropped future) fails its
+        // check within this and is replaced instead of stalling the caller.
+        .recycle_timeout(Some(cfg.connect_timeout))
         .build()?)
 }
 
@@ -104,17 +107,33 @@ pub async fn connect_raw(
 }
 
 /// An error with its causes on one line. tokio-postgres' own `Display` is
-/// only "db error"; the server's message is in the source chain.
+/// only "db error"; the server's message is in the source chain. Of a
+/// server error only the code, message and object names are kept: its
+/// DETAIL can quote a whole row (e.g. "Failing row contains ..."), which
+/// must not reach job errors or logs.
 pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut cause = e.source();
+    let mut parts: Vec<String> = Vec::new();
+    let mut cause = Some(e);
     while let Some(c) = cause {
+        if let Some(db) = c.downcast_ref::<tokio_postgres::error::DbError>() {
+            let mut text = format!("{} {}: {}", db.severity(), db.code().code(), db.message());
+            for (label, name) in [
+                ("table", db.table()),
+                ("column", db.column()),
+                ("constraint", db.constraint()),
+            ] {
+                if let Some(name) = name {
+                    text.push_str(&format!(" ({label} {name})"));
+                }
+            }
+            parts.push(text);
+            break;
+        }
         let t = c.to_string();
-        if !text.contains(&t) {
-            text.push_str(": ");
-            text.push_str(&t);
+        if !parts.iter().any(|p| p.contains(&t)) {
+            parts.push(t);
         }
         cause = c.source();
     }
-    text.replace('\n', " ")
+    parts.join(": ").replace('\n', " ")
 }

@@ -44,6 +44,7 @@ pub struct Checked {
     id_name: String,
     created: Option<String>,
     version_max_len: Option<usize>,
+    schema: String,
 }
 
 impl HashesJob {
@@ -142,7 +143,19 @@ impl HashesJob {
                 sel.table, version_name, ver_col.data_type
             )));
         }
+        // The version column is rewritten: never the hash or id column, and
+        // only a column named as a version, so a typo cannot overwrite data.
+        if version_name == sel.column || !version_name.to_ascii_lowercase().ends_with("version") {
+            return Err(fatal(format!(
+                "selection.version_column: {version_name:.64} is not a version column (its name must end in \"version\" and differ from the hashed column)"
+            )));
+        }
         let id_name = sel.id_column.clone().unwrap_or_else(|| "id".into());
+        if id_name == version_name || id_name == sel.column {
+            return Err(fatal(
+                "selection.id_column: must differ from the hashed and version columns",
+            ));
+        }
         let id_col = find("id_column", &id_name)?;
         if !matches!(id_col.data_type.as_str(), "bigint" | "integer" | "smallint") {
             return Err(fatal(format!(
@@ -150,6 +163,13 @@ impl HashesJob {
                 sel.table, id_name, id_col.data_type
             )));
         }
+        if !dbh::column_is_unique(c, &sel.table, &id_name).await? {
+            return Err(fatal(format!(
+                "selection.id_column: {}.{id_name:.64} has no unique index of its own; the keyset walk needs distinct ids",
+                sel.table
+            )));
+        }
+        let schema = dbh::current_schema(c).await?;
         let created = if sel.common.created_before.is_some() || sel.common.created_after.is_some() {
             Some(find("created_before", "created_at")?.name.clone())
         } else {
@@ -165,6 +185,7 @@ impl HashesJob {
             version_name,
             id_name,
             created,
+            schema,
         })
     }
 }
@@ -182,6 +203,7 @@ impl Checked {
             id_name,
             created,
             version_max_len,
+            schema,
         } = self;
         let path = ctx.keyring.as_ref().ok_or_else(|| {
             fatal("no keyring configured (keys.keyring or PQMIG_KEYRING) to read the pepper from")
@@ -198,15 +220,15 @@ impl Checked {
         let onion = Onion::new(hash, secret.bytes.clone(), output_len, &profile.name)
             .map_err(|e| fatal(format!("hash profile {:?}: {e}", profile.name)))?;
 
-        let stmts = HashStatements::new(
-            &sel.table,
-            &id_name,
-            &sel.column,
-            &version_name,
-            created.as_deref(),
-            &sel.common,
-            sel.from_version.as_deref(),
-        );
+        let target = dbh::HashTarget {
+            schema: &schema,
+            table: &sel.table,
+            id_column: &id_name,
+            column: &sel.column,
+            version_column: &version_name,
+            created_column: created.as_deref(),
+        };
+        let stmts = HashStatements::new(&target, &sel.common, sel.from_version.as_deref());
         Ok(HashesJob {
             version_max_len,
             sel,

@@ -58,10 +58,31 @@ pub fn is_transient(e: &tokio_postgres::Error) -> bool {
             let c = code.code();
             c.starts_with("08")
                 || c.starts_with("57P")
-                || matches!(c, "40001" | "40P01" | "57014" | "55P03" | "53300" | "53400")
+                || matches!(
+                    c,
+                    "40001"
+                        | "40P01"
+                        | "57014"
+                        | "55P03"
+                        | "53100"
+                        | "53200"
+                        | "53300"
+                        | "53400"
+                        | "25006"
+                )
         }
-        // No SQLSTATE: an I/O or protocol error on the connection.
-        None => true,
+        // No SQLSTATE: retry only a dead connection or an I/O error; a
+        // type or protocol mismatch will not heal by retrying.
+        None => {
+            let mut cause = std::error::Error::source(e);
+            while let Some(c) = cause {
+                if c.is::<std::io::Error>() {
+                    return true;
+                }
+                cause = c.source();
+            }
+            false
+        }
     }
 }
 
