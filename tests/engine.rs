@@ -715,7 +715,7 @@ async fn fenced_writes_with_a_stale_lease_change_nothing() {
     let cursor = json!({"after_id": 10});
     assert!(!jobs::job_heartbeat(&c, stale).await.expect("heartbeat"));
     assert_eq!(
-        jobs::job_progress(&c, stale, 10, 1, &cursor)
+        jobs::job_progress(&c, stale, 10, 1, &cursor, None)
             .await
             .expect("progress"),
         None
@@ -740,11 +740,19 @@ async fn fenced_writes_with_a_stale_lease_change_nothing() {
     // The current holder's writes go through.
     let lease = fresh[0].lease;
     assert_eq!(
-        jobs::job_progress(&c, lease, 10, 1, &cursor)
+        jobs::job_progress(&c, lease, 10, 1, &cursor, None)
             .await
             .expect("progress"),
         Some((10, 1))
     );
+    // The same batch again (its first commit's reply lost): the cursor has
+    // moved, so it is not counted twice, and the stored progress is there
+    // to resume from.
+    let again = jobs::job_progress(&c, lease, 10, 1, &cursor, None).await;
+    assert_eq!(again.expect("progress"), None);
+    let stored = jobs::job_reload(&c, lease).await.expect("reload");
+    assert_eq!(stored, Some((Some(cursor.clone()), 10, 1)));
+    assert_eq!(jobs::job_reload(&c, stale).await.expect("reload"), None);
     // A cancel fences out even the current holder.
     assert_eq!(
         jobs::job_cancel(&c, id, "test").await.expect("cancel"),
@@ -752,7 +760,7 @@ async fn fenced_writes_with_a_stale_lease_change_nothing() {
     );
     assert!(!jobs::job_heartbeat(&c, lease).await.expect("heartbeat"));
     assert_eq!(
-        jobs::job_progress(&c, lease, 1, 0, &cursor)
+        jobs::job_progress(&c, lease, 1, 0, &cursor, Some(&cursor))
             .await
             .expect("progress"),
         None

@@ -246,6 +246,14 @@ async fn release(
     }
 }
 
+/// What one try of a batch came to.
+enum Batch {
+    Committed(Progress, BatchCounts, i64, Vec<&'static str>),
+    /// The stored (cursor, processed_count, failed_count): an earlier try
+    /// of this batch had committed.
+    AlreadyCommitted((Option<serde_json::Value>, i64, i64)),
+}
+
 /// Where a job stands between batches; persisted as its `cursor`.
 #[derive(Debug, Clone, Copy, Default)]
 struct Progress {
@@ -255,13 +263,8 @@ struct Progress {
 }
 
 impl Progress {
-    fn from_job(job: &ClaimedJob) -> Progress {
-        let get = |k: &str| {
-            job.cursor
-                .as_ref()
-                .and_then(|c| c.get(k))
-                .and_then(|v| v.as_i64())
-        };
+    fn from_cursor(cursor: Option<&serde_json::Value>) -> Progress {
+        let get = |k: &str| cursor.and_then(|c| c.get(k)).and_then(|v| v.as_i64());
         Progress {
             after_id: get("after_id").unwrap_or(i64::MIN),
             migrated: get("migrated").unwrap_or(0),
@@ -318,7 +321,9 @@ async fn work(
     .await?;
     let Prepared::Hashes(h) = &scope;
     let common = scope.common().clone();
-    let mut progress = Progress::from_job(job);
+    let mut progress = Progress::from_cursor(job.cursor.as_ref());
+    // The cursor exactly as stored, which the next progress write expects.
+    let mut db_cursor = job.cursor.clone();
     let mut processed = job.processed_count;
     let mut failed = job.failed_count;
     let cap = common.limit.unwrap_or(i64::MAX);
@@ -383,22 +388,41 @@ async fn work(
                 counts.migrated + counts.skipped,
                 counts.failed,
                 &next.to_json(),
+                db_cursor.as_ref(),
             )
             .await?;
             if ok.is_none() {
-                return Err(JobError::LeaseLost);
+                tx.rollback().await?;
+                // Either the lease is gone, or this batch was committed by
+                // an earlier try whose reply was lost: carry on from there.
+                return match jobs::job_reload(&**client, lease).await? {
+                    Some(stored) => Ok(Some(Batch::AlreadyCommitted(stored))),
+                    None => Err(JobError::LeaseLost),
+                };
             }
             tx.commit().await?;
             let kinds: Vec<&'static str> = codes
                 .iter()
                 .map(|c| crate::metrics::failure_kind(c))
                 .collect();
-            Ok(Some((next, counts, fetched, kinds)))
+            Ok(Some(Batch::Committed(next, counts, fetched, kinds)))
         })
         .await?;
-        let Some((next, counts, fetched, failure_kinds)) = committed else {
-            break;
+        let (next, counts, fetched, failure_kinds) = match committed {
+            None => break,
+            Some(Batch::AlreadyCommitted((cursor, p, f))) => {
+                tracing::warn!(
+                    job_id = lease.job_id,
+                    "a batch committed before its reply was lost; resuming after it"
+                );
+                progress = Progress::from_cursor(cursor.as_ref());
+                (processed, failed) = (p, f);
+                db_cursor = cursor;
+                continue;
+            }
+            Some(Batch::Committed(next, counts, fetched, kinds)) => (next, counts, fetched, kinds),
         };
+        db_cursor = Some(next.to_json());
         progress = next;
         processed += counts.migrated + counts.skipped;
         failed += counts.failed;

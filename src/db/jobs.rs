@@ -119,17 +119,45 @@ pub async fn job_progress(
     processed: i64,
     failed: i64,
     cursor: &Value,
+    expected_cursor: Option<&Value>,
 ) -> Result<Option<(i64, i64)>, tokio_postgres::Error> {
+    // Also fenced on the cursor the batch started from: if an earlier
+    // commit of this same batch succeeded but its reply was lost, the
+    // retry finds the cursor moved and must not count the batch again.
     let row = c
         .query_opt(
             "UPDATE pq_migration_jobs SET processed_count = processed_count + $3, \
                failed_count = failed_count + $4, cursor = $5, updated_at = now() \
              WHERE id = $1 AND lease_token = $2 AND status = 'running' \
+               AND cursor IS NOT DISTINCT FROM $6 \
              RETURNING processed_count, failed_count",
-            &[&lease.job_id, &lease.token, &processed, &failed, cursor],
+            &[
+                &lease.job_id,
+                &lease.token,
+                &processed,
+                &failed,
+                cursor,
+                &expected_cursor,
+            ],
         )
         .await?;
     Ok(row.map(|r| (r.get(0), r.get(1))))
+}
+
+/// The job's stored progress, if the lease is still ours: (cursor,
+/// processed_count, failed_count).
+pub async fn job_reload(
+    c: &impl GenericClient,
+    lease: Lease,
+) -> Result<Option<(Option<Value>, i64, i64)>, tokio_postgres::Error> {
+    let row = c
+        .query_opt(
+            "SELECT cursor, processed_count, failed_count FROM pq_migration_jobs \
+             WHERE id = $1 AND lease_token = $2 AND status = 'running'",
+            &[&lease.job_id, &lease.token],
+        )
+        .await?;
+    Ok(row.map(|r| (r.get(0), r.get(1), r.get(2))))
 }
 
 /// End a job (`done` or `failed`), with its event, fenced.
