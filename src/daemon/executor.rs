@@ -144,11 +144,7 @@ async fn heartbeat(shared: Arc<Shared>, lease: Lease, nudge: Arc<Notify>, lost: 
             _ = nudge.notified() => {}
         }
         let renewed = async {
-            let client = shared
-                .pool
-                .get()
-                .await
-                .map_err(|e| crate::db::error_chain(&e))?;
+            let client = shared.client().await?;
             jobs::job_heartbeat(&**client, lease)
                 .await
                 .map_err(|e| crate::db::error_chain(&e))
@@ -185,11 +181,7 @@ async fn finish_failed(
 ) -> &'static str {
     tracing::warn!(job_id = lease.job_id, error = %msg, "job failed");
     let r = async {
-        let client = shared
-            .pool
-            .get()
-            .await
-            .map_err(|e| crate::db::error_chain(&e))?;
+        let client = shared.client().await?;
         jobs::job_finish(
             &**client,
             lease,
@@ -220,11 +212,7 @@ async fn release(
     reason: &str,
 ) {
     let r = async {
-        let client = shared
-            .pool
-            .get()
-            .await
-            .map_err(|e| crate::db::error_chain(&e))?;
+        let client = shared.client().await?;
         jobs::job_release(
             &**client,
             lease,

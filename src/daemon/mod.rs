@@ -52,6 +52,16 @@ pub struct Shared {
     pub shutdown: CancellationToken,
 }
 
+impl Shared {
+    /// A pooled connection, or the error as one line for the log.
+    pub async fn client(&self) -> Result<deadpool_postgres::Object, String> {
+        self.pool
+            .get()
+            .await
+            .map_err(|e| crate::db::error_chain(&e))
+    }
+}
+
 /// The resources a daemon runs on, built by the caller (tests build their
 /// own and bind port 0).
 pub struct Services {

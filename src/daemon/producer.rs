@@ -32,11 +32,7 @@ pub async fn run(
         }
         let wanted = permits.len();
         let claimed = async {
-            let client = shared
-                .pool
-                .get()
-                .await
-                .map_err(|e| crate::db::error_chain(&e))?;
+            let client = shared.client().await?;
             let timer = shared.metrics.claim_duration.start_timer();
             let claimed = jobs::job_claim(&**client, wanted as i64, &shared.worker_id)
                 .await

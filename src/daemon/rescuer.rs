@@ -22,12 +22,7 @@ impl Rescuer {
     /// One scan; returns the (job id, new status) pairs it changed.
     pub async fn run_once(&self) -> Result<Vec<(i64, String)>, String> {
         let w = &self.shared.worker;
-        let client = self
-            .shared
-            .pool
-            .get()
-            .await
-            .map_err(|e| crate::db::error_chain(&e))?;
+        let client = self.shared.client().await?;
         let rescued = jobs::job_rescue(
             &**client,
             w.lease,

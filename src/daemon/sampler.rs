@@ -54,11 +54,7 @@ fn pool_gauges(shared: &Shared) {
 /// Schema version and queue depth; the server cancels it after 3 s.
 async fn sample_queue(shared: &Shared) -> Result<(), String> {
     let err = |e: tokio_postgres::Error| crate::db::error_chain(&e);
-    let mut client = shared
-        .pool
-        .get()
-        .await
-        .map_err(|e| crate::db::error_chain(&e))?;
+    let mut client = shared.client().await?;
     let tx = client.transaction().await.map_err(err)?;
     tx.batch_execute("SET LOCAL statement_timeout = '3s'")
         .await
@@ -82,11 +78,7 @@ async fn sample_queue(shared: &Shared) -> Result<(), String> {
 /// The exposure inventory; the server cancels it after 30 s.
 async fn sample_inventory(shared: &Shared) -> Result<(), String> {
     let err = |e: tokio_postgres::Error| crate::db::error_chain(&e);
-    let mut client = shared
-        .pool
-        .get()
-        .await
-        .map_err(|e| crate::db::error_chain(&e))?;
+    let mut client = shared.client().await?;
     let tx = client.transaction().await.map_err(err)?;
     tx.batch_execute("SET LOCAL statement_timeout = '30s'")
         .await

@@ -79,13 +79,7 @@ pub async fn exposed_items(c: &impl GenericClient) -> Result<Vec<Exposed>, tokio
             &[],
         )
         .await?;
-    for r in rows {
-        out.push(Exposed {
-            scope: "signatures",
-            algorithm: r.get(0),
-            items: r.get(1),
-        });
-    }
+    push_rows(&mut out, "signatures", &rows);
     out.extend(hashes_by_outer_link(c, false).await?);
     let rows = c
         .query(
@@ -127,13 +121,7 @@ pub async fn protected_items(
             &[],
         )
         .await?;
-    for r in rows {
-        out.push(Exposed {
-            scope: "wrappers",
-            algorithm: r.get(0),
-            items: r.get(1),
-        });
-    }
+    push_rows(&mut out, "wrappers", &rows);
     let rows = c
         .query(
             "SELECT COALESCE(al.alias, a.name::text), count(DISTINCT (s.subject_table, s.subject_pk, s.context)) \
@@ -144,13 +132,7 @@ pub async fn protected_items(
             &[],
         )
         .await?;
-    for r in rows {
-        out.push(Exposed {
-            scope: "signatures",
-            algorithm: r.get(0),
-            items: r.get(1),
-        });
-    }
+    push_rows(&mut out, "signatures", &rows);
     out.extend(hashes_by_outer_link(c, true).await?);
     Ok(out)
 }
@@ -201,4 +183,13 @@ async fn hashes_by_outer_link(
             items,
         })
         .collect())
+}
+
+/// (algorithm, count) rows of one scope into inventory lines.
+fn push_rows(out: &mut Vec<Exposed>, scope: &'static str, rows: &[tokio_postgres::Row]) {
+    out.extend(rows.iter().map(|r| Exposed {
+        scope,
+        algorithm: r.get(0),
+        items: r.get(1),
+    }));
 }
