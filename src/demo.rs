@@ -97,7 +97,16 @@ async fn run_in(config: &Config, admin_url: &DatabaseUrl, name: &str) -> anyhow:
     print_inventory(&inventory::exposed_items(&client).await?);
 
     let selection = json!({"table": "users", "column": "email_hash"});
-    let job = dbd::job_insert(&client, "hashes", "HMAC-SHA3-256", &selection).await?;
+    let algo = db::algorithms::algorithm_by_alias(&client, "HMAC-SHA3-256")
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("the seeded alias HMAC-SHA3-256 is missing"))?;
+    let new_job = db::jobs::NewJob {
+        scope: "hashes".into(),
+        target_algo_id: Some(algo),
+        selection: Some(selection),
+        ..Default::default()
+    };
+    let job = db::jobs::job_insert(&client, &new_job).await?;
     println!("\nqueued job {job}: hashes users.email_hash -> HMAC-SHA3-256 (profile pepper-v2)");
 
     let services = crate::daemon::Services::from_config(&cfg).await?;

@@ -63,23 +63,6 @@ pub async fn hashes_seed(
     Ok(())
 }
 
-/// Queue a job; returns its id.
-pub async fn job_insert(
-    c: &impl GenericClient,
-    scope: &str,
-    algo_alias: &str,
-    selection: &serde_json::Value,
-) -> Result<i64, tokio_postgres::Error> {
-    let row = c
-        .query_one(
-            "INSERT INTO pq_migration_jobs (scope, target_algo_id, selection) \
-             SELECT $1, algo_id, $3 FROM crypto_standard_aliases WHERE alias = $2 RETURNING id",
-            &[&scope, &algo_alias, selection],
-        )
-        .await?;
-    Ok(row.get(0))
-}
-
 /// (id, scope, status, processed, failed, error, result) of every job.
 pub type JobSummary = (
     i64,

@@ -113,10 +113,6 @@ impl HashStatements {
         s
     }
 
-    pub fn table(&self) -> &str {
-        &self.table
-    }
-
     /// ` AND f1 AND f2 ...` with placeholders numbered from `first`.
     fn filter_sql(&self, first: usize) -> String {
         self.filters

@@ -279,21 +279,18 @@ pub async fn job_cancel(
     id: i64,
     who: &str,
 ) -> Result<JobAction, tokio_postgres::Error> {
-    let rows = c
-        .query(
-            "WITH u AS (UPDATE pq_migration_jobs SET status = 'cancelled', finished_at = now(), \
+    job_action(
+        c,
+        id,
+        who,
+        "WITH u AS (UPDATE pq_migration_jobs SET status = 'cancelled', finished_at = now(), \
                  updated_at = now(), lease_token = NULL, heartbeat_at = NULL \
                WHERE id = $1 AND status IN ('pending', 'running') RETURNING id, processed_count) \
              INSERT INTO pq_migration_job_events (job_id, event, worker, detail) \
              SELECT id, 'cancelled', $2, jsonb_build_object('processed_count', processed_count) FROM u \
              RETURNING job_id",
-            &[&id, &who],
-        )
-        .await?;
-    if rows.len() == 1 {
-        return Ok(JobAction::Done);
-    }
-    job_status(c, id).await
+    )
+    .await
 }
 
 /// Re-queue a failed or cancelled job from its cursor with fresh attempts.
@@ -302,16 +299,28 @@ pub async fn job_resume(
     id: i64,
     who: &str,
 ) -> Result<JobAction, tokio_postgres::Error> {
-    let rows = c
-        .query(
-            "WITH u AS (UPDATE pq_migration_jobs SET status = 'pending', attempts = 0, error = NULL, \
+    job_action(
+        c,
+        id,
+        who,
+        "WITH u AS (UPDATE pq_migration_jobs SET status = 'pending', attempts = 0, error = NULL, \
                  finished_at = NULL, scheduled_at = NULL, updated_at = now() \
                WHERE id = $1 AND status IN ('failed', 'cancelled') RETURNING id, cursor) \
              INSERT INTO pq_migration_job_events (job_id, event, worker, detail) \
              SELECT id, 'resumed', $2, jsonb_build_object('cursor', cursor) FROM u RETURNING job_id",
-            &[&id, &who],
-        )
-        .await?;
+    )
+    .await
+}
+
+/// Run an operator action (`$1` job id, `$2` who; one row back when it
+/// applied), else say why not: no such job, or its status.
+async fn job_action(
+    c: &impl GenericClient,
+    id: i64,
+    who: &str,
+    sql: &str,
+) -> Result<JobAction, tokio_postgres::Error> {
+    let rows = c.query(sql, &[&id, &who]).await?;
     if rows.len() == 1 {
         return Ok(JobAction::Done);
     }

@@ -18,16 +18,6 @@ use tokio_postgres::NoTls;
 
 use crate::config::DatabaseConfig;
 
-#[derive(Debug, thiserror::Error)]
-pub enum DbError {
-    #[error("database: {0}")]
-    Postgres(#[from] tokio_postgres::Error),
-    #[error("database pool: {0}")]
-    Pool(#[from] deadpool_postgres::PoolError),
-    #[error("database pool: {0}")]
-    Build(#[from] deadpool_postgres::BuildError),
-}
-
 /// Parse the configured URL; the config layer has validated it already.
 fn pg_config(cfg: &DatabaseConfig) -> Result<tokio_postgres::Config, crate::config::ConfigError> {
     let url = cfg.require_url()?;

@@ -244,10 +244,6 @@ impl HashesJob {
         &self.sel.common
     }
 
-    pub fn item_table(&self) -> &str {
-        self.stmts.table()
-    }
-
     pub async fn count(
         &self,
         c: &impl GenericClient,

@@ -106,13 +106,6 @@ impl BatchCounts {
     pub fn walked(&self) -> i64 {
         self.migrated + self.skipped + self.failed
     }
-
-    pub fn add(&mut self, o: BatchCounts) {
-        self.migrated += o.migrated;
-        self.skipped += o.skipped;
-        self.failed += o.failed;
-        self.integrity += o.integrity;
-    }
 }
 
 /// One item failure, recorded in `pq_migration_item_errors`.
