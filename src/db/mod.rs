@@ -8,6 +8,7 @@ pub mod demo;
 pub mod hashes;
 pub mod inventory;
 pub mod jobs;
+pub mod kms;
 pub mod migrate;
 pub mod status;
 
