@@ -19,6 +19,7 @@
 //! - [`keys`]: key providers (the local keyring file).
 //! - [`db`]: connections, the pool, schema migrations; all SQL lives here.
 
+pub mod aftercare;
 pub mod cli;
 pub mod config;
 pub mod crypto;
@@ -30,6 +31,7 @@ pub mod http;
 pub mod inventory;
 pub mod keys;
 pub mod metrics;
+pub mod sample;
 pub mod scope;
 pub mod selection;
 pub mod status;

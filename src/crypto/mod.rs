@@ -6,4 +6,6 @@
 //! - [`onion`]: the keyed hash onion of SPEC §5.4 (HMAC over the old hash).
 
 pub mod aead;
+pub mod kem;
 pub mod onion;
+pub mod wrap;

@@ -11,6 +11,7 @@ pub mod jobs;
 pub mod kms;
 pub mod migrate;
 pub mod status;
+pub mod wrappers;
 
 use std::str::FromStr;
 

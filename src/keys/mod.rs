@@ -2,6 +2,7 @@
 //! bytes. This release ships the `local` keyring file; Vault, AWS and GCP
 //! providers implement the same [`KeyProvider`] trait.
 
+mod generate;
 mod local;
 
 use std::fmt;
@@ -9,6 +10,7 @@ use std::path::PathBuf;
 
 use zeroize::Zeroizing;
 
+pub use generate::{Generated, add_key};
 pub use local::LocalKeyring;
 
 /// Resolves key references to secrets. Implementations are shared between

@@ -4,8 +4,11 @@
 //! transaction.
 //!
 //! - [`hashes`]: HMAC onion over keyed lookup hashes (SPEC §5.4, §6.4).
+//! - [`wrappers`]: DEK wrappers re-wrapped under ML-KEM / X-Wing layers
+//!   (SPEC §5.1, §5.2, §6.2).
 
 pub mod hashes;
+pub mod wrappers;
 
 use std::path::PathBuf;
 
@@ -126,11 +129,13 @@ pub struct ItemFailure {
 /// A validated job of some scope.
 pub enum Prepared {
     Hashes(hashes::HashesJob),
+    Wrappers(wrappers::WrappersJob),
 }
 
 /// The items of one batch as read, before any computation.
 pub enum Rows {
     Hashes(Vec<crate::db::hashes::HashRow>),
+    Wrappers(Vec<crate::db::wrappers::WrapperRow>),
 }
 
 impl Rows {
@@ -138,6 +143,7 @@ impl Rows {
     pub fn extent(&self) -> (i64, Option<i64>) {
         match self {
             Rows::Hashes(r) => (r.len() as i64, r.last().map(|r| r.id)),
+            Rows::Wrappers(r) => (r.len() as i64, r.last().map(|r| r.id)),
         }
     }
 }
@@ -145,6 +151,7 @@ impl Rows {
 /// The new values of one batch, ready to be written.
 pub enum Computed {
     Hashes(hashes::Computed),
+    Wrappers(wrappers::Computed),
 }
 
 fn unsupported(scope: &str) -> JobError {
@@ -164,6 +171,9 @@ impl Prepared {
             "hashes" => Ok(Prepared::Hashes(
                 hashes::HashesJob::prepare(c, job, ctx).await?,
             )),
+            "wrappers" => Ok(Prepared::Wrappers(
+                wrappers::WrappersJob::prepare(c, job, ctx).await?,
+            )),
             other => Err(unsupported(other)),
         }
     }
@@ -176,6 +186,7 @@ impl Prepared {
     ) -> Result<(), JobError> {
         match job.scope.as_str() {
             "hashes" => hashes::HashesJob::check(c, job).await.map(|_| ()),
+            "wrappers" => wrappers::WrappersJob::check(c, job).await.map(|_| ()),
             other => Err(unsupported(other)),
         }
     }
@@ -183,6 +194,7 @@ impl Prepared {
     pub fn common(&self) -> &crate::selection::Common {
         match self {
             Prepared::Hashes(h) => h.common(),
+            Prepared::Wrappers(w) => w.common(),
         }
     }
 
@@ -195,6 +207,7 @@ impl Prepared {
     ) -> Result<i64, JobError> {
         match self {
             Prepared::Hashes(h) => h.count(c, after, cap).await,
+            Prepared::Wrappers(w) => w.count(c, after, cap).await,
         }
     }
 
@@ -207,6 +220,7 @@ impl Prepared {
     ) -> Result<Rows, JobError> {
         match self {
             Prepared::Hashes(h) => Ok(Rows::Hashes(h.fetch(c, after, n).await?)),
+            Prepared::Wrappers(w) => Ok(Rows::Wrappers(w.fetch(c, after, n).await?)),
         }
     }
 
@@ -216,6 +230,10 @@ impl Prepared {
             (Prepared::Hashes(h), Rows::Hashes(r)) => {
                 Ok(Computed::Hashes(h.compute_off_thread(r).await?))
             }
+            (Prepared::Wrappers(w), Rows::Wrappers(r)) => {
+                Ok(Computed::Wrappers(w.compute_off_thread(r).await?))
+            }
+            _ => unreachable!("rows come from the same scope"),
         }
     }
 
@@ -228,6 +246,8 @@ impl Prepared {
     ) -> Result<(BatchCounts, Vec<ItemFailure>), JobError> {
         match (self, computed) {
             (Prepared::Hashes(h), Computed::Hashes(c)) => h.write(tx, job_id, c).await,
+            (Prepared::Wrappers(w), Computed::Wrappers(c)) => w.write(tx, job_id, c).await,
+            _ => unreachable!("computed by the same scope"),
         }
     }
 
@@ -239,6 +259,7 @@ impl Prepared {
     ) -> Result<(), JobError> {
         match self {
             Prepared::Hashes(h) => h.on_done(tx, job_id).await,
+            Prepared::Wrappers(_) => Ok(()),
         }
     }
 }
