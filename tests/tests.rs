@@ -15,3 +15,4 @@ mod migrate;
 mod observe;
 mod onion;
 mod status;
+mod wrappers;

@@ -223,6 +223,16 @@ pub fn seal_legacy_aes(kek: &[u8; KEY_LEN], uuid: &str, dek: &[u8]) -> Vec<u8> {
     aead::seal(kek, dek, uuid.as_bytes())
 }
 
+/// [`seal_legacy_aes`] with an explicit nonce (test vectors).
+pub fn seal_legacy_aes_with(
+    kek: &[u8; KEY_LEN],
+    nonce: &[u8; NONCE_LEN],
+    uuid: &str,
+    dek: &[u8],
+) -> Vec<u8> {
+    aead::seal_with_nonce(kek, nonce, dek, uuid.as_bytes())
+}
+
 fn legacy_x25519_key(
     eph_pub: &[u8; 32],
     recipient_pub: &[u8; 32],

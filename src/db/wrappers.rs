@@ -356,6 +356,19 @@ pub async fn wrappers_update_batch(
     Ok(done)
 }
 
+/// Every wrapper after `after`, whatever its state (checks and tools).
+pub async fn wrappers_all(
+    c: &impl GenericClient,
+    after: i64,
+    n: i64,
+) -> Result<Vec<WrapperRow>, Error> {
+    let sql = format!(
+        "SELECT {ROW_COLUMNS} FROM key_wrappers w WHERE w.id > $1::bigint ORDER BY w.id LIMIT $2::bigint"
+    );
+    let rows = c.query(&sql, &[&after, &n]).await?;
+    with_layers(c, rows.iter().map(wrapper_from).collect()).await
+}
+
 /// Wrappers a job rewrote (their crypto_suite names it), after `after`.
 pub async fn wrappers_of_job(
     c: &impl GenericClient,

@@ -1,0 +1,577 @@
+//! The wrappers scope: formats pinned by committed vectors and checked
+//! against independent implementations (pyca/cryptography on OpenSSL, the
+//! X-Wing draft's vectors and RustCrypto's x-wing), tampering, layer
+//! selection, and jobs end to end against the real database and daemons.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use serde_json::{Value, json};
+
+use pqmig::crypto::kem::{self, Kem, KemKeyPair};
+use pqmig::crypto::wrap::{self, WrapError};
+use pqmig::db::wrappers::WrapperRow;
+use pqmig::sample::{SampleKeys, WrapperSeed};
+use pqmig::scope::wrappers::{LayerSelection, SourceKeys, choose_layers};
+
+use crate::engine::InProcess;
+use crate::hashes_fixture::{Fixture, terminal};
+
+const VECTORS: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/vectors/wrap_vectors.json"
+);
+const CHECKER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/vectors/wrap_check.py");
+const XWING_DRAFT: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/vectors/xwing_draft.json"
+);
+
+fn b64(b: &[u8]) -> String {
+    STANDARD.encode(b)
+}
+
+fn unb64(v: &Value) -> Vec<u8> {
+    STANDARD
+        .decode(v.as_str().expect("base64 string"))
+        .expect("base64")
+}
+
+fn unhex(s: &str) -> Vec<u8> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex"))
+        .collect()
+}
+
+/// pyca/cryptography in the CI venv (made by .ci/setup).
+fn python(args: &[&str], stdin: &str) -> String {
+    let py = concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/python");
+    let mut child = Command::new(py)
+        .arg(CHECKER)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run .venv/bin/python (bash .ci/setup makes it)");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(stdin.as_bytes())
+        .expect("write stdin");
+    let out = child.wait_with_output().expect("python");
+    assert!(
+        out.status.success(),
+        "wrap_check.py {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8")
+}
+
+/// Deterministic bytes for the vectors.
+fn fill(tag: u8, n: usize) -> Vec<u8> {
+    (0..n)
+        .map(|i| tag.wrapping_mul(31).wrapping_add(i as u8))
+        .collect()
+}
+
+/// The committed vectors, computed from fixed seeds, randomness and nonces.
+fn vectors() -> Value {
+    let uuid = "3f1c2b9a-7d4e-4c1b-9a8f-0e2d4c6b8a10";
+    let dek = fill(1, 32);
+    let kek = fill(2, 32);
+    let nonce: [u8; 12] = fill(3, 12).try_into().unwrap();
+    let aes = wrap::seal_legacy_aes_with(&kek.clone().try_into().unwrap(), &nonce, uuid, &dek);
+    let recipient: [u8; 32] = fill(4, 32).try_into().unwrap();
+    let eph: [u8; 32] = fill(5, 32).try_into().unwrap();
+    let x =
+        wrap::seal_legacy_x25519_with(&wrap::x25519_public(&recipient), uuid, &dek, &eph, &nonce);
+
+    let mut v1 = Vec::new();
+    for (tag, algs) in [
+        (10u8, vec![Kem::MlKem768]),
+        (20, vec![Kem::MlKem768, Kem::MlKem1024]),
+    ] {
+        let seeds: Vec<Vec<u8>> = (0..algs.len()).map(|j| fill(tag + j as u8, 64)).collect();
+        let pairs: Vec<KemKeyPair> = algs
+            .iter()
+            .zip(&seeds)
+            .map(|(k, s)| KemKeyPair::from_seed(*k, s).unwrap())
+            .collect();
+        let randomness: Vec<Vec<u8>> = (0..algs.len())
+            .map(|j| fill(tag + 5 + j as u8, 32))
+            .collect();
+        let aad_obj = json!({"wrapper_uuid": uuid, "wrap_version": "2", "tenant": "ünïcode"});
+        let aad = wrap::canonical_json(&aad_obj);
+        let layers: Vec<(Kem, &[u8])> = pairs.iter().map(|p| (p.kem(), p.public_key())).collect();
+        let r: Vec<&[u8]> = randomness.iter().map(Vec::as_slice).collect();
+        let s = wrap::seal_v1_with(uuid, &aad, &dek, &layers, &r, &nonce).unwrap();
+        v1.push(json!({
+            "uuid": uuid, "dek": b64(&dek), "aad": aad_obj,
+            "aad_bytes": String::from_utf8(aad).unwrap(),
+            "kc": b64(&s.commitment), "wrap": b64(&s.wrap),
+            "layers": algs.iter().zip(&seeds).zip(&pairs).zip(&randomness).zip(&s.ciphertexts)
+                .map(|((((k, seed), p), r), ct)| json!({
+                    "alg": k.alias(), "seed": b64(seed), "public_key": b64(p.public_key()),
+                    "randomness": b64(r), "ct": b64(ct)}))
+                .collect::<Vec<_>>(),
+        }));
+    }
+    json!({
+        "legacy_aes_gcm": [{"uuid": uuid, "kek": b64(&kek), "nonce": b64(&nonce), "dek": b64(&dek), "wrap": b64(&aes)}],
+        "legacy_x25519": [{"uuid": uuid, "recipient_secret": b64(&recipient), "eph_secret": b64(&eph),
+                           "nonce": b64(&nonce), "dek": b64(&dek), "wrap": b64(&x)}],
+        "pqmig_wrap_v1": v1,
+    })
+}
+
+#[test]
+fn formats_match_the_committed_vectors_and_pyca_rederives_them() {
+    let now = vectors();
+    if std::env::var_os("PQMIG_WRITE_VECTORS").is_some() {
+        std::fs::write(VECTORS, serde_json::to_string_pretty(&now).unwrap() + "\n").unwrap();
+    }
+    let committed: Value =
+        serde_json::from_str(&std::fs::read_to_string(VECTORS).expect("committed vectors"))
+            .unwrap();
+    assert_eq!(now, committed, "the formats changed: SPEC §5 pins them");
+    let out = python(&["check-vectors", VECTORS], "");
+    assert_eq!(out.trim(), "ok 4 vectors");
+    // and pqmig opens every one of them
+    let dek = unb64(&committed["legacy_aes_gcm"][0]["dek"]);
+    let v = &committed["legacy_aes_gcm"][0];
+    let kek: [u8; 32] = unb64(&v["kek"]).try_into().unwrap();
+    let uuid = v["uuid"].as_str().unwrap();
+    assert_eq!(
+        &wrap::open_legacy_aes(&kek, uuid, &unb64(&v["wrap"])).unwrap()[..],
+        &dek[..]
+    );
+    let v = &committed["legacy_x25519"][0];
+    let sk: [u8; 32] = unb64(&v["recipient_secret"]).try_into().unwrap();
+    assert_eq!(
+        &wrap::open_legacy_x25519(&sk, uuid, &unb64(&v["wrap"])).unwrap()[..],
+        &dek[..]
+    );
+}
+
+#[test]
+fn xwing_matches_the_draft_vectors_and_rustcrypto() {
+    let doc: Vec<Value> =
+        serde_json::from_str(&std::fs::read_to_string(XWING_DRAFT).unwrap()).unwrap();
+    assert!(doc.len() >= 3);
+    for v in &doc {
+        let h = |k: &str| unhex(v[k].as_str().unwrap());
+        let pair = KemKeyPair::from_seed(Kem::XWing, &h("sk")).unwrap();
+        assert_eq!(pair.public_key(), &h("pk")[..]);
+        let (ct, ss) = kem::encapsulate_with(Kem::XWing, &h("pk"), &h("eseed")).unwrap();
+        assert_eq!(ct, h("ct"));
+        assert_eq!(&ss[..], &h("ss")[..]);
+        assert_eq!(&pair.decapsulate(&h("ct")).unwrap()[..], &h("ss")[..]);
+    }
+    // Fresh keys and randomness: ours and RustCrypto's agree both ways.
+    use x_wing::{Decapsulate, Decapsulator, KeyExport};
+    for i in 0..8u8 {
+        let seed: [u8; 32] = fill(40 + i, 32).try_into().unwrap();
+        let ours = KemKeyPair::from_seed(Kem::XWing, &seed).unwrap();
+        let theirs = x_wing::DecapsulationKey::from(seed);
+        assert_eq!(
+            ours.public_key(),
+            &theirs.encapsulation_key().to_bytes()[..]
+        );
+        let r: [u8; 64] = fill(60 + i, 64).try_into().unwrap();
+        let (ct, ss) = kem::encapsulate_with(Kem::XWing, ours.public_key(), &r).unwrap();
+        let (ct2, ss2) = theirs
+            .encapsulation_key()
+            .encapsulate_deterministic(&r.into());
+        assert_eq!(ct, &ct2[..]);
+        assert_eq!(&ss[..], &ss2[..]);
+        assert_eq!(
+            &theirs.decapsulate(&ct2)[..],
+            &ours.decapsulate(&ct).unwrap()[..]
+        );
+    }
+}
+
+/// One v1 wrap with two layers, and everything needed to open it.
+struct Sealed {
+    pairs: Vec<KemKeyPair>,
+    s: wrap::SealedV1,
+    aad: Vec<u8>,
+    uuid: &'static str,
+}
+
+fn seal_two(tag: u8, uuid: &'static str) -> Sealed {
+    let pairs: Vec<KemKeyPair> = [Kem::MlKem768, Kem::XWing]
+        .iter()
+        .enumerate()
+        .map(|(j, k)| KemKeyPair::from_seed(*k, &fill(tag + j as u8, k.seed_len())).unwrap())
+        .collect();
+    let aad = wrap::canonical_json(&json!({"wrapper_uuid": uuid, "wrap_version": "2"}));
+    let layers: Vec<(Kem, &[u8])> = pairs.iter().map(|p| (p.kem(), p.public_key())).collect();
+    let s = wrap::seal_v1(uuid, &aad, &[7u8; 32], &layers).unwrap();
+    Sealed {
+        pairs,
+        s,
+        aad,
+        uuid,
+    }
+}
+
+impl Sealed {
+    fn open(&self, cts: &[&[u8]], aad: &[u8], kc: &[u8], w: &[u8]) -> Result<Vec<u8>, WrapError> {
+        let layers: Vec<(&KemKeyPair, &[u8])> =
+            self.pairs.iter().zip(cts.iter().copied()).collect();
+        wrap::open_v1(self.uuid, aad, &layers, kc, w).map(|d| d.to_vec())
+    }
+}
+
+#[test]
+fn tampered_wraps_never_open() {
+    let a = seal_two(1, "00000000-0000-4000-8000-000000000001");
+    let b = seal_two(1, "00000000-0000-4000-8000-000000000002");
+    let (ct0, ct1) = (&a.s.ciphertexts[0][..], &a.s.ciphertexts[1][..]);
+    assert_eq!(
+        a.open(&[ct0, ct1], &a.aad, &a.s.commitment, &a.s.wrap)
+            .unwrap(),
+        [7u8; 32]
+    );
+    // wrong AAD
+    let other = wrap::canonical_json(&json!({"wrapper_uuid": a.uuid, "wrap_version": "3"}));
+    assert_eq!(
+        a.open(&[ct0, ct1], &other, &a.s.commitment, &a.s.wrap),
+        Err(WrapError::Commitment)
+    );
+    // a layer swapped in from another wrapper (same keys)
+    let foreign = &b.s.ciphertexts[1][..];
+    assert_eq!(
+        a.open(&[ct0, foreign], &a.aad, &a.s.commitment, &a.s.wrap),
+        Err(WrapError::Commitment)
+    );
+    // layers in the other order (each key gets the other's ciphertext)
+    assert!(
+        a.open(&[ct1, ct0], &a.aad, &a.s.commitment, &a.s.wrap)
+            .is_err()
+    );
+    // a truncated KEM ciphertext
+    assert!(matches!(
+        a.open(
+            &[&ct0[..ct0.len() - 1], ct1],
+            &a.aad,
+            &a.s.commitment,
+            &a.s.wrap
+        ),
+        Err(WrapError::Format(_))
+    ));
+    // a truncated or altered wrap
+    let w = &a.s.wrap;
+    assert_eq!(
+        a.open(&[ct0, ct1], &a.aad, &a.s.commitment, &w[..w.len() - 1]),
+        Err(WrapError::Auth)
+    );
+    let mut flipped = w.clone();
+    flipped[20] ^= 0x80;
+    assert_eq!(
+        a.open(&[ct0, ct1], &a.aad, &a.s.commitment, &flipped),
+        Err(WrapError::Auth)
+    );
+    // a flipped commitment bit
+    let mut kc = a.s.commitment;
+    kc[31] ^= 1;
+    assert_eq!(
+        a.open(&[ct0, ct1], &a.aad, &kc, &a.s.wrap),
+        Err(WrapError::Commitment)
+    );
+    // a layer removed
+    let one = [(&a.pairs[0], ct0)];
+    assert_eq!(
+        wrap::open_v1(a.uuid, &a.aad, &one, &a.s.commitment, &a.s.wrap).map(|d| d.to_vec()),
+        Err(WrapError::Commitment)
+    );
+    // the other wrapper's commitment and wrap with these layers
+    assert!(
+        a.open(&[ct0, ct1], &a.aad, &b.s.commitment, &b.s.wrap)
+            .is_err()
+    );
+}
+
+#[test]
+fn layer_selection_modes_and_edges() {
+    let mut rng = rand::rng();
+    let w = [1, 1, 1, 1];
+    let uuid = "00000000-0000-4000-8000-00000000000a";
+    // defined: the first min(max_layers, count), in preference order
+    assert_eq!(
+        choose_layers(LayerSelection::Defined, &w, 1, 3, 7, uuid, &mut rng),
+        vec![0, 1, 2]
+    );
+    assert_eq!(
+        choose_layers(LayerSelection::Defined, &w, 2, 9, 7, uuid, &mut rng),
+        vec![0, 1, 2, 3]
+    );
+    assert_eq!(
+        choose_layers(LayerSelection::Defined, &w[..1], 1, 1, 7, uuid, &mut rng),
+        vec![0]
+    );
+    // round_robin: min_layers from wrapper_id mod count, wrapping around
+    assert_eq!(
+        choose_layers(LayerSelection::RoundRobin, &w, 2, 3, 7, uuid, &mut rng),
+        vec![3, 0]
+    );
+    assert_eq!(
+        choose_layers(LayerSelection::RoundRobin, &w, 1, 3, 8, uuid, &mut rng),
+        vec![0]
+    );
+    assert_eq!(
+        choose_layers(LayerSelection::RoundRobin, &w, 4, 4, 5, uuid, &mut rng),
+        vec![1, 2, 3, 0]
+    );
+    // hash_mod: the offset is SHA-256(uuid)[0..8] mod count, not the id
+    use sha2::Digest;
+    let h = sha2::Sha256::digest(uuid.as_bytes());
+    let off = (u64::from_be_bytes(h[..8].try_into().unwrap()) % 4) as usize;
+    for id in [1, 2, 3] {
+        assert_eq!(
+            choose_layers(LayerSelection::HashMod, &w, 2, 3, id, uuid, &mut rng),
+            vec![off, (off + 1) % 4]
+        );
+    }
+    // random: min_layers distinct keys, by weight; weight 0 is never drawn
+    let weights = [1, 0, 3, 1];
+    let mut seen = [0usize; 4];
+    for _ in 0..2000 {
+        let pick = choose_layers(LayerSelection::Random, &weights, 2, 3, 1, uuid, &mut rng);
+        assert_eq!(pick.len(), 2);
+        assert_ne!(pick[0], pick[1]);
+        for i in pick {
+            seen[i] += 1;
+        }
+    }
+    assert_eq!(seen[1], 0, "{seen:?}");
+    // key 2 (weight 3) is drawn first far more often than keys 0 and 3
+    assert!(seen[2] > seen[0] && seen[2] > seen[3], "{seen:?}");
+    let one = choose_layers(LayerSelection::Random, &weights, 3, 3, 1, uuid, &mut rng);
+    let mut sorted = one.clone();
+    sorted.sort();
+    assert_eq!(sorted, vec![0, 2, 3]);
+}
+
+/// A database with legacy wrappers, their keys in the fixture's keyring,
+/// and a PQ policy.
+pub struct WrapFx {
+    pub fx: Fixture,
+    pub seed: WrapperSeed,
+    /// The same keys as the keyring file (for the independent checks).
+    pub keys: SampleKeys,
+}
+
+impl WrapFx {
+    pub async fn new(n: usize, kem: Kem, layers: usize) -> WrapFx {
+        let fx = Fixture::new(0).await;
+        let mut keys = SampleKeys::default();
+        let seed = pqmig::sample::seed_wrappers(
+            &fx.db.client().await,
+            &mut keys,
+            "",
+            n,
+            kem,
+            layers,
+            "pq-policy",
+        )
+        .await
+        .expect("seed wrappers");
+        std::fs::remove_file(&fx.keyring).expect("replace keyring");
+        keys.write(&fx.keyring).expect("keyring");
+        WrapFx { fx, seed, keys }
+    }
+
+    pub async fn enqueue(&self, policy_id: i64, selection: Value) -> i64 {
+        self.fx
+            .db
+            .client()
+            .await
+            .query_one(
+                "INSERT INTO pq_migration_jobs (scope, target_policy_id, selection) VALUES ('wrappers', $1, $2) RETURNING id",
+                &[&policy_id, &selection],
+            )
+            .await
+            .expect("enqueue")
+            .get(0)
+    }
+
+    /// Every wrapper's DEK, opened through pqmig's reader.
+    pub async fn open_all(&self) -> HashMap<i64, Result<Vec<u8>, String>> {
+        let c = self.fx.db.client().await;
+        let keyring =
+            std::sync::Arc::new(pqmig::keys::LocalKeyring::load(&self.fx.keyring).unwrap());
+        let keys = SourceKeys::new(keyring);
+        let mut out = HashMap::new();
+        let mut after = i64::MIN;
+        loop {
+            let rows = pqmig::db::wrappers::wrappers_all(&c, after, 1000)
+                .await
+                .unwrap();
+            let Some(last) = rows.last() else { break };
+            after = last.id;
+            let refs: Vec<&WrapperRow> = rows.iter().collect();
+            keys.resolve(&c, &refs).await.unwrap();
+            for r in &rows {
+                out.insert(
+                    r.id,
+                    keys.recover(r)
+                        .map(|d| d.to_vec())
+                        .map_err(|(c, m)| format!("{c}: {m}")),
+                );
+            }
+        }
+        out
+    }
+
+    pub async fn assert_every_dek_intact(&self) {
+        let now = self.open_all().await;
+        assert_eq!(now.len(), self.seed.deks.len());
+        for (id, dek) in &self.seed.deks {
+            assert_eq!(now[id].as_deref(), Ok(&dek[..]), "wrapper {id}");
+        }
+    }
+
+    pub async fn scalar(&self, sql: &str) -> i64 {
+        self.fx
+            .db
+            .client()
+            .await
+            .query_one(sql, &[])
+            .await
+            .expect(sql)
+            .get(0)
+    }
+
+    /// Rows as stored, for byte comparisons.
+    pub async fn snapshot(&self) -> Vec<String> {
+        let c = self.fx.db.client().await;
+        let rows = c
+            .query(
+                "SELECT (SELECT to_jsonb(w) FROM key_wrappers w WHERE w.id = x.id)::text || \
+                        COALESCE((SELECT jsonb_agg(to_jsonb(l) ORDER BY layer_no)::text FROM key_wrapper_layers l WHERE l.key_wrapper_id = x.id), '') \
+                 FROM key_wrappers x ORDER BY x.id",
+                &[],
+            )
+            .await
+            .unwrap();
+        rows.iter().map(|r| r.get(0)).collect()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrappers_job_rewraps_both_formats_once_and_pyca_opens_the_result() {
+    let w = WrapFx::new(240, Kem::MlKem768, 2).await;
+    let daemon = InProcess::start(&w.fx, &[]).await;
+    let id = w.enqueue(w.seed.policy_id, json!({"batch_size": 50})).await;
+    let j = w.fx.wait_job(id, 60, terminal).await;
+    assert_eq!(j.status, "done", "{j:?}");
+    assert_eq!((j.processed, j.failed, j.total), (240, 0, Some(240)));
+    assert_eq!(j.result.as_ref().unwrap()["migrated"], 240);
+    w.assert_every_dek_intact().await;
+    assert_eq!(w.scalar("SELECT count(*) FROM key_wrappers WHERE crypto_suite->>'format' = 'pqmig-wrap-v1' AND wrap_version = 2 AND dek_wrap2 = ''::bytea AND (crypto_suite->>'layers')::int = 2").await, 240);
+    assert_eq!(
+        w.scalar("SELECT count(*) FROM key_wrapper_layers").await,
+        480
+    );
+    assert_eq!(
+        w.scalar(&format!(
+            "SELECT count(*) FROM pq_migration_backups WHERE job_id = {id}"
+        ))
+        .await,
+        240
+    );
+
+    // pyca opens a sample of what pqmig wrote, from the rows as stored.
+    let c = w.fx.db.client().await;
+    let seeds: HashMap<i64, String> = c
+        .query("SELECT k.id, k.external_key_ref FROM kms_keys k", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let secret = |kid: i64| {
+        let r = &seeds[&kid];
+        let k = w.keys.0.iter().find(|k| &k.key_ref == r).unwrap();
+        (k.algorithm, b64(&k.secret))
+    };
+    let mut items = Vec::new();
+    for (wid, dek) in w.seed.deks.iter().step_by(20) {
+        let r = c
+            .query_one("SELECT wrapper_uuid::text, dek_wrap1, crypto_suite FROM key_wrappers WHERE id = $1", &[wid])
+            .await
+            .unwrap();
+        let layers = c
+            .query("SELECT kms_key_id, kem_ciphertext, aad FROM key_wrapper_layers WHERE key_wrapper_id = $1 ORDER BY layer_no", &[wid])
+            .await
+            .unwrap();
+        let suite: Value = r.get(2);
+        let aad: Value = layers[0].get(2);
+        items.push(json!({
+            "uuid": r.get::<_, String>(0), "wrap": b64(&r.get::<_, Vec<u8>>(1)), "kc": suite["kc"],
+            "aad": aad, "dek": b64(dek),
+            "layers": layers.iter().map(|l| {
+                let (alg, seed) = secret(l.get(0));
+                json!({"alg": alg, "seed": seed, "ct": b64(&l.get::<_, Vec<u8>>(1))})
+            }).collect::<Vec<_>>(),
+        }));
+    }
+    let out = python(&["open-v1"], &serde_json::to_string(&items).unwrap());
+    assert_eq!(out.trim(), format!("ok {} wrappers", items.len()));
+
+    // Re-running: nothing is wrapped twice, no version moves.
+    let before = w.snapshot().await;
+    let again = w.enqueue(w.seed.policy_id, json!({})).await;
+    let j = w.fx.wait_job(again, 60, terminal).await;
+    assert_eq!(j.status, "done", "{j:?}");
+    assert_eq!(j.result.as_ref().unwrap()["skipped"], 240);
+    assert_eq!(j.result.as_ref().unwrap()["migrated"], 0);
+    assert_eq!(w.snapshot().await, before);
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pqmig_opens_legacy_wraps_pyca_made() {
+    let w = WrapFx::new(0, Kem::MlKem768, 1).await;
+    let key = |r: &str| {
+        w.keys
+            .0
+            .iter()
+            .find(|k| k.key_ref == r)
+            .unwrap()
+            .secret
+            .clone()
+    };
+    let (aes, x) = (key("local:kek-a"), key("local:ecies"));
+    let uuids: Vec<String> = (0..20).map(|_| uuid::Uuid::new_v4().to_string()).collect();
+    let deks: Vec<Vec<u8>> = (0..20).map(|i| fill(100 + i as u8, 32)).collect();
+    let req = json!({"aes_key": b64(&aes), "x25519_secret": b64(&x), "uuids": uuids,
+                     "deks": deks.iter().map(|d| b64(d)).collect::<Vec<_>>()});
+    let made: Vec<Value> =
+        serde_json::from_str(&python(&["make-legacy"], &req.to_string())).unwrap();
+    let aes: [u8; 32] = aes[..].try_into().unwrap();
+    let x: [u8; 32] = x[..].try_into().unwrap();
+    for (m, dek) in made.iter().zip(&deks) {
+        let uuid = m["uuid"].as_str().unwrap();
+        assert_eq!(
+            &wrap::open_legacy_aes(&aes, uuid, &unb64(&m["aes"])).unwrap()[..],
+            &dek[..]
+        );
+        assert_eq!(
+            &wrap::open_legacy_x25519(&x, uuid, &unb64(&m["x25519"])).unwrap()[..],
+            &dek[..]
+        );
+        // bound to the uuid
+        assert!(
+            wrap::open_legacy_aes(&aes, &uuids[0].replace('-', "_"), &unb64(&m["aes"])).is_err()
+        );
+    }
+}
