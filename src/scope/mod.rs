@@ -126,7 +126,9 @@ pub struct ItemFailure {
     pub message: String,
 }
 
-/// A validated job of some scope.
+/// A validated job of some scope. One per running job, so the size
+/// difference between variants does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Prepared {
     Hashes(hashes::HashesJob),
     Wrappers(wrappers::WrappersJob),
@@ -148,7 +150,9 @@ impl Rows {
     }
 }
 
-/// The new values of one batch, ready to be written.
+/// The new values of one batch, ready to be written (one per batch in
+/// flight).
+#[allow(clippy::large_enum_variant)]
 pub enum Computed {
     Hashes(hashes::Computed),
     Wrappers(wrappers::Computed),
