@@ -270,7 +270,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Demo(a) => {
             crate::demo::run(&config, &crate::demo::DemoOptions { keep: a.keep }).await
         }
-        Command::Bench(_) => Err(not_yet("bench")),
+        Command::Bench(a) => crate::bench::run(&config, &a).await,
     }
 }
 

@@ -20,6 +20,7 @@
 //! - [`db`]: connections, the pool, schema migrations; all SQL lives here.
 
 pub mod aftercare;
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod crypto;
