@@ -942,3 +942,186 @@ async fn two_daemons_migrate_ten_thousand_wrappers_with_every_dek_intact() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_generate_adds_keys_atomically_and_registers_them() {
+    use std::os::unix::fs::PermissionsExt;
+    let db = crate::common::TestDb::migrated().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keyring.json");
+    let env = [
+        ("DATABASE_URL", db.url.as_str()),
+        ("PQMIG_KEYRING", path.to_str().unwrap()),
+    ];
+    let out = crate::common::run(
+        &[
+            "keys",
+            "generate",
+            "--algorithm",
+            "ml-kem-768",
+            "--ref",
+            "local:pq-a",
+            "--register",
+        ],
+        &env,
+    );
+    assert!(out.status.success(), "{}", crate::common::stderr(&out));
+    let text = crate::common::stdout(&out);
+    assert!(
+        text.contains("local:pq-a (ML-KEM-768): public key 1184 bytes"),
+        "{text}"
+    );
+    assert!(text.contains("registered as kms_keys id"), "{text}");
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let out = crate::common::run(
+        &[
+            "keys",
+            "generate",
+            "--algorithm",
+            "AES-256-GCM",
+            "--ref",
+            "local:kek",
+        ],
+        &env,
+    );
+    assert!(out.status.success(), "{}", crate::common::stderr(&out));
+    let before = std::fs::read(&path).unwrap();
+    // refused: a duplicate reference, an unknown algorithm, --register of a pepper
+    for (args, want) in [
+        (
+            vec!["--algorithm", "X-Wing", "--ref", "local:pq-a"],
+            "already holds \"local:pq-a\"",
+        ),
+        (
+            vec!["--algorithm", "RSA-2048", "--ref", "local:r"],
+            "unknown algorithm \"RSA-2048\"",
+        ),
+        (
+            vec![
+                "--algorithm",
+                "HMAC-SHA3-256",
+                "--ref",
+                "local:p",
+                "--register",
+            ],
+            "--register is for wrapping keys",
+        ),
+    ] {
+        let mut a = vec!["keys", "generate"];
+        a.extend(args);
+        let out = crate::common::run(&a, &env);
+        assert_eq!(out.status.code(), Some(2), "{a:?}");
+        assert!(
+            crate::common::stderr(&out).contains(want),
+            "{}",
+            crate::common::stderr(&out)
+        );
+    }
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        before,
+        "a refused run leaves the keyring as it was"
+    );
+    let ring = pqmig::keys::LocalKeyring::load(&path).unwrap();
+    let refs: Vec<&str> = ring.entries().map(|(r, _)| r).collect();
+    assert_eq!(refs, vec!["local:kek", "local:pq-a"]);
+    // the secret never reaches stdout or stderr
+    for (_, s) in ring.entries() {
+        assert!(!text.contains(&b64(&s.bytes)));
+    }
+    let c = db.client().await;
+    let row = c
+        .query_one("SELECT k.algorithm, k.purpose, p.provider FROM kms_keys k JOIN kms_providers p ON p.id = k.provider_id WHERE k.external_key_ref = 'local:pq-a'", &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            row.get::<_, String>(0),
+            row.get::<_, String>(1),
+            row.get::<_, String>(2)
+        ),
+        ("ML-KEM-768".into(), "wrap".into(), "local".into())
+    );
+}
+
+/// The application rotates one wrapper and deletes another between the
+/// batch's read and its write: the rotation is not lost (the wrapper is
+/// re-read under lock and wrapped from its new DEK), the deleted one is
+/// no longer an item.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_concurrent_rotation_by_the_application_is_not_lost() {
+    use pqmig::scope::{Prepared, ScopeContext};
+    let w = WrapFx::new(10, Kem::MlKem768, 1).await;
+    let c = w.fx.db.client().await;
+    let id = w.enqueue(w.seed.policy_id, json!({})).await;
+    let job = pqmig::db::jobs::job_claim(&c, 1, "w")
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(job.lease.job_id, id);
+    let ctx = ScopeContext {
+        keyring: Some(w.fx.keyring.clone()),
+    };
+    let prepared = Prepared::prepare(&c, &job, &ctx).await.expect("prepare");
+    let rows = prepared.fetch(&c, i64::MIN, 10).await.expect("fetch");
+    let computed = prepared.compute(rows).await.expect("compute");
+
+    // meanwhile: the app re-wraps wrapper 0 (legacy AES) with a new DEK
+    // and deletes wrapper 2
+    let (w0, w2) = (w.seed.deks[0].0, w.seed.deks[2].0);
+    let kek: [u8; 32] = w
+        .keys
+        .0
+        .iter()
+        .find(|k| k.key_ref == "local:kek-a")
+        .unwrap()
+        .secret[..]
+        .try_into()
+        .unwrap();
+    let uuid: String = c
+        .query_one(
+            "SELECT wrapper_uuid::text FROM key_wrappers WHERE id = $1",
+            &[&w0],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let new_dek = [0x42u8; 32];
+    let rewrapped = wrap::seal_legacy_aes(&kek, &uuid, &new_dek);
+    c.execute("UPDATE key_wrappers SET dek_wrap1 = $2, dek_wrap2 = NULL, kms2_key_id = NULL WHERE id = $1", &[&w0, &rewrapped]).await.unwrap();
+    c.execute("DELETE FROM key_wrappers WHERE id = $1", &[&w2])
+        .await
+        .unwrap();
+
+    let mut conn = w.fx.db.client().await;
+    let tx = conn.transaction().await.unwrap();
+    let (counts, failures) = prepared.write(&tx, id, computed).await.expect("write");
+    tx.commit().await.unwrap();
+    assert!(failures.is_empty(), "{failures:?}");
+    assert_eq!((counts.migrated, counts.skipped), (9, 1));
+    let now = w.open_all().await;
+    assert_eq!(now.len(), 9);
+    assert_eq!(
+        now[&w0].as_deref(),
+        Ok(&new_dek[..]),
+        "the app's rotation survives"
+    );
+    for (wid, dek) in &w.seed.deks[1..] {
+        if *wid != w2 {
+            assert_eq!(now[wid].as_deref(), Ok(&dek[..]));
+        }
+    }
+    // the backup holds the app's version, the one actually replaced
+    let backup: Vec<u8> = c
+        .query_one(
+            "SELECT r.dek_wrap1 FROM pq_migration_backups b, jsonb_populate_record(NULL::key_wrappers, b.data->'row') r WHERE b.item_id = $1::bigint::text",
+            &[&w0],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(backup, rewrapped);
+}
