@@ -86,43 +86,59 @@ async fn run_in(
     let mut keys = SampleKeys::default();
     let n = a.items as usize;
     let t = Instant::now();
-    let job = match a.scope.as_str() {
+    // Twice the items: the first half for the baselines, the second for
+    // the job, so all three see the same table and the same data.
+    let (mut job, first_half_last) = match a.scope.as_str() {
         "wrappers" => {
             let seed =
-                crate::sample::seed_wrappers(&client, &mut keys, "", n, kem, layers, "bench")
+                crate::sample::seed_wrappers(&client, &mut keys, "", 2 * n, kem, layers, "bench")
                     .await?;
             // `defined` takes min(max_layers, keys): exactly `layers`.
-            db::jobs::NewJob {
+            let job = db::jobs::NewJob {
                 scope: "wrappers".into(),
                 target_policy_id: Some(seed.policy_id),
                 ..Default::default()
-            }
+            };
+            (job, seed.deks[n - 1].0)
         }
         _ => {
             keys.generate("local:pepper-v2", "HMAC-SHA3-256", 32);
-            dbd::hashes_seed(&client, n as i64, "local:pepper-v2").await?;
+            dbd::hashes_seed(&client, 2 * n as i64, "local:pepper-v2").await?;
             let algo = db::algorithms::algorithm_by_alias(&client, "HMAC-SHA3-256")
                 .await?
                 .ok_or_else(|| anyhow::anyhow!("alias HMAC-SHA3-256 missing"))?;
-            db::jobs::NewJob {
+            let job = db::jobs::NewJob {
                 scope: "hashes".into(),
                 target_algo_id: Some(algo),
                 selection: Some(serde_json::json!({"table": "users", "column": "email_hash"})),
                 ..Default::default()
-            }
+            };
+            (job, n as i64)
         }
     };
     keys.write(&keyring)?;
     cfg.keyring = Some(keyring);
     client.batch_execute("ANALYZE").await?;
     eprintln!(
-        "seeded {n} {} items in {:.1} s",
+        "seeded {} {} items in {:.1} s",
+        2 * n,
         a.scope,
         t.elapsed().as_secs_f64()
     );
 
+    let base = baselines(&cfg, &mut client, &job, first_half_last).await?;
+    let mut sel = job
+        .selection
+        .take()
+        .unwrap_or_else(|| serde_json::json!({}));
+    sel["id_from"] = serde_json::json!(first_half_last + 1);
+    job.selection = Some(sel);
+
     let services = crate::daemon::Services::from_config(&cfg).await?;
     let token = CancellationToken::new();
+    // Start the peak-RSS count afresh: the job's, not seeding's (Linux
+    // resets VmHWM when 5 is written to clear_refs).
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
     let rss_before = peak_rss_kib();
     let started = Instant::now();
     let id = db::jobs::job_insert(&client, &job).await?;
@@ -145,9 +161,30 @@ async fn run_in(
         "wrappers" => format!("wrappers, {layers} {} layer(s)", kem.alias()),
         _ => "hashes, HMAC-SHA3-256".into(),
     };
+    let rate = processed as f64 / secs;
+    let ceiling = 1.0 / (1.0 / base.crypto + 1.0 / base.db);
+    let sizes = dbd::job_batch_sizes(&client, id).await?;
+    println!("{what}, {processed} items:");
+    println!("  pqmig job          {rate:>9.0} items/s  ({secs:.2} s, {status})");
     println!(
-        "{what}: {processed} items in {secs:.2} s = {:.0} items/s ({status}); peak RSS {} MiB (before the job {} MiB)",
-        processed as f64 / secs,
+        "  crypto only        {:>9.0} items/s  (same computation, no database)",
+        base.crypto
+    );
+    println!(
+        "  database only      {:>9.0} items/s  (same reads and writes, precomputed, batches of {BASELINE_BATCH})",
+        base.db
+    );
+    println!(
+        "  combined ceiling   {ceiling:>9.0} items/s  (1 / (1/crypto + 1/database), both on the same cores)"
+    );
+    println!(
+        "  ratio              {:>9.2}  of the combined ceiling; {:.2} of database only",
+        rate / ceiling,
+        rate / base.db
+    );
+    println!("  batch sizes        {sizes:?}");
+    println!(
+        "  peak RSS           {:>9} MiB  (before the job {} MiB)",
         peak_rss_kib().unwrap_or(0) / 1024,
         rss_before.unwrap_or(0) / 1024
     );
@@ -155,4 +192,130 @@ async fn run_in(
         anyhow::bail!("the bench job ended {status}");
     }
     Ok(())
+}
+
+/// Batch size of the baselines.
+const BASELINE_BATCH: i64 = 1000;
+/// Items the baselines measure at most.
+const BASELINE_ITEMS: i64 = 20_000;
+
+struct Baselines {
+    /// Items/s of the computation alone, on all cores.
+    crypto: f64,
+    /// Items/s of the reads and writes alone, with precomputed values.
+    db: f64,
+}
+
+/// Measure the two halves of a job separately on the items up to `last`:
+/// the computation with no database, then the same fetches and writes
+/// (one transaction per batch, with a progress update) with the values
+/// computed beforehand.
+async fn baselines(
+    cfg: &Config,
+    client: &mut tokio_postgres::Client,
+    job: &db::jobs::NewJob,
+    last: i64,
+) -> anyhow::Result<Baselines> {
+    let mut probe_job = db::jobs::NewJob {
+        scope: job.scope.clone(),
+        target_policy_id: job.target_policy_id,
+        target_algo_id: job.target_algo_id,
+        selection: job.selection.clone(),
+        ..Default::default()
+    };
+    let mut sel = probe_job
+        .selection
+        .take()
+        .unwrap_or_else(|| serde_json::json!({}));
+    sel["id_to"] = serde_json::json!(last);
+    // Rates need no more than this, and memory stays bounded.
+    sel["limit"] = serde_json::json!(BASELINE_ITEMS);
+    probe_job.selection = Some(sel);
+    let id = db::jobs::job_insert(&*client, &probe_job).await?;
+    let claimed = db::jobs::job_claim(&*client, 1, "bench-baseline")
+        .await?
+        .into_iter()
+        .find(|j| j.lease.job_id == id)
+        .ok_or_else(|| anyhow::anyhow!("could not claim the baseline job"))?;
+    let ctx = crate::scope::ScopeContext {
+        keyring: cfg.keyring.clone(),
+    };
+    let prepared = crate::scope::Prepared::prepare(&*client, &claimed, &ctx)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+
+    // Crypto: fetch everything first (untimed), then compute (timed).
+    let mut batches = Vec::new();
+    let mut after = i64::MIN;
+    let mut fetched = 0;
+    let mut sizes = Vec::new();
+    while fetched < BASELINE_ITEMS {
+        let rows = prepared
+            .fetch(
+                &*client,
+                after,
+                BASELINE_BATCH.min(BASELINE_ITEMS - fetched),
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let (n, Some(last)) = rows.extent() else {
+            break;
+        };
+        fetched += n;
+        after = last;
+        batches.push((n, rows));
+        sizes.push(n);
+    }
+    let items: i64 = batches.iter().map(|b| b.0).sum();
+    let t = Instant::now();
+    let mut computed = Vec::with_capacity(batches.len());
+    for (_, rows) in batches {
+        computed.push(
+            prepared
+                .compute(rows)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?,
+        );
+    }
+    let crypto = items as f64 / t.elapsed().as_secs_f64();
+
+    // Database: the same fetch per batch, then the writes and a progress
+    // update in one transaction per batch.
+    let t = Instant::now();
+    let mut after = i64::MIN;
+    for (c, size) in computed.into_iter().zip(sizes) {
+        let rows = prepared
+            .fetch(&*client, after, size)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let (n, Some(last)) = rows.extent() else {
+            break;
+        };
+        after = last;
+        let tx = client.transaction().await?;
+        prepared
+            .write(&tx, id, c)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        tx.execute(
+            "UPDATE pq_migration_jobs SET processed_count = processed_count + $2, cursor = $3, updated_at = now() WHERE id = $1",
+            &[&id, &n, &serde_json::json!({"after_id": last})],
+        )
+        .await?;
+        tx.commit().await?;
+    }
+    let db_rate = items as f64 / t.elapsed().as_secs_f64();
+    db::jobs::job_finish(
+        &*client,
+        claimed.lease,
+        "done",
+        None,
+        &serde_json::json!({}),
+        "bench",
+    )
+    .await?;
+    Ok(Baselines {
+        crypto,
+        db: db_rate,
+    })
 }

@@ -160,6 +160,24 @@ fn formats_match_the_committed_vectors_and_pyca_rederives_them() {
 }
 
 #[test]
+fn unpacked_keys_encapsulate_exactly_as_the_encoded_keys() {
+    for (i, kem) in [Kem::MlKem768, Kem::MlKem1024, Kem::XWing]
+        .into_iter()
+        .enumerate()
+    {
+        let pair = KemKeyPair::from_seed(kem, &fill(70 + i as u8, kem.seed_len())).unwrap();
+        for j in 0..4u8 {
+            let r: [u8; 64] = fill(80 + j, 64).try_into().unwrap();
+            let n = if kem == Kem::XWing { 64 } else { 32 };
+            let (ct, ss) = kem::encapsulate_with(kem, pair.public_key(), &r[..n]).unwrap();
+            let (ct2, ss2) = pair.encapsulate_with(&r);
+            assert_eq!((ct.clone(), &ss[..]), (ct2, &ss2[..]), "{kem:?}");
+            assert_eq!(&pair.decapsulate(&ct).unwrap()[..], &ss[..]);
+        }
+    }
+}
+
+#[test]
 fn xwing_matches_the_draft_vectors_and_rustcrypto() {
     let doc: Vec<Value> =
         serde_json::from_str(&std::fs::read_to_string(XWING_DRAFT).unwrap()).unwrap();

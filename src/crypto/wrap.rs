@@ -142,6 +142,21 @@ pub fn seal_v1(
     Ok(finish_v1(uuid, aad, dek, ciphertexts, &shared, &nonce))
 }
 
+/// [`seal_v1`] to key pairs held here (the wrappers scope's layer keys):
+/// the same output, through libcrux's faster unpacked keys.
+pub fn seal_v1_to(uuid: &str, aad: &[u8], dek: &[u8], layers: &[&KemKeyPair]) -> SealedV1 {
+    let mut ciphertexts = Vec::with_capacity(layers.len());
+    let mut shared = Vec::with_capacity(layers.len());
+    for pair in layers {
+        let (ct, ss) = pair.encapsulate();
+        ciphertexts.push(ct);
+        shared.push(ss);
+    }
+    let mut nonce = [0u8; NONCE_LEN];
+    rand::fill(&mut nonce);
+    finish_v1(uuid, aad, dek, ciphertexts, &shared, &nonce)
+}
+
 /// [`seal_v1`] with explicit KEM randomness (one per layer) and nonce: for
 /// the committed test vectors only.
 pub fn seal_v1_with(

@@ -317,17 +317,20 @@ where
 
 /// Ok: how the job ended for this process (`done`, `failed`, `released`).
 async fn work(
-    shared: &Shared,
+    shared_arc: &Arc<Shared>,
     job: &ClaimedJob,
     lost: &CancellationToken,
 ) -> Result<&'static str, JobError> {
+    let shared: &Shared = shared_arc;
     let lease = job.lease;
-    let scope = retrying(shared, lost, "validation", || async {
-        let client = shared.pool.get().await?;
-        Prepared::prepare(&**client, job, &shared.scope).await
-    })
-    .await?;
-    let h = &scope;
+    let scope = Arc::new(
+        retrying(shared, lost, "validation", || async {
+            let client = shared.pool.get().await?;
+            Prepared::prepare(&**client, job, &shared.scope).await
+        })
+        .await?,
+    );
+    let h: &Prepared = &scope;
     let common = scope.common().clone();
     let mut progress = Progress::from_cursor(job.cursor.as_ref());
     // The cursor exactly as stored, which the next progress write expects.
@@ -356,6 +359,9 @@ async fn work(
     let mut batch = common.batch_size.unwrap_or(FIRST_BATCH);
     let started = Instant::now();
     let mut walked_here = 0i64;
+    // Batch sizes of this run, kept in `result` (the first 200).
+    let mut sizes: Vec<i64> = Vec::new();
+    let mut ahead: Option<Ahead> = None;
     loop {
         if shared.shutdown.is_cancelled() {
             release(shared, lease, true, None, "shutdown").await;
@@ -370,20 +376,67 @@ async fn work(
             n = n.min((rate.ceil() as i64).max(1));
         }
         let t0 = Instant::now();
-        let size = std::sync::atomic::AtomicI64::new(n);
-        let committed = retrying(shared, lost, "batch", || async {
-            let n = size.load(Relaxed);
-            let r = one_batch(shared, h, lease, progress, db_cursor.as_ref(), n).await;
-            if let Err(JobError::TooSlow(_)) = &r {
-                size.store((n / 2).max(MIN_BATCH), Relaxed);
+        // Pipeline: the next batch is read and computed while this one is
+        // written. Use it when it starts where this batch must start and
+        // is not larger than what is left; otherwise read afresh.
+        let staged = match ahead.take() {
+            Some(a) if a.after == progress.after_id && a.n <= n => {
+                n = a.n;
+                match a.handle.await {
+                    Ok(r) => r,
+                    Err(e) => Err(JobError::Fatal(format!("batch read panicked: {e}"))),
+                }
             }
-            r
-        })
-        .await?;
-        if size.load(Relaxed) < n {
-            // Start again from the size that went through.
-            batch = size.load(Relaxed);
-        }
+            _ => stage(shared, h, progress.after_id, n).await,
+        };
+        let fast = match staged {
+            Ok(None) => break,
+            Ok(Some(st)) => {
+                let mut next_n = batch.min(remaining - st.fetched).max(MIN_BATCH);
+                if let Some(rate) = common.max_rate {
+                    next_n = next_n.min((rate.ceil() as i64).max(1));
+                }
+                if remaining - st.fetched > 0 && !shared.shutdown.is_cancelled() {
+                    let (sh, sc, after) = (Arc::clone(shared_arc), Arc::clone(&scope), st.last);
+                    ahead = Some(Ahead {
+                        after,
+                        n: next_n,
+                        handle: AbortOnDropHandle::new(tokio::spawn(async move {
+                            stage(&sh, &sc, after, next_n).await
+                        })),
+                    });
+                }
+                commit(shared, h, lease, progress, db_cursor.as_ref(), st).await
+            }
+            Err(e) => Err(e),
+        };
+        let committed = match fast {
+            Ok(b) => Some(b),
+            Err(JobError::Fatal(m)) => return Err(JobError::Fatal(m)),
+            Err(JobError::LeaseLost) => return Err(JobError::LeaseLost),
+            // Transient trouble: drop the read-ahead, retry this batch on
+            // the careful path (read, compute and write in one go, with
+            // backoff, halving on server timeouts).
+            Err(JobError::Transient(msg) | JobError::TooSlow(msg)) => {
+                tracing::warn!(job_id = lease.job_id, error = %msg, "batch failed; retrying");
+                ahead = None;
+                let size = std::sync::atomic::AtomicI64::new(n);
+                let r = retrying(shared, lost, "batch", || async {
+                    let n = size.load(Relaxed);
+                    let r = one_batch(shared, h, lease, progress, db_cursor.as_ref(), n).await;
+                    if let Err(JobError::TooSlow(_)) = &r {
+                        size.store((n / 2).max(MIN_BATCH), Relaxed);
+                    }
+                    r
+                })
+                .await?;
+                if size.load(Relaxed) < n {
+                    // Start again from the size that went through.
+                    batch = size.load(Relaxed);
+                }
+                r
+            }
+        };
         let (next, counts, fetched, failure_kinds) = match committed {
             None => break,
             Some(Batch::AlreadyCommitted((cursor, p, f))) => {
@@ -403,6 +456,9 @@ async fn work(
         processed += counts.migrated + counts.skipped;
         failed += counts.failed;
         walked_here += counts.walked();
+        if sizes.len() < 200 {
+            sizes.push(fetched);
+        }
         record_batch(
             &shared.metrics,
             job_scope,
@@ -415,7 +471,7 @@ async fn work(
                 "{failed} items failed, more than max_failures ({})",
                 common.max_failures
             );
-            let result = summary(total, &progress, failed, &common);
+            let result = summary(total, &progress, failed, &common, &sizes);
             return Ok(finish_failed(shared, lease, &msg, result).await);
         }
         if common.batch_size.is_none() {
@@ -432,7 +488,7 @@ async fn work(
         }
     }
 
-    let result = summary(total, &progress, failed, &common);
+    let result = summary(total, &progress, failed, &common, &sizes);
     let client = shared.pool.get().await?;
     if failed > 0 {
         let msg = format!("{failed} items failed");
@@ -468,6 +524,44 @@ async fn work(
 
 /// Read, compute and write one batch in one transaction, with the job's
 /// fenced progress. `Ok(None)`: no items left.
+/// A batch read and computed ahead of its write.
+struct Ahead {
+    after: i64,
+    n: i64,
+    handle: AbortOnDropHandle<Result<Option<Staged>, JobError>>,
+}
+
+/// A batch read and computed, not yet written.
+struct Staged {
+    fetched: i64,
+    last: i64,
+    computed: crate::scope::Computed,
+}
+
+/// Read and compute the `n` items after `after` (`None`: no items left).
+/// The connection goes back to the pool before the computation.
+async fn stage(
+    shared: &Shared,
+    h: &Prepared,
+    after: i64,
+    n: i64,
+) -> Result<Option<Staged>, JobError> {
+    let rows = {
+        let client = shared.pool.get().await?;
+        h.fetch(&**client, after, n).await?
+    };
+    let (fetched, Some(last)) = rows.extent() else {
+        return Ok(None);
+    };
+    let computed = h.compute(rows).await?;
+    Ok(Some(Staged {
+        fetched,
+        last,
+        computed,
+    }))
+}
+
+/// Read, compute and write one batch. `Ok(None)`: no items left.
 async fn one_batch(
     shared: &Shared,
     h: &Prepared,
@@ -476,12 +570,29 @@ async fn one_batch(
     db_cursor: Option<&serde_json::Value>,
     n: i64,
 ) -> Result<Option<Batch>, JobError> {
+    match stage(shared, h, progress.after_id, n).await? {
+        None => Ok(None),
+        Some(st) => commit(shared, h, lease, progress, db_cursor, st)
+            .await
+            .map(Some),
+    }
+}
+
+/// Write a staged batch in one transaction with the job's fenced progress.
+async fn commit(
+    shared: &Shared,
+    h: &Prepared,
+    lease: Lease,
+    progress: Progress,
+    db_cursor: Option<&serde_json::Value>,
+    st: Staged,
+) -> Result<Batch, JobError> {
+    let Staged {
+        fetched,
+        last,
+        computed,
+    } = st;
     let mut client = shared.pool.get().await?;
-    let rows = h.fetch(&**client, progress.after_id, n).await?;
-    let (fetched, Some(last)) = rows.extent() else {
-        return Ok(None);
-    };
-    let computed = h.compute(rows).await?;
     let tx = client.transaction().await?;
     let (counts, failures) = h.write(&*tx, lease.job_id, computed).await?;
     let ids: Vec<String> = failures.iter().map(|f| f.item_id.to_string()).collect();
@@ -508,7 +619,7 @@ async fn one_batch(
         // Either the lease is gone, or this batch was committed by
         // an earlier try whose reply was lost: carry on from there.
         return match jobs::job_reload(&**client, lease).await? {
-            Some(stored) => Ok(Some(Batch::AlreadyCommitted(stored))),
+            Some(stored) => Ok(Batch::AlreadyCommitted(stored)),
             None => Err(JobError::LeaseLost),
         };
     }
@@ -517,7 +628,7 @@ async fn one_batch(
         .iter()
         .map(|c| crate::metrics::failure_kind(c))
         .collect();
-    Ok(Some(Batch::Committed(next, counts, fetched, kinds)))
+    Ok(Batch::Committed(next, counts, fetched, kinds))
 }
 
 fn summary(
@@ -525,6 +636,7 @@ fn summary(
     p: &Progress,
     failed: i64,
     common: &crate::selection::Common,
+    batch_sizes: &[i64],
 ) -> serde_json::Value {
     json!({
         "matched": total,
@@ -532,6 +644,7 @@ fn summary(
         "skipped": p.skipped,
         "failed": failed,
         "dry_run": common.dry_run,
+        "batch_sizes": batch_sizes,
     })
 }
 

@@ -99,3 +99,20 @@ pub async fn jobs_summary(
         })
         .collect())
 }
+
+/// The batch sizes a finished job recorded in its result.
+pub async fn job_batch_sizes(
+    c: &impl GenericClient,
+    id: i64,
+) -> Result<Vec<i64>, tokio_postgres::Error> {
+    let row = c
+        .query_one(
+            "SELECT result->'batch_sizes' FROM pq_migration_jobs WHERE id = $1",
+            &[&id],
+        )
+        .await?;
+    Ok(row
+        .get::<_, Option<serde_json::Value>>(0)
+        .and_then(|v| serde_json::from_value(v).ok())
+        .unwrap_or_default())
+}

@@ -705,14 +705,8 @@ impl Plan {
         );
         let aad_bytes = wrap::canonical_json(&aad);
         let keys: Vec<&LayerKey> = chosen.iter().map(|&i| &self.layer_keys[i]).collect();
-        let publics: Vec<(Kem, &[u8])> = keys
-            .iter()
-            .map(|k| (self.kem, k.pair.public_key()))
-            .collect();
-        let sealed = match wrap::seal_v1(&row.uuid, &aad_bytes, &dek, &publics) {
-            Ok(s) => s,
-            Err(e) => return Outcome::Fail("verify", format!("building the wrap failed: {e}")),
-        };
+        let pairs: Vec<&KemKeyPair> = keys.iter().map(|k| &k.pair).collect();
+        let sealed = wrap::seal_v1_to(&row.uuid, &aad_bytes, &dek, &pairs);
         if self.verify {
             let layers: Vec<(&KemKeyPair, &[u8])> = keys
                 .iter()
