@@ -5,6 +5,7 @@ mod common;
 
 mod cli;
 mod config;
+mod database;
 mod demo;
 mod deploy;
 mod engine;
@@ -14,4 +15,5 @@ mod keyring;
 mod migrate;
 mod observe;
 mod onion;
+mod pgcluster;
 mod status;

@@ -171,6 +171,9 @@ fn explain(e: &std::io::Error, host: &str, rootcert: Option<&str>) -> String {
             CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
                 "server certificate not valid yet (check the clocks)".into()
             }
+            CertificateError::BadSignature => format!(
+                "server certificate signature does not verify with the CA in {ca} (another CA of the same name?)"
+            ),
             CertificateError::Revoked => "server certificate revoked".into(),
             other => format!("server certificate rejected: {other}"),
         },
