@@ -589,7 +589,8 @@ fn tls_settings_from_url_or_keys() {
     .expect("agreeing URL and key");
     assert_eq!(c.database.sslmode, SslMode::VerifyFull);
 
-    let cases: [(String, &[(&str, &str)], &str); 5] = [
+    type Env<'a> = &'a [(&'a str, &'a str)];
+    let cases: [(String, Env, &str); 5] = [
         (
             "[database]\nsslmode = \"require\"\n".into(),
             &[("DATABASE_URL", "postgres://a@h/a?sslmode=verify-full")],

@@ -145,6 +145,9 @@ pub async fn run(
     let addr = http.local_addr()?;
     // Secrets print as *** (DatabaseUrl, Secret); certificates by path.
     tracing::info!(config = ?config, "effective configuration");
+    if let Some(host) = crate::db::unverified_remote_host(&config.database) {
+        tracing::warn!(%host, sslmode = %config.database.sslmode, "the database server's certificate is not verified; use sslmode=verify-full with sslrootcert");
+    }
     tracing::info!(worker = %shared.worker_id, concurrency = shared.worker.concurrency.get(), %addr, "pqmig daemon started");
 
     let wake = Arc::new(Notify::new());

@@ -87,6 +87,26 @@ fn pg_config(
     Ok(pg)
 }
 
+/// The host when pqmig would talk to a remote server without checking its
+/// certificate and name (anything below verify-full), for a start-up warning.
+pub fn unverified_remote_host(cfg: &DatabaseConfig) -> Option<String> {
+    use tokio_postgres::config::Host;
+    if cfg.sslmode == crate::config::SslMode::VerifyFull {
+        return None;
+    }
+    let pg = pg_config(cfg, APPLICATION_NAME).ok()?;
+    pg.get_hosts().iter().find_map(|h| match h {
+        Host::Tcp(name) => {
+            let loopback = name == "localhost"
+                || name
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback());
+            (!loopback).then(|| name.clone())
+        }
+        Host::Unix(_) => None,
+    })
+}
+
 /// Whole milliseconds, rounded up (PostgreSQL's unit for these settings).
 fn millis(d: Duration) -> u128 {
     d.as_micros().div_ceil(1000)
