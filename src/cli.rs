@@ -257,19 +257,20 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Cancel(a) => job_action(&config, a.job, "cancel").await,
         Command::Resume(a) => job_action(&config, a.job, "resume").await,
         Command::Plan(_) => Err(not_yet("plan")),
-        Command::Verify(_) => Err(not_yet("verify")),
-        Command::Rollback(_) => Err(not_yet("rollback")),
-        Command::PurgeBackups(_) => Err(not_yet("purge-backups")),
+        Command::Verify(a) => crate::aftercare::verify(&config, a.job).await,
+        Command::Rollback(a) => crate::aftercare::rollback(&config, a.job).await,
+        Command::PurgeBackups(a) => crate::aftercare::purge_backups(&config, a.job).await,
         Command::Inventory(a) => {
             let client = db::connect(&config.database).await?;
             db::migrate::check_current(&client).await?;
             crate::inventory::run(&client, a.json).await
         }
-        Command::Keys(_) => Err(not_yet("keys")),
+        Command::Keys(KeysCommand::Generate(a)) => keys_generate(&config, &a).await,
+        Command::Keys(KeysCommand::Signing(_)) => Err(not_yet("keys signing")),
         Command::Demo(a) => {
             crate::demo::run(&config, &crate::demo::DemoOptions { keep: a.keep }).await
         }
-        Command::Bench(_) => Err(not_yet("bench")),
+        Command::Bench(a) => crate::bench::run(&config, &a).await,
     }
 }
 
@@ -342,6 +343,46 @@ async fn job_action(config: &Config, job: i64, action: &str) -> anyhow::Result<(
             .into())
         }
     }
+}
+
+/// `pqmig keys generate`: a new key in the keyring, optionally registered
+/// as a `kms_keys` row of the local provider.
+async fn keys_generate(config: &Config, a: &KeysGenerateArgs) -> anyhow::Result<()> {
+    let path = config.keyring.as_ref().ok_or_else(|| {
+        UsageError("no keyring path: set keys.keyring, PQMIG_KEYRING or --keyring".into())
+    })?;
+    let wraps = [
+        "AES-256-GCM",
+        "X25519",
+        "ML-KEM-768",
+        "ML-KEM-1024",
+        "X-Wing",
+    ];
+    let canonical = wraps.iter().find(|w| w.eq_ignore_ascii_case(&a.algorithm));
+    if a.register && canonical.is_none() {
+        return Err(UsageError(format!(
+            "--register is for wrapping keys ({}); {} keys are named elsewhere (hash_profiles.params.key_ref, signing_keys)",
+            wraps.join(", "),
+            a.algorithm
+        ))
+        .into());
+    }
+    // Connect before creating the key, so a bad database leaves no orphan key.
+    let client = match a.register {
+        true => {
+            let c = db::connect(&config.database).await?;
+            db::migrate::check_current(&c).await?;
+            Some(c)
+        }
+        false => None,
+    };
+    let made = crate::keys::add_key(path, &a.key_ref, &a.algorithm).map_err(UsageError)?;
+    println!("created {}", made.describe());
+    if let (Some(c), Some(algorithm)) = (client, canonical) {
+        let id = db::kms::kms_key_register(&c, &made.key_ref, "wrap", algorithm).await?;
+        println!("registered as kms_keys id {id} (provider local, purpose wrap)");
+    }
+    Ok(())
 }
 
 fn whoami() -> String {

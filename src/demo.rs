@@ -2,15 +2,14 @@
 //! this build supports, the daemon run in-process until they finish, and
 //! the exposure inventory before and after.
 
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::time::{Duration, Instant};
 
-use base64::Engine;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, DatabaseUrl};
+use crate::crypto::kem::Kem;
 use crate::db::{self, demo as dbd, inventory};
 
 /// Rows of legacy data per scope.
@@ -67,23 +66,8 @@ async fn run_in(config: &Config, admin_url: &DatabaseUrl, name: &str) -> anyhow:
     std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
     let _cleanup = RemoveOnDrop(dir.clone());
     let keyring = dir.join("keyring.json");
-    let mut pepper = zeroize::Zeroizing::new([0u8; 32]);
-    rand::fill(&mut pepper[..]);
-    let doc = zeroize::Zeroizing::new(
-        json!({"version": 1, "keys": [{
-            "ref": "local:pepper-v2",
-            "algorithm": "HMAC-SHA3-256",
-            "secret": base64::engine::general_purpose::STANDARD.encode(&pepper[..]),
-        }]})
-        .to_string(),
-    );
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&keyring)?
-        .write_all(doc.as_bytes())?;
-    cfg.keyring = Some(keyring);
+    let mut keys = crate::sample::SampleKeys::default();
+    keys.generate("local:pepper-v2", "HMAC-SHA3-256", 32);
 
     let t = Instant::now();
     dbd::hashes_seed(&client, DEMO_ITEMS, "local:pepper-v2").await?;
@@ -91,7 +75,24 @@ async fn run_in(config: &Config, admin_url: &DatabaseUrl, name: &str) -> anyhow:
         "seeded {DEMO_ITEMS} users with unkeyed SHA-256 email hashes in {:.1} s",
         t.elapsed().as_secs_f64()
     );
-    println!("scopes wrappers and signatures: not in this build yet, no data seeded for them");
+    let t = Instant::now();
+    let wrappers = crate::sample::seed_wrappers(
+        &client,
+        &mut keys,
+        "demo-",
+        DEMO_ITEMS as usize,
+        Kem::MlKem768,
+        2,
+        "pq-demo",
+    )
+    .await?;
+    println!(
+        "seeded {DEMO_ITEMS} DEK wrappers (half legacy AES-GCM under two KEKs, half legacy X25519) in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    println!("scope signatures: not in this build yet, no data seeded for it");
+    keys.write(&keyring)?;
+    cfg.keyring = Some(keyring);
 
     println!("\nexposure inventory before:");
     print_inventory(&inventory::exposed_items(&client).await?);
@@ -108,6 +109,15 @@ async fn run_in(config: &Config, admin_url: &DatabaseUrl, name: &str) -> anyhow:
     };
     let job = db::jobs::job_insert(&client, &new_job).await?;
     println!("\nqueued job {job}: hashes users.email_hash -> HMAC-SHA3-256 (profile pepper-v2)");
+    let new_job = db::jobs::NewJob {
+        scope: "wrappers".into(),
+        target_policy_id: Some(wrappers.policy_id),
+        ..Default::default()
+    };
+    let job = db::jobs::job_insert(&client, &new_job).await?;
+    println!(
+        "queued job {job}: wrappers -> pqmig-wrap-v1 under policy pq-demo (2 ML-KEM-768 layers)"
+    );
 
     let services = crate::daemon::Services::from_config(&cfg).await?;
     println!(
@@ -177,7 +187,8 @@ fn print_inventory(rows: &[inventory::Exposed]) {
     }
 }
 
-struct RemoveOnDrop(std::path::PathBuf);
+/// Removes a scratch directory (and the keyring in it) when dropped.
+pub(crate) struct RemoveOnDrop(pub(crate) std::path::PathBuf);
 
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {

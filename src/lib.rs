@@ -13,12 +13,18 @@
 //! - [`daemon`]: the worker daemon: producer (claim), executor (one job),
 //!   rescuer (expired leases), listener (NOTIFY wake-ups).
 //! - [`selection`]: a job's JSONB selection, parsed strictly.
-//! - [`scope`]: what a job does to its items (hashes; wrappers and
+//! - [`aftercare`]: `pqmig verify`, `rollback`, `purge-backups`.
+//! - [`bench`]: `pqmig bench`, one job through the real daemon path.
+//! - [`sample`]: legacy sample data for demo, bench and tests.
+//! - [`scope`]: what a job does to its items (hashes, wrappers;
 //!   signatures to come).
-//! - [`crypto`]: primitives from maintained crates (the HMAC onion).
+//! - [`crypto`]: the SPEC §5 formats over maintained crates (HMAC onion,
+//!   AES-GCM, ML-KEM / X-Wing, wrappers).
 //! - [`keys`]: key providers (the local keyring file).
 //! - [`db`]: connections, the pool, schema migrations; all SQL lives here.
 
+pub mod aftercare;
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod crypto;
@@ -30,6 +36,7 @@ pub mod http;
 pub mod inventory;
 pub mod keys;
 pub mod metrics;
+pub mod sample;
 pub mod scope;
 pub mod selection;
 pub mod status;

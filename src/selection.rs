@@ -37,6 +37,18 @@ pub struct Hashes {
     pub from_version: Option<String>,
 }
 
+/// Keys of the `wrappers` scope.
+#[derive(Debug, Clone)]
+pub struct Wrappers {
+    pub common: Common,
+    /// `key_wrappers.status` values to select (default `["active"]`).
+    pub status: Vec<String>,
+    /// Input formats to select; NULL crypto_suite counts as `legacy-aes-gcm`.
+    pub formats: Option<Vec<String>>,
+    /// Select wrappers whose kms1_key_id or kms2_key_id is one of these.
+    pub kms_key_ids: Option<Vec<i64>>,
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("selection.{key}: {reason}")]
 pub struct SelectionError {
@@ -66,6 +78,12 @@ const COMMON_KEYS: &[&str] = &[
     "max_failures",
     "allow_experimental",
 ];
+
+const WRAPPERS_KEYS: &[&str] = &["status", "formats", "kms_key_ids"];
+
+/// The values `key_wrappers.status` and `crypto_suite.format` can take.
+const WRAPPER_STATUSES: &[&str] = &["active", "rotated", "retired", "invalid"];
+const WRAPPER_FORMATS: &[&str] = &["legacy-aes-gcm", "legacy-x25519", "pqmig-wrap-v1"];
 
 const HASHES_KEYS: &[&str] = &[
     "table",
@@ -157,6 +175,38 @@ impl<'a> Reader<'a> {
             Some(Value::String(s)) if s.len() > 1024 => Err(bad(key, "longer than 1024 bytes")),
             Some(Value::String(s)) => Ok(Some(s.clone())),
             Some(v) => Err(bad(key, format!("expected a string, got {}", kind(v)))),
+        }
+    }
+
+    /// A non-empty array of strings, each one of `allowed`.
+    fn texts(&self, key: &str, allowed: &[&str]) -> Result<Option<Vec<String>>, SelectionError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::Array(items)) if items.is_empty() => Err(bad(key, "must not be empty")),
+            Some(Value::Array(items)) if items.len() > 64 => Err(bad(
+                key,
+                format!("{} values, at most 64 allowed", items.len()),
+            )),
+            Some(Value::Array(items)) => items
+                .iter()
+                .enumerate()
+                .map(|(i, v)| match v {
+                    Value::String(s) if allowed.contains(&s.as_str()) => Ok(s.clone()),
+                    Value::String(s) => Err(bad(
+                        &format!("{key}[{i}]"),
+                        format!("{:?} is not one of {}", truncate(s), allowed.join(", ")),
+                    )),
+                    v => Err(bad(
+                        &format!("{key}[{i}]"),
+                        format!("expected a string, got {}", kind(v)),
+                    )),
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(Some),
+            Some(v) => Err(bad(
+                key,
+                format!("expected an array of strings, got {}", kind(v)),
+            )),
         }
     }
 
@@ -285,5 +335,20 @@ pub fn parse_hashes(selection: Option<&Value>) -> Result<Hashes, SelectionError>
         version_column: r.text("version_column")?,
         id_column: r.text("id_column")?,
         from_version: r.text("from_version")?,
+    })
+}
+
+/// Parse the selection of a `wrappers` job.
+pub fn parse_wrappers(selection: Option<&Value>) -> Result<Wrappers, SelectionError> {
+    let empty = Map::new();
+    let r = Reader::new(selection, &empty)?;
+    r.check_keys(&[COMMON_KEYS, WRAPPERS_KEYS])?;
+    Ok(Wrappers {
+        common: r.common()?,
+        status: r
+            .texts("status", WRAPPER_STATUSES)?
+            .unwrap_or_else(|| vec!["active".into()]),
+        formats: r.texts("formats", WRAPPER_FORMATS)?,
+        kms_key_ids: r.ids("kms_key_ids")?,
     })
 }

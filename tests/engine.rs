@@ -783,7 +783,9 @@ async fn concurrent_application_write_is_not_lost() {
     let ctx = ScopeContext {
         keyring: Some(fx.keyring.clone()),
     };
-    let Prepared::Hashes(h) = Prepared::prepare(&c, &job, &ctx).await.expect("prepare");
+    let Ok(Prepared::Hashes(h)) = Prepared::prepare(&c, &job, &ctx).await else {
+        panic!("a hashes job prepares as hashes");
+    };
     let rows = h.fetch(&c, i64::MIN, 10).await.expect("fetch");
     assert_eq!(rows.len(), 10);
     let computed = h.compute_off_thread(rows).await.expect("compute");

@@ -356,6 +356,26 @@ async fn least_privilege_role_runs_a_job() {
         .replace("ROLE pqmig ", &format!("ROLE \"{role}\" "));
     let c = fx.db.client().await;
     c.batch_execute(&grants).await.expect("README grants apply");
+    // Wrappers too, with their keys next to the pepper.
+    let mut keys = pqmig::sample::SampleKeys::default();
+    keys.add(
+        "local:pepper-v2",
+        "HMAC-SHA3-256",
+        zeroize::Zeroizing::new(crate::hashes_fixture::PEPPER.to_vec()),
+    );
+    let seed = pqmig::sample::seed_wrappers(
+        &c,
+        &mut keys,
+        "",
+        20,
+        pqmig::crypto::kem::Kem::MlKem768,
+        1,
+        "pq",
+    )
+    .await
+    .expect("wrappers");
+    std::fs::remove_file(&fx.keyring).expect("keyring");
+    keys.write(&fx.keyring).expect("keyring");
 
     let url = fx.db.url.replacen("postgres@", &format!("{role}@"), 1);
     assert!(url.contains(&role), "the test URL names the role: {url}");
@@ -363,6 +383,16 @@ async fn least_privilege_role_runs_a_job() {
     let id = fx.enqueue(json!({})).await;
     let j = fx.wait_job(id, 30, terminal).await;
     assert_eq!((j.status.as_str(), j.processed), ("done", 100), "{j:?}");
+    let id: i64 = c
+        .query_one(
+            "INSERT INTO pq_migration_jobs (scope, target_policy_id) VALUES ('wrappers', $1) RETURNING id",
+            &[&seed.policy_id],
+        )
+        .await
+        .expect("wrappers job")
+        .get(0);
+    let j = fx.wait_job(id, 30, terminal).await;
+    assert_eq!((j.status.as_str(), j.processed), ("done", 20), "{j:?}");
     // The first sample (inventory included) ran as the role: ready.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {

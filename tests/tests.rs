@@ -17,3 +17,4 @@ mod observe;
 mod onion;
 mod pgcluster;
 mod status;
+mod wrappers;

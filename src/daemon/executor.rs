@@ -3,6 +3,7 @@
 //! progress), keeping the lease alive with a heartbeat tied to this task.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -21,6 +22,9 @@ const MAX_BATCH: i64 = 10_000;
 const FIRST_BATCH: i64 = 100;
 /// Retries of one batch before the job is released for a later attempt.
 const BATCH_RETRIES: u32 = 5;
+/// Halvings of a batch that hits `statement_timeout` or `lock_timeout`
+/// (10,000 items down to 1 takes 14).
+const SLOW_RETRIES: u32 = 16;
 
 /// Removes the job from the registry (and the gauges) on every exit path.
 struct Registered<'a> {
@@ -98,6 +102,11 @@ pub async fn run(shared: Arc<Shared>, job: ClaimedJob, _permit: OwnedSemaphorePe
             .with_label_values(&[scope, status])
             .inc();
     };
+    // A timeout that no smaller batch could avoid is an ordinary transient error.
+    let outcome = outcome.map_err(|e| match e {
+        JobError::TooSlow(msg) => JobError::Transient(msg),
+        e => e,
+    });
     match outcome {
         Ok(status) => finished(status),
         Err(JobError::LeaseLost) => {
@@ -121,7 +130,7 @@ pub async fn run(shared: Arc<Shared>, job: ClaimedJob, _permit: OwnedSemaphorePe
             let msg = format!("gave up after {} attempts; last error: {msg}", job.attempts);
             finished(finish_failed(&shared, lease, &msg, json!({})).await);
         }
-        Err(JobError::Transient(msg)) => {
+        Err(JobError::Transient(msg) | JobError::TooSlow(msg)) => {
             finished("released");
             tracing::warn!(job_id = lease.job_id, error = %msg, "giving the job back after repeated transient errors");
             release(
@@ -277,8 +286,19 @@ where
     Fut: std::future::Future<Output = Result<T, JobError>>,
 {
     let mut attempt = 0;
+    let mut shrunk = 0;
     loop {
         match f().await {
+            // The caller has halved its batch: try again at once, as often
+            // as halving still gets somewhere.
+            Err(JobError::TooSlow(msg)) if shrunk < SLOW_RETRIES => {
+                tracing::warn!(error = %msg, "{what} hit a server timeout; retrying smaller");
+                shrunk += 1;
+                if lost.is_cancelled() {
+                    return Err(JobError::LeaseLost);
+                }
+            }
+            Err(JobError::TooSlow(msg)) => return Err(JobError::Transient(msg)),
             Err(JobError::Transient(msg)) if attempt < BATCH_RETRIES => {
                 let wait = backoff(shared, attempt);
                 tracing::warn!(error = %msg, retry_in = ?wait, "{what} failed; retrying");
@@ -307,7 +327,7 @@ async fn work(
         Prepared::prepare(&**client, job, &shared.scope).await
     })
     .await?;
-    let Prepared::Hashes(h) = &scope;
+    let h = &scope;
     let common = scope.common().clone();
     let mut progress = Progress::from_cursor(job.cursor.as_ref());
     // The cursor exactly as stored, which the next progress write expects.
@@ -350,52 +370,20 @@ async fn work(
             n = n.min((rate.ceil() as i64).max(1));
         }
         let t0 = Instant::now();
+        let size = std::sync::atomic::AtomicI64::new(n);
         let committed = retrying(shared, lost, "batch", || async {
-            let mut client = shared.pool.get().await?;
-            let rows = h.fetch(&**client, progress.after_id, n).await?;
-            let Some(last) = rows.last().map(|r| r.id) else {
-                return Ok(None);
-            };
-            let fetched = rows.len() as i64;
-            let computed = h.compute_off_thread(rows).await?;
-            let tx = client.transaction().await?;
-            let (counts, failures) = h.write(&*tx, lease.job_id, computed).await?;
-            let ids: Vec<String> = failures.iter().map(|f| f.item_id.to_string()).collect();
-            let codes: Vec<&str> = failures.iter().map(|f| f.code).collect();
-            let msgs: Vec<String> = failures.iter().map(|f| f.message.clone()).collect();
-            jobs::item_errors_insert(&*tx, lease.job_id, &ids, &codes, &msgs).await?;
-            let next = Progress {
-                after_id: last,
-                migrated: progress.migrated + counts.migrated,
-                skipped: progress.skipped + counts.skipped,
-            };
-            // Fenced: zero rows rolls back every item write of the batch.
-            let ok = jobs::job_progress(
-                &*tx,
-                lease,
-                counts.migrated + counts.skipped,
-                counts.failed,
-                &next.to_json(),
-                db_cursor.as_ref(),
-            )
-            .await?;
-            if ok.is_none() {
-                tx.rollback().await?;
-                // Either the lease is gone, or this batch was committed by
-                // an earlier try whose reply was lost: carry on from there.
-                return match jobs::job_reload(&**client, lease).await? {
-                    Some(stored) => Ok(Some(Batch::AlreadyCommitted(stored))),
-                    None => Err(JobError::LeaseLost),
-                };
+            let n = size.load(Relaxed);
+            let r = one_batch(shared, h, lease, progress, db_cursor.as_ref(), n).await;
+            if let Err(JobError::TooSlow(_)) = &r {
+                size.store((n / 2).max(MIN_BATCH), Relaxed);
             }
-            tx.commit().await?;
-            let kinds: Vec<&'static str> = codes
-                .iter()
-                .map(|c| crate::metrics::failure_kind(c))
-                .collect();
-            Ok(Some(Batch::Committed(next, counts, fetched, kinds)))
+            r
         })
         .await?;
+        if size.load(Relaxed) < n {
+            // Start again from the size that went through.
+            batch = size.load(Relaxed);
+        }
         let (next, counts, fetched, failure_kinds) = match committed {
             None => break,
             Some(Batch::AlreadyCommitted((cursor, p, f))) => {
@@ -476,6 +464,60 @@ async fn work(
     tx.commit().await?;
     tracing::info!(job_id = lease.job_id, processed, "job done");
     Ok("done")
+}
+
+/// Read, compute and write one batch in one transaction, with the job's
+/// fenced progress. `Ok(None)`: no items left.
+async fn one_batch(
+    shared: &Shared,
+    h: &Prepared,
+    lease: Lease,
+    progress: Progress,
+    db_cursor: Option<&serde_json::Value>,
+    n: i64,
+) -> Result<Option<Batch>, JobError> {
+    let mut client = shared.pool.get().await?;
+    let rows = h.fetch(&**client, progress.after_id, n).await?;
+    let (fetched, Some(last)) = rows.extent() else {
+        return Ok(None);
+    };
+    let computed = h.compute(rows).await?;
+    let tx = client.transaction().await?;
+    let (counts, failures) = h.write(&*tx, lease.job_id, computed).await?;
+    let ids: Vec<String> = failures.iter().map(|f| f.item_id.to_string()).collect();
+    let codes: Vec<&str> = failures.iter().map(|f| f.code).collect();
+    let msgs: Vec<String> = failures.iter().map(|f| f.message.clone()).collect();
+    jobs::item_errors_insert(&*tx, lease.job_id, &ids, &codes, &msgs).await?;
+    let next = Progress {
+        after_id: last,
+        migrated: progress.migrated + counts.migrated,
+        skipped: progress.skipped + counts.skipped,
+    };
+    // Fenced: zero rows rolls back every item write of the batch.
+    let ok = jobs::job_progress(
+        &*tx,
+        lease,
+        counts.migrated + counts.skipped,
+        counts.failed,
+        &next.to_json(),
+        db_cursor,
+    )
+    .await?;
+    if ok.is_none() {
+        tx.rollback().await?;
+        // Either the lease is gone, or this batch was committed by
+        // an earlier try whose reply was lost: carry on from there.
+        return match jobs::job_reload(&**client, lease).await? {
+            Some(stored) => Ok(Some(Batch::AlreadyCommitted(stored))),
+            None => Err(JobError::LeaseLost),
+        };
+    }
+    tx.commit().await?;
+    let kinds: Vec<&'static str> = codes
+        .iter()
+        .map(|c| crate::metrics::failure_kind(c))
+        .collect();
+    Ok(Some(Batch::Committed(next, counts, fetched, kinds)))
 }
 
 fn summary(

@@ -400,3 +400,19 @@ pub async fn policy_resolve(
         .await?;
     Ok(row.map(|r| r.get(0)))
 }
+
+/// Merge keys into a finished job's `result` (e.g. `verified`).
+pub async fn job_result_merge(
+    c: &impl GenericClient,
+    job_id: i64,
+    extra: &Value,
+) -> Result<bool, tokio_postgres::Error> {
+    let n = c
+        .execute(
+            "UPDATE pq_migration_jobs SET result = COALESCE(result, '{}'::jsonb) || $2::jsonb, \
+             updated_at = now() WHERE id = $1 AND status IN ('done', 'failed', 'cancelled')",
+            &[&job_id, extra],
+        )
+        .await?;
+    Ok(n == 1)
+}

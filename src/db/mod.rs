@@ -15,9 +15,11 @@ pub mod demo;
 pub mod hashes;
 pub mod inventory;
 pub mod jobs;
+pub mod kms;
 pub mod migrate;
 pub mod status;
 pub mod tls;
+pub mod wrappers;
 
 use std::time::Duration;
 

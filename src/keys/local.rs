@@ -143,6 +143,27 @@ impl LocalKeyring {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// Every key, by reference.
+    pub fn entries(&self) -> impl Iterator<Item = (&str, &KeySecret)> {
+        self.keys.iter().map(|(k, v)| (k.as_str(), v))
+    }
+}
+
+/// The canonical name of an algorithm a keyring may hold (case-insensitive
+/// match) and the size of a freshly generated secret for it.
+pub fn generated_len(algorithm: &str) -> Option<(&'static str, usize)> {
+    ALGORITHMS
+        .iter()
+        .find(|(name, _)| name.eq_ignore_ascii_case(algorithm))
+        .map(|(name, len)| match len {
+            SecretLen::Exact(n, _) | SecretLen::AtLeast(n, _) => (*name, *n),
+        })
+}
+
+/// Names of every algorithm a keyring may hold.
+pub fn algorithm_names() -> Vec<&'static str> {
+    ALGORITHMS.iter().map(|(name, _)| *name).collect()
 }
 
 impl KeyProvider for LocalKeyring {

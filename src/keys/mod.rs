@@ -2,6 +2,7 @@
 //! bytes. This release ships the `local` keyring file; Vault, AWS and GCP
 //! providers implement the same [`KeyProvider`] trait.
 
+mod generate;
 mod local;
 
 use std::fmt;
@@ -9,6 +10,7 @@ use std::path::PathBuf;
 
 use zeroize::Zeroizing;
 
+pub use generate::{Generated, add_key};
 pub use local::LocalKeyring;
 
 /// Resolves key references to secrets. Implementations are shared between
@@ -61,10 +63,30 @@ pub enum KeyError {
     NotFound { key_ref: String },
     #[error("keyring {}: {reason}", path.display())]
     Keyring { path: PathBuf, reason: String },
+    #[error(
+        "key {key_ref:?} belongs to provider {provider:?}, which this pqmig build does not implement (only \"local\")"
+    )]
+    UnsupportedProvider { key_ref: String, provider: String },
     #[error("key {key_ref:?} is a {found} key, expected {expected}")]
     WrongAlgorithm {
         key_ref: String,
         expected: String,
         found: String,
     },
+}
+
+/// The secret of a `kms_keys` row for `algorithm`, through the provider its
+/// `kms_providers` row names.
+pub fn kms_secret(
+    provider: &dyn KeyProvider,
+    key: &crate::db::kms::KmsKey,
+    algorithm: &str,
+) -> Result<KeySecret, KeyError> {
+    if key.provider != "local" {
+        return Err(KeyError::UnsupportedProvider {
+            key_ref: key.key_ref.clone(),
+            provider: key.provider.clone(),
+        });
+    }
+    provider.secret_for(&key.key_ref, algorithm)
 }

@@ -4,8 +4,11 @@
 //! transaction.
 //!
 //! - [`hashes`]: HMAC onion over keyed lookup hashes (SPEC §5.4, §6.4).
+//! - [`wrappers`]: DEK wrappers re-wrapped under ML-KEM / X-Wing layers
+//!   (SPEC §5.1, §5.2, §6.2).
 
 pub mod hashes;
+pub mod wrappers;
 
 use std::path::PathBuf;
 
@@ -20,6 +23,10 @@ pub enum JobError {
     /// Connection loss, timeouts, serialization failures: retry with backoff.
     #[error("transient: {0}")]
     Transient(String),
+    /// A statement hit `statement_timeout` or `lock_timeout`: retry the
+    /// batch with half as many items.
+    #[error("too slow: {0}")]
+    TooSlow(String),
     /// Zero rows from a fenced write: cancelled or reclaimed elsewhere.
     #[error("lease lost")]
     LeaseLost,
@@ -28,7 +35,10 @@ pub enum JobError {
 impl From<tokio_postgres::Error> for JobError {
     fn from(e: tokio_postgres::Error) -> Self {
         let text = crate::db::error_chain(&e);
-        if is_transient(&e) {
+        let code = e.code().map(|c| c.code());
+        if matches!(code, Some("57014" | "55P03")) {
+            JobError::TooSlow(format!("database: {text}"))
+        } else if is_transient(&e) {
             JobError::Transient(format!("database: {text}"))
         } else {
             JobError::Fatal(format!("database: {text}"))
@@ -116,9 +126,42 @@ pub struct ItemFailure {
     pub message: String,
 }
 
-/// A validated job of some scope.
+/// A validated job of some scope. One per running job, so the size
+/// difference between variants does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Prepared {
     Hashes(hashes::HashesJob),
+    Wrappers(wrappers::WrappersJob),
+}
+
+/// The items of one batch as read, before any computation.
+pub enum Rows {
+    Hashes(Vec<crate::db::hashes::HashRow>),
+    Wrappers(Vec<crate::db::wrappers::WrapperRow>),
+}
+
+impl Rows {
+    /// How many items, and the id of the last (the next keyset cursor).
+    pub fn extent(&self) -> (i64, Option<i64>) {
+        match self {
+            Rows::Hashes(r) => (r.len() as i64, r.last().map(|r| r.id)),
+            Rows::Wrappers(r) => (r.len() as i64, r.last().map(|r| r.id)),
+        }
+    }
+}
+
+/// The new values of one batch, ready to be written (one per batch in
+/// flight).
+#[allow(clippy::large_enum_variant)]
+pub enum Computed {
+    Hashes(hashes::Computed),
+    Wrappers(wrappers::Computed),
+}
+
+fn unsupported(scope: &str) -> JobError {
+    JobError::Fatal(format!(
+        "scope {scope:?} is not supported by this pqmig build"
+    ))
 }
 
 impl Prepared {
@@ -132,9 +175,10 @@ impl Prepared {
             "hashes" => Ok(Prepared::Hashes(
                 hashes::HashesJob::prepare(c, job, ctx).await?,
             )),
-            other => Err(JobError::Fatal(format!(
-                "scope {other:?} is not supported by this pqmig build"
-            ))),
+            "wrappers" => Ok(Prepared::Wrappers(
+                wrappers::WrappersJob::prepare(c, job, ctx).await?,
+            )),
+            other => Err(unsupported(other)),
         }
     }
 
@@ -146,15 +190,80 @@ impl Prepared {
     ) -> Result<(), JobError> {
         match job.scope.as_str() {
             "hashes" => hashes::HashesJob::check(c, job).await.map(|_| ()),
-            other => Err(JobError::Fatal(format!(
-                "scope {other:?} is not supported by this pqmig build"
-            ))),
+            "wrappers" => wrappers::WrappersJob::check(c, job).await.map(|_| ()),
+            other => Err(unsupported(other)),
         }
     }
 
     pub fn common(&self) -> &crate::selection::Common {
         match self {
             Prepared::Hashes(h) => h.common(),
+            Prepared::Wrappers(w) => w.common(),
+        }
+    }
+
+    /// Items after `after` in the selection, at most `cap`.
+    pub async fn count(
+        &self,
+        c: &impl tokio_postgres::GenericClient,
+        after: i64,
+        cap: i64,
+    ) -> Result<i64, JobError> {
+        match self {
+            Prepared::Hashes(h) => h.count(c, after, cap).await,
+            Prepared::Wrappers(w) => w.count(c, after, cap).await,
+        }
+    }
+
+    /// The next `n` items after `after`, in id order.
+    pub async fn fetch(
+        &self,
+        c: &impl tokio_postgres::GenericClient,
+        after: i64,
+        n: i64,
+    ) -> Result<Rows, JobError> {
+        match self {
+            Prepared::Hashes(h) => Ok(Rows::Hashes(h.fetch(c, after, n).await?)),
+            Prepared::Wrappers(w) => Ok(Rows::Wrappers(w.fetch(c, after, n).await?)),
+        }
+    }
+
+    /// The CPU part of a batch, on a blocking thread.
+    pub async fn compute(&self, rows: Rows) -> Result<Computed, JobError> {
+        match (self, rows) {
+            (Prepared::Hashes(h), Rows::Hashes(r)) => {
+                Ok(Computed::Hashes(h.compute_off_thread(r).await?))
+            }
+            (Prepared::Wrappers(w), Rows::Wrappers(r)) => {
+                Ok(Computed::Wrappers(w.compute_off_thread(r).await?))
+            }
+            _ => unreachable!("rows come from the same scope"),
+        }
+    }
+
+    /// Write a computed batch inside the caller's transaction.
+    pub async fn write(
+        &self,
+        tx: &impl tokio_postgres::GenericClient,
+        job_id: i64,
+        computed: Computed,
+    ) -> Result<(BatchCounts, Vec<ItemFailure>), JobError> {
+        match (self, computed) {
+            (Prepared::Hashes(h), Computed::Hashes(c)) => h.write(tx, job_id, c).await,
+            (Prepared::Wrappers(w), Computed::Wrappers(c)) => w.write(tx, job_id, c).await,
+            _ => unreachable!("computed by the same scope"),
+        }
+    }
+
+    /// In the transaction that marks the job `done`.
+    pub async fn on_done(
+        &self,
+        tx: &impl tokio_postgres::GenericClient,
+        job_id: i64,
+    ) -> Result<(), JobError> {
+        match self {
+            Prepared::Hashes(h) => h.on_done(tx, job_id).await,
+            Prepared::Wrappers(_) => Ok(()),
         }
     }
 }

@@ -1,0 +1,216 @@
+//! After a job: `pqmig verify JOB` re-checks every item the job migrated
+//! with the key material, `pqmig rollback JOB` restores the backed-up
+//! previous values, `pqmig purge-backups JOB` deletes the backups once the
+//! job has been verified.
+
+use std::sync::Arc;
+
+use serde_json::json;
+use subtle::ConstantTimeEq;
+use tokio_postgres::Client;
+
+use crate::cli::UsageError;
+use crate::config::Config;
+use crate::db::{self, jobs, status as dbs, wrappers as dbw};
+use crate::keys::LocalKeyring;
+use crate::scope::wrappers::SourceKeys;
+
+/// Rows per page of verify and rollback.
+const PAGE: i64 = 500;
+
+async fn job(client: &Client, id: i64) -> anyhow::Result<dbs::JobView> {
+    dbs::job_get(client, id)
+        .await?
+        .ok_or_else(|| UsageError(format!("no job with id {id}")).into())
+}
+
+fn keyring(config: &Config) -> anyhow::Result<Arc<LocalKeyring>> {
+    let path = config.keyring.as_ref().ok_or_else(|| {
+        UsageError(
+            "no keyring configured (keys.keyring or PQMIG_KEYRING): verify needs the keys".into(),
+        )
+    })?;
+    Ok(Arc::new(LocalKeyring::load(path)?))
+}
+
+/// One item that did not verify.
+struct Mismatch {
+    item: i64,
+    why: String,
+}
+
+/// `pqmig verify JOB`.
+pub async fn verify(config: &Config, job_id: i64) -> anyhow::Result<()> {
+    let client = db::connect(&config.database).await?;
+    db::migrate::check_current(&client).await?;
+    let j = job(&client, job_id).await?;
+    if matches!(j.status.as_str(), "pending" | "running") {
+        return Err(UsageError(format!(
+            "job {job_id} is {}; verify it once it has finished",
+            j.status
+        ))
+        .into());
+    }
+    let (checked, bad) = match j.scope.as_str() {
+        "wrappers" => verify_wrappers(&client, keyring(config)?, job_id).await?,
+        other => {
+            return Err(UsageError(format!(
+                "verify is not available for {other} jobs in this build"
+            ))
+            .into());
+        }
+    };
+    for m in bad.iter().take(20) {
+        eprintln!("  item {}: {}", m.item, m.why);
+    }
+    if bad.is_empty() {
+        jobs::job_result_merge(
+            &client,
+            job_id,
+            &json!({"verified": {"items": checked, "at": now_rfc3339()}}),
+        )
+        .await?;
+        println!("job {job_id}: {checked} items verified, all open to the same key material");
+        Ok(())
+    } else {
+        Err(anyhow::anyhow!(
+            "job {job_id}: {} of {checked} items failed verification (first ones listed above)",
+            bad.len()
+        ))
+    }
+}
+
+fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+/// Every wrapper the job rewrote must open with the keyring's keys; where
+/// a backup exists, to the same DEK as the wrap it replaced.
+async fn verify_wrappers(
+    client: &Client,
+    keyring: Arc<LocalKeyring>,
+    job_id: i64,
+) -> anyhow::Result<(i64, Vec<Mismatch>)> {
+    let keys = Arc::new(SourceKeys::new(keyring));
+    let mut after = i64::MIN;
+    let mut checked = 0i64;
+    let mut bad = Vec::new();
+    loop {
+        let rows = dbw::wrappers_of_job(client, job_id, after, PAGE).await?;
+        let Some(last) = rows.last().map(|r| r.id) else {
+            break;
+        };
+        after = last;
+        let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+        let backups = dbw::wrapper_backups(client, job_id, &ids).await?;
+        let all: Vec<&dbw::WrapperRow> =
+            rows.iter().chain(backups.iter().map(|(_, b)| b)).collect();
+        keys.resolve(client, &all)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let k = Arc::clone(&keys);
+        let page = tokio::task::spawn_blocking(move || {
+            let mut bad = Vec::new();
+            for row in &rows {
+                let now = match k.recover(row) {
+                    Ok(d) => d,
+                    Err((code, why)) => {
+                        bad.push(Mismatch {
+                            item: row.id,
+                            why: format!("{code}: {why}"),
+                        });
+                        continue;
+                    }
+                };
+                if let Some((_, old)) = backups.iter().find(|(id, _)| *id == row.id) {
+                    match k.recover(old) {
+                        Ok(before) if bool::from(before.ct_eq(&now)) => {}
+                        Ok(_) => bad.push(Mismatch {
+                            item: row.id,
+                            why: "opens to a different DEK than the wrap it replaced".into(),
+                        }),
+                        Err((code, why)) => bad.push(Mismatch {
+                            item: row.id,
+                            why: format!("the backed-up wrap does not open ({code}: {why})"),
+                        }),
+                    }
+                }
+            }
+            (rows.len() as i64, bad)
+        })
+        .await?;
+        checked += page.0;
+        bad.extend(page.1);
+    }
+    Ok((checked, bad))
+}
+
+/// `pqmig rollback JOB`.
+pub async fn rollback(config: &Config, job_id: i64) -> anyhow::Result<()> {
+    let mut client = db::connect(&config.database).await?;
+    db::migrate::check_current(&client).await?;
+    let j = job(&client, job_id).await?;
+    if matches!(j.status.as_str(), "pending" | "running") {
+        return Err(UsageError(format!(
+            "job {job_id} is {}: cancel it first (pqmig cancel {job_id}), then roll back",
+            j.status
+        ))
+        .into());
+    }
+    match j.scope.as_str() {
+        "wrappers" => {}
+        other => {
+            return Err(UsageError(format!(
+                "rollback is not available for {other} jobs in this build"
+            ))
+            .into());
+        }
+    }
+    let (mut restored, mut seen, mut after) = (0i64, 0i64, i64::MIN);
+    loop {
+        let tx = client.transaction().await?;
+        let (ids, n, last) = dbw::wrappers_rollback_batch(&tx, job_id, after, PAGE).await?;
+        tx.commit().await?;
+        let Some(last) = last else { break };
+        after = last;
+        restored += ids.len() as i64;
+        seen += n;
+    }
+    if seen == 0 {
+        println!("job {job_id} has no backups: nothing to roll back");
+        return Ok(());
+    }
+    println!(
+        "job {job_id}: restored {restored} of {seen} backed-up wrappers to their previous values"
+    );
+    if restored < seen {
+        println!(
+            "  {} were left as they are: changed since the job (another job or the application rewrote them) or already rolled back",
+            seen - restored
+        );
+    }
+    Ok(())
+}
+
+/// `pqmig purge-backups JOB`: only once `pqmig verify JOB` has passed.
+pub async fn purge_backups(config: &Config, job_id: i64) -> anyhow::Result<()> {
+    let client = db::connect(&config.database).await?;
+    db::migrate::check_current(&client).await?;
+    let j = job(&client, job_id).await?;
+    let verified = j
+        .result
+        .as_ref()
+        .and_then(|r| r.get("verified"))
+        .is_some_and(|v| !v.is_null());
+    if !verified {
+        return Err(UsageError(format!(
+            "job {job_id} has not been verified: run `pqmig verify {job_id}` first; its backups are the only way back"
+        ))
+        .into());
+    }
+    let n = dbw::backups_purge(&client, job_id).await?;
+    println!("job {job_id}: deleted {n} backups");
+    Ok(())
+}

@@ -1,0 +1,512 @@
+//! Statements of the `wrappers` scope on `key_wrappers`,
+//! `key_wrapper_layers`, `encryption_policies` and `policy_algorithms`.
+//!
+//! Concurrent application writes are protected by compare-and-set: a
+//! wrapper is rewritten only if its version, both wraps and its
+//! crypto_suite are still what the batch read (and it is locked while its
+//! backup is taken), so a rotation by the application in between is never
+//! overwritten; the caller re-reads such rows under `FOR UPDATE` and
+//! recomputes them.
+
+use serde_json::Value;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Error, GenericClient, Row};
+
+use crate::selection::Wrappers;
+
+/// One `key_wrappers` row with its layers.
+#[derive(Debug, Clone)]
+pub struct WrapperRow {
+    pub id: i64,
+    pub uuid: String,
+    pub kms1: Option<i64>,
+    pub kms2: Option<i64>,
+    pub wrap1: Option<Vec<u8>>,
+    pub wrap2: Option<Vec<u8>>,
+    pub suite: Option<Value>,
+    pub wrap_version: i32,
+    pub layers: Vec<LayerRow>,
+}
+
+/// One `key_wrapper_layers` row as stored.
+#[derive(Debug, Clone)]
+pub struct LayerRow {
+    pub layer_no: i16,
+    pub kms_key_id: Option<i64>,
+    pub kem_algo_id: Option<i64>,
+    pub ciphertext: Option<Vec<u8>>,
+    pub aad: Option<Value>,
+}
+
+/// The rewrites of one batch, as parallel arrays for `unnest`.
+#[derive(Debug, Default)]
+pub struct WrapperUpdates {
+    pub ids: Vec<i64>,
+    pub old_versions: Vec<i32>,
+    pub old_wrap1: Vec<Option<Vec<u8>>>,
+    pub old_wrap2: Vec<Option<Vec<u8>>>,
+    pub old_suites: Vec<Option<Value>>,
+    pub new_wrap1: Vec<Vec<u8>>,
+    pub new_suites: Vec<Value>,
+    pub layers: NewLayers,
+}
+
+/// New layer rows of a batch.
+#[derive(Debug, Default)]
+pub struct NewLayers {
+    pub wrapper_ids: Vec<i64>,
+    pub layer_nos: Vec<i16>,
+    pub kms_key_ids: Vec<i64>,
+    pub kem_algo_ids: Vec<i64>,
+    pub ciphertexts: Vec<Vec<u8>>,
+    pub public_keys: Vec<Vec<u8>>,
+    pub aads: Vec<Value>,
+    pub metas: Vec<Value>,
+}
+
+/// A policy row.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub id: i64,
+    pub name: String,
+    pub layer_selection: String,
+    pub min_layers: i16,
+    pub max_layers: i16,
+    pub aad_template: Option<Value>,
+}
+
+pub async fn policy_by_id(c: &impl GenericClient, id: i64) -> Result<Option<Policy>, Error> {
+    let row = c
+        .query_opt(
+            "SELECT id, policy_name::text, layer_selection, min_layers, max_layers, aad_template \
+             FROM encryption_policies WHERE id = $1::bigint",
+            &[&id],
+        )
+        .await?;
+    Ok(row.map(|r| Policy {
+        id: r.get(0),
+        name: r.get(1),
+        layer_selection: r.get(2),
+        min_layers: r.get(3),
+        max_layers: r.get(4),
+        aad_template: r.get(5),
+    }))
+}
+
+/// The policy's highest-priority `kem` algorithm (SPEC §6.2).
+pub async fn policy_kem(c: &impl GenericClient, policy_id: i64) -> Result<Option<i64>, Error> {
+    let row = c
+        .query_opt(
+            "SELECT algo_id FROM policy_algorithms WHERE policy_id = $1::bigint AND role = 'kem' \
+             ORDER BY priority DESC, weight DESC, algo_id LIMIT 1",
+            &[&policy_id],
+        )
+        .await?;
+    Ok(row.map(|r| r.get(0)))
+}
+
+/// The selection as SQL over `key_wrappers w`: a WHERE clause whose
+/// placeholders start at `$first`, and its parameters. Only fixed text
+/// goes into the SQL; every value is a parameter.
+pub struct WrapperFilter {
+    clause: String,
+    params: Vec<Box<dyn ToSql + Sync + Send>>,
+}
+
+impl WrapperFilter {
+    pub fn new(sel: &Wrappers) -> WrapperFilter {
+        let mut f = WrapperFilter {
+            clause: String::new(),
+            params: Vec::new(),
+        };
+        // $1 is the keyset cursor, $2 the limit.
+        let add = |f: &mut WrapperFilter, sql: &str, p: Box<dyn ToSql + Sync + Send>| {
+            f.params.push(p);
+            let n = f.params.len() + 2;
+            f.clause.push_str(" AND ");
+            f.clause.push_str(&sql.replace("$?", &format!("${n}")));
+        };
+        add(
+            &mut f,
+            "w.status = ANY($?::text[])",
+            Box::new(sel.status.clone()),
+        );
+        if let Some(formats) = &sel.formats {
+            add(
+                &mut f,
+                "COALESCE(w.crypto_suite->>'format', 'legacy-aes-gcm') = ANY($?::text[])",
+                Box::new(formats.clone()),
+            );
+        }
+        if let Some(ids) = &sel.kms_key_ids {
+            add(
+                &mut f,
+                "(w.kms1_key_id = ANY($?::bigint[]) OR w.kms2_key_id = ANY($?::bigint[]))",
+                Box::new(ids.clone()),
+            );
+        }
+        let c = &sel.common;
+        if let Some(ids) = &c.ids {
+            add(&mut f, "w.id = ANY($?::bigint[])", Box::new(ids.clone()));
+        }
+        if let Some(v) = c.id_from {
+            add(&mut f, "w.id >= $?::bigint", Box::new(v));
+        }
+        if let Some(v) = c.id_to {
+            add(&mut f, "w.id <= $?::bigint", Box::new(v));
+        }
+        if let Some(v) = c.created_before {
+            add(&mut f, "w.created_at < $?", Box::new(v));
+        }
+        if let Some(v) = c.created_after {
+            add(&mut f, "w.created_at > $?", Box::new(v));
+        }
+        f
+    }
+
+    fn params<'a>(&'a self, first: [&'a (dyn ToSql + Sync); 2]) -> Vec<&'a (dyn ToSql + Sync)> {
+        let mut p: Vec<&(dyn ToSql + Sync)> = first.to_vec();
+        p.extend(self.params.iter().map(|b| &**b as &(dyn ToSql + Sync)));
+        p
+    }
+}
+
+const ROW_COLUMNS: &str = "w.id, w.wrapper_uuid::text, w.kms1_key_id, w.kms2_key_id, \
+                           w.dek_wrap1, w.dek_wrap2, w.crypto_suite, w.wrap_version";
+
+fn wrapper_from(r: &Row) -> WrapperRow {
+    WrapperRow {
+        id: r.get(0),
+        uuid: r.get::<_, String>(1).trim_end().to_owned(),
+        kms1: r.get(2),
+        kms2: r.get(3),
+        wrap1: r.get(4),
+        wrap2: r.get(5),
+        suite: r.get(6),
+        wrap_version: r.get(7),
+        layers: Vec::new(),
+    }
+}
+
+/// Attach each wrapper's layers, in layer order.
+async fn with_layers(
+    c: &impl GenericClient,
+    mut rows: Vec<WrapperRow>,
+) -> Result<Vec<WrapperRow>, Error> {
+    if rows.is_empty() {
+        return Ok(rows);
+    }
+    let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+    let layers = c
+        .query(
+            "SELECT key_wrapper_id, layer_no, kms_key_id, kem_algo_id, kem_ciphertext, aad \
+             FROM key_wrapper_layers WHERE key_wrapper_id = ANY($1::bigint[]) \
+             ORDER BY key_wrapper_id, layer_no",
+            &[&ids],
+        )
+        .await?;
+    let mut at = 0;
+    for l in layers {
+        let wid: i64 = l.get(0);
+        while rows[at].id != wid {
+            at += 1;
+        }
+        rows[at].layers.push(LayerRow {
+            layer_no: l.get(1),
+            kms_key_id: l.get(2),
+            kem_algo_id: l.get(3),
+            ciphertext: l.get(4),
+            aad: l.get(5),
+        });
+    }
+    Ok(rows)
+}
+
+/// The next `n` selected wrappers after `after`, in id order.
+pub async fn wrappers_fetch_batch(
+    c: &impl GenericClient,
+    filter: &WrapperFilter,
+    after: i64,
+    n: i64,
+) -> Result<Vec<WrapperRow>, Error> {
+    let sql = format!(
+        "SELECT {ROW_COLUMNS} FROM key_wrappers w WHERE w.id > $1::bigint{} ORDER BY w.id LIMIT $2::bigint",
+        filter.clause
+    );
+    let rows = c.query(&sql, &filter.params([&after, &n])).await?;
+    with_layers(c, rows.iter().map(wrapper_from).collect()).await
+}
+
+/// Selected wrappers after `after`, counting at most `cap`.
+pub async fn wrappers_count(
+    c: &impl GenericClient,
+    filter: &WrapperFilter,
+    after: i64,
+    cap: i64,
+) -> Result<i64, Error> {
+    let sql = format!(
+        "SELECT count(*) FROM (SELECT 1 FROM key_wrappers w WHERE w.id > $1::bigint{} \
+         LIMIT $2::bigint) s",
+        filter.clause
+    );
+    Ok(c.query_one(&sql, &filter.params([&after, &cap]))
+        .await?
+        .get(0))
+}
+
+/// Lock and re-read wrappers that changed under a batch; those that left
+/// the selection meanwhile are not returned.
+pub async fn wrappers_lock_rows(
+    tx: &impl GenericClient,
+    filter: &WrapperFilter,
+    ids: &[i64],
+) -> Result<Vec<WrapperRow>, Error> {
+    let sql = format!(
+        "SELECT {ROW_COLUMNS} FROM key_wrappers w WHERE w.id = ANY($1::bigint[]) \
+         AND $2::bigint > 0{} ORDER BY w.id FOR UPDATE",
+        filter.clause
+    );
+    let rows = tx.query(&sql, &filter.params([&ids, &1i64])).await?;
+    with_layers(tx, rows.iter().map(wrapper_from).collect()).await
+}
+
+/// Rewrite wrappers whose stored values are still those read (compare-and-
+/// set), backing up each previous row and its layers first in the same
+/// statement; then replace their layers. Returns the ids rewritten.
+pub async fn wrappers_update_batch(
+    tx: &impl GenericClient,
+    job_id: i64,
+    u: &WrapperUpdates,
+    backup: bool,
+) -> Result<Vec<i64>, Error> {
+    if u.ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows = tx
+        .query(
+            "WITH u AS ( \
+               SELECT * FROM unnest($1::bigint[], $2::int[], $3::bytea[], $4::bytea[], \
+                                    $5::jsonb[], $6::bytea[], $7::jsonb[]) \
+                 AS u(id, old_version, old1, old2, old_suite, new1, new_suite) \
+             ), cur AS ( \
+               SELECT w.id, to_jsonb(w) AS row_json, \
+                      (SELECT COALESCE(jsonb_agg(to_jsonb(l) ORDER BY l.layer_no), '[]'::jsonb) \
+                         FROM key_wrapper_layers l WHERE l.key_wrapper_id = w.id) AS layers_json \
+               FROM key_wrappers w JOIN u ON u.id = w.id \
+               WHERE w.wrap_version = u.old_version \
+                 AND w.dek_wrap1 IS NOT DISTINCT FROM u.old1 \
+                 AND w.dek_wrap2 IS NOT DISTINCT FROM u.old2 \
+                 AND w.crypto_suite IS NOT DISTINCT FROM u.old_suite \
+               FOR UPDATE OF w \
+             ), bk AS ( \
+               INSERT INTO pq_migration_backups (job_id, item_table, item_id, data) \
+               SELECT $8::bigint, 'key_wrappers', cur.id::text, \
+                      jsonb_build_object('row', cur.row_json, 'layers', cur.layers_json) \
+               FROM cur WHERE $9::boolean \
+             ) \
+             UPDATE key_wrappers w \
+                SET dek_wrap1 = u.new1, dek_wrap2 = ''::bytea, crypto_suite = u.new_suite, \
+                    wrap_version = w.wrap_version + 1, rotated_at = now() \
+               FROM u, cur \
+              WHERE w.id = cur.id AND u.id = cur.id \
+             RETURNING w.id",
+            &[
+                &u.ids,
+                &u.old_versions,
+                &u.old_wrap1,
+                &u.old_wrap2,
+                &u.old_suites,
+                &u.new_wrap1,
+                &u.new_suites,
+                &job_id,
+                &backup,
+            ],
+        )
+        .await?;
+    let done: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+    if done.is_empty() {
+        return Ok(done);
+    }
+    tx.execute(
+        "DELETE FROM key_wrapper_layers WHERE key_wrapper_id = ANY($1::bigint[])",
+        &[&done],
+    )
+    .await?;
+    let l = &u.layers;
+    tx.execute(
+        "INSERT INTO key_wrapper_layers \
+           (key_wrapper_id, layer_no, kms_key_id, kem_algo_id, kem_ciphertext, encap_pubkey, aad, meta) \
+         SELECT * FROM unnest($1::bigint[], $2::smallint[], $3::bigint[], $4::bigint[], \
+                              $5::bytea[], $6::bytea[], $7::jsonb[], $8::jsonb[]) \
+           AS l(w, n, k, a, ct, pk, aad, meta) \
+         WHERE l.w = ANY($9::bigint[])",
+        &[
+            &l.wrapper_ids,
+            &l.layer_nos,
+            &l.kms_key_ids,
+            &l.kem_algo_ids,
+            &l.ciphertexts,
+            &l.public_keys,
+            &l.aads,
+            &l.metas,
+            &done,
+        ],
+    )
+    .await?;
+    Ok(done)
+}
+
+/// Every wrapper after `after`, whatever its state (checks and tools).
+pub async fn wrappers_all(
+    c: &impl GenericClient,
+    after: i64,
+    n: i64,
+) -> Result<Vec<WrapperRow>, Error> {
+    let sql = format!(
+        "SELECT {ROW_COLUMNS} FROM key_wrappers w WHERE w.id > $1::bigint ORDER BY w.id LIMIT $2::bigint"
+    );
+    let rows = c.query(&sql, &[&after, &n]).await?;
+    with_layers(c, rows.iter().map(wrapper_from).collect()).await
+}
+
+/// Wrappers a job rewrote (their crypto_suite names it), after `after`.
+pub async fn wrappers_of_job(
+    c: &impl GenericClient,
+    job_id: i64,
+    after: i64,
+    n: i64,
+) -> Result<Vec<WrapperRow>, Error> {
+    let sql = format!(
+        "SELECT {ROW_COLUMNS} FROM key_wrappers w \
+         WHERE w.id > $1::bigint AND w.crypto_suite->'job_id' = to_jsonb($2::bigint) \
+         ORDER BY w.id LIMIT $3::bigint"
+    );
+    let rows = c.query(&sql, &[&after, &job_id, &n]).await?;
+    with_layers(c, rows.iter().map(wrapper_from).collect()).await
+}
+
+/// The backed-up previous rows of some wrappers of a job, by wrapper id.
+pub async fn wrapper_backups(
+    c: &impl GenericClient,
+    job_id: i64,
+    ids: &[i64],
+) -> Result<Vec<(i64, WrapperRow)>, Error> {
+    let rows = c
+        .query(
+            "SELECT b.item_id::bigint, r.id, r.wrapper_uuid::text, r.kms1_key_id, r.kms2_key_id, \
+                    r.dek_wrap1, r.dek_wrap2, r.crypto_suite, r.wrap_version, b.data->'layers' \
+             FROM pq_migration_backups b, \
+                  jsonb_populate_record(NULL::key_wrappers, b.data->'row') r \
+             WHERE b.job_id = $1::bigint AND b.item_table = 'key_wrappers' \
+               AND b.item_id = ANY($2::bigint[]::text[])",
+            &[&job_id, &ids],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let layers: Vec<LayerRow> = r
+                .get::<_, Option<Value>>(9)
+                .and_then(|v| v.as_array().cloned())
+                .unwrap_or_default()
+                .iter()
+                .map(|l| LayerRow {
+                    layer_no: l["layer_no"].as_i64().unwrap_or(0) as i16,
+                    kms_key_id: l["kms_key_id"].as_i64(),
+                    kem_algo_id: l["kem_algo_id"].as_i64(),
+                    ciphertext: l["kem_ciphertext"].as_str().and_then(pg_hex),
+                    aad: Some(l["aad"].clone()).filter(|v| !v.is_null()),
+                })
+                .collect();
+            let row = WrapperRow {
+                id: r.get(1),
+                uuid: r.get::<_, String>(2).trim_end().to_owned(),
+                kms1: r.get(3),
+                kms2: r.get(4),
+                wrap1: r.get(5),
+                wrap2: r.get(6),
+                suite: r.get(7),
+                wrap_version: r.get(8),
+                layers,
+            };
+            (r.get::<_, i64>(0), row)
+        })
+        .collect())
+}
+
+/// bytea as `to_jsonb` writes it: `\x` then hex.
+fn pg_hex(s: &str) -> Option<Vec<u8>> {
+    let hex = s.strip_prefix("\\x")?;
+    if hex.len() % 2 != 0 {
+        return None;
+    }
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).ok())
+        .collect()
+}
+
+/// Restore up to `n` backed-up wrappers of a job (ids after `after`)
+/// whose current crypto_suite still names the job, with their layers
+/// exactly as they were. Returns (restored ids, backups looked at, last
+/// backup id seen).
+pub async fn wrappers_rollback_batch(
+    tx: &impl GenericClient,
+    job_id: i64,
+    after: i64,
+    n: i64,
+) -> Result<(Vec<i64>, i64, Option<i64>), Error> {
+    let seen = tx
+        .query(
+            "SELECT id FROM pq_migration_backups WHERE job_id = $1::bigint \
+             AND item_table = 'key_wrappers' AND id > $2::bigint ORDER BY id LIMIT $3::bigint",
+            &[&job_id, &after, &n],
+        )
+        .await?;
+    let backup_ids: Vec<i64> = seen.iter().map(|r| r.get(0)).collect();
+    let Some(&last) = backup_ids.last() else {
+        return Ok((Vec::new(), 0, None));
+    };
+    let restored = tx
+        .query(
+            "WITH b AS ( \
+               SELECT jsonb_populate_record(NULL::key_wrappers, data->'row') AS old \
+               FROM pq_migration_backups WHERE id = ANY($1::bigint[]) \
+             ) \
+             UPDATE key_wrappers w \
+                SET dek_wrap1 = (b.old).dek_wrap1, dek_wrap2 = (b.old).dek_wrap2, \
+                    crypto_suite = (b.old).crypto_suite, wrap_version = (b.old).wrap_version, \
+                    rotated_at = (b.old).rotated_at \
+               FROM b \
+              WHERE w.id = (b.old).id AND w.crypto_suite->'job_id' = to_jsonb($2::bigint) \
+             RETURNING w.id",
+            &[&backup_ids, &job_id],
+        )
+        .await?;
+    let ids: Vec<i64> = restored.iter().map(|r| r.get(0)).collect();
+    if !ids.is_empty() {
+        tx.execute(
+            "DELETE FROM key_wrapper_layers WHERE key_wrapper_id = ANY($1::bigint[])",
+            &[&ids],
+        )
+        .await?;
+        tx.execute(
+            "INSERT INTO key_wrapper_layers \
+             SELECT (jsonb_populate_recordset(NULL::key_wrapper_layers, b.data->'layers')).* \
+             FROM pq_migration_backups b \
+             WHERE b.id = ANY($1::bigint[]) AND b.item_id::bigint = ANY($2::bigint[])",
+            &[&backup_ids, &ids],
+        )
+        .await?;
+    }
+    Ok((ids, backup_ids.len() as i64, Some(last)))
+}
+
+/// Delete a job's backups; how many.
+pub async fn backups_purge(c: &impl GenericClient, job_id: i64) -> Result<u64, Error> {
+    c.execute(
+        "DELETE FROM pq_migration_backups WHERE job_id = $1::bigint",
+        &[&job_id],
+    )
+    .await
+}

@@ -1,0 +1,223 @@
+//! Legacy sample data for `pqmig demo`, the benchmarks and the tests:
+//! keys for a keyring file, their `kms_keys` rows, a PQ policy, and
+//! wrappers in both legacy formats (SPEC §5.1) whose DEKs are returned so
+//! a caller can check them after migration.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use serde_json::{Value, json};
+use tokio_postgres::GenericClient;
+use zeroize::Zeroizing;
+
+use crate::crypto::kem::Kem;
+use crate::crypto::wrap;
+use crate::db::kms;
+
+/// One keyring entry.
+pub struct SampleKey {
+    pub key_ref: String,
+    pub algorithm: &'static str,
+    pub secret: Zeroizing<Vec<u8>>,
+}
+
+/// Keys to be written to one keyring file.
+#[derive(Default)]
+pub struct SampleKeys(pub Vec<SampleKey>);
+
+impl SampleKeys {
+    /// Add a fresh random key; returns its secret.
+    pub fn generate(
+        &mut self,
+        key_ref: &str,
+        algorithm: &'static str,
+        len: usize,
+    ) -> Zeroizing<Vec<u8>> {
+        let mut secret = Zeroizing::new(vec![0u8; len]);
+        rand::fill(&mut secret[..]);
+        self.add(key_ref, algorithm, secret.clone());
+        secret
+    }
+
+    pub fn add(&mut self, key_ref: &str, algorithm: &'static str, secret: Zeroizing<Vec<u8>>) {
+        self.0.push(SampleKey {
+            key_ref: key_ref.to_owned(),
+            algorithm,
+            secret,
+        });
+    }
+
+    /// The keyring document of SPEC §4.
+    pub fn to_json(&self) -> Zeroizing<String> {
+        let keys: Vec<Value> = self
+            .0
+            .iter()
+            .map(|k| {
+                json!({"ref": k.key_ref, "algorithm": k.algorithm, "secret": STANDARD.encode(&k.secret[..])})
+            })
+            .collect();
+        Zeroizing::new(json!({"version": 1, "keys": keys}).to_string())
+    }
+
+    /// Write the keyring, created with mode 0600.
+    pub fn write(&self, path: &Path) -> std::io::Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)?;
+        f.write_all(self.to_json().as_bytes())?;
+        f.sync_all()
+    }
+}
+
+/// What [`seed_wrappers`] created.
+pub struct WrapperSeed {
+    pub policy_id: i64,
+    pub kem_algo_id: i64,
+    /// The policy's layer keys (kms_keys ids), most preferred first.
+    pub layer_key_ids: Vec<i64>,
+    /// kms_keys ids of the legacy keys: two AES-256-GCM KEKs, one X25519.
+    pub legacy_key_ids: [i64; 3],
+    /// (wrapper id, DEK) of every wrapper, in id order.
+    pub deks: Vec<(i64, [u8; 32])>,
+}
+
+/// A policy over `layer_keys` (kms_keys ids; weight 1, decreasing priority).
+pub async fn policy_create(
+    c: &impl GenericClient,
+    name: &str,
+    layer_selection: &str,
+    min_layers: i16,
+    max_layers: i16,
+    kem_alias: &str,
+    layer_keys: &[i64],
+) -> Result<i64, tokio_postgres::Error> {
+    let id: i64 = c
+        .query_one(
+            "INSERT INTO encryption_policies (policy_name, mode, layer_selection, min_layers, max_layers) \
+             VALUES ($1, 'local', $2, $3, $4) RETURNING id",
+            &[&name, &layer_selection, &min_layers, &max_layers],
+        )
+        .await?
+        .get(0);
+    c.execute(
+        "INSERT INTO policy_algorithms (policy_id, algo_id, role) \
+         SELECT $1::bigint, algo_id, 'kem' FROM crypto_standard_aliases WHERE alias = $2",
+        &[&id, &kem_alias],
+    )
+    .await?;
+    let priorities: Vec<i32> = (0..layer_keys.len() as i32).rev().collect();
+    c.execute(
+        "INSERT INTO policy_kms_keys (policy_id, kms_key_id, priority) \
+         SELECT $1::bigint, k, p FROM unnest($2::bigint[], $3::int[]) AS x(k, p)",
+        &[&id, &layer_keys, &priorities],
+    )
+    .await?;
+    Ok(id)
+}
+
+/// `n` wrappers, alternating `legacy-aes-gcm` (wrapped under two KEKs,
+/// kms1 and kms2) and `legacy-x25519` (kms1 only), plus a policy `policy`
+/// with `layers` fresh `kem` keys (`defined`, min 1, max `layers`). Keys go
+/// into `keys` under references starting with `prefix`.
+pub async fn seed_wrappers(
+    c: &impl GenericClient,
+    keys: &mut SampleKeys,
+    prefix: &str,
+    n: usize,
+    kem: Kem,
+    layers: usize,
+    policy: &str,
+) -> Result<WrapperSeed, tokio_postgres::Error> {
+    let kek_a = keys.generate(&format!("local:{prefix}kek-a"), "AES-256-GCM", 32);
+    let kek_b = keys.generate(&format!("local:{prefix}kek-b"), "AES-256-GCM", 32);
+    let ecies = keys.generate(&format!("local:{prefix}ecies"), "X25519", 32);
+    let kek_a: [u8; 32] = kek_a[..].try_into().expect("32 bytes");
+    let kek_b: [u8; 32] = kek_b[..].try_into().expect("32 bytes");
+    let ecies_pub = wrap::x25519_public(&ecies[..].try_into().expect("32 bytes"));
+    let id_a =
+        kms::kms_key_register(c, &format!("local:{prefix}kek-a"), "wrap", "AES-256-GCM").await?;
+    let id_b =
+        kms::kms_key_register(c, &format!("local:{prefix}kek-b"), "wrap", "AES-256-GCM").await?;
+    let id_x = kms::kms_key_register(c, &format!("local:{prefix}ecies"), "wrap", "X25519").await?;
+
+    let mut layer_key_ids = Vec::with_capacity(layers);
+    for j in 0..layers {
+        let key_ref = format!("local:{prefix}pq-{j}");
+        keys.generate(&key_ref, kem.alias(), kem.seed_len());
+        layer_key_ids.push(kms::kms_key_register(c, &key_ref, "wrap", kem.alias()).await?);
+    }
+    let policy_id = policy_create(
+        c,
+        policy,
+        "defined",
+        1,
+        layers as i16,
+        kem.alias(),
+        &layer_key_ids,
+    )
+    .await?;
+    let kem_algo_id: i64 = c
+        .query_one(
+            "SELECT algo_id FROM crypto_standard_aliases WHERE alias = $1",
+            &[&kem.alias()],
+        )
+        .await?
+        .get(0);
+
+    let mut deks = Vec::with_capacity(n);
+    for chunk_start in (0..n).step_by(5_000) {
+        let m = (n - chunk_start).min(5_000);
+        let mut uuids = Vec::with_capacity(m);
+        let (mut k1, mut k2) = (Vec::with_capacity(m), Vec::with_capacity(m));
+        let (mut w1, mut w2) = (Vec::with_capacity(m), Vec::with_capacity(m));
+        let mut suites = Vec::with_capacity(m);
+        let mut chunk_deks = Vec::with_capacity(m);
+        for i in chunk_start..chunk_start + m {
+            let uuid = uuid::Uuid::new_v4().to_string();
+            let mut dek = [0u8; 32];
+            rand::fill(&mut dek);
+            if i % 2 == 0 {
+                k1.push(id_a);
+                k2.push(Some(id_b));
+                w1.push(wrap::seal_legacy_aes(&kek_a, &uuid, &dek));
+                w2.push(Some(wrap::seal_legacy_aes(&kek_b, &uuid, &dek)));
+                suites.push(json!({"format": wrap::FORMAT_LEGACY_AES}));
+            } else {
+                k1.push(id_x);
+                k2.push(None);
+                w1.push(wrap::seal_legacy_x25519(&ecies_pub, &uuid, &dek));
+                w2.push(None);
+                suites.push(json!({"format": wrap::FORMAT_LEGACY_X25519}));
+            }
+            uuids.push(uuid);
+            chunk_deks.push(dek);
+        }
+        let rows = c
+            .query(
+                "INSERT INTO key_wrappers (wrapper_uuid, kms1_key_id, kms2_key_id, dek_wrap1, dek_wrap2, crypto_suite) \
+                 SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bytea[], $5::bytea[], $6::jsonb[]) \
+                 RETURNING id, wrapper_uuid::text",
+                &[&uuids, &k1, &k2, &w1, &w2, &suites],
+            )
+            .await?;
+        let by_uuid: std::collections::HashMap<&str, [u8; 32]> =
+            uuids.iter().map(String::as_str).zip(chunk_deks).collect();
+        for r in &rows {
+            let uuid: String = r.get(1);
+            deks.push((r.get(0), by_uuid[uuid.trim_end()]));
+        }
+    }
+    deks.sort_unstable_by_key(|(id, _)| *id);
+    Ok(WrapperSeed {
+        policy_id,
+        kem_algo_id,
+        layer_key_ids,
+        legacy_key_ids: [id_a, id_b, id_x],
+        deks,
+    })
+}

@@ -1,0 +1,954 @@
+//! The `wrappers` scope (SPEC §5.1, §5.2, §6.2): recover each wrapper's DEK
+//! (legacy formats via kms1 then kms2, `pqmig-wrap-v1` via its layers),
+//! choose the policy's layer keys, build a `pqmig-wrap-v1` wrap, open it
+//! again with the provider's keys (verify before write) and write it with
+//! compare-and-set (see `db::wrappers`).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use tokio_postgres::GenericClient;
+use zeroize::Zeroizing;
+
+use super::{BatchCounts, ItemFailure, JobError, ScopeContext};
+use crate::crypto::kem::{Kem, KemKeyPair};
+use crate::crypto::wrap::{self, WrapError};
+use crate::db::jobs::ClaimedJob;
+use crate::db::kms::{self, KmsKey};
+use crate::db::wrappers::{
+    self as dbw, NewLayers, Policy, WrapperFilter, WrapperRow, WrapperUpdates,
+};
+use crate::keys::{KeyProvider, LocalKeyring};
+use crate::selection::{self, Common};
+
+fn fatal(msg: impl Into<String>) -> JobError {
+    JobError::Fatal(msg.into())
+}
+
+/// The placeholders an `aad_template` string may use (SPEC §5.2).
+const PLACEHOLDERS: &[&str] = &[
+    "wrapper_id",
+    "wrapper_uuid",
+    "policy_id",
+    "policy_name",
+    "wrap_version",
+];
+
+/// How the layer keys of a wrapper are chosen (SPEC §6.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerSelection {
+    Defined,
+    RoundRobin,
+    Random,
+    HashMod,
+}
+
+impl LayerSelection {
+    pub fn parse(s: &str) -> Option<LayerSelection> {
+        match s {
+            "defined" => Some(LayerSelection::Defined),
+            "round_robin" => Some(LayerSelection::RoundRobin),
+            "random" => Some(LayerSelection::Random),
+            "hash_mod" => Some(LayerSelection::HashMod),
+            _ => None,
+        }
+    }
+}
+
+/// Choose which of `count` candidate keys (most preferred first) wrap one
+/// wrapper; returns their indexes in layer order.
+///
+/// - `defined`: the first min(max_layers, count).
+/// - `round_robin`: min_layers keys from offset `wrapper_id mod count`.
+/// - `hash_mod`: the same, the offset being the first 8 bytes of
+///   SHA-256(uuid) as a big-endian integer, mod count.
+/// - `random`: min_layers distinct keys drawn with probability
+///   proportional to weight (keys of weight ≤ 0 are never drawn).
+pub fn choose_layers(
+    mode: LayerSelection,
+    weights: &[i32],
+    min_layers: usize,
+    max_layers: usize,
+    wrapper_id: i64,
+    uuid: &str,
+    rng: &mut impl rand::Rng,
+) -> Vec<usize> {
+    let count = weights.len();
+    let rotate = |offset: usize| (0..min_layers).map(|i| (offset + i) % count).collect();
+    match mode {
+        LayerSelection::Defined => (0..max_layers.min(count)).collect(),
+        LayerSelection::RoundRobin => rotate(wrapper_id.rem_euclid(count as i64) as usize),
+        LayerSelection::HashMod => {
+            let h = Sha256::digest(uuid.as_bytes());
+            let n = u64::from_be_bytes(h[..8].try_into().expect("8 bytes"));
+            rotate((n % count as u64) as usize)
+        }
+        LayerSelection::Random => {
+            let mut left: Vec<(usize, u64)> = weights
+                .iter()
+                .enumerate()
+                .filter(|(_, w)| **w > 0)
+                .map(|(i, w)| (i, *w as u64))
+                .collect();
+            let mut out = Vec::with_capacity(min_layers);
+            while out.len() < min_layers && !left.is_empty() {
+                let total: u64 = left.iter().map(|(_, w)| w).sum();
+                let mut pick = rand::RngExt::random_range(rng, 0..total);
+                let at = left
+                    .iter()
+                    .position(|(_, w)| {
+                        if pick < *w {
+                            true
+                        } else {
+                            pick -= w;
+                            false
+                        }
+                    })
+                    .expect("pick < total");
+                out.push(left.remove(at).0);
+            }
+            out
+        }
+    }
+}
+
+/// Every `{name}` placeholder in the string values of `v`, at any depth.
+fn placeholders(v: &Value, out: &mut Vec<String>) {
+    match v {
+        Value::String(s) => {
+            let mut rest = s.as_str();
+            while let Some(open) = rest.find('{') {
+                let after = &rest[open + 1..];
+                match after.find('}') {
+                    Some(close)
+                        if close > 0
+                            && after[..close]
+                                .bytes()
+                                .all(|b| b.is_ascii_alphanumeric() || b == b'_') =>
+                    {
+                        out.push(after[..close].to_owned());
+                        rest = &after[close + 1..];
+                    }
+                    _ => rest = after,
+                }
+            }
+        }
+        Value::Array(items) => items.iter().for_each(|i| placeholders(i, out)),
+        Value::Object(map) => map.values().for_each(|i| placeholders(i, out)),
+        _ => {}
+    }
+}
+
+/// The policy's AAD template, or the default of SPEC §5.2; an unknown
+/// placeholder is an error naming it.
+pub fn aad_template(policy: &Policy) -> Result<Value, String> {
+    let template = match &policy.aad_template {
+        None | Some(Value::Null) => {
+            json!({"wrapper_uuid": "{wrapper_uuid}", "wrap_version": "{wrap_version}"})
+        }
+        Some(t @ Value::Object(_)) => t.clone(),
+        Some(_) => {
+            return Err(format!(
+                "policy {:?}: aad_template must be a JSON object",
+                policy.name
+            ));
+        }
+    };
+    let mut found = Vec::new();
+    placeholders(&template, &mut found);
+    if let Some(bad) = found.iter().find(|p| !PLACEHOLDERS.contains(&p.as_str())) {
+        return Err(format!(
+            "policy {:?}: aad_template uses unknown placeholder {{{bad:.64}}} (known: {})",
+            policy.name,
+            PLACEHOLDERS.join(", ")
+        ));
+    }
+    Ok(template)
+}
+
+/// Substitute the placeholders into every string value of the template.
+pub fn render_aad(template: &Value, values: &[(&str, String)]) -> Value {
+    match template {
+        Value::String(s) => {
+            let mut out = s.clone();
+            for (name, value) in values {
+                out = out.replace(&format!("{{{name}}}"), value);
+            }
+            Value::String(out)
+        }
+        Value::Array(items) => Value::Array(items.iter().map(|i| render_aad(i, values)).collect()),
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .map(|(k, v)| (k.clone(), render_aad(v, values)))
+                .collect(),
+        ),
+        other => other.clone(),
+    }
+}
+
+/// The KEM an algorithm row stands for, if pqmig can wrap with it.
+pub fn kem_of(algo: &crate::db::algorithms::Algorithm) -> Option<Kem> {
+    if algo.class != "kem" {
+        return None;
+    }
+    match (
+        algo.name.to_ascii_uppercase().as_str(),
+        algo.variant.as_deref(),
+    ) {
+        ("ML-KEM", Some("768")) => Some(Kem::MlKem768),
+        ("ML-KEM", Some("1024")) => Some(Kem::MlKem1024),
+        ("X-WING", None | Some("")) => Some(Kem::XWing),
+        _ => None,
+    }
+}
+
+/// A key an existing wrapper is opened with.
+pub enum SourceKey {
+    Aes(Zeroizing<[u8; 32]>),
+    X25519(Zeroizing<[u8; 32]>),
+    Kem(KemKeyPair),
+}
+
+/// Resolve the secret of a `kms_keys` row into a usable key.
+fn source_key(keyring: &dyn KeyProvider, key: &KmsKey) -> Result<SourceKey, String> {
+    if key.provider != "local" {
+        return Err(format!(
+            "key {} ({:?}) belongs to provider {:?}, which this build does not implement",
+            key.id, key.key_ref, key.provider
+        ));
+    }
+    let secret = keyring.secret(&key.key_ref).map_err(|e| e.to_string())?;
+    let fixed = |b: &[u8]| -> Zeroizing<[u8; 32]> {
+        let mut k = Zeroizing::new([0u8; 32]);
+        k.copy_from_slice(b);
+        k
+    };
+    match secret.algorithm.as_str() {
+        "AES-256-GCM" => Ok(SourceKey::Aes(fixed(&secret.bytes))),
+        "X25519" => Ok(SourceKey::X25519(fixed(&secret.bytes))),
+        other => match Kem::from_alias(other) {
+            Some(kem) => KemKeyPair::from_seed(kem, &secret.bytes)
+                .map(SourceKey::Kem)
+                .map_err(|e| format!("key {:?}: {e}", key.key_ref)),
+            None => Err(format!(
+                "key {:?} is a {other} key, which cannot open a wrapper",
+                key.key_ref
+            )),
+        },
+    }
+}
+
+/// A usable layer key of the target policy.
+pub struct LayerKey {
+    pub kms_key_id: i64,
+    pub weight: i32,
+    pub pair: KemKeyPair,
+}
+
+/// What the computation threads share for the whole job.
+pub struct Plan {
+    pub job_id: i64,
+    pub policy: Policy,
+    pub mode: LayerSelection,
+    pub kem: Kem,
+    pub kem_algo_id: i64,
+    pub template: Value,
+    pub layer_keys: Vec<LayerKey>,
+    pub verify: bool,
+    pub source: SourceKeys,
+}
+
+/// The keys existing wrappers are opened with, by `kms_keys.id`, resolved
+/// once per job; an error is the reason a key cannot be used (a `data`
+/// failure of the items that need it).
+pub struct SourceKeys {
+    keyring: Arc<LocalKeyring>,
+    keys: Mutex<HashMap<i64, Arc<Result<SourceKey, String>>>>,
+}
+
+/// A wrappers job checked against the database, its keys not loaded.
+pub struct Checked {
+    sel: selection::Wrappers,
+    policy: Policy,
+    mode: LayerSelection,
+    kem: Kem,
+    kem_algo_id: i64,
+    template: Value,
+    candidates: Vec<kms::PolicyKey>,
+}
+
+pub struct WrappersJob {
+    sel: selection::Wrappers,
+    filter: WrapperFilter,
+    plan: Arc<Plan>,
+}
+
+/// The new values of one batch.
+pub struct Computed {
+    pub updates: WrapperUpdates,
+    pub failures: Vec<ItemFailure>,
+    pub skipped: i64,
+}
+
+impl WrappersJob {
+    /// Validate the job and load its keys; nothing is written.
+    pub async fn prepare(
+        c: &impl GenericClient,
+        job: &ClaimedJob,
+        ctx: &ScopeContext,
+    ) -> Result<WrappersJob, JobError> {
+        Self::check(c, job).await?.load_keys(job.lease.job_id, ctx)
+    }
+
+    /// Every check that needs only the database.
+    pub async fn check(c: &impl GenericClient, job: &ClaimedJob) -> Result<Checked, JobError> {
+        let sel =
+            selection::parse_wrappers(job.selection.as_ref()).map_err(|e| fatal(e.to_string()))?;
+        let policy_id = job.target_policy_id.ok_or_else(|| {
+            fatal("target_policy_id is required for the wrappers scope (the policy to wrap under)")
+        })?;
+        let policy = dbw::policy_by_id(c, policy_id)
+            .await?
+            .ok_or_else(|| fatal(format!("target policy id {policy_id} does not exist")))?;
+        let mode = LayerSelection::parse(&policy.layer_selection).ok_or_else(|| {
+            fatal(format!(
+                "policy {:?}: unknown layer_selection {:?}",
+                policy.name, policy.layer_selection
+            ))
+        })?;
+        if policy.min_layers < 1 || policy.max_layers < policy.min_layers {
+            return Err(fatal(format!(
+                "policy {:?}: min_layers {} and max_layers {} do not allow any layer count",
+                policy.name, policy.min_layers, policy.max_layers
+            )));
+        }
+        let algo_id = match job.target_algo_id {
+            Some(id) => id,
+            None => dbw::policy_kem(c, policy.id).await?.ok_or_else(|| {
+                fatal(format!(
+                    "no target KEM: the job has no target_algo_id and policy {:?} has no kem in policy_algorithms",
+                    policy.name
+                ))
+            })?,
+        };
+        let algo = crate::db::algorithms::algorithm_by_id(c, algo_id)
+            .await?
+            .ok_or_else(|| fatal(format!("target algorithm id {algo_id} does not exist")))?;
+        let label = algo.label();
+        if algo.class != "kem" {
+            return Err(fatal(format!(
+                "target algorithm {label} (id {algo_id}) is not a KEM: the wrappers scope needs ML-KEM-768, ML-KEM-1024 or X-Wing"
+            )));
+        }
+        if algo.params.get("pq").and_then(Value::as_bool) != Some(true) {
+            return Err(fatal(format!(
+                "target algorithm {label} (id {algo_id}) is not post-quantum"
+            )));
+        }
+        algo.check_usable(sel.common.allow_experimental)
+            .map_err(fatal)?;
+        let kem = kem_of(&algo).ok_or_else(|| {
+            fatal(format!(
+                "target algorithm {label} (id {algo_id}) is not supported for wrapping (ML-KEM-768, ML-KEM-1024 or X-Wing)"
+            ))
+        })?;
+        let template = aad_template(&policy).map_err(fatal)?;
+
+        let all = kms::policy_keys(c, policy.id).await?;
+        let candidates: Vec<kms::PolicyKey> = all
+            .iter()
+            .filter(|k| {
+                k.key.status == "active"
+                    && matches!(k.key.purpose.as_str(), "wrap" | "both")
+                    && k.key.provider_enabled
+                    && k.key
+                        .algorithm
+                        .as_deref()
+                        .is_some_and(|a| a.eq_ignore_ascii_case(kem.alias()))
+                    && (mode != LayerSelection::Random || k.weight > 0)
+            })
+            .cloned()
+            .collect();
+        let min = policy.min_layers as usize;
+        if candidates.len() < min {
+            return Err(fatal(format!(
+                "policy {:?} has {} usable {} keys (active, purpose wrap or both, provider enabled{}), needs at least min_layers {min}; it lists {} keys in all",
+                policy.name,
+                candidates.len(),
+                kem.alias(),
+                if mode == LayerSelection::Random {
+                    ", weight > 0"
+                } else {
+                    ""
+                },
+                all.len()
+            )));
+        }
+        Ok(Checked {
+            sel,
+            policy,
+            mode,
+            kem,
+            kem_algo_id: algo_id,
+            template,
+            candidates,
+        })
+    }
+}
+
+impl Checked {
+    /// The layer keys, last: a keyring problem is reported only for a job
+    /// that is otherwise valid.
+    pub fn load_keys(self, job_id: i64, ctx: &ScopeContext) -> Result<WrappersJob, JobError> {
+        let path = ctx.keyring.as_ref().ok_or_else(|| {
+            fatal("no keyring configured (keys.keyring or PQMIG_KEYRING) to read the wrapping keys from")
+        })?;
+        let keyring = Arc::new(LocalKeyring::load(path).map_err(|e| fatal(e.to_string()))?);
+        let mut layer_keys = Vec::with_capacity(self.candidates.len());
+        for c in &self.candidates {
+            let secret =
+                crate::keys::kms_secret(&*keyring, &c.key, self.kem.alias()).map_err(|e| {
+                    fatal(format!(
+                        "layer key {} of policy {:?}: {e}",
+                        c.key.id, self.policy.name
+                    ))
+                })?;
+            let pair = KemKeyPair::from_seed(self.kem, &secret.bytes)
+                .map_err(|e| fatal(format!("layer key {:?}: {e}", c.key.key_ref)))?;
+            layer_keys.push(LayerKey {
+                kms_key_id: c.key.id,
+                weight: c.weight,
+                pair,
+            });
+        }
+        let filter = WrapperFilter::new(&self.sel);
+        Ok(WrappersJob {
+            filter,
+            plan: Arc::new(Plan {
+                job_id,
+                verify: self.sel.common.verify,
+                policy: self.policy,
+                mode: self.mode,
+                kem: self.kem,
+                kem_algo_id: self.kem_algo_id,
+                template: self.template,
+                layer_keys,
+                source: SourceKeys::new(keyring),
+            }),
+            sel: self.sel,
+        })
+    }
+}
+
+/// What became of one wrapper.
+pub enum Outcome {
+    Skip,
+    Fail(&'static str, String),
+    Write(NewWrap),
+}
+
+/// A wrapper's new values.
+pub struct NewWrap {
+    pub wrap: Vec<u8>,
+    pub suite: Value,
+    pub aad: Value,
+    pub layers: Vec<(i64, Vec<u8>, Vec<u8>)>,
+}
+
+/// Ids of the keys a wrapper needs to be opened.
+fn needed_keys(row: &WrapperRow) -> impl Iterator<Item = i64> + '_ {
+    [row.kms1, row.kms2]
+        .into_iter()
+        .flatten()
+        .chain(row.layers.iter().filter_map(|l| l.kms_key_id))
+}
+
+fn format_of(row: &WrapperRow) -> Result<&str, String> {
+    match &row.suite {
+        None | Some(Value::Null) => Ok(wrap::FORMAT_LEGACY_AES),
+        Some(s) => match s.get("format") {
+            None | Some(Value::Null) => Ok(wrap::FORMAT_LEGACY_AES),
+            Some(Value::String(f)) => Ok(f.as_str()),
+            Some(_) => Err("crypto_suite.format is not a string".into()),
+        },
+    }
+}
+
+impl SourceKeys {
+    pub fn new(keyring: Arc<LocalKeyring>) -> SourceKeys {
+        SourceKeys {
+            keyring,
+            keys: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Look up (once) the keys these wrappers are opened with.
+    pub async fn resolve(
+        &self,
+        c: &impl GenericClient,
+        rows: &[&WrapperRow],
+    ) -> Result<(), JobError> {
+        let mut wanted: Vec<i64> = {
+            let cache = self.keys.lock().expect("key cache");
+            rows.iter()
+                .flat_map(|r| needed_keys(r))
+                .filter(|id| !cache.contains_key(id))
+                .collect()
+        };
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        wanted.sort_unstable();
+        wanted.dedup();
+        let found = kms::kms_keys_by_id(c, &wanted).await?;
+        let keyring = Arc::clone(&self.keyring);
+        let resolved = tokio::task::spawn_blocking(move || {
+            wanted
+                .into_iter()
+                .map(|id| {
+                    let key = match found.iter().find(|k| k.id == id) {
+                        Some(k) => source_key(&*keyring, k),
+                        None => Err(format!("kms_keys row {id} does not exist")),
+                    };
+                    (id, Arc::new(key))
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .map_err(|e| fatal(format!("key resolution panicked: {e}")))?;
+        self.keys.lock().expect("key cache").extend(resolved);
+        Ok(())
+    }
+
+    fn key(&self, id: i64) -> Option<Arc<Result<SourceKey, String>>> {
+        self.keys.lock().expect("key cache").get(&id).cloned()
+    }
+
+    /// Recover the DEK of a wrapper: `Err((code, message))` otherwise.
+    pub fn recover(&self, row: &WrapperRow) -> Result<Zeroizing<Vec<u8>>, (&'static str, String)> {
+        let format = format_of(row).map_err(|m| ("data", m))?;
+        let mut missing: Vec<String> = Vec::new();
+        let mut failed_auth = false;
+        match format {
+            wrap::FORMAT_LEGACY_AES | wrap::FORMAT_LEGACY_X25519 => {
+                for (slot, kid, sealed) in [(1, row.kms1, &row.wrap1), (2, row.kms2, &row.wrap2)] {
+                    let Some(sealed) = sealed.as_deref().filter(|w| !w.is_empty()) else {
+                        continue;
+                    };
+                    let Some(kid) = kid else {
+                        missing.push(format!("dek_wrap{slot} has no kms{slot}_key_id"));
+                        continue;
+                    };
+                    let key = self.key(kid).expect("keys resolved before compute");
+                    let opened = match (&*key, format) {
+                        (Err(e), _) => {
+                            missing.push(e.clone());
+                            continue;
+                        }
+                        (Ok(SourceKey::Aes(k)), wrap::FORMAT_LEGACY_AES) => {
+                            wrap::open_legacy_aes(k, &row.uuid, sealed)
+                        }
+                        (Ok(SourceKey::X25519(k)), wrap::FORMAT_LEGACY_X25519) => {
+                            wrap::open_legacy_x25519(k, &row.uuid, sealed)
+                        }
+                        (Ok(_), _) => {
+                            missing.push(format!(
+                                "kms{slot}_key_id {kid} is not a key of the {format} format"
+                            ));
+                            continue;
+                        }
+                    };
+                    match opened {
+                        Ok(dek) => return Ok(dek),
+                        Err(_) => failed_auth = true,
+                    }
+                }
+                if row.wrap1.as_deref().is_none_or(<[u8]>::is_empty)
+                    && row.wrap2.as_deref().is_none_or(<[u8]>::is_empty)
+                {
+                    return Err(("data", "the wrapper has no dek_wrap1 or dek_wrap2".into()));
+                }
+            }
+            wrap::FORMAT_V1 => return self.recover_v1(row),
+            other => {
+                return Err((
+                    "data",
+                    format!("unknown wrapper format {:?}", truncate(other)),
+                ));
+            }
+        }
+        if failed_auth {
+            Err((
+                "integrity",
+                format!("{format}: no key opens the wrap (authentication failed)"),
+            ))
+        } else {
+            Err(("data", format!("{format}: {}", missing.join("; "))))
+        }
+    }
+
+    fn recover_v1(&self, row: &WrapperRow) -> Result<Zeroizing<Vec<u8>>, (&'static str, String)> {
+        let data = |m: String| ("data", m);
+        let integrity = |m: &str| ("integrity", format!("pqmig-wrap-v1: {m}"));
+        let suite = row.suite.as_ref().expect("v1 has a suite");
+        let kc = suite
+            .get("kc")
+            .and_then(Value::as_str)
+            .and_then(|s| STANDARD.decode(s).ok())
+            .ok_or_else(|| integrity("crypto_suite.kc is missing or not base64"))?;
+        if let Some(n) = suite.get("layers").and_then(Value::as_u64)
+            && n as usize != row.layers.len()
+        {
+            return Err(integrity(&format!(
+                "crypto_suite names {n} layers, {} are stored",
+                row.layers.len()
+            )));
+        }
+        if row.layers.is_empty() {
+            return Err(integrity("no layers are stored"));
+        }
+        let aad = row.layers[0].aad.clone().unwrap_or(Value::Null);
+        if row.layers.iter().any(|l| l.aad.as_ref() != Some(&aad)) {
+            return Err(integrity("the layers disagree on the AAD"));
+        }
+        let mut keys = Vec::with_capacity(row.layers.len());
+        for l in &row.layers {
+            let kid = l
+                .kms_key_id
+                .ok_or_else(|| data(format!("layer {} has no kms_key_id", l.layer_no)))?;
+            let key = self.key(kid).expect("keys resolved before compute");
+            match &*key {
+                Ok(SourceKey::Kem(_)) => keys.push((key.clone(), l)),
+                Ok(_) => {
+                    return Err(data(format!(
+                        "layer {} key {kid} is not a KEM key",
+                        l.layer_no
+                    )));
+                }
+                Err(e) => return Err(data(e.clone())),
+            }
+        }
+        let layers: Vec<(&KemKeyPair, &[u8])> = keys
+            .iter()
+            .map(|(k, l)| {
+                let Ok(SourceKey::Kem(pair)) = &**k else {
+                    unreachable!("checked above")
+                };
+                (pair, l.ciphertext.as_deref().unwrap_or_default())
+            })
+            .collect();
+        let wrap1 = row.wrap1.as_deref().unwrap_or_default();
+        wrap::open_v1(&row.uuid, &wrap::canonical_json(&aad), &layers, &kc, wrap1).map_err(|e| {
+            match e {
+                WrapError::Auth => integrity("AES-256-GCM authentication failed"),
+                WrapError::Commitment => integrity("key commitment does not match"),
+                // A ciphertext of the wrong size: stored bytes were altered.
+                WrapError::Format(m) => integrity(&m),
+            }
+        })
+    }
+}
+
+impl Plan {
+    /// Already in the target state: v1 under the same policy and KEM.
+    fn is_migrated(&self, row: &WrapperRow) -> bool {
+        let Some(s) = &row.suite else { return false };
+        s.get("format").and_then(Value::as_str) == Some(wrap::FORMAT_V1)
+            && s.get("policy_id").and_then(Value::as_i64) == Some(self.policy.id)
+            && s.get("kem")
+                .and_then(Value::as_str)
+                .is_some_and(|k| k.eq_ignore_ascii_case(self.kem.alias()))
+    }
+
+    /// The whole item: skip, fail or the new values.
+    pub fn process(&self, row: &WrapperRow, rng: &mut impl rand::Rng) -> Outcome {
+        if self.is_migrated(row) {
+            return Outcome::Skip;
+        }
+        let dek = match self.source.recover(row) {
+            Ok(d) => d,
+            Err((code, msg)) => return Outcome::Fail(code, msg),
+        };
+        if dek.len() != wrap::DEK_LEN {
+            return Outcome::Fail(
+                "data",
+                format!("the DEK is {} bytes, expected {}", dek.len(), wrap::DEK_LEN),
+            );
+        }
+        let Some(version) = row.wrap_version.checked_add(1) else {
+            return Outcome::Fail("data", "wrap_version is at its maximum".into());
+        };
+        let weights: Vec<i32> = self.layer_keys.iter().map(|k| k.weight).collect();
+        let chosen = choose_layers(
+            self.mode,
+            &weights,
+            self.policy.min_layers as usize,
+            self.policy.max_layers as usize,
+            row.id,
+            &row.uuid,
+            rng,
+        );
+        let aad = render_aad(
+            &self.template,
+            &[
+                ("wrapper_id", row.id.to_string()),
+                ("wrapper_uuid", row.uuid.clone()),
+                ("policy_id", self.policy.id.to_string()),
+                ("policy_name", self.policy.name.clone()),
+                ("wrap_version", version.to_string()),
+            ],
+        );
+        let aad_bytes = wrap::canonical_json(&aad);
+        let keys: Vec<&LayerKey> = chosen.iter().map(|&i| &self.layer_keys[i]).collect();
+        let publics: Vec<(Kem, &[u8])> = keys
+            .iter()
+            .map(|k| (self.kem, k.pair.public_key()))
+            .collect();
+        let sealed = match wrap::seal_v1(&row.uuid, &aad_bytes, &dek, &publics) {
+            Ok(s) => s,
+            Err(e) => return Outcome::Fail("verify", format!("building the wrap failed: {e}")),
+        };
+        if self.verify {
+            let layers: Vec<(&KemKeyPair, &[u8])> = keys
+                .iter()
+                .zip(&sealed.ciphertexts)
+                .map(|(k, ct)| (&k.pair, ct.as_slice()))
+                .collect();
+            let ok = wrap::open_v1(
+                &row.uuid,
+                &aad_bytes,
+                &layers,
+                &sealed.commitment,
+                &sealed.wrap,
+            )
+            .is_ok_and(|opened| bool::from(opened.ct_eq(&dek)));
+            if !ok {
+                return Outcome::Fail(
+                    "verify",
+                    "the new wrap did not open to the same DEK; nothing written".into(),
+                );
+            }
+        }
+        let suite = json!({
+            "format": wrap::FORMAT_V1,
+            "kem": self.kem.alias(),
+            "layers": keys.len(),
+            "kdf": "HKDF-SHA-384",
+            "aead": "AES-256-GCM",
+            "kc": STANDARD.encode(sealed.commitment),
+            "policy_id": self.policy.id,
+            "job_id": self.job_id,
+        });
+        Outcome::Write(NewWrap {
+            wrap: sealed.wrap,
+            suite,
+            aad,
+            layers: keys
+                .iter()
+                .zip(sealed.ciphertexts)
+                .map(|(k, ct)| (k.kms_key_id, ct, k.pair.public_key().to_vec()))
+                .collect(),
+        })
+    }
+
+    /// A batch, in order, on the calling thread.
+    pub fn compute(&self, rows: &[WrapperRow]) -> Computed {
+        let mut rng = rand::rng();
+        let mut out = Computed {
+            updates: WrapperUpdates::default(),
+            failures: Vec::new(),
+            skipped: 0,
+        };
+        let meta = json!({"job_id": self.job_id, "format": wrap::FORMAT_V1});
+        for row in rows {
+            match self.process(row, &mut rng) {
+                Outcome::Skip => out.skipped += 1,
+                Outcome::Fail(code, message) => out.failures.push(ItemFailure {
+                    item_id: row.id,
+                    code,
+                    message,
+                }),
+                Outcome::Write(new) => {
+                    let u = &mut out.updates;
+                    u.ids.push(row.id);
+                    u.old_versions.push(row.wrap_version);
+                    u.old_wrap1.push(row.wrap1.clone());
+                    u.old_wrap2.push(row.wrap2.clone());
+                    u.old_suites.push(row.suite.clone());
+                    u.new_wrap1.push(new.wrap);
+                    u.new_suites.push(new.suite);
+                    let l: &mut NewLayers = &mut u.layers;
+                    for (j, (kid, ct, pk)) in new.layers.into_iter().enumerate() {
+                        l.wrapper_ids.push(row.id);
+                        l.layer_nos.push(j as i16 + 1);
+                        l.kms_key_ids.push(kid);
+                        l.kem_algo_ids.push(self.kem_algo_id);
+                        l.ciphertexts.push(ct);
+                        l.public_keys.push(pk);
+                        l.aads.push(new.aad.clone());
+                        l.metas.push(meta.clone());
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+fn truncate(s: &str) -> &str {
+    let mut end = s.len().min(64);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// Append `b` to `a` (results of chunks computed in parallel, in order).
+fn merge(a: &mut Computed, b: Computed) {
+    let (u, v) = (&mut a.updates, b.updates);
+    u.ids.extend(v.ids);
+    u.old_versions.extend(v.old_versions);
+    u.old_wrap1.extend(v.old_wrap1);
+    u.old_wrap2.extend(v.old_wrap2);
+    u.old_suites.extend(v.old_suites);
+    u.new_wrap1.extend(v.new_wrap1);
+    u.new_suites.extend(v.new_suites);
+    let (l, m) = (&mut u.layers, v.layers);
+    l.wrapper_ids.extend(m.wrapper_ids);
+    l.layer_nos.extend(m.layer_nos);
+    l.kms_key_ids.extend(m.kms_key_ids);
+    l.kem_algo_ids.extend(m.kem_algo_ids);
+    l.ciphertexts.extend(m.ciphertexts);
+    l.public_keys.extend(m.public_keys);
+    l.aads.extend(m.aads);
+    l.metas.extend(m.metas);
+    a.failures.extend(b.failures);
+    a.skipped += b.skipped;
+}
+
+impl WrappersJob {
+    pub fn common(&self) -> &Common {
+        &self.sel.common
+    }
+
+    pub fn plan(&self) -> &Arc<Plan> {
+        &self.plan
+    }
+
+    pub async fn count(
+        &self,
+        c: &impl GenericClient,
+        after: i64,
+        cap: i64,
+    ) -> Result<i64, JobError> {
+        Ok(dbw::wrappers_count(c, &self.filter, after, cap).await?)
+    }
+
+    /// The next batch, with every key its wrappers need resolved.
+    pub async fn fetch(
+        &self,
+        c: &impl GenericClient,
+        after: i64,
+        n: i64,
+    ) -> Result<Vec<WrapperRow>, JobError> {
+        let rows = dbw::wrappers_fetch_batch(c, &self.filter, after, n).await?;
+        self.resolve_keys(c, &rows).await?;
+        Ok(rows)
+    }
+
+    async fn resolve_keys(
+        &self,
+        c: &impl GenericClient,
+        rows: &[WrapperRow],
+    ) -> Result<(), JobError> {
+        let rows: Vec<&WrapperRow> = rows.iter().collect();
+        self.plan.source.resolve(c, &rows).await
+    }
+
+    /// The CPU part of a batch, split across the cores on blocking threads.
+    pub async fn compute_off_thread(&self, rows: Vec<WrapperRow>) -> Result<Computed, JobError> {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let per = rows.len().div_ceil(threads).max(8);
+        let rows = Arc::new(rows);
+        let mut tasks = Vec::new();
+        for start in (0..rows.len()).step_by(per.max(1)) {
+            let (plan, rows) = (Arc::clone(&self.plan), Arc::clone(&rows));
+            let end = (start + per).min(rows.len());
+            tasks.push(tokio::task::spawn_blocking(move || {
+                plan.compute(&rows[start..end])
+            }));
+        }
+        let mut out = Computed {
+            updates: WrapperUpdates::default(),
+            failures: Vec::new(),
+            skipped: 0,
+        };
+        for t in tasks {
+            let part = t
+                .await
+                .map_err(|e| fatal(format!("wrapper computation panicked: {e}")))?;
+            merge(&mut out, part);
+        }
+        Ok(out)
+    }
+
+    /// Write a computed batch in the caller's transaction; wrappers that
+    /// changed since they were read are locked, re-read and recomputed.
+    pub async fn write(
+        &self,
+        tx: &impl GenericClient,
+        job_id: i64,
+        computed: Computed,
+    ) -> Result<(BatchCounts, Vec<ItemFailure>), JobError> {
+        let backup = self.sel.common.backup;
+        let Computed {
+            updates,
+            mut failures,
+            mut skipped,
+        } = computed;
+        let mut migrated = 0i64;
+        if self.sel.common.dry_run {
+            migrated = updates.ids.len() as i64;
+        } else {
+            let done = dbw::wrappers_update_batch(tx, job_id, &updates, backup).await?;
+            migrated += done.len() as i64;
+            if done.len() < updates.ids.len() {
+                let done: std::collections::HashSet<i64> = done.into_iter().collect();
+                let conflicted: Vec<i64> = updates
+                    .ids
+                    .iter()
+                    .copied()
+                    .filter(|id| !done.contains(id))
+                    .collect();
+                let rows = dbw::wrappers_lock_rows(tx, &self.filter, &conflicted).await?;
+                // Wrappers deleted or moved out of the selection meanwhile
+                // are no longer items of this job.
+                skipped += (conflicted.len() - rows.len()) as i64;
+                self.resolve_keys(tx, &rows).await?;
+                let plan = Arc::clone(&self.plan);
+                let again = tokio::task::spawn_blocking(move || plan.compute(&rows))
+                    .await
+                    .map_err(|e| fatal(format!("wrapper computation panicked: {e}")))?;
+                skipped += again.skipped;
+                failures.extend(again.failures);
+                let n = dbw::wrappers_update_batch(tx, job_id, &again.updates, backup).await?;
+                if n.len() != again.updates.ids.len() {
+                    return Err(JobError::Transient("wrappers changed while locked".into()));
+                }
+                migrated += n.len() as i64;
+            }
+        }
+        let counts = BatchCounts {
+            migrated,
+            skipped,
+            failed: failures.len() as i64,
+            integrity: failures.iter().filter(|f| f.code == "integrity").count() as i64,
+        };
+        Ok((counts, failures))
+    }
+}
