@@ -445,3 +445,47 @@ async fn waiting_for_a_pooled_connection_is_bounded() {
     drop(held);
     let _again = pool.get().await.expect("free again");
 }
+
+/// `database.statement_timeout` reaches the daemon's connections: a batch
+/// made slow on purpose (a trigger sleeping per updated row) is cancelled
+/// by the server, halved and retried until it fits, and the job finishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_past_statement_timeout_shrinks_and_succeeds() {
+    use crate::hashes_fixture::{Fixture, terminal};
+    let fx = Fixture::new(300).await;
+    fx.db
+        .client()
+        .await
+        .batch_execute(
+            "CREATE FUNCTION slow_row() RETURNS trigger LANGUAGE plpgsql AS \
+               $$ BEGIN PERFORM pg_sleep(0.01); RETURN NEW; END $$; \
+             CREATE TRIGGER slow_users BEFORE UPDATE ON users \
+               FOR EACH ROW EXECUTE FUNCTION slow_row();",
+        )
+        .await
+        .expect("slow trigger");
+    let config = fx.dir.path().join("pqmig.toml");
+    std::fs::write(
+        &config,
+        "[database]\nstatement_timeout = \"1s\"\n[worker]\nbatch_target = \"200ms\"\n",
+    )
+    .expect("config");
+    // 200 rows take 2 s to update: over the timeout until halved to 50.
+    let id = fx.enqueue(serde_json::json!({"batch_size": 200})).await;
+    let mut daemon = fx.spawn_daemon("d", &[("PQMIG_CONFIG", config.to_str().expect("utf-8"))]);
+    let j = fx.wait_job(id, 90, terminal).await;
+    crate::hashes_fixture::terminate(&mut daemon);
+    let log = fx.log("d");
+    assert_eq!(
+        (j.status.as_str(), j.processed, j.failed),
+        ("done", 300, 0),
+        "{j:?}\n{log}"
+    );
+    fx.assert_all_migrated_once().await;
+    assert!(
+        log.contains("hit a server timeout; retrying smaller")
+            && log.contains("canceling statement due to statement timeout"),
+        "the first batch was cancelled by the server and shrunk:\n{log}"
+    );
+    assert_eq!(fx.events(id, "failed").await, 0);
+}
