@@ -649,3 +649,14 @@ fn redaction_covers_awkward_passwords() {
         "postgres://u:***@host:5432/db?sslmode=require"
     );
 }
+
+#[test]
+fn a_malformed_key_value_string_is_not_echoed() {
+    let msg = err(load(
+        None,
+        &[("DATABASE_URL", "host=h password=half other-half-pw")],
+        FlagOverrides::default(),
+    ));
+    assert!(msg.contains("database.url"), "{msg}");
+    assert!(!msg.contains("half"), "{msg}");
+}

@@ -352,7 +352,10 @@ fn kv_params(s: &str) -> Result<Vec<KvParam>, String> {
         }
         skip_ws(&mut it);
         if it.next().map(|(_, c)| c) != Some('=') {
-            return Err(format!("expected `=` after the parameter name {key:?}"));
+            // Not quoting the word: it may be half of a password.
+            return Err(format!(
+                "expected `=` after a parameter name (at byte {start})"
+            ));
         }
         skip_ws(&mut it);
         let mut value = Zeroizing::new(String::new());
