@@ -14,11 +14,12 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+mod connstring;
 mod database;
 
+pub use connstring::{ConnString, redact_url, split_conn_string};
 pub use database::{
-    CREDENTIAL_PASSWORD, CREDENTIAL_URL, ConnString, DatabaseConfig, DatabaseUrl, RootCerts,
-    Secret, SslMode, redact_url, split_conn_string,
+    CREDENTIAL_PASSWORD, CREDENTIAL_URL, DatabaseConfig, DatabaseUrl, RootCerts, Secret, SslMode,
 };
 
 /// Used when neither `--config` nor `PQMIG_CONFIG` is given and the file exists.
