@@ -53,6 +53,25 @@ pub async fn verify(config: &Config, job_id: i64) -> anyhow::Result<()> {
     }
     let (checked, bad) = match j.scope.as_str() {
         "wrappers" => verify_wrappers(&client, keyring(config)?, job_id).await?,
+        "hashes" => {
+            let h = hashes_job(config, &client, job_id).await?;
+            let (checked, changed, bad) = h.verify_job(&client, job_id).await?;
+            if checked + changed == 0 && !h.common().backup {
+                return Err(anyhow::anyhow!(
+                    "job {job_id} ran with backup off: there is nothing to verify the hashes against"
+                ));
+            }
+            if changed > 0 {
+                println!(
+                    "job {job_id}: {changed} rows changed since the job (another version now); not checked"
+                );
+            }
+            let bad = bad
+                .into_iter()
+                .map(|(item, why)| Mismatch { item, why })
+                .collect();
+            (checked, bad)
+        }
         other => {
             return Err(UsageError(format!(
                 "verify is not available for {other} jobs in this build"
@@ -147,6 +166,27 @@ async fn verify_wrappers(
     Ok((checked, bad))
 }
 
+/// A hashes job prepared as the daemon would (its pepper loaded).
+async fn hashes_job(
+    config: &Config,
+    client: &Client,
+    job_id: i64,
+) -> anyhow::Result<crate::scope::hashes::HashesJob> {
+    let probe = jobs::job_probe(client, job_id)
+        .await?
+        .ok_or_else(|| UsageError(format!("no job with id {job_id}")))?;
+    let ctx = crate::scope::ScopeContext {
+        keyring: Some(config.keyring.clone().ok_or_else(|| {
+            UsageError("no keyring configured (keys.keyring or PQMIG_KEYRING)".into())
+        })?),
+    };
+    match crate::scope::Prepared::prepare(client, &probe, &ctx).await {
+        Ok(crate::scope::Prepared::Hashes(h)) => Ok(h),
+        Ok(_) => unreachable!("a hashes job prepares as hashes"),
+        Err(e) => Err(anyhow::anyhow!("job {job_id} cannot be checked: {e}")),
+    }
+}
+
 /// `pqmig rollback JOB`.
 pub async fn rollback(config: &Config, job_id: i64) -> anyhow::Result<()> {
     let mut client = db::connect(&config.database).await?;
@@ -159,23 +199,30 @@ pub async fn rollback(config: &Config, job_id: i64) -> anyhow::Result<()> {
         ))
         .into());
     }
-    match j.scope.as_str() {
-        "wrappers" => {}
+    let hashes = match j.scope.as_str() {
+        "wrappers" => None,
+        "hashes" => Some(hashes_job(config, &client, job_id).await?),
         other => {
             return Err(UsageError(format!(
                 "rollback is not available for {other} jobs in this build"
             ))
             .into());
         }
-    }
+    };
     let (mut restored, mut seen, mut after) = (0i64, 0i64, i64::MIN);
     loop {
         let tx = client.transaction().await?;
-        let (ids, n, last) = dbw::wrappers_rollback_batch(&tx, job_id, after, PAGE).await?;
+        let (done, n, last) = match &hashes {
+            Some(h) => h.rollback_batch(&tx, job_id, after, PAGE).await?,
+            None => {
+                let (ids, n, last) = dbw::wrappers_rollback_batch(&tx, job_id, after, PAGE).await?;
+                (ids.len() as i64, n, last)
+            }
+        };
         tx.commit().await?;
         let Some(last) = last else { break };
         after = last;
-        restored += ids.len() as i64;
+        restored += done;
         seen += n;
     }
     if seen == 0 {

@@ -3,6 +3,7 @@
 
 mod common;
 
+mod aftercare;
 mod cli;
 mod config;
 mod database;

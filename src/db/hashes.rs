@@ -229,6 +229,77 @@ impl HashStatements {
     }
 }
 
+/// A backed-up previous value of a hashes job.
+#[derive(Debug, Clone)]
+pub struct HashBackup {
+    pub backup_id: i64,
+    pub item_id: i64,
+    pub old_hash: Vec<u8>,
+    pub old_version: String,
+}
+
+impl HashStatements {
+    /// The job's backups after backup id `after`, in backup id order.
+    pub async fn hashes_backups(
+        &self,
+        c: &impl GenericClient,
+        job_id: i64,
+        after: i64,
+        n: i64,
+    ) -> Result<Vec<HashBackup>, tokio_postgres::Error> {
+        let rows = c
+            .query(
+                "SELECT id, item_id::bigint, decode(data->>'value_hex', 'hex'), data->>'version'                  FROM pq_migration_backups WHERE job_id = $1 AND item_table = $2 AND id > $3                  ORDER BY id LIMIT $4",
+                &[&job_id, &self.table, &after, &n],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| HashBackup {
+                backup_id: r.get(0),
+                item_id: r.get(1),
+                old_hash: r.get(2),
+                old_version: r.get(3),
+            })
+            .collect())
+    }
+
+    /// The rows with these ids as they are now (no selection filters).
+    pub async fn hashes_current(
+        &self,
+        c: &impl GenericClient,
+        ids: &[i64],
+    ) -> Result<Vec<HashRow>, tokio_postgres::Error> {
+        let (from, id, hash, ver) = (&self.from, &self.id, &self.hash, &self.ver);
+        let sql = format!(
+            "SELECT {id}::bigint, {hash}, {ver}::text FROM {from} WHERE {id} = ANY($1::bigint[]) ORDER BY {id}"
+        );
+        let ids = ids.to_vec();
+        Ok(c.query(&sql, &[&ids])
+            .await?
+            .iter()
+            .map(row_to_hash)
+            .collect())
+    }
+
+    /// Restore backed-up values where the row still carries the version the
+    /// job gave it (`<profile>/<old version>`); returns the ids restored.
+    pub async fn hashes_rollback(
+        &self,
+        c: &impl GenericClient,
+        backup_ids: &[i64],
+        profile: &str,
+    ) -> Result<Vec<i64>, tokio_postgres::Error> {
+        let (from, id, hash, ver) = (&self.from, &self.id, &self.hash, &self.ver);
+        let sql = format!(
+            "WITH b AS (SELECT item_id::bigint AS id, decode(data->>'value_hex', 'hex') AS h,                                data->>'version' AS v                         FROM pq_migration_backups WHERE id = ANY($1::bigint[]))              UPDATE {from} t SET {hash} = b.h, {ver} = b.v FROM b              WHERE t.{id} = b.id AND t.{ver} = $2 || '/' || b.v RETURNING t.{id}::bigint"
+        );
+        let ids = backup_ids.to_vec();
+        let rows = c.query(&sql, &[&ids, &profile]).await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+}
+
 fn row_to_hash(r: &tokio_postgres::Row) -> HashRow {
     HashRow {
         id: r.get(0),

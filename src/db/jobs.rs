@@ -416,3 +416,32 @@ pub async fn job_result_merge(
         .await?;
     Ok(n == 1)
 }
+
+/// A job's definition as a [`ClaimedJob`] with no lease, so a command can
+/// validate and prepare it the way the daemon does (`verify`, `rollback`).
+pub async fn job_probe(
+    c: &impl GenericClient,
+    id: i64,
+) -> Result<Option<ClaimedJob>, tokio_postgres::Error> {
+    let row = c
+        .query_opt(
+            "SELECT scope, target_policy_id, target_algo_id, selection FROM pq_migration_jobs WHERE id = $1",
+            &[&id],
+        )
+        .await?;
+    Ok(row.map(|r| ClaimedJob {
+        lease: Lease {
+            job_id: id,
+            token: Uuid::nil(),
+        },
+        scope: r.get(0),
+        target_policy_id: r.get(1),
+        target_algo_id: r.get(2),
+        selection: r.get(3),
+        attempts: 0,
+        cursor: None,
+        processed_count: 0,
+        failed_count: 0,
+        total_count: None,
+    }))
+}

@@ -21,6 +21,7 @@ pub struct HashesJob {
     onion: Arc<Onion>,
     version_max_len: Option<usize>,
     profile_id: i64,
+    profile_name: String,
 }
 
 /// The new values of one batch, computed off the async executor.
@@ -235,6 +236,7 @@ impl Checked {
             stmts,
             onion: Arc::new(onion),
             profile_id: profile.id,
+            profile_name: profile.name,
         })
     }
 }
@@ -375,6 +377,68 @@ impl HashesJob {
             integrity: failures.iter().filter(|f| f.code == "integrity").count() as i64,
         };
         Ok((counts, failures))
+    }
+
+    /// `pqmig verify`: every backed-up row that still carries the version
+    /// the job gave it must hold the onion of its backed-up hash. Returns
+    /// (rows checked, rows changed since, mismatches).
+    pub async fn verify_job(
+        &self,
+        c: &impl GenericClient,
+        job_id: i64,
+    ) -> Result<(i64, i64, Vec<(i64, String)>), JobError> {
+        let (mut after, mut checked, mut changed, mut bad) = (i64::MIN, 0i64, 0i64, Vec::new());
+        loop {
+            let backups = self.stmts.hashes_backups(c, job_id, after, 1000).await?;
+            let Some(last) = backups.last() else { break };
+            after = last.backup_id;
+            let ids: Vec<i64> = backups.iter().map(|b| b.item_id).collect();
+            let now = self.stmts.hashes_current(c, &ids).await?;
+            for b in &backups {
+                let Some(row) = now.iter().find(|r| r.id == b.item_id) else {
+                    changed += 1;
+                    continue;
+                };
+                if row.version.as_deref() != Some(&self.onion.new_version(&b.old_version)) {
+                    changed += 1;
+                    continue;
+                }
+                checked += 1;
+                let want = self.onion.rehash(&b.old_hash);
+                let same = row
+                    .hash
+                    .as_deref()
+                    .is_some_and(|h| bool::from(subtle::ConstantTimeEq::ct_eq(h, &want[..])));
+                if !same {
+                    bad.push((
+                        b.item_id,
+                        "the hash is not the onion of the backed-up value".into(),
+                    ));
+                }
+            }
+        }
+        Ok((checked, changed, bad))
+    }
+
+    /// `pqmig rollback`: restore up to `n` backups after backup id `after`.
+    /// Returns (restored, backups seen, last backup id).
+    pub async fn rollback_batch(
+        &self,
+        c: &impl GenericClient,
+        job_id: i64,
+        after: i64,
+        n: i64,
+    ) -> Result<(i64, i64, Option<i64>), JobError> {
+        let backups = self.stmts.hashes_backups(c, job_id, after, n).await?;
+        let Some(last) = backups.last().map(|b| b.backup_id) else {
+            return Ok((0, 0, None));
+        };
+        let ids: Vec<i64> = backups.iter().map(|b| b.backup_id).collect();
+        let restored = self
+            .stmts
+            .hashes_rollback(c, &ids, &self.profile_name)
+            .await?;
+        Ok((restored.len() as i64, backups.len() as i64, Some(last)))
     }
 
     /// On success: record that the column now uses the profile.
