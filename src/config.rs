@@ -10,10 +10,17 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::time::Duration;
 
 use serde::Deserialize;
+
+mod connstring;
+mod database;
+
+pub use connstring::{ConnString, redact_url, split_conn_string};
+pub use database::{
+    CREDENTIAL_PASSWORD, CREDENTIAL_URL, DatabaseConfig, DatabaseUrl, RootCerts, Secret, SslMode,
+};
 
 /// Used when neither `--config` nor `PQMIG_CONFIG` is given and the file exists.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/pqmig/pqmig.toml";
@@ -64,16 +71,40 @@ pub struct RawConfig {
 #[serde(deny_unknown_fields)]
 pub struct RawDatabase {
     pub url: Option<String>,
+    pub url_file: Option<PathBuf>,
+    pub password_file: Option<PathBuf>,
+    pub sslmode: Option<String>,
+    pub sslrootcert: Option<PathBuf>,
     pub pool_size: Option<i64>,
     pub connect_timeout: Option<String>,
+    pub pool_wait_timeout: Option<String>,
+    pub statement_timeout: Option<String>,
+    pub lock_timeout: Option<String>,
+    pub idle_in_transaction_timeout: Option<String>,
+    /// `$CREDENTIALS_DIRECTORY` (systemd): relative file paths are taken
+    /// from there. Not a config key.
+    #[serde(skip)]
+    pub credentials_dir: Option<PathBuf>,
 }
 
 impl fmt::Debug for RawDatabase {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RawDatabase")
             .field("url", &self.url.as_deref().map(redact_url))
+            .field("url_file", &self.url_file)
+            .field("password_file", &self.password_file)
+            .field("sslmode", &self.sslmode)
+            .field("sslrootcert", &self.sslrootcert)
             .field("pool_size", &self.pool_size)
             .field("connect_timeout", &self.connect_timeout)
+            .field("pool_wait_timeout", &self.pool_wait_timeout)
+            .field("statement_timeout", &self.statement_timeout)
+            .field("lock_timeout", &self.lock_timeout)
+            .field(
+                "idle_in_transaction_timeout",
+                &self.idle_in_transaction_timeout,
+            )
+            .field("credentials_dir", &self.credentials_dir)
             .finish()
     }
 }
@@ -131,97 +162,10 @@ pub struct Sources<'a> {
     pub env: &'a dyn Fn(&str) -> Option<String>,
 }
 
-/// A database URL whose password never reaches `Debug` or `Display`.
-#[derive(Clone)]
-pub struct DatabaseUrl(String);
-
-impl DatabaseUrl {
-    pub fn new(url: &str) -> DatabaseUrl {
-        DatabaseUrl(url.to_owned())
-    }
-
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-
-    /// The same server and credentials, another database.
-    pub fn with_database(&self, dbname: &str) -> Result<DatabaseUrl, ConfigError> {
-        let url = &self.0;
-        let Some(authority_start) = url.find("://").map(|i| i + 3) else {
-            // key=value form: a later dbname wins.
-            return Ok(DatabaseUrl(format!("{url} dbname={dbname}")));
-        };
-        let (head, query) = match url.find('?') {
-            Some(q) => (&url[..q], &url[q..]),
-            None => (url.as_str(), ""),
-        };
-        let base = match head[authority_start..].find('/') {
-            Some(slash) => &head[..authority_start + slash],
-            None => head,
-        };
-        Ok(DatabaseUrl(format!("{base}/{dbname}{query}")))
-    }
-}
-
-impl fmt::Debug for DatabaseUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:?}", redact_url(&self.0))
-    }
-}
-
-impl fmt::Display for DatabaseUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&redact_url(&self.0))
-    }
-}
-
-/// Replace the password of a `postgres://user:pass@host` URL (or a
-/// `password=` key of a key/value string) with `***`.
-pub fn redact_url(url: &str) -> String {
-    if let Some(rest) = url
-        .strip_prefix("postgres://")
-        .or_else(|| url.strip_prefix("postgresql://"))
-    {
-        let scheme = &url[..url.len() - rest.len()];
-        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-        if let Some(at) = rest[..authority_end].rfind('@') {
-            let userinfo = &rest[..at];
-            if let Some(colon) = userinfo.find(':') {
-                return format!("{scheme}{}:***{}", &userinfo[..colon], &rest[at..]);
-            }
-        }
-        return url.to_owned();
-    }
-    url.split_whitespace()
-        .map(|kv| match kv.split_once('=') {
-            Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
-            _ => kv.to_owned(),
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
     Text,
     Json,
-}
-
-#[derive(Debug, Clone)]
-pub struct DatabaseConfig {
-    pub url: Option<DatabaseUrl>,
-    pub pool_size: NonZeroUsize,
-    pub connect_timeout: Duration,
-}
-
-impl DatabaseConfig {
-    /// The URL, or an error naming every way to set it.
-    pub fn require_url(&self) -> Result<&DatabaseUrl, ConfigError> {
-        self.url.as_ref().ok_or(ConfigError::Missing {
-            key: "database.url",
-            hint: "set DATABASE_URL (or PQMIG_DATABASE_URL), --database-url, or [database] url in the config file",
-        })
-    }
 }
 
 #[derive(Debug, Clone)]
@@ -320,9 +264,17 @@ impl Config {
             .as_ref()
             .map(|p| p.display().to_string())
             .unwrap_or_default();
+        if raw_file.database.url.is_some() && raw_file.database.url_file.is_some() {
+            return Err(ConfigError::Invalid {
+                key: "database.url_file",
+                origin: file_origin,
+                reason: "set either url or url_file, not both".into(),
+            });
+        }
         raw.merge_from(raw_file, &file_origin, &mut origins);
         raw.merge_env(env, &mut origins)?;
         raw.merge_flags(&sources.flags, &mut origins);
+        raw.merge_credentials(env, &mut origins);
         raw.validate(file, &origins)
     }
 }
@@ -353,19 +305,64 @@ impl RawConfig {
 
     fn merge_from(&mut self, other: RawConfig, origin: &str, o: &mut Origins) {
         let (d, w) = (&mut self.database, &mut self.worker);
-        layer(&mut d.url, other.database.url, "database.url", origin, o);
+        let od = other.database;
+        // `url` and `url_file` are two forms of one setting: a later source
+        // giving either replaces both.
+        if od.url.is_some() || od.url_file.is_some() {
+            d.url = None;
+            d.url_file = None;
+        }
+        layer(&mut d.url, od.url, "database.url", origin, o);
+        layer(&mut d.url_file, od.url_file, "database.url_file", origin, o);
+        let database_keys: [(&mut Option<String>, Option<String>, &'static str); 6] = [
+            (&mut d.sslmode, od.sslmode, "database.sslmode"),
+            (
+                &mut d.connect_timeout,
+                od.connect_timeout,
+                "database.connect_timeout",
+            ),
+            (
+                &mut d.pool_wait_timeout,
+                od.pool_wait_timeout,
+                "database.pool_wait_timeout",
+            ),
+            (
+                &mut d.statement_timeout,
+                od.statement_timeout,
+                "database.statement_timeout",
+            ),
+            (
+                &mut d.lock_timeout,
+                od.lock_timeout,
+                "database.lock_timeout",
+            ),
+            (
+                &mut d.idle_in_transaction_timeout,
+                od.idle_in_transaction_timeout,
+                "database.idle_in_transaction_timeout",
+            ),
+        ];
+        for (slot, value, key) in database_keys {
+            layer(slot, value, key, origin, o);
+        }
         layer(
-            &mut d.pool_size,
-            other.database.pool_size,
-            "database.pool_size",
+            &mut d.password_file,
+            od.password_file,
+            "database.password_file",
             origin,
             o,
         );
-        let ct = other.database.connect_timeout;
         layer(
-            &mut d.connect_timeout,
-            ct,
-            "database.connect_timeout",
+            &mut d.sslrootcert,
+            od.sslrootcert,
+            "database.sslrootcert",
+            origin,
+            o,
+        );
+        layer(
+            &mut d.pool_size,
+            od.pool_size,
+            "database.pool_size",
             origin,
             o,
         );
@@ -483,13 +480,24 @@ impl RawConfig {
         };
         let mut one = RawConfig::default();
         let mut names: Vec<(&'static str, &'static str)> = Vec::new();
-        // PQMIG_DATABASE_URL wins over the conventional DATABASE_URL.
+        // PQMIG_DATABASE_URL wins over the conventional DATABASE_URL, and
+        // PQMIG_DATABASE_URL_FILE over both.
         for name in ["DATABASE_URL", "PQMIG_DATABASE_URL"] {
             if let Some(v) = get(name) {
                 one.database.url = Some(v);
                 names.retain(|(k, _)| *k != "database.url");
                 names.push(("database.url", name));
             }
+        }
+        if let Some(v) = get("PQMIG_DATABASE_URL_FILE") {
+            one.database.url = None;
+            one.database.url_file = Some(PathBuf::from(v));
+            names.retain(|(k, _)| *k != "database.url");
+            names.push(("database.url_file", "PQMIG_DATABASE_URL_FILE"));
+        }
+        if let Some(v) = get("PQMIG_DATABASE_PASSWORD_FILE") {
+            one.database.password_file = Some(PathBuf::from(v));
+            names.push(("database.password_file", "PQMIG_DATABASE_PASSWORD_FILE"));
         }
         let strings: [(&str, &'static str, &mut Option<String>); 9] = [
             (
@@ -552,6 +560,33 @@ impl RawConfig {
         Ok(())
     }
 
+    /// Under systemd, `LoadCredential=database-url:…` and
+    /// `LoadCredential=database-password:…` are used when no other source
+    /// names a URL or a password file; relative file paths are taken from
+    /// `$CREDENTIALS_DIRECTORY`.
+    fn merge_credentials(&mut self, env: &dyn Fn(&str) -> Option<String>, o: &mut Origins) {
+        let Some(dir) = env("CREDENTIALS_DIRECTORY").filter(|v| !v.is_empty()) else {
+            return;
+        };
+        let dir = PathBuf::from(dir);
+        let d = &mut self.database;
+        if d.url.is_none() && d.url_file.is_none() && dir.join(CREDENTIAL_URL).is_file() {
+            d.url_file = Some(PathBuf::from(CREDENTIAL_URL));
+            o.0.insert(
+                "database.url_file",
+                format!("$CREDENTIALS_DIRECTORY/{CREDENTIAL_URL}"),
+            );
+        }
+        if d.password_file.is_none() && dir.join(CREDENTIAL_PASSWORD).is_file() {
+            d.password_file = Some(PathBuf::from(CREDENTIAL_PASSWORD));
+            o.0.insert(
+                "database.password_file",
+                format!("$CREDENTIALS_DIRECTORY/{CREDENTIAL_PASSWORD}"),
+            );
+        }
+        d.credentials_dir = Some(dir);
+    }
+
     fn merge_flags(&mut self, f: &FlagOverrides, o: &mut Origins) {
         let pairs: [(&'static str, &str, bool); 6] = [
             ("database.url", "--database-url", f.database_url.is_some()),
@@ -599,33 +634,11 @@ impl RawConfig {
             origin: o.of(key),
             reason,
         };
-        let dur = |key: &'static str,
-                   v: &Option<String>,
-                   default: Duration|
-         -> Result<Duration, ConfigError> {
-            let Some(text) = v else { return Ok(default) };
-            let d = humantime::parse_duration(text.trim()).map_err(|e| {
-                invalid(
-                    key,
-                    format!("invalid duration {text:?}: {e} (examples: 500ms, 30s, 5m)"),
-                )
-            })?;
-            if d.is_zero() {
-                return Err(invalid(key, "must be greater than zero".into()));
-            }
-            Ok(d)
+        let dur = |key: &'static str, v: &Option<String>, default: Duration| match v {
+            Some(text) => parse_positive_duration(key, text, o),
+            None => Ok(default),
         };
-        let int_in = |key: &'static str,
-                      v: Option<i64>,
-                      default: i64,
-                      max: i64|
-         -> Result<i64, ConfigError> {
-            let n = v.unwrap_or(default);
-            if !(1..=max).contains(&n) {
-                return Err(invalid(key, format!("{n} is out of range 1..={max}")));
-            }
-            Ok(n)
-        };
+        let int_in = |key, v, default, max| int_in(key, v, default, max, o);
 
         let defaults = WorkerConfig::default();
         let w = &self.worker;
@@ -689,37 +702,9 @@ impl RawConfig {
             ));
         }
 
-        let url = match &self.database.url {
-            Some(u) => {
-                tokio_postgres::Config::from_str(u).map_err(|e| {
-                    // The error text never echoes the URL, which may hold a password.
-                    invalid(
-                        "database.url",
-                        format!("not a valid PostgreSQL connection string: {e}"),
-                    )
-                })?;
-                Some(DatabaseUrl(u.clone()))
-            }
-            None => None,
-        };
         // Every worker holds one connection while it writes a batch; the
         // claim loop, the heartbeats and the rescuer share a few more.
-        let pool_default = concurrency + 4;
-        let pool_size = int_in(
-            "database.pool_size",
-            self.database.pool_size,
-            pool_default,
-            1000,
-        )?;
-        let database = DatabaseConfig {
-            url,
-            pool_size: NonZeroUsize::new(pool_size as usize).expect("checked range"),
-            connect_timeout: dur(
-                "database.connect_timeout",
-                &self.database.connect_timeout,
-                Duration::from_secs(10),
-            )?,
-        };
+        let database = database::validate(self.database, o, concurrency + 4, worker.batch_target)?;
 
         let listen = self.metrics.listen.as_deref().unwrap_or("127.0.0.1:9464");
         let metrics_listen = listen.parse::<SocketAddr>().map_err(|e| {
@@ -754,4 +739,47 @@ impl RawConfig {
             log_level,
         })
     }
+}
+
+/// A humantime duration; the error names the key, the source and examples.
+fn parse_duration(key: &'static str, text: &str, o: &Origins) -> Result<Duration, ConfigError> {
+    humantime::parse_duration(text.trim()).map_err(|e| ConfigError::Invalid {
+        key,
+        origin: o.of(key),
+        reason: format!("invalid duration {text:?}: {e} (examples: 500ms, 30s, 5m)"),
+    })
+}
+
+fn parse_positive_duration(
+    key: &'static str,
+    text: &str,
+    o: &Origins,
+) -> Result<Duration, ConfigError> {
+    let d = parse_duration(key, text, o)?;
+    if d.is_zero() {
+        return Err(ConfigError::Invalid {
+            key,
+            origin: o.of(key),
+            reason: "must be greater than zero".into(),
+        });
+    }
+    Ok(d)
+}
+
+fn int_in(
+    key: &'static str,
+    v: Option<i64>,
+    default: i64,
+    max: i64,
+    o: &Origins,
+) -> Result<i64, ConfigError> {
+    let n = v.unwrap_or(default);
+    if !(1..=max).contains(&n) {
+        return Err(ConfigError::Invalid {
+            key,
+            origin: o.of(key),
+            reason: format!("{n} is out of range 1..={max}"),
+        });
+    }
+    Ok(n)
 }

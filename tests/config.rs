@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::time::Duration;
 
-use pqmig::config::{Config, ConfigError, FlagOverrides, LogFormat, Sources};
+use pqmig::config::{Config, ConfigError, FlagOverrides, LogFormat, Sources, SslMode};
 
 fn load(
     file: Option<&str>,
@@ -299,8 +299,16 @@ fn example_config_documents_every_key_with_its_default() {
     }
     let mut expected: Vec<String> = [
         "database.url",
+        "database.url_file",
+        "database.password_file",
+        "database.sslmode",
+        "database.sslrootcert",
         "database.pool_size",
         "database.connect_timeout",
+        "database.pool_wait_timeout",
+        "database.statement_timeout",
+        "database.lock_timeout",
+        "database.idle_in_transaction_timeout",
         "worker.concurrency",
         "worker.poll_interval",
         "worker.heartbeat_interval",
@@ -321,4 +329,334 @@ fn example_config_documents_every_key_with_its_default() {
     documented.sort();
     expected.sort();
     assert_eq!(documented, expected);
+}
+
+/// A file in a private temporary directory (kept alive by the returned dir).
+fn secret_file(name: &str, content: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join(name);
+    std::fs::write(&path, content).expect("write");
+    (dir, path)
+}
+
+fn ca_pem() -> String {
+    let key = rcgen::KeyPair::generate().expect("key");
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.self_signed(&key).expect("ca").pem()
+}
+
+#[test]
+fn database_defaults() {
+    let c = load(None, &[], FlagOverrides::default()).expect("defaults");
+    let d = &c.database;
+    assert_eq!(d.sslmode, SslMode::Prefer, "libpq's default");
+    assert!(d.sslrootcert.is_none() && d.password.is_none());
+    assert_eq!(d.connect_timeout, Duration::from_secs(10));
+    assert_eq!(d.pool_wait_timeout, Duration::from_secs(10));
+    assert_eq!(d.statement_timeout, Some(Duration::from_secs(60)));
+    assert_eq!(d.lock_timeout, Some(Duration::from_secs(10)));
+    assert_eq!(d.idle_in_transaction_timeout, Some(Duration::from_secs(60)));
+    assert_eq!(d.pool_size.get(), 8, "concurrency 4 + 4");
+}
+
+#[test]
+fn session_timeouts_zero_and_bounds() {
+    let file = "[database]\nstatement_timeout = \"0\"\nlock_timeout = \"0s\"\nidle_in_transaction_timeout = \"1500ms\"\n";
+    let c = load(Some(file), &[], FlagOverrides::default()).expect("valid");
+    assert_eq!(
+        c.database.statement_timeout, None,
+        "0 leaves it to the server"
+    );
+    assert_eq!(c.database.lock_timeout, None);
+    assert_eq!(
+        c.database.idle_in_transaction_timeout,
+        Some(Duration::from_millis(1500))
+    );
+
+    let msg = err(load(
+        Some("[database]\nstatement_timeout = \"500ms\"\n"),
+        &[],
+        FlagOverrides::default(),
+    ));
+    assert!(
+        msg.contains("database.statement_timeout") && msg.contains("worker.batch_target"),
+        "{msg}"
+    );
+    let msg = err(load(
+        Some("[database]\nlock_timeout = \"30 days\"\n"),
+        &[],
+        FlagOverrides::default(),
+    ));
+    assert!(
+        msg.contains("database.lock_timeout") && msg.contains("out of range"),
+        "{msg}"
+    );
+    let msg = err(load(
+        Some("[database]\nlock_timeout = \"soon\"\n"),
+        &[],
+        FlagOverrides::default(),
+    ));
+    assert!(
+        msg.contains("database.lock_timeout") && msg.contains("invalid duration"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn password_file_is_read_and_never_printed() {
+    let (_dir, path) = secret_file("pw", "Pa55-from-file\n");
+    let env = [
+        ("DATABASE_URL", "postgres://app@db.internal/app"),
+        (
+            "PQMIG_DATABASE_PASSWORD_FILE",
+            path.to_str().expect("utf-8"),
+        ),
+    ];
+    let c = load(None, &env, FlagOverrides::default()).expect("valid");
+    let pw = c.database.password.as_ref().expect("password");
+    assert_eq!(
+        pw.expose(),
+        "Pa55-from-file",
+        "one trailing newline dropped"
+    );
+    let debug = format!("{c:?}");
+    assert!(!debug.contains("Pa55-from-file"), "{debug}");
+
+    // A URL with a password of its own conflicts; the error hides both.
+    let env = [
+        ("DATABASE_URL", "postgres://app:url-pw-9@db.internal/app"),
+        (
+            "PQMIG_DATABASE_PASSWORD_FILE",
+            path.to_str().expect("utf-8"),
+        ),
+    ];
+    let msg = err(load(None, &env, FlagOverrides::default()));
+    assert!(
+        msg.contains("database.password_file") && msg.contains("DATABASE_URL"),
+        "{msg}"
+    );
+    assert!(!msg.contains("url-pw-9") && !msg.contains("Pa55"), "{msg}");
+}
+
+#[test]
+fn unreadable_or_empty_secret_files_are_named() {
+    let env = [
+        ("DATABASE_URL", "postgres://app@db/app"),
+        ("PQMIG_DATABASE_PASSWORD_FILE", "/nonexistent/pw"),
+    ];
+    let msg = err(load(None, &env, FlagOverrides::default()));
+    assert!(
+        msg.contains("database.password_file")
+            && msg.contains("/nonexistent/pw")
+            && msg.contains("PQMIG_DATABASE_PASSWORD_FILE"),
+        "{msg}"
+    );
+    let (_dir, path) = secret_file("url", "\n");
+    let msg = err(load(
+        None,
+        &[("PQMIG_DATABASE_URL_FILE", path.to_str().expect("utf-8"))],
+        FlagOverrides::default(),
+    ));
+    assert!(
+        msg.contains("database.url_file") && msg.contains("is empty"),
+        "{msg}"
+    );
+    // A file that is not a connection string: named, its content not echoed.
+    let (_dir, path) = secret_file("url", "postgres://u:hidden-pw@h:notaport/db\n");
+    let msg = err(load(
+        None,
+        &[("PQMIG_DATABASE_URL_FILE", path.to_str().expect("utf-8"))],
+        FlagOverrides::default(),
+    ));
+    assert!(msg.contains("database.url_file"), "{msg}");
+    assert!(!msg.contains("hidden-pw"), "{msg}");
+}
+
+#[test]
+fn url_file_and_url_are_one_setting() {
+    let (_dir, path) = secret_file("url", "  postgres://f:file-pw@127.0.0.1/f \n");
+    let p = path.to_str().expect("utf-8");
+    // PQMIG_DATABASE_URL_FILE beats both URL variables of the same source.
+    let env = [
+        ("DATABASE_URL", "postgres://a@127.0.0.1/a"),
+        ("PQMIG_DATABASE_URL", "postgres://b@127.0.0.1/b"),
+        ("PQMIG_DATABASE_URL_FILE", p),
+    ];
+    let c = load(None, &env, FlagOverrides::default()).expect("valid");
+    let url = c.database.url.as_ref().expect("url");
+    assert_eq!(url.expose(), "postgres://f:file-pw@127.0.0.1/f", "trimmed");
+    assert!(!format!("{c:?}").contains("file-pw"));
+
+    // A later source wins whichever form it uses.
+    let file = format!("[database]\nurl_file = {p:?}\n");
+    let c = load(
+        Some(&file),
+        &[("DATABASE_URL", "postgres://env@127.0.0.1/env")],
+        FlagOverrides::default(),
+    )
+    .expect("valid");
+    assert_eq!(
+        c.database.url.expect("url").expose(),
+        "postgres://env@127.0.0.1/env"
+    );
+    let flags = FlagOverrides {
+        database_url: Some("postgres://flag@127.0.0.1/flag".into()),
+        ..Default::default()
+    };
+    let c = load(None, &[("PQMIG_DATABASE_URL_FILE", p)], flags).expect("valid");
+    assert_eq!(
+        c.database.url.expect("url").expose(),
+        "postgres://flag@127.0.0.1/flag"
+    );
+
+    // Both in one file is ambiguous.
+    let file = format!("[database]\nurl = \"postgres://x@h/x\"\nurl_file = {p:?}\n");
+    let msg = err(load(Some(&file), &[], FlagOverrides::default()));
+    assert!(
+        msg.contains("database.url_file") && msg.contains("not both"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn systemd_credentials_directory() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("database-url"),
+        "postgres://pqmig@127.0.0.1/app\n",
+    )
+    .expect("write");
+    std::fs::write(dir.path().join("database-password"), "cred-pw").expect("write");
+    std::fs::write(dir.path().join("other-pw"), "other-cred-pw\n").expect("write");
+    let creds = dir.path().to_str().expect("utf-8");
+
+    let c = load(
+        None,
+        &[("CREDENTIALS_DIRECTORY", creds)],
+        FlagOverrides::default(),
+    )
+    .expect("valid");
+    assert_eq!(
+        c.database.url.as_ref().expect("url").expose(),
+        "postgres://pqmig@127.0.0.1/app"
+    );
+    assert_eq!(c.database.password.expect("password").expose(), "cred-pw");
+
+    // Relative paths are taken from $CREDENTIALS_DIRECTORY; an explicit
+    // URL wins over the credential.
+    let env = [
+        ("CREDENTIALS_DIRECTORY", creds),
+        ("DATABASE_URL", "postgres://env@127.0.0.1/env"),
+        ("PQMIG_DATABASE_PASSWORD_FILE", "other-pw"),
+    ];
+    let c = load(None, &env, FlagOverrides::default()).expect("valid");
+    assert_eq!(
+        c.database.url.as_ref().expect("url").expose(),
+        "postgres://env@127.0.0.1/env"
+    );
+    assert_eq!(
+        c.database.password.expect("password").expose(),
+        "other-cred-pw"
+    );
+}
+
+#[test]
+fn tls_settings_from_url_or_keys() {
+    let (_dir, ca) = secret_file("ca.pem", &ca_pem());
+    let ca = ca.to_str().expect("utf-8");
+    let enc = ca.replace('/', "%2F");
+
+    let url = format!("postgres://app@db.internal/app?sslmode=verify-full&sslrootcert={enc}");
+    let c = load(None, &[("DATABASE_URL", &url)], FlagOverrides::default()).expect("valid");
+    assert_eq!(c.database.sslmode, SslMode::VerifyFull);
+    let rc = c.database.sslrootcert.as_ref().expect("root certs");
+    assert_eq!((rc.path.to_str(), rc.certs.len()), (Some(ca), 1));
+
+    let kv = format!("host=db.internal user=app sslmode=verify-ca sslrootcert='{ca}'");
+    let c = load(None, &[("DATABASE_URL", &kv)], FlagOverrides::default()).expect("valid");
+    assert_eq!(c.database.sslmode, SslMode::VerifyCa);
+
+    let file = format!("[database]\nsslmode = \"verify-full\"\nsslrootcert = {ca:?}\n");
+    let c = load(
+        Some(&file),
+        &[(
+            "DATABASE_URL",
+            "postgres://app@db.internal/app?sslmode=verify-full",
+        )],
+        FlagOverrides::default(),
+    )
+    .expect("agreeing URL and key");
+    assert_eq!(c.database.sslmode, SslMode::VerifyFull);
+
+    type Env<'a> = &'a [(&'a str, &'a str)];
+    let cases: [(String, Env, &str); 5] = [
+        (
+            "[database]\nsslmode = \"require\"\n".into(),
+            &[("DATABASE_URL", "postgres://a@h/a?sslmode=verify-full")],
+            "disagrees with sslmode=verify-full",
+        ),
+        (
+            "[database]\nsslmode = \"verify-full\"\n".into(),
+            &[],
+            "needs the CA",
+        ),
+        (
+            "[database]\nsslmode = \"allow\"\n".into(),
+            &[],
+            "not supported",
+        ),
+        (
+            "[database]\nsslmode = \"strict\"\n".into(),
+            &[],
+            "is not one of",
+        ),
+        (
+            "[database]\nsslmode = \"verify-ca\"\nsslrootcert = \"/etc/hostname\"\n".into(),
+            &[],
+            "no PEM certificate",
+        ),
+    ];
+    for (file, env, needle) in cases {
+        let msg = err(load(Some(&file), env, FlagOverrides::default()));
+        assert!(
+            msg.contains(needle) && msg.contains("database.ssl"),
+            "{file}: {msg}"
+        );
+    }
+}
+
+#[test]
+fn redaction_covers_awkward_passwords() {
+    use pqmig::config::redact_url;
+    for (url, secret) in [
+        ("postgres://u:p@ss@host/db", "ss@"),
+        ("postgres://u:pa/ss@host/db", "pa/ss"),
+        ("postgres://u:pa?ss@host/db?sslmode=require", "pa?ss"),
+        (
+            "postgres://u@host/db?password=qu3ry-pw&sslmode=require",
+            "qu3ry-pw",
+        ),
+        ("host=h user=u password='two words' dbname=d", "words"),
+        ("host=h password=a\\ b", "a\\"),
+        ("host=h password='unterminated", "unterminated"),
+    ] {
+        let red = redact_url(url);
+        assert!(!red.contains(secret), "{url} -> {red}");
+    }
+    assert_eq!(
+        redact_url("postgres://u:pw@host:5432/db?sslmode=require"),
+        "postgres://u:***@host:5432/db?sslmode=require"
+    );
+}
+
+#[test]
+fn a_malformed_key_value_string_is_not_echoed() {
+    let msg = err(load(
+        None,
+        &[("DATABASE_URL", "host=h password=half other-half-pw")],
+        FlagOverrides::default(),
+    ));
+    assert!(msg.contains("database.url"), "{msg}");
+    assert!(!msg.contains("half"), "{msg}");
 }

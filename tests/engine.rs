@@ -978,7 +978,7 @@ async fn terminated_connections_are_retried_and_the_job_finishes() {
         admin
             .execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-                 WHERE datname = $1 AND application_name = 'pqmig'",
+                 WHERE datname = $1 AND application_name LIKE 'pqmig %'",
                 &[&fx.db.name],
             )
             .await

@@ -45,7 +45,12 @@ async fn listen_once(
     wake: &Notify,
     token: &CancellationToken,
 ) -> Result<(), String> {
-    let (client, mut connection) = crate::db::connect_raw(db)
+    let name = format!(
+        "{} {} listen",
+        crate::db::APPLICATION_NAME,
+        shared.worker_id
+    );
+    let (client, mut connection) = crate::db::connect_raw(db, &name)
         .await
         .map_err(|e| format!("{e:#}"))?;
     let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));

@@ -58,7 +58,7 @@ impl Shared {
         self.pool
             .get()
             .await
-            .map_err(|e| crate::db::error_chain(&e))
+            .map_err(|e| crate::db::pool_error(&self.pool, &e))
     }
 }
 
@@ -71,6 +71,9 @@ pub struct Services {
     pub health: Arc<Health>,
     /// Where /metrics, /healthz and /readyz are served.
     pub http: TcpListener,
+    /// `locked_by` of the jobs this process claims; its connections show
+    /// `pqmig <worker_id>` as application_name.
+    pub worker_id: String,
 }
 
 impl Services {
@@ -85,14 +88,17 @@ impl Services {
                     config.metrics_listen
                 )
             })?;
+        let worker_id = worker_id();
+        let application_name = format!("{} {worker_id}", crate::db::APPLICATION_NAME);
         Ok(Services {
-            pool: crate::db::pool(&config.database)?,
+            pool: crate::db::pool(&config.database, &application_name)?,
             scope: ScopeContext {
                 keyring: config.keyring.clone(),
             },
             metrics: Arc::new(Metrics::new()),
             health: Arc::new(Health::new(config.worker.poll_interval)),
             http,
+            worker_id,
         })
     }
 }
@@ -124,11 +130,12 @@ pub async fn run(
         metrics,
         health,
         http,
+        worker_id,
     } = services;
     let shared = Arc::new(Shared {
         pool,
         worker: config.worker.clone(),
-        worker_id: worker_id(),
+        worker_id,
         scope,
         metrics,
         health,
@@ -136,6 +143,11 @@ pub async fn run(
         shutdown: shutdown.clone(),
     });
     let addr = http.local_addr()?;
+    // Secrets print as *** (DatabaseUrl, Secret); certificates by path.
+    tracing::info!(config = ?config, "effective configuration");
+    if let Some(host) = crate::db::unverified_remote_host(&config.database) {
+        tracing::warn!(%host, sslmode = %config.database.sslmode, "the database server's certificate is not verified; use sslmode=verify-full with sslrootcert");
+    }
     tracing::info!(worker = %shared.worker_id, concurrency = shared.worker.concurrency.get(), %addr, "pqmig daemon started");
 
     let wake = Arc::new(Notify::new());

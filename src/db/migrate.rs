@@ -53,6 +53,12 @@ pub struct Applied {
 /// once: the first takes the lock and migrates, the others wait for it and
 /// then find nothing left to do.
 pub async fn apply(client: &mut Client) -> Result<Vec<Applied>, MigrateError> {
+    // The daemon's session timeouts are for its short statements: an index
+    // build on a large host table, or waiting for another replica's
+    // migration (the advisory lock), may take longer.
+    client
+        .batch_execute("SET statement_timeout = 0; SET lock_timeout = 0")
+        .await?;
     client
         .execute("SELECT pg_advisory_lock($1)", &[&MIGRATE_LOCK_KEY])
         .await?;

@@ -1,7 +1,14 @@
 //! Everything that talks to PostgreSQL: connections, the pool and (in the
 //! submodules) one function per statement.
 //!
+//! - [`tls`]: rustls with libpq's `sslmode` semantics, for every connection.
 //! - [`migrate`]: applying `migrations/` and checking the schema version.
+//!
+//! Every connection carries pqmig's session settings as startup `options`
+//! (`statement_timeout`, `lock_timeout`, `idle_in_transaction_session_timeout`)
+//! and an `application_name` naming the process, so they hold from the first
+//! statement, survive `RESET ALL`, and cost no round trip. The URL's own
+//! `options` come after them and win.
 
 pub mod algorithms;
 pub mod demo;
@@ -11,51 +18,122 @@ pub mod jobs;
 pub mod kms;
 pub mod migrate;
 pub mod status;
+pub mod tls;
 pub mod wrappers;
 
-use std::str::FromStr;
+use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use tokio_postgres::NoTls;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
 
 use crate::config::DatabaseConfig;
 
-/// Parse the configured URL; the config layer has validated it already.
-fn pg_config(cfg: &DatabaseConfig) -> Result<tokio_postgres::Config, crate::config::ConfigError> {
+/// The name CLI connections show in `pg_stat_activity`; the daemon's add
+/// their worker id.
+pub const APPLICATION_NAME: &str = "pqmig";
+
+/// The connection config: the URL without the TLS keys tokio-postgres does
+/// not know, the password file, pqmig's session settings and defaults for
+/// what the URL leaves unsaid.
+fn pg_config(
+    cfg: &DatabaseConfig,
+    application_name: &str,
+) -> Result<tokio_postgres::Config, crate::config::ConfigError> {
+    use crate::config::SslMode;
+    use tokio_postgres::config::SslMode as PgSslMode;
+
     let url = cfg.require_url()?;
-    let mut pg = tokio_postgres::Config::from_str(url.expose()).expect("validated in config");
-    if pg.get_connect_timeout().is_none() {
+    let split = crate::config::split_conn_string(url.expose()).expect("validated in config");
+    let mut pg: tokio_postgres::Config = split.rest.parse().expect("validated in config");
+    if let Some(password) = &cfg.password {
+        pg.password(password.expose());
+    }
+    pg.ssl_mode(match cfg.sslmode {
+        SslMode::Disable => PgSslMode::Disable,
+        SslMode::Prefer => PgSslMode::Prefer,
+        SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => PgSslMode::Require,
+    });
+    if !split.names("connect_timeout") {
         pg.connect_timeout(cfg.connect_timeout);
     }
-    if pg.get_application_name().is_none() {
-        pg.application_name("pqmig");
+    if !split.names("application_name") {
+        pg.application_name(application_name);
+    }
+    // A peer that vanished without a FIN/RST (failover, a dropped NAT entry)
+    // is noticed in about a minute instead of the kernel's two hours.
+    if !split.names("keepalives_idle") {
+        pg.keepalives_idle(Duration::from_secs(30));
+    }
+    if !split.names("keepalives_interval") {
+        pg.keepalives_interval(Duration::from_secs(10));
+    }
+    if !split.names("keepalives_retries") {
+        pg.keepalives_retries(3);
+    }
+    let mut options: Vec<String> = [
+        ("statement_timeout", cfg.statement_timeout),
+        ("lock_timeout", cfg.lock_timeout),
+        (
+            "idle_in_transaction_session_timeout",
+            cfg.idle_in_transaction_timeout,
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(name, d)| d.map(|d| format!("-c {name}={}", millis(d))))
+    .collect();
+    if let Some(own) = pg.get_options() {
+        options.push(own.to_owned());
+    }
+    if !options.is_empty() {
+        pg.options(options.join(" "));
     }
     Ok(pg)
 }
 
-/// One dedicated connection (migrations, LISTEN, CLI commands). The
-/// connection task ends when the returned client is dropped.
+/// The host when pqmig would talk to a remote server without checking its
+/// certificate and name (anything below verify-full), for a start-up warning.
+pub fn unverified_remote_host(cfg: &DatabaseConfig) -> Option<String> {
+    use tokio_postgres::config::Host;
+    if cfg.sslmode == crate::config::SslMode::VerifyFull {
+        return None;
+    }
+    let pg = pg_config(cfg, APPLICATION_NAME).ok()?;
+    pg.get_hosts().iter().find_map(|h| match h {
+        Host::Tcp(name) => {
+            let loopback = name == "localhost"
+                || name
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback());
+            (!loopback).then(|| name.clone())
+        }
+        Host::Unix(_) => None,
+    })
+}
+
+/// Whole milliseconds, rounded up (PostgreSQL's unit for these settings).
+fn millis(d: Duration) -> u128 {
+    d.as_micros().div_ceil(1000)
+}
+
+/// One dedicated connection (migrations, CLI commands). The connection
+/// task ends when the returned client is dropped.
 pub async fn connect(cfg: &DatabaseConfig) -> anyhow::Result<tokio_postgres::Client> {
-    let pg = pg_config(cfg)?;
-    let (client, connection) = pg
-        .connect(NoTls)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot connect to the database at {}: {e}", describe(&pg)))?;
+    let (client, connection) = connect_raw(cfg, APPLICATION_NAME).await?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
-            tracing::warn!(error = %e, "database connection closed");
+            tracing::warn!(error = %error_chain(&e), "database connection closed");
         }
     });
     Ok(client)
 }
 
-/// The shared pool; `Verified` recycling runs a cheap check so a connection
-/// killed by the server is replaced instead of handed out.
-pub fn pool(cfg: &DatabaseConfig) -> anyhow::Result<Pool> {
-    let pg = pg_config(cfg)?;
+/// The shared pool. `Verified` recycling runs a cheap query on every
+/// checkout, so a connection the server killed (restart, failover,
+/// `pg_terminate_backend`) is dropped and replaced instead of handed out.
+pub fn pool(cfg: &DatabaseConfig, application_name: &str) -> anyhow::Result<Pool> {
+    let pg = pg_config(cfg, application_name)?;
     let manager = Manager::from_config(
         pg,
-        NoTls,
+        tls::Connector::new(cfg)?,
         ManagerConfig {
             recycling_method: RecyclingMethod::Verified,
         },
@@ -63,12 +141,56 @@ pub fn pool(cfg: &DatabaseConfig) -> anyhow::Result<Pool> {
     Ok(Pool::builder(manager)
         .max_size(cfg.pool_size.get())
         .runtime(Runtime::Tokio1)
-        .wait_timeout(Some(cfg.connect_timeout))
+        .wait_timeout(Some(cfg.pool_wait_timeout))
         .create_timeout(Some(cfg.connect_timeout))
         // A connection handed back mid-query (a dropped future) fails its
         // check within this and is replaced instead of stalling the caller.
         .recycle_timeout(Some(cfg.connect_timeout))
         .build()?)
+}
+
+/// A pool error as one line an operator can act on.
+pub fn pool_error(pool: &Pool, e: &PoolError) -> String {
+    use deadpool_postgres::TimeoutType;
+    let timeouts = pool.timeouts();
+    let secs = |d: Option<Duration>| humantime::format_duration(d.unwrap_or_default()).to_string();
+    match e {
+        PoolError::Timeout(TimeoutType::Wait) => format!(
+            "database pool: no free connection within {} (all {} in use; raise database.pool_size or database.pool_wait_timeout)",
+            secs(timeouts.wait),
+            pool.status().max_size
+        ),
+        PoolError::Timeout(TimeoutType::Create) => format!(
+            "database pool: connecting took longer than database.connect_timeout ({})",
+            secs(timeouts.create)
+        ),
+        PoolError::Timeout(TimeoutType::Recycle) => format!(
+            "database pool: checking a pooled connection took longer than {}",
+            secs(timeouts.recycle)
+        ),
+        PoolError::Backend(e) => match tls_failure(e) {
+            Some(t) => format!("cannot connect to the database: {t}"),
+            None => error_chain(e),
+        },
+        other => error_chain(other),
+    }
+}
+
+/// The TLS failure behind a connection error, if that is what it was.
+fn tls_failure(e: &tokio_postgres::Error) -> Option<String> {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if let Some(t) = c.downcast_ref::<tls::TlsFailure>() {
+            return Some(t.to_string());
+        }
+        cause = c.source();
+    }
+    // tokio-postgres' own words when the server answers "no TLS here".
+    let text = e.to_string();
+    text.contains("server does not support TLS").then(|| {
+        "database TLS: the server does not accept TLS connections (sslmode=require or stricter)"
+            .to_owned()
+    })
 }
 
 /// Host, port and database of a connection config, for error messages
@@ -88,14 +210,20 @@ pub fn describe(pg: &tokio_postgres::Config) -> String {
 /// A dedicated connection whose messages (notifications) the caller polls.
 pub async fn connect_raw(
     cfg: &DatabaseConfig,
+    application_name: &str,
 ) -> anyhow::Result<(
     tokio_postgres::Client,
-    tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>,
+    tokio_postgres::Connection<tokio_postgres::Socket, tls::TlsStream>,
 )> {
-    let pg = pg_config(cfg)?;
-    pg.connect(NoTls)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot connect to the database at {}: {e}", describe(&pg)))
+    let pg = pg_config(cfg, application_name)?;
+    let connector = tls::Connector::new(cfg)?;
+    pg.connect(connector).await.map_err(|e| {
+        let reason = tls_failure(&e).unwrap_or_else(|| error_chain(&e));
+        anyhow::anyhow!(
+            "cannot connect to the database at {}: {reason}",
+            describe(&pg)
+        )
+    })
 }
 
 /// An error with its causes on one line. tokio-postgres' own `Display` is
