@@ -1,7 +1,8 @@
 //! Engine benchmark (not a test): claim latency with many pending jobs and
 //! the throughput of one large hashes job, on the local PostgreSQL.
 //!
-//!     cargo bench --bench engine                 # 100k jobs, 100k rows
+//!     cargo bench --bench engine                 # 100k pending + 100k done, 100k rows
+//!     PQMIG_BENCH_JOBS=10000 PQMIG_BENCH_DONE=1000000 cargo bench --bench engine
 //!     PQMIG_BENCH_JOBS=10000 PQMIG_BENCH_ROWS=20000 cargo bench --bench engine
 //!
 //! Uses DATABASE_URL (default: local server) to create and drop a scratch
@@ -37,6 +38,7 @@ async fn main() {
     let admin =
         std::env::var("DATABASE_URL").unwrap_or_else(|_| pqmig::config::LOCAL_DATABASE_URL.into());
     let jobs = env_num("PQMIG_BENCH_JOBS", 100_000);
+    let done = env_num("PQMIG_BENCH_DONE", jobs);
     let rows = env_num("PQMIG_BENCH_ROWS", 100_000);
     let name = format!("pqmig_bench_{}", std::process::id());
     let a = connect(&admin).await;
@@ -44,7 +46,7 @@ async fn main() {
         .await
         .expect("create db");
     let url = url_for(&admin, &name);
-    let result = std::panic::AssertUnwindSafe(run(&url, jobs, rows));
+    let result = std::panic::AssertUnwindSafe(run(&url, jobs, done, rows));
     let out = futures_util::FutureExt::catch_unwind(result).await;
     let _ = a
         .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
@@ -54,16 +56,22 @@ async fn main() {
     }
 }
 
-async fn run(url: &str, jobs: i64, rows: i64) {
+async fn run(url: &str, jobs: i64, done: i64, rows: i64) {
     let mut c = connect(url).await;
     pqmig::db::migrate::apply(&mut c).await.expect("migrate");
 
-    // Claim latency: `jobs` pending (plus as many finished), claim one at a
+    // Claim latency: `jobs` pending and `done` finished, claim one at a
     // time as a worker would, each claim its own transaction.
     c.execute(
+        "INSERT INTO pq_migration_jobs (scope, status, priority, finished_at) \
+         SELECT 'hashes', 'done', (i % 3)::smallint, now() FROM generate_series(1, $1::bigint) i",
+        &[&done],
+    )
+    .await
+    .expect("seed finished jobs");
+    c.execute(
         "INSERT INTO pq_migration_jobs (scope, status, priority) \
-         SELECT 'hashes', CASE WHEN i % 2 = 0 THEN 'done' ELSE 'pending' END, (i % 3)::smallint \
-         FROM generate_series(1, $1::bigint * 2) i",
+         SELECT 'hashes', 'pending', (i % 3)::smallint FROM generate_series(1, $1::bigint) i",
         &[&jobs],
     )
     .await
@@ -83,7 +91,7 @@ async fn run(url: &str, jobs: i64, rows: i64) {
     lat.sort();
     let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
     println!(
-        "claim latency with {jobs} pending: p50 {:?}  p99 {:?}  max {:?}  ({:.0} claims/s serial)",
+        "claim latency with {jobs} pending and {done} finished: p50 {:?}  p99 {:?}  max {:?}  ({:.0} claims/s serial)",
         pct(0.5),
         pct(0.99),
         lat[lat.len() - 1],

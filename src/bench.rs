@@ -126,7 +126,13 @@ async fn run_in(
         t.elapsed().as_secs_f64()
     );
 
-    let base = baselines(&cfg, &mut client, &job, first_half_last).await?;
+    let baseline_job = db::jobs::NewJob {
+        scope: job.scope.clone(),
+        target_policy_id: job.target_policy_id,
+        target_algo_id: job.target_algo_id,
+        selection: job.selection.clone(),
+        ..Default::default()
+    };
     let mut sel = job
         .selection
         .take()
@@ -157,6 +163,8 @@ async fn run_in(
     let secs = started.elapsed().as_secs_f64();
     token.cancel();
     daemon.await??;
+    // The baselines after the job, so its peak RSS is its own.
+    let base = baselines(&cfg, &mut client, &baseline_job, first_half_last).await?;
     let what = match a.scope.as_str() {
         "wrappers" => format!("wrappers, {layers} {} layer(s)", kem.alias()),
         _ => "hashes, HMAC-SHA3-256".into(),

@@ -202,6 +202,18 @@ impl Prepared {
         }
     }
 
+    /// The largest batch adaptive sizing may reach, so the memory a batch
+    /// holds stays bounded whatever the job's size (about 16 MiB of new
+    /// values per batch; two batches are in flight).
+    pub fn max_batch(&self) -> i64 {
+        const BATCH_BYTES: i64 = 16 << 20;
+        let per_item = match self {
+            Prepared::Hashes(_) => 256,
+            Prepared::Wrappers(w) => w.item_bytes(),
+        };
+        (BATCH_BYTES / per_item.max(1)).clamp(100, 10_000)
+    }
+
     /// Items after `after` in the selection, at most `cap`.
     pub async fn count(
         &self,

@@ -830,6 +830,14 @@ impl WrappersJob {
         &self.sel.common
     }
 
+    /// Bytes one rewritten wrapper holds in memory at most: its layers'
+    /// ciphertexts and public keys, the wrap, the suite and the old row.
+    pub fn item_bytes(&self) -> i64 {
+        let p = &self.plan;
+        let layers = (p.policy.max_layers as usize).min(p.layer_keys.len()).max(1);
+        (layers * (p.kem.ciphertext_len() + p.kem.public_key_len() + 200) + 600) as i64
+    }
+
     pub fn plan(&self) -> &Arc<Plan> {
         &self.plan
     }
