@@ -163,6 +163,7 @@ async fn run_in(
     let secs = started.elapsed().as_secs_f64();
     token.cancel();
     daemon.await??;
+    let rss_job = peak_rss_kib();
     // The baselines after the job, so its peak RSS is its own.
     let base = baselines(&cfg, &mut client, &baseline_job, first_half_last).await?;
     let what = match a.scope.as_str() {
@@ -193,7 +194,7 @@ async fn run_in(
     println!("  batch sizes        {sizes:?}");
     println!(
         "  peak RSS           {:>9} MiB  (before the job {} MiB)",
-        peak_rss_kib().unwrap_or(0) / 1024,
+        rss_job.unwrap_or(0) / 1024,
         rss_before.unwrap_or(0) / 1024
     );
     if status != "done" {

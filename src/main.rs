@@ -5,7 +5,24 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+/// Fix glibc's mmap threshold. By default it rises each time a large
+/// block is freed, after which batch-sized buffers (megabytes) come from
+/// the heap and stay there: peak RSS then grows with the length of a job
+/// (measured: 120 MiB after 10k wrappers, 166 MiB after 100k). Fixed at
+/// 128 KiB, large buffers are mapped and returned, and memory stays flat
+/// (100 and 106 MiB).
+fn fix_malloc() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets allocator parameters; called once, before
+    // any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 128 * 1024);
+    }
+}
+
 fn main() -> ExitCode {
+    fix_malloc();
     // clap prints usage errors itself and exits with 2.
     let cli = pqmig::cli::Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -475,8 +475,8 @@ async fn work(
             return Ok(finish_failed(shared, lease, &msg, result).await);
         }
         if common.batch_size.is_none() {
-            batch = adapt(batch, fetched, t0.elapsed(), shared.worker.batch_target)
-                .min(h.max_batch());
+            batch =
+                adapt(batch, fetched, t0.elapsed(), shared.worker.batch_target).min(h.max_batch());
         }
         if let Some(rate) = common.max_rate {
             let due = Duration::from_secs_f64(walked_here as f64 / rate);

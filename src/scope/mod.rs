@@ -203,10 +203,10 @@ impl Prepared {
     }
 
     /// The largest batch adaptive sizing may reach, so the memory a batch
-    /// holds stays bounded whatever the job's size (about 16 MiB of new
+    /// holds stays bounded whatever the job's size (about 8 MiB of new
     /// values per batch; two batches are in flight).
     pub fn max_batch(&self) -> i64 {
-        const BATCH_BYTES: i64 = 16 << 20;
+        const BATCH_BYTES: i64 = 8 << 20;
         let per_item = match self {
             Prepared::Hashes(_) => 256,
             Prepared::Wrappers(w) => w.item_bytes(),

@@ -834,7 +834,9 @@ impl WrappersJob {
     /// ciphertexts and public keys, the wrap, the suite and the old row.
     pub fn item_bytes(&self) -> i64 {
         let p = &self.plan;
-        let layers = (p.policy.max_layers as usize).min(p.layer_keys.len()).max(1);
+        let layers = (p.policy.max_layers as usize)
+            .min(p.layer_keys.len())
+            .max(1);
         (layers * (p.kem.ciphertext_len() + p.kem.public_key_len() + 200) + 600) as i64
     }
 
