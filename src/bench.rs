@@ -2,16 +2,14 @@
 //! one job through the real daemon path (claim, batches, verify, backup)
 //! in-process, and report its throughput and peak memory.
 
-use std::os::unix::fs::DirBuilderExt;
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::{BenchArgs, UsageError};
-use crate::config::{Config, DatabaseUrl};
+use crate::config::Config;
 use crate::crypto::kem::Kem;
 use crate::db::{self, demo as dbd};
-use crate::demo::RemoveOnDrop;
 use crate::sample::SampleKeys;
 
 /// Peak resident set size of this process so far (VmHWM), in KiB.
@@ -47,42 +45,22 @@ pub async fn run(config: &Config, a: &BenchArgs) -> anyhow::Result<()> {
         .into());
     }
 
-    let admin_url = config
-        .database
-        .url
-        .clone()
-        .unwrap_or_else(|| DatabaseUrl::new(crate::config::LOCAL_DATABASE_URL));
-    let mut admin_cfg = config.database.clone();
-    admin_cfg.url = Some(admin_url.clone());
-    let admin = db::connect(&admin_cfg).await?;
-    let name = format!("pqmig_bench_{}", std::process::id());
-    dbd::database_create(&admin, &name).await?;
-    let result = run_in(config, &admin_url, &name, a, kem, layers as usize).await;
-    if let Err(e) = dbd::database_drop(&admin, &name).await {
-        eprintln!("pqmig: could not drop {name}: {}", db::error_chain(&e));
-    }
+    let scratch = crate::demo::Scratch::create(config, "pqmig_bench").await?;
+    let result = run_in(config, &scratch, a, kem, layers as usize).await;
+    scratch.drop_database().await;
     result
 }
 
 async fn run_in(
     config: &Config,
-    admin_url: &DatabaseUrl,
-    name: &str,
+    scratch: &crate::demo::Scratch,
     a: &BenchArgs,
     kem: Kem,
     layers: usize,
 ) -> anyhow::Result<()> {
-    let mut cfg = config.clone();
-    cfg.database.url = Some(admin_url.with_database(name)?);
-    cfg.metrics_listen = "127.0.0.1:0".parse()?;
-    cfg.worker.poll_interval = Duration::from_millis(100);
-    let mut client = db::connect(&cfg.database).await?;
-    db::migrate::apply(&mut client).await?;
-
-    let dir = std::env::temp_dir().join(format!("pqmig-bench-{}", std::process::id()));
-    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
-    let _cleanup = RemoveOnDrop(dir.clone());
-    let keyring = dir.join("keyring.json");
+    let (mut cfg, mut client) = scratch.open(config, Duration::from_millis(100)).await?;
+    let dir = crate::demo::private_dir("pqmig-bench")?;
+    let keyring = dir.0.join("keyring.json");
     let mut keys = SampleKeys::default();
     let n = a.items as usize;
     let t = Instant::now();

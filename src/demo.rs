@@ -20,52 +20,94 @@ pub struct DemoOptions {
     pub keep: bool,
 }
 
+/// A scratch database on the configured server (or the local default),
+/// for `demo` and `bench`.
+pub(crate) struct Scratch {
+    admin: tokio_postgres::Client,
+    pub admin_url: DatabaseUrl,
+    pub name: String,
+}
+
+impl Scratch {
+    pub async fn create(config: &Config, prefix: &str) -> anyhow::Result<Scratch> {
+        let admin_url = config
+            .database
+            .url
+            .clone()
+            .unwrap_or_else(|| DatabaseUrl::new(crate::config::LOCAL_DATABASE_URL));
+        let mut admin_cfg = config.database.clone();
+        admin_cfg.url = Some(admin_url.clone());
+        let admin = db::connect(&admin_cfg).await?;
+        let name = format!(
+            "{prefix}_{}_{}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_secs(),
+            std::process::id()
+        );
+        dbd::database_create(&admin, &name).await?;
+        Ok(Scratch {
+            admin,
+            admin_url,
+            name,
+        })
+    }
+
+    /// `config` pointed at the scratch database (metrics on a free loopback
+    /// port, so it cannot collide with a daemon), and a client on it with
+    /// the schema applied.
+    pub async fn open(
+        &self,
+        config: &Config,
+        poll: Duration,
+    ) -> anyhow::Result<(Config, tokio_postgres::Client)> {
+        let mut cfg = config.clone();
+        cfg.database.url = Some(self.admin_url.with_database(&self.name)?);
+        cfg.metrics_listen = "127.0.0.1:0".parse()?;
+        cfg.worker.poll_interval = poll;
+        let mut client = db::connect(&cfg.database).await?;
+        db::migrate::apply(&mut client).await?;
+        Ok((cfg, client))
+    }
+
+    pub async fn drop_database(&self) {
+        if let Err(e) = dbd::database_drop(&self.admin, &self.name).await {
+            eprintln!(
+                "pqmig: could not drop the scratch database {}: {}",
+                self.name,
+                db::error_chain(&e)
+            );
+        }
+    }
+}
+
+/// A private (0700) temporary directory, removed when the guard drops.
+pub(crate) fn private_dir(prefix: &str) -> std::io::Result<RemoveOnDrop> {
+    let dir = std::env::temp_dir().join(format!("{prefix}-{}", std::process::id()));
+    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+    Ok(RemoveOnDrop(dir))
+}
+
 /// Run the demo against the configured server (or the local default).
 pub async fn run(config: &Config, opts: &DemoOptions) -> anyhow::Result<()> {
-    let admin_url = config
-        .database
-        .url
-        .clone()
-        .unwrap_or_else(|| DatabaseUrl::new(crate::config::LOCAL_DATABASE_URL));
-    let mut admin_cfg = config.database.clone();
-    admin_cfg.url = Some(admin_url.clone());
-    let admin = db::connect(&admin_cfg).await?;
-    let name = format!(
-        "pqmig_demo_{}_{}",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .as_secs(),
-        std::process::id()
-    );
-    dbd::database_create(&admin, &name).await?;
-    println!("demo database: {name} on {}", admin_url);
-    let result = run_in(config, &admin_url, &name).await;
+    let scratch = Scratch::create(config, "pqmig_demo").await?;
+    let name = &scratch.name;
+    println!("demo database: {name} on {}", scratch.admin_url);
+    let result = run_in(config, &scratch).await;
     if opts.keep {
         println!("kept database {name} (drop it with: DROP DATABASE \"{name}\")");
-    } else if let Err(e) = dbd::database_drop(&admin, &name).await {
-        eprintln!(
-            "pqmig: could not drop the demo database {name}: {}",
-            db::error_chain(&e)
-        );
+    } else {
+        scratch.drop_database().await;
     }
     result
 }
 
-async fn run_in(config: &Config, admin_url: &DatabaseUrl, name: &str) -> anyhow::Result<()> {
-    let mut cfg = config.clone();
-    cfg.database.url = Some(admin_url.with_database(name)?);
-    // Loopback only, any free port: the demo must not collide with a daemon.
-    cfg.metrics_listen = "127.0.0.1:0".parse()?;
-    cfg.worker.poll_interval = Duration::from_millis(200);
-
-    let mut client = db::connect(&cfg.database).await?;
-    db::migrate::apply(&mut client).await?;
+async fn run_in(config: &Config, scratch: &Scratch) -> anyhow::Result<()> {
+    let (mut cfg, client) = scratch.open(config, Duration::from_millis(200)).await?;
 
     // A keyring in a private temporary directory, removed afterwards.
-    let dir = std::env::temp_dir().join(format!("pqmig-demo-{}", std::process::id()));
-    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
-    let _cleanup = RemoveOnDrop(dir.clone());
-    let keyring = dir.join("keyring.json");
+    let dir = private_dir("pqmig-demo")?;
+    let keyring = dir.0.join("keyring.json");
     let mut keys = crate::sample::SampleKeys::default();
     keys.generate("local:pepper-v2", "HMAC-SHA3-256", 32);
 

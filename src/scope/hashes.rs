@@ -321,62 +321,16 @@ impl HashesJob {
             .map_err(|e| JobError::Fatal(format!("hash computation panicked: {e}")))
     }
 
-    /// Write a computed batch inside the caller's transaction. Rows that
-    /// changed since they were read are locked, re-read and recomputed, so
-    /// neither the application's write nor the migration is lost.
+    /// Write a computed batch inside the caller's transaction (compare-
+    /// and-set, see [`super::write_cas`]).
     pub async fn write(
         &self,
         tx: &impl GenericClient,
         job_id: i64,
-        computed: Computed,
+        c: Computed,
     ) -> Result<(BatchCounts, Vec<ItemFailure>), JobError> {
-        let backup = self.sel.common.backup;
-        let Computed {
-            updates,
-            mut failures,
-            mut skipped,
-        } = computed;
-        let mut migrated = 0i64;
-        if self.sel.common.dry_run {
-            migrated = updates.ids.len() as i64;
-        } else {
-            let done = self
-                .stmts
-                .hashes_update_batch(tx, job_id, &updates, backup)
-                .await?;
-            migrated += done.len() as i64;
-            if done.len() < updates.ids.len() {
-                let done: std::collections::HashSet<i64> = done.into_iter().collect();
-                let conflicted: Vec<i64> = updates
-                    .ids
-                    .iter()
-                    .copied()
-                    .filter(|id| !done.contains(id))
-                    .collect();
-                let rows = self.stmts.hashes_lock_rows(tx, &conflicted).await?;
-                // Rows deleted or moved out of the selection meanwhile are
-                // no longer items of this job.
-                skipped += (conflicted.len() - rows.len()) as i64;
-                let again = Self::compute(&self.onion, self.version_max_len, &rows);
-                skipped += again.skipped;
-                failures.extend(again.failures);
-                let n = self
-                    .stmts
-                    .hashes_update_batch(tx, job_id, &again.updates, backup)
-                    .await?;
-                if n.len() != again.updates.ids.len() {
-                    return Err(JobError::Transient("rows changed while locked".into()));
-                }
-                migrated += n.len() as i64;
-            }
-        }
-        let counts = BatchCounts {
-            migrated,
-            skipped,
-            failed: failures.len() as i64,
-            integrity: failures.iter().filter(|f| f.code == "integrity").count() as i64,
-        };
-        Ok((counts, failures))
+        let parts = (c.updates, c.failures, c.skipped);
+        super::write_cas(self, tx, job_id, self.sel.common.dry_run, parts).await
     }
 
     /// `pqmig verify`: every backed-up row that still carries the version
@@ -454,5 +408,35 @@ impl HashesJob {
             .await?;
         }
         Ok(())
+    }
+}
+
+impl super::CasWrite for HashesJob {
+    type Updates = HashUpdates;
+
+    fn ids(u: &HashUpdates) -> &[i64] {
+        &u.ids
+    }
+
+    async fn cas_update(
+        &self,
+        tx: &impl GenericClient,
+        job_id: i64,
+        u: &HashUpdates,
+    ) -> Result<Vec<i64>, JobError> {
+        Ok(self
+            .stmts
+            .hashes_update_batch(tx, job_id, u, self.sel.common.backup)
+            .await?)
+    }
+
+    async fn relock_and_compute(
+        &self,
+        tx: &impl GenericClient,
+        ids: &[i64],
+    ) -> Result<(usize, HashUpdates, Vec<ItemFailure>, i64), JobError> {
+        let rows = self.stmts.hashes_lock_rows(tx, ids).await?;
+        let again = Self::compute(&self.onion, self.version_max_len, &rows);
+        Ok((rows.len(), again.updates, again.failures, again.skipped))
     }
 }

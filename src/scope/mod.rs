@@ -126,6 +126,72 @@ pub struct ItemFailure {
     pub message: String,
 }
 
+/// The compare-and-set write of a scope: rows are rewritten only if they
+/// still hold what the batch read; the others are locked, re-read and
+/// recomputed in the same transaction, so neither the application's
+/// concurrent write nor the migration is lost.
+pub(crate) trait CasWrite {
+    type Updates: Default;
+    /// The item ids a set of updates rewrites.
+    fn ids(u: &Self::Updates) -> &[i64];
+    /// Rewrite the items still as read (with their backups); the ids done.
+    async fn cas_update(
+        &self,
+        tx: &impl tokio_postgres::GenericClient,
+        job_id: i64,
+        u: &Self::Updates,
+    ) -> Result<Vec<i64>, JobError>;
+    /// Lock and re-read `ids` (those still in the selection) and compute
+    /// them again: (items found, updates, failures, skipped).
+    async fn relock_and_compute(
+        &self,
+        tx: &impl tokio_postgres::GenericClient,
+        ids: &[i64],
+    ) -> Result<(usize, Self::Updates, Vec<ItemFailure>, i64), JobError>;
+}
+
+/// Write one computed batch through [`CasWrite`] and count it.
+pub(crate) async fn write_cas<S: CasWrite>(
+    scope: &S,
+    tx: &impl tokio_postgres::GenericClient,
+    job_id: i64,
+    dry_run: bool,
+    (updates, mut failures, mut skipped): (S::Updates, Vec<ItemFailure>, i64),
+) -> Result<(BatchCounts, Vec<ItemFailure>), JobError> {
+    let wanted = S::ids(&updates);
+    let mut migrated = wanted.len() as i64;
+    if !dry_run {
+        let done = scope.cas_update(tx, job_id, &updates).await?;
+        migrated = done.len() as i64;
+        if done.len() < wanted.len() {
+            let done: std::collections::HashSet<i64> = done.into_iter().collect();
+            let conflicted: Vec<i64> = wanted
+                .iter()
+                .copied()
+                .filter(|id| !done.contains(id))
+                .collect();
+            let (found, again, more_failures, more_skipped) =
+                scope.relock_and_compute(tx, &conflicted).await?;
+            // Items deleted or moved out of the selection meanwhile are no
+            // longer items of this job.
+            skipped += (conflicted.len() - found) as i64 + more_skipped;
+            failures.extend(more_failures);
+            let n = scope.cas_update(tx, job_id, &again).await?;
+            if n.len() != S::ids(&again).len() {
+                return Err(JobError::Transient("items changed while locked".into()));
+            }
+            migrated += n.len() as i64;
+        }
+    }
+    let counts = BatchCounts {
+        migrated,
+        skipped,
+        failed: failures.len() as i64,
+        integrity: failures.iter().filter(|f| f.code == "integrity").count() as i64,
+    };
+    Ok((counts, failures))
+}
+
 /// A validated job of some scope. One per running job, so the size
 /// difference between variants does not matter.
 #[allow(clippy::large_enum_variant)]

@@ -901,58 +901,47 @@ impl WrappersJob {
         Ok(out)
     }
 
-    /// Write a computed batch in the caller's transaction; wrappers that
-    /// changed since they were read are locked, re-read and recomputed.
+    /// Write a computed batch in the caller's transaction (compare-and-
+    /// set, see [`super::write_cas`]).
     pub async fn write(
         &self,
         tx: &impl GenericClient,
         job_id: i64,
-        computed: Computed,
+        c: Computed,
     ) -> Result<(BatchCounts, Vec<ItemFailure>), JobError> {
-        let backup = self.sel.common.backup;
-        let Computed {
-            updates,
-            mut failures,
-            mut skipped,
-        } = computed;
-        let mut migrated = 0i64;
-        if self.sel.common.dry_run {
-            migrated = updates.ids.len() as i64;
-        } else {
-            let done = dbw::wrappers_update_batch(tx, job_id, &updates, backup).await?;
-            migrated += done.len() as i64;
-            if done.len() < updates.ids.len() {
-                let done: std::collections::HashSet<i64> = done.into_iter().collect();
-                let conflicted: Vec<i64> = updates
-                    .ids
-                    .iter()
-                    .copied()
-                    .filter(|id| !done.contains(id))
-                    .collect();
-                let rows = dbw::wrappers_lock_rows(tx, &self.filter, &conflicted).await?;
-                // Wrappers deleted or moved out of the selection meanwhile
-                // are no longer items of this job.
-                skipped += (conflicted.len() - rows.len()) as i64;
-                self.resolve_keys(tx, &rows).await?;
-                let plan = Arc::clone(&self.plan);
-                let again = tokio::task::spawn_blocking(move || plan.compute(&rows))
-                    .await
-                    .map_err(|e| fatal(format!("wrapper computation panicked: {e}")))?;
-                skipped += again.skipped;
-                failures.extend(again.failures);
-                let n = dbw::wrappers_update_batch(tx, job_id, &again.updates, backup).await?;
-                if n.len() != again.updates.ids.len() {
-                    return Err(JobError::Transient("wrappers changed while locked".into()));
-                }
-                migrated += n.len() as i64;
-            }
-        }
-        let counts = BatchCounts {
-            migrated,
-            skipped,
-            failed: failures.len() as i64,
-            integrity: failures.iter().filter(|f| f.code == "integrity").count() as i64,
-        };
-        Ok((counts, failures))
+        let parts = (c.updates, c.failures, c.skipped);
+        super::write_cas(self, tx, job_id, self.sel.common.dry_run, parts).await
+    }
+}
+
+impl super::CasWrite for WrappersJob {
+    type Updates = WrapperUpdates;
+
+    fn ids(u: &WrapperUpdates) -> &[i64] {
+        &u.ids
+    }
+
+    async fn cas_update(
+        &self,
+        tx: &impl GenericClient,
+        job_id: i64,
+        u: &WrapperUpdates,
+    ) -> Result<Vec<i64>, JobError> {
+        Ok(dbw::wrappers_update_batch(tx, job_id, u, self.sel.common.backup).await?)
+    }
+
+    async fn relock_and_compute(
+        &self,
+        tx: &impl GenericClient,
+        ids: &[i64],
+    ) -> Result<(usize, WrapperUpdates, Vec<ItemFailure>, i64), JobError> {
+        let rows = dbw::wrappers_lock_rows(tx, &self.filter, ids).await?;
+        self.resolve_keys(tx, &rows).await?;
+        let found = rows.len();
+        let plan = Arc::clone(&self.plan);
+        let again = tokio::task::spawn_blocking(move || plan.compute(&rows))
+            .await
+            .map_err(|e| fatal(format!("wrapper computation panicked: {e}")))?;
+        Ok((found, again.updates, again.failures, again.skipped))
     }
 }
