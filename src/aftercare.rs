@@ -72,6 +72,18 @@ pub async fn verify(config: &Config, job_id: i64) -> anyhow::Result<()> {
                 .collect();
             (checked, bad)
         }
+        "signatures" => {
+            let (checked, gone, bad) =
+                crate::scope::signatures::verify_job(&client, job_id).await?;
+            if gone > 0 {
+                println!("job {job_id}: {gone} countersignatures were deleted since the job");
+            }
+            let bad = bad
+                .into_iter()
+                .map(|(item, why)| Mismatch { item, why })
+                .collect();
+            (checked, bad)
+        }
         other => {
             return Err(UsageError(format!(
                 "verify is not available for {other} jobs in this build"
@@ -200,7 +212,7 @@ pub async fn rollback(config: &Config, job_id: i64) -> anyhow::Result<()> {
         .into());
     }
     let hashes = match j.scope.as_str() {
-        "wrappers" => None,
+        "wrappers" | "signatures" => None,
         "hashes" => Some(hashes_job(config, &client, job_id).await?),
         other => {
             return Err(UsageError(format!(
@@ -214,6 +226,9 @@ pub async fn rollback(config: &Config, job_id: i64) -> anyhow::Result<()> {
         let tx = client.transaction().await?;
         let (done, n, last) = match &hashes {
             Some(h) => h.rollback_batch(&tx, job_id, after, PAGE).await?,
+            None if j.scope == "signatures" => {
+                crate::db::signatures::countersignatures_delete(&tx, job_id, after, PAGE).await?
+            }
             None => {
                 let (ids, n, last) = dbw::wrappers_rollback_batch(&tx, job_id, after, PAGE).await?;
                 (ids.len() as i64, n, last)

@@ -29,7 +29,7 @@ pub async fn run(config: &Config, a: &BenchArgs) -> anyhow::Result<()> {
     if !(1..=8).contains(&layers) {
         return Err(UsageError(format!("--layers {layers} is out of range 1..=8")).into());
     }
-    let kem = match a.algo.as_deref() {
+    let kem = match a.algo.as_deref().filter(|_| a.scope == "wrappers") {
         None => Kem::MlKem768,
         Some(alias) => Kem::from_alias(alias).ok_or_else(|| {
             UsageError(format!(
@@ -37,16 +37,27 @@ pub async fn run(config: &Config, a: &BenchArgs) -> anyhow::Result<()> {
             ))
         })?,
     };
-    if !matches!(a.scope.as_str(), "wrappers" | "hashes") {
+    if !matches!(a.scope.as_str(), "wrappers" | "hashes" | "signatures") {
         return Err(UsageError(format!(
-            "--scope {:?}: this build benchmarks wrappers or hashes",
+            "--scope {:?}: expected wrappers, signatures or hashes",
             a.scope
         ))
         .into());
     }
+    let sig_alg = match (a.scope.as_str(), a.algo.as_deref()) {
+        ("signatures", None) => crate::crypto::sig::SigAlg::MlDsa65,
+        ("signatures", Some(alias)) => crate::crypto::sig::SigAlg::from_alias(alias)
+            .filter(|s| s.is_pq())
+            .ok_or_else(|| {
+                UsageError(format!(
+                    "--algo {alias:?}: the signatures bench takes ML-DSA-44/65/87 or SLH-DSA-SHA2-128s/f"
+                ))
+            })?,
+        _ => crate::crypto::sig::SigAlg::MlDsa65,
+    };
 
     let scratch = crate::demo::Scratch::create(config, "pqmig_bench").await?;
-    let result = run_in(config, &scratch, a, kem, layers as usize).await;
+    let result = run_in(config, &scratch, a, kem, layers as usize, sig_alg).await;
     scratch.drop_database().await;
     result
 }
@@ -57,6 +68,7 @@ async fn run_in(
     a: &BenchArgs,
     kem: Kem,
     layers: usize,
+    sig_alg: crate::crypto::sig::SigAlg,
 ) -> anyhow::Result<()> {
     let (mut cfg, mut client) = scratch.open(config, Duration::from_millis(100)).await?;
     let dir = crate::demo::private_dir("pqmig-bench")?;
@@ -78,6 +90,20 @@ async fn run_in(
                 ..Default::default()
             };
             (job, seed.deks[n - 1].0)
+        }
+        "signatures" => {
+            let seed = crate::sample::seed_signatures(&client, &mut keys, "", 2 * n, sig_alg, "bench")
+                .await?;
+            let job = db::jobs::NewJob {
+                scope: "signatures".into(),
+                target_algo_id: Some(seed.target_algo_id),
+                ..Default::default()
+            };
+            let mid: i64 = client
+                .query_one("SELECT id FROM signatures ORDER BY id OFFSET $1 LIMIT 1", &[&(n as i64 - 1)])
+                .await?
+                .get(0);
+            (job, mid)
         }
         _ => {
             keys.generate("local:pepper-v2", "HMAC-SHA3-256", 32);
@@ -146,6 +172,7 @@ async fn run_in(
     let base = baselines(&cfg, &mut client, &baseline_job, first_half_last).await?;
     let what = match a.scope.as_str() {
         "wrappers" => format!("wrappers, {layers} {} layer(s)", kem.alias()),
+        "signatures" => format!("signatures, Ed25519/ECDSA -> {}", sig_alg.alias()),
         _ => "hashes, HMAC-SHA3-256".into(),
     };
     let rate = processed as f64 / secs;

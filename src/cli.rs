@@ -180,9 +180,13 @@ pub struct KeysSigningArgs {
     /// Unique name of the key
     #[arg(long)]
     pub name: String,
-    /// kms_keys reference of the AES-256-GCM key that seals the private key
+    /// The AES-256-GCM key that seals the private key: a kms_keys id or
+    /// its external_key_ref (e.g. local:kek-signing)
     #[arg(long)]
     pub kek: String,
+    /// Only countersign rows of this subject_table (signing_keys.scope)
+    #[arg(long)]
+    pub scope: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -266,7 +270,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
             crate::inventory::run(&client, a.json).await
         }
         Command::Keys(KeysCommand::Generate(a)) => keys_generate(&config, &a).await,
-        Command::Keys(KeysCommand::Signing(_)) => Err(not_yet("keys signing")),
+        Command::Keys(KeysCommand::Signing(a)) => keys_signing(&config, &a).await,
         Command::Demo(a) => {
             crate::demo::run(&config, &crate::demo::DemoOptions { keep: a.keep }).await
         }
@@ -382,6 +386,38 @@ async fn keys_generate(config: &Config, a: &KeysGenerateArgs) -> anyhow::Result<
         let id = db::kms::kms_key_register(&c, &made.key_ref, "wrap", algorithm).await?;
         println!("registered as kms_keys id {id} (provider local, purpose wrap)");
     }
+    Ok(())
+}
+
+/// `pqmig keys signing`: a signing_keys row, its private key sealed under
+/// the KEK (SPEC §4).
+async fn keys_signing(config: &Config, a: &KeysSigningArgs) -> anyhow::Result<()> {
+    use crate::keys::signing::{SigningKeyError, create_signing_key};
+    let path = config.keyring.as_ref().ok_or_else(|| {
+        UsageError("no keyring path: set keys.keyring, PQMIG_KEYRING or --keyring (it holds the KEK)".into())
+    })?;
+    let keyring = crate::keys::LocalKeyring::load(path)?;
+    let client = db::connect(&config.database).await?;
+    db::migrate::check_current(&client).await?;
+    let made = create_signing_key(&client, &keyring, &a.algorithm, &a.name, &a.kek, a.scope.as_deref())
+        .await
+        .map_err(|e| match e {
+            SigningKeyError::Usage(m) => anyhow::Error::from(UsageError(m)),
+            SigningKeyError::Db(e) => anyhow::anyhow!("database: {}", db::error_chain(&e)),
+        })?;
+    use sha2::Digest;
+    let fp: String = sha2::Sha256::digest(&made.public_key)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    println!(
+        "created signing key {} ({:?}, {}): public key {} bytes, SHA-256 {fp}; private key sealed under kms_keys id {}",
+        made.id,
+        a.name,
+        made.alg.alias(),
+        made.public_key.len(),
+        made.kms_key_id
+    );
     Ok(())
 }
 

@@ -132,7 +132,20 @@ async fn run_in(config: &Config, scratch: &Scratch) -> anyhow::Result<()> {
         "seeded {DEMO_ITEMS} DEK wrappers (half legacy AES-GCM under two KEKs, half legacy X25519) in {:.1} s",
         t.elapsed().as_secs_f64()
     );
-    println!("scope signatures: not in this build yet, no data seeded for it");
+    let t = Instant::now();
+    let signatures = crate::sample::seed_signatures(
+        &client,
+        &mut keys,
+        "demo-",
+        DEMO_ITEMS as usize,
+        crate::crypto::sig::SigAlg::MlDsa65,
+        "pq-sign-demo",
+    )
+    .await?;
+    println!(
+        "seeded {DEMO_ITEMS} signed records (half Ed25519, half ECDSA P-256) and an ML-DSA-65 signing key in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
     keys.write(&keyring)?;
     cfg.keyring = Some(keyring);
 
@@ -160,6 +173,13 @@ async fn run_in(config: &Config, scratch: &Scratch) -> anyhow::Result<()> {
     println!(
         "queued job {job}: wrappers -> pqmig-wrap-v1 under policy pq-demo (2 ML-KEM-768 layers)"
     );
+    let new_job = db::jobs::NewJob {
+        scope: "signatures".into(),
+        target_algo_id: Some(signatures.target_algo_id),
+        ..Default::default()
+    };
+    let job = db::jobs::job_insert(&client, &new_job).await?;
+    println!("queued job {job}: signatures -> ML-DSA-65 countersignatures (key pq-sign-demo)");
 
     let services = crate::daemon::Services::from_config(&cfg).await?;
     println!(

@@ -74,6 +74,100 @@ impl SampleKeys {
     }
 }
 
+impl crate::keys::KeyProvider for SampleKeys {
+    fn secret(&self, key_ref: &str) -> Result<crate::keys::KeySecret, crate::keys::KeyError> {
+        self.0
+            .iter()
+            .find(|k| k.key_ref == key_ref)
+            .map(|k| crate::keys::KeySecret {
+                algorithm: k.algorithm.to_owned(),
+                bytes: k.secret.clone(),
+            })
+            .ok_or_else(|| crate::keys::KeyError::NotFound {
+                key_ref: key_ref.to_owned(),
+            })
+    }
+}
+
+/// What [`seed_signatures`] created.
+pub struct SignatureSeed {
+    pub target_algo_id: i64,
+    /// The active signing key of the target algorithm.
+    pub signing_key_id: i64,
+    /// The source signers: Ed25519 and ECDSA P-256 (public keys only).
+    pub source_key_ids: [i64; 2],
+    /// The source signers themselves, for tests that sign more rows.
+    pub source_signers: [crate::crypto::sig::Signer; 2],
+}
+
+/// `n` signed records (`subject_table` "documents", context "doc-v1"),
+/// alternately Ed25519 and ECDSA P-256 over a SHA-256 payload hash, and an
+/// active signing key `key_name` of `target` sealed under a fresh KEK.
+pub async fn seed_signatures(
+    c: &impl GenericClient,
+    keys: &mut SampleKeys,
+    prefix: &str,
+    n: usize,
+    target: crate::crypto::sig::SigAlg,
+    key_name: &str,
+) -> anyhow::Result<SignatureSeed> {
+    use crate::crypto::sig::{SigAlg, Signer, generate_seed};
+    use crate::db::signatures as dbs;
+    let kek_ref = format!("local:{prefix}kek-signing");
+    keys.generate(&kek_ref, "AES-256-GCM", 32);
+    kms::kms_key_register(c, &kek_ref, "encrypt", "AES-256-GCM").await?;
+    let made = crate::keys::signing::create_signing_key(
+        c,
+        &*keys,
+        target.alias(),
+        key_name,
+        &kek_ref,
+        None,
+    )
+    .await?;
+    let alias_id = |alias: &'static str| async move {
+        crate::db::algorithms::algorithm_by_alias(c, alias)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("alias {alias} missing"))
+    };
+    let target_algo_id = alias_id(target.alias()).await?;
+    let ed_algo = alias_id("Ed25519").await?;
+    let ec_algo = alias_id("ECDSA-P256").await?;
+    let sha256 = alias_id("SHA-256").await?;
+    let ed = Signer::from_seed(SigAlg::Ed25519, &generate_seed(SigAlg::Ed25519))?;
+    let ec = Signer::from_seed(SigAlg::EcdsaP256, &generate_seed(SigAlg::EcdsaP256))?;
+    let ed_id = dbs::signing_key_import(c, ed_algo, &format!("{prefix}legacy-ed25519"), ed.public_key()).await?;
+    let ec_id = dbs::signing_key_import(c, ec_algo, &format!("{prefix}legacy-p256"), ec.public_key()).await?;
+    for start in (0..n).step_by(5_000) {
+        let m = (n - start).min(5_000);
+        let (mut pks, mut algos, mut kids, mut sigs, mut hashes) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for i in start..start + m {
+            let mut body = [0u8; 32];
+            rand::fill(&mut body);
+            let h = sha2::Digest::finalize(<sha2::Sha256 as sha2::Digest>::new_with_prefix(body)).to_vec();
+            let (signer, algo, kid) = if i % 2 == 0 { (&ed, ed_algo, ed_id) } else { (&ec, ec_algo, ec_id) };
+            sigs.push(signer.sign(&h, &[])?);
+            pks.push(format!("{}", i + 1));
+            algos.push(algo);
+            kids.push(kid);
+            hashes.push(h);
+        }
+        c.execute(
+            "INSERT INTO signatures (subject_table, subject_pk, context, algo_id, signing_key_id, signature, payload_hash, hash_algo_id) \
+             SELECT 'documents', pk, 'doc-v1', a, k, s, h, $6 FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bytea[], $5::bytea[]) AS x(pk, a, k, s, h)",
+            &[&pks, &algos, &kids, &sigs, &hashes, &sha256],
+        )
+        .await?;
+    }
+    Ok(SignatureSeed {
+        target_algo_id,
+        signing_key_id: made.id,
+        source_key_ids: [ed_id, ec_id],
+        source_signers: [ed, ec],
+    })
+}
+
 /// What [`seed_wrappers`] created.
 pub struct WrapperSeed {
     pub policy_id: i64,

@@ -37,6 +37,17 @@ pub struct Hashes {
     pub from_version: Option<String>,
 }
 
+/// Keys of the `signatures` scope.
+#[derive(Debug, Clone)]
+pub struct Signatures {
+    pub common: Common,
+    pub subject_table: Option<String>,
+    pub context: Option<String>,
+    /// Aliases of the source algorithms (default: every non-PQ one).
+    pub from_algos: Option<Vec<String>>,
+    pub signing_key_ids: Option<Vec<i64>>,
+}
+
 /// Keys of the `wrappers` scope.
 #[derive(Debug, Clone)]
 pub struct Wrappers {
@@ -80,6 +91,7 @@ const COMMON_KEYS: &[&str] = &[
 ];
 
 const WRAPPERS_KEYS: &[&str] = &["status", "formats", "kms_key_ids"];
+const SIGNATURES_KEYS: &[&str] = &["subject_table", "context", "from_algos", "signing_key_ids"];
 
 /// The values `key_wrappers.status` and `crypto_suite.format` can take.
 const WRAPPER_STATUSES: &[&str] = &["active", "rotated", "retired", "invalid"];
@@ -178,7 +190,7 @@ impl<'a> Reader<'a> {
         }
     }
 
-    /// A non-empty array of strings, each one of `allowed`.
+    /// A non-empty array of strings, each one of `allowed` (any when empty).
     fn texts(&self, key: &str, allowed: &[&str]) -> Result<Option<Vec<String>>, SelectionError> {
         match self.get(key) {
             None => Ok(None),
@@ -191,7 +203,13 @@ impl<'a> Reader<'a> {
                 .iter()
                 .enumerate()
                 .map(|(i, v)| match v {
-                    Value::String(s) if allowed.contains(&s.as_str()) => Ok(s.clone()),
+                    Value::String(s) if s.is_empty() || s.len() > 120 => Err(bad(
+                        &format!("{key}[{i}]"),
+                        "must be 1 to 120 bytes",
+                    )),
+                    Value::String(s) if allowed.is_empty() || allowed.contains(&s.as_str()) => {
+                        Ok(s.clone())
+                    }
                     Value::String(s) => Err(bad(
                         &format!("{key}[{i}]"),
                         format!("{:?} is not one of {}", truncate(s), allowed.join(", ")),
@@ -350,5 +368,23 @@ pub fn parse_wrappers(selection: Option<&Value>) -> Result<Wrappers, SelectionEr
             .unwrap_or_else(|| vec!["active".into()]),
         formats: r.texts("formats", WRAPPER_FORMATS)?,
         kms_key_ids: r.ids("kms_key_ids")?,
+    })
+}
+
+/// Parse the selection of a `signatures` job.
+pub fn parse_signatures(selection: Option<&Value>) -> Result<Signatures, SelectionError> {
+    let empty = Map::new();
+    let r = Reader::new(selection, &empty)?;
+    r.check_keys(&[COMMON_KEYS, SIGNATURES_KEYS])?;
+    Ok(Signatures {
+        common: r.common()?,
+        subject_table: r.text("subject_table")?,
+        context: match r.get("context") {
+            // The empty context is a real value (the column's default).
+            Some(Value::String(s)) if s.is_empty() => Some(String::new()),
+            _ => r.text("context")?,
+        },
+        from_algos: r.texts("from_algos", &[])?,
+        signing_key_ids: r.ids("signing_key_ids")?,
     })
 }

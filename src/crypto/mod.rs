@@ -8,4 +8,5 @@
 pub mod aead;
 pub mod kem;
 pub mod onion;
+pub mod sig;
 pub mod wrap;

@@ -17,6 +17,7 @@ pub mod inventory;
 pub mod jobs;
 pub mod kms;
 pub mod migrate;
+pub mod signatures;
 pub mod status;
 pub mod tls;
 pub mod wrappers;

@@ -4,6 +4,7 @@
 
 mod generate;
 mod local;
+pub mod signing;
 
 use std::fmt;
 use std::path::PathBuf;

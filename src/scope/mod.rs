@@ -4,10 +4,13 @@
 //! transaction.
 //!
 //! - [`hashes`]: HMAC onion over keyed lookup hashes (SPEC §5.4, §6.4).
+//! - [`signatures`]: classical signatures verified and countersigned with
+//!   ML-DSA / SLH-DSA (SPEC §5.3, §6.3).
 //! - [`wrappers`]: DEK wrappers re-wrapped under ML-KEM / X-Wing layers
 //!   (SPEC §5.1, §5.2, §6.2).
 
 pub mod hashes;
+pub mod signatures;
 pub mod wrappers;
 
 use std::path::PathBuf;
@@ -198,12 +201,14 @@ pub(crate) async fn write_cas<S: CasWrite>(
 pub enum Prepared {
     Hashes(hashes::HashesJob),
     Wrappers(wrappers::WrappersJob),
+    Signatures(signatures::SignaturesJob),
 }
 
 /// The items of one batch as read, before any computation.
 pub enum Rows {
     Hashes(Vec<crate::db::hashes::HashRow>),
     Wrappers(Vec<crate::db::wrappers::WrapperRow>),
+    Signatures(Vec<crate::db::signatures::SignatureRow>),
 }
 
 impl Rows {
@@ -212,6 +217,7 @@ impl Rows {
         match self {
             Rows::Hashes(r) => (r.len() as i64, r.last().map(|r| r.id)),
             Rows::Wrappers(r) => (r.len() as i64, r.last().map(|r| r.id)),
+            Rows::Signatures(r) => (r.len() as i64, r.last().map(|r| r.id)),
         }
     }
 }
@@ -222,6 +228,7 @@ impl Rows {
 pub enum Computed {
     Hashes(hashes::Computed),
     Wrappers(wrappers::Computed),
+    Signatures(signatures::Computed),
 }
 
 fn unsupported(scope: &str) -> JobError {
@@ -244,6 +251,9 @@ impl Prepared {
             "wrappers" => Ok(Prepared::Wrappers(
                 wrappers::WrappersJob::prepare(c, job, ctx).await?,
             )),
+            "signatures" => Ok(Prepared::Signatures(
+                signatures::SignaturesJob::prepare(c, job, ctx).await?,
+            )),
             other => Err(unsupported(other)),
         }
     }
@@ -257,6 +267,7 @@ impl Prepared {
         match job.scope.as_str() {
             "hashes" => hashes::HashesJob::check(c, job).await.map(|_| ()),
             "wrappers" => wrappers::WrappersJob::check(c, job).await.map(|_| ()),
+            "signatures" => signatures::SignaturesJob::check(c, job).await.map(|_| ()),
             other => Err(unsupported(other)),
         }
     }
@@ -265,6 +276,7 @@ impl Prepared {
         match self {
             Prepared::Hashes(h) => h.common(),
             Prepared::Wrappers(w) => w.common(),
+            Prepared::Signatures(s) => s.common(),
         }
     }
 
@@ -276,6 +288,7 @@ impl Prepared {
         let per_item = match self {
             Prepared::Hashes(_) => 256,
             Prepared::Wrappers(w) => w.item_bytes(),
+            Prepared::Signatures(s) => s.item_bytes(),
         };
         (BATCH_BYTES / per_item.max(1)).clamp(100, 10_000)
     }
@@ -290,6 +303,7 @@ impl Prepared {
         match self {
             Prepared::Hashes(h) => h.count(c, after, cap).await,
             Prepared::Wrappers(w) => w.count(c, after, cap).await,
+            Prepared::Signatures(s) => s.count(c, after, cap).await,
         }
     }
 
@@ -303,6 +317,7 @@ impl Prepared {
         match self {
             Prepared::Hashes(h) => Ok(Rows::Hashes(h.fetch(c, after, n).await?)),
             Prepared::Wrappers(w) => Ok(Rows::Wrappers(w.fetch(c, after, n).await?)),
+            Prepared::Signatures(s) => Ok(Rows::Signatures(s.fetch(c, after, n).await?)),
         }
     }
 
@@ -314,6 +329,9 @@ impl Prepared {
             }
             (Prepared::Wrappers(w), Rows::Wrappers(r)) => {
                 Ok(Computed::Wrappers(w.compute_off_thread(r).await?))
+            }
+            (Prepared::Signatures(s), Rows::Signatures(r)) => {
+                Ok(Computed::Signatures(s.compute_off_thread(r).await?))
             }
             _ => unreachable!("rows come from the same scope"),
         }
@@ -329,6 +347,7 @@ impl Prepared {
         match (self, computed) {
             (Prepared::Hashes(h), Computed::Hashes(c)) => h.write(tx, job_id, c).await,
             (Prepared::Wrappers(w), Computed::Wrappers(c)) => w.write(tx, job_id, c).await,
+            (Prepared::Signatures(s), Computed::Signatures(c)) => s.write(tx, job_id, c).await,
             _ => unreachable!("computed by the same scope"),
         }
     }
@@ -341,7 +360,7 @@ impl Prepared {
     ) -> Result<(), JobError> {
         match self {
             Prepared::Hashes(h) => h.on_done(tx, job_id).await,
-            Prepared::Wrappers(_) => Ok(()),
+            Prepared::Wrappers(_) | Prepared::Signatures(_) => Ok(()),
         }
     }
 }

@@ -1,0 +1,385 @@
+//! Statements of the `signatures` scope on `signatures` and
+//! `signing_keys`. The scope only inserts (countersignatures, ON CONFLICT
+//! DO NOTHING); it never changes a source row.
+
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Error, GenericClient, Row};
+
+use crate::selection::Signatures;
+
+/// A source signature, with whether the target countersignature exists.
+#[derive(Debug, Clone)]
+pub struct SignatureRow {
+    pub id: i64,
+    pub subject_table: String,
+    pub subject_pk: String,
+    pub context: String,
+    pub algo_id: i64,
+    pub signing_key_id: Option<i64>,
+    pub signature: Vec<u8>,
+    pub payload_hash: Vec<u8>,
+    pub hash_algo_id: Option<i64>,
+    /// A row with the target algorithm exists for the same subject.
+    pub countersigned: bool,
+}
+
+/// A `signing_keys` row.
+#[derive(Debug, Clone)]
+pub struct SigningKeyRow {
+    pub id: i64,
+    pub algo_id: i64,
+    pub name: String,
+    pub public_key: Vec<u8>,
+    pub private_key_enc: Option<Vec<u8>>,
+    pub kms_key_id: Option<i64>,
+    pub status: String,
+    pub scope: Option<String>,
+}
+
+/// New countersignatures of a batch, as parallel arrays for `unnest`.
+#[derive(Debug, Default)]
+pub struct NewSignatures {
+    pub source_ids: Vec<i64>,
+    pub subject_tables: Vec<String>,
+    pub subject_pks: Vec<String>,
+    pub contexts: Vec<String>,
+    pub signing_key_ids: Vec<i64>,
+    pub signatures: Vec<Vec<u8>>,
+    pub payload_hashes: Vec<Vec<u8>>,
+    pub hash_algo_ids: Vec<Option<i64>>,
+}
+
+/// The selection as SQL over `signatures s` (placeholders from $4: $1 is
+/// the keyset cursor, $2 the limit, $3 the target algorithm).
+pub struct SignatureFilter {
+    clause: String,
+    params: Vec<Box<dyn ToSql + Sync + Send>>,
+}
+
+impl SignatureFilter {
+    pub fn new(sel: &Signatures, from_algo_ids: &[i64]) -> SignatureFilter {
+        let mut f = SignatureFilter {
+            clause: String::new(),
+            params: Vec::new(),
+        };
+        let add = |f: &mut SignatureFilter, sql: &str, p: Box<dyn ToSql + Sync + Send>| {
+            f.params.push(p);
+            let n = f.params.len() + 3;
+            f.clause.push_str(" AND ");
+            f.clause.push_str(&sql.replace("$?", &format!("${n}")));
+        };
+        add(&mut f, "s.algo_id = ANY($?::bigint[])", Box::new(from_algo_ids.to_vec()));
+        if let Some(t) = &sel.subject_table {
+            add(&mut f, "s.subject_table = $?::text", Box::new(t.clone()));
+        }
+        if let Some(c) = &sel.context {
+            add(&mut f, "s.context = $?::text", Box::new(c.clone()));
+        }
+        if let Some(ids) = &sel.signing_key_ids {
+            add(&mut f, "s.signing_key_id = ANY($?::bigint[])", Box::new(ids.clone()));
+        }
+        let c = &sel.common;
+        if let Some(ids) = &c.ids {
+            add(&mut f, "s.id = ANY($?::bigint[])", Box::new(ids.clone()));
+        }
+        if let Some(v) = c.id_from {
+            add(&mut f, "s.id >= $?::bigint", Box::new(v));
+        }
+        if let Some(v) = c.id_to {
+            add(&mut f, "s.id <= $?::bigint", Box::new(v));
+        }
+        if let Some(v) = c.created_before {
+            add(&mut f, "s.created_at < $?", Box::new(v));
+        }
+        if let Some(v) = c.created_after {
+            add(&mut f, "s.created_at > $?", Box::new(v));
+        }
+        f
+    }
+
+    fn params<'a>(&'a self, first: [&'a (dyn ToSql + Sync); 3]) -> Vec<&'a (dyn ToSql + Sync)> {
+        let mut p: Vec<&(dyn ToSql + Sync)> = first.to_vec();
+        p.extend(self.params.iter().map(|b| &**b as &(dyn ToSql + Sync)));
+        p
+    }
+}
+
+fn signature_from(r: &Row) -> SignatureRow {
+    SignatureRow {
+        id: r.get(0),
+        subject_table: r.get(1),
+        subject_pk: r.get(2),
+        context: r.get(3),
+        algo_id: r.get(4),
+        signing_key_id: r.get(5),
+        signature: r.get(6),
+        payload_hash: r.get(7),
+        hash_algo_id: r.get(8),
+        countersigned: r.get(9),
+    }
+}
+
+/// The next `n` selected source signatures after `after`, in id order.
+pub async fn signatures_fetch_batch(
+    c: &impl GenericClient,
+    filter: &SignatureFilter,
+    target_algo: i64,
+    after: i64,
+    n: i64,
+) -> Result<Vec<SignatureRow>, Error> {
+    let sql = format!(
+        "SELECT s.id, s.subject_table::text, s.subject_pk::text, s.context::text, s.algo_id, \
+                s.signing_key_id, s.signature, s.payload_hash, s.hash_algo_id, \
+                EXISTS (SELECT 1 FROM signatures t WHERE t.subject_table = s.subject_table \
+                        AND t.subject_pk = s.subject_pk AND t.context = s.context \
+                        AND t.algo_id = $3::bigint) \
+         FROM signatures s WHERE s.id > $1::bigint{} ORDER BY s.id LIMIT $2::bigint",
+        filter.clause
+    );
+    let rows = c
+        .query(&sql, &filter.params([&after, &n, &target_algo]))
+        .await?;
+    Ok(rows.iter().map(signature_from).collect())
+}
+
+/// Selected source signatures after `after`, counting at most `cap`.
+pub async fn signatures_count(
+    c: &impl GenericClient,
+    filter: &SignatureFilter,
+    target_algo: i64,
+    after: i64,
+    cap: i64,
+) -> Result<i64, Error> {
+    let sql = format!(
+        "SELECT count(*) FROM (SELECT 1 FROM signatures s WHERE s.id > $1::bigint \
+         AND $3::bigint IS NOT NULL{} LIMIT $2::bigint) x",
+        filter.clause
+    );
+    Ok(c
+        .query_one(&sql, &filter.params([&after, &cap, &target_algo]))
+        .await?
+        .get(0))
+}
+
+const KEY_COLUMNS: &str = "id, algo_id, name::text, public_key, private_key_enc, kms_key_id, status, scope::text";
+
+fn key_from(r: &Row) -> SigningKeyRow {
+    SigningKeyRow {
+        id: r.get(0),
+        algo_id: r.get(1),
+        name: r.get(2),
+        public_key: r.get(3),
+        private_key_enc: r.get(4),
+        kms_key_id: r.get(5),
+        status: r.get(6),
+        scope: r.get(7),
+    }
+}
+
+/// Active signing keys of an algorithm.
+pub async fn signing_keys_active(
+    c: &impl GenericClient,
+    algo_id: i64,
+) -> Result<Vec<SigningKeyRow>, Error> {
+    let sql = format!(
+        "SELECT {KEY_COLUMNS} FROM signing_keys WHERE algo_id = $1 AND status = 'active' ORDER BY id"
+    );
+    Ok(c.query(&sql, &[&algo_id]).await?.iter().map(key_from).collect())
+}
+
+/// Signing keys by id (any status).
+pub async fn signing_keys_by_id(
+    c: &impl GenericClient,
+    ids: &[i64],
+) -> Result<Vec<SigningKeyRow>, Error> {
+    let sql = format!("SELECT {KEY_COLUMNS} FROM signing_keys WHERE id = ANY($1::bigint[])");
+    Ok(c.query(&sql, &[&ids]).await?.iter().map(key_from).collect())
+}
+
+/// Insert a signing key; `None` if the name is taken.
+#[allow(clippy::too_many_arguments)]
+pub async fn signing_key_insert(
+    c: &impl GenericClient,
+    algo_id: i64,
+    name: &str,
+    public_key: &[u8],
+    private_key_enc: &[u8],
+    kms_key_id: i64,
+    scope: Option<&str>,
+) -> Result<Option<i64>, Error> {
+    let row = c
+        .query_opt(
+            "INSERT INTO signing_keys (algo_id, name, public_key, private_key_enc, kms_key_id, \
+                                       origin, status, scope, activated_at) \
+             VALUES ($1, $2, $3, $4, $5, 'local', 'active', $6, now()) \
+             ON CONFLICT (name) DO NOTHING RETURNING id",
+            &[&algo_id, &name, &public_key, &private_key_enc, &kms_key_id, &scope],
+        )
+        .await?;
+    Ok(row.map(|r| r.get(0)))
+}
+
+/// Record a signer's public key only (`origin` imported, no private key).
+pub async fn signing_key_import(
+    c: &impl GenericClient,
+    algo_id: i64,
+    name: &str,
+    public_key: &[u8],
+) -> Result<i64, Error> {
+    Ok(c
+        .query_one(
+            "INSERT INTO signing_keys (algo_id, name, public_key, origin, status, activated_at) \
+             VALUES ($1, $2, $3, 'imported', 'active', now()) RETURNING id",
+            &[&algo_id, &name, &public_key],
+        )
+        .await?
+        .get(0))
+}
+
+/// Insert countersignatures; rows that exist already (another job got
+/// there first) are left alone. Each inserted row is recorded in
+/// `pq_migration_backups` (item = source id, data = the new row's id), so
+/// `verify` and `rollback` find exactly what the job wrote. Returns the
+/// source ids whose countersignature was inserted.
+pub async fn signatures_insert_batch(
+    tx: &impl GenericClient,
+    job_id: i64,
+    target_algo: i64,
+    n: &NewSignatures,
+) -> Result<Vec<i64>, Error> {
+    if n.source_ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows = tx
+        .query(
+            "WITH v AS ( \
+               SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bigint[], \
+                                    $6::bytea[], $7::bytea[], $8::bigint[]) \
+                 AS v(src, st, pk, ctx, key, sig, ph, ha) \
+             ), ins AS ( \
+               INSERT INTO signatures (subject_table, subject_pk, context, algo_id, signing_key_id, \
+                                       signature, payload_hash, hash_algo_id) \
+               SELECT st, pk, ctx, $9::bigint, key, sig, ph, ha FROM v \
+               ON CONFLICT (subject_table, subject_pk, context, algo_id) DO NOTHING \
+               RETURNING id, subject_table, subject_pk, context \
+             ), bk AS ( \
+               INSERT INTO pq_migration_backups (job_id, item_table, item_id, data) \
+               SELECT $10::bigint, 'signatures', v.src::text, jsonb_build_object('countersignature_id', ins.id) \
+               FROM ins JOIN v ON v.st = ins.subject_table AND v.pk = ins.subject_pk AND v.ctx = ins.context \
+             ) \
+             SELECT v.src FROM ins JOIN v ON v.st = ins.subject_table AND v.pk = ins.subject_pk \
+                                        AND v.ctx = ins.context",
+            &[
+                &n.source_ids,
+                &n.subject_tables,
+                &n.subject_pks,
+                &n.contexts,
+                &n.signing_key_ids,
+                &n.signatures,
+                &n.payload_hashes,
+                &n.hash_algo_ids,
+                &target_algo,
+                &job_id,
+            ],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// A countersignature a job wrote, with its signer's public key.
+#[derive(Debug, Clone)]
+pub struct Countersignature {
+    pub backup_id: i64,
+    pub id: i64,
+    pub algo_id: i64,
+    pub context: String,
+    pub signature: Vec<u8>,
+    pub payload_hash: Vec<u8>,
+    pub public_key: Option<Vec<u8>>,
+}
+
+/// The countersignatures a job recorded, after backup id `after`; rows
+/// deleted since are not returned.
+pub async fn countersignatures_of_job(
+    c: &impl GenericClient,
+    job_id: i64,
+    after: i64,
+    n: i64,
+) -> Result<(Vec<Countersignature>, Option<i64>, i64), Error> {
+    let backups = c
+        .query(
+            "SELECT id, (data->>'countersignature_id')::bigint FROM pq_migration_backups \
+             WHERE job_id = $1 AND item_table = 'signatures' AND id > $2 ORDER BY id LIMIT $3",
+            &[&job_id, &after, &n],
+        )
+        .await?;
+    let last = backups.last().map(|r| r.get::<_, i64>(0));
+    let ids: Vec<i64> = backups.iter().map(|r| r.get(1)).collect();
+    let rows = c
+        .query(
+            "SELECT s.id, s.algo_id, s.context::text, s.signature, s.payload_hash, k.public_key \
+             FROM signatures s LEFT JOIN signing_keys k ON k.id = s.signing_key_id \
+             WHERE s.id = ANY($1::bigint[]) ORDER BY s.id",
+            &[&ids],
+        )
+        .await?;
+    let found = rows
+        .iter()
+        .map(|r| {
+            let id: i64 = r.get(0);
+            let backup_id = backups
+                .iter()
+                .find(|b| b.get::<_, i64>(1) == id)
+                .map(|b| b.get(0))
+                .unwrap_or(0);
+            Countersignature {
+                backup_id,
+                id,
+                algo_id: r.get(1),
+                context: r.get(2),
+                signature: r.get(3),
+                payload_hash: r.get(4),
+                public_key: r.get(5),
+            }
+        })
+        .collect();
+    Ok((found, last, backups.len() as i64))
+}
+
+/// Delete the countersignatures recorded in these backups; how many.
+pub async fn countersignatures_delete(
+    tx: &impl GenericClient,
+    job_id: i64,
+    after: i64,
+    n: i64,
+) -> Result<(i64, i64, Option<i64>), Error> {
+    let backups = tx
+        .query(
+            "SELECT id, (data->>'countersignature_id')::bigint FROM pq_migration_backups \
+             WHERE job_id = $1 AND item_table = 'signatures' AND id > $2 ORDER BY id LIMIT $3",
+            &[&job_id, &after, &n],
+        )
+        .await?;
+    let Some(last) = backups.last().map(|r| r.get::<_, i64>(0)) else {
+        return Ok((0, 0, None));
+    };
+    let ids: Vec<i64> = backups.iter().map(|r| r.get(1)).collect();
+    let deleted = tx
+        .execute("DELETE FROM signatures WHERE id = ANY($1::bigint[])", &[&ids])
+        .await?;
+    Ok((deleted as i64, backups.len() as i64, Some(last)))
+}
+
+/// Ids of the sig algorithms that are not PQ (the default `from_algos`).
+pub async fn classical_sig_algorithms(c: &impl GenericClient) -> Result<Vec<i64>, Error> {
+    Ok(c
+        .query(
+            "SELECT id FROM crypto_algorithms WHERE class = 'sig' \
+             AND COALESCE((params->>'pq')::boolean, false) = false ORDER BY id",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
