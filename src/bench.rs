@@ -92,15 +92,26 @@ async fn run_in(
             (job, seed.deks[n - 1].0)
         }
         "signatures" => {
-            let seed = crate::sample::seed_signatures(&client, &mut keys, "", 2 * n, sig_alg, "bench")
-                .await?;
+            let seed = crate::sample::seed_signatures(
+                &client,
+                &mut keys,
+                "",
+                2 * n,
+                false,
+                sig_alg,
+                "bench",
+            )
+            .await?;
             let job = db::jobs::NewJob {
                 scope: "signatures".into(),
                 target_algo_id: Some(seed.target_algo_id),
                 ..Default::default()
             };
             let mid: i64 = client
-                .query_one("SELECT id FROM signatures ORDER BY id OFFSET $1 LIMIT 1", &[&(n as i64 - 1)])
+                .query_one(
+                    "SELECT id FROM signatures ORDER BY id OFFSET $1 LIMIT 1",
+                    &[&(n as i64 - 1)],
+                )
                 .await?
                 .get(0);
             (job, mid)

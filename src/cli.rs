@@ -394,17 +394,27 @@ async fn keys_generate(config: &Config, a: &KeysGenerateArgs) -> anyhow::Result<
 async fn keys_signing(config: &Config, a: &KeysSigningArgs) -> anyhow::Result<()> {
     use crate::keys::signing::{SigningKeyError, create_signing_key};
     let path = config.keyring.as_ref().ok_or_else(|| {
-        UsageError("no keyring path: set keys.keyring, PQMIG_KEYRING or --keyring (it holds the KEK)".into())
+        UsageError(
+            "no keyring path: set keys.keyring, PQMIG_KEYRING or --keyring (it holds the KEK)"
+                .into(),
+        )
     })?;
     let keyring = crate::keys::LocalKeyring::load(path)?;
     let client = db::connect(&config.database).await?;
     db::migrate::check_current(&client).await?;
-    let made = create_signing_key(&client, &keyring, &a.algorithm, &a.name, &a.kek, a.scope.as_deref())
-        .await
-        .map_err(|e| match e {
-            SigningKeyError::Usage(m) => anyhow::Error::from(UsageError(m)),
-            SigningKeyError::Db(e) => anyhow::anyhow!("database: {}", db::error_chain(&e)),
-        })?;
+    let made = create_signing_key(
+        &client,
+        &keyring,
+        &a.algorithm,
+        &a.name,
+        &a.kek,
+        a.scope.as_deref(),
+    )
+    .await
+    .map_err(|e| match e {
+        SigningKeyError::Usage(m) => anyhow::Error::from(UsageError(m)),
+        SigningKeyError::Db(e) => anyhow::anyhow!("database: {}", db::error_chain(&e)),
+    })?;
     use sha2::Digest;
     let fp: String = sha2::Sha256::digest(&made.public_key)
         .iter()

@@ -138,6 +138,7 @@ async fn run_in(config: &Config, scratch: &Scratch) -> anyhow::Result<()> {
         &mut keys,
         "demo-",
         DEMO_ITEMS as usize,
+        true,
         crate::crypto::sig::SigAlg::MlDsa65,
         "pq-sign-demo",
     )

@@ -100,14 +100,17 @@ pub struct SignatureSeed {
     pub source_signers: [crate::crypto::sig::Signer; 2],
 }
 
-/// `n` signed records (`subject_table` "documents", context "doc-v1"),
-/// alternately Ed25519 and ECDSA P-256 over a SHA-256 payload hash, and an
-/// active signing key `key_name` of `target` sealed under a fresh KEK.
+/// `n` signed records (`subject_table` "documents", context "doc-v1") over
+/// a SHA-256 payload hash, alternately Ed25519 and ECDSA P-256 (`mixed`)
+/// or all Ed25519, and an active signing key `key_name` of `target` sealed
+/// under a fresh KEK.
+#[allow(clippy::too_many_arguments)]
 pub async fn seed_signatures(
     c: &impl GenericClient,
     keys: &mut SampleKeys,
     prefix: &str,
     n: usize,
+    mixed: bool,
     target: crate::crypto::sig::SigAlg,
     key_name: &str,
 ) -> anyhow::Result<SignatureSeed> {
@@ -136,8 +139,16 @@ pub async fn seed_signatures(
     let sha256 = alias_id("SHA-256").await?;
     let ed = Signer::from_seed(SigAlg::Ed25519, &generate_seed(SigAlg::Ed25519))?;
     let ec = Signer::from_seed(SigAlg::EcdsaP256, &generate_seed(SigAlg::EcdsaP256))?;
-    let ed_id = dbs::signing_key_import(c, ed_algo, &format!("{prefix}legacy-ed25519"), ed.public_key()).await?;
-    let ec_id = dbs::signing_key_import(c, ec_algo, &format!("{prefix}legacy-p256"), ec.public_key()).await?;
+    let ed_id = dbs::signing_key_import(
+        c,
+        ed_algo,
+        &format!("{prefix}legacy-ed25519"),
+        ed.public_key(),
+    )
+    .await?;
+    let ec_id =
+        dbs::signing_key_import(c, ec_algo, &format!("{prefix}legacy-p256"), ec.public_key())
+            .await?;
     for start in (0..n).step_by(5_000) {
         let m = (n - start).min(5_000);
         let (mut pks, mut algos, mut kids, mut sigs, mut hashes) =
@@ -145,8 +156,13 @@ pub async fn seed_signatures(
         for i in start..start + m {
             let mut body = [0u8; 32];
             rand::fill(&mut body);
-            let h = sha2::Digest::finalize(<sha2::Sha256 as sha2::Digest>::new_with_prefix(body)).to_vec();
-            let (signer, algo, kid) = if i % 2 == 0 { (&ed, ed_algo, ed_id) } else { (&ec, ec_algo, ec_id) };
+            let h = sha2::Digest::finalize(<sha2::Sha256 as sha2::Digest>::new_with_prefix(body))
+                .to_vec();
+            let (signer, algo, kid) = if i % 2 == 0 || !mixed {
+                (&ed, ed_algo, ed_id)
+            } else {
+                (&ec, ec_algo, ec_id)
+            };
             sigs.push(signer.sign(&h, &[])?);
             pks.push(format!("{}", i + 1));
             algos.push(algo);

@@ -203,10 +203,9 @@ impl<'a> Reader<'a> {
                 .iter()
                 .enumerate()
                 .map(|(i, v)| match v {
-                    Value::String(s) if s.is_empty() || s.len() > 120 => Err(bad(
-                        &format!("{key}[{i}]"),
-                        "must be 1 to 120 bytes",
-                    )),
+                    Value::String(s) if s.is_empty() || s.len() > 120 => {
+                        Err(bad(&format!("{key}[{i}]"), "must be 1 to 120 bytes"))
+                    }
                     Value::String(s) if allowed.is_empty() || allowed.contains(&s.as_str()) => {
                         Ok(s.clone())
                     }

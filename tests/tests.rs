@@ -17,5 +17,6 @@ mod migrate;
 mod observe;
 mod onion;
 mod pgcluster;
+mod signatures;
 mod status;
 mod wrappers;

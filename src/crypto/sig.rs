@@ -108,14 +108,14 @@ pub fn generate_seed(alg: SigAlg) -> Zeroizing<Vec<u8>> {
 /// FIPS 205 slh_keygen_internal, encoded as the private key.
 pub fn slh_keygen(alg: SigAlg, sk_seed: &[u8], sk_prf: &[u8], pk_seed: &[u8]) -> Vec<u8> {
     match alg {
-        SigAlg::SlhDsaSha2_128s => slh_dsa::SigningKey::<slh_dsa::Sha2_128s>::slh_keygen_internal(
-            sk_seed, sk_prf, pk_seed,
-        )
-        .to_vec(),
-        SigAlg::SlhDsaSha2_128f => slh_dsa::SigningKey::<slh_dsa::Sha2_128f>::slh_keygen_internal(
-            sk_seed, sk_prf, pk_seed,
-        )
-        .to_vec(),
+        SigAlg::SlhDsaSha2_128s => {
+            slh_dsa::SigningKey::<slh_dsa::Sha2_128s>::slh_keygen_internal(sk_seed, sk_prf, pk_seed)
+                .to_vec()
+        }
+        SigAlg::SlhDsaSha2_128f => {
+            slh_dsa::SigningKey::<slh_dsa::Sha2_128f>::slh_keygen_internal(sk_seed, sk_prf, pk_seed)
+                .to_vec()
+        }
         other => panic!("slh_keygen for {other:?}"),
     }
 }
@@ -152,9 +152,8 @@ macro_rules! mldsa {
 
 macro_rules! mldsa_sign {
     ($m:ident, $sk:expr, $msg:expr, $ctx:expr) => {{
-        let sk = libcrux_ml_dsa::MLDSASigningKey::new(
-            $sk[..].try_into().expect("expanded at load"),
-        );
+        let sk =
+            libcrux_ml_dsa::MLDSASigningKey::new($sk[..].try_into().expect("expanded at load"));
         let mut r = Zeroizing::new([0u8; 32]);
         rand::fill(&mut r[..]);
         libcrux_ml_dsa::$m::sign(&sk, $msg, $ctx, *r)
@@ -345,11 +344,23 @@ mod tests {
             }
             let s = Signer::from_seed(alg, &generate_seed(alg)).unwrap();
             let sig = s.sign(b"payload", b"users").unwrap();
-            assert!(verify(alg, s.public_key(), b"payload", b"users", &sig), "{alg:?}");
-            assert!(!verify(alg, s.public_key(), b"payloae", b"users", &sig), "{alg:?}");
-            assert!(!verify(alg, s.public_key(), b"payload", b"users", &sig[1..]), "{alg:?}");
+            assert!(
+                verify(alg, s.public_key(), b"payload", b"users", &sig),
+                "{alg:?}"
+            );
+            assert!(
+                !verify(alg, s.public_key(), b"payloae", b"users", &sig),
+                "{alg:?}"
+            );
+            assert!(
+                !verify(alg, s.public_key(), b"payload", b"users", &sig[1..]),
+                "{alg:?}"
+            );
             if alg.is_pq() {
-                assert!(!verify(alg, s.public_key(), b"payload", b"other", &sig), "{alg:?}");
+                assert!(
+                    !verify(alg, s.public_key(), b"payload", b"other", &sig),
+                    "{alg:?}"
+                );
                 assert!(s.sign(b"x", &[0u8; 256]).is_err());
             }
         }

@@ -129,11 +129,10 @@ pub async fn kms_key_register(
 
 /// The id of the key with this external reference (any provider).
 pub async fn kms_key_by_ref(c: &impl GenericClient, key_ref: &str) -> Result<Option<i64>, Error> {
-    Ok(c
-        .query_opt(
-            "SELECT id FROM kms_keys WHERE external_key_ref = $1 ORDER BY id LIMIT 1",
-            &[&key_ref],
-        )
-        .await?
-        .map(|r| r.get(0)))
+    Ok(c.query_opt(
+        "SELECT id FROM kms_keys WHERE external_key_ref = $1 ORDER BY id LIMIT 1",
+        &[&key_ref],
+    )
+    .await?
+    .map(|r| r.get(0)))
 }

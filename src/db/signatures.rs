@@ -68,7 +68,11 @@ impl SignatureFilter {
             f.clause.push_str(" AND ");
             f.clause.push_str(&sql.replace("$?", &format!("${n}")));
         };
-        add(&mut f, "s.algo_id = ANY($?::bigint[])", Box::new(from_algo_ids.to_vec()));
+        add(
+            &mut f,
+            "s.algo_id = ANY($?::bigint[])",
+            Box::new(from_algo_ids.to_vec()),
+        );
         if let Some(t) = &sel.subject_table {
             add(&mut f, "s.subject_table = $?::text", Box::new(t.clone()));
         }
@@ -76,7 +80,11 @@ impl SignatureFilter {
             add(&mut f, "s.context = $?::text", Box::new(c.clone()));
         }
         if let Some(ids) = &sel.signing_key_ids {
-            add(&mut f, "s.signing_key_id = ANY($?::bigint[])", Box::new(ids.clone()));
+            add(
+                &mut f,
+                "s.signing_key_id = ANY($?::bigint[])",
+                Box::new(ids.clone()),
+            );
         }
         let c = &sel.common;
         if let Some(ids) = &c.ids {
@@ -155,13 +163,15 @@ pub async fn signatures_count(
          AND $3::bigint IS NOT NULL{} LIMIT $2::bigint) x",
         filter.clause
     );
-    Ok(c
-        .query_one(&sql, &filter.params([&after, &cap, &target_algo]))
-        .await?
-        .get(0))
+    Ok(
+        c.query_one(&sql, &filter.params([&after, &cap, &target_algo]))
+            .await?
+            .get(0),
+    )
 }
 
-const KEY_COLUMNS: &str = "id, algo_id, name::text, public_key, private_key_enc, kms_key_id, status, scope::text";
+const KEY_COLUMNS: &str =
+    "id, algo_id, name::text, public_key, private_key_enc, kms_key_id, status, scope::text";
 
 fn key_from(r: &Row) -> SigningKeyRow {
     SigningKeyRow {
@@ -184,7 +194,11 @@ pub async fn signing_keys_active(
     let sql = format!(
         "SELECT {KEY_COLUMNS} FROM signing_keys WHERE algo_id = $1 AND status = 'active' ORDER BY id"
     );
-    Ok(c.query(&sql, &[&algo_id]).await?.iter().map(key_from).collect())
+    Ok(c.query(&sql, &[&algo_id])
+        .await?
+        .iter()
+        .map(key_from)
+        .collect())
 }
 
 /// Signing keys by id (any status).
@@ -213,7 +227,14 @@ pub async fn signing_key_insert(
                                        origin, status, scope, activated_at) \
              VALUES ($1, $2, $3, $4, $5, 'local', 'active', $6, now()) \
              ON CONFLICT (name) DO NOTHING RETURNING id",
-            &[&algo_id, &name, &public_key, &private_key_enc, &kms_key_id, &scope],
+            &[
+                &algo_id,
+                &name,
+                &public_key,
+                &private_key_enc,
+                &kms_key_id,
+                &scope,
+            ],
         )
         .await?;
     Ok(row.map(|r| r.get(0)))
@@ -226,14 +247,13 @@ pub async fn signing_key_import(
     name: &str,
     public_key: &[u8],
 ) -> Result<i64, Error> {
-    Ok(c
-        .query_one(
-            "INSERT INTO signing_keys (algo_id, name, public_key, origin, status, activated_at) \
+    Ok(c.query_one(
+        "INSERT INTO signing_keys (algo_id, name, public_key, origin, status, activated_at) \
              VALUES ($1, $2, $3, 'imported', 'active', now()) RETURNING id",
-            &[&algo_id, &name, &public_key],
-        )
-        .await?
-        .get(0))
+        &[&algo_id, &name, &public_key],
+    )
+    .await?
+    .get(0))
 }
 
 /// Insert countersignatures; rows that exist already (another job got
@@ -365,21 +385,23 @@ pub async fn countersignatures_delete(
     };
     let ids: Vec<i64> = backups.iter().map(|r| r.get(1)).collect();
     let deleted = tx
-        .execute("DELETE FROM signatures WHERE id = ANY($1::bigint[])", &[&ids])
+        .execute(
+            "DELETE FROM signatures WHERE id = ANY($1::bigint[])",
+            &[&ids],
+        )
         .await?;
     Ok((deleted as i64, backups.len() as i64, Some(last)))
 }
 
 /// Ids of the sig algorithms that are not PQ (the default `from_algos`).
 pub async fn classical_sig_algorithms(c: &impl GenericClient) -> Result<Vec<i64>, Error> {
-    Ok(c
-        .query(
-            "SELECT id FROM crypto_algorithms WHERE class = 'sig' \
+    Ok(c.query(
+        "SELECT id FROM crypto_algorithms WHERE class = 'sig' \
              AND COALESCE((params->>'pq')::boolean, false) = false ORDER BY id",
-            &[],
-        )
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect())
+        &[],
+    )
+    .await?
+    .iter()
+    .map(|r| r.get(0))
+    .collect())
 }

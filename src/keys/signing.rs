@@ -59,11 +59,18 @@ pub async fn create_signing_key(
         ))
     })?;
     if name.is_empty() || name.len() > 120 {
-        return Err(SigningKeyError::Usage("--name must be 1 to 120 bytes".into()));
+        return Err(SigningKeyError::Usage(
+            "--name must be 1 to 120 bytes".into(),
+        ));
     }
     let algo_id = crate::db::algorithms::algorithm_by_alias(c, alg.alias())
         .await?
-        .ok_or_else(|| SigningKeyError::Usage(format!("alias {} is not in crypto_standard_aliases (run pqmig migrate)", alg.alias())))?;
+        .ok_or_else(|| {
+            SigningKeyError::Usage(format!(
+                "alias {} is not in crypto_standard_aliases (run pqmig migrate)",
+                alg.alias()
+            ))
+        })?;
     let kek_row = kek_row(c, kek).await?;
     if kek_row.status != "active" {
         return Err(SigningKeyError::Usage(format!(
@@ -77,15 +84,26 @@ pub async fn create_signing_key(
         .try_into()
         .map_err(|_| SigningKeyError::Usage("--kek: not a 32-byte key".into()))?;
     let seed = sig::generate_seed(alg);
-    let signer = Signer::from_seed(alg, &seed).map_err(|e| SigningKeyError::Usage(e.to_string()))?;
+    let signer =
+        Signer::from_seed(alg, &seed).map_err(|e| SigningKeyError::Usage(e.to_string()))?;
     let sealed = crate::crypto::aead::seal(
         &kek_bytes,
         &seed,
         &crate::scope::signatures::signing_key_aad(name),
     );
-    let id = dbs::signing_key_insert(c, algo_id, name, signer.public_key(), &sealed, kek_row.id, scope)
-        .await?
-        .ok_or_else(|| SigningKeyError::Usage(format!("a signing key named {name:?} exists already")))?;
+    let id = dbs::signing_key_insert(
+        c,
+        algo_id,
+        name,
+        signer.public_key(),
+        &sealed,
+        kek_row.id,
+        scope,
+    )
+    .await?
+    .ok_or_else(|| {
+        SigningKeyError::Usage(format!("a signing key named {name:?} exists already"))
+    })?;
     Ok(CreatedSigningKey {
         id,
         alg,

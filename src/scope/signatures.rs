@@ -15,9 +15,20 @@ use tokio_postgres::GenericClient;
 use super::{BatchCounts, ItemFailure, JobError, ScopeContext};
 use crate::crypto::sig::{self, SigAlg, Signer};
 use crate::db::jobs::ClaimedJob;
-use crate::db::signatures::{self as dbs, NewSignatures, SignatureFilter, SignatureRow, SigningKeyRow};
+use crate::db::signatures::{
+    self as dbs, NewSignatures, SignatureFilter, SignatureRow, SigningKeyRow,
+};
 use crate::keys::LocalKeyring;
 use crate::selection::{self, Common};
+
+type ItemResult<T> = Result<T, (&'static str, String)>;
+
+/// The [`SigAlg`] of a `crypto_algorithms` row, if pqmig implements it.
+async fn sig_alg_of(c: &impl GenericClient, algo_id: i64) -> Result<Option<SigAlg>, JobError> {
+    Ok(crate::db::algorithms::algorithm_by_id(c, algo_id)
+        .await?
+        .and_then(|a| SigAlg::from_row(&a.name, a.variant.as_deref())))
+}
 
 fn fatal(msg: impl Into<String>) -> JobError {
     JobError::Fatal(msg.into())
@@ -114,7 +125,11 @@ impl SignaturesJob {
             .map_err(fatal)?;
         let target = SigAlg::from_row(&algo.name, algo.variant.as_deref())
             .filter(|a| a.is_pq())
-            .ok_or_else(|| fatal(format!("target algorithm {label} is not supported for signing")))?;
+            .ok_or_else(|| {
+                fatal(format!(
+                    "target algorithm {label} is not supported for signing"
+                ))
+            })?;
 
         let from_algo_ids = match &sel.from_algos {
             None => dbs::classical_sig_algorithms(c).await?,
@@ -124,7 +139,9 @@ impl SignaturesJob {
                     let id = crate::db::algorithms::algorithm_by_alias(c, a)
                         .await?
                         .ok_or_else(|| {
-                            fatal(format!("selection.from_algos[{i}]: unknown algorithm alias {a:?}"))
+                            fatal(format!(
+                                "selection.from_algos[{i}]: unknown algorithm alias {a:?}"
+                            ))
                         })?;
                     if id == algo_id {
                         return Err(fatal(format!(
@@ -155,7 +172,10 @@ impl SignaturesJob {
         }
         let mut by_scope: HashMap<Option<&str>, Vec<&str>> = HashMap::new();
         for k in &keys {
-            by_scope.entry(k.scope.as_deref()).or_default().push(&k.name);
+            by_scope
+                .entry(k.scope.as_deref())
+                .or_default()
+                .push(&k.name);
         }
         if let Some((scope, names)) = by_scope.iter().find(|(_, v)| v.len() > 1) {
             return Err(fatal(format!(
@@ -203,13 +223,21 @@ pub async fn load_signing_key(
         .await
         .map_err(|e| crate::db::error_chain(&e))?
         .pop()
-        .ok_or_else(|| format!("signing key {:?}: kms_keys row {kek_id} does not exist", k.name))?;
+        .ok_or_else(|| {
+            format!(
+                "signing key {:?}: kms_keys row {kek_id} does not exist",
+                k.name
+            )
+        })?;
     let kek = crate::keys::kms_secret(keyring, &kek_row, "AES-256-GCM")
         .map_err(|e| format!("signing key {:?}: {e}", k.name))?;
-    let kek: [u8; 32] = kek.bytes[..].try_into().map_err(|_| "KEK size".to_owned())?;
+    let kek: [u8; 32] = kek.bytes[..]
+        .try_into()
+        .map_err(|_| "KEK size".to_owned())?;
     let seed = crate::crypto::aead::open(&kek, sealed, &signing_key_aad(&k.name))
         .map_err(|_| format!("signing key {:?}: private_key_enc does not open with its KEK (wrong key or tampered)", k.name))?;
-    let signer = Signer::from_seed(alg, &seed).map_err(|e| format!("signing key {:?}: {e}", k.name))?;
+    let signer =
+        Signer::from_seed(alg, &seed).map_err(|e| format!("signing key {:?}: {e}", k.name))?;
     if signer.public_key() != k.public_key.as_slice() {
         return Err(format!(
             "signing key {:?}: its private key does not match its public_key",
@@ -268,7 +296,7 @@ impl Plan {
             .or_else(|| self.keys.iter().find(|k| k.scope.is_none()))
     }
 
-    fn process(&self, row: &SignatureRow) -> Result<Option<(i64, Vec<u8>)>, (&'static str, String)> {
+    fn process(&self, row: &SignatureRow) -> ItemResult<Option<(i64, Vec<u8>)>> {
         if row.countersigned {
             return Ok(None);
         }
@@ -299,7 +327,10 @@ impl Plan {
             }
             SourceKey::Usable(alg, pk) => {
                 let Some(row_alg) = self.algos.get(&row.algo_id) else {
-                    return Err(data(format!("algorithm {} cannot be verified", row.algo_id)));
+                    return Err(data(format!(
+                        "algorithm {} cannot be verified",
+                        row.algo_id
+                    )));
                 };
                 if row_alg != alg {
                     return Err(data(format!(
@@ -311,7 +342,10 @@ impl Plan {
                 if !sig::verify(*alg, pk, &row.payload_hash, &[], &row.signature) {
                     return Err((
                         "integrity",
-                        format!("the {} source signature does not verify: not countersigned", alg.alias()),
+                        format!(
+                            "the {} source signature does not verify: not countersigned",
+                            alg.alias()
+                        ),
                     ));
                 }
             }
@@ -327,7 +361,15 @@ impl Plan {
             .signer
             .sign(&row.payload_hash, ctx)
             .map_err(|e| data(e.to_string()))?;
-        if self.verify && !sig::verify(self.target, key.signer.public_key(), &row.payload_hash, ctx, &new) {
+        if self.verify
+            && !sig::verify(
+                self.target,
+                key.signer.public_key(),
+                &row.payload_hash,
+                ctx,
+                &new,
+            )
+        {
             return Err((
                 "verify",
                 "the new signature did not verify; nothing written".into(),
@@ -395,7 +437,12 @@ impl SignaturesJob {
         }
     }
 
-    pub async fn count(&self, c: &impl GenericClient, after: i64, cap: i64) -> Result<i64, JobError> {
+    pub async fn count(
+        &self,
+        c: &impl GenericClient,
+        after: i64,
+        cap: i64,
+    ) -> Result<i64, JobError> {
         Ok(dbs::signatures_count(c, &self.filter, self.plan.target_algo_id, after, cap).await?)
     }
 
@@ -406,8 +453,8 @@ impl SignaturesJob {
         after: i64,
         n: i64,
     ) -> Result<Vec<SignatureRow>, JobError> {
-        let rows =
-            dbs::signatures_fetch_batch(c, &self.filter, self.plan.target_algo_id, after, n).await?;
+        let rows = dbs::signatures_fetch_batch(c, &self.filter, self.plan.target_algo_id, after, n)
+            .await?;
         let mut wanted: Vec<i64> = {
             let known = self.plan.sources.lock().expect("source keys");
             rows.iter()
@@ -421,12 +468,8 @@ impl SignaturesJob {
             let found = dbs::signing_keys_by_id(c, &wanted).await?;
             let mut algos: HashMap<i64, Option<SigAlg>> = HashMap::new();
             for k in &found {
-                if !algos.contains_key(&k.algo_id) {
-                    let a = crate::db::algorithms::algorithm_by_id(c, k.algo_id).await?;
-                    algos.insert(
-                        k.algo_id,
-                        a.and_then(|a| SigAlg::from_row(&a.name, a.variant.as_deref())),
-                    );
+                if let std::collections::hash_map::Entry::Vacant(e) = algos.entry(k.algo_id) {
+                    e.insert(sig_alg_of(c, k.algo_id).await?);
                 }
             }
             let mut known = self.plan.sources.lock().expect("source keys");
@@ -457,7 +500,9 @@ impl SignaturesJob {
         for start in (0..rows.len()).step_by(per) {
             let (plan, rows) = (Arc::clone(&self.plan), Arc::clone(&rows));
             let end = (start + per).min(rows.len());
-            tasks.push(tokio::task::spawn_blocking(move || plan.compute(&rows[start..end])));
+            tasks.push(tokio::task::spawn_blocking(move || {
+                plan.compute(&rows[start..end])
+            }));
         }
         let mut out = Computed {
             rows: NewSignatures::default(),
@@ -515,9 +560,8 @@ pub async fn verify_job(
         after = last;
         gone += seen - rows.len() as i64;
         for r in rows {
-            if !algos.contains_key(&r.algo_id) {
-                let a = crate::db::algorithms::algorithm_by_id(c, r.algo_id).await?;
-                algos.insert(r.algo_id, a.and_then(|a| SigAlg::from_row(&a.name, a.variant.as_deref())));
+            if let std::collections::hash_map::Entry::Vacant(e) = algos.entry(r.algo_id) {
+                e.insert(sig_alg_of(c, r.algo_id).await?);
             }
             checked += 1;
             let ok = match (algos[&r.algo_id], r.public_key.as_deref()) {
