@@ -374,6 +374,17 @@ async fn least_privilege_role_runs_a_job() {
     )
     .await
     .expect("wrappers");
+    let signatures = pqmig::sample::seed_signatures(
+        &c,
+        &mut keys,
+        "",
+        20,
+        true,
+        pqmig::crypto::sig::SigAlg::MlDsa44,
+        "pq-sign",
+    )
+    .await
+    .expect("signatures");
     std::fs::remove_file(&fx.keyring).expect("keyring");
     keys.write(&fx.keyring).expect("keyring");
 
@@ -390,6 +401,16 @@ async fn least_privilege_role_runs_a_job() {
         )
         .await
         .expect("wrappers job")
+        .get(0);
+    let j = fx.wait_job(id, 30, terminal).await;
+    assert_eq!((j.status.as_str(), j.processed), ("done", 20), "{j:?}");
+    let id: i64 = c
+        .query_one(
+            "INSERT INTO pq_migration_jobs (scope, target_algo_id) VALUES ('signatures', $1) RETURNING id",
+            &[&signatures.target_algo_id],
+        )
+        .await
+        .expect("signatures job")
         .get(0);
     let j = fx.wait_job(id, 30, terminal).await;
     assert_eq!((j.status.as_str(), j.processed), ("done", 20), "{j:?}");
