@@ -70,7 +70,7 @@ pub enum Command {
     /// Re-queue a failed or cancelled job from where it stopped.
     Resume(JobArg),
     /// Show what a job would do (matched items, estimated time) without queueing it.
-    Plan(JobSpecArgs),
+    Plan(PlanArgs),
     /// Re-check every item a job migrated; exits non-zero on any mismatch.
     Verify(JobArg),
     /// Restore the previous values of every item a job migrated, from its backups.
@@ -127,12 +127,25 @@ pub struct JobSpecArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct PlanArgs {
+    #[command(flatten)]
+    pub spec: JobSpecArgs,
+    /// Machine-readable output
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
 pub struct StatusArgs {
     /// One job's details instead of the list
     pub job: Option<i64>,
-    /// Refresh until the job(s) finish
+    /// Refresh until the job(s) finish: progress bars on a terminal, one
+    /// line per job and refresh otherwise (JSON lines with --json)
     #[arg(long)]
     pub watch: bool,
+    /// How often --watch refreshes
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub interval: std::time::Duration,
     /// Machine-readable output
     #[arg(long)]
     pub json: bool,
@@ -252,7 +265,11 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
             db::migrate::check_current(&client).await?;
             crate::enqueue::run(&config, &client, &a).await
         }
-        Command::Status(a) if a.watch => Err(not_yet("status --watch")),
+        Command::Status(a) if a.watch => {
+            let client = db::connect(&config.database).await?;
+            db::migrate::check_current(&client).await?;
+            crate::status::watch(&client, a.job, a.json, a.interval).await
+        }
         Command::Status(a) => {
             let client = db::connect(&config.database).await?;
             db::migrate::check_current(&client).await?;
@@ -260,7 +277,11 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Cancel(a) => job_action(&config, a.job, "cancel").await,
         Command::Resume(a) => job_action(&config, a.job, "resume").await,
-        Command::Plan(_) => Err(not_yet("plan")),
+        Command::Plan(a) => {
+            let client = db::connect(&config.database).await?;
+            db::migrate::check_current(&client).await?;
+            crate::plan::run(&config, &client, &a.spec, a.json).await
+        }
         Command::Verify(a) => crate::aftercare::verify(&config, a.job).await,
         Command::Rollback(a) => crate::aftercare::rollback(&config, a.job).await,
         Command::PurgeBackups(a) => crate::aftercare::purge_backups(&config, a.job).await,
@@ -433,13 +454,6 @@ async fn keys_signing(config: &Config, a: &KeysSigningArgs) -> anyhow::Result<()
 
 fn whoami() -> String {
     std::env::var("USER").unwrap_or_else(|_| "unknown".into())
-}
-
-fn not_yet(command: &str) -> anyhow::Error {
-    UsageError(format!(
-        "`pqmig {command}` is not implemented yet in this build"
-    ))
-    .into()
 }
 
 async fn migrate(config: &Config) -> anyhow::Result<()> {

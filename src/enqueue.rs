@@ -64,12 +64,12 @@ pub fn parse(args: &JobSpecArgs) -> anyhow::Result<NewJob> {
     })
 }
 
-/// Resolve names to ids, validate as the daemon will, insert.
-pub async fn run(
-    config: &Config,
+/// The flags as a job with its names resolved to ids, and a probe of it
+/// (a [`ClaimedJob`] with no lease) for the daemon's own checks.
+pub async fn resolve(
     client: &tokio_postgres::Client,
     args: &JobSpecArgs,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<(NewJob, ClaimedJob)> {
     let mut job = parse(args)?;
     if let Some(p) = args.policy.as_deref() {
         job.target_policy_id = Some(jobs::policy_resolve(client, p).await?.ok_or_else(|| {
@@ -88,8 +88,6 @@ pub async fn run(
         job.target_algo_id =
             Some(id.ok_or_else(|| usage(format!("--algo: no algorithm with alias or id {a:?}")))?);
     }
-
-    // The daemon's own checks, on a job that is not in the table yet.
     let probe = ClaimedJob {
         lease: Lease {
             job_id: 0,
@@ -105,6 +103,25 @@ pub async fn run(
         failed_count: 0,
         total_count: None,
     };
+    Ok((job, probe))
+}
+
+/// A job the daemon would fail: a usage error naming why.
+pub fn would_fail(e: JobError) -> anyhow::Error {
+    match e {
+        JobError::Fatal(msg) => usage(format!("the job would fail: {msg}")),
+        other => anyhow::anyhow!("{other}"),
+    }
+}
+
+/// Resolve names to ids, validate as the daemon will, insert.
+pub async fn run(
+    config: &Config,
+    client: &tokio_postgres::Client,
+    args: &JobSpecArgs,
+) -> anyhow::Result<()> {
+    let (job, probe) = resolve(client, args).await?;
+    // The daemon's own checks, on a job that is not in the table yet.
     let checked = match &config.keyring {
         Some(path) => {
             let ctx = ScopeContext {
@@ -114,11 +131,7 @@ pub async fn run(
         }
         None => Prepared::validate(client, &probe).await.map(|_| false),
     };
-    let keys_checked = match checked {
-        Ok(k) => k,
-        Err(JobError::Fatal(msg)) => return Err(usage(format!("the job would fail: {msg}"))),
-        Err(other) => return Err(anyhow::anyhow!("{other}")),
-    };
+    let keys_checked = checked.map_err(would_fail)?;
     let id = jobs::job_insert(client, &job).await?;
     println!("{id}");
     if !keys_checked {

@@ -15,6 +15,7 @@
 //! - [`selection`]: a job's JSONB selection, parsed strictly.
 //! - [`aftercare`]: `pqmig verify`, `rollback`, `purge-backups`.
 //! - [`bench`]: `pqmig bench`, one job through the real daemon path.
+//! - [`plan`]: `pqmig plan`, a job's size, growth and time from a sample.
 //! - [`sample`]: legacy sample data for demo, bench and tests.
 //! - [`scope`]: what a job does to its items (hashes, wrappers;
 //!   signatures to come).
@@ -36,6 +37,7 @@ pub mod http;
 pub mod inventory;
 pub mod keys;
 pub mod metrics;
+pub mod plan;
 pub mod sample;
 pub mod scope;
 pub mod selection;

@@ -166,3 +166,132 @@ fn print_job(j: &JobView) {
         println!("  result     {r}");
     }
 }
+
+/// `pqmig status [JOB] --watch`: refresh until the job (or, without JOB,
+/// every pending and running job) has finished. On a terminal: a progress
+/// bar per job with rate and ETA; otherwise one plain line per job and
+/// refresh (JSON lines with `json`). Exit status: 1 when the watched job
+/// ended failed or cancelled, else 0.
+pub async fn watch(
+    client: &tokio_postgres::Client,
+    job: Option<i64>,
+    json: bool,
+    every: std::time::Duration,
+) -> anyhow::Result<()> {
+    use std::io::IsTerminal;
+    let tty = !json && std::io::stdout().is_terminal();
+    let bars = indicatif::MultiProgress::new();
+    let mut shown: std::collections::HashMap<i64, indicatif::ProgressBar> = Default::default();
+    let style = indicatif::ProgressStyle::with_template(
+        "{prefix:<28} [{bar:40}] {pos:>9}/{len:<9} {percent:>3}%  {msg}",
+    )
+    .expect("a valid template")
+    .progress_chars("=> ");
+    let mut seen: Vec<i64> = Vec::new();
+    loop {
+        let jobs: Vec<JobView> = match job {
+            Some(id) => vec![
+                status::job_get(client, id)
+                    .await?
+                    .ok_or_else(|| UsageError(format!("no job with id {id}")))?,
+            ],
+            None => {
+                let mut list: Vec<JobView> = status::jobs_list(client, 0).await?;
+                // Keep showing jobs that finished while watched.
+                for id in &seen {
+                    if !list.iter().any(|j| j.id == *id)
+                        && let Some(j) = status::job_get(client, *id).await?
+                    {
+                        list.push(j);
+                    }
+                }
+                list.sort_by_key(|j| j.id);
+                list
+            }
+        };
+        for j in &jobs {
+            if !seen.contains(&j.id) {
+                seen.push(j.id);
+            }
+        }
+        let finished = |j: &JobView| !matches!(j.status.as_str(), "pending" | "running");
+        if json {
+            println!("{}", serde_json::json!({ "jobs": jobs }));
+        } else if tty {
+            for j in &jobs {
+                let bar = shown.entry(j.id).or_insert_with(|| {
+                    let b = bars.add(indicatif::ProgressBar::new(0));
+                    b.set_style(style.clone());
+                    b.set_prefix(format!(
+                        "job {} {} -> {}",
+                        j.id,
+                        j.scope,
+                        j.target_algo
+                            .as_deref()
+                            .or(j.target_policy.as_deref())
+                            .unwrap_or("-")
+                    ));
+                    b
+                });
+                bar.set_length(j.total.unwrap_or(0).max(0) as u64);
+                bar.set_position((j.processed + j.failed).max(0) as u64);
+                bar.set_message(watch_detail(j));
+                if finished(j) && !bar.is_finished() {
+                    bar.finish_with_message(watch_detail(j));
+                }
+            }
+        } else {
+            for j in &jobs {
+                println!(
+                    "job {} {} {} {} {}",
+                    j.id,
+                    j.scope,
+                    j.status,
+                    progress(j),
+                    watch_detail(j)
+                );
+            }
+        }
+        if jobs.iter().all(finished) {
+            let bad = job.is_some() && jobs.iter().any(|j| j.status != "done");
+            if !tty && !json && jobs.is_empty() {
+                println!("no pending or running jobs");
+            }
+            if bad {
+                let j = &jobs[0];
+                return Err(anyhow::anyhow!(
+                    "job {} ended {}{}",
+                    j.id,
+                    j.status,
+                    j.error
+                        .as_deref()
+                        .map(|e| format!(": {e}"))
+                        .unwrap_or_default()
+                ));
+            }
+            return Ok(());
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+    }
+}
+
+/// Status, failures, rate and ETA (once meaningful) of a watched job.
+fn watch_detail(j: &JobView) -> String {
+    let mut parts = vec![j.status.clone()];
+    if j.failed > 0 {
+        parts.push(format!("{} failed", j.failed));
+    }
+    if let Some(r) = j.rate_per_second {
+        parts.push(format!("{r:.0} items/s"));
+    }
+    if let Some(e) = j.eta_seconds {
+        parts.push(format!("ETA {}", short_duration(e)));
+    }
+    if let Some(e) = &j.error {
+        parts.push(e.clone());
+    }
+    parts.join(", ")
+}

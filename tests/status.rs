@@ -58,3 +58,114 @@ async fn status_shows_progress_rate_and_eta() {
     assert_eq!(out.status.code(), Some(2));
     assert_eq!(stderr(&out).trim(), "pqmig: no job with id 42");
 }
+
+/// `status --watch` in a pseudo-terminal (util-linux `script`): a progress
+/// bar that reaches 100%, and the command ends with the job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_draws_a_progress_bar_to_100_percent_on_a_terminal() {
+    let fx = crate::hashes_fixture::Fixture::new(1000).await;
+    let daemon = crate::engine::InProcess::start(&fx, &[]).await;
+    let id = fx
+        .enqueue(serde_json::json!({"max_rate": 800, "batch_size": 100}))
+        .await;
+    let bin = env!("CARGO_BIN_EXE_pqmig");
+    let out = tokio::task::spawn_blocking({
+        let url = fx.db.url.clone();
+        move || {
+            std::process::Command::new("script")
+                .args([
+                    "-qfec",
+                    &format!("{bin} status {id} --watch --interval 100ms"),
+                    "/dev/null",
+                ])
+                .env_clear()
+                .env("DATABASE_URL", url)
+                .env("TERM", "xterm")
+                .env("SHELL", "/bin/sh")
+                .env("PATH", "/usr/bin:/bin")
+                .output()
+                .expect("script (util-linux)")
+        }
+    })
+    .await
+    .unwrap();
+    daemon.stop().await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("\u{1b}["),
+        "drawn with terminal escapes: {text}"
+    );
+    assert!(
+        text.contains("1000/1000") && text.contains("100%"),
+        "{text}"
+    );
+    assert!(
+        text.contains("[========================================]"),
+        "a full bar: {text}"
+    );
+    assert!(text.contains(&format!("job {id} hashes")), "{text}");
+}
+
+/// Not a terminal: plain lines, no escapes, until the job is done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_prints_plain_lines_when_piped_and_fails_with_the_job() {
+    let fx = crate::hashes_fixture::Fixture::new(300).await;
+    let daemon = crate::engine::InProcess::start(&fx, &[]).await;
+    let id = fx
+        .enqueue(serde_json::json!({"max_rate": 400, "batch_size": 50}))
+        .await;
+    let (url, job) = (fx.db.url.clone(), id.to_string());
+    let out = tokio::task::spawn_blocking(move || {
+        crate::common::run(
+            &["status", &job, "--watch", "--interval", "100ms"],
+            &[("DATABASE_URL", url.as_str())],
+        )
+    })
+    .await
+    .unwrap();
+    let text = crate::common::stdout(&out);
+    assert!(out.status.success(), "{}", crate::common::stderr(&out));
+    assert!(!text.contains('\u{1b}'), "{text}");
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines.len() >= 3, "refreshed while it ran: {text}");
+    assert!(lines.iter().any(|l| l.contains("running")), "{text}");
+    assert_eq!(
+        *lines.last().unwrap(),
+        format!("job {id} hashes done 300/300 (100%) done")
+    );
+    // A job that fails: exit 1 naming why.
+    let bad = fx
+        .enqueue_raw(
+            Some(fx.algo_id),
+            serde_json::json!({"table": "nope", "column": "x"}),
+        )
+        .await;
+    let env = [("DATABASE_URL", fx.db.url.as_str())];
+    let out = crate::common::run(
+        &[
+            "status",
+            &bad.to_string(),
+            "--watch",
+            "--interval",
+            "100ms",
+            "--json",
+        ],
+        &env,
+    );
+    daemon.stop().await;
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        crate::common::stderr(&out)
+    );
+    assert!(
+        crate::common::stderr(&out).contains(&format!("job {bad} ended failed: selection.table")),
+        "{}",
+        crate::common::stderr(&out)
+    );
+    let last: serde_json::Value =
+        serde_json::from_str(crate::common::stdout(&out).lines().last().unwrap()).unwrap();
+    assert_eq!(last["jobs"][0]["status"], "failed");
+}

@@ -17,6 +17,7 @@ mod migrate;
 mod observe;
 mod onion;
 mod pgcluster;
+mod plan;
 mod signatures;
 mod status;
 mod wrappers;

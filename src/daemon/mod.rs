@@ -163,11 +163,12 @@ pub async fn run(
     ));
     let rescuer = tokio::spawn(rescuer::Rescuer::new(Arc::clone(&shared)).run(background.clone()));
     let sampler = tokio::spawn(sampler::run(Arc::clone(&shared), background.clone()));
-    let watchdog = tokio::spawn(watchdog(Arc::clone(&shared), background.clone()));
 
     shared.health.tick();
     executor::slot_gauges(&shared, 0);
     let _ = sd_notify::notify(&[NotifyState::Ready]);
+    // After READY=1: systemd expects no WATCHDOG=1 before it.
+    let watchdog = tokio::spawn(watchdog(Arc::clone(&shared), background.clone()));
 
     let slots = Arc::new(Semaphore::new(shared.worker.concurrency.get()));
     let tracker = TaskTracker::new();

@@ -231,6 +231,75 @@ pub enum Computed {
     Signatures(signatures::Computed),
 }
 
+impl Computed {
+    /// Bytes the items written by this batch add to the database, new
+    /// values minus the ones they replace (backups not included).
+    pub fn growth_bytes(&self) -> i64 {
+        let len = |v: &[Vec<u8>]| v.iter().map(|b| b.len() as i64).sum::<i64>();
+        let opt = |v: &[Option<Vec<u8>>]| v.iter().flatten().map(|b| b.len() as i64).sum::<i64>();
+        match self {
+            Computed::Hashes(h) => {
+                let u = &h.updates;
+                len(&u.new_hashes) - len(&u.old_hashes)
+                    + u.new_versions.iter().map(|v| v.len() as i64).sum::<i64>()
+                    - u.old_versions.iter().map(|v| v.len() as i64).sum::<i64>()
+            }
+            Computed::Wrappers(w) => {
+                let u = &w.updates;
+                let json = |v: &[serde_json::Value]| {
+                    v.iter().map(|j| j.to_string().len() as i64).sum::<i64>()
+                };
+                let old_suites: i64 = u
+                    .old_suites
+                    .iter()
+                    .flatten()
+                    .map(|j| j.to_string().len() as i64)
+                    .sum();
+                len(&u.new_wrap1)
+                    + json(&u.new_suites)
+                    + len(&u.layers.ciphertexts)
+                    + len(&u.layers.public_keys)
+                    + json(&u.layers.aads)
+                    + json(&u.layers.metas)
+                    + 40 * u.layers.wrapper_ids.len() as i64
+                    - opt(&u.old_wrap1)
+                    - opt(&u.old_wrap2)
+                    - old_suites
+            }
+            Computed::Signatures(s) => {
+                let r = &s.rows;
+                len(&r.signatures)
+                    + len(&r.payload_hashes)
+                    + r.subject_tables.iter().map(|t| t.len() as i64).sum::<i64>()
+                    + r.subject_pks.iter().map(|t| t.len() as i64).sum::<i64>()
+                    + r.contexts.iter().map(|t| t.len() as i64).sum::<i64>()
+                    + 60 * r.source_ids.len() as i64
+            }
+        }
+    }
+
+    /// (items to write, skipped, failed) of this batch.
+    pub fn outcome(&self) -> (i64, i64, i64) {
+        match self {
+            Computed::Hashes(h) => (
+                h.updates.ids.len() as i64,
+                h.skipped,
+                h.failures.len() as i64,
+            ),
+            Computed::Wrappers(w) => (
+                w.updates.ids.len() as i64,
+                w.skipped,
+                w.failures.len() as i64,
+            ),
+            Computed::Signatures(s) => (
+                s.rows.source_ids.len() as i64,
+                s.skipped,
+                s.failures.len() as i64,
+            ),
+        }
+    }
+}
+
 fn unsupported(scope: &str) -> JobError {
     JobError::Fatal(format!(
         "scope {scope:?} is not supported by this pqmig build"

@@ -1,0 +1,123 @@
+//! `pqmig plan`: what a job would do, without queueing it: how many items
+//! it matches, how much the stored data grows, and how long the crypto
+//! takes, measured on a sample of real items. Nothing is written.
+
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::cli::{JobSpecArgs, UsageError};
+use crate::config::Config;
+use crate::scope::{Prepared, ScopeContext};
+
+/// Items the dry run computes at most.
+const SAMPLE: i64 = 50;
+
+/// The `--json` document (stable keys).
+#[derive(Debug, Serialize)]
+pub struct PlanReport {
+    pub scope: String,
+    /// Items the selection matches (before skipping those already done).
+    pub matched: i64,
+    /// Items of the sample, and what the job would do with them.
+    pub sampled: i64,
+    pub sample_migrate: i64,
+    pub sample_skip: i64,
+    pub sample_fail: i64,
+    /// Bytes a migrated item adds to the database (new values minus the
+    /// ones they replace; backups not included), from the sample.
+    pub bytes_per_item: Option<f64>,
+    pub estimated_growth_bytes: Option<f64>,
+    /// Items/s of the computation alone (all cores), from the sample.
+    pub crypto_items_per_second: Option<f64>,
+    /// matched / that rate: a lower bound, the database adds to it.
+    pub estimated_crypto_seconds: Option<f64>,
+}
+
+pub async fn run(
+    config: &Config,
+    client: &tokio_postgres::Client,
+    args: &JobSpecArgs,
+    json: bool,
+) -> anyhow::Result<()> {
+    let (_, probe) = crate::enqueue::resolve(client, args).await?;
+    let keyring = config.keyring.clone().ok_or_else(|| {
+        UsageError(
+            "plan runs the job's crypto on a sample and needs the keyring (keys.keyring or PQMIG_KEYRING)"
+                .into(),
+        )
+    })?;
+    let ctx = ScopeContext {
+        keyring: Some(keyring),
+    };
+    let job = Prepared::prepare(client, &probe, &ctx)
+        .await
+        .map_err(crate::enqueue::would_fail)?;
+    let cap = job.common().limit.unwrap_or(i64::MAX);
+    let err = |e: crate::scope::JobError| anyhow::anyhow!("{e}");
+    let matched = job.count(client, i64::MIN, cap).await.map_err(err)?;
+    let rows = job
+        .fetch(client, i64::MIN, SAMPLE.min(cap))
+        .await
+        .map_err(err)?;
+    let (sampled, _) = rows.extent();
+    let t = Instant::now();
+    let computed = job.compute(rows).await.map_err(err)?;
+    let secs = t.elapsed().as_secs_f64();
+    let (migrate, skip, fail) = computed.outcome();
+    let bytes_per_item = (migrate > 0).then(|| computed.growth_bytes() as f64 / migrate as f64);
+    let rate = (sampled > 0).then(|| sampled as f64 / secs.max(1e-6));
+    let report = PlanReport {
+        scope: probe.scope.clone(),
+        matched,
+        sampled,
+        sample_migrate: migrate,
+        sample_skip: skip,
+        sample_fail: fail,
+        estimated_growth_bytes: bytes_per_item
+            .map(|b| b * matched as f64 * migrate as f64 / sampled.max(1) as f64),
+        bytes_per_item,
+        crypto_items_per_second: rate,
+        estimated_crypto_seconds: rate.map(|r| matched as f64 / r),
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!(
+        "plan for a {} job (nothing queued, nothing written):",
+        report.scope
+    );
+    println!("  matched items      {}", report.matched);
+    println!(
+        "  sample             {} items: {} to migrate, {} already done, {} would fail",
+        report.sampled, migrate, skip, fail
+    );
+    match report.bytes_per_item {
+        Some(b) => println!(
+            "  storage growth     {b:.0} bytes per migrated item, about {} in all (plus backups until purged)",
+            human_bytes(report.estimated_growth_bytes.unwrap_or(0.0))
+        ),
+        None => println!("  storage growth     none in the sample"),
+    }
+    match (
+        report.crypto_items_per_second,
+        report.estimated_crypto_seconds,
+    ) {
+        (Some(r), Some(s)) => println!(
+            "  estimated time     {} of crypto at {r:.0} items/s on this machine; database writes add to it",
+            crate::status::short_duration(s)
+        ),
+        _ => println!("  estimated time     no items to sample"),
+    }
+    Ok(())
+}
+
+fn human_bytes(b: f64) -> String {
+    match b {
+        b if b >= 1e9 => format!("{:.1} GB", b / 1e9),
+        b if b >= 1e6 => format!("{:.1} MB", b / 1e6),
+        b if b >= 1e3 => format!("{:.1} kB", b / 1e3),
+        b => format!("{b:.0} B"),
+    }
+}
