@@ -36,6 +36,34 @@ async fn demo_runs_end_to_end_and_its_summary_matches_the_database() {
         .await
         .expect("users")
         .get(0);
+    let wrappers: i64 = c
+        .query_one(
+            "SELECT count(*) FROM key_wrappers WHERE crypto_suite->>'format' = 'pqmig-wrap-v1' \
+             AND (SELECT count(*) FROM key_wrapper_layers l WHERE l.key_wrapper_id = key_wrappers.id) = 2",
+            &[],
+        )
+        .await
+        .expect("wrappers")
+        .get(0);
+    let countersigned: i64 = c
+        .query_one(
+            "SELECT count(*) FROM signatures s JOIN crypto_standard_aliases a ON a.algo_id = s.algo_id \
+             WHERE a.alias = 'ML-DSA-65'",
+            &[],
+        )
+        .await
+        .expect("signatures")
+        .get(0);
+    let jobs: Vec<(String, String, i64)> = c
+        .query(
+            "SELECT scope, status, processed_count FROM pq_migration_jobs ORDER BY id",
+            &[],
+        )
+        .await
+        .expect("jobs")
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
     drop(c);
     let _ = connect(&admin)
         .await
@@ -54,4 +82,31 @@ async fn demo_runs_end_to_end_and_its_summary_matches_the_database() {
         text.contains(&format!("hashes     backup         {:>8} items", processed)),
         "{text}"
     );
+    let n = pqmig::demo::DEMO_ITEMS;
+    assert_eq!(
+        jobs,
+        vec![
+            ("hashes".to_string(), "done".to_string(), n),
+            ("wrappers".to_string(), "done".to_string(), n),
+            ("signatures".to_string(), "done".to_string(), n),
+        ]
+    );
+    assert_eq!((wrappers, countersigned), (n, n));
+    for scope in ["wrappers", "signatures"] {
+        let line = format!("{scope:<10} done      {n:>9}      0");
+        assert!(text.contains(&line), "summary line {line:?} in:\n{text}");
+    }
+    // before: every wrapper and signed record exposed; after: only the
+    // wrappers' backups (signatures keep no classical copy)
+    let before = text.split("exposure inventory after").next().unwrap();
+    assert!(
+        before.contains(&format!("signatures Ed25519        {:>8} items", n / 2)),
+        "{text}"
+    );
+    let after = text.split("exposure inventory after").nth(1).unwrap();
+    assert!(
+        after.contains(&format!("wrappers   backup         {n:>8} items")),
+        "{text}"
+    );
+    assert!(!after.contains("signatures"), "{text}");
 }
