@@ -14,6 +14,7 @@ pub mod signatures;
 pub mod wrappers;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use crate::db::jobs::ClaimedJob;
 
@@ -127,6 +128,43 @@ pub struct ItemFailure {
     pub item_id: i64,
     pub code: &'static str,
     pub message: String,
+}
+
+/// Run `compute` over `rows` on the blocking pool, split into one chunk
+/// per core (at least `min_chunk` rows each), and fold the parts in order
+/// with `merge`.
+pub(crate) async fn compute_parallel<R, C, P>(
+    plan: &Arc<P>,
+    rows: Vec<R>,
+    min_chunk: usize,
+    empty: C,
+    compute: fn(&P, &[R]) -> C,
+    merge: fn(&mut C, C),
+) -> Result<C, JobError>
+where
+    R: Send + Sync + 'static,
+    C: Send + 'static,
+    P: Send + Sync + 'static,
+{
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let per = rows.len().div_ceil(threads).max(min_chunk).max(1);
+    let rows = Arc::new(rows);
+    let mut tasks = Vec::new();
+    for start in (0..rows.len()).step_by(per) {
+        let (plan, rows) = (Arc::clone(plan), Arc::clone(&rows));
+        let end = (start + per).min(rows.len());
+        tasks.push(tokio::task::spawn_blocking(move || {
+            compute(&plan, &rows[start..end])
+        }));
+    }
+    let mut out = empty;
+    for t in tasks {
+        let part = t
+            .await
+            .map_err(|e| JobError::Fatal(format!("item computation panicked: {e}")))?;
+        merge(&mut out, part);
+    }
+    Ok(out)
 }
 
 /// The compare-and-set write of a scope: rows are rewritten only if they

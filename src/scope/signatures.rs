@@ -493,30 +493,12 @@ impl SignaturesJob {
 
     /// Verify and sign across the cores on blocking threads.
     pub async fn compute_off_thread(&self, rows: Vec<SignatureRow>) -> Result<Computed, JobError> {
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let per = rows.len().div_ceil(threads).max(4);
-        let rows = Arc::new(rows);
-        let mut tasks = Vec::new();
-        for start in (0..rows.len()).step_by(per) {
-            let (plan, rows) = (Arc::clone(&self.plan), Arc::clone(&rows));
-            let end = (start + per).min(rows.len());
-            tasks.push(tokio::task::spawn_blocking(move || {
-                plan.compute(&rows[start..end])
-            }));
-        }
-        let mut out = Computed {
+        let empty = Computed {
             rows: NewSignatures::default(),
             failures: Vec::new(),
             skipped: 0,
         };
-        for t in tasks {
-            merge(
-                &mut out,
-                t.await
-                    .map_err(|e| fatal(format!("signing panicked: {e}")))?,
-            );
-        }
-        Ok(out)
+        super::compute_parallel(&self.plan, rows, 4, empty, Plan::compute, merge).await
     }
 
     /// Insert the batch's countersignatures in the caller's transaction.

@@ -876,29 +876,12 @@ impl WrappersJob {
 
     /// The CPU part of a batch, split across the cores on blocking threads.
     pub async fn compute_off_thread(&self, rows: Vec<WrapperRow>) -> Result<Computed, JobError> {
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let per = rows.len().div_ceil(threads).max(8);
-        let rows = Arc::new(rows);
-        let mut tasks = Vec::new();
-        for start in (0..rows.len()).step_by(per.max(1)) {
-            let (plan, rows) = (Arc::clone(&self.plan), Arc::clone(&rows));
-            let end = (start + per).min(rows.len());
-            tasks.push(tokio::task::spawn_blocking(move || {
-                plan.compute(&rows[start..end])
-            }));
-        }
-        let mut out = Computed {
+        let empty = Computed {
             updates: WrapperUpdates::default(),
             failures: Vec::new(),
             skipped: 0,
         };
-        for t in tasks {
-            let part = t
-                .await
-                .map_err(|e| fatal(format!("wrapper computation panicked: {e}")))?;
-            merge(&mut out, part);
-        }
-        Ok(out)
+        super::compute_parallel(&self.plan, rows, 8, empty, Plan::compute, merge).await
     }
 
     /// Write a computed batch in the caller's transaction (compare-and-
