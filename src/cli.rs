@@ -143,12 +143,22 @@ pub struct StatusArgs {
     /// line per job and refresh otherwise (JSON lines with --json)
     #[arg(long)]
     pub watch: bool,
-    /// How often --watch refreshes
-    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    /// How often --watch refreshes (at least 100ms)
+    #[arg(long, default_value = "1s", requires = "watch", value_parser = watch_interval)]
     pub interval: std::time::Duration,
     /// Machine-readable output
     #[arg(long)]
     pub json: bool,
+}
+
+/// `--interval`: a humantime duration, at least 100ms so a watch cannot
+/// turn into a busy loop of queries.
+fn watch_interval(s: &str) -> Result<std::time::Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d < std::time::Duration::from_millis(100) {
+        return Err(format!("{s} is shorter than 100ms"));
+    }
+    Ok(d)
 }
 
 #[derive(Debug, Args)]

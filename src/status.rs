@@ -171,7 +171,8 @@ fn print_job(j: &JobView) {
 /// every pending and running job) has finished. On a terminal: a progress
 /// bar per job with rate and ETA; otherwise one plain line per job and
 /// refresh (JSON lines with `json`). Exit status: 1 when the watched job
-/// ended failed or cancelled, else 0.
+/// ended failed or cancelled or the watch was interrupted (Ctrl-C), else 0:
+/// `status JOB --watch && next-step` only goes on after a finished job.
 pub async fn watch(
     client: &tokio_postgres::Client,
     job: Option<i64>,
@@ -180,7 +181,8 @@ pub async fn watch(
 ) -> anyhow::Result<()> {
     use std::io::IsTerminal;
     let tty = !json && std::io::stdout().is_terminal();
-    let bars = indicatif::MultiProgress::new();
+    // Bars on stdout: that is the stream checked for a terminal above.
+    let bars = indicatif::MultiProgress::with_draw_target(indicatif::ProgressDrawTarget::stdout());
     let mut shown: std::collections::HashMap<i64, indicatif::ProgressBar> = Default::default();
     let style = indicatif::ProgressStyle::with_template(
         "{prefix:<28} [{bar:40}] {pos:>9}/{len:<9} {percent:>3}%  {msg}",
@@ -188,6 +190,9 @@ pub async fn watch(
     .expect("a valid template")
     .progress_chars("=> ");
     let mut seen: Vec<i64> = Vec::new();
+    // One listener for the whole watch, so a Ctrl-C that arrives while a
+    // query runs is not missed.
+    let mut interrupted = std::pin::pin!(tokio::signal::ctrl_c());
     loop {
         let jobs: Vec<JobView> = match job {
             Some(id) => vec![
@@ -241,15 +246,14 @@ pub async fn watch(
                 }
             }
         } else {
+            // `job 3 hashes running 300/1000 (30%), 410 items/s, ETA 2s`
             for j in &jobs {
-                println!(
-                    "job {} {} {} {} {}",
-                    j.id,
-                    j.scope,
-                    j.status,
-                    progress(j),
-                    watch_detail(j)
-                );
+                let mut line = format!("job {} {} {} {}", j.id, j.scope, j.status, progress(j));
+                for part in watch_extras(j) {
+                    line.push_str(", ");
+                    line.push_str(&part);
+                }
+                println!("{line}");
             }
         }
         if jobs.iter().all(finished) {
@@ -273,7 +277,10 @@ pub async fn watch(
         }
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
-            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = &mut interrupted => {
+                let _ = bars.clear();
+                return Err(anyhow::anyhow!("interrupted; the watched jobs carry on"));
+            }
         }
     }
 }
@@ -281,6 +288,13 @@ pub async fn watch(
 /// Status, failures, rate and ETA (once meaningful) of a watched job.
 fn watch_detail(j: &JobView) -> String {
     let mut parts = vec![j.status.clone()];
+    parts.extend(watch_extras(j));
+    parts.join(", ")
+}
+
+/// Failures, rate, ETA (once meaningful) and error of a watched job.
+fn watch_extras(j: &JobView) -> Vec<String> {
+    let mut parts = Vec::new();
     if j.failed > 0 {
         parts.push(format!("{} failed", j.failed));
     }
@@ -293,5 +307,5 @@ fn watch_detail(j: &JobView) -> String {
     if let Some(e) = &j.error {
         parts.push(e.clone());
     }
-    parts.join(", ")
+    parts
 }

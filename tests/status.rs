@@ -132,7 +132,7 @@ async fn watch_prints_plain_lines_when_piped_and_fails_with_the_job() {
     assert!(lines.iter().any(|l| l.contains("running")), "{text}");
     assert_eq!(
         *lines.last().unwrap(),
-        format!("job {id} hashes done 300/300 (100%) done")
+        format!("job {id} hashes done 300/300 (100%)")
     );
     // A job that fails: exit 1 naming why.
     let bad = fx
@@ -168,4 +168,75 @@ async fn watch_prints_plain_lines_when_piped_and_fails_with_the_job() {
     let last: serde_json::Value =
         serde_json::from_str(crate::common::stdout(&out).lines().last().unwrap()).unwrap();
     assert_eq!(last["jobs"][0]["status"], "failed");
+}
+
+/// Ctrl-C ends a watch with exit 1 (so `status JOB --watch && next` does
+/// not go on), and the watched job is left exactly as it was.
+#[tokio::test]
+async fn watch_stops_on_ctrl_c_and_leaves_the_job_alone() {
+    use std::io::BufRead;
+    let db = TestDb::migrated().await;
+    let c = db.client().await;
+    c.batch_execute(
+        "INSERT INTO pq_migration_jobs (scope, status, started_at, processed_count, total_count) \
+         VALUES ('hashes', 'running', now(), 5, 50)",
+    )
+    .await
+    .expect("job");
+    let before: String = c
+        .query_one("SELECT row_to_json(j)::text FROM pq_migration_jobs j", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let mut child = crate::common::pqmig(
+        &["status", "1", "--watch", "--interval", "100ms"],
+        &[("DATABASE_URL", db.url.as_str())],
+    )
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .expect("spawn");
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().expect("a first line").expect("read");
+    assert_eq!(first, "job 1 hashes running 5/50 (10%)");
+    crate::hashes_fixture::signal(&child, libc::SIGINT);
+    let out = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        tokio::task::spawn_blocking(move || child.wait_with_output()),
+    )
+    .await
+    .expect("the watch ends on Ctrl-C")
+    .unwrap()
+    .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        stderr(&out).trim(),
+        "pqmig: interrupted; the watched jobs carry on"
+    );
+    let after: String = c
+        .query_one("SELECT row_to_json(j)::text FROM pq_migration_jobs j", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(before, after, "the job row is untouched");
+}
+
+/// `--interval` is checked: at least 100ms, and only with --watch.
+#[tokio::test]
+async fn watch_interval_is_checked() {
+    let db = TestDb::migrated().await;
+    let env = [("DATABASE_URL", db.url.as_str())];
+    let out = run(&["status", "--watch", "--interval", "10ms"], &env);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("10ms is shorter than 100ms"),
+        "{}",
+        stderr(&out)
+    );
+    let out = run(&["status", "--interval", "2s"], &env);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("--watch"), "{}", stderr(&out));
+    let out = run(&["status", "--watch", "--interval", "soon"], &env);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("--interval"), "{}", stderr(&out));
 }
