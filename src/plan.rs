@@ -25,7 +25,8 @@ pub struct PlanReport {
     pub sample_skip: i64,
     pub sample_fail: i64,
     /// Bytes a migrated item adds to the database (new values minus the
-    /// ones they replace; backups not included), from the sample.
+    /// ones they replace, including replaced layer rows; negative when a
+    /// re-wrap drops layers; backups not included), from the sample.
     pub bytes_per_item: Option<f64>,
     pub estimated_growth_bytes: Option<f64>,
     /// Items/s of the computation alone (all cores), from the sample.
@@ -113,11 +114,13 @@ pub async fn run(
     Ok(())
 }
 
+/// `1.5 MB`; negative when a re-wrap to fewer layers frees space.
 fn human_bytes(b: f64) -> String {
-    match b {
-        b if b >= 1e9 => format!("{:.1} GB", b / 1e9),
-        b if b >= 1e6 => format!("{:.1} MB", b / 1e6),
-        b if b >= 1e3 => format!("{:.1} kB", b / 1e3),
-        b => format!("{b:.0} B"),
+    let sign = if b < 0.0 { "-" } else { "" };
+    match b.abs() {
+        a if a >= 1e9 => format!("{sign}{:.1} GB", a / 1e9),
+        a if a >= 1e6 => format!("{sign}{:.1} MB", a / 1e6),
+        a if a >= 1e3 => format!("{sign}{:.1} kB", a / 1e3),
+        a => format!("{sign}{a:.0} B"),
     }
 }

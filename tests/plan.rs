@@ -146,3 +146,34 @@ async fn plan_a_hashes_job() {
         "nothing written"
     );
 }
+
+/// Re-wrapping from a two-layer policy to a one-layer one shrinks the
+/// data: the layer rows a rewrite replaces count against the new ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plan_a_policy_to_policy_rewrap_counts_the_replaced_layers() {
+    use pqmig::crypto::kem::Kem;
+    let mut w = WrapFx::new(30, Kem::MlKem768, 2).await;
+    let daemon = crate::engine::InProcess::start(&w.fx, &[]).await;
+    let first = w.enqueue(w.seed.policy_id, serde_json::json!({})).await;
+    let j =
+        w.fx.wait_job(first, 60, crate::hashes_fixture::terminal)
+            .await;
+    daemon.stop().await;
+    assert_eq!(j.status, "done", "{j:?}");
+    w.add_policy("single", Kem::MlKem768, 1, "defined", 1, 1, None)
+        .await;
+    let keyring = w.fx.keyring.display().to_string();
+    let out = plan(
+        &w.fx.db.url,
+        Some(&keyring),
+        &["--scope", "wrappers", "--policy", "single", "--json"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["sample_migrate"], 30, "{doc}");
+    // one layer (ciphertext 1088 + public key 1184) fewer per wrapper
+    let per = doc["bytes_per_item"].as_f64().unwrap();
+    let layer = 1088.0 + 1184.0;
+    assert!((-layer - 500.0..-layer + 300.0).contains(&per), "{per}");
+    assert!(doc["estimated_growth_bytes"].as_f64().unwrap() < 0.0);
+}

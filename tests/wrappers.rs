@@ -613,7 +613,7 @@ impl WrapFx {
 
     /// A second policy over `n` fresh `kem` keys, registered and in the keyring.
     #[allow(clippy::too_many_arguments)]
-    async fn add_policy(
+    pub async fn add_policy(
         &mut self,
         name: &str,
         kem: Kem,

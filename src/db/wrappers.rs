@@ -36,6 +36,8 @@ pub struct LayerRow {
     pub kem_algo_id: Option<i64>,
     pub ciphertext: Option<Vec<u8>>,
     pub aad: Option<Value>,
+    /// The row's stored size (`pg_column_size`): what a rewrite frees.
+    pub stored_bytes: i32,
 }
 
 /// The rewrites of one batch, as parallel arrays for `unnest`.
@@ -49,6 +51,8 @@ pub struct WrapperUpdates {
     pub new_wrap1: Vec<Vec<u8>>,
     pub new_suites: Vec<Value>,
     pub layers: NewLayers,
+    /// Stored size of the layer rows these rewrites replace (for `plan`).
+    pub replaced_layer_bytes: i64,
 }
 
 /// New layer rows of a batch.
@@ -199,7 +203,8 @@ async fn with_layers(
     let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
     let layers = c
         .query(
-            "SELECT key_wrapper_id, layer_no, kms_key_id, kem_algo_id, kem_ciphertext, aad \
+            "SELECT key_wrapper_id, layer_no, kms_key_id, kem_algo_id, kem_ciphertext, aad, \
+                    pg_column_size(key_wrapper_layers.*) \
              FROM key_wrapper_layers WHERE key_wrapper_id = ANY($1::bigint[]) \
              ORDER BY key_wrapper_id, layer_no",
             &[&ids],
@@ -217,6 +222,7 @@ async fn with_layers(
             kem_algo_id: l.get(3),
             ciphertext: l.get(4),
             aad: l.get(5),
+            stored_bytes: l.get(6),
         });
     }
     Ok(rows)
@@ -416,6 +422,7 @@ pub async fn wrapper_backups(
                     kem_algo_id: l["kem_algo_id"].as_i64(),
                     ciphertext: l["kem_ciphertext"].as_str().and_then(pg_hex),
                     aad: Some(l["aad"].clone()).filter(|v| !v.is_null()),
+                    stored_bytes: 0,
                 })
                 .collect();
             let row = WrapperRow {

@@ -303,6 +303,7 @@ impl Computed {
                     - opt(&u.old_wrap1)
                     - opt(&u.old_wrap2)
                     - old_suites
+                    - u.replaced_layer_bytes
             }
             Computed::Signatures(s) => {
                 let r = &s.rows;

@@ -774,6 +774,11 @@ impl Plan {
                     u.old_wrap1.push(row.wrap1.clone());
                     u.old_wrap2.push(row.wrap2.clone());
                     u.old_suites.push(row.suite.clone());
+                    u.replaced_layer_bytes += row
+                        .layers
+                        .iter()
+                        .map(|l| i64::from(l.stored_bytes))
+                        .sum::<i64>();
                     u.new_wrap1.push(new.wrap);
                     u.new_suites.push(new.suite);
                     let l: &mut NewLayers = &mut u.layers;
@@ -810,6 +815,7 @@ fn merge(a: &mut Computed, b: Computed) {
     u.old_wrap1.extend(v.old_wrap1);
     u.old_wrap2.extend(v.old_wrap2);
     u.old_suites.extend(v.old_suites);
+    u.replaced_layer_bytes += v.replaced_layer_bytes;
     u.new_wrap1.extend(v.new_wrap1);
     u.new_suites.extend(v.new_suites);
     let (l, m) = (&mut u.layers, v.layers);
