@@ -194,6 +194,24 @@ async fn readyz_follows_the_database_and_the_drain() {
     lock.batch_execute("LOCK TABLE users IN EXCLUSIVE MODE")
         .await
         .expect("lock");
+    // Stop only once a batch write waits on the lock, so the drain cannot
+    // finish (between two batches) before /readyz is asked.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let waiting: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND wait_event_type = 'Lock'",
+                &[&fx.db.name],
+            )
+            .await
+            .expect("pg_stat_activity")
+            .get(0);
+        if waiting > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no batch waited on the lock");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let stopping = tokio::spawn(daemon.stop());
     let body = ready(503).await;
     assert!(body.contains("draining"), "{body}");
