@@ -190,9 +190,9 @@ pub async fn watch(
     .expect("a valid template")
     .progress_chars("=> ");
     let mut seen: Vec<i64> = Vec::new();
-    // One listener for the whole watch, so a Ctrl-C that arrives while a
-    // query runs is not missed.
-    let mut interrupted = std::pin::pin!(tokio::signal::ctrl_c());
+    // Installed before the first line is printed and kept for the whole
+    // watch, so no Ctrl-C is missed (or kills the process) in between.
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     loop {
         let jobs: Vec<JobView> = match job {
             Some(id) => vec![
@@ -277,7 +277,7 @@ pub async fn watch(
         }
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
-            _ = &mut interrupted => {
+            _ = interrupt.recv() => {
                 let _ = bars.clear();
                 return Err(anyhow::anyhow!("interrupted; the watched jobs carry on"));
             }
