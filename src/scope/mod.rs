@@ -389,10 +389,14 @@ impl Prepared {
     }
 
     /// The largest batch adaptive sizing may reach, so the memory a batch
-    /// holds stays bounded whatever the job's size (about 8 MiB of new
-    /// values per batch; two batches are in flight).
+    /// holds stays bounded whatever the job's size (about 3 MiB of new
+    /// values per batch; two batches are in flight). 3 MiB rather than 8:
+    /// the job's steady-state RSS is then reached within a 10k-item job
+    /// (peak 60 / 65 / 72 MiB at 10k / 200k / 1M wrappers, was 81 / 137 /
+    /// 154), at no measurable cost in items/s (batches of ~1,000 wrappers
+    /// already amortise the statement round trips).
     pub fn max_batch(&self) -> i64 {
-        const BATCH_BYTES: i64 = 8 << 20;
+        const BATCH_BYTES: i64 = 3 << 20;
         let per_item = match self {
             Prepared::Hashes(_) => 256,
             Prepared::Wrappers(w) => w.item_bytes(),
