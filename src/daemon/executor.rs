@@ -474,9 +474,15 @@ async fn work(
             let result = summary(total, &progress, failed, &common, &sizes);
             return Ok(finish_failed(shared, lease, &msg, result).await);
         }
-        if common.batch_size.is_none() {
-            batch =
-                adapt(batch, fetched, t0.elapsed(), shared.worker.batch_target).min(h.max_batch());
+        match common.batch_size {
+            None => {
+                batch = adapt(batch, fetched, t0.elapsed(), shared.worker.batch_target)
+                    .min(h.max_batch());
+            }
+            // A fixed size halved on a server timeout doubles back to it
+            // (the job would otherwise go on one item at a time).
+            Some(fixed) if batch < fixed => batch = (batch * 2).min(fixed),
+            Some(_) => {}
         }
         if let Some(rate) = common.max_rate {
             let due = Duration::from_secs_f64(walked_here as f64 / rate);
