@@ -18,6 +18,7 @@ mod observe;
 mod onion;
 mod pgcluster;
 mod plan;
+mod reliability;
 mod signatures;
 mod status;
 mod wrappers;

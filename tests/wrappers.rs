@@ -605,7 +605,7 @@ impl WrapFx {
         ]
     }
 
-    fn cli(&self, args: &[&str]) -> std::process::Output {
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
         let env = self.cli_env();
         let envs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         crate::common::run(args, &envs)
