@@ -97,6 +97,7 @@ pub async fn resolve(
         target_policy_id: job.target_policy_id,
         target_algo_id: job.target_algo_id,
         selection: job.selection.clone(),
+        selection_error: None,
         attempts: 0,
         cursor: None,
         processed_count: 0,

@@ -140,7 +140,7 @@ impl<'a> Reader<'a> {
                 let mut known: Vec<&str> = allowed.iter().flat_map(|s| s.iter().copied()).collect();
                 known.sort_unstable();
                 Err(bad(
-                    &truncate(k),
+                    &shown(k),
                     format!("unknown key (known: {})", known.join(", ")),
                 ))
             }
@@ -286,7 +286,13 @@ impl<'a> Reader<'a> {
                     _ => {
                         return Err(bad(
                             "max_rate",
-                            format!("expected a positive number of items/s, got {v}"),
+                            format!(
+                                "expected a positive number of items/s, got {}",
+                                match v {
+                                    Value::Number(n) => n.to_string(),
+                                    other => kind(other).to_owned(),
+                                }
+                            ),
                         ));
                     }
                 },
@@ -321,6 +327,13 @@ fn kind(v: &Value) -> &'static str {
         Value::Array(_) => "an array",
         Value::Object(_) => "an object",
     }
+}
+
+/// A key name from the selection as an error may show it: control, bidi
+/// and other invisible characters escaped (`\u{202e}`), so the message stays
+/// one clean line whatever the input was, then truncated.
+fn shown(s: &str) -> String {
+    truncate(&s.escape_debug().to_string())
 }
 
 /// Keep hostile keys and values from flooding the error column.

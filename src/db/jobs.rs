@@ -24,6 +24,9 @@ pub struct ClaimedJob {
     pub target_policy_id: Option<i64>,
     pub target_algo_id: Option<i64>,
     pub selection: Option<Value>,
+    /// Why the stored selection could not be read (JSON nested deeper than
+    /// serde_json's recursion limit): the job fails with it, nothing panics.
+    pub selection_error: Option<String>,
     pub attempts: i32,
     pub cursor: Option<Value>,
     pub processed_count: i64,
@@ -69,7 +72,8 @@ pub async fn job_claim(
             scope: r.get(1),
             target_policy_id: r.get(2),
             target_algo_id: r.get(3),
-            selection: r.get(4),
+            selection: selection_at(r, 4).ok().flatten(),
+            selection_error: selection_at(r, 4).err(),
             attempts: r.get(5),
             cursor: r.get(7),
             processed_count: r.get(8),
@@ -77,6 +81,15 @@ pub async fn job_claim(
             total_count: r.get(10),
         })
         .collect())
+}
+
+/// A stored selection, or why it cannot be read: PostgreSQL accepts JSON
+/// nested far deeper than serde_json's recursion limit (128 levels).
+pub fn selection_at(r: &tokio_postgres::Row, idx: usize) -> Result<Option<Value>, String> {
+    r.try_get(idx).map_err(|e| {
+        let why = std::error::Error::source(&e).map_or_else(|| e.to_string(), |s| s.to_string());
+        format!("selection: unreadable JSON ({why})")
+    })
 }
 
 /// Renew the lease. `false`: the job is no longer ours.
@@ -437,7 +450,8 @@ pub async fn job_probe(
         scope: r.get(0),
         target_policy_id: r.get(1),
         target_algo_id: r.get(2),
-        selection: r.get(3),
+        selection: selection_at(&r, 3).ok().flatten(),
+        selection_error: selection_at(&r, 3).err(),
         attempts: 0,
         cursor: None,
         processed_count: 0,

@@ -76,7 +76,9 @@ fn view(r: &tokio_postgres::Row) -> JobView {
         worker: r.get(12),
         error: r.get(13),
         result: r.get(14),
-        selection: r.get(15),
+        // An unreadable selection is shown as the reason, not a panic.
+        selection: crate::db::jobs::selection_at(r, 15)
+            .unwrap_or_else(|e| Some(serde_json::Value::String(e))),
         scheduled_at: r.get(16),
         started_at: r.get(17),
         finished_at: r.get(18),

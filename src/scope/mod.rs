@@ -352,6 +352,9 @@ impl Prepared {
         job: &ClaimedJob,
         ctx: &ScopeContext,
     ) -> Result<Prepared, JobError> {
+        if let Some(e) = &job.selection_error {
+            return Err(JobError::Fatal(e.clone()));
+        }
         match job.scope.as_str() {
             "hashes" => Ok(Prepared::Hashes(
                 hashes::HashesJob::prepare(c, job, ctx).await?,
@@ -372,6 +375,9 @@ impl Prepared {
         c: &impl tokio_postgres::GenericClient,
         job: &ClaimedJob,
     ) -> Result<(), JobError> {
+        if let Some(e) = &job.selection_error {
+            return Err(JobError::Fatal(e.clone()));
+        }
         match job.scope.as_str() {
             "hashes" => hashes::HashesJob::check(c, job).await.map(|_| ()),
             "wrappers" => wrappers::WrappersJob::check(c, job).await.map(|_| ()),
