@@ -43,6 +43,13 @@ impl Mixed {
     /// Seeds the data and queues 3 hashes, 2 wrappers and 2 signatures
     /// jobs over disjoint id ranges, throttled so they span several seconds.
     async fn new() -> Mixed {
+        let mut m = Mixed::seeded().await;
+        m.queue().await;
+        m
+    }
+
+    /// The data of all three scopes and the keyring, no jobs.
+    async fn seeded() -> Mixed {
         let fx = Fixture::new(USERS).await;
         let c = fx.db.client().await;
         let mut keys = SampleKeys::default();
@@ -76,12 +83,16 @@ impl Mixed {
         std::fs::remove_file(&fx.keyring).expect("replace keyring");
         keys.write(&fx.keyring).expect("keyring");
         let w = WrapFx { fx, seed, keys };
-        let mut m = Mixed {
+        Mixed {
             w,
             sig,
             jobs: Vec::new(),
             logs: Vec::new(),
-        };
+        }
+    }
+
+    async fn queue(&mut self) {
+        let m = self;
         for k in 0..3 {
             let (from, to) = (k * 200 + 1, k * 200 + 200);
             let id = m
@@ -113,7 +124,6 @@ impl Mixed {
                 items: 100,
             });
         }
-        m
     }
 
     async fn enqueue_signatures(&self, selection: Value) -> i64 {
@@ -490,4 +500,203 @@ async fn a_long_held_transaction_elsewhere_only_slows_the_jobs() {
         sizes[smallest] < 20 && sizes[smallest..].iter().any(|&s| s >= 20),
         "shrank at the lock and grew back: {sizes:?}"
     );
+}
+
+/// Hostile values for any key of a selection: wrong types, extremes, SQL
+/// fragments, control and bidi characters, huge arrays, deep nesting.
+fn hostile_value() -> impl proptest::strategy::Strategy<Value = Value> {
+    use proptest::prelude::*;
+    let text = prop::sample::select(vec![
+        "users; DROP TABLE users; --".to_owned(),
+        "' OR '1'='1".to_owned(),
+        "email_hash\u{1}".to_owned(), // jsonb refuses \u0000 itself
+        "\u{202e}hsah_liame".to_owned(),
+        "users\"--".to_owned(),
+        "pg_catalog.pg_authid".to_owned(),
+        "users WHERE true".to_owned(),
+        "$1".to_owned(),
+        "line\nbreak".to_owned(),
+        "\u{fffd}\u{feff}\u{7f}".to_owned(),
+        String::new(),
+        "x".repeat(5000),
+    ]);
+    let nest = (129usize..400, any::<bool>()).prop_map(|(depth, arrays)| {
+        let mut v = json!(1);
+        for _ in 0..depth {
+            v = if arrays {
+                json!([v])
+            } else {
+                json!({ "a": v })
+            };
+        }
+        v
+    });
+    prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::from),
+        any::<i64>().prop_map(Value::from),
+        prop::sample::select(vec![
+            json!(-1),
+            json!(0),
+            json!(i64::MIN),
+            json!(i64::MAX),
+            json!(u64::MAX),
+            json!(1e300),
+            json!(0.5),
+            json!("9223372036854775808"),
+        ]),
+        text.prop_map(Value::from),
+        prop::collection::vec(any::<i64>(), 0..4).prop_map(Value::from),
+        Just(Value::from((0..20_000).collect::<Vec<i64>>())),
+        Just(json!([null, "1", 2.5, {"id": 1}])),
+        nest,
+    ]
+}
+
+/// A selection for `scope` with one to three hostile entries. `id_to` is
+/// always a number up to 100, so whatever else the selection says, a
+/// correct run touches no item with an id above 100.
+fn hostile_selection(scope: &'static str) -> impl proptest::strategy::Strategy<Value = Value> {
+    use proptest::prelude::*;
+    let keys = prop::sample::select(vec![
+        "ids",
+        "id_from",
+        "limit",
+        "batch_size",
+        "max_rate",
+        "dry_run",
+        "max_failures",
+        "table",
+        "column",
+        "version_column",
+        "id_column",
+        "from_algos",
+        "subject_table",
+        "context",
+        "signing_key_ids",
+        "kms_key_ids",
+        "verify",
+        "backup",
+        "; DROP TABLE users",
+        "__proto__",
+        "\u{202e}ids",
+        "",
+    ]);
+    let entries = prop::collection::vec((keys, hostile_value()), 1..4);
+    (entries, -5i64..=100, any::<u8>()).prop_map(move |(entries, id_to, shape)| {
+        if shape < 12 {
+            // Not an object at all (a JSON null is "no selection", all
+            // items, so it is not generated).
+            return match entries.into_iter().next().map(|e| e.1) {
+                Some(Value::Null) | None => json!([null]),
+                Some(v) => v,
+            };
+        }
+        let mut sel = match scope {
+            "hashes" => json!({"table": "users", "column": "email_hash"}),
+            _ => json!({}),
+        };
+        for (k, v) in entries {
+            sel[k] = v;
+        }
+        sel["id_to"] = json!(id_to);
+        sel
+    })
+}
+
+/// Fault 7: generated hostile selections for every scope, run by a real
+/// replica. Each job ends `failed` with one clean line naming the problem,
+/// or `done`; the replica never panics and keeps claiming; no item with an
+/// id above the selection's bound is touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_selections_fail_cleanly_and_touch_nothing_outside_them() {
+    use proptest::strategy::{Strategy, ValueTree};
+    let mut m = Mixed::seeded().await;
+    let c = m.client().await;
+    let outside = format!(
+        "SELECT concat( \
+        (SELECT jsonb_agg(to_jsonb(u) ORDER BY id) FROM users u WHERE id > 100), \
+        (SELECT jsonb_agg(to_jsonb(w) ORDER BY id) FROM key_wrappers w WHERE id > 100), \
+        (SELECT jsonb_agg(to_jsonb(l) ORDER BY id) FROM key_wrapper_layers l WHERE key_wrapper_id > 100), \
+        (SELECT jsonb_agg(to_jsonb(s) ORDER BY id) FROM signatures s WHERE id > 100 AND id <= {SIGNED}))"
+    );
+    let outside = outside.as_str();
+    let before: String = c.query_one(outside, &[]).await.expect("snapshot").get(0);
+    let mut runner = proptest::test_runner::TestRunner::deterministic();
+    let mut jobs: Vec<(i64, &str, Value)> = Vec::new();
+    for scope in ["hashes", "wrappers", "signatures"] {
+        let strategy = hostile_selection(scope);
+        for _ in 0..40 {
+            let sel = strategy.new_tree(&mut runner).expect("generate").current();
+            let (policy, algo) = match scope {
+                "hashes" => (None, Some(m.w.fx.algo_id)),
+                "wrappers" => (Some(m.w.seed.policy_id), None),
+                _ => (None, Some(m.sig.target_algo_id)),
+            };
+            let id: i64 = c
+                .query_one(
+                    "INSERT INTO pq_migration_jobs (scope, target_policy_id, target_algo_id, selection) \
+                     VALUES ($1, $2, $3, $4) RETURNING id",
+                    &[&scope, &policy, &algo, &sel],
+                )
+                .await
+                .expect("enqueue")
+                .get(0);
+            jobs.push((id, scope, sel));
+        }
+    }
+    let mut r = Replicas(vec![m.spawn("h", &[])]);
+    let bidi = |ch: char| matches!(ch, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+    let (mut failed, mut too_deep) = (0, 0);
+    for (id, scope, sel) in &jobs {
+        let j = m.w.fx.wait_job(*id, 60, terminal).await;
+        let shown: String = sel.to_string().chars().take(300).collect();
+        match j.status.as_str() {
+            "failed" => {
+                failed += 1;
+                let e = j.error.as_deref().unwrap_or("");
+                too_deep +=
+                    usize::from(e.starts_with("selection: unreadable JSON (recursion limit"));
+                assert!(
+                    !e.is_empty()
+                        && e.len() <= 400
+                        && !e.chars().any(|ch| ch.is_control() || bidi(ch)),
+                    "{scope} job {id}: unclear error {e:?} for {shown}"
+                );
+            }
+            "done" => assert!(
+                j.processed + j.failed <= 100,
+                "{scope} job {id} walked past its bound: {j:?} for {shown}"
+            ),
+            other => panic!("{scope} job {id} ended {other}: {j:?} for {shown}"),
+        }
+    }
+    assert!(
+        failed >= 60,
+        "the generator produced mostly invalid jobs ({failed})"
+    );
+    let after: String = c.query_one(outside, &[]).await.expect("snapshot").get(0);
+    assert!(before == after, "a row outside every selection changed");
+    let stray: i64 = c
+        .query_one(
+            "SELECT count(*) FROM signatures s JOIN signatures src \
+               ON (src.subject_table, src.subject_pk, src.context) = (s.subject_table, s.subject_pk, s.context) \
+             WHERE s.algo_id = $1 AND src.id > 100 AND src.id <= $2",
+            &[&m.sig.target_algo_id, &SIGNED],
+        )
+        .await
+        .expect("countersignatures")
+        .get(0);
+    assert_eq!(
+        stray, 0,
+        "a source outside the selections was countersigned"
+    );
+    assert!(
+        r.0[0].try_wait().expect("wait").is_none(),
+        "the replica is alive"
+    );
+    let log = m.w.fx.log("h");
+    assert!(!log.contains("panicked"), "{log}");
+    m.assert_no_secret_logged();
+    r.stop();
 }
