@@ -675,6 +675,10 @@ async fn hostile_selections_fail_cleanly_and_touch_nothing_outside_them() {
         failed >= 60,
         "the generator produced mostly invalid jobs ({failed})"
     );
+    assert!(
+        too_deep >= 1,
+        "deeply nested selections were generated and failed cleanly"
+    );
     let after: String = c.query_one(outside, &[]).await.expect("snapshot").get(0);
     assert!(before == after, "a row outside every selection changed");
     let stray: i64 = c
