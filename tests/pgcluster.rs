@@ -303,6 +303,26 @@ impl Cluster {
         self.pg_ctl(&["restart"]).expect("restart the TLS cluster");
     }
 
+    /// Down for `outage` (`pg_ctl stop`, then `start`): every connection
+    /// is cut and new ones are refused meanwhile.
+    pub fn stop_for(&self, outage: std::time::Duration) {
+        self.pg_ctl(&["stop"]).expect("stop the TLS cluster");
+        std::thread::sleep(outage);
+        self.pg_ctl(&["start"]).expect("start the TLS cluster");
+    }
+
+    /// A superuser connection to `db` over the Unix socket.
+    pub async fn admin_to(&self, db: &str) -> Client {
+        let (client, conn) = self
+            .admin_config()
+            .dbname(db)
+            .connect(NoTls)
+            .await
+            .expect("admin connection to a TLS cluster database");
+        tokio::spawn(conn);
+        client
+    }
+
     fn stop_and_remove(&self) {
         let _ = pg_command(&self.bin, self.run_as, "pg_ctl")
             .args(["stop", "-m", "immediate", "-w", "-t", "10", "-D"])

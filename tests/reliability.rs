@@ -245,34 +245,41 @@ impl Mixed {
         self.assert_no_secret_logged();
     }
 
-    /// Every key of the keyring and every DEK, in hex and base64 (whole and
-    /// a 16-character prefix), must be absent from every daemon log.
+    /// Every key of the keyring and every DEK must be absent from every
+    /// daemon log.
     fn assert_no_secret_logged(&self) {
-        use base64::Engine;
-        let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
-        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
-        let doc: Value = serde_json::from_str(&self.w.keys.to_json()).expect("keyring json");
-        let mut secrets: Vec<Vec<u8>> = doc["keys"]
-            .as_array()
-            .expect("keys")
-            .iter()
-            .map(|k| {
-                base64::engine::general_purpose::STANDARD
-                    .decode(k["secret"].as_str().expect("secret"))
-                    .expect("base64")
-            })
-            .collect();
-        secrets.extend(self.w.seed.deks.iter().map(|(_, d)| d.to_vec()));
-        assert!(secrets.len() > WRAPPERS as usize);
+        let deks: Vec<Vec<u8>> = self.w.seed.deks.iter().map(|(_, d)| d.to_vec()).collect();
         let logs: String = self.logs.iter().map(|n| self.w.fx.log(n)).collect();
-        assert!(logs.contains("claimed job"), "the logs were captured");
-        for s in &secrets {
-            for needle in [b64(s), hex(s)] {
-                assert!(
-                    !logs.contains(&needle) && !logs.contains(&needle[..16]),
-                    "secret material in a daemon log"
-                );
-            }
+        assert_no_secret_in(&logs, &self.w.keys, &deks);
+    }
+}
+
+/// Every key of `keys` and every one of `more`, in hex and base64 (whole
+/// and a 16-character prefix), must be absent from `logs`.
+fn assert_no_secret_in(logs: &str, keys: &SampleKeys, more: &[Vec<u8>]) {
+    use base64::Engine;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    let doc: Value = serde_json::from_str(&keys.to_json()).expect("keyring json");
+    let mut secrets: Vec<Vec<u8>> = doc["keys"]
+        .as_array()
+        .expect("keys")
+        .iter()
+        .map(|k| {
+            base64::engine::general_purpose::STANDARD
+                .decode(k["secret"].as_str().expect("secret"))
+                .expect("base64")
+        })
+        .collect();
+    assert!(!secrets.is_empty());
+    secrets.extend_from_slice(more);
+    assert!(logs.contains("claimed job"), "the logs were captured");
+    for s in &secrets {
+        for needle in [b64(s), hex(s)] {
+            assert!(
+                !logs.contains(&needle) && !logs.contains(&needle[..16]),
+                "secret material in a daemon log"
+            );
         }
     }
 }
@@ -703,4 +710,258 @@ async fn hostile_selections_fail_cleanly_and_touch_nothing_outside_them() {
     assert!(!log.contains("panicked"), "{log}");
     m.assert_no_secret_logged();
     r.stop();
+}
+
+/// Fault 3: the PostgreSQL server goes down for seven seconds mid-run (the
+/// suite's own TLS cluster, taken exclusively, never the shared server).
+/// Both replicas stay up, /readyz answers 503 naming the database during
+/// the outage and 200 after it, and every job of every scope finishes with
+/// each item migrated once, as `pqmig verify` confirms.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_outage_mid_run_is_ridden_out() {
+    use crate::pgcluster;
+    let (cluster, _guard) = pgcluster::exclusive().await;
+    let db = cluster.database().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pw = cluster.password_file(dir.path());
+    let ca = cluster.ca.display().to_string();
+    let url = cluster.url(
+        "127.0.0.1",
+        &db,
+        &format!("sslmode=verify-full&sslrootcert={ca}"),
+    );
+    let keyring = dir.path().join("keyring.json");
+    let config = dir.path().join("pqmig.toml");
+    std::fs::write(
+        &config,
+        "[worker]\nretry_backoff = \"300ms\"\nretry_backoff_max = \"2s\"\n",
+    )
+    .expect("config");
+    let pw_path = pw.display().to_string();
+    let keyring_path = keyring.display().to_string();
+    let config_path = config.display().to_string();
+    let env: Vec<(&str, &str)> = vec![
+        ("DATABASE_URL", url.as_str()),
+        ("PQMIG_DATABASE_PASSWORD_FILE", pw_path.as_str()),
+        ("PQMIG_KEYRING", keyring_path.as_str()),
+        ("PQMIG_CONFIG", config_path.as_str()),
+        ("PQMIG_POLL_INTERVAL", "200ms"),
+        ("PQMIG_HEARTBEAT_INTERVAL", "500ms"),
+        ("PQMIG_LEASE", "20s"),
+        ("PQMIG_RESCUE_INTERVAL", "1s"),
+        ("PQMIG_LOG_FORMAT", "json"),
+        ("PQMIG_METRICS_ADDR", "127.0.0.1:0"),
+    ];
+    let out = crate::common::run(&["migrate"], &env);
+    assert!(out.status.success(), "{}", crate::common::stderr(&out));
+
+    // Legacy data of all three scopes, and a throttled job for each.
+    let c = cluster.admin_to(&db).await;
+    let mut keys = SampleKeys::default();
+    keys.generate("local:pepper-v2", "HMAC-SHA3-256", 32);
+    pqmig::db::demo::hashes_seed(&c, 300, "local:pepper-v2")
+        .await
+        .expect("users");
+    let wrap = pqmig::sample::seed_wrappers(&c, &mut keys, "", 200, Kem::MlKem768, 1, "pq")
+        .await
+        .expect("wrappers");
+    let sig = pqmig::sample::seed_signatures(&c, &mut keys, "", 120, true, SigAlg::MlDsa65, "s")
+        .await
+        .expect("signatures");
+    keys.write(&keyring).expect("keyring");
+    let hmac: i64 = c
+        .query_one(
+            "SELECT algo_id FROM crypto_standard_aliases WHERE alias = 'HMAC-SHA3-256'",
+            &[],
+        )
+        .await
+        .expect("alias")
+        .get(0);
+    let mut jobs = Vec::new();
+    for (scope, policy, algo, sel, items) in [
+        (
+            "hashes",
+            None,
+            Some(hmac),
+            json!({"table": "users", "column": "email_hash", "batch_size": 20, "max_rate": 30}),
+            300i64,
+        ),
+        (
+            "wrappers",
+            Some(wrap.policy_id),
+            None,
+            json!({"batch_size": 10, "max_rate": 20}),
+            200,
+        ),
+        (
+            "signatures",
+            None,
+            Some(sig.target_algo_id),
+            json!({"batch_size": 10, "max_rate": 12}),
+            120,
+        ),
+    ] {
+        let id: i64 = c
+            .query_one(
+                "INSERT INTO pq_migration_jobs (scope, target_policy_id, target_algo_id, selection) \
+                 VALUES ($1, $2, $3, $4) RETURNING id",
+                &[&scope, &policy, &algo, &sel],
+            )
+            .await
+            .expect("enqueue")
+            .get(0);
+        jobs.push((id, scope, items));
+    }
+    drop(c);
+
+    let logs: Vec<std::path::PathBuf> = (0..2)
+        .map(|i| dir.path().join(format!("r{i}.log")))
+        .collect();
+    let mut r = Replicas(
+        logs.iter()
+            .map(|log| {
+                crate::common::pqmig(&["run"], &env)
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::fs::File::create(log).expect("log"))
+                    .spawn()
+                    .expect("spawn pqmig run")
+            })
+            .collect(),
+    );
+    // Each replica's metrics address, from its start-up line.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let addrs: Vec<std::net::SocketAddr> = logs
+        .iter()
+        .map(|log| {
+            loop {
+                let text = std::fs::read_to_string(log).unwrap_or_default();
+                let addr = text.lines().find_map(|l| {
+                    let v: Value = serde_json::from_str(l).ok()?;
+                    (v["message"] == "pqmig daemon started")
+                        .then(|| v["addr"].as_str()?.parse().ok())?
+                });
+                if let Some(a) = addr {
+                    break a;
+                }
+                assert!(Instant::now() < deadline, "no start-up line: {text}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+        .collect();
+    let job_state = |id: i64| {
+        let db = db.clone();
+        async move {
+            let c = cluster.admin_to(&db).await;
+            let r = c
+                .query_one(
+                    "SELECT status, processed_count, failed_count FROM pq_migration_jobs WHERE id = $1",
+                    &[&id],
+                )
+                .await
+                .expect("job");
+            (
+                r.get::<_, String>(0),
+                r.get::<_, i64>(1),
+                r.get::<_, i64>(2),
+            )
+        }
+    };
+    // Mid-run: every job has made progress, none has finished.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for &(id, _, _) in &jobs {
+        while job_state(id).await.1 == 0 {
+            assert!(Instant::now() < deadline, "job {id} never started");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    // Watch /readyz through the outage.
+    let watch = tokio::spawn({
+        let addrs = addrs.clone();
+        async move {
+            let mut seen = vec![Vec::new(); addrs.len()];
+            for _ in 0..200 {
+                for (i, a) in addrs.iter().enumerate() {
+                    let (code, body) = crate::observe::http_get(*a, "/readyz").await;
+                    if seen[i].last().map(|(c, _)| *c) != Some(code) {
+                        seen[i].push((code, body));
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            seen
+        }
+    });
+    tokio::task::spawn_blocking(move || cluster.stop_for(Duration::from_secs(7)))
+        .await
+        .expect("outage");
+    for (i, d) in r.0.iter_mut().enumerate() {
+        assert!(
+            d.try_wait().expect("wait").is_none(),
+            "replica {i} died in the outage"
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(90);
+    for &(id, scope, items) in &jobs {
+        loop {
+            let (status, processed, failed) = job_state(id).await;
+            if status != "pending" && status != "running" {
+                assert_eq!(
+                    (status.as_str(), processed, failed),
+                    ("done", items, 0),
+                    "{scope} job {id}"
+                );
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{scope} job {id} stuck: {status}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let out = crate::common::run(&["verify", &id.to_string()], &env);
+        assert!(
+            out.status.success(),
+            "verify {scope} job {id}: {}",
+            crate::common::stderr(&out)
+        );
+    }
+    let seen = watch.await.expect("readyz watch");
+    for (i, codes) in seen.iter().enumerate() {
+        let codes: Vec<u16> = codes.iter().map(|(c, _)| *c).collect();
+        assert!(
+            codes.windows(3).any(|w| w == [200, 503, 200]),
+            "replica {i} /readyz did not follow the outage: {seen:?}"
+        );
+        assert!(
+            seen[i]
+                .iter()
+                .any(|(c, b)| *c == 503 && b.contains("database")),
+            "{seen:?}"
+        );
+    }
+    let c = cluster.admin_to(&db).await;
+    let once: i64 = c
+        .query_one(
+            "SELECT (SELECT count(*) FROM key_wrappers WHERE wrap_version = 2) \
+                  + (SELECT count(*) FROM pq_migration_backups)",
+            &[],
+        )
+        .await
+        .expect("counts")
+        .get(0);
+    assert_eq!(
+        once,
+        200 + (300 + 200 + 120),
+        "each item migrated and backed up once"
+    );
+    r.stop();
+    let text: String = logs
+        .iter()
+        .map(|l| std::fs::read_to_string(l).unwrap_or_default())
+        .collect();
+    assert!(
+        !text.contains(&cluster.app_password),
+        "the password was logged"
+    );
+    assert!(!text.contains("panicked"), "{text}");
 }
