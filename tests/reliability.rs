@@ -284,6 +284,23 @@ fn assert_no_secret_in(logs: &str, keys: &SampleKeys, more: &[Vec<u8>]) {
     }
 }
 
+/// A replica's metrics address, from the start-up line of its JSON log.
+fn metrics_addr(log: &std::path::Path) -> std::net::SocketAddr {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let addr = text.lines().find_map(|l| {
+            let v: Value = serde_json::from_str(l).ok()?;
+            (v["message"] == "pqmig daemon started").then(|| v["addr"].as_str()?.parse().ok())?
+        });
+        if let Some(a) = addr {
+            return a;
+        }
+        assert!(Instant::now() < deadline, "no start-up line: {text}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// A small xorshift, seeded from the clock and printed, so a failing run
 /// can be replayed with `PQMIG_TEST_SEED`.
 struct Rng(u64);
@@ -828,26 +845,7 @@ async fn a_server_outage_mid_run_is_ridden_out() {
             })
             .collect(),
     );
-    // Each replica's metrics address, from its start-up line.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let addrs: Vec<std::net::SocketAddr> = logs
-        .iter()
-        .map(|log| {
-            loop {
-                let text = std::fs::read_to_string(log).unwrap_or_default();
-                let addr = text.lines().find_map(|l| {
-                    let v: Value = serde_json::from_str(l).ok()?;
-                    (v["message"] == "pqmig daemon started")
-                        .then(|| v["addr"].as_str()?.parse().ok())?
-                });
-                if let Some(a) = addr {
-                    break a;
-                }
-                assert!(Instant::now() < deadline, "no start-up line: {text}");
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        })
-        .collect();
+    let addrs: Vec<std::net::SocketAddr> = logs.iter().map(|l| metrics_addr(l)).collect();
     let job_state = |id: i64| {
         let db = db.clone();
         async move {
@@ -964,4 +962,99 @@ async fn a_server_outage_mid_run_is_ridden_out() {
         "the password was logged"
     );
     assert!(!text.contains("panicked"), "{text}");
+}
+
+/// Fault 8: another client takes every connection the replica's role may
+/// open (its CONNECTION LIMIT) right after the replica's own connections
+/// are cut. The replica stays up, says why in its log, /readyz turns 503;
+/// once the other client lets go, every job finishes exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_exhausted_by_another_client_only_pause_the_work() {
+    let mut m = Mixed::new().await;
+    let admin = crate::common::connect(&crate::common::admin_url()).await;
+    let role = format!("pqmig_lim_{}", m.w.fx.db.name);
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE \"{role}\" LOGIN NOSUPERUSER CONNECTION LIMIT 14; \
+             GRANT pg_read_all_data, pg_write_all_data TO \"{role}\""
+        ))
+        .await
+        .expect("role");
+    let url = m.w.fx.db.url.replacen("postgres@", &format!("{role}@"), 1);
+    assert_ne!(url, m.w.fx.db.url);
+    let config = m.w.fx.dir.path().join("backoff.toml");
+    std::fs::write(
+        &config,
+        "[worker]\nretry_backoff = \"300ms\"\nretry_backoff_max = \"2s\"\n",
+    )
+    .expect("config");
+    let config = config.display().to_string();
+    let mut r = Replicas(vec![m.spawn(
+        "a",
+        &[
+            ("DATABASE_URL", url.as_str()),
+            ("PQMIG_CONFIG", config.as_str()),
+        ],
+    )]);
+    let addr = metrics_addr(&m.w.fx.dir.path().join("a.log"));
+    for q in &m.jobs {
+        m.w.fx.wait_job(q.id, 30, |j| j.processed > 0).await;
+    }
+    // Cut the replica's connections and take every slot they free, a few
+    // times over, so its reconnections find none.
+    let mut hog = Vec::new();
+    for _ in 0..5 {
+        admin
+            .query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE usename = $1 AND application_name LIKE 'pqmig%'",
+                &[&role],
+            )
+            .await
+            .expect("terminate");
+        loop {
+            match tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
+                Ok((c, conn)) => {
+                    tokio::spawn(conn);
+                    hog.push(c);
+                }
+                Err(e) => {
+                    let e = format!("{e:?}");
+                    assert!(e.contains("too many connections for role"), "{e}");
+                    break;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        hog.len() >= 8,
+        "the other client holds the role's connections"
+    );
+    let stalled = m.snapshot().await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (code, body) = crate::observe::http_get(addr, "/readyz").await;
+        if code == 503 {
+            assert!(body.contains("database"), "{body}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "/readyz stayed {code}: {body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(m.snapshot().await == stalled, "no connection, no writes");
+    assert!(
+        r.0[0].try_wait().expect("wait").is_none(),
+        "the replica is up"
+    );
+    drop(hog);
+    m.wait_all(90).await;
+    m.assert_invariants().await;
+    r.stop();
+    let log = m.w.fx.log("a");
+    assert!(log.contains("too many connections for role"), "{log}");
+    admin
+        .batch_execute(&format!("DROP ROLE \"{role}\""))
+        .await
+        .expect("drop role");
 }
