@@ -1058,3 +1058,135 @@ async fn connections_exhausted_by_another_client_only_pause_the_work() {
         .await
         .expect("drop role");
 }
+
+/// Fault 5: while two replicas work the mixed queue, an application writer
+/// (its own session) keeps changing users' email hashes and rotating
+/// wrappers to fresh DEKs. No write is lost and nothing ends half-done:
+/// each changed row is either the writer's last value or exactly that
+/// value migrated; each rotated wrapper opens to the writer's last DEK.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn application_writes_during_the_jobs_are_never_lost() {
+    use crate::hashes_fixture::{PROFILE, expected_hash, legacy_hash};
+    let mut m = Mixed::new().await;
+    let mut r = Replicas(vec![m.spawn("a", &[]), m.spawn("b", &[])]);
+    let kek: [u8; 32] =
+        m.w.keys
+            .0
+            .iter()
+            .find(|k| k.key_ref == "local:kek-a")
+            .expect("legacy AES KEK")
+            .secret[..]
+            .try_into()
+            .expect("32 bytes");
+    let writer = m.client().await;
+    let mut rng = Rng::new();
+    let mut hashed: std::collections::HashMap<i64, Vec<u8>> = Default::default();
+    let mut rotated: std::collections::HashMap<i64, [u8; 32]> = Default::default();
+    let stop = Instant::now() + Duration::from_secs(4);
+    let mut n = 0u64;
+    while Instant::now() < stop {
+        n += 1;
+        let user = 1 + rng.below(USERS as u64) as i64;
+        let new = legacy_hash(1_000_000 + n as i64);
+        writer
+            .execute(
+                "UPDATE users SET email_hash = $2, email_hash_key_version = 'v1' WHERE id = $1",
+                &[&user, &new],
+            )
+            .await
+            .expect("application hash write");
+        hashed.insert(user, new);
+        let wid = m.w.seed.deks[rng.below(WRAPPERS as u64) as usize].0;
+        let uuid: String = writer
+            .query_one(
+                "SELECT wrapper_uuid::text FROM key_wrappers WHERE id = $1",
+                &[&wid],
+            )
+            .await
+            .expect("uuid")
+            .get(0);
+        let mut dek = [0u8; 32];
+        dek[..8].copy_from_slice(&n.to_be_bytes());
+        dek[8] = 0xd5;
+        let wrap = pqmig::crypto::wrap::seal_legacy_aes(&kek, uuid.trim_end(), &dek);
+        writer
+            .execute(
+                "UPDATE key_wrappers SET dek_wrap1 = $2, dek_wrap2 = NULL, kms1_key_id = $3, \
+                        kms2_key_id = NULL, crypto_suite = NULL, wrap_version = wrap_version + 1 \
+                 WHERE id = $1",
+                &[&wid, &wrap, &m.w.seed.legacy_key_ids[0]],
+            )
+            .await
+            .expect("application rotation");
+        // The layers of a PQ wrap the application replaced are its own to drop.
+        writer
+            .execute(
+                "DELETE FROM key_wrapper_layers WHERE key_wrapper_id = $1",
+                &[&wid],
+            )
+            .await
+            .expect("drop old layers");
+        rotated.insert(wid, dek);
+        tokio::time::sleep(Duration::from_millis(5 + rng.below(30))).await;
+    }
+    assert!(
+        hashed.len() > 20 && rotated.len() > 20,
+        "the writer kept writing"
+    );
+    m.wait_all(90).await;
+    for q in &m.jobs {
+        let j = m.w.fx.job(q.id).await;
+        assert_eq!(
+            (j.status.as_str(), j.processed, j.failed),
+            ("done", q.items, 0),
+            "{} job {}: {j:?}",
+            q.scope,
+            q.id
+        );
+    }
+    let (mut writer_last, mut migrated_after) = (0, 0);
+    for (id, hash, version) in m.w.fx.users().await {
+        match hashed.get(&id) {
+            None => {
+                assert_eq!(version, format!("{PROFILE}/v1"), "user {id}");
+                assert_eq!(hash, expected_hash(&legacy_hash(id)), "user {id}");
+            }
+            Some(new) if version == "v1" => {
+                assert_eq!(&hash, new, "user {id}: the application's hash");
+                writer_last += 1;
+            }
+            Some(new) => {
+                assert_eq!(version, format!("{PROFILE}/v1"), "user {id}");
+                assert_eq!(hash, expected_hash(new), "user {id}: lost write");
+                migrated_after += 1;
+            }
+        }
+    }
+    eprintln!("writes: {writer_last} kept as written, {migrated_after} migrated after the write");
+    assert!(writer_last + migrated_after == hashed.len());
+    assert!(
+        migrated_after > 0,
+        "some writes landed before the job reached them"
+    );
+    let open = m.w.open_all().await;
+    for (wid, dek) in &m.w.seed.deks {
+        let want = rotated.get(wid).unwrap_or(dek);
+        assert_eq!(open[wid].as_deref(), Ok(&want[..]), "wrapper {wid}");
+    }
+    let c = m.client().await;
+    let broken: i64 = c
+        .query_one(
+            "SELECT count(*) FROM key_wrappers w WHERE (w.crypto_suite->>'format' = 'pqmig-wrap-v1') \
+               <> EXISTS (SELECT 1 FROM key_wrapper_layers l WHERE l.key_wrapper_id = w.id)",
+            &[],
+        )
+        .await
+        .expect("mixed state")
+        .get(0);
+    assert_eq!(
+        broken, 0,
+        "a wrapper with layers but no PQ suite, or the reverse"
+    );
+    r.stop();
+    m.assert_no_secret_logged();
+}
