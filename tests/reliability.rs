@@ -92,51 +92,29 @@ impl Mixed {
     }
 
     async fn queue(&mut self) {
-        let m = self;
-        for k in 0..3 {
-            let (from, to) = (k * 200 + 1, k * 200 + 200);
-            let id = m
-                .w
-                .fx
-                .enqueue(json!({"id_from": from, "id_to": to, "batch_size": 20, "max_rate": 60}))
-                .await;
-            m.jobs.push(Queued {
-                id,
-                scope: "hashes",
-                items: 200,
-            });
+        let c = self.client().await;
+        // (scope, jobs, items per job, batch_size, max_rate)
+        for (scope, jobs, items, batch, rate) in [
+            ("hashes", 3, 200, 20, 60),
+            ("wrappers", 2, 150, 15, 50),
+            ("signatures", 2, 100, 10, 40),
+        ] {
+            for k in 0..jobs {
+                let mut sel = json!({"id_from": k * items + 1, "id_to": (k + 1) * items,
+                                     "batch_size": batch, "max_rate": rate});
+                let (policy, algo) = match scope {
+                    "hashes" => {
+                        sel["table"] = json!("users");
+                        sel["column"] = json!("email_hash");
+                        (None, Some(self.w.fx.algo_id))
+                    }
+                    "wrappers" => (Some(self.w.seed.policy_id), None),
+                    _ => (None, Some(self.sig.target_algo_id)),
+                };
+                let id = enqueue(&c, scope, policy, algo, &sel).await;
+                self.jobs.push(Queued { id, scope, items });
+            }
         }
-        for k in 0..2 {
-            let range = json!({"id_from": k * 150 + 1, "id_to": k * 150 + 150, "batch_size": 15, "max_rate": 50});
-            let id = m.w.enqueue(m.w.seed.policy_id, range).await;
-            m.jobs.push(Queued {
-                id,
-                scope: "wrappers",
-                items: 150,
-            });
-        }
-        for k in 0..2 {
-            let range = json!({"id_from": k * 100 + 1, "id_to": k * 100 + 100, "batch_size": 10, "max_rate": 40});
-            let id = m.enqueue_signatures(range).await;
-            m.jobs.push(Queued {
-                id,
-                scope: "signatures",
-                items: 100,
-            });
-        }
-    }
-
-    async fn enqueue_signatures(&self, selection: Value) -> i64 {
-        self.client()
-            .await
-            .query_one(
-                "INSERT INTO pq_migration_jobs (scope, target_algo_id, selection) \
-                 VALUES ('signatures', $1, $2) RETURNING id",
-                &[&self.sig.target_algo_id, &selection],
-            )
-            .await
-            .expect("enqueue")
-            .get(0)
     }
 
     async fn client(&self) -> tokio_postgres::Client {
@@ -299,6 +277,24 @@ fn metrics_addr(log: &std::path::Path) -> std::net::SocketAddr {
         assert!(Instant::now() < deadline, "no start-up line: {text}");
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Queue a job as a host application would: a plain INSERT.
+async fn enqueue(
+    c: &tokio_postgres::Client,
+    scope: &str,
+    policy: Option<i64>,
+    algo: Option<i64>,
+    selection: &Value,
+) -> i64 {
+    c.query_one(
+        "INSERT INTO pq_migration_jobs (scope, target_policy_id, target_algo_id, selection) \
+         VALUES ($1, $2, $3, $4) RETURNING id",
+        &[&scope, &policy, &algo, selection],
+    )
+    .await
+    .expect("enqueue")
+    .get(0)
 }
 
 /// A small xorshift, seeded from the clock and printed, so a failing run
@@ -657,15 +653,7 @@ async fn hostile_selections_fail_cleanly_and_touch_nothing_outside_them() {
                 "wrappers" => (Some(m.w.seed.policy_id), None),
                 _ => (None, Some(m.sig.target_algo_id)),
             };
-            let id: i64 = c
-                .query_one(
-                    "INSERT INTO pq_migration_jobs (scope, target_policy_id, target_algo_id, selection) \
-                     VALUES ($1, $2, $3, $4) RETURNING id",
-                    &[&scope, &policy, &algo, &sel],
-                )
-                .await
-                .expect("enqueue")
-                .get(0);
+            let id = enqueue(&c, scope, policy, algo, &sel).await;
             jobs.push((id, scope, sel));
         }
     }
@@ -818,15 +806,7 @@ async fn a_server_outage_mid_run_is_ridden_out() {
             120,
         ),
     ] {
-        let id: i64 = c
-            .query_one(
-                "INSERT INTO pq_migration_jobs (scope, target_policy_id, target_algo_id, selection) \
-                 VALUES ($1, $2, $3, $4) RETURNING id",
-                &[&scope, &policy, &algo, &sel],
-            )
-            .await
-            .expect("enqueue")
-            .get(0);
+        let id = enqueue(&c, scope, policy, algo, &sel).await;
         jobs.push((id, scope, items));
     }
     drop(c);
