@@ -64,21 +64,24 @@ pub async fn job_claim(
     let rows = c.query(&sql, &[&limit, &worker]).await?;
     Ok(rows
         .iter()
-        .map(|r| ClaimedJob {
-            lease: Lease {
-                job_id: r.get(0),
-                token: r.get(6),
-            },
-            scope: r.get(1),
-            target_policy_id: r.get(2),
-            target_algo_id: r.get(3),
-            selection: selection_at(r, 4).ok().flatten(),
-            selection_error: selection_at(r, 4).err(),
-            attempts: r.get(5),
-            cursor: r.get(7),
-            processed_count: r.get(8),
-            failed_count: r.get(9),
-            total_count: r.get(10),
+        .map(|r| {
+            let (selection, selection_error) = selection_split(r, 4);
+            ClaimedJob {
+                lease: Lease {
+                    job_id: r.get(0),
+                    token: r.get(6),
+                },
+                scope: r.get(1),
+                target_policy_id: r.get(2),
+                target_algo_id: r.get(3),
+                selection,
+                selection_error,
+                attempts: r.get(5),
+                cursor: r.get(7),
+                processed_count: r.get(8),
+                failed_count: r.get(9),
+                total_count: r.get(10),
+            }
         })
         .collect())
 }
@@ -90,6 +93,14 @@ pub fn selection_at(r: &tokio_postgres::Row, idx: usize) -> Result<Option<Value>
         let why = std::error::Error::source(&e).map_or_else(|| e.to_string(), |s| s.to_string());
         format!("selection: unreadable JSON ({why})")
     })
+}
+
+/// The selection and, when it cannot be read, why (read once).
+fn selection_split(r: &tokio_postgres::Row, idx: usize) -> (Option<Value>, Option<String>) {
+    match selection_at(r, idx) {
+        Ok(v) => (v, None),
+        Err(e) => (None, Some(e)),
+    }
 }
 
 /// Renew the lease. `false`: the job is no longer ours.
@@ -442,20 +453,23 @@ pub async fn job_probe(
             &[&id],
         )
         .await?;
-    Ok(row.map(|r| ClaimedJob {
-        lease: Lease {
-            job_id: id,
-            token: Uuid::nil(),
-        },
-        scope: r.get(0),
-        target_policy_id: r.get(1),
-        target_algo_id: r.get(2),
-        selection: selection_at(&r, 3).ok().flatten(),
-        selection_error: selection_at(&r, 3).err(),
-        attempts: 0,
-        cursor: None,
-        processed_count: 0,
-        failed_count: 0,
-        total_count: None,
+    Ok(row.map(|r| {
+        let (selection, selection_error) = selection_split(&r, 3);
+        ClaimedJob {
+            lease: Lease {
+                job_id: id,
+                token: Uuid::nil(),
+            },
+            scope: r.get(0),
+            target_policy_id: r.get(1),
+            target_algo_id: r.get(2),
+            selection,
+            selection_error,
+            attempts: 0,
+            cursor: None,
+            processed_count: 0,
+            failed_count: 0,
+            total_count: None,
+        }
     }))
 }
