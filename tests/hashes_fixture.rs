@@ -260,11 +260,19 @@ pub fn signal(child: &Child, sig: i32) {
 
 /// The pepper must never reach a log line, in any encoding.
 pub fn assert_no_secret(log: &str) {
-    use base64::Engine;
-    let b64 = base64::engine::general_purpose::STANDARD.encode(PEPPER);
-    let hex: String = PEPPER.iter().map(|b| format!("{b:02x}")).collect();
     assert!(!log.is_empty(), "the log was captured");
-    for needle in [b64.as_str(), &b64[..16], hex.as_str(), &hex[..16]] {
-        assert!(!log.contains(needle), "secret material in the log");
+    assert_absent(log, &[PEPPER.to_vec()]);
+}
+
+/// None of `secrets` appears in `log` in hex or base64, whole or by its
+/// first 16 characters.
+pub fn assert_absent(log: &str, secrets: &[Vec<u8>]) {
+    use base64::Engine;
+    for s in secrets {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(s);
+        let hex: String = s.iter().map(|b| format!("{b:02x}")).collect();
+        for needle in [b64.as_str(), &b64[..16], hex.as_str(), &hex[..16]] {
+            assert!(!log.contains(needle), "secret material in the log");
+        }
     }
 }
