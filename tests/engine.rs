@@ -132,6 +132,39 @@ async fn hashes_job_migrates_every_row_once_and_is_idempotent() {
     daemon.stop().await;
 }
 
+/// A batch whose values exceed `db::STATEMENT_BYTES` is written as several
+/// statements in its one transaction: every row once, with its backup.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_wider_than_one_statement_is_written_whole() {
+    const N: i64 = 6000;
+    // Each item weighs two 32-byte hashes, two versions and 64 bytes of
+    // overhead: three statements' worth in one batch.
+    const { assert!(N as usize * 128 > 2 * pqmig::db::STATEMENT_BYTES) };
+    let fx = Fixture::new(N).await;
+    let daemon = InProcess::start(&fx, &[]).await;
+    let id = fx.enqueue(json!({"batch_size": N})).await;
+    let j = fx.wait_job(id, 60, terminal).await;
+    assert_eq!(j.status, "done", "{j:?}");
+    assert_eq!((j.processed, j.failed), (N, 0));
+    let result = j.result.expect("result");
+    assert_eq!(result["batch_sizes"], json!([N]), "one batch");
+    assert_eq!(result["migrated"], N);
+    fx.assert_all_migrated_once().await;
+    let backups: i64 = fx
+        .db
+        .client()
+        .await
+        .query_one(
+            "SELECT count(DISTINCT item_id) FROM pq_migration_backups WHERE job_id = $1",
+            &[&id],
+        )
+        .await
+        .expect("backups")
+        .get(0);
+    assert_eq!(backups, N, "one backup per row");
+    daemon.stop().await;
+}
+
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }

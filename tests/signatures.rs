@@ -500,6 +500,38 @@ async fn unsatisfiable_signature_jobs_fail_before_any_item() {
     );
 }
 
+/// One batch of countersignatures larger than `db::STATEMENT_BYTES` goes
+/// in as several statements: every signature once, aligned with its
+/// subject (pyca verifies each against its payload), each recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_wider_than_one_statement_countersigns_every_item_once() {
+    const N: usize = 240;
+    // ML-DSA-65 signatures are 3,309 bytes.
+    const { assert!(N * 3309 > 2 * pqmig::db::STATEMENT_BYTES) };
+    let w = SigFx::new(N).await;
+    let daemon = InProcess::start(&w.fx, &[]).await;
+    let id = w
+        .enqueue(w.seed.target_algo_id, json!({"batch_size": N}))
+        .await;
+    let j = w.fx.wait_job(id, 60, terminal).await;
+    assert_eq!(j.status, "done", "{j:?}");
+    assert_eq!((j.processed, j.failed), (N as i64, 0));
+    assert_eq!(j.result.expect("result")["batch_sizes"], json!([N]));
+    let counter = w.countersignatures().await;
+    assert_eq!(counter.len(), N);
+    assert_eq!(
+        python(&["verify-mldsa"], &json!(counter).to_string()).trim(),
+        format!("ok {N} signatures")
+    );
+    let recorded = w
+        .scalar(&format!(
+            "SELECT count(DISTINCT item_id) FROM pq_migration_backups WHERE job_id = {id}"
+        ))
+        .await;
+    assert_eq!(recorded, N as i64);
+    daemon.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_daemons_on_two_jobs_over_one_table_never_duplicate() {
     let w = SigFx::new(200).await;

@@ -208,24 +208,35 @@ impl HashStatements {
                     FROM upd WHERE $10) \
              SELECT id FROM upd"
         );
-        let rows = c
-            .query(
-                &sql,
-                &[
-                    &u.ids,
-                    &u.old_hashes,
-                    &u.old_versions,
-                    &u.new_hashes,
-                    &u.new_versions,
-                    &job_id,
-                    &self.table,
-                    &self.column,
-                    &self.version_column,
-                    &backup,
-                ],
-            )
-            .await?;
-        Ok(rows.iter().map(|r| r.get(0)).collect())
+        // In statements of about STATEMENT_BYTES (see super::STATEMENT_BYTES).
+        let weight = |i: usize| {
+            64 + u.old_hashes[i].len()
+                + u.old_versions[i].len()
+                + u.new_hashes[i].len()
+                + u.new_versions[i].len()
+        };
+        let mut done: Vec<i64> = Vec::with_capacity(u.ids.len());
+        for r in super::statement_chunks(u.ids.len(), weight) {
+            let rows = c
+                .query(
+                    &sql,
+                    &[
+                        &&u.ids[r.clone()],
+                        &&u.old_hashes[r.clone()],
+                        &&u.old_versions[r.clone()],
+                        &&u.new_hashes[r.clone()],
+                        &&u.new_versions[r.clone()],
+                        &job_id,
+                        &self.table,
+                        &self.column,
+                        &self.version_column,
+                        &backup,
+                    ],
+                )
+                .await?;
+            done.extend(rows.iter().map(|r| r.get::<_, i64>(0)));
+        }
+        Ok(done)
     }
 }
 

@@ -28,6 +28,40 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod
 
 use crate::config::DatabaseConfig;
 
+/// About the most bytes of values one batch statement carries. A
+/// tokio-postgres connection keeps buffers as large as the largest message
+/// it has sent (the codec's write buffer and the client's encode buffer)
+/// for as long as it lives. With each batch in one statement (~3 MiB) every
+/// pooled connection that ever wrote a batch held ~6 MiB, and a long job's
+/// RSS stepped up each time the pool opened one more connection under
+/// load (1M wrappers: +6 MiB at the fourth). So a batch is written as a few
+/// statements of about this size, in its one transaction.
+pub const STATEMENT_BYTES: usize = 256 << 10;
+
+/// Bytes counted for a JSON value in [`statement_chunks`] weights (the
+/// values written are small objects; an estimate saves serialising twice).
+pub const JSON_WEIGHT: usize = 256;
+
+/// Consecutive ranges covering `0..n`, each of items weighing (by
+/// `weight`, in bytes) at most [`STATEMENT_BYTES`] together, or of one
+/// item heavier than that.
+pub fn statement_chunks(n: usize, weight: impl Fn(usize) -> usize) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for i in 0..n {
+        let w = weight(i);
+        if i > start && bytes + w > STATEMENT_BYTES {
+            out.push(start..i);
+            (start, bytes) = (i, 0);
+        }
+        bytes += w;
+    }
+    if start < n {
+        out.push(start..n);
+    }
+    out
+}
+
 /// The name CLI connections show in `pg_stat_activity`; the daemon's add
 /// their worker id.
 pub const APPLICATION_NAME: &str = "pqmig";
@@ -257,4 +291,31 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
         cause = c.source();
     }
     parts.join(": ").replace('\n', " ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{STATEMENT_BYTES, statement_chunks};
+
+    #[test]
+    fn statement_chunks_cover_every_item_once_within_the_limit() {
+        let weights = [
+            1000, 70_000, 200_000, 300_000, 5, 5, 100_000, 100_000, 100_000,
+        ];
+        let chunks = statement_chunks(weights.len(), |i| weights[i]);
+        let flat: Vec<usize> = chunks.iter().cloned().flatten().collect();
+        assert_eq!(flat, (0..weights.len()).collect::<Vec<_>>());
+        for r in &chunks {
+            let sum: usize = weights[r.clone()].iter().sum();
+            assert!(sum <= STATEMENT_BYTES || r.len() == 1, "{r:?} weighs {sum}");
+        }
+        // Greedy: a chunk ends only where the next item would not fit.
+        for w in chunks.windows(2) {
+            let sum: usize = weights[w[0].clone()].iter().sum();
+            assert!(sum + weights[w[1].start] > STATEMENT_BYTES, "{w:?}");
+        }
+        assert_eq!(chunks.len(), 5, "{chunks:?}");
+        assert!(statement_chunks(0, |_| 1).is_empty());
+        assert_eq!(statement_chunks(3, |_| 1), vec![0..3]);
+    }
 }

@@ -270,40 +270,52 @@ pub async fn signatures_insert_batch(
     if n.source_ids.is_empty() {
         return Ok(Vec::new());
     }
-    let rows = tx
-        .query(
-            "WITH v AS ( \
-               SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bigint[], \
-                                    $6::bytea[], $7::bytea[], $8::bigint[]) \
-                 AS v(src, st, pk, ctx, key, sig, ph, ha) \
-             ), ins AS ( \
-               INSERT INTO signatures (subject_table, subject_pk, context, algo_id, signing_key_id, \
-                                       signature, payload_hash, hash_algo_id) \
-               SELECT st, pk, ctx, $9::bigint, key, sig, ph, ha FROM v \
-               ON CONFLICT (subject_table, subject_pk, context, algo_id) DO NOTHING \
-               RETURNING id, subject_table, subject_pk, context \
-             ), bk AS ( \
-               INSERT INTO pq_migration_backups (job_id, item_table, item_id, data) \
-               SELECT $10::bigint, 'signatures', v.src::text, jsonb_build_object('countersignature_id', ins.id) \
-               FROM ins JOIN v ON v.st = ins.subject_table AND v.pk = ins.subject_pk AND v.ctx = ins.context \
-             ) \
-             SELECT v.src FROM ins JOIN v ON v.st = ins.subject_table AND v.pk = ins.subject_pk \
-                                        AND v.ctx = ins.context",
-            &[
-                &n.source_ids,
-                &n.subject_tables,
-                &n.subject_pks,
-                &n.contexts,
-                &n.signing_key_ids,
-                &n.signatures,
-                &n.payload_hashes,
-                &n.hash_algo_ids,
-                &target_algo,
-                &job_id,
-            ],
-        )
-        .await?;
-    Ok(rows.iter().map(|r| r.get(0)).collect())
+    // In statements of about STATEMENT_BYTES (see super::STATEMENT_BYTES).
+    let weight = |i: usize| {
+        64 + n.subject_tables[i].len()
+            + n.subject_pks[i].len()
+            + n.contexts[i].len()
+            + n.signatures[i].len()
+            + n.payload_hashes[i].len()
+    };
+    let mut done: Vec<i64> = Vec::with_capacity(n.source_ids.len());
+    for r in super::statement_chunks(n.source_ids.len(), weight) {
+        let rows = tx
+            .query(
+                "WITH v AS ( \
+                   SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bigint[], \
+                                        $6::bytea[], $7::bytea[], $8::bigint[]) \
+                     AS v(src, st, pk, ctx, key, sig, ph, ha) \
+                 ), ins AS ( \
+                   INSERT INTO signatures (subject_table, subject_pk, context, algo_id, signing_key_id, \
+                                           signature, payload_hash, hash_algo_id) \
+                   SELECT st, pk, ctx, $9::bigint, key, sig, ph, ha FROM v \
+                   ON CONFLICT (subject_table, subject_pk, context, algo_id) DO NOTHING \
+                   RETURNING id, subject_table, subject_pk, context \
+                 ), bk AS ( \
+                   INSERT INTO pq_migration_backups (job_id, item_table, item_id, data) \
+                   SELECT $10::bigint, 'signatures', v.src::text, jsonb_build_object('countersignature_id', ins.id) \
+                   FROM ins JOIN v ON v.st = ins.subject_table AND v.pk = ins.subject_pk AND v.ctx = ins.context \
+                 ) \
+                 SELECT v.src FROM ins JOIN v ON v.st = ins.subject_table AND v.pk = ins.subject_pk \
+                                            AND v.ctx = ins.context",
+                &[
+                    &&n.source_ids[r.clone()],
+                    &&n.subject_tables[r.clone()],
+                    &&n.subject_pks[r.clone()],
+                    &&n.contexts[r.clone()],
+                    &&n.signing_key_ids[r.clone()],
+                    &&n.signatures[r.clone()],
+                    &&n.payload_hashes[r.clone()],
+                    &&n.hash_algo_ids[r.clone()],
+                    &target_algo,
+                    &job_id,
+                ],
+            )
+            .await?;
+        done.extend(rows.iter().map(|r| r.get::<_, i64>(0)));
+    }
+    Ok(done)
 }
 
 /// A countersignature a job wrote, with its signer's public key.

@@ -288,48 +288,59 @@ pub async fn wrappers_update_batch(
     if u.ids.is_empty() {
         return Ok(Vec::new());
     }
-    let rows = tx
-        .query(
-            "WITH u AS ( \
-               SELECT * FROM unnest($1::bigint[], $2::int[], $3::bytea[], $4::bytea[], \
-                                    $5::jsonb[], $6::bytea[], $7::jsonb[]) \
-                 AS u(id, old_version, old1, old2, old_suite, new1, new_suite) \
-             ), cur AS ( \
-               SELECT w.id, to_jsonb(w) AS row_json, \
-                      (SELECT COALESCE(jsonb_agg(to_jsonb(l) ORDER BY l.layer_no), '[]'::jsonb) \
-                         FROM key_wrapper_layers l WHERE l.key_wrapper_id = w.id) AS layers_json \
-               FROM key_wrappers w JOIN u ON u.id = w.id \
-               WHERE w.wrap_version = u.old_version \
-                 AND w.dek_wrap1 IS NOT DISTINCT FROM u.old1 \
-                 AND w.dek_wrap2 IS NOT DISTINCT FROM u.old2 \
-                 AND w.crypto_suite IS NOT DISTINCT FROM u.old_suite \
-               FOR UPDATE OF w \
-             ), bk AS ( \
-               INSERT INTO pq_migration_backups (job_id, item_table, item_id, data) \
-               SELECT $8::bigint, 'key_wrappers', cur.id::text, \
-                      jsonb_build_object('row', cur.row_json, 'layers', cur.layers_json) \
-               FROM cur WHERE $9::boolean \
-             ) \
-             UPDATE key_wrappers w \
-                SET dek_wrap1 = u.new1, dek_wrap2 = ''::bytea, crypto_suite = u.new_suite, \
-                    wrap_version = w.wrap_version + 1, rotated_at = now() \
-               FROM u, cur \
-              WHERE w.id = cur.id AND u.id = cur.id \
-             RETURNING w.id",
-            &[
-                &u.ids,
-                &u.old_versions,
-                &u.old_wrap1,
-                &u.old_wrap2,
-                &u.old_suites,
-                &u.new_wrap1,
-                &u.new_suites,
-                &job_id,
-                &backup,
-            ],
-        )
-        .await?;
-    let done: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+    // In statements of about STATEMENT_BYTES (see there).
+    let bytes = |w: &Option<Vec<u8>>| w.as_ref().map_or(0, Vec::len);
+    let weight = |i: usize| {
+        64 + bytes(&u.old_wrap1[i])
+            + bytes(&u.old_wrap2[i])
+            + u.new_wrap1[i].len()
+            + 2 * super::JSON_WEIGHT
+    };
+    let mut done: Vec<i64> = Vec::with_capacity(u.ids.len());
+    for r in super::statement_chunks(u.ids.len(), weight) {
+        let rows = tx
+            .query(
+                "WITH u AS ( \
+                   SELECT * FROM unnest($1::bigint[], $2::int[], $3::bytea[], $4::bytea[], \
+                                        $5::jsonb[], $6::bytea[], $7::jsonb[]) \
+                     AS u(id, old_version, old1, old2, old_suite, new1, new_suite) \
+                 ), cur AS ( \
+                   SELECT w.id, to_jsonb(w) AS row_json, \
+                          (SELECT COALESCE(jsonb_agg(to_jsonb(l) ORDER BY l.layer_no), '[]'::jsonb) \
+                             FROM key_wrapper_layers l WHERE l.key_wrapper_id = w.id) AS layers_json \
+                   FROM key_wrappers w JOIN u ON u.id = w.id \
+                   WHERE w.wrap_version = u.old_version \
+                     AND w.dek_wrap1 IS NOT DISTINCT FROM u.old1 \
+                     AND w.dek_wrap2 IS NOT DISTINCT FROM u.old2 \
+                     AND w.crypto_suite IS NOT DISTINCT FROM u.old_suite \
+                   FOR UPDATE OF w \
+                 ), bk AS ( \
+                   INSERT INTO pq_migration_backups (job_id, item_table, item_id, data) \
+                   SELECT $8::bigint, 'key_wrappers', cur.id::text, \
+                          jsonb_build_object('row', cur.row_json, 'layers', cur.layers_json) \
+                   FROM cur WHERE $9::boolean \
+                 ) \
+                 UPDATE key_wrappers w \
+                    SET dek_wrap1 = u.new1, dek_wrap2 = ''::bytea, crypto_suite = u.new_suite, \
+                        wrap_version = w.wrap_version + 1, rotated_at = now() \
+                   FROM u, cur \
+                  WHERE w.id = cur.id AND u.id = cur.id \
+                 RETURNING w.id",
+                &[
+                    &&u.ids[r.clone()],
+                    &&u.old_versions[r.clone()],
+                    &&u.old_wrap1[r.clone()],
+                    &&u.old_wrap2[r.clone()],
+                    &&u.old_suites[r.clone()],
+                    &&u.new_wrap1[r.clone()],
+                    &&u.new_suites[r.clone()],
+                    &job_id,
+                    &backup,
+                ],
+            )
+            .await?;
+        done.extend(rows.iter().map(|r| r.get::<_, i64>(0)));
+    }
     if done.is_empty() {
         return Ok(done);
     }
@@ -339,26 +350,30 @@ pub async fn wrappers_update_batch(
     )
     .await?;
     let l = &u.layers;
-    tx.execute(
-        "INSERT INTO key_wrapper_layers \
-           (key_wrapper_id, layer_no, kms_key_id, kem_algo_id, kem_ciphertext, encap_pubkey, aad, meta) \
-         SELECT * FROM unnest($1::bigint[], $2::smallint[], $3::bigint[], $4::bigint[], \
-                              $5::bytea[], $6::bytea[], $7::jsonb[], $8::jsonb[]) \
-           AS l(w, n, k, a, ct, pk, aad, meta) \
-         WHERE l.w = ANY($9::bigint[])",
-        &[
-            &l.wrapper_ids,
-            &l.layer_nos,
-            &l.kms_key_ids,
-            &l.kem_algo_ids,
-            &l.ciphertexts,
-            &l.public_keys,
-            &l.aads,
-            &l.metas,
-            &done,
-        ],
-    )
-    .await?;
+    let weight =
+        |i: usize| 64 + l.ciphertexts[i].len() + l.public_keys[i].len() + 2 * super::JSON_WEIGHT;
+    for r in super::statement_chunks(l.wrapper_ids.len(), weight) {
+        tx.execute(
+            "INSERT INTO key_wrapper_layers \
+               (key_wrapper_id, layer_no, kms_key_id, kem_algo_id, kem_ciphertext, encap_pubkey, aad, meta) \
+             SELECT * FROM unnest($1::bigint[], $2::smallint[], $3::bigint[], $4::bigint[], \
+                                  $5::bytea[], $6::bytea[], $7::jsonb[], $8::jsonb[]) \
+               AS l(w, n, k, a, ct, pk, aad, meta) \
+             WHERE l.w = ANY($9::bigint[])",
+            &[
+                &&l.wrapper_ids[r.clone()],
+                &&l.layer_nos[r.clone()],
+                &&l.kms_key_ids[r.clone()],
+                &&l.kem_algo_ids[r.clone()],
+                &&l.ciphertexts[r.clone()],
+                &&l.public_keys[r.clone()],
+                &&l.aads[r.clone()],
+                &&l.metas[r.clone()],
+                &done,
+            ],
+        )
+        .await?;
+    }
     Ok(done)
 }
 

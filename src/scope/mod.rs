@@ -397,11 +397,12 @@ impl Prepared {
     /// The largest batch adaptive sizing may reach, so the memory a batch
     /// holds stays bounded whatever the job's size (about 3 MiB of new
     /// values per batch; two batches are in flight). 3 MiB rather than 8:
-    /// the job's steady-state RSS is then reached within a 10k-item job
-    /// (peak 60 / 65 / 72 MiB at 10k / 200k / 1M wrappers, was 81 / 137 /
-    /// 154). It costs some throughput: 20k one-layer wrappers, alternating
-    /// runs, median 4,242 items/s against 4,921 with 8 MiB (still above
-    /// the combined ceiling of the same run).
+    /// sizing reaches the cap within a 10k-item job, so a 10k job already
+    /// shows the steady-state peak (one-layer wrappers, written in
+    /// statements of `db::STATEMENT_BYTES`: 32 MiB at 10k, 33 at 200k and
+    /// at 1M). It costs some throughput: 20k one-layer wrappers,
+    /// alternating runs, median 4,242 items/s against 4,921 with 8 MiB
+    /// (still above the combined ceiling of the same run).
     pub fn max_batch(&self) -> i64 {
         const BATCH_BYTES: i64 = 3 << 20;
         let per_item = match self {
