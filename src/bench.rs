@@ -133,7 +133,7 @@ async fn run_in(
     };
     keys.write(&keyring)?;
     cfg.keyring = Some(keyring);
-    client.batch_execute("ANALYZE").await?;
+    settle(&client).await?;
     eprintln!(
         "seeded {} {} items in {:.1} s",
         2 * n,
@@ -156,6 +156,7 @@ async fn run_in(
     job.selection = Some(sel);
 
     let services = crate::daemon::Services::from_config(&cfg).await?;
+    let pool = services.pool.clone();
     let token = CancellationToken::new();
     // Start the peak-RSS count afresh: the job's, not seeding's (Linux
     // resets VmHWM when 5 is written to clear_refs).
@@ -179,6 +180,8 @@ async fn run_in(
     token.cancel();
     daemon.await??;
     let rss_job = peak_rss_kib();
+    let opened = pool.status().size;
+    settle(&client).await?;
     // The baselines after the job, so its peak RSS is its own.
     let base = baselines(&cfg, &mut client, &baseline_job, first_half_last).await?;
     let what = match a.scope.as_str() {
@@ -213,6 +216,7 @@ async fn run_in(
         rss_job.unwrap_or(0) / 1024,
         rss_before.unwrap_or(0) / 1024
     );
+    println!("  pool connections   {opened:>9}  (open when the job ended)");
     if status != "done" {
         anyhow::bail!("the bench job ended {status}");
     }
@@ -221,8 +225,27 @@ async fn run_in(
 
 /// Batch size of the baselines.
 const BASELINE_BATCH: i64 = 1000;
-/// Items the baselines measure at most.
-const BASELINE_ITEMS: i64 = 20_000;
+/// Items the baselines measure at most: a few seconds of database work
+/// each (hashes are about ten times cheaper to write than the others), so
+/// one checkpoint or autovacuum pass does not swing the rate.
+fn baseline_items(scope: &str) -> i64 {
+    match scope {
+        "hashes" => 100_000,
+        _ => 20_000,
+    }
+}
+
+/// Start a measurement without the previous phase's debt: vacuum and
+/// analyze the scratch database (the job's dead rows would otherwise be
+/// vacuumed during the baselines) and checkpoint (needs superuser or
+/// pg_checkpoint; skipped with a note otherwise).
+async fn settle(client: &tokio_postgres::Client) -> anyhow::Result<()> {
+    client.batch_execute("VACUUM (ANALYZE)").await?;
+    if let Err(e) = client.batch_execute("CHECKPOINT").await {
+        eprintln!("no CHECKPOINT before measuring: {e}");
+    }
+    Ok(())
+}
 
 struct Baselines {
     /// Items/s of the computation alone, on all cores.
@@ -254,7 +277,8 @@ async fn baselines(
         .unwrap_or_else(|| serde_json::json!({}));
     sel["id_to"] = serde_json::json!(last);
     // Rates need no more than this, and memory stays bounded.
-    sel["limit"] = serde_json::json!(BASELINE_ITEMS);
+    let cap = baseline_items(&job.scope);
+    sel["limit"] = serde_json::json!(cap);
     probe_job.selection = Some(sel);
     let id = db::jobs::job_insert(&*client, &probe_job).await?;
     let claimed = db::jobs::job_claim(&*client, 1, "bench-baseline")
@@ -274,13 +298,9 @@ async fn baselines(
     let mut after = i64::MIN;
     let mut fetched = 0;
     let mut sizes = Vec::new();
-    while fetched < BASELINE_ITEMS {
+    while fetched < cap {
         let rows = prepared
-            .fetch(
-                &*client,
-                after,
-                BASELINE_BATCH.min(BASELINE_ITEMS - fetched),
-            )
+            .fetch(&*client, after, BASELINE_BATCH.min(cap - fetched))
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         let (n, Some(last)) = rows.extent() else {
