@@ -165,6 +165,41 @@ async fn a_batch_wider_than_one_statement_is_written_whole() {
     daemon.stop().await;
 }
 
+/// A batch whose every item fails records its failures in several
+/// statements too: one row per item, none lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_failures_wider_than_one_statement_is_recorded_whole() {
+    const N: i64 = 6000;
+    let fx = Fixture::new(N).await;
+    let c = fx.db.client().await;
+    c.execute("UPDATE users SET email_hash_key_version = NULL", &[])
+        .await
+        .expect("null versions");
+    let daemon = InProcess::start(&fx, &[]).await;
+    let id = fx.enqueue(json!({"batch_size": N})).await;
+    let j = fx.wait_job(id, 60, terminal).await;
+    assert_eq!(j.status, "failed", "{j:?}");
+    assert_eq!((j.processed, j.failed), (0, N));
+    let (rows, weight): (i64, i64) = {
+        let r = c
+            .query_one(
+                "SELECT count(*), sum(64 + octet_length(item_id) + octet_length(error_code) \
+                                      + octet_length(message))::bigint \
+                 FROM pq_migration_item_errors WHERE job_id = $1",
+                &[&id],
+            )
+            .await
+            .expect("errors");
+        (r.get(0), r.get(1))
+    };
+    assert_eq!(rows, N, "one error row per item");
+    assert!(
+        weight as usize > 2 * pqmig::db::STATEMENT_BYTES,
+        "the failures span several statements ({weight} bytes)"
+    );
+    daemon.stop().await;
+}
+
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }

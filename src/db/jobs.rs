@@ -359,17 +359,24 @@ pub async fn item_errors_insert(
     codes: &[&str],
     messages: &[String],
 ) -> Result<(), tokio_postgres::Error> {
-    if item_ids.is_empty() {
-        return Ok(());
+    // A batch whose items all fail writes as many rows as it has items:
+    // in statements of about STATEMENT_BYTES too (see there).
+    let weight = |i: usize| 64 + item_ids[i].len() + codes[i].len() + messages[i].len();
+    for r in super::statement_chunks(item_ids.len(), weight) {
+        c.execute(
+            "INSERT INTO pq_migration_item_errors (job_id, item_id, error_code, message) \
+             SELECT $1, i, c, m FROM unnest($2::text[], $3::text[], $4::text[]) AS x(i, c, m) \
+             ON CONFLICT (job_id, item_id) DO UPDATE \
+               SET error_code = EXCLUDED.error_code, message = EXCLUDED.message, created_at = now()",
+            &[
+                &job_id,
+                &&item_ids[r.clone()],
+                &&codes[r.clone()],
+                &&messages[r.clone()],
+            ],
+        )
+        .await?;
     }
-    c.execute(
-        "INSERT INTO pq_migration_item_errors (job_id, item_id, error_code, message) \
-         SELECT $1, i, c, m FROM unnest($2::text[], $3::text[], $4::text[]) AS x(i, c, m) \
-         ON CONFLICT (job_id, item_id) DO UPDATE \
-           SET error_code = EXCLUDED.error_code, message = EXCLUDED.message, created_at = now()",
-        &[&job_id, &item_ids, &codes, &messages],
-    )
-    .await?;
     Ok(())
 }
 
