@@ -16,7 +16,10 @@ pub const KEY_LEN: usize = 32;
 pub struct OpenError;
 
 fn cipher(key: &[u8; KEY_LEN]) -> Aes256Gcm {
-    Aes256Gcm::new(&Key::<Aes256Gcm>::from(*key))
+    // The cipher wipes its key schedule on drop (aes-gcm's `zeroize`); the
+    // key copy it is built from is wiped here.
+    let key = Zeroizing::new(Key::<Aes256Gcm>::from(*key));
+    Aes256Gcm::new(&key)
 }
 
 /// `nonce || AES-256-GCM(key, nonce, plaintext, aad)` with the given nonce

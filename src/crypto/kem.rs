@@ -70,6 +70,25 @@ impl Kem {
         }
     }
 
+    /// The NIST security category (FIPS 203; X-Wing is ML-KEM-768's).
+    pub fn nist_level(self) -> u8 {
+        match self {
+            Kem::MlKem768 | Kem::XWing => 3,
+            Kem::MlKem1024 => 5,
+        }
+    }
+
+    /// Whether a classical KEM is combined with the PQ one (X-Wing).
+    pub fn is_hybrid(self) -> bool {
+        self == Kem::XWing
+    }
+
+    /// Whether wrapping under `self` what `source` protects now would
+    /// weaken it: a lower NIST category, or a hybrid given up.
+    pub fn is_downgrade_from(self, source: Kem) -> bool {
+        self.nist_level() < source.nist_level() || (source.is_hybrid() && !self.is_hybrid())
+    }
+
     pub fn ciphertext_len(self) -> usize {
         match self {
             Kem::MlKem768 => 1088,
@@ -127,6 +146,23 @@ macro_rules! unpacked_pair {
                 $name::Portable(Box::new(
                     libcrux_ml_kem::$m::portable::unpacked::generate_key_pair(seed),
                 ))
+            }
+
+            /// The encoded public key, without ever encoding the private key.
+            fn public_key(&self) -> Vec<u8> {
+                match self {
+                    #[cfg(target_arch = "x86_64")]
+                    $name::Avx2(k) => {
+                        libcrux_ml_kem::$m::avx2::unpacked::key_pair_serialized_public_key(k)
+                            .as_slice()
+                            .to_vec()
+                    }
+                    $name::Portable(k) => {
+                        libcrux_ml_kem::$m::portable::unpacked::key_pair_serialized_public_key(k)
+                            .as_slice()
+                            .to_vec()
+                    }
+                }
             }
 
             fn encapsulate(&self, r: [u8; 32]) -> (Vec<u8>, [u8; 32]) {
@@ -222,23 +258,26 @@ impl KemKeyPair {
             )));
         }
         match kem {
+            // The public key comes from the unpacked pair: the packed
+            // key pair libcrux's `generate_key_pair` returns would leave an
+            // encoded private key behind, unwiped.
             Kem::MlKem768 => {
                 let d_z = Zeroizing::new(array::<64>(seed, "seed")?);
-                let pk = mlkem768::generate_key_pair(*d_z).into_parts().1;
+                let pair = Pair768::from_seed(*d_z);
                 Ok(KemKeyPair {
                     kem,
-                    public: pk.as_slice().to_vec(),
-                    pair: Unpacked::MlKem768(Pair768::from_seed(*d_z)),
+                    public: pair.public_key(),
+                    pair: Unpacked::MlKem768(pair),
                     sk_x: None,
                 })
             }
             Kem::MlKem1024 => {
                 let d_z = Zeroizing::new(array::<64>(seed, "seed")?);
-                let pk = mlkem1024::generate_key_pair(*d_z).into_parts().1;
+                let pair = Pair1024::from_seed(*d_z);
                 Ok(KemKeyPair {
                     kem,
-                    public: pk.as_slice().to_vec(),
-                    pair: Unpacked::MlKem1024(Pair1024::from_seed(*d_z)),
+                    public: pair.public_key(),
+                    pair: Unpacked::MlKem1024(pair),
                     sk_x: None,
                 })
             }
@@ -250,14 +289,14 @@ impl KemKeyPair {
                 let d_z = Zeroizing::new(<[u8; 64]>::try_from(&expanded[..64]).expect("64 bytes"));
                 let mut sk_x = Zeroizing::new([0u8; 32]);
                 sk_x.copy_from_slice(&expanded[64..]);
-                let pk_m = mlkem768::generate_key_pair(*d_z).into_parts().1;
+                let pair = Pair768::from_seed(*d_z);
                 let pk_x = x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::from(*sk_x));
-                let mut public = pk_m.as_slice().to_vec();
+                let mut public = pair.public_key();
                 public.extend_from_slice(pk_x.as_bytes());
                 Ok(KemKeyPair {
                     kem,
                     public,
-                    pair: Unpacked::MlKem768(Pair768::from_seed(*d_z)),
+                    pair: Unpacked::MlKem768(pair),
                     sk_x: Some(sk_x),
                 })
             }
@@ -318,10 +357,10 @@ impl KemKeyPair {
     /// first 32 for ML-KEM, the rest X-Wing's X25519 ephemeral secret).
     /// Gives exactly what [`encapsulate_with`] gives for the encoded key.
     pub fn encapsulate_with(&self, r: &[u8; 64]) -> (Vec<u8>, Zeroizing<[u8; 32]>) {
-        let m: [u8; 32] = r[..32].try_into().expect("32 bytes");
+        let m = Zeroizing::new(<[u8; 32]>::try_from(&r[..32]).expect("32 bytes"));
         let (mut ct, ss_m) = match &self.pair {
-            Unpacked::MlKem768(p) => p.encapsulate(m),
-            Unpacked::MlKem1024(p) => p.encapsulate(m),
+            Unpacked::MlKem768(p) => p.encapsulate(*m),
+            Unpacked::MlKem1024(p) => p.encapsulate(*m),
         };
         let ss_m = Zeroizing::new(ss_m);
         if self.kem != Kem::XWing {

@@ -80,9 +80,10 @@ pub async fn create_signing_key(
     }
     let secret = super::kms_secret(keyring, &kek_row, "AES-256-GCM")
         .map_err(|e| SigningKeyError::Usage(format!("--kek: {e}")))?;
-    let kek_bytes: [u8; 32] = secret.bytes[..]
-        .try_into()
-        .map_err(|_| SigningKeyError::Usage("--kek: not a 32-byte key".into()))?;
+    let kek_bytes = zeroize::Zeroizing::new(
+        <[u8; 32]>::try_from(&secret.bytes[..])
+            .map_err(|_| SigningKeyError::Usage("--kek: not a 32-byte key".into()))?,
+    );
     let seed = sig::generate_seed(alg);
     let signer =
         Signer::from_seed(alg, &seed).map_err(|e| SigningKeyError::Usage(e.to_string()))?;
