@@ -5,7 +5,6 @@
 
 use std::sync::Arc;
 
-use serde_json::json;
 use subtle::ConstantTimeEq;
 use tokio_postgres::Client;
 
@@ -94,27 +93,34 @@ pub async fn verify(config: &Config, job_id: i64) -> anyhow::Result<()> {
     for m in bad.iter().take(20) {
         eprintln!("  item {}: {}", m.item, m.why);
     }
-    if bad.is_empty() {
-        jobs::job_result_merge(
-            &client,
-            job_id,
-            &json!({"verified": {"items": checked, "at": now_rfc3339()}}),
-        )
-        .await?;
-        println!("job {job_id}: {checked} items verified, all open to the same key material");
-        Ok(())
-    } else {
-        Err(anyhow::anyhow!(
+    if !bad.is_empty() {
+        return Err(anyhow::anyhow!(
             "job {job_id}: {} of {checked} items failed verification (first ones listed above)",
             bad.len()
-        ))
+        ));
     }
-}
-
-fn now_rfc3339() -> String {
-    time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
+    // Backups and nothing checked: every item changed since (or the
+    // checks looked in the wrong place). That is no verification.
+    let backups = dbw::backups_count(&client, job_id).await?;
+    if checked == 0 && backups > 0 {
+        let rolled_back = j.result.as_ref().and_then(|r| r.get("rolled_back"));
+        if let Some(r) = rolled_back {
+            // Its backups now hold what the rows hold again: purging them
+            // loses nothing, so the mark is recorded.
+            println!(
+                "job {job_id} was rolled back ({} items at {}): nothing it wrote is left to verify",
+                r["items"], r["at"]
+            );
+            jobs::job_mark_verified(&client, job_id, 0).await?;
+            return Ok(());
+        }
+        return Err(anyhow::anyhow!(
+            "job {job_id}: it has {backups} backups but none of its items could be checked (all changed since the job?): not verified"
+        ));
+    }
+    jobs::job_mark_verified(&client, job_id, checked).await?;
+    println!("job {job_id}: {checked} items verified, all open to the same key material");
+    Ok(())
 }
 
 /// Every wrapper the job rewrote must open with the keyring's keys; where
@@ -244,8 +250,22 @@ pub async fn rollback(config: &Config, job_id: i64) -> anyhow::Result<()> {
         println!("job {job_id} has no backups: nothing to roll back");
         return Ok(());
     }
+    if restored > 0 {
+        jobs::job_mark_rolled_back(&client, job_id, restored).await?;
+    } else if j
+        .result
+        .as_ref()
+        .is_some_and(|r| r.get("rolled_back").is_some())
+    {
+        println!("job {job_id} was rolled back already: nothing left to restore");
+        return Ok(());
+    } else {
+        return Err(anyhow::anyhow!(
+            "job {job_id}: none of its {seen} backed-up items is as the job left it (changed since): nothing restored"
+        ));
+    }
     println!(
-        "job {job_id}: restored {restored} of {seen} backed-up wrappers to their previous values"
+        "job {job_id}: restored {restored} of {seen} backed-up items to their previous values"
     );
     if restored < seen {
         println!(
@@ -256,23 +276,41 @@ pub async fn rollback(config: &Config, job_id: i64) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `pqmig purge-backups JOB`: only once `pqmig verify JOB` has passed.
+/// Backups deleted per statement by `purge-backups`.
+const PURGE_CHUNK: i64 = 10_000;
+
+/// `pqmig purge-backups JOB`: only for a `done` job verified since it last
+/// finished; in statements of [`PURGE_CHUNK`] rows, with progress.
 pub async fn purge_backups(config: &Config, job_id: i64) -> anyhow::Result<()> {
     let client = db::connect(&config.database).await?;
     db::migrate::check_current(&client).await?;
     let j = job(&client, job_id).await?;
-    let verified = j
-        .result
-        .as_ref()
-        .and_then(|r| r.get("verified"))
-        .is_some_and(|v| !v.is_null());
-    if !verified {
+    if j.status != "done" {
         return Err(UsageError(format!(
-            "job {job_id} has not been verified: run `pqmig verify {job_id}` first; its backups are the only way back"
+            "job {job_id} is {}: only the backups of a done, verified job are purged; they are the only way back",
+            j.status
         ))
         .into());
     }
-    let n = dbw::backups_purge(&client, job_id).await?;
-    println!("job {job_id}: deleted {n} backups");
+    if !jobs::job_verified_since_finish(&client, job_id).await? {
+        return Err(UsageError(format!(
+            "job {job_id} has not been verified since it last finished: run `pqmig verify {job_id}` first; its backups are the only way back"
+        ))
+        .into());
+    }
+    let total = dbw::backups_count(&client, job_id).await?;
+    let (mut deleted, mut shown) = (0i64, std::time::Instant::now());
+    loop {
+        let n = dbw::backups_purge_chunk(&client, job_id, PURGE_CHUNK).await? as i64;
+        deleted += n;
+        if n < PURGE_CHUNK {
+            break;
+        }
+        if shown.elapsed() >= std::time::Duration::from_secs(1) {
+            println!("job {job_id}: deleted {deleted} of {total} backups so far");
+            shown = std::time::Instant::now();
+        }
+    }
+    println!("job {job_id}: deleted {deleted} backups");
     Ok(())
 }

@@ -103,6 +103,8 @@ pub async fn resolve(
         processed_count: 0,
         failed_count: 0,
         total_count: None,
+        pinned_profile: None,
+        aftercare: false,
     };
     Ok((job, probe))
 }

@@ -46,6 +46,8 @@ pub struct Signatures {
     /// Aliases of the source algorithms (default: every non-PQ one).
     pub from_algos: Option<Vec<String>>,
     pub signing_key_ids: Option<Vec<i64>>,
+    /// Countersign sources of a stronger algorithm with a weaker one.
+    pub allow_downgrade: bool,
 }
 
 /// Keys of the `wrappers` scope.
@@ -58,6 +60,8 @@ pub struct Wrappers {
     pub formats: Option<Vec<String>>,
     /// Select wrappers whose kms1_key_id or kms2_key_id is one of these.
     pub kms_key_ids: Option<Vec<i64>>,
+    /// Re-wrap `pqmig-wrap-v1` wrappers under a weaker KEM.
+    pub allow_downgrade: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -90,8 +94,14 @@ const COMMON_KEYS: &[&str] = &[
     "allow_experimental",
 ];
 
-const WRAPPERS_KEYS: &[&str] = &["status", "formats", "kms_key_ids"];
-const SIGNATURES_KEYS: &[&str] = &["subject_table", "context", "from_algos", "signing_key_ids"];
+const WRAPPERS_KEYS: &[&str] = &["status", "formats", "kms_key_ids", "allow_downgrade"];
+const SIGNATURES_KEYS: &[&str] = &[
+    "subject_table",
+    "context",
+    "from_algos",
+    "signing_key_ids",
+    "allow_downgrade",
+];
 
 /// The values `key_wrappers.status` and `crypto_suite.format` can take.
 const WRAPPER_STATUSES: &[&str] = &["active", "rotated", "retired", "invalid"];
@@ -380,6 +390,7 @@ pub fn parse_wrappers(selection: Option<&Value>) -> Result<Wrappers, SelectionEr
             .unwrap_or_else(|| vec!["active".into()]),
         formats: r.texts("formats", WRAPPER_FORMATS)?,
         kms_key_ids: r.ids("kms_key_ids")?,
+        allow_downgrade: r.bool("allow_downgrade", false)?,
     })
 }
 
@@ -398,5 +409,6 @@ pub fn parse_signatures(selection: Option<&Value>) -> Result<Signatures, Selecti
         },
         from_algos: r.texts("from_algos", &[])?,
         signing_key_ids: r.ids("signing_key_ids")?,
+        allow_downgrade: r.bool("allow_downgrade", false)?,
     })
 }

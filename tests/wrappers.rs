@@ -764,7 +764,9 @@ async fn damaged_wrappers_are_item_failures_and_the_rest_migrate() {
     let ids: Vec<i64> = w.seed.deks.iter().map(|(id, _)| *id).collect();
     // 1: both AES wraps tampered (integrity); 2: x25519 wrap truncated
     // (integrity); 3: its key is not in the keyring (data); 4: no wraps
-    // at all (data); 5: kms2 alone still opens it (kms1 wrap tampered).
+    // at all (data); 5: kms2 alone still opens it, kms1's wrap is
+    // tampered (integrity: both wraps are checked); 6: both open, to
+    // different DEKs (integrity).
     c.execute("UPDATE key_wrappers SET dek_wrap1 = set_byte(dek_wrap1, 20, get_byte(dek_wrap1, 20) # 1), dek_wrap2 = set_byte(dek_wrap2, 13, get_byte(dek_wrap2, 13) # 1) WHERE id = $1", &[&ids[0]]).await.unwrap();
     c.execute(
         "UPDATE key_wrappers SET dek_wrap1 = substring(dek_wrap1 FROM 1 FOR 40) WHERE id = $1",
@@ -783,13 +785,37 @@ async fn damaged_wrappers_are_item_failures_and_the_rest_migrate() {
     .await
     .unwrap();
     c.execute("UPDATE key_wrappers SET dek_wrap1 = set_byte(dek_wrap1, 20, get_byte(dek_wrap1, 20) # 1) WHERE id = $1", &[&ids[6]]).await.unwrap();
+    let kek_b: [u8; 32] = w
+        .keys
+        .0
+        .iter()
+        .find(|k| k.key_ref == "local:kek-b")
+        .expect("kek-b")
+        .secret[..]
+        .try_into()
+        .unwrap();
+    let uuid: String = c
+        .query_one(
+            "SELECT wrapper_uuid::text FROM key_wrappers WHERE id = $1",
+            &[&ids[8]],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let other = pqmig::crypto::wrap::seal_legacy_aes(&kek_b, &uuid, &[7u8; 32]);
+    c.execute(
+        "UPDATE key_wrappers SET dek_wrap2 = $2 WHERE id = $1",
+        &[&ids[8], &other],
+    )
+    .await
+    .unwrap();
     let daemon = InProcess::start(&w.fx, &[]).await;
     let id = w.enqueue(w.seed.policy_id, json!({})).await;
     let j = w.fx.wait_job(id, 60, terminal).await;
     daemon.stop().await;
     assert_eq!(j.status, "failed", "{j:?}");
-    assert_eq!(j.error.as_deref(), Some("4 items failed"));
-    assert_eq!((j.processed, j.failed), (26, 4));
+    assert_eq!(j.error.as_deref(), Some("6 items failed"));
+    assert_eq!((j.processed, j.failed), (24, 6));
     let errors: Vec<(String, String)> = c
         .query("SELECT item_id, error_code FROM pq_migration_item_errors WHERE job_id = $1 ORDER BY item_id::bigint", &[&id])
         .await
@@ -797,16 +823,22 @@ async fn damaged_wrappers_are_item_failures_and_the_rest_migrate() {
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect();
-    let want: Vec<(String, String)> =
-        [(0, "integrity"), (1, "integrity"), (2, "data"), (4, "data")]
-            .iter()
-            .map(|(i, code)| (ids[*i].to_string(), code.to_string()))
-            .collect();
+    let want: Vec<(String, String)> = [
+        (0, "integrity"),
+        (1, "integrity"),
+        (2, "data"),
+        (4, "data"),
+        (6, "integrity"),
+        (8, "integrity"),
+    ]
+    .iter()
+    .map(|(i, code)| (ids[*i].to_string(), code.to_string()))
+    .collect();
     assert_eq!(errors, want);
     // the failed ones are untouched legacy wrappers; every other opens to its DEK
     let now = w.open_all().await;
     for (i, (wid, dek)) in w.seed.deks.iter().enumerate() {
-        if [0, 1, 2, 4].contains(&i) {
+        if [0, 1, 2, 4, 6, 8].contains(&i) {
             assert!(now[wid].is_err(), "{i}");
         } else {
             assert_eq!(now[wid].as_deref(), Ok(&dek[..]), "{i}");
@@ -817,7 +849,7 @@ async fn damaged_wrappers_are_item_failures_and_the_rest_migrate() {
             "SELECT count(*) FROM key_wrappers WHERE crypto_suite->>'format' = 'pqmig-wrap-v1'"
         )
         .await,
-        26
+        24
     );
 }
 
@@ -825,7 +857,7 @@ async fn damaged_wrappers_are_item_failures_and_the_rest_migrate() {
 async fn policy_to_policy_rewrap_verify_rollback_and_purge() {
     let mut w = WrapFx::new(60, Kem::MlKem768, 1).await;
     let original = w.snapshot().await;
-    let template = json!({"id": "{wrapper_id}", "u": "{wrapper_uuid}", "p": "{policy_name}/{policy_id}", "v": "{wrap_version}", "fixed": ["x", 1]});
+    let template = json!({"id": "{wrapper_id}", "u": "{wrapper_uuid}", "p": "{policy_name}/{policy_id}", "v": "{wrap_version}", "fixed": ["x", "1"]});
     let second = w
         .add_policy("hybrid", Kem::XWing, 3, "round_robin", 2, 3, Some(template))
         .await;
@@ -853,7 +885,7 @@ async fn policy_to_policy_rewrap_verify_rollback_and_purge() {
     let (wid, uuid, aad): (i64, String, Value) = (r.get(0), r.get(1), r.get(2));
     assert_eq!(
         aad,
-        json!({"id": wid.to_string(), "u": uuid, "p": format!("hybrid/{second}"), "v": "3", "fixed": ["x", 1]})
+        json!({"id": wid.to_string(), "u": uuid, "p": format!("hybrid/{second}"), "v": "3", "fixed": ["x", "1"]})
     );
     assert_eq!((r.get::<_, i32>(3), r.get::<_, i64>(4)), (3, 2));
 
@@ -889,8 +921,9 @@ async fn policy_to_policy_rewrap_verify_rollback_and_purge() {
     assert_eq!(w.snapshot().await, after_first);
     // rolling back twice changes nothing
     let out = w.cli(&["rollback", &job2.to_string()]);
+    assert!(out.status.success(), "{}", crate::common::stderr(&out));
     assert!(
-        crate::common::stdout(&out).contains("restored 0 of 60"),
+        crate::common::stdout(&out).contains("was rolled back already"),
         "{}",
         crate::common::stdout(&out)
     );

@@ -127,6 +127,18 @@ impl Keyed {
     }
 }
 
+impl Keyed {
+    #[inline]
+    fn mac(&self, data: &[u8], out_len: usize) -> Vec<u8> {
+        match self {
+            Keyed::Sha256(m) => mac_once(m, data, out_len),
+            Keyed::Sha512(m) => mac_once(m, data, out_len),
+            Keyed::Sha3_256(m) => mac_once(m, data, out_len),
+            Keyed::Sha3_512(m) => mac_once(m, data, out_len),
+        }
+    }
+}
+
 #[inline]
 fn mac_once<M: Mac + Clone>(keyed: &M, data: &[u8], out_len: usize) -> Vec<u8> {
     let mut mac = keyed.clone();
@@ -197,12 +209,14 @@ impl Onion {
 
     /// HMAC-H(pepper, old_hash), truncated to output_len when set.
     pub fn rehash(&self, old_hash: &[u8]) -> Vec<u8> {
-        match &self.keyed {
-            Keyed::Sha256(m) => mac_once(m, old_hash, self.out_len),
-            Keyed::Sha512(m) => mac_once(m, old_hash, self.out_len),
-            Keyed::Sha3_256(m) => mac_once(m, old_hash, self.out_len),
-            Keyed::Sha3_512(m) => mac_once(m, old_hash, self.out_len),
-        }
+        self.keyed.mac(old_hash, self.out_len)
+    }
+
+    /// [`Onion::rehash`] through an HMAC keyed afresh from the pepper, not
+    /// the cached keyed state: what verify-before-write compares against,
+    /// so a corrupted cached state cannot vouch for itself.
+    pub fn rehash_fresh(&self, old_hash: &[u8]) -> Vec<u8> {
+        Keyed::new(self.hash, &self.pepper).mac(old_hash, self.out_len)
     }
 
     /// The version after this layer: `profile_name/old_version`.

@@ -70,6 +70,24 @@ impl SigAlg {
         !matches!(self, SigAlg::Ed25519 | SigAlg::EcdsaP256)
     }
 
+    /// The NIST security category of a PQ algorithm (FIPS 204/205); the
+    /// classical ones have none against a quantum adversary (0).
+    pub fn nist_level(self) -> u8 {
+        match self {
+            SigAlg::MlDsa44 => 2,
+            SigAlg::MlDsa65 => 3,
+            SigAlg::MlDsa87 => 5,
+            SigAlg::SlhDsaSha2_128s | SigAlg::SlhDsaSha2_128f => 1,
+            SigAlg::Ed25519 | SigAlg::EcdsaP256 => 0,
+        }
+    }
+
+    /// Whether countersigning what `source` signed with `self` would be
+    /// weaker than the source (a lower NIST category).
+    pub fn is_downgrade_from(self, source: SigAlg) -> bool {
+        self.nist_level() < source.nist_level()
+    }
+
     /// Bytes of the private key as stored (seed form).
     pub fn seed_len(self) -> usize {
         match self {
@@ -137,28 +155,32 @@ impl std::fmt::Debug for Signer {
     }
 }
 
+// libcrux's ML-DSA key types do not wipe themselves: every copy of the
+// expanded signing key made here is overwritten before it is dropped.
 macro_rules! mldsa {
     ($m:ident, $seed:expr) => {{
-        let xi: [u8; 32] = $seed
-            .try_into()
-            .map_err(|_| SigError("ML-DSA seed must be 32 bytes".into()))?;
-        let kp = libcrux_ml_dsa::$m::generate_key_pair(xi);
-        (
-            kp.verification_key.as_slice().to_vec(),
-            Zeroizing::new(kp.signing_key.as_slice().to_vec()),
-        )
+        let xi = Zeroizing::new(
+            <[u8; 32]>::try_from($seed)
+                .map_err(|_| SigError("ML-DSA seed must be 32 bytes".into()))?,
+        );
+        let mut kp = libcrux_ml_dsa::$m::generate_key_pair(*xi);
+        let secret = Zeroizing::new(kp.signing_key.as_slice().to_vec());
+        zeroize::Zeroize::zeroize(kp.signing_key.as_mut_slice());
+        (kp.verification_key.as_slice().to_vec(), secret)
     }};
 }
 
 macro_rules! mldsa_sign {
     ($m:ident, $sk:expr, $msg:expr, $ctx:expr) => {{
-        let sk =
+        let mut sk =
             libcrux_ml_dsa::MLDSASigningKey::new($sk[..].try_into().expect("expanded at load"));
         let mut r = Zeroizing::new([0u8; 32]);
         rand::fill(&mut r[..]);
-        libcrux_ml_dsa::$m::sign(&sk, $msg, $ctx, *r)
+        let signed = libcrux_ml_dsa::$m::sign(&sk, $msg, $ctx, *r)
             .map(|s| s.as_slice().to_vec())
-            .map_err(|e| SigError(format!("ML-DSA signing failed: {e:?}")))
+            .map_err(|e| SigError(format!("ML-DSA signing failed: {e:?}")));
+        zeroize::Zeroize::zeroize(sk.as_mut_slice());
+        signed
     }};
 }
 

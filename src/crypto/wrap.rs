@@ -42,6 +42,28 @@ impl From<kem::KemError> for WrapError {
     }
 }
 
+/// The wrapper uuid as SPEC §5 uses it: its 36-character hyphenated text
+/// in lowercase. Upper-case hex is normalised (the same uuid); anything
+/// else (wrong length, no hyphens, braces, blank-padding of a shorter
+/// CHAR(36) value) is refused, so the HKDF salt and the AAD are the same
+/// bytes in every implementation.
+pub fn canonical_uuid(uuid: &str) -> Result<String, String> {
+    let b = uuid.as_bytes();
+    let ok = b.len() == 36
+        && b.iter().enumerate().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => *c == b'-',
+            _ => c.is_ascii_hexdigit(),
+        });
+    if ok {
+        Ok(uuid.to_ascii_lowercase())
+    } else {
+        Err(format!(
+            "wrapper_uuid {:?} is not a 36-character hyphenated uuid",
+            uuid.chars().take(40).collect::<String>()
+        ))
+    }
+}
+
 /// Canonical JSON (SPEC §5.2): object keys sorted by their UTF-8 bytes at
 /// every depth, no whitespace, strings and numbers as serde_json writes
 /// them. Written here rather than relying on `serde_json::Map`'s order,
@@ -317,6 +339,23 @@ pub fn x25519_public(secret: &[u8; 32]) -> [u8; 32] {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn canonical_uuid_lowercases_and_refuses_other_shapes() {
+        let lower = "0b5b1c1e-4b8e-4c8a-9d4e-2f1c3a5b6d7e";
+        assert_eq!(canonical_uuid(lower).unwrap(), lower);
+        assert_eq!(canonical_uuid(&lower.to_uppercase()).unwrap(), lower);
+        for bad in [
+            "",
+            "0b5b1c1e4b8e4c8a9d4e2f1c3a5b6d7e",
+            "{0b5b1c1e-4b8e-4c8a-9d4e-2f1c3a5b6d7}",
+            "0b5b1c1e-4b8e-4c8a-9d4e-2f1c3a5b6d7g",
+            "0b5b1c1e-4b8e-4c8a-9d4e_2f1c3a5b6d7e",
+            "0b5b1c1e-4b8e-4c8a-9d4e-2f1c3a5b6d7 ",
+        ] {
+            assert!(canonical_uuid(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn canonical_json_sorts_keys_at_every_depth() {

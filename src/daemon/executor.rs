@@ -257,6 +257,8 @@ struct Progress {
     after_id: i64,
     migrated: i64,
     skipped: i64,
+    /// Of `skipped`: sources another source of their subject stands for.
+    duplicates: i64,
 }
 
 impl Progress {
@@ -266,11 +268,17 @@ impl Progress {
             after_id: get("after_id").unwrap_or(i64::MIN),
             migrated: get("migrated").unwrap_or(0),
             skipped: get("skipped").unwrap_or(0),
+            duplicates: get("duplicates").unwrap_or(0),
         }
     }
 
     fn to_json(self) -> serde_json::Value {
-        json!({"after_id": self.after_id, "migrated": self.migrated, "skipped": self.skipped})
+        let mut j =
+            json!({"after_id": self.after_id, "migrated": self.migrated, "skipped": self.skipped});
+        if self.duplicates > 0 {
+            j["duplicates"] = json!(self.duplicates);
+        }
+        j
     }
 }
 
@@ -331,6 +339,12 @@ async fn work(
         .await?,
     );
     let h: &Prepared = &scope;
+    if let Some(pin) = h.pin_to_record() {
+        let client = shared.pool.get().await?;
+        if !jobs::job_result_pin(&**client, lease, &pin).await? {
+            return Err(JobError::LeaseLost);
+        }
+    }
     let common = scope.common().clone();
     let mut progress = Progress::from_cursor(job.cursor.as_ref());
     // The cursor exactly as stored, which the next progress write expects.
@@ -610,6 +624,7 @@ async fn commit(
         after_id: last,
         migrated: progress.migrated + counts.migrated,
         skipped: progress.skipped + counts.skipped,
+        duplicates: progress.duplicates + counts.duplicates,
     };
     // Fenced: zero rows rolls back every item write of the batch.
     let ok = jobs::job_progress(
@@ -649,6 +664,7 @@ fn summary(
         "matched": total,
         "migrated": p.migrated,
         "skipped": p.skipped,
+        "duplicates": p.duplicates,
         "failed": failed,
         "dry_run": common.dry_run,
         "batch_sizes": batch_sizes,

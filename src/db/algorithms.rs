@@ -38,17 +38,10 @@ impl Algorithm {
     }
 }
 
-pub async fn algorithm_by_id(
-    c: &impl GenericClient,
-    id: i64,
-) -> Result<Option<Algorithm>, tokio_postgres::Error> {
-    let row = c
-        .query_opt(
-            "SELECT id, class, name::text, variant::text, status, params FROM crypto_algorithms WHERE id = $1",
-            &[&id],
-        )
-        .await?;
-    Ok(row.map(|r| Algorithm {
+const COLUMNS: &str = "id, class, name::text, variant::text, status, params";
+
+fn algorithm_from(r: &tokio_postgres::Row) -> Algorithm {
+    Algorithm {
         id: r.get(0),
         class: r.get(1),
         name: r.get(2),
@@ -57,7 +50,31 @@ pub async fn algorithm_by_id(
         params: r
             .get::<_, Option<serde_json::Value>>(5)
             .unwrap_or(serde_json::Value::Null),
-    }))
+    }
+}
+
+pub async fn algorithm_by_id(
+    c: &impl GenericClient,
+    id: i64,
+) -> Result<Option<Algorithm>, tokio_postgres::Error> {
+    let sql = format!("SELECT {COLUMNS} FROM crypto_algorithms WHERE id = $1");
+    Ok(c.query_opt(&sql, &[&id])
+        .await?
+        .as_ref()
+        .map(algorithm_from))
+}
+
+/// Every algorithm of a class (`kem`, `sig`, …), any status.
+pub async fn algorithms_of_class(
+    c: &impl GenericClient,
+    class: &str,
+) -> Result<Vec<Algorithm>, tokio_postgres::Error> {
+    let sql = format!("SELECT {COLUMNS} FROM crypto_algorithms WHERE class = $1 ORDER BY id");
+    Ok(c.query(&sql, &[&class])
+        .await?
+        .iter()
+        .map(algorithm_from)
+        .collect())
 }
 
 /// Resolve an alias (case-insensitive) to an algorithm id.

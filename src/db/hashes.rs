@@ -365,34 +365,71 @@ pub async fn field_hash_policy_exists(
     Ok(row.get(0))
 }
 
-/// The target profile: the newest active one of the algorithm.
+/// A `hash_profiles` row.
 #[derive(Debug, Clone)]
 pub struct HashProfile {
     pub id: i64,
+    pub algo_id: i64,
     pub name: String,
     pub output_len: Option<i16>,
     pub params: serde_json::Value,
+    pub status: String,
 }
 
+const PROFILE_COLUMNS: &str = "id, algo_id, name::text, output_len, params, status";
+
+fn profile_from(r: &tokio_postgres::Row) -> HashProfile {
+    HashProfile {
+        id: r.get(0),
+        algo_id: r.get(1),
+        name: r.get(2),
+        output_len: r.get(3),
+        params: r
+            .get::<_, Option<serde_json::Value>>(4)
+            .unwrap_or(serde_json::Value::Null),
+        status: r.get(5),
+    }
+}
+
+/// The target profile of a new job: the newest active one of the algorithm.
 pub async fn hash_profile_active(
     c: &impl GenericClient,
     algo_id: i64,
 ) -> Result<Option<HashProfile>, tokio_postgres::Error> {
-    let row = c
-        .query_opt(
-            "SELECT id, name::text, output_len, params FROM hash_profiles \
-             WHERE algo_id = $1 AND status = 'active' ORDER BY created_at DESC, id DESC LIMIT 1",
-            &[&algo_id],
-        )
-        .await?;
-    Ok(row.map(|r| HashProfile {
-        id: r.get(0),
-        name: r.get(1),
-        output_len: r.get(2),
-        params: r
-            .get::<_, Option<serde_json::Value>>(3)
-            .unwrap_or(serde_json::Value::Null),
-    }))
+    let sql = format!(
+        "SELECT {PROFILE_COLUMNS} FROM hash_profiles \
+         WHERE algo_id = $1 AND status = 'active' ORDER BY created_at DESC, id DESC LIMIT 1"
+    );
+    Ok(c.query_opt(&sql, &[&algo_id])
+        .await?
+        .as_ref()
+        .map(profile_from))
+}
+
+/// A profile by id, whatever its status.
+pub async fn hash_profile_by_id(
+    c: &impl GenericClient,
+    id: i64,
+) -> Result<Option<HashProfile>, tokio_postgres::Error> {
+    let sql = format!("SELECT {PROFILE_COLUMNS} FROM hash_profiles WHERE id = $1");
+    Ok(c.query_opt(&sql, &[&id]).await?.as_ref().map(profile_from))
+}
+
+/// The profile a finished job registered for its column (jobs from before
+/// pqmig recorded the profile in `result`): see [`field_hash_policy_insert`].
+pub async fn hash_profile_of_job(
+    c: &impl GenericClient,
+    job_id: i64,
+) -> Result<Option<HashProfile>, tokio_postgres::Error> {
+    let sql = format!(
+        "SELECT {PROFILE_COLUMNS} FROM hash_profiles WHERE id = \
+           (SELECT profile_id FROM field_hash_policies WHERE notes = format('pqmig job %s', $1::bigint) \
+            ORDER BY id DESC LIMIT 1)"
+    );
+    Ok(c.query_opt(&sql, &[&job_id])
+        .await?
+        .as_ref()
+        .map(profile_from))
 }
 
 /// Record that (table, column) now uses `profile_id` (on a job's success).

@@ -32,6 +32,11 @@ pub struct ClaimedJob {
     pub processed_count: i64,
     pub failed_count: i64,
     pub total_count: Option<i64>,
+    /// The hashes profile the job started with (`result.profile`).
+    pub pinned_profile: Option<Value>,
+    /// Prepared for `verify` or `rollback` of a finished job: checked with
+    /// what it ran with, not refused because something was deprecated since.
+    pub aftercare: bool,
 }
 
 /// The claim query. Its WHERE and ORDER BY match `idx_pq_mig_claim` exactly
@@ -56,7 +61,8 @@ pub async fn job_claim(
                  finished_at = NULL, updated_at = now() \
                FROM c WHERE j.id = c.id \
                RETURNING j.id, j.scope, j.target_policy_id, j.target_algo_id, j.selection, \
-                 j.attempts, j.lease_token, j.cursor, j.processed_count, j.failed_count, j.total_count), \
+                 j.attempts, j.lease_token, j.cursor, j.processed_count, j.failed_count, j.total_count, \
+                 j.result->'profile'), \
          e AS (INSERT INTO pq_migration_job_events (job_id, event, worker, detail) \
                SELECT id, 'claimed', $2, jsonb_build_object('attempt', attempts) FROM u) \
          SELECT * FROM u ORDER BY id"
@@ -81,6 +87,8 @@ pub async fn job_claim(
                 processed_count: r.get(8),
                 failed_count: r.get(9),
                 total_count: r.get(10),
+                pinned_profile: r.get(11),
+                aftercare: false,
             }
         })
         .collect())
@@ -129,6 +137,23 @@ pub async fn job_set_total(
             "UPDATE pq_migration_jobs SET total_count = $3, updated_at = now() \
              WHERE id = $1 AND lease_token = $2 AND status = 'running'",
             &[&lease.job_id, &lease.token, &total],
+        )
+        .await?;
+    Ok(n == 1)
+}
+
+/// Merge what the job runs with into its `result` before its first batch
+/// (the pinned hash profile), fenced.
+pub async fn job_result_pin(
+    c: &impl GenericClient,
+    lease: Lease,
+    pin: &Value,
+) -> Result<bool, tokio_postgres::Error> {
+    let n = c
+        .execute(
+            "UPDATE pq_migration_jobs SET result = COALESCE(result, '{}'::jsonb) || $3::jsonb, \
+             updated_at = now() WHERE id = $1 AND lease_token = $2 AND status = 'running'",
+            &[&lease.job_id, &lease.token, pin],
         )
         .await?;
     Ok(n == 1)
@@ -196,7 +221,7 @@ pub async fn job_finish(
     let rows = c
         .query(
             "WITH u AS (UPDATE pq_migration_jobs SET status = $3, error = $4, \
-                 result = $5::jsonb || jsonb_build_object('duration_seconds', \
+                 result = COALESCE(result, '{}'::jsonb) || $5::jsonb || jsonb_build_object('duration_seconds', \
                    round(extract(epoch FROM now() - COALESCE(started_at, now()))::numeric, 3)), \
                  finished_at = now(), updated_at = now(), lease_token = NULL, heartbeat_at = NULL \
                WHERE id = $1 AND lease_token = $2 AND status = 'running' RETURNING id) \
@@ -448,6 +473,61 @@ pub async fn job_result_merge(
     Ok(n == 1)
 }
 
+/// Record a passed `pqmig verify` in a finished job's `result`: how many
+/// items, when (database clock), and the `finished_at` it verified, so a
+/// later run of the job (resume) makes the mark stale.
+pub async fn job_mark_verified(
+    c: &impl GenericClient,
+    job_id: i64,
+    items: i64,
+) -> Result<bool, tokio_postgres::Error> {
+    let n = c
+        .execute(
+            "UPDATE pq_migration_jobs SET result = COALESCE(result, '{}'::jsonb) || \
+               jsonb_build_object('verified', jsonb_build_object('items', $2::bigint, \
+                 'at', now(), 'finished_at', finished_at)), updated_at = now() \
+             WHERE id = $1 AND status IN ('done', 'failed', 'cancelled')",
+            &[&job_id, &items],
+        )
+        .await?;
+    Ok(n == 1)
+}
+
+/// Record a rollback that restored items, and drop the verify mark (it
+/// vouched for values that are gone).
+pub async fn job_mark_rolled_back(
+    c: &impl GenericClient,
+    job_id: i64,
+    restored: i64,
+) -> Result<bool, tokio_postgres::Error> {
+    let n = c
+        .execute(
+            "UPDATE pq_migration_jobs SET result = (COALESCE(result, '{}'::jsonb) - 'verified') || \
+               jsonb_build_object('rolled_back', jsonb_build_object('items', $2::bigint, 'at', now())), \
+               updated_at = now() \
+             WHERE id = $1 AND status IN ('done', 'failed', 'cancelled')",
+            &[&job_id, &restored],
+        )
+        .await?;
+    Ok(n == 1)
+}
+
+/// Whether the job is `done` and was verified after it last finished.
+pub async fn job_verified_since_finish(
+    c: &impl GenericClient,
+    job_id: i64,
+) -> Result<bool, tokio_postgres::Error> {
+    let row = c
+        .query_one(
+            "SELECT COALESCE(bool_and(status = 'done' \
+               AND (result->'verified'->>'finished_at')::timestamptz = finished_at), false) \
+             FROM pq_migration_jobs WHERE id = $1",
+            &[&job_id],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
 /// A job's definition as a [`ClaimedJob`] with no lease, so a command can
 /// validate and prepare it the way the daemon does (`verify`, `rollback`).
 pub async fn job_probe(
@@ -456,7 +536,8 @@ pub async fn job_probe(
 ) -> Result<Option<ClaimedJob>, tokio_postgres::Error> {
     let row = c
         .query_opt(
-            "SELECT scope, target_policy_id, target_algo_id, selection FROM pq_migration_jobs WHERE id = $1",
+            "SELECT scope, target_policy_id, target_algo_id, selection, result->'profile' \
+             FROM pq_migration_jobs WHERE id = $1",
             &[&id],
         )
         .await?;
@@ -477,6 +558,8 @@ pub async fn job_probe(
             processed_count: 0,
             failed_count: 0,
             total_count: None,
+            pinned_profile: r.get(4),
+            aftercare: true,
         }
     }))
 }

@@ -47,6 +47,9 @@ pub struct NewSignatures {
     pub signatures: Vec<Vec<u8>>,
     pub payload_hashes: Vec<Vec<u8>>,
     pub hash_algo_ids: Vec<Option<i64>>,
+    /// Per row: other sources of the same subject this one stands for
+    /// (`{"duplicate_sources": [ids]}`, or `{}`), recorded in its backup.
+    pub backup_extras: Vec<serde_json::Value>,
 }
 
 /// The selection as SQL over `signatures s` (placeholders from $4: $1 is
@@ -284,8 +287,8 @@ pub async fn signatures_insert_batch(
             .query(
                 "WITH v AS ( \
                    SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bigint[], \
-                                        $6::bytea[], $7::bytea[], $8::bigint[]) \
-                     AS v(src, st, pk, ctx, key, sig, ph, ha) \
+                                        $6::bytea[], $7::bytea[], $8::bigint[], $11::jsonb[]) \
+                     AS v(src, st, pk, ctx, key, sig, ph, ha, extra) \
                  ), ins AS ( \
                    INSERT INTO signatures (subject_table, subject_pk, context, algo_id, signing_key_id, \
                                            signature, payload_hash, hash_algo_id) \
@@ -294,7 +297,7 @@ pub async fn signatures_insert_batch(
                    RETURNING id, subject_table, subject_pk, context \
                  ), bk AS ( \
                    INSERT INTO pq_migration_backups (job_id, item_table, item_id, data) \
-                   SELECT $10::bigint, 'signatures', v.src::text, jsonb_build_object('countersignature_id', ins.id) \
+                   SELECT $10::bigint, 'signatures', v.src::text, jsonb_build_object('countersignature_id', ins.id) || v.extra \
                    FROM ins JOIN v ON v.st = ins.subject_table AND v.pk = ins.subject_pk AND v.ctx = ins.context \
                  ) \
                  SELECT v.src FROM ins JOIN v ON v.st = ins.subject_table AND v.pk = ins.subject_pk \
@@ -310,6 +313,7 @@ pub async fn signatures_insert_batch(
                     &&n.hash_algo_ids[r.clone()],
                     &target_algo,
                     &job_id,
+                    &&n.backup_extras[r.clone()],
                 ],
             )
             .await?;

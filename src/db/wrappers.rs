@@ -260,6 +260,24 @@ pub async fn wrappers_count(
         .get(0))
 }
 
+/// A selected `pqmig-wrap-v1` wrapper under one of `kems` (aliases,
+/// lowercase), if any: the first, by id.
+pub async fn wrappers_find_kem(
+    c: &impl GenericClient,
+    filter: &WrapperFilter,
+    kems: &[String],
+) -> Result<Option<(i64, String)>, Error> {
+    let sql = format!(
+        "SELECT w.id, w.crypto_suite->>'kem' FROM key_wrappers w WHERE w.id > $1::bigint{}            AND w.crypto_suite->>'format' = 'pqmig-wrap-v1'            AND lower(w.crypto_suite->>'kem') = ANY($2::text[])          ORDER BY w.id LIMIT 1",
+        filter.clause
+    );
+    let kems = kems.to_vec();
+    let row = c
+        .query_opt(&sql, &filter.params([&i64::MIN, &kems]))
+        .await?;
+    Ok(row.map(|r| (r.get(0), r.get(1))))
+}
+
 /// Lock and re-read wrappers that changed under a batch; those that left
 /// the selection meanwhile are not returned.
 pub async fn wrappers_lock_rows(
@@ -524,11 +542,28 @@ pub async fn wrappers_rollback_batch(
     Ok((ids, backup_ids.len() as i64, Some(last)))
 }
 
-/// Delete a job's backups; how many.
-pub async fn backups_purge(c: &impl GenericClient, job_id: i64) -> Result<u64, Error> {
-    c.execute(
-        "DELETE FROM pq_migration_backups WHERE job_id = $1::bigint",
+/// How many backups a job has.
+pub async fn backups_count(c: &impl GenericClient, job_id: i64) -> Result<i64, Error> {
+    Ok(c.query_one(
+        "SELECT count(*) FROM pq_migration_backups WHERE job_id = $1::bigint",
         &[&job_id],
+    )
+    .await?
+    .get(0))
+}
+
+/// Delete up to `n` of a job's backups in one statement (its own
+/// transaction); how many. Called until it deletes fewer than `n`, so a
+/// job of a hundred million items never becomes one giant DELETE.
+pub async fn backups_purge_chunk(
+    c: &impl GenericClient,
+    job_id: i64,
+    n: i64,
+) -> Result<u64, Error> {
+    c.execute(
+        "DELETE FROM pq_migration_backups WHERE id IN \
+           (SELECT id FROM pq_migration_backups WHERE job_id = $1::bigint LIMIT $2::bigint)",
+        &[&job_id, &n],
     )
     .await
 }

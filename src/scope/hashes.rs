@@ -20,8 +20,87 @@ pub struct HashesJob {
     stmts: HashStatements,
     onion: Arc<Onion>,
     version_max_len: Option<usize>,
-    profile_id: i64,
-    profile_name: String,
+    pin: ProfilePin,
+}
+
+/// The profile a job runs with, pinned when it first starts (kept in
+/// `result.profile`), so a pepper rotation during or after the job changes
+/// nothing for it: a resumed job goes on with it, and `verify` and
+/// `rollback` check and restore exactly what it wrote.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ProfilePin {
+    pub id: i64,
+    pub name: String,
+    pub key_ref: String,
+    pub output_len: Option<i16>,
+    /// Already in the job's `result` (not to be recorded again).
+    #[serde(skip)]
+    pub recorded: bool,
+}
+
+/// The job's profile: the pinned one if it has one (which must still exist
+/// and, for a running job, be active), else the newest active profile of
+/// the target algorithm. A finished job from before pins falls back to the
+/// profile it registered in `field_hash_policies`.
+async fn job_profile(
+    c: &impl GenericClient,
+    job: &ClaimedJob,
+    algo_id: i64,
+    label: &str,
+) -> Result<ProfilePin, JobError> {
+    if let Some(v) = &job.pinned_profile {
+        let mut pin: ProfilePin = serde_json::from_value(v.clone())
+            .map_err(|e| fatal(format!("result.profile of the job is unreadable: {e}")))?;
+        pin.recorded = true;
+        let row = dbh::hash_profile_by_id(c, pin.id).await?.ok_or_else(|| {
+            fatal(format!(
+                "hash profile {:?} (id {}) the job started with no longer exists",
+                pin.name, pin.id
+            ))
+        })?;
+        if row.algo_id != algo_id {
+            return Err(fatal(format!(
+                "hash profile {:?} (id {}) the job started with is no longer a profile of {label}",
+                pin.name, pin.id
+            )));
+        }
+        if !job.aftercare && row.status != "active" {
+            return Err(fatal(format!(
+                "hash profile {:?} the job started with is now {}: the job stops here; queue a new job for the active profile",
+                pin.name, row.status
+            )));
+        }
+        return Ok(pin);
+    }
+    let profile = match job.aftercare {
+        true => match dbh::hash_profile_of_job(c, job.lease.job_id).await? {
+            Some(p) => Some(p),
+            None => dbh::hash_profile_active(c, algo_id).await?,
+        },
+        false => dbh::hash_profile_active(c, algo_id).await?,
+    };
+    let profile = profile.ok_or_else(|| {
+        fatal(format!(
+            "no active hash_profiles row for target algorithm {label} (id {algo_id})"
+        ))
+    })?;
+    let key_ref = profile
+        .params
+        .get("key_ref")
+        .and_then(|v| v.as_str())
+        .ok_or_else(|| {
+            fatal(format!(
+                "hash profile {:?} has no params.key_ref naming its pepper",
+                profile.name
+            ))
+        })?;
+    Ok(ProfilePin {
+        id: profile.id,
+        key_ref: key_ref.to_owned(),
+        output_len: profile.output_len,
+        name: profile.name,
+        recorded: false,
+    })
 }
 
 /// The new values of one batch, computed off the async executor.
@@ -39,8 +118,7 @@ fn fatal(msg: impl Into<String>) -> JobError {
 pub struct Checked {
     sel: selection::Hashes,
     hash: HmacHash,
-    profile: dbh::HashProfile,
-    key_ref: String,
+    pin: ProfilePin,
     version_name: String,
     id_name: String,
     created: Option<String>,
@@ -76,8 +154,12 @@ impl HashesJob {
                 "target algorithm {label} (id {algo_id}) is not a keyed hash: the hashes scope needs an HMAC algorithm"
             )));
         }
-        algo.check_usable(sel.common.allow_experimental)
-            .map_err(fatal)?;
+        // A finished job is checked with what it ran with, whatever has
+        // been deprecated since.
+        if !job.aftercare {
+            algo.check_usable(sel.common.allow_experimental)
+                .map_err(fatal)?;
+        }
         let hash = algo
             .variant
             .as_deref()
@@ -88,22 +170,7 @@ impl HashesJob {
                 ))
             })?;
 
-        let profile = dbh::hash_profile_active(c, algo_id).await?.ok_or_else(|| {
-            fatal(format!(
-                "no active hash_profiles row for target algorithm {label} (id {algo_id})"
-            ))
-        })?;
-        let key_ref = profile
-            .params
-            .get("key_ref")
-            .and_then(|v| v.as_str())
-            .ok_or_else(|| {
-                fatal(format!(
-                    "hash profile {:?} has no params.key_ref naming its pepper",
-                    profile.name
-                ))
-            })?;
-
+        let pin = job_profile(c, job, algo_id, &label).await?;
         // Identifiers: registered for hashing and present in this schema.
         if !dbh::field_hash_policy_exists(c, &sel.table, &sel.column).await? {
             return Err(fatal(format!(
@@ -179,10 +246,9 @@ impl HashesJob {
 
         Ok(Checked {
             version_max_len: ver_col.max_length.map(|n| n as usize),
-            key_ref: key_ref.to_owned(),
             sel,
             hash,
-            profile,
+            pin,
             version_name,
             id_name,
             created,
@@ -198,8 +264,7 @@ impl Checked {
         let Checked {
             sel,
             hash,
-            profile,
-            key_ref,
+            pin,
             version_name,
             id_name,
             created,
@@ -210,16 +275,22 @@ impl Checked {
             fatal("no keyring configured (keys.keyring or PQMIG_KEYRING) to read the pepper from")
         })?;
         let keyring = LocalKeyring::load(path).map_err(|e| fatal(e.to_string()))?;
-        let secret = keyring.secret(&key_ref).map_err(|e| fatal(e.to_string()))?;
-        if !secret.algorithm.to_ascii_uppercase().starts_with("HMAC") {
+        let key_ref = &pin.key_ref;
+        let secret = keyring.secret(key_ref).map_err(|e| fatal(e.to_string()))?;
+        // Exactly the target's HMAC: a pepper declared for another hash
+        // would be used under a name it was not made for.
+        if !secret.algorithm.eq_ignore_ascii_case(&hash.alias()) {
             return Err(fatal(format!(
-                "key {key_ref:?} is a {} key, the profile {:?} needs an HMAC pepper",
-                secret.algorithm, profile.name
+                "key {key_ref:?} is declared {}, the profile {:?} of target {} needs an {} pepper",
+                secret.algorithm,
+                pin.name,
+                hash.alias(),
+                hash.alias()
             )));
         }
-        let output_len = profile.output_len.map(|n| n as usize);
-        let onion = Onion::new(hash, secret.bytes.clone(), output_len, &profile.name)
-            .map_err(|e| fatal(format!("hash profile {:?}: {e}", profile.name)))?;
+        let output_len = pin.output_len.map(|n| n as usize);
+        let onion = Onion::new(hash, secret.bytes.clone(), output_len, &pin.name)
+            .map_err(|e| fatal(format!("hash profile {:?}: {e}", pin.name)))?;
 
         let target = dbh::HashTarget {
             schema: &schema,
@@ -235,8 +306,7 @@ impl Checked {
             sel,
             stmts,
             onion: Arc::new(onion),
-            profile_id: profile.id,
-            profile_name: profile.name,
+            pin,
         })
     }
 }
@@ -264,8 +334,21 @@ impl HashesJob {
         Ok(self.stmts.hashes_fetch_batch(c, after, n).await?)
     }
 
-    /// CPU part of a batch; run it on a blocking thread.
-    pub fn compute(onion: &Onion, version_max_len: Option<usize>, rows: &[HashRow]) -> Computed {
+    /// What the job's `result` must record before its first batch (the
+    /// profile it runs with), unless it is there already.
+    pub fn pin_to_record(&self) -> Option<serde_json::Value> {
+        (!self.pin.recorded).then(|| serde_json::json!({ "profile": self.pin }))
+    }
+
+    /// CPU part of a batch; run it on a blocking thread. With `verify`
+    /// each new hash is computed again through a freshly keyed HMAC and
+    /// compared in constant time before it may be written (SPEC §6.1).
+    pub fn compute(
+        onion: &Onion,
+        version_max_len: Option<usize>,
+        verify: bool,
+        rows: &[HashRow],
+    ) -> Computed {
         let mut out = Computed {
             updates: HashUpdates::default(),
             failures: Vec::new(),
@@ -303,9 +386,24 @@ impl HashesJob {
                 });
                 continue;
             }
+            let new_hash = onion.rehash(hash);
+            if verify
+                && !bool::from(subtle::ConstantTimeEq::ct_eq(
+                    &new_hash[..],
+                    &onion.rehash_fresh(hash)[..],
+                ))
+            {
+                out.failures.push(ItemFailure {
+                    item_id: row.id,
+                    code: "verify",
+                    message: "the new hash did not recompute to the same value; nothing written"
+                        .into(),
+                });
+                continue;
+            }
             let u = &mut out.updates;
             u.ids.push(row.id);
-            u.new_hashes.push(onion.rehash(hash));
+            u.new_hashes.push(new_hash);
             u.old_hashes.push(hash.clone());
             u.old_versions.push(version.clone());
             u.new_versions.push(new_version);
@@ -315,8 +413,8 @@ impl HashesJob {
 
     pub async fn compute_off_thread(&self, rows: Vec<HashRow>) -> Result<Computed, JobError> {
         let onion = Arc::clone(&self.onion);
-        let max = self.version_max_len;
-        tokio::task::spawn_blocking(move || Self::compute(&onion, max, &rows))
+        let (max, verify) = (self.version_max_len, self.sel.common.verify);
+        tokio::task::spawn_blocking(move || Self::compute(&onion, max, verify, &rows))
             .await
             .map_err(|e| JobError::Fatal(format!("hash computation panicked: {e}")))
     }
@@ -388,10 +486,7 @@ impl HashesJob {
             return Ok((0, 0, None));
         };
         let ids: Vec<i64> = backups.iter().map(|b| b.backup_id).collect();
-        let restored = self
-            .stmts
-            .hashes_rollback(c, &ids, &self.profile_name)
-            .await?;
+        let restored = self.stmts.hashes_rollback(c, &ids, &self.pin.name).await?;
         Ok((restored.len() as i64, backups.len() as i64, Some(last)))
     }
 
@@ -402,7 +497,7 @@ impl HashesJob {
                 tx,
                 &self.sel.table,
                 &self.sel.column,
-                self.profile_id,
+                self.pin.id,
                 job_id,
             )
             .await?;
@@ -436,7 +531,12 @@ impl super::CasWrite for HashesJob {
         ids: &[i64],
     ) -> Result<(usize, HashUpdates, Vec<ItemFailure>, i64), JobError> {
         let rows = self.stmts.hashes_lock_rows(tx, ids).await?;
-        let again = Self::compute(&self.onion, self.version_max_len, &rows);
+        let again = Self::compute(
+            &self.onion,
+            self.version_max_len,
+            self.sel.common.verify,
+            &rows,
+        );
         Ok((rows.len(), again.updates, again.failures, again.skipped))
     }
 }

@@ -111,6 +111,9 @@ pub struct ScopeContext {
 pub struct BatchCounts {
     pub migrated: i64,
     pub skipped: i64,
+    /// Of `skipped`: sources of a subject another source of the batch
+    /// stands for (signatures).
+    pub duplicates: i64,
     pub failed: i64,
     /// Item failures that are failed authentication of existing data.
     pub integrity: i64,
@@ -229,6 +232,7 @@ pub(crate) async fn write_cas<S: CasWrite>(
         skipped,
         failed: failures.len() as i64,
         integrity: failures.iter().filter(|f| f.code == "integrity").count() as i64,
+        ..BatchCounts::default()
     };
     Ok((counts, failures))
 }
@@ -469,6 +473,15 @@ impl Prepared {
             (Prepared::Wrappers(w), Computed::Wrappers(c)) => w.write(tx, job_id, c).await,
             (Prepared::Signatures(s), Computed::Signatures(c)) => s.write(tx, job_id, c).await,
             _ => unreachable!("computed by the same scope"),
+        }
+    }
+
+    /// What the job's `result` must record before its first batch (see
+    /// [`hashes::ProfilePin`]), if anything.
+    pub fn pin_to_record(&self) -> Option<serde_json::Value> {
+        match self {
+            Prepared::Hashes(h) => h.pin_to_record(),
+            Prepared::Wrappers(_) | Prepared::Signatures(_) => None,
         }
     }
 

@@ -89,6 +89,67 @@ pub struct Computed {
     pub rows: NewSignatures,
     pub failures: Vec<ItemFailure>,
     pub skipped: i64,
+    /// Of `skipped`: sources whose subject another source of the batch
+    /// already countersigns.
+    pub duplicates: i64,
+}
+
+impl Computed {
+    /// One countersignature per (subject_table, subject_pk, context): of
+    /// several sources of one subject, the one with the lowest id that
+    /// verified is countersigned, the others are skipped and named in its
+    /// backup. Sources are walked in id order, so a batch boundary between
+    /// two of them gives the same result (the later one finds the subject
+    /// countersigned).
+    fn one_per_subject(&mut self) {
+        let n = &mut self.rows;
+        let mut first: HashMap<(&str, &str, &str), usize> = HashMap::new();
+        let mut dropped: Vec<(usize, usize)> = Vec::new();
+        for i in 0..n.source_ids.len() {
+            let key = (
+                n.subject_tables[i].as_str(),
+                n.subject_pks[i].as_str(),
+                n.contexts[i].as_str(),
+            );
+            match first.get(&key) {
+                Some(&winner) => dropped.push((i, winner)),
+                None => {
+                    first.insert(key, i);
+                }
+            }
+        }
+        if dropped.is_empty() {
+            return;
+        }
+        let mut extra: HashMap<usize, Vec<i64>> = HashMap::new();
+        for &(i, winner) in &dropped {
+            extra.entry(winner).or_default().push(n.source_ids[i]);
+        }
+        for (winner, ids) in extra {
+            n.backup_extras[winner] = serde_json::json!({"duplicate_sources": ids});
+        }
+        let keep: Vec<bool> = (0..n.source_ids.len())
+            .map(|i| !dropped.iter().any(|(d, _)| *d == i))
+            .collect();
+        fn retain<T>(v: &mut Vec<T>, keep: &[bool]) {
+            let mut i = 0;
+            v.retain(|_| {
+                i += 1;
+                keep[i - 1]
+            });
+        }
+        retain(&mut n.source_ids, &keep);
+        retain(&mut n.subject_tables, &keep);
+        retain(&mut n.subject_pks, &keep);
+        retain(&mut n.contexts, &keep);
+        retain(&mut n.signing_key_ids, &keep);
+        retain(&mut n.signatures, &keep);
+        retain(&mut n.payload_hashes, &keep);
+        retain(&mut n.hash_algo_ids, &keep);
+        retain(&mut n.backup_extras, &keep);
+        self.skipped += dropped.len() as i64;
+        self.duplicates += dropped.len() as i64;
+    }
 }
 
 impl SignaturesJob {
@@ -158,6 +219,16 @@ impl SignaturesJob {
             if let Some(a) = crate::db::algorithms::algorithm_by_id(c, *id).await?
                 && let Some(s) = SigAlg::from_row(&a.name, a.variant.as_deref())
             {
+                // SPEC §6.1 "no silent downgrade".
+                if target.is_downgrade_from(s) && !sel.allow_downgrade {
+                    return Err(fatal(format!(
+                        "selection.from_algos: {} sources are NIST level {}, countersigning them with {} (level {}) would weaken them: set selection.allow_downgrade to do it anyway",
+                        s.alias(),
+                        s.nist_level(),
+                        target.alias(),
+                        target.nist_level()
+                    )));
+                }
                 algos.insert(*id, s);
             }
         }
@@ -231,9 +302,9 @@ pub async fn load_signing_key(
         })?;
     let kek = crate::keys::kms_secret(keyring, &kek_row, "AES-256-GCM")
         .map_err(|e| format!("signing key {:?}: {e}", k.name))?;
-    let kek: [u8; 32] = kek.bytes[..]
-        .try_into()
-        .map_err(|_| "KEK size".to_owned())?;
+    let kek = zeroize::Zeroizing::new(
+        <[u8; 32]>::try_from(&kek.bytes[..]).map_err(|_| "KEK size".to_owned())?,
+    );
     let seed = crate::crypto::aead::open(&kek, sealed, &signing_key_aad(&k.name))
         .map_err(|_| format!("signing key {:?}: private_key_enc does not open with its KEK (wrong key or tampered)", k.name))?;
     let signer =
@@ -339,7 +410,14 @@ impl Plan {
                         alg.alias()
                     )));
                 }
-                if !sig::verify(*alg, pk, &row.payload_hash, &[], &row.signature) {
+                // A PQ source (a move from ML-DSA-44 to -87, say) was signed
+                // with the row's context, as pqmig countersigns.
+                let ctx: &[u8] = if alg.is_pq() {
+                    row.context.as_bytes()
+                } else {
+                    &[]
+                };
+                if !sig::verify(*alg, pk, &row.payload_hash, ctx, &row.signature) {
                     return Err((
                         "integrity",
                         format!(
@@ -383,6 +461,7 @@ impl Plan {
             rows: NewSignatures::default(),
             failures: Vec::new(),
             skipped: 0,
+            duplicates: 0,
         };
         for row in rows {
             match self.process(row) {
@@ -402,6 +481,7 @@ impl Plan {
                     n.signatures.push(signature);
                     n.payload_hashes.push(row.payload_hash.clone());
                     n.hash_algo_ids.push(row.hash_algo_id);
+                    n.backup_extras.push(serde_json::json!({}));
                 }
             }
         }
@@ -419,8 +499,10 @@ fn merge(a: &mut Computed, b: Computed) {
     n.signatures.extend(m.signatures);
     n.payload_hashes.extend(m.payload_hashes);
     n.hash_algo_ids.extend(m.hash_algo_ids);
+    n.backup_extras.extend(m.backup_extras);
     a.failures.extend(b.failures);
     a.skipped += b.skipped;
+    a.duplicates += b.duplicates;
 }
 
 impl SignaturesJob {
@@ -497,8 +579,12 @@ impl SignaturesJob {
             rows: NewSignatures::default(),
             failures: Vec::new(),
             skipped: 0,
+            duplicates: 0,
         };
-        super::compute_parallel(&self.plan, rows, 4, empty, Plan::compute, merge).await
+        let mut out =
+            super::compute_parallel(&self.plan, rows, 4, empty, Plan::compute, merge).await?;
+        out.one_per_subject();
+        Ok(out)
     }
 
     /// Insert the batch's countersignatures in the caller's transaction.
@@ -520,6 +606,7 @@ impl SignaturesJob {
             migrated: inserted,
             // Countersigned meanwhile by another job: already in the target state.
             skipped: c.skipped + (wanted - inserted),
+            duplicates: c.duplicates,
             failed: c.failures.len() as i64,
             integrity: c.failures.iter().filter(|f| f.code == "integrity").count() as i64,
         };

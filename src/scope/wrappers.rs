@@ -117,35 +117,85 @@ pub fn choose_layers(
     }
 }
 
-/// Every `{name}` placeholder in the string values of `v`, at any depth.
-fn placeholders(v: &Value, out: &mut Vec<String>) {
-    match v {
-        Value::String(s) => {
-            let mut rest = s.as_str();
-            while let Some(open) = rest.find('{') {
-                let after = &rest[open + 1..];
-                match after.find('}') {
-                    Some(close)
-                        if close > 0
-                            && after[..close]
-                                .bytes()
-                                .all(|b| b.is_ascii_alphanumeric() || b == b'_') =>
-                    {
-                        out.push(after[..close].to_owned());
-                        rest = &after[close + 1..];
-                    }
-                    _ => rest = after,
-                }
+/// One piece of a template string: literal text or a known placeholder.
+enum Piece<'a> {
+    Text(&'a str),
+    Placeholder(&'static str),
+}
+
+/// Split a template string into text and placeholders. Every `{` or `}`
+/// must belong to a known placeholder, so no implementation can read the
+/// template differently (an unknown `{name}`, `{}`, `{a b}` or a lone
+/// brace is an error naming it).
+fn pieces(s: &str) -> Result<Vec<Piece<'_>>, String> {
+    let mut out = Vec::new();
+    let mut rest = s;
+    while let Some(at) = rest.find(['{', '}']) {
+        if at > 0 {
+            out.push(Piece::Text(&rest[..at]));
+        }
+        let tail = &rest[at..];
+        let known = PLACEHOLDERS.iter().find(|p| {
+            tail.strip_prefix('{')
+                .and_then(|t| t.strip_prefix(**p))
+                .is_some_and(|t| t.starts_with('}'))
+        });
+        match known {
+            Some(p) => {
+                out.push(Piece::Placeholder(p));
+                rest = &tail[p.len() + 2..];
+            }
+            None => {
+                let shown: String = tail
+                    .chars()
+                    .take_while(|c| *c != '}')
+                    .take(64)
+                    .chain(tail.contains('}').then_some('}'))
+                    .collect();
+                return Err(format!(
+                    "unknown placeholder {} (known: {}; a literal brace is not allowed)",
+                    shown.escape_debug(),
+                    PLACEHOLDERS
+                        .iter()
+                        .map(|p| format!("{{{p}}}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
             }
         }
-        Value::Array(items) => items.iter().for_each(|i| placeholders(i, out)),
-        Value::Object(map) => map.values().for_each(|i| placeholders(i, out)),
-        _ => {}
+    }
+    if !rest.is_empty() {
+        out.push(Piece::Text(rest));
+    }
+    Ok(out)
+}
+
+/// Check every value of a template: strings with known placeholders only,
+/// in objects and arrays. Numbers, booleans and null are refused: the
+/// canonical JSON of a number is not the same in every implementation.
+fn check_template(v: &Value, path: &str) -> Result<(), String> {
+    match v {
+        Value::String(s) => pieces(s).map(|_| ()).map_err(|e| format!("{path}: {e}")),
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .try_for_each(|(i, item)| check_template(item, &format!("{path}[{i}]"))),
+        Value::Object(map) => map
+            .iter()
+            .try_for_each(|(k, item)| check_template(item, &format!("{path}.{k:.64}"))),
+        other => Err(format!(
+            "{path}: template values must be strings, got {}",
+            match other {
+                Value::Number(_) => "a number",
+                Value::Bool(_) => "a boolean",
+                _ => "null",
+            }
+        )),
     }
 }
 
 /// The policy's AAD template, or the default of SPEC §5.2; an unknown
-/// placeholder is an error naming it.
+/// placeholder, a stray brace or a non-string value is an error naming it.
 pub fn aad_template(policy: &Policy) -> Result<Value, String> {
     let template = match &policy.aad_template {
         None | Some(Value::Null) => {
@@ -159,25 +209,46 @@ pub fn aad_template(policy: &Policy) -> Result<Value, String> {
             ));
         }
     };
-    let mut found = Vec::new();
-    placeholders(&template, &mut found);
-    if let Some(bad) = found.iter().find(|p| !PLACEHOLDERS.contains(&p.as_str())) {
-        return Err(format!(
-            "policy {:?}: aad_template uses unknown placeholder {{{bad:.64}}} (known: {})",
-            policy.name,
-            PLACEHOLDERS.join(", ")
-        ));
-    }
+    check_template(&template, "aad_template")
+        .map_err(|e| format!("policy {:?}: {e}", policy.name))?;
     Ok(template)
 }
 
-/// Substitute the placeholders into every string value of the template.
-pub fn render_aad(template: &Value, values: &[(&str, String)]) -> Value {
+/// The values of the placeholders for one wrapper.
+pub struct AadValues<'a> {
+    pub wrapper_id: i64,
+    /// Canonical (36 characters, lowercase), see [`wrap::canonical_uuid`].
+    pub wrapper_uuid: &'a str,
+    pub policy_id: i64,
+    pub policy_name: &'a str,
+    pub wrap_version: i32,
+}
+
+impl AadValues<'_> {
+    fn get(&self, placeholder: &str) -> String {
+        match placeholder {
+            "wrapper_id" => self.wrapper_id.to_string(),
+            "wrapper_uuid" => self.wrapper_uuid.to_owned(),
+            "policy_id" => self.policy_id.to_string(),
+            "policy_name" => self.policy_name.to_owned(),
+            "wrap_version" => self.wrap_version.to_string(),
+            other => unreachable!("unknown placeholder {other} passed the template check"),
+        }
+    }
+}
+
+/// Substitute the placeholders into every string value of a checked
+/// template, in one pass: a value that itself looks like a placeholder
+/// (a policy named "{wrapper_uuid}") is inserted as it is.
+pub fn render_aad(template: &Value, values: &AadValues<'_>) -> Value {
     match template {
         Value::String(s) => {
-            let mut out = s.clone();
-            for (name, value) in values {
-                out = out.replace(&format!("{{{name}}}"), value);
+            let mut out = String::with_capacity(s.len() + 36);
+            for piece in pieces(s).expect("checked by aad_template") {
+                match piece {
+                    Piece::Text(t) => out.push_str(t),
+                    Piece::Placeholder(p) => out.push_str(&values.get(p)),
+                }
             }
             Value::String(out)
         }
@@ -260,6 +331,7 @@ pub struct Plan {
     pub template: Value,
     pub layer_keys: Vec<LayerKey>,
     pub verify: bool,
+    pub allow_downgrade: bool,
     pub source: SourceKeys,
 }
 
@@ -269,11 +341,16 @@ pub struct Plan {
 pub struct SourceKeys {
     keyring: Arc<LocalKeyring>,
     keys: Mutex<HashMap<i64, Arc<Result<SourceKey, String>>>>,
+    /// Policies named by `pqmig-wrap-v1` wrappers, by id.
+    policies: Mutex<HashMap<i64, Arc<PolicyAad>>>,
+    /// The KEMs of `crypto_algorithms` rows, by id (loaded once).
+    kem_algos: std::sync::OnceLock<HashMap<i64, Kem>>,
 }
 
 /// A wrappers job checked against the database, its keys not loaded.
 pub struct Checked {
     sel: selection::Wrappers,
+    filter: WrapperFilter,
     policy: Policy,
     mode: LayerSelection,
     kem: Kem,
@@ -358,6 +435,10 @@ impl WrappersJob {
             ))
         })?;
         let template = aad_template(&policy).map_err(fatal)?;
+        let filter = WrapperFilter::new(&sel);
+        if !sel.allow_downgrade {
+            refuse_downgrade(c, &sel, &filter, kem).await?;
+        }
 
         let all = kms::policy_keys(c, policy.id).await?;
         let candidates: Vec<kms::PolicyKey> = all
@@ -391,6 +472,7 @@ impl WrappersJob {
         }
         Ok(Checked {
             sel,
+            filter,
             policy,
             mode,
             kem,
@@ -399,6 +481,38 @@ impl WrappersJob {
             candidates,
         })
     }
+}
+
+/// SPEC §6.1 "no silent downgrade": a job whose selection holds a
+/// `pqmig-wrap-v1` wrapper under a stronger KEM than the target (a higher
+/// NIST category, or a hybrid) fails before any item, naming one, unless
+/// the selection sets `allow_downgrade`. (Each item is checked again when
+/// it is processed: a wrapper rewritten meanwhile cannot slip through.)
+async fn refuse_downgrade(
+    c: &impl GenericClient,
+    sel: &selection::Wrappers,
+    filter: &WrapperFilter,
+    target: Kem,
+) -> Result<(), JobError> {
+    let may_hold_v1 = sel
+        .formats
+        .as_ref()
+        .is_none_or(|f| f.iter().any(|f| f == wrap::FORMAT_V1));
+    let stronger: Vec<String> = [Kem::MlKem768, Kem::MlKem1024, Kem::XWing]
+        .into_iter()
+        .filter(|k| target.is_downgrade_from(*k))
+        .map(|k| k.alias().to_ascii_lowercase())
+        .collect();
+    if !may_hold_v1 || stronger.is_empty() {
+        return Ok(());
+    }
+    if let Some((id, kem)) = dbw::wrappers_find_kem(c, filter, &stronger).await? {
+        return Err(fatal(format!(
+            "the selection holds wrappers under {kem} (e.g. id {id}); re-wrapping them under {} would weaken them: narrow the selection or set selection.allow_downgrade",
+            target.alias()
+        )));
+    }
+    Ok(())
 }
 
 impl Checked {
@@ -426,12 +540,12 @@ impl Checked {
                 pair,
             });
         }
-        let filter = WrapperFilter::new(&self.sel);
         Ok(WrappersJob {
-            filter,
+            filter: self.filter,
             plan: Arc::new(Plan {
                 job_id,
                 verify: self.sel.common.verify,
+                allow_downgrade: self.sel.allow_downgrade,
                 policy: self.policy,
                 mode: self.mode,
                 kem: self.kem,
@@ -479,20 +593,74 @@ fn format_of(row: &WrapperRow) -> Result<&str, String> {
     }
 }
 
+/// The policy a `pqmig-wrap-v1` wrapper names (`crypto_suite.policy_id`).
+fn suite_policy(row: &WrapperRow) -> Option<i64> {
+    row.suite
+        .as_ref()
+        .and_then(|s| s.get("policy_id"))
+        .and_then(Value::as_i64)
+}
+
+/// The KEM a `pqmig-wrap-v1` wrapper names (`crypto_suite.kem`).
+fn suite_kem(row: &WrapperRow) -> Option<Kem> {
+    row.suite
+        .as_ref()
+        .and_then(|s| s.get("kem"))
+        .and_then(Value::as_str)
+        .and_then(Kem::from_alias)
+}
+
+/// A policy as the AAD check of an existing wrap needs it: its name and
+/// checked template, or why it cannot be used.
+type PolicyAad = Result<(String, Value), String>;
+
+type Failure = (&'static str, String);
+
 impl SourceKeys {
     pub fn new(keyring: Arc<LocalKeyring>) -> SourceKeys {
         SourceKeys {
             keyring,
             keys: Mutex::new(HashMap::new()),
+            policies: Mutex::new(HashMap::new()),
+            kem_algos: std::sync::OnceLock::new(),
         }
     }
 
-    /// Look up (once) the keys these wrappers are opened with.
+    /// Look up (once) the keys these wrappers are opened with, and for
+    /// `pqmig-wrap-v1` wrappers the policy whose AAD they must carry.
     pub async fn resolve(
         &self,
         c: &impl GenericClient,
         rows: &[&WrapperRow],
     ) -> Result<(), JobError> {
+        if self.kem_algos.get().is_none() {
+            let algos = crate::db::algorithms::algorithms_of_class(c, "kem").await?;
+            let map = algos
+                .iter()
+                .filter_map(|a| kem_of(a).map(|k| (a.id, k)))
+                .collect();
+            let _ = self.kem_algos.set(map);
+        }
+        let mut policies: Vec<i64> = {
+            let cache = self.policies.lock().expect("policy cache");
+            rows.iter()
+                .filter_map(|r| suite_policy(r))
+                .filter(|id| !cache.contains_key(id))
+                .collect()
+        };
+        policies.sort_unstable();
+        policies.dedup();
+        for id in policies {
+            let found = match dbw::policy_by_id(c, id).await? {
+                Some(p) => aad_template(&p).map(|t| (p.name, t)),
+                None => Err(format!("policy {id} named by crypto_suite does not exist")),
+            };
+            self.policies
+                .lock()
+                .expect("policy cache")
+                .insert(id, Arc::new(found));
+        }
+
         let mut wanted: Vec<i64> = {
             let cache = self.keys.lock().expect("key cache");
             rows.iter()
@@ -530,77 +698,109 @@ impl SourceKeys {
     }
 
     /// Recover the DEK of a wrapper: `Err((code, message))` otherwise.
-    pub fn recover(&self, row: &WrapperRow) -> Result<Zeroizing<Vec<u8>>, (&'static str, String)> {
+    pub fn recover(&self, row: &WrapperRow) -> Result<Zeroizing<Vec<u8>>, Failure> {
         let format = format_of(row).map_err(|m| ("data", m))?;
-        let mut missing: Vec<String> = Vec::new();
-        let mut failed_auth = false;
         match format {
             wrap::FORMAT_LEGACY_AES | wrap::FORMAT_LEGACY_X25519 => {
-                for (slot, kid, sealed) in [(1, row.kms1, &row.wrap1), (2, row.kms2, &row.wrap2)] {
-                    let Some(sealed) = sealed.as_deref().filter(|w| !w.is_empty()) else {
-                        continue;
-                    };
-                    let Some(kid) = kid else {
-                        missing.push(format!("dek_wrap{slot} has no kms{slot}_key_id"));
-                        continue;
-                    };
-                    let key = self.key(kid).expect("keys resolved before compute");
-                    let opened = match (&*key, format) {
-                        (Err(e), _) => {
-                            missing.push(e.clone());
-                            continue;
-                        }
-                        (Ok(SourceKey::Aes(k)), wrap::FORMAT_LEGACY_AES) => {
-                            wrap::open_legacy_aes(k, &row.uuid, sealed)
-                        }
-                        (Ok(SourceKey::X25519(k)), wrap::FORMAT_LEGACY_X25519) => {
-                            wrap::open_legacy_x25519(k, &row.uuid, sealed)
-                        }
-                        (Ok(_), _) => {
-                            missing.push(format!(
-                                "kms{slot}_key_id {kid} is not a key of the {format} format"
-                            ));
-                            continue;
-                        }
-                    };
-                    match opened {
-                        Ok(dek) => return Ok(dek),
-                        Err(_) => failed_auth = true,
-                    }
-                }
-                if row.wrap1.as_deref().is_none_or(<[u8]>::is_empty)
-                    && row.wrap2.as_deref().is_none_or(<[u8]>::is_empty)
-                {
-                    return Err(("data", "the wrapper has no dek_wrap1 or dek_wrap2".into()));
-                }
+                self.recover_legacy(row, format)
             }
-            wrap::FORMAT_V1 => return self.recover_v1(row),
-            other => {
-                return Err((
-                    "data",
-                    format!("unknown wrapper format {:?}", truncate(other)),
-                ));
-            }
-        }
-        if failed_auth {
-            Err((
-                "integrity",
-                format!("{format}: no key opens the wrap (authentication failed)"),
-            ))
-        } else {
-            Err(("data", format!("{format}: {}", missing.join("; "))))
+            wrap::FORMAT_V1 => self.recover_v1(row),
+            other => Err((
+                "data",
+                format!("unknown wrapper format {:?}", truncate(other)),
+            )),
         }
     }
 
-    fn recover_v1(&self, row: &WrapperRow) -> Result<Zeroizing<Vec<u8>>, (&'static str, String)> {
+    /// Open every legacy wrap the row holds. When both `dek_wrap1` and
+    /// `dek_wrap2` are there, both must open, to the same DEK (compared in
+    /// constant time): a wrap that fails its tag, or two wraps that
+    /// disagree, are tampering until shown otherwise (`integrity`); a wrap
+    /// that cannot be checked (no key, wrong key type) is a `data` failure.
+    fn recover_legacy(
+        &self,
+        row: &WrapperRow,
+        format: &str,
+    ) -> Result<Zeroizing<Vec<u8>>, Failure> {
+        let mut opened: Vec<Zeroizing<Vec<u8>>> = Vec::with_capacity(2);
+        let mut unchecked: Vec<String> = Vec::new();
+        let mut failed: Vec<u8> = Vec::new();
+        for (slot, kid, sealed) in [(1u8, row.kms1, &row.wrap1), (2, row.kms2, &row.wrap2)] {
+            let Some(sealed) = sealed.as_deref().filter(|w| !w.is_empty()) else {
+                continue;
+            };
+            let Some(kid) = kid else {
+                unchecked.push(format!("dek_wrap{slot} has no kms{slot}_key_id"));
+                continue;
+            };
+            let key = self.key(kid).expect("keys resolved before compute");
+            let result = match (&*key, format) {
+                (Err(e), _) => {
+                    unchecked.push(format!("dek_wrap{slot}: {e}"));
+                    continue;
+                }
+                (Ok(SourceKey::Aes(k)), wrap::FORMAT_LEGACY_AES) => {
+                    wrap::open_legacy_aes(k, &row.uuid, sealed)
+                }
+                (Ok(SourceKey::X25519(k)), wrap::FORMAT_LEGACY_X25519) => {
+                    wrap::open_legacy_x25519(k, &row.uuid, sealed)
+                }
+                (Ok(_), _) => {
+                    unchecked.push(format!(
+                        "kms{slot}_key_id {kid} is not a key of the {format} format"
+                    ));
+                    continue;
+                }
+            };
+            match result {
+                Ok(dek) => opened.push(dek),
+                Err(_) => failed.push(slot),
+            }
+        }
+        if !failed.is_empty() {
+            let which: Vec<String> = failed.iter().map(|s| format!("dek_wrap{s}")).collect();
+            return Err((
+                "integrity",
+                format!(
+                    "{format}: {} does not open (authentication failed)",
+                    which.join(" and ")
+                ),
+            ));
+        }
+        if let [a, b] = &opened[..]
+            && !bool::from(a.ct_eq(b))
+        {
+            return Err((
+                "integrity",
+                format!("{format}: dek_wrap1 and dek_wrap2 open to different DEKs"),
+            ));
+        }
+        if !unchecked.is_empty() {
+            return Err(("data", format!("{format}: {}", unchecked.join("; "))));
+        }
+        opened
+            .into_iter()
+            .next()
+            .ok_or_else(|| ("data", "the wrapper has no dek_wrap1 or dek_wrap2".into()))
+    }
+
+    /// Open a `pqmig-wrap-v1` wrapper, bound to its row: the AAD must be
+    /// the one its policy's template gives for this row (uuid, id,
+    /// wrap_version, policy), every layer's `kem_algo_id` and key the KEM
+    /// `crypto_suite` names, so a wrap copied from another row or from an
+    /// older version of this one (a backup) fails as `integrity`.
+    fn recover_v1(&self, row: &WrapperRow) -> Result<Zeroizing<Vec<u8>>, Failure> {
         let data = |m: String| ("data", m);
         let integrity = |m: &str| ("integrity", format!("pqmig-wrap-v1: {m}"));
         let suite = row.suite.as_ref().expect("v1 has a suite");
+        let uuid = wrap::canonical_uuid(&row.uuid).map_err(data)?;
         let kc = suite
             .get("kc")
             .and_then(Value::as_str)
             .and_then(|s| STANDARD.decode(s).ok())
             .ok_or_else(|| integrity("crypto_suite.kc is missing or not base64"))?;
+        let kem =
+            suite_kem(row).ok_or_else(|| integrity("crypto_suite.kem names no KEM pqmig knows"))?;
         if let Some(n) = suite.get("layers").and_then(Value::as_u64)
             && n as usize != row.layers.len()
         {
@@ -616,18 +816,55 @@ impl SourceKeys {
         if row.layers.iter().any(|l| l.aad.as_ref() != Some(&aad)) {
             return Err(integrity("the layers disagree on the AAD"));
         }
+        let policy_id =
+            suite_policy(row).ok_or_else(|| integrity("crypto_suite.policy_id is missing"))?;
+        let policy = self
+            .policies
+            .lock()
+            .expect("policy cache")
+            .get(&policy_id)
+            .cloned()
+            .expect("policies resolved before compute");
+        let (policy_name, template) = policy
+            .as_ref()
+            .as_ref()
+            .map_err(|e| data(format!("cannot check the AAD: {e}")))?;
+        let expected = render_aad(
+            template,
+            &AadValues {
+                wrapper_id: row.id,
+                wrapper_uuid: &uuid,
+                policy_id,
+                policy_name,
+                wrap_version: row.wrap_version,
+            },
+        );
+        if expected != aad {
+            return Err(integrity(
+                "the stored AAD is not the one policy's template gives for this row (uuid, id, wrap_version, policy): a wrap from another row or an older version",
+            ));
+        }
+        let algos = self.kem_algos.get().expect("resolved before compute");
         let mut keys = Vec::with_capacity(row.layers.len());
         for l in &row.layers {
+            if l.kem_algo_id.and_then(|id| algos.get(&id).copied()) != Some(kem) {
+                return Err(integrity(&format!(
+                    "layer {} kem_algo_id is not {} as crypto_suite says",
+                    l.layer_no,
+                    kem.alias()
+                )));
+            }
             let kid = l
                 .kms_key_id
                 .ok_or_else(|| data(format!("layer {} has no kms_key_id", l.layer_no)))?;
             let key = self.key(kid).expect("keys resolved before compute");
             match &*key {
-                Ok(SourceKey::Kem(_)) => keys.push((key.clone(), l)),
+                Ok(SourceKey::Kem(pair)) if pair.kem() == kem => keys.push((key.clone(), l)),
                 Ok(_) => {
                     return Err(data(format!(
-                        "layer {} key {kid} is not a KEM key",
-                        l.layer_no
+                        "layer {} key {kid} is not a {} key",
+                        l.layer_no,
+                        kem.alias()
                     )));
                 }
                 Err(e) => return Err(data(e.clone())),
@@ -643,7 +880,7 @@ impl SourceKeys {
             })
             .collect();
         let wrap1 = row.wrap1.as_deref().unwrap_or_default();
-        wrap::open_v1(&row.uuid, &wrap::canonical_json(&aad), &layers, &kc, wrap1).map_err(|e| {
+        wrap::open_v1(&uuid, &wrap::canonical_json(&aad), &layers, &kc, wrap1).map_err(|e| {
             match e {
                 WrapError::Auth => integrity("AES-256-GCM authentication failed"),
                 WrapError::Commitment => integrity("key commitment does not match"),
@@ -655,25 +892,46 @@ impl SourceKeys {
 }
 
 impl Plan {
-    /// Already in the target state: v1 under the same policy and KEM.
-    fn is_migrated(&self, row: &WrapperRow) -> bool {
+    /// Claims to be in the target state: v1 under the same policy and KEM,
+    /// every layer under one of the policy's keys. The claim is
+    /// `crypto_suite`, which nothing authenticates, so [`Plan::process`]
+    /// opens the wrap (bound to its row) before skipping it.
+    fn claims_migrated(&self, row: &WrapperRow) -> bool {
         let Some(s) = &row.suite else { return false };
         s.get("format").and_then(Value::as_str) == Some(wrap::FORMAT_V1)
-            && s.get("policy_id").and_then(Value::as_i64) == Some(self.policy.id)
-            && s.get("kem")
-                .and_then(Value::as_str)
-                .is_some_and(|k| k.eq_ignore_ascii_case(self.kem.alias()))
+            && suite_policy(row) == Some(self.policy.id)
+            && suite_kem(row) == Some(self.kem)
+            && !row.layers.is_empty()
+            && row.layers.iter().all(|l| {
+                l.kms_key_id
+                    .is_some_and(|id| self.layer_keys.iter().any(|k| k.kms_key_id == id))
+            })
     }
 
     /// The whole item: skip, fail or the new values.
     pub fn process(&self, row: &WrapperRow, rng: &mut impl rand::Rng) -> Outcome {
-        if self.is_migrated(row) {
-            return Outcome::Skip;
-        }
+        let claims_migrated = self.claims_migrated(row);
         let dek = match self.source.recover(row) {
             Ok(d) => d,
             Err((code, msg)) => return Outcome::Fail(code, msg),
         };
+        if claims_migrated {
+            return Outcome::Skip;
+        }
+        if format_of(row) == Ok(wrap::FORMAT_V1)
+            && let Some(source) = suite_kem(row)
+            && self.kem.is_downgrade_from(source)
+            && !self.allow_downgrade
+        {
+            return Outcome::Fail(
+                "downgrade",
+                format!(
+                    "wrapped under {}; re-wrapping it under {} would weaken it (selection.allow_downgrade permits it)",
+                    source.alias(),
+                    self.kem.alias()
+                ),
+            );
+        }
         if dek.len() != wrap::DEK_LEN {
             return Outcome::Fail(
                 "data",
@@ -683,6 +941,10 @@ impl Plan {
         let Some(version) = row.wrap_version.checked_add(1) else {
             return Outcome::Fail("data", "wrap_version is at its maximum".into());
         };
+        let uuid = match wrap::canonical_uuid(&row.uuid) {
+            Ok(u) => u,
+            Err(e) => return Outcome::Fail("data", e),
+        };
         let weights: Vec<i32> = self.layer_keys.iter().map(|k| k.weight).collect();
         let chosen = choose_layers(
             self.mode,
@@ -690,37 +952,31 @@ impl Plan {
             self.policy.min_layers as usize,
             self.policy.max_layers as usize,
             row.id,
-            &row.uuid,
+            &uuid,
             rng,
         );
         let aad = render_aad(
             &self.template,
-            &[
-                ("wrapper_id", row.id.to_string()),
-                ("wrapper_uuid", row.uuid.clone()),
-                ("policy_id", self.policy.id.to_string()),
-                ("policy_name", self.policy.name.clone()),
-                ("wrap_version", version.to_string()),
-            ],
+            &AadValues {
+                wrapper_id: row.id,
+                wrapper_uuid: &uuid,
+                policy_id: self.policy.id,
+                policy_name: &self.policy.name,
+                wrap_version: version,
+            },
         );
         let aad_bytes = wrap::canonical_json(&aad);
         let keys: Vec<&LayerKey> = chosen.iter().map(|&i| &self.layer_keys[i]).collect();
         let pairs: Vec<&KemKeyPair> = keys.iter().map(|k| &k.pair).collect();
-        let sealed = wrap::seal_v1_to(&row.uuid, &aad_bytes, &dek, &pairs);
+        let sealed = wrap::seal_v1_to(&uuid, &aad_bytes, &dek, &pairs);
         if self.verify {
             let layers: Vec<(&KemKeyPair, &[u8])> = keys
                 .iter()
                 .zip(&sealed.ciphertexts)
                 .map(|(k, ct)| (&k.pair, ct.as_slice()))
                 .collect();
-            let ok = wrap::open_v1(
-                &row.uuid,
-                &aad_bytes,
-                &layers,
-                &sealed.commitment,
-                &sealed.wrap,
-            )
-            .is_ok_and(|opened| bool::from(opened.ct_eq(&dek)));
+            let ok = wrap::open_v1(&uuid, &aad_bytes, &layers, &sealed.commitment, &sealed.wrap)
+                .is_ok_and(|opened| bool::from(opened.ct_eq(&dek)));
             if !ok {
                 return Outcome::Fail(
                     "verify",
