@@ -20,5 +20,6 @@ mod pgcluster;
 mod plan;
 mod reliability;
 mod signatures;
+mod slh_dsa_vectors;
 mod status;
 mod wrappers;

@@ -312,6 +312,44 @@ fn slh_sign<P: slh_dsa::ParameterSet>(
         .map_err(|_| SigError("SLH-DSA signing failed".into()))
 }
 
+/// FIPS 205 slh_sign (pure, with a context) with the caller's `opt_rand`
+/// (`n` = 16 bytes), or the deterministic variant when it is `None`: what
+/// the ACVP sigGen vectors pin. `sk` is the 64-byte private key as stored.
+/// pqmig itself signs through [`Signer::sign`], with fresh randomness.
+pub fn slh_sign_with(
+    alg: SigAlg,
+    sk: &[u8],
+    msg: &[u8],
+    ctx: &[u8],
+    opt_rand: Option<&[u8]>,
+) -> Result<Vec<u8>, SigError> {
+    fn sign<P: slh_dsa::ParameterSet>(
+        alg: SigAlg,
+        sk: &[u8],
+        msg: &[u8],
+        ctx: &[u8],
+        opt_rand: Option<&[u8]>,
+    ) -> Result<Vec<u8>, SigError> {
+        let sk = slh_dsa::SigningKey::<P>::try_from(sk)
+            .map_err(|_| SigError(format!("invalid {} private key", alg.alias())))?;
+        // slh-dsa panics on an opt_rand of the wrong length.
+        if let Some(r) = opt_rand.filter(|r| r.len() != 16) {
+            return Err(SigError(format!(
+                "opt_rand is {} bytes, expected 16",
+                r.len()
+            )));
+        }
+        sk.try_sign_with_context(msg, ctx, opt_rand)
+            .map(|s| s.to_vec())
+            .map_err(|_| SigError("SLH-DSA signing failed (context over 255 bytes?)".into()))
+    }
+    match alg {
+        SigAlg::SlhDsaSha2_128s => sign::<slh_dsa::Sha2_128s>(alg, sk, msg, ctx, opt_rand),
+        SigAlg::SlhDsaSha2_128f => sign::<slh_dsa::Sha2_128f>(alg, sk, msg, ctx, opt_rand),
+        other => Err(SigError(format!("{} is not SLH-DSA", other.alias()))),
+    }
+}
+
 fn slh_verify<P: slh_dsa::ParameterSet>(pk: &[u8], msg: &[u8], ctx: &[u8], sig: &[u8]) -> bool {
     let (Ok(vk), Ok(sig)) = (
         slh_dsa::VerifyingKey::<P>::try_from(pk),
