@@ -42,6 +42,9 @@ const HISTOGRAMS: &[&str] = &[
     "pqmig_claim_duration_seconds",
 ];
 
+/// The image `deploy/image/build` tags by default.
+const IMAGE: &str = concat!("pqmig:", env!("CARGO_PKG_VERSION"));
+
 /// The default `worker.shutdown_timeout` (SPEC §8.2).
 const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(25);
 
@@ -476,6 +479,8 @@ fn kubernetes_manifests_are_wired_together() {
         "several replicas"
     );
     assert_eq!(container["args"], serde_json::json!(["run"]));
+    // The name and tag deploy/image/build gives the image by default.
+    assert_eq!(container["image"], IMAGE);
     assert_eq!(
         env_value(container, "PQMIG_METRICS_ADDR")["value"],
         "0.0.0.0:9464"
@@ -577,6 +582,12 @@ fn kubernetes_manifests_are_wired_together() {
 #[test]
 fn kustomization_lists_existing_manifests() {
     let docs = yaml_docs(&["deploy/kubernetes/kustomization.yaml"]);
+    let (name, tag) = IMAGE.split_once(':').expect("name:tag");
+    assert_eq!(
+        docs[0]["images"],
+        serde_json::json!([{"name": name, "newTag": tag}]),
+        "kustomize's image is not the one deploy/image/build tags"
+    );
     let resources = docs[0]["resources"].as_array().expect("resources");
     assert!(!resources.is_empty());
     for resource in resources {

@@ -39,7 +39,11 @@ pub fn legacy_hash(i: i64) -> Vec<u8> {
 impl Fixture {
     /// `users` rows 1..=n with legacy hashes at version "v1".
     pub async fn new(n: i64) -> Fixture {
-        let db = TestDb::migrated().await;
+        Fixture::seed(TestDb::migrated().await, n).await
+    }
+
+    /// The same rows in `db`, whose schema is already migrated.
+    pub async fn seed(db: TestDb, n: i64) -> Fixture {
         let dir = tempfile::tempdir().expect("tempdir");
         let keyring = dir.path().join("keyring.json");
         let b64 = base64::engine::general_purpose::STANDARD.encode(PEPPER);

@@ -12,6 +12,7 @@ mod deploy;
 mod engine;
 mod enqueue;
 mod hashes_fixture;
+mod image;
 mod keyring;
 mod migrate;
 mod observe;
