@@ -23,11 +23,11 @@ const SLH_VECTORS: &str = concat!(
     "/tests/vectors/slh_dsa_keygen.json"
 );
 
-fn b64(b: &[u8]) -> String {
+pub(crate) fn b64(b: &[u8]) -> String {
     STANDARD.encode(b)
 }
 
-fn unb64(v: &Value) -> Vec<u8> {
+pub(crate) fn unb64(v: &Value) -> Vec<u8> {
     STANDARD
         .decode(v.as_str().expect("base64"))
         .expect("base64")
@@ -40,7 +40,7 @@ fn unhex(s: &str) -> Vec<u8> {
         .collect()
 }
 
-fn python(args: &[&str], stdin: &str) -> String {
+pub(crate) fn python(args: &[&str], stdin: &str) -> String {
     let py = concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/python");
     let mut child = Command::new(py)
         .arg(CHECKER)
@@ -211,7 +211,7 @@ impl SigFx {
             .get(0)
     }
 
-    fn cli(&self, args: &[&str]) -> std::process::Output {
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
         let keyring = self.fx.keyring.display().to_string();
         crate::common::run(
             args,

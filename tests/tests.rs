@@ -20,6 +20,7 @@ mod onion;
 mod pgcluster;
 mod plan;
 mod reliability;
+mod safety;
 mod signatures;
 mod slh_dsa_vectors;
 mod status;

@@ -468,6 +468,47 @@ impl WrapFx {
             .get(0)
     }
 
+    /// pyca/cryptography opens these wrappers (`pqmig-wrap-v1`, as stored,
+    /// the uuid as SPEC §5 writes it: lowercase) to these DEKs.
+    pub async fn assert_pyca_opens(&self, deks: &[(i64, [u8; 32])]) {
+        let c = self.fx.db.client().await;
+        let refs: HashMap<i64, String> = c
+            .query("SELECT k.id, k.external_key_ref FROM kms_keys k", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        let secret = |kid: i64| {
+            let r = &refs[&kid];
+            let k = self.keys.0.iter().find(|k| &k.key_ref == r).unwrap();
+            (k.algorithm, b64(&k.secret))
+        };
+        let mut items = Vec::new();
+        for (wid, dek) in deks {
+            let r = c
+                .query_one("SELECT lower(wrapper_uuid::text), dek_wrap1, crypto_suite FROM key_wrappers WHERE id = $1", &[wid])
+                .await
+                .unwrap();
+            let layers = c
+                .query("SELECT kms_key_id, kem_ciphertext, aad FROM key_wrapper_layers WHERE key_wrapper_id = $1 ORDER BY layer_no", &[wid])
+                .await
+                .unwrap();
+            let suite: Value = r.get(2);
+            let aad: Value = layers[0].get(2);
+            items.push(json!({
+                "uuid": r.get::<_, String>(0), "wrap": b64(&r.get::<_, Vec<u8>>(1)), "kc": suite["kc"],
+                "aad": aad, "dek": b64(dek),
+                "layers": layers.iter().map(|l| {
+                    let (alg, seed) = secret(l.get(0));
+                    json!({"alg": alg, "seed": seed, "ct": b64(&l.get::<_, Vec<u8>>(1))})
+                }).collect::<Vec<_>>(),
+            }));
+        }
+        let out = python(&["open-v1"], &serde_json::to_string(&items).unwrap());
+        assert_eq!(out.trim(), format!("ok {} wrappers", items.len()));
+    }
+
     /// Rows as stored, for byte comparisons.
     pub async fn snapshot(&self) -> Vec<String> {
         let c = self.fx.db.client().await;
@@ -508,42 +549,8 @@ async fn wrappers_job_rewraps_both_formats_once_and_pyca_opens_the_result() {
     );
 
     // pyca opens a sample of what pqmig wrote, from the rows as stored.
-    let c = w.fx.db.client().await;
-    let seeds: HashMap<i64, String> = c
-        .query("SELECT k.id, k.external_key_ref FROM kms_keys k", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
-    let secret = |kid: i64| {
-        let r = &seeds[&kid];
-        let k = w.keys.0.iter().find(|k| &k.key_ref == r).unwrap();
-        (k.algorithm, b64(&k.secret))
-    };
-    let mut items = Vec::new();
-    for (wid, dek) in w.seed.deks.iter().step_by(20) {
-        let r = c
-            .query_one("SELECT wrapper_uuid::text, dek_wrap1, crypto_suite FROM key_wrappers WHERE id = $1", &[wid])
-            .await
-            .unwrap();
-        let layers = c
-            .query("SELECT kms_key_id, kem_ciphertext, aad FROM key_wrapper_layers WHERE key_wrapper_id = $1 ORDER BY layer_no", &[wid])
-            .await
-            .unwrap();
-        let suite: Value = r.get(2);
-        let aad: Value = layers[0].get(2);
-        items.push(json!({
-            "uuid": r.get::<_, String>(0), "wrap": b64(&r.get::<_, Vec<u8>>(1)), "kc": suite["kc"],
-            "aad": aad, "dek": b64(dek),
-            "layers": layers.iter().map(|l| {
-                let (alg, seed) = secret(l.get(0));
-                json!({"alg": alg, "seed": seed, "ct": b64(&l.get::<_, Vec<u8>>(1))})
-            }).collect::<Vec<_>>(),
-        }));
-    }
-    let out = python(&["open-v1"], &serde_json::to_string(&items).unwrap());
-    assert_eq!(out.trim(), format!("ok {} wrappers", items.len()));
+    let sample: Vec<(i64, [u8; 32])> = w.seed.deks.iter().step_by(20).copied().collect();
+    w.assert_pyca_opens(&sample).await;
 
     // Re-running: nothing is wrapped twice, no version moves.
     let before = w.snapshot().await;

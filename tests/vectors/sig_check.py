@@ -7,6 +7,9 @@ ML-DSA countersignatures pqmig made.
                                 stdout: Ed25519 and ECDSA P-256 keys and signatures
     sig_check.py verify-mldsa   stdin: [{"alg", "pk", "msg", "ctx", "sig"}...]
     sig_check.py mldsa-public   stdin: [{"alg", "seed"}...]; stdout: public keys from the seed
+    sig_check.py make-mldsa-sources
+                                stdin: {"alg", "items": [{"msg", "ctx"}...]}
+                                stdout: {"pk", "sigs": [...]}: a fresh key's signatures
 
 Bytes are base64. Exits non-zero on any failure.
 """
@@ -69,5 +72,19 @@ def mldsa_public():
     json.dump(out, sys.stdout)
 
 
+def make_mldsa_sources():
+    req = json.load(sys.stdin)
+    sk = MLDSA[req["alg"]][0].generate()
+    out = {"pk": b64e(sk.public_key().public_bytes_raw()), "sigs": []}
+    for it in req["items"]:
+        out["sigs"].append(b64e(sk.sign(b64d(it["msg"]), it["ctx"].encode())))
+    json.dump(out, sys.stdout)
+
+
 if __name__ == "__main__":
-    {"make-sources": make_sources, "verify-mldsa": verify_mldsa, "mldsa-public": mldsa_public}[sys.argv[1]]()
+    {
+        "make-sources": make_sources,
+        "verify-mldsa": verify_mldsa,
+        "mldsa-public": mldsa_public,
+        "make-mldsa-sources": make_mldsa_sources,
+    }[sys.argv[1]]()
