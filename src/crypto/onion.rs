@@ -246,3 +246,13 @@ impl fmt::Debug for Onion {
             .finish()
     }
 }
+
+#[cfg(test)]
+impl Onion {
+    /// Simulates a corrupted cached HMAC state (a fault in memory): the
+    /// hot path keyed with another pepper than the one held.
+    pub(crate) fn with_corrupted_cache(mut self, other: &[u8]) -> Onion {
+        self.keyed = Keyed::new(self.hash, other);
+        self
+    }
+}

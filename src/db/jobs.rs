@@ -353,7 +353,8 @@ pub async fn job_resume(
         id,
         who,
         "WITH u AS (UPDATE pq_migration_jobs SET status = 'pending', attempts = 0, error = NULL, \
-                 finished_at = NULL, scheduled_at = NULL, updated_at = now() \
+                 finished_at = NULL, scheduled_at = NULL, updated_at = now(), \
+                 result = result - 'verified' \
                WHERE id = $1 AND status IN ('failed', 'cancelled') RETURNING id, cursor) \
              INSERT INTO pq_migration_job_events (job_id, event, worker, detail) \
              SELECT id, 'resumed', $2, jsonb_build_object('cursor', cursor) FROM u RETURNING job_id",

@@ -540,3 +540,36 @@ impl super::CasWrite for HashesJob {
         Ok((rows.len(), again.updates, again.failures, again.skipped))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use zeroize::Zeroizing;
+
+    use super::*;
+
+    /// Verify-before-write compares against a freshly keyed HMAC: a hot
+    /// path whose cached state went wrong writes nothing.
+    #[test]
+    fn a_wrong_cached_hmac_state_is_caught_before_the_write() {
+        let onion = Onion::new(
+            HmacHash::Sha3_256,
+            Zeroizing::new(vec![7u8; 32]),
+            None,
+            "pepper-v2",
+        )
+        .unwrap()
+        .with_corrupted_cache(&[8u8; 32]);
+        let rows = vec![HashRow {
+            id: 1,
+            hash: Some(vec![1u8; 32]),
+            version: Some("v1".into()),
+        }];
+        let checked = HashesJob::compute(&onion, None, true, &rows);
+        assert_eq!(checked.updates.ids, Vec::<i64>::new());
+        assert_eq!(checked.failures.len(), 1);
+        assert_eq!(checked.failures[0].code, "verify");
+        // without the check the wrong value would have been written
+        let unchecked = HashesJob::compute(&onion, None, false, &rows);
+        assert_eq!(unchecked.updates.ids, vec![1]);
+    }
+}

@@ -1190,3 +1190,70 @@ impl super::CasWrite for WrappersJob {
         Ok((found, again.updates, again.failures, again.skipped))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(template: Value) -> Policy {
+        Policy {
+            id: 7,
+            name: "p".into(),
+            layer_selection: "defined".into(),
+            min_layers: 1,
+            max_layers: 1,
+            aad_template: Some(template),
+        }
+    }
+
+    #[test]
+    fn templates_allow_only_known_placeholders_and_strings() {
+        for (bad, why) in [
+            (json!({"a": "{tenant}"}), "unknown placeholder {tenant}"),
+            (json!({"a": "{}"}), "unknown placeholder {}"),
+            (
+                json!({"a": "{wrapper id}"}),
+                "unknown placeholder {wrapper id}",
+            ),
+            (
+                json!({"a": "x{wrapper_id"}),
+                "unknown placeholder {wrapper_id",
+            ),
+            (json!({"a": "x}"}), "unknown placeholder }"),
+            (
+                json!({"a": {"b": ["{policy_id}", 3]}}),
+                "aad_template.a.b[1]: template values must be strings, got a number",
+            ),
+            (json!({"a": true}), "got a boolean"),
+            (json!({"a": null}), "got null"),
+        ] {
+            let e = aad_template(&policy(bad.clone())).unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+        assert!(
+            aad_template(&policy(
+                json!({"a": ["{wrapper_id}-{wrap_version}", {"b": "x"}]})
+            ))
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn placeholders_are_substituted_once() {
+        let t = aad_template(&policy(
+            json!({"n": "{policy_name}|{wrapper_uuid}", "v": "{wrap_version}"}),
+        ))
+        .unwrap();
+        let values = AadValues {
+            wrapper_id: 1,
+            wrapper_uuid: "0b5b1c1e-4b8e-4c8a-9d4e-2f1c3a5b6d7e",
+            policy_id: 7,
+            policy_name: "{wrapper_uuid}{wrap_version}",
+            wrap_version: 2,
+        };
+        assert_eq!(
+            render_aad(&t, &values),
+            json!({"n": "{wrapper_uuid}{wrap_version}|0b5b1c1e-4b8e-4c8a-9d4e-2f1c3a5b6d7e", "v": "2"})
+        );
+    }
+}
