@@ -1,27 +1,15 @@
-//! The command line of SPEC §8.1: argument definitions and dispatch. Each
-//! command loads the configuration, then calls into the library.
+//! The command line of SPEC §8.1: argument definitions (clap) and the
+//! dispatch to [`crate::cmd`]. Nothing here does a command's work.
 
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::cmd;
 use crate::config::{Config, FlagOverrides, Sources};
-use crate::{db, telemetry};
+use crate::telemetry;
 
-/// An error that is the caller's to fix (bad flag, bad config, missing
-/// input): exit code 2 rather than 1.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct UsageError(pub String);
-
-/// Exit codes of SPEC §8.1: 2 for usage or configuration errors, 1 otherwise.
-pub fn exit_code(err: &anyhow::Error) -> u8 {
-    let usage = err.chain().any(|e| {
-        e.downcast_ref::<UsageError>().is_some()
-            || e.downcast_ref::<crate::config::ConfigError>().is_some()
-    });
-    if usage { 2 } else { 1 }
-}
+pub use crate::cmd::exit_code;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -268,215 +256,61 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
     let config = load_config(&cli)?;
     telemetry::init(&config);
     match cli.command {
-        Command::Migrate => migrate(&config).await,
-        Command::Run(_) => run(&config).await,
-        Command::Enqueue(a) => {
-            let client = db::connect(&config.database).await?;
-            db::migrate::check_current(&client).await?;
-            crate::enqueue::run(&config, &client, &a).await
-        }
-        Command::Status(a) if a.watch => {
-            let client = db::connect(&config.database).await?;
-            db::migrate::check_current(&client).await?;
-            crate::status::watch(&client, a.job, a.json, a.interval).await
-        }
+        Command::Migrate => cmd::run::migrate(&config).await,
+        Command::Run(_) => cmd::run::run(&config).await,
+        Command::Enqueue(a) => cmd::enqueue::run(&config, &a.into()).await,
         Command::Status(a) => {
-            let client = db::connect(&config.database).await?;
-            db::migrate::check_current(&client).await?;
-            crate::status::run(&client, a.job, a.json).await
+            let watch = a.watch.then_some(a.interval);
+            cmd::status::run(&config, a.job, a.json, watch).await
         }
-        Command::Cancel(a) => job_action(&config, a.job, "cancel").await,
-        Command::Resume(a) => job_action(&config, a.job, "resume").await,
-        Command::Plan(a) => {
-            let client = db::connect(&config.database).await?;
-            db::migrate::check_current(&client).await?;
-            crate::plan::run(&config, &client, &a.spec, a.json).await
-        }
-        Command::Verify(a) => crate::aftercare::verify(&config, a.job).await,
-        Command::Rollback(a) => crate::aftercare::rollback(&config, a.job).await,
-        Command::PurgeBackups(a) => crate::aftercare::purge_backups(&config, a.job).await,
-        Command::Inventory(a) => {
-            let client = db::connect(&config.database).await?;
-            db::migrate::check_current(&client).await?;
-            crate::inventory::run(&client, a.json).await
-        }
-        Command::Keys(KeysCommand::Generate(a)) => keys_generate(&config, &a).await,
-        Command::Keys(KeysCommand::Signing(a)) => keys_signing(&config, &a).await,
-        Command::Demo(a) => {
-            crate::demo::run(&config, &crate::demo::DemoOptions { keep: a.keep }).await
-        }
-        Command::Bench(a) => crate::bench::run(&config, &a).await,
-    }
-}
-
-/// The daemon: schema check, then claim and work jobs until SIGTERM/SIGINT
-/// (drain); a second signal exits at once.
-async fn run(config: &Config) -> anyhow::Result<()> {
-    let client = db::connect(&config.database).await?;
-    db::migrate::check_current(&client).await?;
-    drop(client);
-    let services = crate::daemon::Services::from_config(config).await?;
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    watch_signals(shutdown.clone())?;
-    crate::daemon::run(config, services, shutdown).await
-}
-
-/// First SIGTERM/SIGINT: drain. Second: exit now (open transactions roll
-/// back when the connections drop).
-fn watch_signals(shutdown: tokio_util::sync::CancellationToken) -> anyhow::Result<()> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
-    std::thread::Builder::new()
-        .name("pqmig-signals".into())
-        .spawn(move || {
-            let mut seen = 0;
-            for sig in signals.forever() {
-                seen += 1;
-                if seen == 1 {
-                    tracing::info!(signal = sig, "shutting down: finishing in-flight batches");
-                    shutdown.cancel();
-                } else {
-                    eprintln!("pqmig: second signal, exiting now");
-                    std::process::exit(1);
-                }
-            }
-        })?;
-    Ok(())
-}
-
-/// `cancel` and `resume`, with a confirmation of what happened.
-async fn job_action(config: &Config, job: i64, action: &str) -> anyhow::Result<()> {
-    use crate::db::jobs::{self, JobAction};
-    let client = db::connect(&config.database).await?;
-    db::migrate::check_current(&client).await?;
-    let who = format!("cli:{}", whoami());
-    let outcome = match action {
-        "cancel" => jobs::job_cancel(&client, job, &who).await?,
-        _ => jobs::job_resume(&client, job, &who).await?,
-    };
-    match outcome {
-        JobAction::Done if action == "cancel" => {
-            println!(
-                "job {job} cancelled; a running worker stops at its next heartbeat, progress is kept"
-            );
-            Ok(())
-        }
-        JobAction::Done => {
-            println!("job {job} re-queued; it continues from its cursor");
-            Ok(())
-        }
-        JobAction::NotFound => Err(UsageError(format!("no job with id {job}")).into()),
-        JobAction::WrongStatus(status) => {
-            let allowed = if action == "cancel" {
-                "pending or running"
-            } else {
-                "failed or cancelled"
+        Command::Cancel(a) => cmd::jobs::run(&config, a.job, cmd::jobs::Action::Cancel).await,
+        Command::Resume(a) => cmd::jobs::run(&config, a.job, cmd::jobs::Action::Resume).await,
+        Command::Plan(a) => cmd::plan::run(&config, &a.spec.into(), a.json).await,
+        Command::Verify(a) => cmd::aftercare::verify(&config, a.job).await,
+        Command::Rollback(a) => cmd::aftercare::rollback(&config, a.job).await,
+        Command::PurgeBackups(a) => cmd::aftercare::purge_backups(&config, a.job).await,
+        Command::Inventory(a) => cmd::inventory::run(&config, a.json).await,
+        Command::Keys(KeysCommand::Generate(a)) => {
+            let key = cmd::keys::NewKey {
+                algorithm: a.algorithm,
+                key_ref: a.key_ref,
+                register: a.register,
             };
-            Err(UsageError(format!(
-                "job {job} is {status}; only {allowed} jobs can be {action}ed"
-            ))
-            .into())
+            cmd::keys::generate(&config, &key).await
+        }
+        Command::Keys(KeysCommand::Signing(a)) => {
+            let key = cmd::keys::NewSigningKey {
+                algorithm: a.algorithm,
+                name: a.name,
+                kek: a.kek,
+                scope: a.scope,
+            };
+            cmd::keys::signing(&config, &key).await
+        }
+        Command::Demo(a) => cmd::demo::run(&config, &cmd::demo::DemoOptions { keep: a.keep }).await,
+        Command::Bench(a) => {
+            let opts = cmd::bench::BenchOptions {
+                scope: a.scope,
+                items: a.items,
+                layers: a.layers,
+                algo: a.algo,
+            };
+            cmd::bench::run(&config, &opts).await
         }
     }
 }
 
-/// `pqmig keys generate`: a new key in the keyring, optionally registered
-/// as a `kms_keys` row of the local provider.
-async fn keys_generate(config: &Config, a: &KeysGenerateArgs) -> anyhow::Result<()> {
-    let path = config.keyring.as_ref().ok_or_else(|| {
-        UsageError("no keyring path: set keys.keyring, PQMIG_KEYRING or --keyring".into())
-    })?;
-    let wraps = [
-        "AES-256-GCM",
-        "X25519",
-        "ML-KEM-768",
-        "ML-KEM-1024",
-        "X-Wing",
-    ];
-    let canonical = wraps.iter().find(|w| w.eq_ignore_ascii_case(&a.algorithm));
-    if a.register && canonical.is_none() {
-        return Err(UsageError(format!(
-            "--register is for wrapping keys ({}); {} keys are named elsewhere (hash_profiles.params.key_ref, signing_keys)",
-            wraps.join(", "),
-            a.algorithm
-        ))
-        .into());
-    }
-    // Connect before creating the key, so a bad database leaves no orphan key.
-    let client = match a.register {
-        true => {
-            let c = db::connect(&config.database).await?;
-            db::migrate::check_current(&c).await?;
-            Some(c)
+impl From<JobSpecArgs> for cmd::enqueue::JobRequest {
+    fn from(a: JobSpecArgs) -> Self {
+        cmd::enqueue::JobRequest {
+            scope: a.scope,
+            policy: a.policy,
+            algo: a.algo,
+            selection: a.selection,
+            at: a.at,
+            in_: a.in_,
+            priority: a.priority,
+            created_by: a.created_by,
         }
-        false => None,
-    };
-    let made = crate::keys::add_key(path, &a.key_ref, &a.algorithm).map_err(UsageError)?;
-    println!("created {}", made.describe());
-    if let (Some(c), Some(algorithm)) = (client, canonical) {
-        let id = db::kms::kms_key_register(&c, &made.key_ref, "wrap", algorithm).await?;
-        println!("registered as kms_keys id {id} (provider local, purpose wrap)");
     }
-    Ok(())
-}
-
-/// `pqmig keys signing`: a signing_keys row, its private key sealed under
-/// the KEK (SPEC §4).
-async fn keys_signing(config: &Config, a: &KeysSigningArgs) -> anyhow::Result<()> {
-    use crate::keys::signing::{SigningKeyError, create_signing_key};
-    let path = config.keyring.as_ref().ok_or_else(|| {
-        UsageError(
-            "no keyring path: set keys.keyring, PQMIG_KEYRING or --keyring (it holds the KEK)"
-                .into(),
-        )
-    })?;
-    let keyring = crate::keys::LocalKeyring::load(path)?;
-    let client = db::connect(&config.database).await?;
-    db::migrate::check_current(&client).await?;
-    let made = create_signing_key(
-        &client,
-        &keyring,
-        &a.algorithm,
-        &a.name,
-        &a.kek,
-        a.scope.as_deref(),
-    )
-    .await
-    .map_err(|e| match e {
-        SigningKeyError::Usage(m) => anyhow::Error::from(UsageError(m)),
-        SigningKeyError::Db(e) => anyhow::anyhow!("database: {}", db::error_chain(&e)),
-    })?;
-    use sha2::Digest;
-    let fp: String = sha2::Sha256::digest(&made.public_key)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    println!(
-        "created signing key {} ({:?}, {}): public key {} bytes, SHA-256 {fp}; private key sealed under kms_keys id {}",
-        made.id,
-        a.name,
-        made.alg.alias(),
-        made.public_key.len(),
-        made.kms_key_id
-    );
-    Ok(())
-}
-
-fn whoami() -> String {
-    std::env::var("USER").unwrap_or_else(|_| "unknown".into())
-}
-
-async fn migrate(config: &Config) -> anyhow::Result<()> {
-    let mut client = db::connect(&config.database).await?;
-    let applied = db::migrate::apply(&mut client).await?;
-    let version = db::migrate::current_version(&client).await?.unwrap_or(0);
-    if applied.is_empty() {
-        println!("schema is up to date (version {version})");
-    } else {
-        for m in &applied {
-            println!("applied V{}__{}", m.version, m.name);
-        }
-        println!("schema is now at version {version}");
-    }
-    Ok(())
 }

@@ -24,22 +24,16 @@
 //! - [`keys`]: key providers (the local keyring file).
 //! - [`db`]: connections, the pool, schema migrations; all SQL lives here.
 
-pub mod aftercare;
-pub mod bench;
 pub mod cli;
+pub mod cmd;
 pub mod config;
 pub mod crypto;
 pub mod daemon;
 pub mod db;
-pub mod demo;
-pub mod enqueue;
 pub mod http;
-pub mod inventory;
 pub mod keys;
 pub mod metrics;
-pub mod plan;
 pub mod sample;
 pub mod scope;
 pub mod selection;
-pub mod status;
 pub mod telemetry;

@@ -70,7 +70,7 @@ async fn demo_runs_end_to_end_and_its_summary_matches_the_database() {
         .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
         .await;
     assert_eq!(status, "done");
-    assert_eq!(processed, pqmig::demo::DEMO_ITEMS);
+    assert_eq!(processed, pqmig::cmd::demo::DEMO_ITEMS);
     assert_eq!(migrated, processed, "every user migrated");
     let line = format!("hashes     done      {:>9}      0", processed);
     assert!(text.contains(&line), "summary line {line:?} in:\n{text}");
@@ -82,7 +82,7 @@ async fn demo_runs_end_to_end_and_its_summary_matches_the_database() {
         text.contains(&format!("hashes     backup         {:>8} items", processed)),
         "{text}"
     );
-    let n = pqmig::demo::DEMO_ITEMS;
+    let n = pqmig::cmd::demo::DEMO_ITEMS;
     assert_eq!(
         jobs,
         vec![

@@ -4,17 +4,31 @@
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use crate::cli::{JobSpecArgs, UsageError};
+use super::usage;
 use crate::config::Config;
 use crate::db::jobs::{self, ClaimedJob, Lease, NewJob};
 use crate::scope::{JobError, Prepared, ScopeContext};
 
-fn usage(msg: impl Into<String>) -> anyhow::Error {
-    UsageError(msg.into()).into()
+/// A job as the flags of `enqueue` and `plan` describe it.
+#[derive(Debug, Clone, Default)]
+pub struct JobRequest {
+    pub scope: String,
+    /// Target encryption policy, by name or id.
+    pub policy: Option<String>,
+    /// Target algorithm, by alias or id.
+    pub algo: Option<String>,
+    /// JSON, or `@FILE`.
+    pub selection: Option<String>,
+    /// RFC 3339.
+    pub at: Option<String>,
+    /// A humantime duration.
+    pub in_: Option<String>,
+    pub priority: i16,
+    pub created_by: Option<i64>,
 }
 
 /// Turn the flags into a job, checking everything that needs no database.
-pub fn parse(args: &JobSpecArgs) -> anyhow::Result<NewJob> {
+pub fn parse(args: &JobRequest) -> anyhow::Result<NewJob> {
     if !["wrappers", "signatures", "hashes"].contains(&args.scope.as_str()) {
         return Err(usage(format!(
             "--scope: {:?} is not one of wrappers, signatures, hashes",
@@ -68,7 +82,7 @@ pub fn parse(args: &JobSpecArgs) -> anyhow::Result<NewJob> {
 /// (a [`ClaimedJob`] with no lease) for the daemon's own checks.
 pub async fn resolve(
     client: &tokio_postgres::Client,
-    args: &JobSpecArgs,
+    args: &JobRequest,
 ) -> anyhow::Result<(NewJob, ClaimedJob)> {
     let mut job = parse(args)?;
     if let Some(p) = args.policy.as_deref() {
@@ -118,11 +132,8 @@ pub fn would_fail(e: JobError) -> anyhow::Error {
 }
 
 /// Resolve names to ids, validate as the daemon will, insert.
-pub async fn run(
-    config: &Config,
-    client: &tokio_postgres::Client,
-    args: &JobSpecArgs,
-) -> anyhow::Result<()> {
+pub async fn run(config: &Config, args: &JobRequest) -> anyhow::Result<()> {
+    let client = &super::connect(config).await?;
     let (job, probe) = resolve(client, args).await?;
     // The daemon's own checks, on a job that is not in the table yet.
     let checked = match &config.keyring {

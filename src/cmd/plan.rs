@@ -6,7 +6,8 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::cli::{JobSpecArgs, UsageError};
+use super::UsageError;
+use super::enqueue::JobRequest;
 use crate::config::Config;
 use crate::scope::{Prepared, ScopeContext};
 
@@ -35,13 +36,9 @@ pub struct PlanReport {
     pub estimated_crypto_seconds: Option<f64>,
 }
 
-pub async fn run(
-    config: &Config,
-    client: &tokio_postgres::Client,
-    args: &JobSpecArgs,
-    json: bool,
-) -> anyhow::Result<()> {
-    let (_, probe) = crate::enqueue::resolve(client, args).await?;
+pub async fn run(config: &Config, args: &JobRequest, json: bool) -> anyhow::Result<()> {
+    let client = &super::connect(config).await?;
+    let (_, probe) = super::enqueue::resolve(client, args).await?;
     let keyring = config.keyring.clone().ok_or_else(|| {
         UsageError(
             "plan runs the job's crypto on a sample and needs the keyring (keys.keyring or PQMIG_KEYRING)"
@@ -53,7 +50,7 @@ pub async fn run(
     };
     let job = Prepared::prepare(client, &probe, &ctx)
         .await
-        .map_err(crate::enqueue::would_fail)?;
+        .map_err(super::enqueue::would_fail)?;
     let cap = job.common().limit.unwrap_or(i64::MAX);
     let err = |e: crate::scope::JobError| anyhow::anyhow!("{e}");
     let matched = job.count(client, i64::MIN, cap).await.map_err(err)?;
@@ -107,7 +104,7 @@ pub async fn run(
     ) {
         (Some(r), Some(s)) => println!(
             "  estimated time     {} of crypto at {r:.0} items/s on this machine; database writes add to it",
-            crate::status::short_duration(s)
+            super::status::short_duration(s)
         ),
         _ => println!("  estimated time     no items to sample"),
     }

@@ -1,17 +1,27 @@
 //! `pqmig status`: the job table, or one job with its events and item
 //! errors; `--json` prints the same data as a stable JSON document.
 
-use crate::cli::UsageError;
+use super::UsageError;
 use crate::db::status::{self, JobView};
 
 /// Finished jobs shown after the unfinished ones.
 const FINISHED_SHOWN: i64 = 20;
 
+/// `pqmig status [JOB] [--json] [--watch --interval D]`.
 pub async fn run(
-    client: &tokio_postgres::Client,
+    config: &crate::config::Config,
     job: Option<i64>,
     json: bool,
+    watch_every: Option<std::time::Duration>,
 ) -> anyhow::Result<()> {
+    let client = &super::connect(config).await?;
+    match watch_every {
+        Some(every) => watch(client, job, json, every).await,
+        None => show(client, job, json).await,
+    }
+}
+
+async fn show(client: &tokio_postgres::Client, job: Option<i64>, json: bool) -> anyhow::Result<()> {
     match job {
         None => {
             let jobs = status::jobs_list(client, FINISHED_SHOWN).await?;
@@ -173,7 +183,7 @@ fn print_job(j: &JobView) {
 /// refresh (JSON lines with `json`). Exit status: 1 when the watched job
 /// ended failed or cancelled or the watch was interrupted (Ctrl-C), else 0:
 /// `status JOB --watch && next-step` only goes on after a finished job.
-pub async fn watch(
+async fn watch(
     client: &tokio_postgres::Client,
     job: Option<i64>,
     json: bool,

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use subtle::ConstantTimeEq;
 use tokio_postgres::Client;
 
-use crate::cli::UsageError;
+use super::UsageError;
 use crate::config::Config;
 use crate::db::{self, jobs, status as dbs, wrappers as dbw};
 use crate::keys::LocalKeyring;

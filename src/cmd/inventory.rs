@@ -22,7 +22,8 @@ fn lines(rows: Vec<Exposed>) -> Vec<Line> {
         .collect()
 }
 
-pub async fn run(client: &tokio_postgres::Client, json: bool) -> anyhow::Result<()> {
+pub async fn run(config: &crate::config::Config, json: bool) -> anyhow::Result<()> {
+    let client = &super::connect(config).await?;
     let vulnerable = lines(inventory::exposed_items(client).await?);
     let protected = lines(inventory::protected_items(client).await?);
     if json {

@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::{BenchArgs, UsageError};
+use super::UsageError;
+use super::demo::{Scratch, private_dir};
 use crate::config::Config;
 use crate::crypto::kem::Kem;
 use crate::db::{self, demo as dbd};
@@ -21,7 +22,18 @@ pub fn peak_rss_kib() -> Option<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
-pub async fn run(config: &Config, a: &BenchArgs) -> anyhow::Result<()> {
+/// What `pqmig bench` measures.
+pub struct BenchOptions {
+    /// wrappers, signatures or hashes.
+    pub scope: String,
+    pub items: u64,
+    /// PQ layers per wrapper.
+    pub layers: Option<u32>,
+    /// Target algorithm alias.
+    pub algo: Option<String>,
+}
+
+pub async fn run(config: &Config, a: &BenchOptions) -> anyhow::Result<()> {
     if !(1..=10_000_000).contains(&a.items) {
         return Err(UsageError(format!("--items {} is out of range 1..=10000000", a.items)).into());
     }
@@ -56,7 +68,7 @@ pub async fn run(config: &Config, a: &BenchArgs) -> anyhow::Result<()> {
         _ => crate::crypto::sig::SigAlg::MlDsa65,
     };
 
-    let scratch = crate::demo::Scratch::create(config, "pqmig_bench").await?;
+    let scratch = Scratch::create(config, "pqmig_bench").await?;
     let result = run_in(config, &scratch, a, kem, layers as usize, sig_alg).await;
     scratch.drop_database().await;
     result
@@ -64,14 +76,14 @@ pub async fn run(config: &Config, a: &BenchArgs) -> anyhow::Result<()> {
 
 async fn run_in(
     config: &Config,
-    scratch: &crate::demo::Scratch,
-    a: &BenchArgs,
+    scratch: &Scratch,
+    a: &BenchOptions,
     kem: Kem,
     layers: usize,
     sig_alg: crate::crypto::sig::SigAlg,
 ) -> anyhow::Result<()> {
     let (mut cfg, mut client) = scratch.open(config, Duration::from_millis(100)).await?;
-    let dir = crate::demo::private_dir("pqmig-bench")?;
+    let dir = private_dir("pqmig-bench")?;
     let keyring = dir.0.join("keyring.json");
     let mut keys = SampleKeys::default();
     let n = a.items as usize;
