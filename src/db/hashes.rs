@@ -3,8 +3,8 @@
 //! `scope::hashes`), and are quoted here; every value is a bind parameter.
 
 use tokio_postgres::GenericClient;
-use tokio_postgres::types::ToSql;
 
+use super::filter::Filter;
 use crate::selection::Common;
 
 /// Quote an identifier for PostgreSQL (`"` doubled inside).
@@ -31,8 +31,6 @@ pub struct HashUpdates {
     pub new_versions: Vec<String>,
 }
 
-type Param = Box<dyn ToSql + Sync + Send>;
-
 /// The statements of one job, built once from validated identifiers.
 pub struct HashStatements {
     table: String,
@@ -42,8 +40,7 @@ pub struct HashStatements {
     id: String,
     hash: String,
     ver: String,
-    created: Option<String>,
-    filters: Vec<(String, Param)>,
+    filter: Filter,
 }
 
 /// The validated names a hashes job works on.
@@ -67,69 +64,25 @@ impl HashStatements {
             version_column,
             created_column,
         } = *t;
-        let mut s = HashStatements {
+        let id = quote_ident(id_column);
+        let ver = quote_ident(version_column);
+        let mut filter = Filter::default();
+        filter.common(&id, created_column.map(quote_ident).as_deref(), common);
+        if let Some(v) = from_version {
+            filter.push(format!("{ver} = $?::text"), v.to_owned());
+        }
+        HashStatements {
             table: table.to_owned(),
             column: column.to_owned(),
             version_column: version_column.to_owned(),
             // Qualified: the checks looked in current_schema(), so the
             // statements must not resolve the name through search_path.
             from: format!("{}.{}", quote_ident(schema), quote_ident(table)),
-            id: quote_ident(id_column),
+            id,
             hash: quote_ident(column),
-            ver: quote_ident(version_column),
-            created: created_column.map(quote_ident),
-            filters: Vec::new(),
-        };
-        let id = s.id.clone();
-        if let Some(ids) = &common.ids {
-            s.filters.push((
-                format!("{id} = ANY(${{}}::bigint[])"),
-                Box::new(ids.clone()),
-            ));
+            ver,
+            filter,
         }
-        if let Some(v) = common.id_from {
-            s.filters
-                .push((format!("{id} >= ${{}}::bigint"), Box::new(v)));
-        }
-        if let Some(v) = common.id_to {
-            s.filters
-                .push((format!("{id} <= ${{}}::bigint"), Box::new(v)));
-        }
-        if let Some(created) = s.created.clone() {
-            if let Some(t) = common.created_before {
-                s.filters
-                    .push((format!("{created} < ${{}}::timestamptz"), Box::new(t)));
-            }
-            if let Some(t) = common.created_after {
-                s.filters
-                    .push((format!("{created} > ${{}}::timestamptz"), Box::new(t)));
-            }
-        }
-        if let Some(v) = from_version {
-            let ver = s.ver.clone();
-            s.filters
-                .push((format!("{ver} = ${{}}::text"), Box::new(v.to_owned())));
-        }
-        s
-    }
-
-    /// ` AND f1 AND f2 ...` with placeholders numbered from `first`.
-    fn filter_sql(&self, first: usize) -> String {
-        self.filters
-            .iter()
-            .enumerate()
-            .map(|(i, (sql, _))| format!(" AND {}", sql.replace("${}", &format!("${}", first + i))))
-            .collect()
-    }
-
-    fn params<'a>(&'a self, fixed: &[&'a (dyn ToSql + Sync)]) -> Vec<&'a (dyn ToSql + Sync)> {
-        let mut p: Vec<&(dyn ToSql + Sync)> = fixed.to_vec();
-        p.extend(
-            self.filters
-                .iter()
-                .map(|(_, v)| v.as_ref() as &(dyn ToSql + Sync)),
-        );
-        p
     }
 
     /// Items the selection matches after `after`, capped at `cap`.
@@ -142,9 +95,11 @@ impl HashStatements {
         let (from, id) = (&self.from, &self.id);
         let sql = format!(
             "SELECT count(*) FROM (SELECT 1 FROM {from} WHERE {id} > $1::bigint{} LIMIT $2) s",
-            self.filter_sql(3)
+            self.filter.clause(3)
         );
-        let row = c.query_one(&sql, &self.params(&[&after, &cap])).await?;
+        let row = c
+            .query_one(&sql, &self.filter.params(&[&after, &cap]))
+            .await?;
         Ok(row.get(0))
     }
 
@@ -158,9 +113,9 @@ impl HashStatements {
         let (from, id, hash, ver) = (&self.from, &self.id, &self.hash, &self.ver);
         let sql = format!(
             "SELECT {id}::bigint, {hash}, {ver}::text FROM {from} WHERE {id} > $1::bigint{} ORDER BY {id} LIMIT $2",
-            self.filter_sql(3)
+            self.filter.clause(3)
         );
-        let rows = c.query(&sql, &self.params(&[&after, &n])).await?;
+        let rows = c.query(&sql, &self.filter.params(&[&after, &n])).await?;
         Ok(rows.iter().map(row_to_hash).collect())
     }
 
@@ -175,10 +130,10 @@ impl HashStatements {
         let sql = format!(
             "SELECT {id}::bigint, {hash}, {ver}::text FROM {from} WHERE {id} = ANY($1::bigint[]){} \
              ORDER BY {id} FOR UPDATE",
-            self.filter_sql(2)
+            self.filter.clause(2)
         );
         let ids = ids.to_vec();
-        let rows = c.query(&sql, &self.params(&[&ids])).await?;
+        let rows = c.query(&sql, &self.filter.params(&[&ids])).await?;
         Ok(rows.iter().map(row_to_hash).collect())
     }
 

@@ -12,6 +12,7 @@
 
 pub mod algorithms;
 pub mod demo;
+pub mod filter;
 pub mod hashes;
 pub mod inventory;
 pub mod jobs;

@@ -2,8 +2,9 @@
 //! `signing_keys`. The scope only inserts (countersignatures, ON CONFLICT
 //! DO NOTHING); it never changes a source row.
 
-use tokio_postgres::types::ToSql;
 use tokio_postgres::{Error, GenericClient, Row};
+
+use super::filter::Filter;
 
 use crate::selection::Signatures;
 
@@ -52,66 +53,24 @@ pub struct NewSignatures {
     pub backup_extras: Vec<serde_json::Value>,
 }
 
-/// The selection as SQL over `signatures s` (placeholders from $4: $1 is
-/// the keyset cursor, $2 the limit, $3 the target algorithm).
-pub struct SignatureFilter {
-    clause: String,
-    params: Vec<Box<dyn ToSql + Sync + Send>>,
-}
+/// The selection as SQL over `signatures s`.
+pub struct SignatureFilter(Filter);
 
 impl SignatureFilter {
     pub fn new(sel: &Signatures, from_algo_ids: &[i64]) -> SignatureFilter {
-        let mut f = SignatureFilter {
-            clause: String::new(),
-            params: Vec::new(),
-        };
-        let add = |f: &mut SignatureFilter, sql: &str, p: Box<dyn ToSql + Sync + Send>| {
-            f.params.push(p);
-            let n = f.params.len() + 3;
-            f.clause.push_str(" AND ");
-            f.clause.push_str(&sql.replace("$?", &format!("${n}")));
-        };
-        add(
-            &mut f,
-            "s.algo_id = ANY($?::bigint[])",
-            Box::new(from_algo_ids.to_vec()),
-        );
+        let mut f = Filter::default();
+        f.push("s.algo_id = ANY($?::bigint[])", from_algo_ids.to_vec());
         if let Some(t) = &sel.subject_table {
-            add(&mut f, "s.subject_table = $?::text", Box::new(t.clone()));
+            f.push("s.subject_table = $?::text", t.clone());
         }
         if let Some(c) = &sel.context {
-            add(&mut f, "s.context = $?::text", Box::new(c.clone()));
+            f.push("s.context = $?::text", c.clone());
         }
         if let Some(ids) = &sel.signing_key_ids {
-            add(
-                &mut f,
-                "s.signing_key_id = ANY($?::bigint[])",
-                Box::new(ids.clone()),
-            );
+            f.push("s.signing_key_id = ANY($?::bigint[])", ids.clone());
         }
-        let c = &sel.common;
-        if let Some(ids) = &c.ids {
-            add(&mut f, "s.id = ANY($?::bigint[])", Box::new(ids.clone()));
-        }
-        if let Some(v) = c.id_from {
-            add(&mut f, "s.id >= $?::bigint", Box::new(v));
-        }
-        if let Some(v) = c.id_to {
-            add(&mut f, "s.id <= $?::bigint", Box::new(v));
-        }
-        if let Some(v) = c.created_before {
-            add(&mut f, "s.created_at < $?", Box::new(v));
-        }
-        if let Some(v) = c.created_after {
-            add(&mut f, "s.created_at > $?", Box::new(v));
-        }
-        f
-    }
-
-    fn params<'a>(&'a self, first: [&'a (dyn ToSql + Sync); 3]) -> Vec<&'a (dyn ToSql + Sync)> {
-        let mut p: Vec<&(dyn ToSql + Sync)> = first.to_vec();
-        p.extend(self.params.iter().map(|b| &**b as &(dyn ToSql + Sync)));
-        p
+        f.common("s.id", Some("s.created_at"), &sel.common);
+        SignatureFilter(f)
     }
 }
 
@@ -145,10 +104,10 @@ pub async fn signatures_fetch_batch(
                         AND t.subject_pk = s.subject_pk AND t.context = s.context \
                         AND t.algo_id = $3::bigint) \
          FROM signatures s WHERE s.id > $1::bigint{} ORDER BY s.id LIMIT $2::bigint",
-        filter.clause
+        filter.0.clause(4)
     );
     let rows = c
-        .query(&sql, &filter.params([&after, &n, &target_algo]))
+        .query(&sql, &filter.0.params(&[&after, &n, &target_algo]))
         .await?;
     Ok(rows.iter().map(signature_from).collect())
 }
@@ -157,20 +116,17 @@ pub async fn signatures_fetch_batch(
 pub async fn signatures_count(
     c: &impl GenericClient,
     filter: &SignatureFilter,
-    target_algo: i64,
     after: i64,
     cap: i64,
 ) -> Result<i64, Error> {
     let sql = format!(
-        "SELECT count(*) FROM (SELECT 1 FROM signatures s WHERE s.id > $1::bigint \
-         AND $3::bigint IS NOT NULL{} LIMIT $2::bigint) x",
-        filter.clause
+        "SELECT count(*) FROM (SELECT 1 FROM signatures s WHERE s.id > $1::bigint{} \
+         LIMIT $2::bigint) x",
+        filter.0.clause(3)
     );
-    Ok(
-        c.query_one(&sql, &filter.params([&after, &cap, &target_algo]))
-            .await?
-            .get(0),
-    )
+    Ok(c.query_one(&sql, &filter.0.params(&[&after, &cap]))
+        .await?
+        .get(0))
 }
 
 const KEY_COLUMNS: &str =

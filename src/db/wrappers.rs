@@ -9,8 +9,9 @@
 //! recomputes them.
 
 use serde_json::Value;
-use tokio_postgres::types::ToSql;
 use tokio_postgres::{Error, GenericClient, Row};
+
+use super::filter::Filter;
 
 use crate::selection::Wrappers;
 
@@ -109,69 +110,27 @@ pub async fn policy_kem(c: &impl GenericClient, policy_id: i64) -> Result<Option
     Ok(row.map(|r| r.get(0)))
 }
 
-/// The selection as SQL over `key_wrappers w`: a WHERE clause whose
-/// placeholders start at `$first`, and its parameters. Only fixed text
-/// goes into the SQL; every value is a parameter.
-pub struct WrapperFilter {
-    clause: String,
-    params: Vec<Box<dyn ToSql + Sync + Send>>,
-}
+/// The selection as SQL over `key_wrappers w`.
+pub struct WrapperFilter(Filter);
 
 impl WrapperFilter {
     pub fn new(sel: &Wrappers) -> WrapperFilter {
-        let mut f = WrapperFilter {
-            clause: String::new(),
-            params: Vec::new(),
-        };
-        // $1 is the keyset cursor, $2 the limit.
-        let add = |f: &mut WrapperFilter, sql: &str, p: Box<dyn ToSql + Sync + Send>| {
-            f.params.push(p);
-            let n = f.params.len() + 2;
-            f.clause.push_str(" AND ");
-            f.clause.push_str(&sql.replace("$?", &format!("${n}")));
-        };
-        add(
-            &mut f,
-            "w.status = ANY($?::text[])",
-            Box::new(sel.status.clone()),
-        );
+        let mut f = Filter::default();
+        f.push("w.status = ANY($?::text[])", sel.status.clone());
         if let Some(formats) = &sel.formats {
-            add(
-                &mut f,
+            f.push(
                 "COALESCE(w.crypto_suite->>'format', 'legacy-aes-gcm') = ANY($?::text[])",
-                Box::new(formats.clone()),
+                formats.clone(),
             );
         }
         if let Some(ids) = &sel.kms_key_ids {
-            add(
-                &mut f,
+            f.push(
                 "(w.kms1_key_id = ANY($?::bigint[]) OR w.kms2_key_id = ANY($?::bigint[]))",
-                Box::new(ids.clone()),
+                ids.clone(),
             );
         }
-        let c = &sel.common;
-        if let Some(ids) = &c.ids {
-            add(&mut f, "w.id = ANY($?::bigint[])", Box::new(ids.clone()));
-        }
-        if let Some(v) = c.id_from {
-            add(&mut f, "w.id >= $?::bigint", Box::new(v));
-        }
-        if let Some(v) = c.id_to {
-            add(&mut f, "w.id <= $?::bigint", Box::new(v));
-        }
-        if let Some(v) = c.created_before {
-            add(&mut f, "w.created_at < $?", Box::new(v));
-        }
-        if let Some(v) = c.created_after {
-            add(&mut f, "w.created_at > $?", Box::new(v));
-        }
-        f
-    }
-
-    fn params<'a>(&'a self, first: [&'a (dyn ToSql + Sync); 2]) -> Vec<&'a (dyn ToSql + Sync)> {
-        let mut p: Vec<&(dyn ToSql + Sync)> = first.to_vec();
-        p.extend(self.params.iter().map(|b| &**b as &(dyn ToSql + Sync)));
-        p
+        f.common("w.id", Some("w.created_at"), &sel.common);
+        WrapperFilter(f)
     }
 }
 
@@ -237,9 +196,9 @@ pub async fn wrappers_fetch_batch(
 ) -> Result<Vec<WrapperRow>, Error> {
     let sql = format!(
         "SELECT {ROW_COLUMNS} FROM key_wrappers w WHERE w.id > $1::bigint{} ORDER BY w.id LIMIT $2::bigint",
-        filter.clause
+        filter.0.clause(3)
     );
-    let rows = c.query(&sql, &filter.params([&after, &n])).await?;
+    let rows = c.query(&sql, &filter.0.params(&[&after, &n])).await?;
     with_layers(c, rows.iter().map(wrapper_from).collect()).await
 }
 
@@ -253,9 +212,9 @@ pub async fn wrappers_count(
     let sql = format!(
         "SELECT count(*) FROM (SELECT 1 FROM key_wrappers w WHERE w.id > $1::bigint{} \
          LIMIT $2::bigint) s",
-        filter.clause
+        filter.0.clause(3)
     );
-    Ok(c.query_one(&sql, &filter.params([&after, &cap]))
+    Ok(c.query_one(&sql, &filter.0.params(&[&after, &cap]))
         .await?
         .get(0))
 }
@@ -268,13 +227,14 @@ pub async fn wrappers_find_kem(
     kems: &[String],
 ) -> Result<Option<(i64, String)>, Error> {
     let sql = format!(
-        "SELECT w.id, w.crypto_suite->>'kem' FROM key_wrappers w WHERE w.id > $1::bigint{}            AND w.crypto_suite->>'format' = 'pqmig-wrap-v1'            AND lower(w.crypto_suite->>'kem') = ANY($2::text[])          ORDER BY w.id LIMIT 1",
-        filter.clause
+        "SELECT w.id, w.crypto_suite->>'kem' FROM key_wrappers w \
+         WHERE w.crypto_suite->>'format' = 'pqmig-wrap-v1' \
+           AND lower(w.crypto_suite->>'kem') = ANY($1::text[]){} \
+         ORDER BY w.id LIMIT 1",
+        filter.0.clause(2)
     );
     let kems = kems.to_vec();
-    let row = c
-        .query_opt(&sql, &filter.params([&i64::MIN, &kems]))
-        .await?;
+    let row = c.query_opt(&sql, &filter.0.params(&[&kems])).await?;
     Ok(row.map(|r| (r.get(0), r.get(1))))
 }
 
@@ -286,11 +246,11 @@ pub async fn wrappers_lock_rows(
     ids: &[i64],
 ) -> Result<Vec<WrapperRow>, Error> {
     let sql = format!(
-        "SELECT {ROW_COLUMNS} FROM key_wrappers w WHERE w.id = ANY($1::bigint[]) \
-         AND $2::bigint > 0{} ORDER BY w.id FOR UPDATE",
-        filter.clause
+        "SELECT {ROW_COLUMNS} FROM key_wrappers w WHERE w.id = ANY($1::bigint[]){} \
+         ORDER BY w.id FOR UPDATE",
+        filter.0.clause(2)
     );
-    let rows = tx.query(&sql, &filter.params([&ids, &1i64])).await?;
+    let rows = tx.query(&sql, &filter.0.params(&[&ids])).await?;
     with_layers(tx, rows.iter().map(wrapper_from).collect()).await
 }
 

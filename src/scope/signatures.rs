@@ -525,7 +525,7 @@ impl SignaturesJob {
         after: i64,
         cap: i64,
     ) -> Result<i64, JobError> {
-        Ok(dbs::signatures_count(c, &self.filter, self.plan.target_algo_id, after, cap).await?)
+        Ok(dbs::signatures_count(c, &self.filter, after, cap).await?)
     }
 
     /// The next batch, with every source signer it needs resolved.
