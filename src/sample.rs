@@ -169,10 +169,8 @@ pub async fn seed_signatures(
             kids.push(kid);
             hashes.push(h);
         }
-        c.execute(
-            "INSERT INTO signatures (subject_table, subject_pk, context, algo_id, signing_key_id, signature, payload_hash, hash_algo_id) \
-             SELECT 'documents', pk, 'doc-v1', a, k, s, h, $6 FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bytea[], $5::bytea[]) AS x(pk, a, k, s, h)",
-            &[&pks, &algos, &kids, &sigs, &hashes, &sha256],
+        crate::db::sample::signatures_insert_documents(
+            c, &pks, &algos, &kids, &sigs, &hashes, sha256,
         )
         .await?;
     }
@@ -196,39 +194,7 @@ pub struct WrapperSeed {
     pub deks: Vec<(i64, [u8; 32])>,
 }
 
-/// A policy over `layer_keys` (kms_keys ids; weight 1, decreasing priority).
-pub async fn policy_create(
-    c: &impl GenericClient,
-    name: &str,
-    layer_selection: &str,
-    min_layers: i16,
-    max_layers: i16,
-    kem_alias: &str,
-    layer_keys: &[i64],
-) -> Result<i64, tokio_postgres::Error> {
-    let id: i64 = c
-        .query_one(
-            "INSERT INTO encryption_policies (policy_name, mode, layer_selection, min_layers, max_layers) \
-             VALUES ($1, 'local', $2, $3, $4) RETURNING id",
-            &[&name, &layer_selection, &min_layers, &max_layers],
-        )
-        .await?
-        .get(0);
-    c.execute(
-        "INSERT INTO policy_algorithms (policy_id, algo_id, role) \
-         SELECT $1::bigint, algo_id, 'kem' FROM crypto_standard_aliases WHERE alias = $2",
-        &[&id, &kem_alias],
-    )
-    .await?;
-    let priorities: Vec<i32> = (0..layer_keys.len() as i32).rev().collect();
-    c.execute(
-        "INSERT INTO policy_kms_keys (policy_id, kms_key_id, priority) \
-         SELECT $1::bigint, k, p FROM unnest($2::bigint[], $3::int[]) AS x(k, p)",
-        &[&id, &layer_keys, &priorities],
-    )
-    .await?;
-    Ok(id)
-}
+pub use crate::db::sample::policy_create;
 
 /// `n` wrappers, alternating `legacy-aes-gcm` (wrapped under two KEKs,
 /// kms1 and kms2) and `legacy-x25519` (kms1 only), plus a policy `policy`
@@ -242,7 +208,7 @@ pub async fn seed_wrappers(
     kem: Kem,
     layers: usize,
     policy: &str,
-) -> Result<WrapperSeed, tokio_postgres::Error> {
+) -> anyhow::Result<WrapperSeed> {
     let kek_a = keys.generate(&format!("local:{prefix}kek-a"), "AES-256-GCM", 32);
     let kek_b = keys.generate(&format!("local:{prefix}kek-b"), "AES-256-GCM", 32);
     let ecies = keys.generate(&format!("local:{prefix}ecies"), "X25519", 32);
@@ -271,13 +237,9 @@ pub async fn seed_wrappers(
         &layer_key_ids,
     )
     .await?;
-    let kem_algo_id: i64 = c
-        .query_one(
-            "SELECT algo_id FROM crypto_standard_aliases WHERE alias = $1",
-            &[&kem.alias()],
-        )
+    let kem_algo_id = crate::db::algorithms::algorithm_by_alias(c, kem.alias())
         .await?
-        .get(0);
+        .ok_or_else(|| anyhow::anyhow!("alias {} missing (run pqmig migrate)", kem.alias()))?;
 
     let mut deks = Vec::with_capacity(n);
     for chunk_start in (0..n).step_by(5_000) {
@@ -307,19 +269,12 @@ pub async fn seed_wrappers(
             uuids.push(uuid);
             chunk_deks.push(dek);
         }
-        let rows = c
-            .query(
-                "INSERT INTO key_wrappers (wrapper_uuid, kms1_key_id, kms2_key_id, dek_wrap1, dek_wrap2, crypto_suite) \
-                 SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bytea[], $5::bytea[], $6::jsonb[]) \
-                 RETURNING id, wrapper_uuid::text",
-                &[&uuids, &k1, &k2, &w1, &w2, &suites],
-            )
-            .await?;
+        let rows =
+            crate::db::sample::wrappers_insert(c, &uuids, &k1, &k2, &w1, &w2, &suites).await?;
         let by_uuid: std::collections::HashMap<&str, [u8; 32]> =
             uuids.iter().map(String::as_str).zip(chunk_deks).collect();
-        for r in &rows {
-            let uuid: String = r.get(1);
-            deks.push((r.get(0), by_uuid[uuid.trim_end()]));
+        for (id, uuid) in &rows {
+            deks.push((*id, by_uuid[uuid.trim_end()]));
         }
     }
     deks.sort_unstable_by_key(|(id, _)| *id);

@@ -10,7 +10,7 @@ use super::UsageError;
 use super::demo::{Scratch, private_dir};
 use crate::config::Config;
 use crate::crypto::kem::Kem;
-use crate::db::{self, demo as dbd};
+use crate::db::{self, sample as dbd};
 use crate::sample::SampleKeys;
 
 /// Peak resident set size of this process so far (VmHWM), in KiB.
@@ -119,13 +119,7 @@ async fn run_in(
                 target_algo_id: Some(seed.target_algo_id),
                 ..Default::default()
             };
-            let mid: i64 = client
-                .query_one(
-                    "SELECT id FROM signatures ORDER BY id OFFSET $1 LIMIT 1",
-                    &[&(n as i64 - 1)],
-                )
-                .await?
-                .get(0);
+            let mid = dbd::signatures_nth_id(&client, n as i64 - 1).await?;
             (job, mid)
         }
         _ => {
@@ -247,13 +241,10 @@ fn baseline_items(scope: &str) -> i64 {
     }
 }
 
-/// Start a measurement without the previous phase's debt: vacuum and
-/// analyze the scratch database (the job's dead rows would otherwise be
-/// vacuumed during the baselines) and checkpoint (needs superuser or
-/// pg_checkpoint; skipped with a note otherwise).
+/// Start a measurement without the previous phase's debt (see
+/// [`dbd::settle`]); a checkpoint the role may not run is skipped with a note.
 async fn settle(client: &tokio_postgres::Client) -> anyhow::Result<()> {
-    client.batch_execute("VACUUM (ANALYZE)").await?;
-    if let Err(e) = client.batch_execute("CHECKPOINT").await {
+    if let Err(e) = dbd::settle(client).await? {
         eprintln!("no CHECKPOINT before measuring: {e}");
     }
     Ok(())
@@ -336,10 +327,11 @@ async fn baselines(
     }
     let crypto = items as f64 / t.elapsed().as_secs_f64();
 
-    // Database: the same fetch per batch, then the writes and a progress
-    // update in one transaction per batch.
+    // Database: the same fetch per batch, then the writes and the fenced
+    // progress update in one transaction per batch, as the executor does.
     let t = Instant::now();
     let mut after = i64::MIN;
+    let mut cursor: Option<serde_json::Value> = None;
     for (c, size) in computed.into_iter().zip(sizes) {
         let rows = prepared
             .fetch(&*client, after, size)
@@ -354,11 +346,11 @@ async fn baselines(
             .write(&tx, id, c)
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
-        tx.execute(
-            "UPDATE pq_migration_jobs SET processed_count = processed_count + $2, cursor = $3, updated_at = now() WHERE id = $1",
-            &[&id, &n, &serde_json::json!({"after_id": last})],
-        )
-        .await?;
+        let next = serde_json::json!({"after_id": last});
+        db::jobs::job_progress(&tx, claimed.lease, n, 0, &next, cursor.as_ref())
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("the baseline job's lease was lost"))?;
+        cursor = Some(next);
         tx.commit().await?;
     }
     let db_rate = items as f64 / t.elapsed().as_secs_f64();

@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, DatabaseUrl};
 use crate::crypto::kem::Kem;
-use crate::db::{self, demo as dbd, inventory};
+use crate::db::{self, inventory, sample as dbd};
 
 /// Rows of legacy data per scope.
 pub const DEMO_ITEMS: i64 = 5_000;

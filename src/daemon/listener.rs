@@ -54,7 +54,7 @@ async fn listen_once(
         .await
         .map_err(|e| format!("{e:#}"))?;
     let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
-    let listen = client.batch_execute("LISTEN pqmig_jobs");
+    let listen = crate::db::jobs::jobs_listen(&client);
     tokio::pin!(listen);
     let mut listening = false;
     loop {

@@ -56,7 +56,7 @@ async fn sample_queue(shared: &Shared) -> Result<(), String> {
     let err = |e: tokio_postgres::Error| crate::db::error_chain(&e);
     let mut client = shared.client().await?;
     let tx = client.transaction().await.map_err(err)?;
-    tx.batch_execute("SET LOCAL statement_timeout = '3s'")
+    crate::db::local_statement_timeout(&tx, Duration::from_secs(3))
         .await
         .map_err(err)?;
     let schema_ok = migrate::check_current(&*tx).await.is_ok();
@@ -80,7 +80,7 @@ async fn sample_inventory(shared: &Shared) -> Result<(), String> {
     let err = |e: tokio_postgres::Error| crate::db::error_chain(&e);
     let mut client = shared.client().await?;
     let tx = client.transaction().await.map_err(err)?;
-    tx.batch_execute("SET LOCAL statement_timeout = '30s'")
+    crate::db::local_statement_timeout(&tx, Duration::from_secs(30))
         .await
         .map_err(err)?;
     let exposed = inventory::exposed_items(&*tx).await.map_err(err)?;

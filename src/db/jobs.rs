@@ -111,6 +111,13 @@ fn selection_split(r: &tokio_postgres::Row, idx: usize) -> (Option<Value>, Optio
     }
 }
 
+/// Subscribe this connection to the wake-ups of [`crate::daemon::listener`]:
+/// a trigger notifies `pqmig_jobs` with the job id when a job becomes
+/// `pending` or `cancelled`.
+pub async fn jobs_listen(c: &tokio_postgres::Client) -> Result<(), tokio_postgres::Error> {
+    c.batch_execute("LISTEN pqmig_jobs").await
+}
+
 /// Renew the lease. `false`: the job is no longer ours.
 pub async fn job_heartbeat(
     c: &impl GenericClient,

@@ -11,13 +11,14 @@
 //! `options` come after them and win.
 
 pub mod algorithms;
-pub mod demo;
+
 pub mod filter;
 pub mod hashes;
 pub mod inventory;
 pub mod jobs;
 pub mod kms;
 pub mod migrate;
+pub mod sample;
 pub mod signatures;
 pub mod status;
 pub mod tls;
@@ -260,6 +261,81 @@ pub async fn connect_raw(
             describe(&pg)
         )
     })
+}
+
+/// What a failed statement means for the caller, by its SQLSTATE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// `statement_timeout` (57014) or `lock_timeout` (55P03): the same
+    /// work in a smaller piece may go through.
+    TooSlow,
+    /// The connection went away, the server is restarting or out of
+    /// resources, or the statement lost a race: retry later.
+    Transient,
+    /// Retrying will not help (a constraint, a type, a permission).
+    Permanent,
+}
+
+/// Classify a failed statement (see [`Failure`]).
+pub fn classify(e: &tokio_postgres::Error) -> Failure {
+    if matches!(e.code().map(|c| c.code()), Some("57014" | "55P03")) {
+        Failure::TooSlow
+    } else if is_transient(e) {
+        Failure::Transient
+    } else {
+        Failure::Permanent
+    }
+}
+
+/// Errors worth retrying: the connection went away, the server is
+/// restarting, or the statement lost a race or hit a timeout.
+pub fn is_transient(e: &tokio_postgres::Error) -> bool {
+    if e.is_closed() {
+        return true;
+    }
+    match e.code() {
+        Some(code) => {
+            let c = code.code();
+            c.starts_with("08")
+                || c.starts_with("57P")
+                || matches!(
+                    c,
+                    "40001"
+                        | "40P01"
+                        | "57014"
+                        | "55P03"
+                        | "53100"
+                        | "53200"
+                        | "53300"
+                        | "53400"
+                        | "25006"
+                )
+        }
+        // No SQLSTATE: retry only a dead connection or an I/O error; a
+        // type or protocol mismatch will not heal by retrying.
+        None => {
+            let mut cause = std::error::Error::source(e);
+            while let Some(c) = cause {
+                if c.is::<std::io::Error>() {
+                    return true;
+                }
+                cause = c.source();
+            }
+            false
+        }
+    }
+}
+
+/// Bound the statements of the caller's transaction (`SET LOCAL`).
+pub async fn local_statement_timeout(
+    tx: &tokio_postgres::Transaction<'_>,
+    timeout: Duration,
+) -> Result<(), tokio_postgres::Error> {
+    tx.batch_execute(&format!(
+        "SET LOCAL statement_timeout = {}",
+        timeout.as_millis()
+    ))
+    .await
 }
 
 /// An error with its causes on one line. tokio-postgres' own `Display` is

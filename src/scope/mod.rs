@@ -38,14 +38,11 @@ pub enum JobError {
 
 impl From<tokio_postgres::Error> for JobError {
     fn from(e: tokio_postgres::Error) -> Self {
-        let text = crate::db::error_chain(&e);
-        let code = e.code().map(|c| c.code());
-        if matches!(code, Some("57014" | "55P03")) {
-            JobError::TooSlow(format!("database: {text}"))
-        } else if is_transient(&e) {
-            JobError::Transient(format!("database: {text}"))
-        } else {
-            JobError::Fatal(format!("database: {text}"))
+        let text = format!("database: {}", crate::db::error_chain(&e));
+        match crate::db::classify(&e) {
+            crate::db::Failure::TooSlow => JobError::TooSlow(text),
+            crate::db::Failure::Transient => JobError::Transient(text),
+            crate::db::Failure::Permanent => JobError::Fatal(text),
         }
     }
 }
@@ -57,45 +54,6 @@ impl From<deadpool_postgres::PoolError> for JobError {
             other => {
                 JobError::Transient(format!("database pool: {}", crate::db::error_chain(&other)))
             }
-        }
-    }
-}
-
-/// Errors worth retrying: the connection went away, the server is
-/// restarting, or the statement lost a race or hit a timeout.
-pub fn is_transient(e: &tokio_postgres::Error) -> bool {
-    if e.is_closed() {
-        return true;
-    }
-    match e.code() {
-        Some(code) => {
-            let c = code.code();
-            c.starts_with("08")
-                || c.starts_with("57P")
-                || matches!(
-                    c,
-                    "40001"
-                        | "40P01"
-                        | "57014"
-                        | "55P03"
-                        | "53100"
-                        | "53200"
-                        | "53300"
-                        | "53400"
-                        | "25006"
-                )
-        }
-        // No SQLSTATE: retry only a dead connection or an I/O error; a
-        // type or protocol mismatch will not heal by retrying.
-        None => {
-            let mut cause = std::error::Error::source(e);
-            while let Some(c) = cause {
-                if c.is::<std::io::Error>() {
-                    return true;
-                }
-                cause = c.source();
-            }
-            false
         }
     }
 }

@@ -49,7 +49,7 @@ async fn a_server_outage_mid_run_is_ridden_out() {
     let c = cluster.admin_to(&db).await;
     let mut keys = SampleKeys::default();
     keys.generate("local:pepper-v2", "HMAC-SHA3-256", 32);
-    pqmig::db::demo::hashes_seed(&c, 300, "local:pepper-v2")
+    pqmig::db::sample::hashes_seed(&c, 300, "local:pepper-v2")
         .await
         .expect("users");
     let wrap = pqmig::sample::seed_wrappers(&c, &mut keys, "", 200, Kem::MlKem768, 1, "pq")
