@@ -5,14 +5,12 @@
 
 use std::sync::Arc;
 
-use subtle::ConstantTimeEq;
 use tokio_postgres::Client;
 
 use super::UsageError;
 use crate::config::Config;
 use crate::db::{self, jobs, status as dbs, wrappers as dbw};
 use crate::keys::LocalKeyring;
-use crate::scope::wrappers::SourceKeys;
 
 /// Rows per page of verify and rollback.
 const PAGE: i64 = 500;
@@ -38,10 +36,25 @@ struct Mismatch {
     why: String,
 }
 
+/// The job's status and `finished_at` now: the marks a command records
+/// apply to exactly this state of the job.
+async fn finish_state(client: &Client, id: i64) -> anyhow::Result<jobs::FinishState> {
+    jobs::job_finish_state(client, id)
+        .await?
+        .ok_or_else(|| UsageError(format!("no job with id {id}")).into())
+}
+
+fn changed_meanwhile(job_id: i64) -> anyhow::Error {
+    anyhow::anyhow!(
+        "job {job_id} was resumed or finished again while this ran: nothing recorded; run it again"
+    )
+}
+
 /// `pqmig verify JOB`.
 pub async fn verify(config: &Config, job_id: i64) -> anyhow::Result<()> {
     let client = db::connect(&config.database).await?;
     db::migrate::check_current(&client).await?;
+    let seen = finish_state(&client, job_id).await?;
     let j = job(&client, job_id).await?;
     if matches!(j.status.as_str(), "pending" | "running") {
         return Err(UsageError(format!(
@@ -51,7 +64,22 @@ pub async fn verify(config: &Config, job_id: i64) -> anyhow::Result<()> {
         .into());
     }
     let (checked, bad) = match j.scope.as_str() {
-        "wrappers" => verify_wrappers(&client, keyring(config)?, job_id).await?,
+        "wrappers" => {
+            let (checked, changed, bad) =
+                crate::scope::wrappers::verify_job(&client, keyring(config)?, job_id, PAGE)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+            if changed > 0 {
+                println!(
+                    "job {job_id}: {changed} wrappers were rotated or deleted since the job (their DEK is no longer the backed-up one); not checked"
+                );
+            }
+            let bad: Vec<Mismatch> = bad
+                .into_iter()
+                .map(|(item, why)| Mismatch { item, why })
+                .collect();
+            (checked, bad)
+        }
         "hashes" => {
             let h = hashes_job(config, &client, job_id).await?;
             let (checked, changed, bad) = h.verify_job(&client, job_id).await?;
@@ -111,77 +139,20 @@ pub async fn verify(config: &Config, job_id: i64) -> anyhow::Result<()> {
                 "job {job_id} was rolled back ({} items at {}): nothing it wrote is left to verify",
                 r["items"], r["at"]
             );
-            jobs::job_mark_verified(&client, job_id, 0).await?;
+            if !jobs::job_mark_verified(&client, job_id, 0, &seen).await? {
+                return Err(changed_meanwhile(job_id));
+            }
             return Ok(());
         }
         return Err(anyhow::anyhow!(
             "job {job_id}: it has {backups} backups but none of its items could be checked (all changed since the job?): not verified"
         ));
     }
-    jobs::job_mark_verified(&client, job_id, checked).await?;
+    if !jobs::job_mark_verified(&client, job_id, checked, &seen).await? {
+        return Err(changed_meanwhile(job_id));
+    }
     println!("job {job_id}: {checked} items verified, all open to the same key material");
     Ok(())
-}
-
-/// Every wrapper the job rewrote must open with the keyring's keys; where
-/// a backup exists, to the same DEK as the wrap it replaced.
-async fn verify_wrappers(
-    client: &Client,
-    keyring: Arc<LocalKeyring>,
-    job_id: i64,
-) -> anyhow::Result<(i64, Vec<Mismatch>)> {
-    let keys = Arc::new(SourceKeys::new(keyring));
-    let mut after = i64::MIN;
-    let mut checked = 0i64;
-    let mut bad = Vec::new();
-    loop {
-        let rows = dbw::wrappers_of_job(client, job_id, after, PAGE).await?;
-        let Some(last) = rows.last().map(|r| r.id) else {
-            break;
-        };
-        after = last;
-        let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
-        let backups = dbw::wrapper_backups(client, job_id, &ids).await?;
-        let all: Vec<&dbw::WrapperRow> =
-            rows.iter().chain(backups.iter().map(|(_, b)| b)).collect();
-        keys.resolve(client, &all)
-            .await
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let k = Arc::clone(&keys);
-        let page = tokio::task::spawn_blocking(move || {
-            let mut bad = Vec::new();
-            for row in &rows {
-                let now = match k.recover(row) {
-                    Ok(d) => d,
-                    Err((code, why)) => {
-                        bad.push(Mismatch {
-                            item: row.id,
-                            why: format!("{code}: {why}"),
-                        });
-                        continue;
-                    }
-                };
-                if let Some((_, old)) = backups.iter().find(|(id, _)| *id == row.id) {
-                    match k.recover(old) {
-                        Ok(before) if bool::from(before.ct_eq(&now)) => {}
-                        Ok(_) => bad.push(Mismatch {
-                            item: row.id,
-                            why: "opens to a different DEK than the wrap it replaced".into(),
-                        }),
-                        Err((code, why)) => bad.push(Mismatch {
-                            item: row.id,
-                            why: format!("the backed-up wrap does not open ({code}: {why})"),
-                        }),
-                    }
-                }
-            }
-            (rows.len() as i64, bad)
-        })
-        .await?;
-        checked += page.0;
-        bad.extend(page.1);
-    }
-    Ok((checked, bad))
 }
 
 /// A hashes job prepared as the daemon would (its pepper loaded).
@@ -209,6 +180,7 @@ async fn hashes_job(
 pub async fn rollback(config: &Config, job_id: i64) -> anyhow::Result<()> {
     let mut client = db::connect(&config.database).await?;
     db::migrate::check_current(&client).await?;
+    let state = finish_state(&client, job_id).await?;
     let j = job(&client, job_id).await?;
     if matches!(j.status.as_str(), "pending" | "running") {
         return Err(UsageError(format!(
@@ -251,7 +223,9 @@ pub async fn rollback(config: &Config, job_id: i64) -> anyhow::Result<()> {
         return Ok(());
     }
     if restored > 0 {
-        jobs::job_mark_rolled_back(&client, job_id, restored).await?;
+        if !jobs::job_mark_rolled_back(&client, job_id, restored, &state).await? {
+            return Err(changed_meanwhile(job_id));
+        }
     } else if j
         .result
         .as_ref()

@@ -117,7 +117,7 @@ pub async fn resolve(
         processed_count: 0,
         failed_count: 0,
         total_count: None,
-        pinned_profile: None,
+        pinned: None,
         aftercare: false,
     };
     Ok((job, probe))

@@ -32,8 +32,9 @@ pub struct ClaimedJob {
     pub processed_count: i64,
     pub failed_count: i64,
     pub total_count: Option<i64>,
-    /// The hashes profile the job started with (`result.profile`).
-    pub pinned_profile: Option<Value>,
+    /// The job's `result` as stored: what it pinned when it first started
+    /// (`profile` of a hashes job, `policy` of a wrappers job).
+    pub pinned: Option<Value>,
     /// Prepared for `verify` or `rollback` of a finished job: checked with
     /// what it ran with, not refused because something was deprecated since.
     pub aftercare: bool,
@@ -62,7 +63,7 @@ pub async fn job_claim(
                FROM c WHERE j.id = c.id \
                RETURNING j.id, j.scope, j.target_policy_id, j.target_algo_id, j.selection, \
                  j.attempts, j.lease_token, j.cursor, j.processed_count, j.failed_count, j.total_count, \
-                 j.result->'profile'), \
+                 j.result), \
          e AS (INSERT INTO pq_migration_job_events (job_id, event, worker, detail) \
                SELECT id, 'claimed', $2, jsonb_build_object('attempt', attempts) FROM u) \
          SELECT * FROM u ORDER BY id"
@@ -87,7 +88,7 @@ pub async fn job_claim(
                 processed_count: r.get(8),
                 failed_count: r.get(9),
                 total_count: r.get(10),
-                pinned_profile: r.get(11),
+                pinned: r.get(11),
                 aftercare: false,
             }
         })
@@ -109,6 +110,22 @@ fn selection_split(r: &tokio_postgres::Row, idx: usize) -> (Option<Value>, Optio
         Ok(v) => (v, None),
         Err(e) => (None, Some(e)),
     }
+}
+
+/// The `result->key` of these jobs, where they have one: (job id, value).
+pub async fn jobs_pinned(
+    c: &impl GenericClient,
+    ids: &[i64],
+    key: &str,
+) -> Result<Vec<(i64, Value)>, tokio_postgres::Error> {
+    let rows = c
+        .query(
+            "SELECT id, result->$2 FROM pq_migration_jobs \
+             WHERE id = ANY($1::bigint[]) AND result ? $2",
+            &[&ids, &key],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
 /// Subscribe this connection to the wake-ups of [`crate::daemon::listener`]:
@@ -150,7 +167,7 @@ pub async fn job_set_total(
 }
 
 /// Merge what the job runs with into its `result` before its first batch
-/// (the pinned hash profile), fenced.
+/// (the pinned hash profile or wrapping policy), fenced.
 pub async fn job_result_pin(
     c: &impl GenericClient,
     lease: Lease,
@@ -361,7 +378,7 @@ pub async fn job_resume(
         who,
         "WITH u AS (UPDATE pq_migration_jobs SET status = 'pending', attempts = 0, error = NULL, \
                  finished_at = NULL, scheduled_at = NULL, updated_at = now(), \
-                 result = result - 'verified' \
+                 result = result - 'verified' - 'rolled_back' \
                WHERE id = $1 AND status IN ('failed', 'cancelled') RETURNING id, cursor) \
              INSERT INTO pq_migration_job_events (job_id, event, worker, detail) \
              SELECT id, 'resumed', $2, jsonb_build_object('cursor', cursor) FROM u RETURNING job_id",
@@ -484,21 +501,49 @@ pub async fn job_result_merge(
 /// Record a passed `pqmig verify` in a finished job's `result`: how many
 /// items, when (database clock), and the `finished_at` it verified, so a
 /// later run of the job (resume) makes the mark stale.
+///
+/// `false`: the job is no longer as it was when the verify began (it was
+/// resumed, or finished again, meanwhile), so nothing is recorded.
 pub async fn job_mark_verified(
     c: &impl GenericClient,
     job_id: i64,
     items: i64,
+    seen: &FinishState,
 ) -> Result<bool, tokio_postgres::Error> {
     let n = c
         .execute(
             "UPDATE pq_migration_jobs SET result = COALESCE(result, '{}'::jsonb) || \
                jsonb_build_object('verified', jsonb_build_object('items', $2::bigint, \
                  'at', now(), 'finished_at', finished_at)), updated_at = now() \
-             WHERE id = $1 AND status IN ('done', 'failed', 'cancelled')",
-            &[&job_id, &items],
+             WHERE id = $1 AND status IN ('done', 'failed', 'cancelled') \
+               AND status = $3 AND finished_at IS NOT DISTINCT FROM $4",
+            &[&job_id, &items, &seen.status, &seen.finished_at],
         )
         .await?;
     Ok(n == 1)
+}
+
+/// A job's status and `finished_at` as a command first read them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FinishState {
+    pub status: String,
+    pub finished_at: Option<time::OffsetDateTime>,
+}
+
+pub async fn job_finish_state(
+    c: &impl GenericClient,
+    job_id: i64,
+) -> Result<Option<FinishState>, tokio_postgres::Error> {
+    let row = c
+        .query_opt(
+            "SELECT status, finished_at FROM pq_migration_jobs WHERE id = $1",
+            &[&job_id],
+        )
+        .await?;
+    Ok(row.map(|r| FinishState {
+        status: r.get(0),
+        finished_at: r.get(1),
+    }))
 }
 
 /// Record a rollback that restored items, and drop the verify mark (it
@@ -507,14 +552,16 @@ pub async fn job_mark_rolled_back(
     c: &impl GenericClient,
     job_id: i64,
     restored: i64,
+    seen: &FinishState,
 ) -> Result<bool, tokio_postgres::Error> {
     let n = c
         .execute(
             "UPDATE pq_migration_jobs SET result = (COALESCE(result, '{}'::jsonb) - 'verified') || \
                jsonb_build_object('rolled_back', jsonb_build_object('items', $2::bigint, 'at', now())), \
                updated_at = now() \
-             WHERE id = $1 AND status IN ('done', 'failed', 'cancelled')",
-            &[&job_id, &restored],
+             WHERE id = $1 AND status IN ('done', 'failed', 'cancelled') \
+               AND status = $3 AND finished_at IS NOT DISTINCT FROM $4",
+            &[&job_id, &restored, &seen.status, &seen.finished_at],
         )
         .await?;
     Ok(n == 1)
@@ -544,7 +591,7 @@ pub async fn job_probe(
 ) -> Result<Option<ClaimedJob>, tokio_postgres::Error> {
     let row = c
         .query_opt(
-            "SELECT scope, target_policy_id, target_algo_id, selection, result->'profile' \
+            "SELECT scope, target_policy_id, target_algo_id, selection, result \
              FROM pq_migration_jobs WHERE id = $1",
             &[&id],
         )
@@ -566,7 +613,7 @@ pub async fn job_probe(
             processed_count: 0,
             failed_count: 0,
             total_count: None,
-            pinned_profile: r.get(4),
+            pinned: r.get(4),
             aftercare: true,
         }
     }))

@@ -384,21 +384,35 @@ pub async fn wrappers_of_job(
     with_layers(c, rows.iter().map(wrapper_from).collect()).await
 }
 
-/// The backed-up previous rows of some wrappers of a job, by wrapper id.
-pub async fn wrapper_backups(
+/// The current rows (with layers) of these wrappers, in id order.
+pub async fn wrappers_by_ids(
+    c: &impl GenericClient,
+    ids: &[i64],
+) -> Result<Vec<WrapperRow>, Error> {
+    let sql = format!(
+        "SELECT {ROW_COLUMNS} FROM key_wrappers w WHERE w.id = ANY($1::bigint[]) ORDER BY w.id"
+    );
+    let rows = c.query(&sql, &[&ids]).await?;
+    with_layers(c, rows.iter().map(wrapper_from).collect()).await
+}
+
+/// Up to `n` backed-up previous rows of a job's wrappers, after backup id
+/// `after`, in backup id order: (backup id, the row as it was).
+pub async fn wrapper_backups_after(
     c: &impl GenericClient,
     job_id: i64,
-    ids: &[i64],
+    after: i64,
+    n: i64,
 ) -> Result<Vec<(i64, WrapperRow)>, Error> {
     let rows = c
         .query(
-            "SELECT b.item_id::bigint, r.id, r.wrapper_uuid::text, r.kms1_key_id, r.kms2_key_id, \
+            "SELECT b.id, r.id, r.wrapper_uuid::text, r.kms1_key_id, r.kms2_key_id, \
                     r.dek_wrap1, r.dek_wrap2, r.crypto_suite, r.wrap_version, b.data->'layers' \
              FROM pq_migration_backups b, \
                   jsonb_populate_record(NULL::key_wrappers, b.data->'row') r \
-             WHERE b.job_id = $1::bigint AND b.item_table = 'key_wrappers' \
-               AND b.item_id = ANY($2::bigint[]::text[])",
-            &[&job_id, &ids],
+             WHERE b.job_id = $1::bigint AND b.item_table = 'key_wrappers' AND b.id > $2::bigint \
+             ORDER BY b.id LIMIT $3::bigint",
+            &[&job_id, &after, &n],
         )
         .await?;
     Ok(rows

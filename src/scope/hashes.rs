@@ -48,7 +48,7 @@ async fn job_profile(
     algo_id: i64,
     label: &str,
 ) -> Result<ProfilePin, JobError> {
-    if let Some(v) = &job.pinned_profile {
+    if let Some(v) = job.pinned.as_ref().and_then(|r| r.get("profile")) {
         let mut pin: ProfilePin = serde_json::from_value(v.clone())
             .map_err(|e| fatal(format!("result.profile of the job is unreadable: {e}")))?;
         pin.recorded = true;
@@ -61,6 +61,24 @@ async fn job_profile(
         if row.algo_id != algo_id {
             return Err(fatal(format!(
                 "hash profile {:?} (id {}) the job started with is no longer a profile of {label}",
+                pin.name, pin.id
+            )));
+        }
+        let current = (
+            row.name.as_str(),
+            row.params.get("key_ref").and_then(|v| v.as_str()),
+            row.output_len,
+        );
+        if !job.aftercare
+            && current
+                != (
+                    pin.name.as_str(),
+                    Some(pin.key_ref.as_str()),
+                    pin.output_len,
+                )
+        {
+            return Err(fatal(format!(
+                "hash profile {:?} (id {}) was changed in place since the job started (name, params.key_ref or output_len): the job stops here; restore the profile, or queue a new job",
                 pin.name, pin.id
             )));
         }

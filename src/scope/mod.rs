@@ -439,7 +439,8 @@ impl Prepared {
     pub fn pin_to_record(&self) -> Option<serde_json::Value> {
         match self {
             Prepared::Hashes(h) => h.pin_to_record(),
-            Prepared::Wrappers(_) | Prepared::Signatures(_) => None,
+            Prepared::Wrappers(w) => w.pin_to_record(),
+            Prepared::Signatures(_) => None,
         }
     }
 

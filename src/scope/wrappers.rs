@@ -194,9 +194,39 @@ fn check_template(v: &Value, path: &str) -> Result<(), String> {
     }
 }
 
+/// Whether a checked template uses `placeholder` in any string value.
+fn uses_placeholder(v: &Value, placeholder: &str) -> bool {
+    match v {
+        Value::String(s) => pieces(s)
+            .unwrap_or_default()
+            .iter()
+            .any(|p| matches!(p, Piece::Placeholder(q) if *q == placeholder)),
+        Value::Array(items) => items.iter().any(|i| uses_placeholder(i, placeholder)),
+        Value::Object(map) => map.values().any(|i| uses_placeholder(i, placeholder)),
+        _ => false,
+    }
+}
+
 /// The policy's AAD template, or the default of SPEC §5.2; an unknown
 /// placeholder, a stray brace or a non-string value is an error naming it.
 pub fn aad_template(policy: &Policy) -> Result<Value, String> {
+    let template = template_of(policy)?;
+    // What binds a wrap to its row (SPEC §5.2's default has both): without
+    // them an older wrap of the same row, copied back, would still open.
+    for required in ["wrapper_uuid", "wrap_version"] {
+        if !uses_placeholder(&template, required) {
+            return Err(format!(
+                "policy {:?}: aad_template must use {{{required}}} (it binds each wrap to its row and version)",
+                policy.name
+            ));
+        }
+    }
+    Ok(template)
+}
+
+/// The template as [`aad_template`] checks it, without the placeholders a
+/// new wrap needs: what opening an existing wrap renders.
+fn template_of(policy: &Policy) -> Result<Value, String> {
     let template = match &policy.aad_template {
         None | Some(Value::Null) => {
             json!({"wrapper_uuid": "{wrapper_uuid}", "wrap_version": "{wrap_version}"})
@@ -212,6 +242,30 @@ pub fn aad_template(policy: &Policy) -> Result<Value, String> {
     check_template(&template, "aad_template")
         .map_err(|e| format!("policy {:?}: {e}", policy.name))?;
     Ok(template)
+}
+
+/// The policy a wrappers job wraps under, as it was when the job first
+/// started (kept in `result.policy`): a job never writes under two
+/// templates, and a wrap is checked against the template it was made
+/// with, even after the policy is renamed, edited or deleted.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PolicyPin {
+    pub id: i64,
+    pub name: String,
+    pub aad_template: Value,
+}
+
+impl PolicyPin {
+    fn policy(&self) -> Policy {
+        Policy {
+            id: self.id,
+            name: self.name.clone(),
+            layer_selection: String::new(),
+            min_layers: 0,
+            max_layers: 0,
+            aad_template: Some(self.aad_template.clone()),
+        }
+    }
 }
 
 /// The values of the placeholders for one wrapper.
@@ -342,7 +396,7 @@ pub struct SourceKeys {
     keyring: Arc<LocalKeyring>,
     keys: Mutex<HashMap<i64, Arc<Result<SourceKey, String>>>>,
     /// Policies named by `pqmig-wrap-v1` wrappers, by id.
-    policies: Mutex<HashMap<i64, Arc<PolicyAad>>>,
+    policies: Mutex<HashMap<PolicyKey, Arc<PolicyAad>>>,
     /// The KEMs of `crypto_algorithms` rows, by id (loaded once).
     kem_algos: std::sync::OnceLock<HashMap<i64, Kem>>,
 }
@@ -351,6 +405,8 @@ pub struct SourceKeys {
 pub struct Checked {
     sel: selection::Wrappers,
     filter: WrapperFilter,
+    /// To record in the job's `result` (None: recorded already).
+    pin: Option<PolicyPin>,
     policy: Policy,
     mode: LayerSelection,
     kem: Kem,
@@ -362,6 +418,7 @@ pub struct Checked {
 pub struct WrappersJob {
     sel: selection::Wrappers,
     filter: WrapperFilter,
+    pin: Option<PolicyPin>,
     plan: Arc<Plan>,
 }
 
@@ -435,6 +492,21 @@ impl WrappersJob {
             ))
         })?;
         let template = aad_template(&policy).map_err(fatal)?;
+        let pin = PolicyPin {
+            id: policy.id,
+            name: policy.name.clone(),
+            aad_template: template.clone(),
+        };
+        let pin = match job.pinned.as_ref().and_then(|r| r.get("policy")) {
+            None => Some(pin),
+            Some(v) if serde_json::from_value::<PolicyPin>(v.clone()).ok() == Some(pin) => None,
+            Some(_) => {
+                return Err(fatal(format!(
+                    "policy {:?} (id {}) was renamed or its aad_template changed since the job started: the job stops here (its wraps would carry two templates); restore the policy, or queue a new job",
+                    policy.name, policy.id
+                )));
+            }
+        };
         let filter = WrapperFilter::new(&sel);
         if !sel.allow_downgrade {
             refuse_downgrade(c, &sel, &filter, kem).await?;
@@ -473,6 +545,7 @@ impl WrappersJob {
         Ok(Checked {
             sel,
             filter,
+            pin,
             policy,
             mode,
             kem,
@@ -542,6 +615,7 @@ impl Checked {
         }
         Ok(WrappersJob {
             filter: self.filter,
+            pin: self.pin,
             plan: Arc::new(Plan {
                 job_id,
                 verify: self.sel.common.verify,
@@ -601,6 +675,14 @@ fn suite_policy(row: &WrapperRow) -> Option<i64> {
         .and_then(Value::as_i64)
 }
 
+/// The job that wrote a `pqmig-wrap-v1` wrapper (`crypto_suite.job_id`).
+fn suite_job(row: &WrapperRow) -> Option<i64> {
+    row.suite
+        .as_ref()
+        .and_then(|s| s.get("job_id"))
+        .and_then(Value::as_i64)
+}
+
 /// The KEM a `pqmig-wrap-v1` wrapper names (`crypto_suite.kem`).
 fn suite_kem(row: &WrapperRow) -> Option<Kem> {
     row.suite
@@ -613,6 +695,9 @@ fn suite_kem(row: &WrapperRow) -> Option<Kem> {
 /// A policy as the AAD check of an existing wrap needs it: its name and
 /// checked template, or why it cannot be used.
 type PolicyAad = Result<(String, Value), String>;
+
+/// (`crypto_suite.policy_id`, `crypto_suite.job_id`) of a v1 wrap.
+type PolicyKey = (i64, Option<i64>);
 
 type Failure = (&'static str, String);
 
@@ -641,24 +726,37 @@ impl SourceKeys {
                 .collect();
             let _ = self.kem_algos.set(map);
         }
-        let mut policies: Vec<i64> = {
+        let mut policies: Vec<(i64, Option<i64>)> = {
             let cache = self.policies.lock().expect("policy cache");
             rows.iter()
-                .filter_map(|r| suite_policy(r))
-                .filter(|id| !cache.contains_key(id))
+                .filter_map(|r| suite_policy(r).map(|p| (p, suite_job(r))))
+                .filter(|k| !cache.contains_key(k))
                 .collect()
         };
         policies.sort_unstable();
         policies.dedup();
-        for id in policies {
-            let found = match dbw::policy_by_id(c, id).await? {
-                Some(p) => aad_template(&p).map(|t| (p.name, t)),
-                None => Err(format!("policy {id} named by crypto_suite does not exist")),
+        let mut job_ids: Vec<i64> = policies.iter().filter_map(|(_, j)| *j).collect();
+        job_ids.dedup();
+        let pins: HashMap<i64, PolicyPin> = crate::db::jobs::jobs_pinned(c, &job_ids, "policy")
+            .await?
+            .into_iter()
+            .filter_map(|(j, v)| Some((j, serde_json::from_value(v).ok()?)))
+            .collect();
+        for (id, job) in policies {
+            // The template the writing job pinned; a wrap from before pins
+            // (or whose job is gone) is checked against the policy as it is.
+            let pinned = job.and_then(|j| pins.get(&j)).filter(|p| p.id == id);
+            let found = match pinned {
+                Some(p) => template_of(&p.policy()).map(|t| (p.name.clone(), t)),
+                None => match dbw::policy_by_id(c, id).await? {
+                    Some(p) => template_of(&p).map(|t| (p.name, t)),
+                    None => Err(format!("policy {id} named by crypto_suite does not exist")),
+                },
             };
             self.policies
                 .lock()
                 .expect("policy cache")
-                .insert(id, Arc::new(found));
+                .insert((id, job), Arc::new(found));
         }
 
         let mut wanted: Vec<i64> = {
@@ -722,6 +820,23 @@ impl SourceKeys {
         row: &WrapperRow,
         format: &str,
     ) -> Result<Zeroizing<Vec<u8>>, Failure> {
+        // SPEC §5: the AAD is the uuid's lowercase text; a wrap made with
+        // the text as stored (upper case) is accepted too.
+        let uuid = wrap::canonical_uuid(&row.uuid).map_err(|e| ("data", e))?;
+        let open = |k: &SourceKey, sealed: &[u8]| {
+            let try_one = |u: &str| match k {
+                SourceKey::Aes(k) => wrap::open_legacy_aes(k, u, sealed),
+                SourceKey::X25519(k) => wrap::open_legacy_x25519(k, u, sealed),
+                SourceKey::Kem(_) => unreachable!("matched against the format below"),
+            };
+            try_one(&uuid).or_else(|e| {
+                if row.uuid != uuid {
+                    try_one(&row.uuid)
+                } else {
+                    Err(e)
+                }
+            })
+        };
         let mut opened: Vec<Zeroizing<Vec<u8>>> = Vec::with_capacity(2);
         let mut unchecked: Vec<String> = Vec::new();
         let mut failed: Vec<u8> = Vec::new();
@@ -739,12 +854,8 @@ impl SourceKeys {
                     unchecked.push(format!("dek_wrap{slot}: {e}"));
                     continue;
                 }
-                (Ok(SourceKey::Aes(k)), wrap::FORMAT_LEGACY_AES) => {
-                    wrap::open_legacy_aes(k, &row.uuid, sealed)
-                }
-                (Ok(SourceKey::X25519(k)), wrap::FORMAT_LEGACY_X25519) => {
-                    wrap::open_legacy_x25519(k, &row.uuid, sealed)
-                }
+                (Ok(k @ SourceKey::Aes(_)), wrap::FORMAT_LEGACY_AES)
+                | (Ok(k @ SourceKey::X25519(_)), wrap::FORMAT_LEGACY_X25519) => open(k, sealed),
                 (Ok(_), _) => {
                     unchecked.push(format!(
                         "kms{slot}_key_id {kid} is not a key of the {format} format"
@@ -822,7 +933,7 @@ impl SourceKeys {
             .policies
             .lock()
             .expect("policy cache")
-            .get(&policy_id)
+            .get(&(policy_id, suite_job(row)))
             .cloned()
             .expect("policies resolved before compute");
         let (policy_name, template) = policy
@@ -1102,6 +1213,12 @@ impl WrappersJob {
         (layers * (p.kem.ciphertext_len() + p.kem.public_key_len() + 200) + 600) as i64
     }
 
+    /// What the job's `result` must record before its first batch (the
+    /// policy it wraps under), unless it is there already.
+    pub fn pin_to_record(&self) -> Option<Value> {
+        self.pin.as_ref().map(|p| json!({ "policy": p }))
+    }
+
     pub fn plan(&self) -> &Arc<Plan> {
         &self.plan
     }
@@ -1191,6 +1308,86 @@ impl super::CasWrite for WrappersJob {
     }
 }
 
+/// `pqmig verify` of a wrappers job: (checked, changed since, mismatches).
+///
+/// With backups, each backed-up wrapper is checked against its backup: one
+/// the job still holds must open (bound to its row) to the DEK of the wrap
+/// it replaced; one rewritten since (a later job re-wrapped it) counts as
+/// checked when it still opens to that DEK, and as changed when it does not
+/// (the application rotated it) or is gone. Without backups, every wrapper
+/// the job wrote must open.
+pub async fn verify_job(
+    c: &impl GenericClient,
+    keyring: Arc<LocalKeyring>,
+    job_id: i64,
+    page: i64,
+) -> Result<(i64, i64, Vec<(i64, String)>), JobError> {
+    let keys = Arc::new(SourceKeys::new(keyring));
+    let (mut checked, mut changed, mut bad) = (0i64, 0i64, Vec::new());
+    if dbw::backups_count(c, job_id).await? == 0 {
+        let mut after = i64::MIN;
+        loop {
+            let rows = dbw::wrappers_of_job(c, job_id, after, page).await?;
+            let Some(last) = rows.last().map(|r| r.id) else {
+                break;
+            };
+            after = last;
+            keys.resolve(c, &rows.iter().collect::<Vec<_>>()).await?;
+            for row in &rows {
+                checked += 1;
+                if let Err((code, why)) = keys.recover(row) {
+                    bad.push((row.id, format!("{code}: {why}")));
+                }
+            }
+        }
+        return Ok((checked, changed, bad));
+    }
+    let mut after = i64::MIN;
+    loop {
+        let backups = dbw::wrapper_backups_after(c, job_id, after, page).await?;
+        let Some(last) = backups.last().map(|(b, _)| *b) else {
+            break;
+        };
+        after = last;
+        let ids: Vec<i64> = backups.iter().map(|(_, old)| old.id).collect();
+        let now = dbw::wrappers_by_ids(c, &ids).await?;
+        let all: Vec<&WrapperRow> = now.iter().chain(backups.iter().map(|(_, b)| b)).collect();
+        keys.resolve(c, &all).await?;
+        let k = Arc::clone(&keys);
+        let (p_checked, p_changed, p_bad) = tokio::task::spawn_blocking(move || {
+            let (mut checked, mut changed, mut bad) = (0i64, 0i64, Vec::new());
+            for (_, old) in &backups {
+                let Some(row) = now.iter().find(|r| r.id == old.id) else {
+                    changed += 1;
+                    continue;
+                };
+                let ours = suite_job(row) == Some(job_id) && format_of(row) == Ok(wrap::FORMAT_V1);
+                let (current, before) = (k.recover(row), k.recover(old));
+                match (ours, current, before) {
+                    (_, Ok(a), Ok(b)) if bool::from(a.ct_eq(&b)) => checked += 1,
+                    (false, _, _) => changed += 1,
+                    (true, Err((code, why)), _) => bad.push((row.id, format!("{code}: {why}"))),
+                    (true, Ok(_), Ok(_)) => bad.push((
+                        row.id,
+                        "opens to a different DEK than the wrap it replaced".into(),
+                    )),
+                    (true, Ok(_), Err((code, why))) => bad.push((
+                        row.id,
+                        format!("the backed-up wrap does not open ({code}: {why})"),
+                    )),
+                }
+            }
+            (checked, changed, bad)
+        })
+        .await
+        .map_err(|e| fatal(format!("verification panicked: {e}")))?;
+        checked += p_checked;
+        changed += p_changed;
+        bad.extend(p_bad);
+    }
+    Ok((checked + bad.len() as i64, changed, bad))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1232,10 +1429,26 @@ mod tests {
         }
         assert!(
             aad_template(&policy(
-                json!({"a": ["{wrapper_id}-{wrap_version}", {"b": "x"}]})
+                json!({"a": ["{wrapper_id}-{wrap_version}", {"b": "{wrapper_uuid}"}]})
             ))
             .is_ok()
         );
+        // what binds a wrap to its row must be there
+        for (t, missing) in [
+            (json!({"v": "{wrap_version}"}), "{wrapper_uuid}"),
+            (
+                json!({"u": "{wrapper_uuid}", "p": "{policy_id}"}),
+                "{wrap_version}",
+            ),
+        ] {
+            let e = aad_template(&policy(t)).unwrap_err();
+            assert!(e.contains(&format!("must use {missing}")), "{e}");
+        }
+        let default = Policy {
+            aad_template: None,
+            ..policy(json!({}))
+        };
+        assert!(aad_template(&default).is_ok());
     }
 
     #[test]

@@ -217,3 +217,113 @@ async fn a_pepper_declared_for_another_hmac_is_refused() {
     assert!(err.contains("is declared HMAC-SHA-256"), "{err}");
     assert_eq!(j.processed + j.failed, 0);
 }
+
+/// A rolled-back job resumed and run to the end is a new run: its
+/// rollback mark goes with the resume, so a verify that finds every row
+/// changed since fails instead of trusting the old rollback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_mark_does_not_outlive_a_resume() {
+    let fx = Fixture::new(2_000).await;
+    let daemon = InProcess::start(&fx, &[]).await;
+    let id = fx
+        .enqueue(json!({"batch_size": 100, "max_rate": 2000}))
+        .await;
+    fx.wait_job(id, 30, |j| j.processed >= 100).await;
+    let job = id.to_string();
+    assert!(cli(&fx, &["cancel", &job]).status.success());
+    assert_eq!(fx.wait_job(id, 30, terminal).await.status, "cancelled");
+    let out = cli(&fx, &["rollback", &job]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = cli(&fx, &["resume", &job]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let j = fx.wait_job(id, 60, terminal).await;
+    daemon.stop().await;
+    assert_eq!(j.status, "done", "{j:?}");
+    assert!(
+        j.result.as_ref().unwrap().get("rolled_back").is_none(),
+        "{j:?}"
+    );
+    fx.db
+        .client()
+        .await
+        .execute("UPDATE users SET email_hash_key_version = 'app-v9'", &[])
+        .await
+        .unwrap();
+    let out = cli(&fx, &["verify", &job]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+}
+
+/// A pinned profile edited in place (its pepper reference) stops the
+/// resumed job instead of writing on under the old pepper.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_profile_changed_in_place_stops_the_resumed_job() {
+    let fx = Fixture::new(2_000).await;
+    let daemon = InProcess::start(&fx, &[]).await;
+    let id = fx
+        .enqueue(json!({"batch_size": 100, "max_rate": 2000}))
+        .await;
+    fx.wait_job(id, 30, |j| j.processed >= 100).await;
+    let job = id.to_string();
+    assert!(cli(&fx, &["cancel", &job]).status.success());
+    assert_eq!(fx.wait_job(id, 30, terminal).await.status, "cancelled");
+    keyring_with(&fx, &[("local:pepper-v3", "HMAC-SHA3-256", [0x33; 32])]);
+    fx.db
+        .client()
+        .await
+        .execute(
+            "UPDATE hash_profiles SET params = '{\"key_ref\": \"local:pepper-v3\"}' WHERE name = $1",
+            &[&PROFILE],
+        )
+        .await
+        .unwrap();
+    let before = fx.job(id).await.processed;
+    assert!(cli(&fx, &["resume", &job]).status.success());
+    let j = fx.wait_job(id, 30, terminal).await;
+    daemon.stop().await;
+    assert_eq!(j.status, "failed", "{j:?}");
+    assert!(
+        j.error
+            .as_deref()
+            .unwrap_or("")
+            .contains("changed in place"),
+        "{j:?}"
+    );
+    assert_eq!(j.processed, before);
+}
+
+/// A verify mark is recorded only for the run of the job it checked: had
+/// the job been resumed and finished again meanwhile, nothing is recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_verify_mark_applies_to_the_run_it_checked() {
+    let fx = Fixture::new(10).await;
+    let daemon = InProcess::start(&fx, &[]).await;
+    let id = fx.enqueue(json!({})).await;
+    assert_eq!(fx.wait_job(id, 30, terminal).await.status, "done");
+    daemon.stop().await;
+    let c = fx.db.client().await;
+    let seen = pqmig::db::jobs::job_finish_state(&c, id)
+        .await
+        .unwrap()
+        .unwrap();
+    // the job runs again (as a resume and a new finish would leave it)
+    c.execute(
+        "UPDATE pq_migration_jobs SET finished_at = finished_at + interval '1 second' WHERE id = $1",
+        &[&id],
+    )
+    .await
+    .unwrap();
+    assert!(
+        !pqmig::db::jobs::job_mark_verified(&c, id, 10, &seen)
+            .await
+            .unwrap()
+    );
+    let now = pqmig::db::jobs::job_finish_state(&c, id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        pqmig::db::jobs::job_mark_verified(&c, id, 10, &now)
+            .await
+            .unwrap()
+    );
+}

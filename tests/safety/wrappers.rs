@@ -225,3 +225,120 @@ async fn uuids_are_canonical_and_placeholders_substituted_once() {
     );
     w.assert_pyca_opens(&[(wid, dek)]).await;
 }
+
+/// A job's wraps are checked against the template it pinned when it
+/// started: renaming the policy or editing its template afterwards does
+/// not make them fail. A job resumed after such an edit stops instead of
+/// writing under two templates. An earlier job whose wrappers a later job
+/// re-wrapped still verifies (same DEKs), so its backups can be purged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_edit_after_the_job_and_a_later_rewrap_leave_verify_working() {
+    let mut w = WrapFx::new(10, Kem::MlKem768, 1).await;
+    let template = json!({"u": "{wrapper_uuid}", "v": "{wrap_version}", "p": "{policy_name}"});
+    let second = w
+        .add_policy("second", Kem::MlKem768, 1, "defined", 1, 1, Some(template))
+        .await;
+    let c = w.fx.db.client().await;
+    let daemon = InProcess::start(&w.fx, &[]).await;
+    let first = w.enqueue(w.seed.policy_id, json!({})).await;
+    assert_eq!(w.fx.wait_job(first, 60, terminal).await.status, "done");
+    let job2 = w.enqueue(second, json!({})).await;
+    let j = w.fx.wait_job(job2, 60, terminal).await;
+    assert_eq!(j.status, "done", "{j:?}");
+    assert_eq!(j.result.as_ref().unwrap()["policy"]["name"], "second");
+
+    // the operator renames the policy and edits its template
+    c.execute(
+        "UPDATE encryption_policies SET policy_name = 'renamed', \
+         aad_template = '{\"u\": \"{wrapper_uuid}\", \"v\": \"{wrap_version}\"}' WHERE id = $1",
+        &[&second],
+    )
+    .await
+    .unwrap();
+    let out = w.cli(&["verify", &job2.to_string()]);
+    assert!(out.status.success(), "{}", crate::common::stderr(&out));
+    assert!(crate::common::stdout(&out).contains("10 items verified"));
+    w.assert_every_dek_intact().await;
+
+    // job 1's wrappers were all re-wrapped by job 2: still the same DEKs
+    let out = w.cli(&["verify", &first.to_string()]);
+    assert!(out.status.success(), "{}", crate::common::stderr(&out));
+    assert!(
+        crate::common::stdout(&out).contains("10 items verified"),
+        "{}",
+        crate::common::stdout(&out)
+    );
+    let out = w.cli(&["purge-backups", &first.to_string()]);
+    assert!(out.status.success(), "{}", crate::common::stderr(&out));
+
+    // a job under the edited policy, cancelled, then the template edited
+    // again and the job resumed: it stops before writing anything more
+    c.execute(
+        "UPDATE key_wrappers SET status = 'rotated' WHERE id = $1",
+        &[&w.seed.deks[0].0],
+    )
+    .await
+    .unwrap();
+    let job3 = w
+        .enqueue(second, json!({"status": ["rotated"], "batch_size": 1}))
+        .await;
+    assert_eq!(w.fx.wait_job(job3, 60, terminal).await.status, "done");
+    c.execute(
+        "UPDATE pq_migration_jobs SET status = 'cancelled' WHERE id = $1",
+        &[&job3],
+    )
+    .await
+    .unwrap();
+    c.execute(
+        "UPDATE encryption_policies SET aad_template = '{\"u\": \"{wrapper_uuid}\", \"v\": \"{wrap_version}\", \"x\": \"y\"}' WHERE id = $1",
+        &[&second],
+    )
+    .await
+    .unwrap();
+    let out = w.cli(&["resume", &job3.to_string()]);
+    assert!(out.status.success(), "{}", crate::common::stderr(&out));
+    let j = w.fx.wait_job(job3, 60, terminal).await;
+    daemon.stop().await;
+    assert_eq!(j.status, "failed", "{j:?}");
+    assert!(
+        j.error
+            .as_deref()
+            .unwrap_or("")
+            .contains("aad_template changed since the job started"),
+        "{j:?}"
+    );
+}
+
+/// SPEC §5: a legacy wrap's AAD is the uuid's lowercase text, also when
+/// the column holds it in upper case.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_legacy_wrap_of_an_upper_case_uuid_opens_with_its_lowercase_text() {
+    let w = WrapFx::new(0, Kem::MlKem768, 1).await;
+    let c = w.fx.db.client().await;
+    let kek: [u8; 32] = w
+        .keys
+        .0
+        .iter()
+        .find(|k| k.key_ref == "local:kek-a")
+        .unwrap()
+        .secret[..]
+        .try_into()
+        .unwrap();
+    let upper = uuid::Uuid::new_v4().to_string().to_uppercase();
+    let dek = [6u8; 32];
+    let sealed = pqmig::crypto::wrap::seal_legacy_aes(&kek, &upper.to_lowercase(), &dek);
+    let wid: i64 = c
+        .query_one(
+            "INSERT INTO key_wrappers (wrapper_uuid, kms1_key_id, dek_wrap1) VALUES ($1, $2, $3) RETURNING id",
+            &[&upper, &w.seed.legacy_key_ids[0], &sealed],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let daemon = InProcess::start(&w.fx, &[]).await;
+    let id = w.enqueue(w.seed.policy_id, json!({})).await;
+    let j = w.fx.wait_job(id, 60, terminal).await;
+    daemon.stop().await;
+    assert_eq!(j.status, "done", "{j:?}");
+    w.assert_pyca_opens(&[(wid, dek)]).await;
+}
