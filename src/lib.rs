@@ -31,6 +31,7 @@ pub mod crypto;
 pub mod daemon;
 pub mod db;
 pub mod http;
+pub mod job;
 pub mod keys;
 pub mod metrics;
 pub mod sample;

@@ -839,7 +839,7 @@ async fn fenced_writes_with_a_stale_lease_change_nothing() {
 /// write is kept, and the item is migrated from the new value.
 #[tokio::test]
 async fn concurrent_application_write_is_not_lost() {
-    use pqmig::scope::{Prepared, ScopeContext};
+    use pqmig::scope::ScopeContext;
     let fx = Fixture::new(10).await;
     let c = fx.db.client().await;
     let id = fx.enqueue(json!({})).await;
@@ -851,12 +851,11 @@ async fn concurrent_application_write_is_not_lost() {
     let ctx = ScopeContext {
         keyring: Some(fx.keyring.clone()),
     };
-    let Ok(Prepared::Hashes(h)) = Prepared::prepare(&c, &job, &ctx).await else {
-        panic!("a hashes job prepares as hashes");
-    };
+    let spec = job.spec.as_ref().expect("a readable job");
+    let h = spec.scope.prepare(&c, spec, &ctx).await.expect("prepare");
     let rows = h.fetch(&c, i64::MIN, 10).await.expect("fetch");
-    assert_eq!(rows.len(), 10);
-    let computed = h.compute_off_thread(rows).await.expect("compute");
+    assert_eq!(rows.len, 10);
+    let computed = h.compute(rows).await.expect("compute");
 
     // The application changes user 3's email and user 4's version meanwhile.
     let app = fx.db.client().await;

@@ -15,7 +15,8 @@ use pqmig::crypto::kem::{self, Kem, KemKeyPair};
 use pqmig::crypto::wrap::{self, WrapError};
 use pqmig::db::wrappers::WrapperRow;
 use pqmig::sample::{SampleKeys, WrapperSeed};
-use pqmig::scope::wrappers::{LayerSelection, SourceKeys, choose_layers};
+use pqmig::scope::wrappers::SourceKeys;
+use pqmig::scope::wrappers::policy::{LayerSelection, choose_layers};
 
 use crate::engine::InProcess;
 use crate::hashes_fixture::{Fixture, terminal, terminate};
@@ -1111,7 +1112,7 @@ async fn keys_generate_adds_keys_atomically_and_registers_them() {
 /// no longer an item.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_concurrent_rotation_by_the_application_is_not_lost() {
-    use pqmig::scope::{Prepared, ScopeContext};
+    use pqmig::scope::ScopeContext;
     let w = WrapFx::new(10, Kem::MlKem768, 1).await;
     let c = w.fx.db.client().await;
     let id = w.enqueue(w.seed.policy_id, json!({})).await;
@@ -1123,7 +1124,8 @@ async fn a_concurrent_rotation_by_the_application_is_not_lost() {
     let ctx = ScopeContext {
         keyring: Some(w.fx.keyring.clone()),
     };
-    let prepared = Prepared::prepare(&c, &job, &ctx).await.expect("prepare");
+    let spec = job.spec.as_ref().expect("a readable job");
+    let prepared = spec.scope.prepare(&c, spec, &ctx).await.expect("prepare");
     let rows = prepared.fetch(&c, i64::MIN, 10).await.expect("fetch");
     let computed = prepared.compute(rows).await.expect("compute");
 

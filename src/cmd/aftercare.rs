@@ -1,39 +1,27 @@
 //! After a job: `pqmig verify JOB` re-checks every item the job migrated
 //! with the key material, `pqmig rollback JOB` restores the backed-up
 //! previous values, `pqmig purge-backups JOB` deletes the backups once the
-//! job has been verified.
-
-use std::sync::Arc;
+//! job is done and verified. The scope's part of each is its
+//! [`crate::scope::Aftercare`]; the rules around it live here.
 
 use tokio_postgres::Client;
 
 use super::UsageError;
 use crate::config::Config;
-use crate::db::{self, jobs, status as dbs, wrappers as dbw};
-use crate::keys::LocalKeyring;
+use crate::db::{jobs, status as dbs, wrappers as dbw};
+use crate::job::Purpose;
+use crate::scope::{Aftercare, ScopeContext};
 
-/// Rows per page of verify and rollback.
+/// Rows per page of rollback.
 const PAGE: i64 = 500;
+
+/// Backups deleted per statement by `purge-backups`.
+const PURGE_CHUNK: i64 = 10_000;
 
 async fn job(client: &Client, id: i64) -> anyhow::Result<dbs::JobView> {
     dbs::job_get(client, id)
         .await?
         .ok_or_else(|| UsageError(format!("no job with id {id}")).into())
-}
-
-fn keyring(config: &Config) -> anyhow::Result<Arc<LocalKeyring>> {
-    let path = config.keyring.as_ref().ok_or_else(|| {
-        UsageError(
-            "no keyring configured (keys.keyring or PQMIG_KEYRING): verify needs the keys".into(),
-        )
-    })?;
-    Ok(Arc::new(LocalKeyring::load(path)?))
-}
-
-/// One item that did not verify.
-struct Mismatch {
-    item: i64,
-    why: String,
 }
 
 /// The job's status and `finished_at` now: the marks a command records
@@ -50,10 +38,29 @@ fn changed_meanwhile(job_id: i64) -> anyhow::Error {
     )
 }
 
+/// The scope's aftercare of a finished job (`keys`: with its key material).
+async fn aftercare(
+    config: &Config,
+    client: &Client,
+    job_id: i64,
+    keys: bool,
+) -> anyhow::Result<Box<dyn Aftercare>> {
+    let spec = jobs::job_spec(client, job_id, Purpose::Aftercare)
+        .await?
+        .ok_or_else(|| UsageError(format!("no job with id {job_id}")))?
+        .map_err(|e| UsageError(format!("job {job_id}: {e}")))?;
+    let ctx = ScopeContext {
+        keyring: config.keyring.clone(),
+    };
+    spec.scope
+        .aftercare(client, &spec, &ctx, keys)
+        .await
+        .map_err(|e| anyhow::anyhow!("job {job_id} cannot be checked: {e}"))
+}
+
 /// `pqmig verify JOB`.
 pub async fn verify(config: &Config, job_id: i64) -> anyhow::Result<()> {
-    let client = db::connect(&config.database).await?;
-    db::migrate::check_current(&client).await?;
+    let client = super::connect(config).await?;
     let seen = finish_state(&client, job_id).await?;
     let j = job(&client, job_id).await?;
     if matches!(j.status.as_str(), "pending" | "running") {
@@ -63,123 +70,59 @@ pub async fn verify(config: &Config, job_id: i64) -> anyhow::Result<()> {
         ))
         .into());
     }
-    let (checked, bad) = match j.scope.as_str() {
-        "wrappers" => {
-            let (checked, changed, bad) =
-                crate::scope::wrappers::verify_job(&client, keyring(config)?, job_id, PAGE)
-                    .await
-                    .map_err(|e| anyhow::anyhow!("{e}"))?;
-            if changed > 0 {
-                println!(
-                    "job {job_id}: {changed} wrappers were rotated or deleted since the job (their DEK is no longer the backed-up one); not checked"
-                );
-            }
-            let bad: Vec<Mismatch> = bad
-                .into_iter()
-                .map(|(item, why)| Mismatch { item, why })
-                .collect();
-            (checked, bad)
-        }
-        "hashes" => {
-            let h = hashes_job(config, &client, job_id).await?;
-            let (checked, changed, bad) = h.verify_job(&client, job_id).await?;
-            if checked + changed == 0 && !h.common().backup {
-                return Err(anyhow::anyhow!(
-                    "job {job_id} ran with backup off: there is nothing to verify the hashes against"
-                ));
-            }
-            if changed > 0 {
-                println!(
-                    "job {job_id}: {changed} rows changed since the job (another version now); not checked"
-                );
-            }
-            let bad = bad
-                .into_iter()
-                .map(|(item, why)| Mismatch { item, why })
-                .collect();
-            (checked, bad)
-        }
-        "signatures" => {
-            let (checked, gone, bad) =
-                crate::scope::signatures::verify_job(&client, job_id).await?;
-            if gone > 0 {
-                println!("job {job_id}: {gone} countersignatures were deleted since the job");
-            }
-            let bad = bad
-                .into_iter()
-                .map(|(item, why)| Mismatch { item, why })
-                .collect();
-            (checked, bad)
-        }
-        other => {
-            return Err(UsageError(format!(
-                "verify is not available for {other} jobs in this build"
-            ))
-            .into());
-        }
-    };
-    for m in bad.iter().take(20) {
-        eprintln!("  item {}: {}", m.item, m.why);
+    let report = aftercare(config, &client, job_id, true)
+        .await?
+        .verify(&client, job_id)
+        .await
+        .map_err(|e| anyhow::anyhow!("job {job_id}: {e}"))?;
+    if report.changed > 0 {
+        println!(
+            "job {job_id}: {} {}; not checked",
+            report.changed, report.changed_note
+        );
     }
-    if !bad.is_empty() {
+    for (item, why) in report.mismatches.iter().take(20) {
+        eprintln!("  item {item}: {why}");
+    }
+    if !report.mismatches.is_empty() {
         return Err(anyhow::anyhow!(
-            "job {job_id}: {} of {checked} items failed verification (first ones listed above)",
-            bad.len()
+            "job {job_id}: {} of {} items failed verification (first ones listed above)",
+            report.mismatches.len(),
+            report.checked
         ));
     }
     // Backups and nothing checked: every item changed since (or the
     // checks looked in the wrong place). That is no verification.
     let backups = dbw::backups_count(&client, job_id).await?;
-    if checked == 0 && backups > 0 {
+    if report.checked == 0 && backups > 0 {
         let rolled_back = j.result.as_ref().and_then(|r| r.get("rolled_back"));
-        if let Some(r) = rolled_back {
-            // Its backups now hold what the rows hold again: purging them
-            // loses nothing, so the mark is recorded.
-            println!(
-                "job {job_id} was rolled back ({} items at {}): nothing it wrote is left to verify",
-                r["items"], r["at"]
-            );
-            if !jobs::job_mark_verified(&client, job_id, 0, &seen).await? {
-                return Err(changed_meanwhile(job_id));
-            }
-            return Ok(());
-        }
-        return Err(anyhow::anyhow!(
-            "job {job_id}: it has {backups} backups but none of its items could be checked (all changed since the job?): not verified"
-        ));
+        let Some(r) = rolled_back else {
+            return Err(anyhow::anyhow!(
+                "job {job_id}: it has {backups} backups but none of its items could be checked (all changed since the job?): not verified"
+            ));
+        };
+        // Its backups now hold what the rows hold again: purging them
+        // loses nothing, so the mark is recorded.
+        println!(
+            "job {job_id} was rolled back ({} items at {}): nothing it wrote is left to verify",
+            r["items"], r["at"]
+        );
     }
-    if !jobs::job_mark_verified(&client, job_id, checked, &seen).await? {
+    if !jobs::job_mark_verified(&client, job_id, report.checked, &seen).await? {
         return Err(changed_meanwhile(job_id));
     }
-    println!("job {job_id}: {checked} items verified, all open to the same key material");
-    Ok(())
-}
-
-/// A hashes job prepared as the daemon would (its pepper loaded).
-async fn hashes_job(
-    config: &Config,
-    client: &Client,
-    job_id: i64,
-) -> anyhow::Result<crate::scope::hashes::HashesJob> {
-    let probe = jobs::job_probe(client, job_id)
-        .await?
-        .ok_or_else(|| UsageError(format!("no job with id {job_id}")))?;
-    let ctx = crate::scope::ScopeContext {
-        keyring: Some(config.keyring.clone().ok_or_else(|| {
-            UsageError("no keyring configured (keys.keyring or PQMIG_KEYRING)".into())
-        })?),
-    };
-    match crate::scope::Prepared::prepare(client, &probe, &ctx).await {
-        Ok(crate::scope::Prepared::Hashes(h)) => Ok(h),
-        Ok(_) => unreachable!("a hashes job prepares as hashes"),
-        Err(e) => Err(anyhow::anyhow!("job {job_id} cannot be checked: {e}")),
+    if report.checked > 0 || backups == 0 {
+        println!(
+            "job {job_id}: {} items verified, all open to the same key material",
+            report.checked
+        );
     }
+    Ok(())
 }
 
 /// `pqmig rollback JOB`.
 pub async fn rollback(config: &Config, job_id: i64) -> anyhow::Result<()> {
-    let mut client = db::connect(&config.database).await?;
-    db::migrate::check_current(&client).await?;
+    let mut client = super::connect(config).await?;
     let state = finish_state(&client, job_id).await?;
     let j = job(&client, job_id).await?;
     if matches!(j.status.as_str(), "pending" | "running") {
@@ -189,34 +132,19 @@ pub async fn rollback(config: &Config, job_id: i64) -> anyhow::Result<()> {
         ))
         .into());
     }
-    let hashes = match j.scope.as_str() {
-        "wrappers" | "signatures" => None,
-        "hashes" => Some(hashes_job(config, &client, job_id).await?),
-        other => {
-            return Err(UsageError(format!(
-                "rollback is not available for {other} jobs in this build"
-            ))
-            .into());
-        }
-    };
+    let scope = aftercare(config, &client, job_id, false).await?;
     let (mut restored, mut seen, mut after) = (0i64, 0i64, i64::MIN);
     loop {
         let tx = client.transaction().await?;
-        let (done, n, last) = match &hashes {
-            Some(h) => h.rollback_batch(&tx, job_id, after, PAGE).await?,
-            None if j.scope == "signatures" => {
-                crate::db::signatures::countersignatures_delete(&tx, job_id, after, PAGE).await?
-            }
-            None => {
-                let (ids, n, last) = dbw::wrappers_rollback_batch(&tx, job_id, after, PAGE).await?;
-                (ids.len() as i64, n, last)
-            }
-        };
+        let page = scope
+            .rollback_page(&tx, job_id, after, PAGE)
+            .await
+            .map_err(|e| anyhow::anyhow!("job {job_id}: {e}"))?;
         tx.commit().await?;
-        let Some(last) = last else { break };
+        let Some(last) = page.last else { break };
         after = last;
-        restored += done;
-        seen += n;
+        restored += page.restored;
+        seen += page.seen;
     }
     if seen == 0 {
         println!("job {job_id} has no backups: nothing to roll back");
@@ -250,14 +178,10 @@ pub async fn rollback(config: &Config, job_id: i64) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Backups deleted per statement by `purge-backups`.
-const PURGE_CHUNK: i64 = 10_000;
-
 /// `pqmig purge-backups JOB`: only for a `done` job verified since it last
 /// finished; in statements of [`PURGE_CHUNK`] rows, with progress.
 pub async fn purge_backups(config: &Config, job_id: i64) -> anyhow::Result<()> {
-    let client = db::connect(&config.database).await?;
-    db::migrate::check_current(&client).await?;
+    let client = super::connect(config).await?;
     let j = job(&client, job_id).await?;
     if j.status != "done" {
         return Err(UsageError(format!(

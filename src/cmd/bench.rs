@@ -292,7 +292,13 @@ async fn baselines(
     let ctx = crate::scope::ScopeContext {
         keyring: cfg.keyring.clone(),
     };
-    let prepared = crate::scope::Prepared::prepare(&*client, &claimed, &ctx)
+    let spec = claimed
+        .spec
+        .as_ref()
+        .map_err(|e| anyhow::anyhow!("the baseline job: {e}"))?;
+    let prepared = spec
+        .scope
+        .prepare(&*client, spec, &ctx)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
 
@@ -306,7 +312,7 @@ async fn baselines(
             .fetch(&*client, after, BASELINE_BATCH.min(cap - fetched))
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let (n, Some(last)) = rows.extent() else {
+        let (n, Some(last)) = (rows.len, rows.last) else {
             break;
         };
         fetched += n;
@@ -337,7 +343,7 @@ async fn baselines(
             .fetch(&*client, after, size)
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let (n, Some(last)) = rows.extent() else {
+        let (n, Some(last)) = (rows.len, rows.last) else {
             break;
         };
         after = last;

@@ -6,8 +6,9 @@ use time::format_description::well_known::Rfc3339;
 
 use super::usage;
 use crate::config::Config;
-use crate::db::jobs::{self, ClaimedJob, Lease, NewJob};
-use crate::scope::{JobError, Prepared, ScopeContext};
+use crate::db::jobs::{self, NewJob};
+use crate::job::{JobSpec, Purpose};
+use crate::scope::{JobError, ScopeContext, ScopeKind};
 
 /// A job as the flags of `enqueue` and `plan` describe it.
 #[derive(Debug, Clone, Default)]
@@ -29,7 +30,7 @@ pub struct JobRequest {
 
 /// Turn the flags into a job, checking everything that needs no database.
 pub fn parse(args: &JobRequest) -> anyhow::Result<NewJob> {
-    if !["wrappers", "signatures", "hashes"].contains(&args.scope.as_str()) {
+    if ScopeKind::parse(&args.scope).is_none() {
         return Err(usage(format!(
             "--scope: {:?} is not one of wrappers, signatures, hashes",
             args.scope
@@ -78,12 +79,12 @@ pub fn parse(args: &JobRequest) -> anyhow::Result<NewJob> {
     })
 }
 
-/// The flags as a job with its names resolved to ids, and a probe of it
-/// (a [`ClaimedJob`] with no lease) for the daemon's own checks.
+/// The flags as a job with its names resolved to ids, and its definition
+/// for the daemon's own checks.
 pub async fn resolve(
     client: &tokio_postgres::Client,
     args: &JobRequest,
-) -> anyhow::Result<(NewJob, ClaimedJob)> {
+) -> anyhow::Result<(NewJob, JobSpec)> {
     let mut job = parse(args)?;
     if let Some(p) = args.policy.as_deref() {
         job.target_policy_id = Some(jobs::policy_resolve(client, p).await?.ok_or_else(|| {
@@ -102,25 +103,16 @@ pub async fn resolve(
         job.target_algo_id =
             Some(id.ok_or_else(|| usage(format!("--algo: no algorithm with alias or id {a:?}")))?);
     }
-    let probe = ClaimedJob {
-        lease: Lease {
-            job_id: 0,
-            token: uuid::Uuid::nil(),
-        },
-        scope: job.scope.clone(),
+    let spec = JobSpec {
+        id: 0,
+        scope: ScopeKind::parse(&job.scope).expect("checked by parse"),
         target_policy_id: job.target_policy_id,
         target_algo_id: job.target_algo_id,
         selection: job.selection.clone(),
-        selection_error: None,
-        attempts: 0,
-        cursor: None,
-        processed_count: 0,
-        failed_count: 0,
-        total_count: None,
-        pinned: None,
-        aftercare: false,
+        result: None,
+        purpose: Purpose::Check,
     };
-    Ok((job, probe))
+    Ok((job, spec))
 }
 
 /// A job the daemon would fail: a usage error naming why.
@@ -134,16 +126,16 @@ pub fn would_fail(e: JobError) -> anyhow::Error {
 /// Resolve names to ids, validate as the daemon will, insert.
 pub async fn run(config: &Config, args: &JobRequest) -> anyhow::Result<()> {
     let client = &super::connect(config).await?;
-    let (job, probe) = resolve(client, args).await?;
+    let (job, spec) = resolve(client, args).await?;
     // The daemon's own checks, on a job that is not in the table yet.
     let checked = match &config.keyring {
         Some(path) => {
             let ctx = ScopeContext {
                 keyring: Some(path.clone()),
             };
-            Prepared::prepare(client, &probe, &ctx).await.map(|_| true)
+            spec.scope.prepare(client, &spec, &ctx).await.map(|_| true)
         }
-        None => Prepared::validate(client, &probe).await.map(|_| false),
+        None => spec.scope.validate(client, &spec).await.map(|_| false),
     };
     let keys_checked = checked.map_err(would_fail)?;
     let id = jobs::job_insert(client, &job).await?;

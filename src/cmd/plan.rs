@@ -9,7 +9,7 @@ use serde::Serialize;
 use super::UsageError;
 use super::enqueue::JobRequest;
 use crate::config::Config;
-use crate::scope::{Prepared, ScopeContext};
+use crate::scope::ScopeContext;
 
 /// Items the dry run computes at most.
 const SAMPLE: i64 = 50;
@@ -38,7 +38,7 @@ pub struct PlanReport {
 
 pub async fn run(config: &Config, args: &JobRequest, json: bool) -> anyhow::Result<()> {
     let client = &super::connect(config).await?;
-    let (_, probe) = super::enqueue::resolve(client, args).await?;
+    let (_, spec) = super::enqueue::resolve(client, args).await?;
     let keyring = config.keyring.clone().ok_or_else(|| {
         UsageError(
             "plan runs the job's crypto on a sample and needs the keyring (keys.keyring or PQMIG_KEYRING)"
@@ -48,7 +48,9 @@ pub async fn run(config: &Config, args: &JobRequest, json: bool) -> anyhow::Resu
     let ctx = ScopeContext {
         keyring: Some(keyring),
     };
-    let job = Prepared::prepare(client, &probe, &ctx)
+    let job = spec
+        .scope
+        .prepare(client, &spec, &ctx)
         .await
         .map_err(super::enqueue::would_fail)?;
     let cap = job.common().limit.unwrap_or(i64::MAX);
@@ -58,15 +60,19 @@ pub async fn run(config: &Config, args: &JobRequest, json: bool) -> anyhow::Resu
         .fetch(client, i64::MIN, SAMPLE.min(cap))
         .await
         .map_err(err)?;
-    let (sampled, _) = rows.extent();
+    let sampled = rows.len;
     let t = Instant::now();
     let computed = job.compute(rows).await.map_err(err)?;
     let secs = t.elapsed().as_secs_f64();
-    let (migrate, skip, fail) = computed.outcome();
-    let bytes_per_item = (migrate > 0).then(|| computed.growth_bytes() as f64 / migrate as f64);
+    let crate::scope::Outcome {
+        write: migrate,
+        skip,
+        fail,
+    } = computed.outcome;
+    let bytes_per_item = (migrate > 0).then(|| computed.growth_bytes as f64 / migrate as f64);
     let rate = (sampled > 0).then(|| sampled as f64 / secs.max(1e-6));
     let report = PlanReport {
-        scope: probe.scope.clone(),
+        scope: spec.scope.to_string(),
         matched,
         sampled,
         sample_migrate: migrate,

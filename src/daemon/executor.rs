@@ -334,7 +334,8 @@ async fn work(
     let scope = Arc::new(
         retrying(shared, lost, "validation", || async {
             let client = shared.pool.get().await?;
-            Prepared::prepare(&**client, job, &shared.scope).await
+            let spec = job.spec.as_ref().map_err(|e| JobError::Fatal(e.clone()))?;
+            spec.scope.prepare(&client, spec, &shared.scope).await
         })
         .await?,
     );
@@ -359,7 +360,7 @@ async fn work(
         None => {
             let t = retrying(shared, lost, "count", || async {
                 let client = shared.pool.get().await?;
-                h.count(&**client, progress.after_id, cap).await
+                h.count(&client, progress.after_id, cap).await
             })
             .await?;
             let client = shared.pool.get().await?;
@@ -534,7 +535,7 @@ async fn work(
     }
     let mut client = client;
     let tx = client.transaction().await?;
-    h.on_done(&*tx, lease.job_id).await?;
+    h.on_done(&tx, lease.job_id).await?;
     if !jobs::job_finish(&*tx, lease, "done", None, &result, &shared.worker_id).await? {
         return Err(JobError::LeaseLost);
     }
@@ -569,9 +570,9 @@ async fn stage(
 ) -> Result<Option<Staged>, JobError> {
     let rows = {
         let client = shared.pool.get().await?;
-        h.fetch(&**client, after, n).await?
+        h.fetch(&client, after, n).await?
     };
-    let (fetched, Some(last)) = rows.extent() else {
+    let (fetched, Some(last)) = (rows.len, rows.last) else {
         return Ok(None);
     };
     let computed = h.compute(rows).await?;
@@ -615,7 +616,7 @@ async fn commit(
     } = st;
     let mut client = shared.pool.get().await?;
     let tx = client.transaction().await?;
-    let (counts, failures) = h.write(&*tx, lease.job_id, computed).await?;
+    let (counts, failures) = h.write(&tx, lease.job_id, computed).await?;
     let ids: Vec<String> = failures.iter().map(|f| f.item_id.to_string()).collect();
     let codes: Vec<&str> = failures.iter().map(|f| f.code).collect();
     let msgs: Vec<String> = failures.iter().map(|f| f.message.clone()).collect();

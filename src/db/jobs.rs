@@ -9,6 +9,8 @@ use serde_json::Value;
 use tokio_postgres::GenericClient;
 use uuid::Uuid;
 
+use crate::job::{JobSpec, Purpose, spec_from_row};
+
 /// The fence of one claimed job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Lease {
@@ -20,24 +22,17 @@ pub struct Lease {
 #[derive(Debug, Clone)]
 pub struct ClaimedJob {
     pub lease: Lease,
+    /// The scope as stored (for logs and metrics, even when unknown).
     pub scope: String,
-    pub target_policy_id: Option<i64>,
-    pub target_algo_id: Option<i64>,
-    pub selection: Option<Value>,
-    /// Why the stored selection could not be read (JSON nested deeper than
-    /// serde_json's recursion limit): the job fails with it, nothing panics.
-    pub selection_error: Option<String>,
+    /// The job's definition, or why it cannot be read (an unknown scope, a
+    /// selection nested deeper than serde_json's limit): the job then fails
+    /// with that line, nothing panics.
+    pub spec: Result<JobSpec, String>,
     pub attempts: i32,
     pub cursor: Option<Value>,
     pub processed_count: i64,
     pub failed_count: i64,
     pub total_count: Option<i64>,
-    /// The job's `result` as stored: what it pinned when it first started
-    /// (`profile` of a hashes job, `policy` of a wrappers job).
-    pub pinned: Option<Value>,
-    /// Prepared for `verify` or `rollback` of a finished job: checked with
-    /// what it ran with, not refused because something was deprecated since.
-    pub aftercare: bool,
 }
 
 /// The claim query. Its WHERE and ORDER BY match `idx_pq_mig_claim` exactly
@@ -72,24 +67,27 @@ pub async fn job_claim(
     Ok(rows
         .iter()
         .map(|r| {
-            let (selection, selection_error) = selection_split(r, 4);
+            let scope: String = r.get(1);
             ClaimedJob {
                 lease: Lease {
                     job_id: r.get(0),
                     token: r.get(6),
                 },
-                scope: r.get(1),
-                target_policy_id: r.get(2),
-                target_algo_id: r.get(3),
-                selection,
-                selection_error,
+                spec: spec_from_row(
+                    r.get(0),
+                    &scope,
+                    r.get(2),
+                    r.get(3),
+                    selection_at(r, 4),
+                    r.try_get(11).ok().flatten(),
+                    Purpose::Run,
+                ),
+                scope,
                 attempts: r.get(5),
                 cursor: r.get(7),
                 processed_count: r.get(8),
                 failed_count: r.get(9),
                 total_count: r.get(10),
-                pinned: r.get(11),
-                aftercare: false,
             }
         })
         .collect())
@@ -102,14 +100,6 @@ pub fn selection_at(r: &tokio_postgres::Row, idx: usize) -> Result<Option<Value>
         let why = std::error::Error::source(&e).map_or_else(|| e.to_string(), |s| s.to_string());
         format!("selection: unreadable JSON ({why})")
     })
-}
-
-/// The selection and, when it cannot be read, why (read once).
-fn selection_split(r: &tokio_postgres::Row, idx: usize) -> (Option<Value>, Option<String>) {
-    match selection_at(r, idx) {
-        Ok(v) => (v, None),
-        Err(e) => (None, Some(e)),
-    }
 }
 
 /// The `result->key` of these jobs, where they have one: (job id, value).
@@ -583,12 +573,14 @@ pub async fn job_verified_since_finish(
     Ok(row.get(0))
 }
 
-/// A job's definition as a [`ClaimedJob`] with no lease, so a command can
-/// validate and prepare it the way the daemon does (`verify`, `rollback`).
-pub async fn job_probe(
+/// A stored job's definition, prepared the way the daemon does for
+/// `verify` and `rollback` (`None`: no such job; `Err`: why it is
+/// unreadable).
+pub async fn job_spec(
     c: &impl GenericClient,
     id: i64,
-) -> Result<Option<ClaimedJob>, tokio_postgres::Error> {
+    purpose: Purpose,
+) -> Result<Option<Result<JobSpec, String>>, tokio_postgres::Error> {
     let row = c
         .query_opt(
             "SELECT scope, target_policy_id, target_algo_id, selection, result \
@@ -597,24 +589,14 @@ pub async fn job_probe(
         )
         .await?;
     Ok(row.map(|r| {
-        let (selection, selection_error) = selection_split(&r, 3);
-        ClaimedJob {
-            lease: Lease {
-                job_id: id,
-                token: Uuid::nil(),
-            },
-            scope: r.get(0),
-            target_policy_id: r.get(1),
-            target_algo_id: r.get(2),
-            selection,
-            selection_error,
-            attempts: 0,
-            cursor: None,
-            processed_count: 0,
-            failed_count: 0,
-            total_count: None,
-            pinned: r.get(4),
-            aftercare: true,
-        }
+        spec_from_row(
+            id,
+            r.get(0),
+            r.get(1),
+            r.get(2),
+            selection_at(&r, 3),
+            r.try_get(4).ok().flatten(),
+            purpose,
+        )
     }))
 }

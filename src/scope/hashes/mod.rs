@@ -3,15 +3,25 @@
 //! chain. Identifiers come only from `field_hash_policies` and
 //! information_schema; concurrent application writes are protected by
 //! compare-and-set on the old hash and version (see `db::hashes`).
+//!
+//! - [`profile`]: the profile a job runs with, pinned when it starts.
+//! - [`aftercare`]: `verify` and `rollback` of a finished job.
+
+mod aftercare;
+mod profile;
 
 use std::sync::Arc;
 
-use tokio_postgres::GenericClient;
+use tokio_postgres::{Client, GenericClient, Transaction};
 
-use super::{BatchCounts, ItemFailure, JobError, ScopeContext};
+pub use aftercare::{HashesAftercare, aftercare};
+pub use profile::ProfilePin;
+use profile::job_profile;
+
+use super::{BatchCounts, ItemFailure, JobError, Outcome, Scope, ScopeContext, fatal};
 use crate::crypto::onion::{HmacHash, Onion};
 use crate::db::hashes::{self as dbh, HashRow, HashStatements, HashUpdates};
-use crate::db::jobs::ClaimedJob;
+use crate::job::JobSpec;
 use crate::keys::{KeyProvider, LocalKeyring};
 use crate::selection::{self, Common};
 
@@ -23,104 +33,6 @@ pub struct HashesJob {
     pin: ProfilePin,
 }
 
-/// The profile a job runs with, pinned when it first starts (kept in
-/// `result.profile`), so a pepper rotation during or after the job changes
-/// nothing for it: a resumed job goes on with it, and `verify` and
-/// `rollback` check and restore exactly what it wrote.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct ProfilePin {
-    pub id: i64,
-    pub name: String,
-    pub key_ref: String,
-    pub output_len: Option<i16>,
-    /// Already in the job's `result` (not to be recorded again).
-    #[serde(skip)]
-    pub recorded: bool,
-}
-
-/// The job's profile: the pinned one if it has one (which must still exist
-/// and, for a running job, be active), else the newest active profile of
-/// the target algorithm. A finished job from before pins falls back to the
-/// profile it registered in `field_hash_policies`.
-async fn job_profile(
-    c: &impl GenericClient,
-    job: &ClaimedJob,
-    algo_id: i64,
-    label: &str,
-) -> Result<ProfilePin, JobError> {
-    if let Some(v) = job.pinned.as_ref().and_then(|r| r.get("profile")) {
-        let mut pin: ProfilePin = serde_json::from_value(v.clone())
-            .map_err(|e| fatal(format!("result.profile of the job is unreadable: {e}")))?;
-        pin.recorded = true;
-        let row = dbh::hash_profile_by_id(c, pin.id).await?.ok_or_else(|| {
-            fatal(format!(
-                "hash profile {:?} (id {}) the job started with no longer exists",
-                pin.name, pin.id
-            ))
-        })?;
-        if row.algo_id != algo_id {
-            return Err(fatal(format!(
-                "hash profile {:?} (id {}) the job started with is no longer a profile of {label}",
-                pin.name, pin.id
-            )));
-        }
-        let current = (
-            row.name.as_str(),
-            row.params.get("key_ref").and_then(|v| v.as_str()),
-            row.output_len,
-        );
-        if !job.aftercare
-            && current
-                != (
-                    pin.name.as_str(),
-                    Some(pin.key_ref.as_str()),
-                    pin.output_len,
-                )
-        {
-            return Err(fatal(format!(
-                "hash profile {:?} (id {}) was changed in place since the job started (name, params.key_ref or output_len): the job stops here; restore the profile, or queue a new job",
-                pin.name, pin.id
-            )));
-        }
-        if !job.aftercare && row.status != "active" {
-            return Err(fatal(format!(
-                "hash profile {:?} the job started with is now {}: the job stops here; queue a new job for the active profile",
-                pin.name, row.status
-            )));
-        }
-        return Ok(pin);
-    }
-    let profile = match job.aftercare {
-        true => match dbh::hash_profile_of_job(c, job.lease.job_id).await? {
-            Some(p) => Some(p),
-            None => dbh::hash_profile_active(c, algo_id).await?,
-        },
-        false => dbh::hash_profile_active(c, algo_id).await?,
-    };
-    let profile = profile.ok_or_else(|| {
-        fatal(format!(
-            "no active hash_profiles row for target algorithm {label} (id {algo_id})"
-        ))
-    })?;
-    let key_ref = profile
-        .params
-        .get("key_ref")
-        .and_then(|v| v.as_str())
-        .ok_or_else(|| {
-            fatal(format!(
-                "hash profile {:?} has no params.key_ref naming its pepper",
-                profile.name
-            ))
-        })?;
-    Ok(ProfilePin {
-        id: profile.id,
-        key_ref: key_ref.to_owned(),
-        output_len: profile.output_len,
-        name: profile.name,
-        recorded: false,
-    })
-}
-
 /// The new values of one batch, computed off the async executor.
 pub struct Computed {
     pub updates: HashUpdates,
@@ -128,39 +40,47 @@ pub struct Computed {
     pub skipped: i64,
 }
 
-fn fatal(msg: impl Into<String>) -> JobError {
-    JobError::Fatal(msg.into())
-}
-
 /// A hashes job checked against the database, its key not loaded yet.
 pub struct Checked {
     sel: selection::Hashes,
     hash: HmacHash,
     pin: ProfilePin,
-    version_name: String,
-    id_name: String,
-    created: Option<String>,
+    stmts: HashStatements,
     version_max_len: Option<usize>,
-    schema: String,
 }
 
 impl HashesJob {
     /// Validate the job and load its pepper; nothing is written.
     pub async fn prepare(
         c: &impl GenericClient,
-        job: &ClaimedJob,
+        spec: &JobSpec,
         ctx: &ScopeContext,
     ) -> Result<HashesJob, JobError> {
-        Self::check(c, job).await?.load_key(ctx)
+        let checked = Self::check(c, spec).await?;
+        let onion = checked.onion(ctx)?;
+        let Checked {
+            sel,
+            pin,
+            stmts,
+            version_max_len,
+            ..
+        } = checked;
+        Ok(HashesJob {
+            sel,
+            stmts,
+            onion: Arc::new(onion),
+            version_max_len,
+            pin,
+        })
     }
 
     /// Every check that needs only the database: selection, target
     /// algorithm, profile, registration and column types.
-    pub async fn check(c: &impl GenericClient, job: &ClaimedJob) -> Result<Checked, JobError> {
+    pub async fn check(c: &impl GenericClient, spec: &JobSpec) -> Result<Checked, JobError> {
         let sel =
-            selection::parse_hashes(job.selection.as_ref()).map_err(|e| fatal(e.to_string()))?;
+            selection::parse_hashes(spec.selection.as_ref()).map_err(|e| fatal(e.to_string()))?;
 
-        let algo_id = job.target_algo_id.ok_or_else(|| {
+        let algo_id = spec.target_algo_id.ok_or_else(|| {
             fatal("target_algo_id is required for the hashes scope (an HMAC algorithm)")
         })?;
         let algo = crate::db::algorithms::algorithm_by_id(c, algo_id)
@@ -174,7 +94,7 @@ impl HashesJob {
         }
         // A finished job is checked with what it ran with, whatever has
         // been deprecated since.
-        if !job.aftercare {
+        if !spec.aftercare() {
             algo.check_usable(sel.common.allow_experimental)
                 .map_err(fatal)?;
         }
@@ -188,7 +108,7 @@ impl HashesJob {
                 ))
             })?;
 
-        let pin = job_profile(c, job, algo_id, &label).await?;
+        let pin = job_profile(c, spec, algo_id, &label).await?;
         // Identifiers: registered for hashing and present in this schema.
         if !dbh::field_hash_policy_exists(c, &sel.table, &sel.column).await? {
             return Err(fatal(format!(
@@ -262,36 +182,31 @@ impl HashesJob {
             None
         };
 
+        let target = dbh::HashTarget {
+            schema: &schema,
+            table: &sel.table,
+            id_column: &id_name,
+            column: &sel.column,
+            version_column: &version_name,
+            created_column: created.as_deref(),
+        };
+        let stmts = HashStatements::new(&target, &sel.common, sel.from_version.as_deref());
         Ok(Checked {
             version_max_len: ver_col.max_length.map(|n| n as usize),
             sel,
             hash,
             pin,
-            version_name,
-            id_name,
-            created,
-            schema,
+            stmts,
         })
     }
 }
 
 impl Checked {
-    /// The pepper, last: a keyring problem is reported only for a job that
-    /// is otherwise valid.
-    pub fn load_key(self, ctx: &ScopeContext) -> Result<HashesJob, JobError> {
-        let Checked {
-            sel,
-            hash,
-            pin,
-            version_name,
-            id_name,
-            created,
-            version_max_len,
-            schema,
-        } = self;
-        let path = ctx.keyring.as_ref().ok_or_else(|| {
-            fatal("no keyring configured (keys.keyring or PQMIG_KEYRING) to read the pepper from")
-        })?;
+    /// The onion of the pinned profile, its pepper loaded last: a keyring
+    /// problem is reported only for a job that is otherwise valid.
+    pub fn onion(&self, ctx: &ScopeContext) -> Result<Onion, JobError> {
+        let (pin, hash) = (&self.pin, self.hash);
+        let path = ctx.keyring("read the pepper from")?;
         let keyring = LocalKeyring::load(path).map_err(|e| fatal(e.to_string()))?;
         let key_ref = &pin.key_ref;
         let secret = keyring.secret(key_ref).map_err(|e| fatal(e.to_string()))?;
@@ -307,61 +222,16 @@ impl Checked {
             )));
         }
         let output_len = pin.output_len.map(|n| n as usize);
-        let onion = Onion::new(hash, secret.bytes.clone(), output_len, &pin.name)
-            .map_err(|e| fatal(format!("hash profile {:?}: {e}", pin.name)))?;
-
-        let target = dbh::HashTarget {
-            schema: &schema,
-            table: &sel.table,
-            id_column: &id_name,
-            column: &sel.column,
-            version_column: &version_name,
-            created_column: created.as_deref(),
-        };
-        let stmts = HashStatements::new(&target, &sel.common, sel.from_version.as_deref());
-        Ok(HashesJob {
-            version_max_len,
-            sel,
-            stmts,
-            onion: Arc::new(onion),
-            pin,
-        })
+        Onion::new(hash, secret.bytes.clone(), output_len, &pin.name)
+            .map_err(|e| fatal(format!("hash profile {:?}: {e}", pin.name)))
     }
 }
 
 impl HashesJob {
-    pub fn common(&self) -> &Common {
-        &self.sel.common
-    }
-
-    pub async fn count(
-        &self,
-        c: &impl GenericClient,
-        after: i64,
-        cap: i64,
-    ) -> Result<i64, JobError> {
-        Ok(self.stmts.hashes_count(c, after, cap).await?)
-    }
-
-    pub async fn fetch(
-        &self,
-        c: &impl GenericClient,
-        after: i64,
-        n: i64,
-    ) -> Result<Vec<HashRow>, JobError> {
-        Ok(self.stmts.hashes_fetch_batch(c, after, n).await?)
-    }
-
-    /// What the job's `result` must record before its first batch (the
-    /// profile it runs with), unless it is there already.
-    pub fn pin_to_record(&self) -> Option<serde_json::Value> {
-        (!self.pin.recorded).then(|| serde_json::json!({ "profile": self.pin }))
-    }
-
     /// CPU part of a batch; run it on a blocking thread. With `verify`
     /// each new hash is computed again through a freshly keyed HMAC and
     /// compared in constant time before it may be written (SPEC §6.1).
-    pub fn compute(
+    pub fn compute_batch(
         onion: &Onion,
         version_max_len: Option<usize>,
         verify: bool,
@@ -428,20 +298,64 @@ impl HashesJob {
         }
         out
     }
+}
 
-    pub async fn compute_off_thread(&self, rows: Vec<HashRow>) -> Result<Computed, JobError> {
-        let onion = Arc::clone(&self.onion);
-        let (max, verify) = (self.version_max_len, self.sel.common.verify);
-        tokio::task::spawn_blocking(move || Self::compute(&onion, max, verify, &rows))
-            .await
-            .map_err(|e| JobError::Fatal(format!("hash computation panicked: {e}")))
+impl Scope for HashesJob {
+    type Row = HashRow;
+    type Computed = Computed;
+
+    fn common(&self) -> &Common {
+        &self.sel.common
     }
 
-    /// Write a computed batch inside the caller's transaction (compare-
-    /// and-set, see [`super::write_cas`]).
-    pub async fn write(
+    fn item_bytes(&self) -> i64 {
+        256
+    }
+
+    /// The profile the job runs with, unless recorded already.
+    fn pin_to_record(&self) -> Option<serde_json::Value> {
+        (!self.pin.recorded).then(|| serde_json::json!({ "profile": self.pin }))
+    }
+
+    fn row_id(row: &HashRow) -> i64 {
+        row.id
+    }
+
+    async fn count(&self, c: &Client, after: i64, cap: i64) -> Result<i64, JobError> {
+        Ok(self.stmts.hashes_count(c, after, cap).await?)
+    }
+
+    async fn fetch(&self, c: &Client, after: i64, n: i64) -> Result<Vec<HashRow>, JobError> {
+        Ok(self.stmts.hashes_fetch_batch(c, after, n).await?)
+    }
+
+    async fn compute(&self, rows: Vec<HashRow>) -> Result<Computed, JobError> {
+        let onion = Arc::clone(&self.onion);
+        let (max, verify) = (self.version_max_len, self.sel.common.verify);
+        tokio::task::spawn_blocking(move || Self::compute_batch(&onion, max, verify, &rows))
+            .await
+            .map_err(|e| fatal(format!("hash computation panicked: {e}")))
+    }
+
+    fn outcome(c: &Computed) -> Outcome {
+        Outcome {
+            write: c.updates.ids.len() as i64,
+            skip: c.skipped,
+            fail: c.failures.len() as i64,
+        }
+    }
+
+    fn growth_bytes(c: &Computed) -> i64 {
+        let u = &c.updates;
+        let len = |v: &[Vec<u8>]| v.iter().map(|b| b.len() as i64).sum::<i64>();
+        let text = |v: &[String]| v.iter().map(|b| b.len() as i64).sum::<i64>();
+        len(&u.new_hashes) - len(&u.old_hashes) + text(&u.new_versions) - text(&u.old_versions)
+    }
+
+    /// Compare-and-set, see [`super::write_cas`].
+    async fn write(
         &self,
-        tx: &impl GenericClient,
+        tx: &Transaction<'_>,
         job_id: i64,
         c: Computed,
     ) -> Result<(BatchCounts, Vec<ItemFailure>), JobError> {
@@ -449,67 +363,8 @@ impl HashesJob {
         super::write_cas(self, tx, job_id, self.sel.common.dry_run, parts).await
     }
 
-    /// `pqmig verify`: every backed-up row that still carries the version
-    /// the job gave it must hold the onion of its backed-up hash. Returns
-    /// (rows checked, rows changed since, mismatches).
-    pub async fn verify_job(
-        &self,
-        c: &impl GenericClient,
-        job_id: i64,
-    ) -> Result<(i64, i64, Vec<(i64, String)>), JobError> {
-        let (mut after, mut checked, mut changed, mut bad) = (i64::MIN, 0i64, 0i64, Vec::new());
-        loop {
-            let backups = self.stmts.hashes_backups(c, job_id, after, 1000).await?;
-            let Some(last) = backups.last() else { break };
-            after = last.backup_id;
-            let ids: Vec<i64> = backups.iter().map(|b| b.item_id).collect();
-            let now = self.stmts.hashes_current(c, &ids).await?;
-            for b in &backups {
-                let Some(row) = now.iter().find(|r| r.id == b.item_id) else {
-                    changed += 1;
-                    continue;
-                };
-                if row.version.as_deref() != Some(&self.onion.new_version(&b.old_version)) {
-                    changed += 1;
-                    continue;
-                }
-                checked += 1;
-                let want = self.onion.rehash(&b.old_hash);
-                let same = row
-                    .hash
-                    .as_deref()
-                    .is_some_and(|h| bool::from(subtle::ConstantTimeEq::ct_eq(h, &want[..])));
-                if !same {
-                    bad.push((
-                        b.item_id,
-                        "the hash is not the onion of the backed-up value".into(),
-                    ));
-                }
-            }
-        }
-        Ok((checked, changed, bad))
-    }
-
-    /// `pqmig rollback`: restore up to `n` backups after backup id `after`.
-    /// Returns (restored, backups seen, last backup id).
-    pub async fn rollback_batch(
-        &self,
-        c: &impl GenericClient,
-        job_id: i64,
-        after: i64,
-        n: i64,
-    ) -> Result<(i64, i64, Option<i64>), JobError> {
-        let backups = self.stmts.hashes_backups(c, job_id, after, n).await?;
-        let Some(last) = backups.last().map(|b| b.backup_id) else {
-            return Ok((0, 0, None));
-        };
-        let ids: Vec<i64> = backups.iter().map(|b| b.backup_id).collect();
-        let restored = self.stmts.hashes_rollback(c, &ids, &self.pin.name).await?;
-        Ok((restored.len() as i64, backups.len() as i64, Some(last)))
-    }
-
     /// On success: record that the column now uses the profile.
-    pub async fn on_done(&self, tx: &impl GenericClient, job_id: i64) -> Result<(), JobError> {
+    async fn on_done(&self, tx: &Transaction<'_>, job_id: i64) -> Result<(), JobError> {
         if !self.sel.common.dry_run {
             dbh::field_hash_policy_insert(
                 tx,
@@ -549,7 +404,7 @@ impl super::CasWrite for HashesJob {
         ids: &[i64],
     ) -> Result<(usize, HashUpdates, Vec<ItemFailure>, i64), JobError> {
         let rows = self.stmts.hashes_lock_rows(tx, ids).await?;
-        let again = Self::compute(
+        let again = Self::compute_batch(
             &self.onion,
             self.version_max_len,
             self.sel.common.verify,
@@ -582,12 +437,12 @@ mod tests {
             hash: Some(vec![1u8; 32]),
             version: Some("v1".into()),
         }];
-        let checked = HashesJob::compute(&onion, None, true, &rows);
+        let checked = HashesJob::compute_batch(&onion, None, true, &rows);
         assert_eq!(checked.updates.ids, Vec::<i64>::new());
         assert_eq!(checked.failures.len(), 1);
         assert_eq!(checked.failures[0].code, "verify");
         // without the check the wrong value would have been written
-        let unchecked = HashesJob::compute(&onion, None, false, &rows);
+        let unchecked = HashesJob::compute_batch(&onion, None, false, &rows);
         assert_eq!(unchecked.updates.ids, vec![1]);
     }
 }

@@ -1,0 +1,140 @@
+//! `pqmig verify` and `pqmig rollback` of a hashes job, with the profile
+//! it pinned: verify recomputes the onion of every backed-up hash with the
+//! job's pepper; rollback needs no key at all.
+
+use std::sync::Arc;
+
+use tokio_postgres::{Client, GenericClient, Transaction};
+
+use super::HashesJob;
+use crate::crypto::onion::Onion;
+use crate::db::hashes::HashStatements;
+use crate::job::JobSpec;
+use crate::scope::{BoxFuture, JobError, RollbackPage, ScopeContext, VerifyReport, fatal};
+
+/// A finished hashes job: its statements, its profile's name and, for
+/// verify, its onion.
+pub struct HashesAftercare {
+    stmts: HashStatements,
+    profile: String,
+    backup: bool,
+    onion: Option<Arc<Onion>>,
+}
+
+/// A finished job, checked as it ran (see [`super::profile`]); `keys`:
+/// load its pepper (verify).
+pub async fn aftercare(
+    c: &Client,
+    spec: &JobSpec,
+    ctx: &ScopeContext,
+    keys: bool,
+) -> Result<HashesAftercare, JobError> {
+    let checked = HashesJob::check(c, spec).await?;
+    let onion = match keys {
+        true => Some(Arc::new(checked.onion(ctx)?)),
+        false => None,
+    };
+    Ok(HashesAftercare {
+        profile: checked.pin.name,
+        backup: checked.sel.common.backup,
+        stmts: checked.stmts,
+        onion,
+    })
+}
+
+impl HashesAftercare {
+    /// Every backed-up row that still carries the version the job gave it
+    /// must hold the onion of its backed-up hash.
+    async fn verify_job(
+        &self,
+        c: &impl GenericClient,
+        job_id: i64,
+    ) -> Result<VerifyReport, JobError> {
+        let onion = self
+            .onion
+            .as_ref()
+            .ok_or_else(|| fatal("verify needs the job's pepper"))?;
+        let mut report = VerifyReport {
+            changed_note: "rows changed since the job (another version now)",
+            ..VerifyReport::default()
+        };
+        let mut after = i64::MIN;
+        loop {
+            let backups = self.stmts.hashes_backups(c, job_id, after, 1000).await?;
+            let Some(last) = backups.last() else { break };
+            after = last.backup_id;
+            let ids: Vec<i64> = backups.iter().map(|b| b.item_id).collect();
+            let now = self.stmts.hashes_current(c, &ids).await?;
+            for b in &backups {
+                let Some(row) = now.iter().find(|r| r.id == b.item_id) else {
+                    report.changed += 1;
+                    continue;
+                };
+                if row.version.as_deref() != Some(&onion.new_version(&b.old_version)) {
+                    report.changed += 1;
+                    continue;
+                }
+                report.checked += 1;
+                let want = onion.rehash(&b.old_hash);
+                let same = row
+                    .hash
+                    .as_deref()
+                    .is_some_and(|h| bool::from(subtle::ConstantTimeEq::ct_eq(h, &want[..])));
+                if !same {
+                    report.mismatches.push((
+                        b.item_id,
+                        "the hash is not the onion of the backed-up value".into(),
+                    ));
+                }
+            }
+        }
+        if report.checked + report.changed == 0 && !self.backup {
+            return Err(fatal(format!(
+                "job {job_id} ran with backup off: there is nothing to verify the hashes against"
+            )));
+        }
+        Ok(report)
+    }
+
+    /// Restore up to `n` backups after backup id `after` where the row
+    /// still carries the version the job gave it.
+    async fn rollback(
+        &self,
+        c: &impl GenericClient,
+        job_id: i64,
+        after: i64,
+        n: i64,
+    ) -> Result<RollbackPage, JobError> {
+        let backups = self.stmts.hashes_backups(c, job_id, after, n).await?;
+        let Some(last) = backups.last().map(|b| b.backup_id) else {
+            return Ok(RollbackPage::default());
+        };
+        let ids: Vec<i64> = backups.iter().map(|b| b.backup_id).collect();
+        let restored = self.stmts.hashes_rollback(c, &ids, &self.profile).await?;
+        Ok(RollbackPage {
+            restored: restored.len() as i64,
+            seen: backups.len() as i64,
+            last: Some(last),
+        })
+    }
+}
+
+impl crate::scope::Aftercare for HashesAftercare {
+    fn verify<'a>(
+        &'a self,
+        c: &'a Client,
+        job_id: i64,
+    ) -> BoxFuture<'a, Result<VerifyReport, JobError>> {
+        Box::pin(self.verify_job(c, job_id))
+    }
+
+    fn rollback_page<'a>(
+        &'a self,
+        tx: &'a Transaction<'_>,
+        job_id: i64,
+        after: i64,
+        n: i64,
+    ) -> BoxFuture<'a, Result<RollbackPage, JobError>> {
+        Box::pin(self.rollback(tx, job_id, after, n))
+    }
+}

@@ -1,0 +1,84 @@
+//! The keys of the signatures scope: the target signing keys, unsealed
+//! from `signing_keys.private_key_enc` with their KEK (SPEC §4), and the
+//! source signers' public keys.
+
+use tokio_postgres::GenericClient;
+
+use crate::crypto::sig::{SigAlg, Signer};
+use crate::db::signatures::SigningKeyRow;
+use crate::keys::LocalKeyring;
+use crate::scope::JobError;
+
+/// The [`SigAlg`] of a `crypto_algorithms` row, if pqmig implements it.
+pub(super) async fn sig_alg_of(
+    c: &impl GenericClient,
+    algo_id: i64,
+) -> Result<Option<SigAlg>, JobError> {
+    Ok(crate::db::algorithms::algorithm_by_id(c, algo_id)
+        .await?
+        .and_then(|a| SigAlg::from_row(&a.name, a.variant.as_deref())))
+}
+
+/// The additional data sealing a signing key's private key (SPEC §4).
+pub fn signing_key_aad(name: &str) -> Vec<u8> {
+    format!("pqmig-signing-key:{name}").into_bytes()
+}
+
+/// A signing key of the target algorithm, decrypted.
+pub struct TargetKey {
+    pub id: i64,
+    pub name: String,
+    pub scope: Option<String>,
+    pub signer: Signer,
+}
+
+/// A source signer's key as the computation needs it.
+pub enum SourceKey {
+    Usable(SigAlg, Vec<u8>),
+    /// A `compromised` key: its signatures are integrity failures.
+    Compromised(String),
+    /// Unknown algorithm or missing row: a data failure.
+    Unusable(String),
+}
+
+/// Decrypt a signing key's private key with its KEK (SPEC §4) and check it
+/// against the stored public key.
+pub async fn load_signing_key(
+    c: &impl GenericClient,
+    keyring: &LocalKeyring,
+    k: &SigningKeyRow,
+    alg: SigAlg,
+) -> Result<Signer, String> {
+    let (Some(sealed), Some(kek_id)) = (&k.private_key_enc, k.kms_key_id) else {
+        return Err(format!(
+            "signing key {:?} has no private_key_enc or kms_key_id",
+            k.name
+        ));
+    };
+    let kek_row = crate::db::kms::kms_keys_by_id(c, &[kek_id])
+        .await
+        .map_err(|e| crate::db::error_chain(&e))?
+        .pop()
+        .ok_or_else(|| {
+            format!(
+                "signing key {:?}: kms_keys row {kek_id} does not exist",
+                k.name
+            )
+        })?;
+    let kek = crate::keys::kms_secret(keyring, &kek_row, "AES-256-GCM")
+        .map_err(|e| format!("signing key {:?}: {e}", k.name))?;
+    let kek = zeroize::Zeroizing::new(
+        <[u8; 32]>::try_from(&kek.bytes[..]).map_err(|_| "KEK size".to_owned())?,
+    );
+    let seed = crate::crypto::aead::open(&kek, sealed, &signing_key_aad(&k.name))
+        .map_err(|_| format!("signing key {:?}: private_key_enc does not open with its KEK (wrong key or tampered)", k.name))?;
+    let signer =
+        Signer::from_seed(alg, &seed).map_err(|e| format!("signing key {:?}: {e}", k.name))?;
+    if signer.public_key() != k.public_key.as_slice() {
+        return Err(format!(
+            "signing key {:?}: its private key does not match its public_key",
+            k.name
+        ));
+    }
+    Ok(signer)
+}

@@ -1,0 +1,152 @@
+//! `pqmig verify` and `pqmig rollback` of a wrappers job.
+
+use std::sync::Arc;
+
+use subtle::ConstantTimeEq;
+use tokio_postgres::{Client, GenericClient, Transaction};
+
+use super::keys::{SourceKeys, format_of, suite_job};
+use crate::crypto::wrap;
+use crate::db::wrappers::{self as dbw, WrapperRow};
+use crate::keys::LocalKeyring;
+use crate::scope::{BoxFuture, JobError, RollbackPage, ScopeContext, VerifyReport, fatal};
+
+/// A finished wrappers job: the keyring to open its wraps with (verify).
+pub struct WrappersAftercare {
+    keyring: Option<Arc<LocalKeyring>>,
+}
+
+/// `keys`: load the keyring (verify); rollback needs none.
+pub fn aftercare(ctx: &ScopeContext, keys: bool) -> Result<WrappersAftercare, JobError> {
+    let keyring = match keys {
+        true => {
+            let path = ctx.keyring("open the wraps with")?;
+            Some(Arc::new(
+                LocalKeyring::load(path).map_err(|e| fatal(e.to_string()))?,
+            ))
+        }
+        false => None,
+    };
+    Ok(WrappersAftercare { keyring })
+}
+
+/// `pqmig verify` of a wrappers job: (checked, changed since, mismatches).
+///
+/// With backups, each backed-up wrapper is checked against its backup: one
+/// the job still holds must open (bound to its row) to the DEK of the wrap
+/// it replaced; one rewritten since (a later job re-wrapped it) counts as
+/// checked when it still opens to that DEK, and as changed when it does not
+/// (the application rotated it) or is gone. Without backups, every wrapper
+/// the job wrote must open.
+async fn verify_job(
+    c: &impl GenericClient,
+    keyring: Arc<LocalKeyring>,
+    job_id: i64,
+    page: i64,
+) -> Result<(i64, i64, Vec<(i64, String)>), JobError> {
+    let keys = Arc::new(SourceKeys::new(keyring));
+    let (mut checked, mut changed, mut bad) = (0i64, 0i64, Vec::new());
+    if dbw::backups_count(c, job_id).await? == 0 {
+        let mut after = i64::MIN;
+        loop {
+            let rows = dbw::wrappers_of_job(c, job_id, after, page).await?;
+            let Some(last) = rows.last().map(|r| r.id) else {
+                break;
+            };
+            after = last;
+            keys.resolve(c, &rows.iter().collect::<Vec<_>>()).await?;
+            for row in &rows {
+                checked += 1;
+                if let Err((code, why)) = keys.recover(row) {
+                    bad.push((row.id, format!("{code}: {why}")));
+                }
+            }
+        }
+        return Ok((checked, changed, bad));
+    }
+    let mut after = i64::MIN;
+    loop {
+        let backups = dbw::wrapper_backups_after(c, job_id, after, page).await?;
+        let Some(last) = backups.last().map(|(b, _)| *b) else {
+            break;
+        };
+        after = last;
+        let ids: Vec<i64> = backups.iter().map(|(_, old)| old.id).collect();
+        let now = dbw::wrappers_by_ids(c, &ids).await?;
+        let all: Vec<&WrapperRow> = now.iter().chain(backups.iter().map(|(_, b)| b)).collect();
+        keys.resolve(c, &all).await?;
+        let k = Arc::clone(&keys);
+        let (p_checked, p_changed, p_bad) = tokio::task::spawn_blocking(move || {
+            let (mut checked, mut changed, mut bad) = (0i64, 0i64, Vec::new());
+            for (_, old) in &backups {
+                let Some(row) = now.iter().find(|r| r.id == old.id) else {
+                    changed += 1;
+                    continue;
+                };
+                let ours = suite_job(row) == Some(job_id) && format_of(row) == Ok(wrap::FORMAT_V1);
+                let (current, before) = (k.recover(row), k.recover(old));
+                match (ours, current, before) {
+                    (_, Ok(a), Ok(b)) if bool::from(a.ct_eq(&b)) => checked += 1,
+                    (false, _, _) => changed += 1,
+                    (true, Err((code, why)), _) => bad.push((row.id, format!("{code}: {why}"))),
+                    (true, Ok(_), Ok(_)) => bad.push((
+                        row.id,
+                        "opens to a different DEK than the wrap it replaced".into(),
+                    )),
+                    (true, Ok(_), Err((code, why))) => bad.push((
+                        row.id,
+                        format!("the backed-up wrap does not open ({code}: {why})"),
+                    )),
+                }
+            }
+            (checked, changed, bad)
+        })
+        .await
+        .map_err(|e| fatal(format!("verification panicked: {e}")))?;
+        checked += p_checked;
+        changed += p_changed;
+        bad.extend(p_bad);
+    }
+    Ok((checked + bad.len() as i64, changed, bad))
+}
+
+impl crate::scope::Aftercare for WrappersAftercare {
+    fn verify<'a>(
+        &'a self,
+        c: &'a Client,
+        job_id: i64,
+    ) -> BoxFuture<'a, Result<VerifyReport, JobError>> {
+        Box::pin(async move {
+            let keyring = self
+                .keyring
+                .clone()
+                .ok_or_else(|| fatal("verify needs the keyring"))?;
+            let (checked, changed, mismatches) = verify_job(c, keyring, job_id, 500).await?;
+            Ok(VerifyReport {
+                checked,
+                changed,
+                changed_note: "wrappers were rotated or deleted since the job (their DEK is no longer the backed-up one)",
+                mismatches,
+            })
+        })
+    }
+
+    /// Restore backed-up rows and layers byte for byte, for wrappers still
+    /// as the job left them.
+    fn rollback_page<'a>(
+        &'a self,
+        tx: &'a Transaction<'_>,
+        job_id: i64,
+        after: i64,
+        n: i64,
+    ) -> BoxFuture<'a, Result<RollbackPage, JobError>> {
+        Box::pin(async move {
+            let (ids, seen, last) = dbw::wrappers_rollback_batch(tx, job_id, after, n).await?;
+            Ok(RollbackPage {
+                restored: ids.len() as i64,
+                seen,
+                last,
+            })
+        })
+    }
+}

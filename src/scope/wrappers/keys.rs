@@ -1,0 +1,411 @@
+//! The keys existing wrappers are opened with, and the opening itself:
+//! legacy wraps (every wrap the row holds, compared), `pqmig-wrap-v1`
+//! wraps bound to their row (the AAD of the template their job pinned).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use serde_json::Value;
+use subtle::ConstantTimeEq;
+use tokio_postgres::GenericClient;
+use zeroize::Zeroizing;
+
+use super::policy::{AadValues, PolicyPin, kem_of, render_aad, template_of};
+use crate::crypto::kem::{Kem, KemKeyPair};
+use crate::crypto::suite;
+use crate::crypto::wrap::{self, WrapError};
+use crate::db::kms::{self, KmsKey};
+use crate::db::wrappers::{self as dbw, WrapperRow};
+use crate::keys::{KeyProvider, LocalKeyring};
+use crate::scope::{JobError, fatal};
+
+/// A key an existing wrapper is opened with.
+pub enum SourceKey {
+    Aes(Zeroizing<[u8; 32]>),
+    X25519(Zeroizing<[u8; 32]>),
+    Kem(KemKeyPair),
+}
+
+/// Resolve the secret of a `kms_keys` row into a usable key.
+fn source_key(keyring: &dyn KeyProvider, key: &KmsKey) -> Result<SourceKey, String> {
+    if key.provider != "local" {
+        return Err(format!(
+            "key {} ({:?}) belongs to provider {:?}, which this build does not implement",
+            key.id, key.key_ref, key.provider
+        ));
+    }
+    let secret = keyring.secret(&key.key_ref).map_err(|e| e.to_string())?;
+    let fixed = |b: &[u8]| -> Zeroizing<[u8; 32]> {
+        let mut k = Zeroizing::new([0u8; 32]);
+        k.copy_from_slice(b);
+        k
+    };
+    match secret.algorithm.as_str() {
+        "AES-256-GCM" => Ok(SourceKey::Aes(fixed(&secret.bytes))),
+        "X25519" => Ok(SourceKey::X25519(fixed(&secret.bytes))),
+        other => match Kem::from_alias(other) {
+            Some(kem) => KemKeyPair::from_seed(kem, &secret.bytes)
+                .map(SourceKey::Kem)
+                .map_err(|e| format!("key {:?}: {e}", key.key_ref)),
+            None => Err(format!(
+                "key {:?} is a {other} key, which cannot open a wrapper",
+                key.key_ref
+            )),
+        },
+    }
+}
+
+/// The keys existing wrappers are opened with, by `kms_keys.id`, resolved
+/// once per job; an error is the reason a key cannot be used (a `data`
+/// failure of the items that need it).
+pub struct SourceKeys {
+    keyring: Arc<LocalKeyring>,
+    keys: Mutex<HashMap<i64, Arc<Result<SourceKey, String>>>>,
+    /// Policies named by `pqmig-wrap-v1` wrappers, by id.
+    policies: Mutex<HashMap<PolicyKey, Arc<PolicyAad>>>,
+    /// The KEMs of `crypto_algorithms` rows, by id (loaded once).
+    kem_algos: std::sync::OnceLock<HashMap<i64, Kem>>,
+}
+
+/// Ids of the keys a wrapper needs to be opened.
+fn needed_keys(row: &WrapperRow) -> impl Iterator<Item = i64> + '_ {
+    [row.kms1, row.kms2]
+        .into_iter()
+        .flatten()
+        .chain(row.layers.iter().filter_map(|l| l.kms_key_id))
+}
+
+pub(super) fn format_of(row: &WrapperRow) -> Result<&str, String> {
+    suite::format(row.suite.as_ref())
+}
+
+/// The policy a `pqmig-wrap-v1` wrapper names (`crypto_suite.policy_id`).
+pub(super) fn suite_policy(row: &WrapperRow) -> Option<i64> {
+    suite::policy_id(row.suite.as_ref())
+}
+
+/// The job that wrote a `pqmig-wrap-v1` wrapper (`crypto_suite.job_id`).
+pub(super) fn suite_job(row: &WrapperRow) -> Option<i64> {
+    suite::job_id(row.suite.as_ref())
+}
+
+/// The KEM a `pqmig-wrap-v1` wrapper names (`crypto_suite.kem`).
+pub(super) fn suite_kem(row: &WrapperRow) -> Option<Kem> {
+    suite::kem(row.suite.as_ref())
+}
+
+/// A policy as the AAD check of an existing wrap needs it: its name and
+/// checked template, or why it cannot be used.
+type PolicyAad = Result<(String, Value), String>;
+
+/// (`crypto_suite.policy_id`, `crypto_suite.job_id`) of a v1 wrap.
+type PolicyKey = (i64, Option<i64>);
+
+/// An item failure: (code, message).
+pub(super) type Failure = (&'static str, String);
+
+impl SourceKeys {
+    pub fn new(keyring: Arc<LocalKeyring>) -> SourceKeys {
+        SourceKeys {
+            keyring,
+            keys: Mutex::new(HashMap::new()),
+            policies: Mutex::new(HashMap::new()),
+            kem_algos: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Look up (once) the keys these wrappers are opened with, and for
+    /// `pqmig-wrap-v1` wrappers the policy whose AAD they must carry.
+    pub async fn resolve(
+        &self,
+        c: &impl GenericClient,
+        rows: &[&WrapperRow],
+    ) -> Result<(), JobError> {
+        if self.kem_algos.get().is_none() {
+            let algos = crate::db::algorithms::algorithms_of_class(c, "kem").await?;
+            let map = algos
+                .iter()
+                .filter_map(|a| kem_of(a).map(|k| (a.id, k)))
+                .collect();
+            let _ = self.kem_algos.set(map);
+        }
+        let mut policies: Vec<(i64, Option<i64>)> = {
+            let cache = self.policies.lock().expect("policy cache");
+            rows.iter()
+                .filter_map(|r| suite_policy(r).map(|p| (p, suite_job(r))))
+                .filter(|k| !cache.contains_key(k))
+                .collect()
+        };
+        policies.sort_unstable();
+        policies.dedup();
+        let mut job_ids: Vec<i64> = policies.iter().filter_map(|(_, j)| *j).collect();
+        job_ids.dedup();
+        let pins: HashMap<i64, PolicyPin> = crate::db::jobs::jobs_pinned(c, &job_ids, "policy")
+            .await?
+            .into_iter()
+            .filter_map(|(j, v)| Some((j, serde_json::from_value(v).ok()?)))
+            .collect();
+        for (id, job) in policies {
+            // The template the writing job pinned; a wrap from before pins
+            // (or whose job is gone) is checked against the policy as it is.
+            let pinned = job.and_then(|j| pins.get(&j)).filter(|p| p.id == id);
+            let found = match pinned {
+                Some(p) => template_of(&p.policy()).map(|t| (p.name.clone(), t)),
+                None => match dbw::policy_by_id(c, id).await? {
+                    Some(p) => template_of(&p).map(|t| (p.name, t)),
+                    None => Err(format!("policy {id} named by crypto_suite does not exist")),
+                },
+            };
+            self.policies
+                .lock()
+                .expect("policy cache")
+                .insert((id, job), Arc::new(found));
+        }
+
+        let mut wanted: Vec<i64> = {
+            let cache = self.keys.lock().expect("key cache");
+            rows.iter()
+                .flat_map(|r| needed_keys(r))
+                .filter(|id| !cache.contains_key(id))
+                .collect()
+        };
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        wanted.sort_unstable();
+        wanted.dedup();
+        let found = kms::kms_keys_by_id(c, &wanted).await?;
+        let keyring = Arc::clone(&self.keyring);
+        let resolved = tokio::task::spawn_blocking(move || {
+            wanted
+                .into_iter()
+                .map(|id| {
+                    let key = match found.iter().find(|k| k.id == id) {
+                        Some(k) => source_key(&*keyring, k),
+                        None => Err(format!("kms_keys row {id} does not exist")),
+                    };
+                    (id, Arc::new(key))
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .map_err(|e| fatal(format!("key resolution panicked: {e}")))?;
+        self.keys.lock().expect("key cache").extend(resolved);
+        Ok(())
+    }
+
+    fn key(&self, id: i64) -> Option<Arc<Result<SourceKey, String>>> {
+        self.keys.lock().expect("key cache").get(&id).cloned()
+    }
+
+    /// Recover the DEK of a wrapper: `Err((code, message))` otherwise.
+    pub fn recover(&self, row: &WrapperRow) -> Result<Zeroizing<Vec<u8>>, Failure> {
+        let format = format_of(row).map_err(|m| ("data", m))?;
+        match format {
+            wrap::FORMAT_LEGACY_AES | wrap::FORMAT_LEGACY_X25519 => {
+                self.recover_legacy(row, format)
+            }
+            wrap::FORMAT_V1 => self.recover_v1(row),
+            other => Err((
+                "data",
+                format!("unknown wrapper format {:?}", truncate(other)),
+            )),
+        }
+    }
+
+    /// Open every legacy wrap the row holds. When both `dek_wrap1` and
+    /// `dek_wrap2` are there, both must open, to the same DEK (compared in
+    /// constant time): a wrap that fails its tag, or two wraps that
+    /// disagree, are tampering until shown otherwise (`integrity`); a wrap
+    /// that cannot be checked (no key, wrong key type) is a `data` failure.
+    fn recover_legacy(
+        &self,
+        row: &WrapperRow,
+        format: &str,
+    ) -> Result<Zeroizing<Vec<u8>>, Failure> {
+        // SPEC §5: the AAD is the uuid's lowercase text; a wrap made with
+        // the text as stored (upper case) is accepted too.
+        let uuid = wrap::canonical_uuid(&row.uuid).map_err(|e| ("data", e))?;
+        let open = |k: &SourceKey, sealed: &[u8]| {
+            let try_one = |u: &str| match k {
+                SourceKey::Aes(k) => wrap::open_legacy_aes(k, u, sealed),
+                SourceKey::X25519(k) => wrap::open_legacy_x25519(k, u, sealed),
+                SourceKey::Kem(_) => unreachable!("matched against the format below"),
+            };
+            try_one(&uuid).or_else(|e| {
+                if row.uuid != uuid {
+                    try_one(&row.uuid)
+                } else {
+                    Err(e)
+                }
+            })
+        };
+        let mut opened: Vec<Zeroizing<Vec<u8>>> = Vec::with_capacity(2);
+        let mut unchecked: Vec<String> = Vec::new();
+        let mut failed: Vec<u8> = Vec::new();
+        for (slot, kid, sealed) in [(1u8, row.kms1, &row.wrap1), (2, row.kms2, &row.wrap2)] {
+            let Some(sealed) = sealed.as_deref().filter(|w| !w.is_empty()) else {
+                continue;
+            };
+            let Some(kid) = kid else {
+                unchecked.push(format!("dek_wrap{slot} has no kms{slot}_key_id"));
+                continue;
+            };
+            let key = self.key(kid).expect("keys resolved before compute");
+            let result = match (&*key, format) {
+                (Err(e), _) => {
+                    unchecked.push(format!("dek_wrap{slot}: {e}"));
+                    continue;
+                }
+                (Ok(k @ SourceKey::Aes(_)), wrap::FORMAT_LEGACY_AES)
+                | (Ok(k @ SourceKey::X25519(_)), wrap::FORMAT_LEGACY_X25519) => open(k, sealed),
+                (Ok(_), _) => {
+                    unchecked.push(format!(
+                        "kms{slot}_key_id {kid} is not a key of the {format} format"
+                    ));
+                    continue;
+                }
+            };
+            match result {
+                Ok(dek) => opened.push(dek),
+                Err(_) => failed.push(slot),
+            }
+        }
+        if !failed.is_empty() {
+            let which: Vec<String> = failed.iter().map(|s| format!("dek_wrap{s}")).collect();
+            return Err((
+                "integrity",
+                format!(
+                    "{format}: {} does not open (authentication failed)",
+                    which.join(" and ")
+                ),
+            ));
+        }
+        if let [a, b] = &opened[..]
+            && !bool::from(a.ct_eq(b))
+        {
+            return Err((
+                "integrity",
+                format!("{format}: dek_wrap1 and dek_wrap2 open to different DEKs"),
+            ));
+        }
+        if !unchecked.is_empty() {
+            return Err(("data", format!("{format}: {}", unchecked.join("; "))));
+        }
+        opened
+            .into_iter()
+            .next()
+            .ok_or_else(|| ("data", "the wrapper has no dek_wrap1 or dek_wrap2".into()))
+    }
+
+    /// Open a `pqmig-wrap-v1` wrapper, bound to its row: the AAD must be
+    /// the one its policy's template gives for this row (uuid, id,
+    /// wrap_version, policy), every layer's `kem_algo_id` and key the KEM
+    /// `crypto_suite` names, so a wrap copied from another row or from an
+    /// older version of this one (a backup) fails as `integrity`.
+    fn recover_v1(&self, row: &WrapperRow) -> Result<Zeroizing<Vec<u8>>, Failure> {
+        let data = |m: String| ("data", m);
+        let integrity = |m: &str| ("integrity", format!("pqmig-wrap-v1: {m}"));
+        let uuid = wrap::canonical_uuid(&row.uuid).map_err(data)?;
+        let kc = suite::commitment(row.suite.as_ref())
+            .ok_or_else(|| integrity("crypto_suite.kc is missing or not base64"))?;
+        let kem =
+            suite_kem(row).ok_or_else(|| integrity("crypto_suite.kem names no KEM pqmig knows"))?;
+        if let Some(n) = suite::layers(row.suite.as_ref())
+            && n as usize != row.layers.len()
+        {
+            return Err(integrity(&format!(
+                "crypto_suite names {n} layers, {} are stored",
+                row.layers.len()
+            )));
+        }
+        if row.layers.is_empty() {
+            return Err(integrity("no layers are stored"));
+        }
+        let aad = row.layers[0].aad.clone().unwrap_or(Value::Null);
+        if row.layers.iter().any(|l| l.aad.as_ref() != Some(&aad)) {
+            return Err(integrity("the layers disagree on the AAD"));
+        }
+        let policy_id =
+            suite_policy(row).ok_or_else(|| integrity("crypto_suite.policy_id is missing"))?;
+        let policy = self
+            .policies
+            .lock()
+            .expect("policy cache")
+            .get(&(policy_id, suite_job(row)))
+            .cloned()
+            .expect("policies resolved before compute");
+        let (policy_name, template) = policy
+            .as_ref()
+            .as_ref()
+            .map_err(|e| data(format!("cannot check the AAD: {e}")))?;
+        let expected = render_aad(
+            template,
+            &AadValues {
+                wrapper_id: row.id,
+                wrapper_uuid: &uuid,
+                policy_id,
+                policy_name,
+                wrap_version: row.wrap_version,
+            },
+        );
+        if expected != aad {
+            return Err(integrity(
+                "the stored AAD is not the one policy's template gives for this row (uuid, id, wrap_version, policy): a wrap from another row or an older version",
+            ));
+        }
+        let algos = self.kem_algos.get().expect("resolved before compute");
+        let mut keys = Vec::with_capacity(row.layers.len());
+        for l in &row.layers {
+            if l.kem_algo_id.and_then(|id| algos.get(&id).copied()) != Some(kem) {
+                return Err(integrity(&format!(
+                    "layer {} kem_algo_id is not {} as crypto_suite says",
+                    l.layer_no,
+                    kem.alias()
+                )));
+            }
+            let kid = l
+                .kms_key_id
+                .ok_or_else(|| data(format!("layer {} has no kms_key_id", l.layer_no)))?;
+            let key = self.key(kid).expect("keys resolved before compute");
+            match &*key {
+                Ok(SourceKey::Kem(pair)) if pair.kem() == kem => keys.push((key.clone(), l)),
+                Ok(_) => {
+                    return Err(data(format!(
+                        "layer {} key {kid} is not a {} key",
+                        l.layer_no,
+                        kem.alias()
+                    )));
+                }
+                Err(e) => return Err(data(e.clone())),
+            }
+        }
+        let layers: Vec<(&KemKeyPair, &[u8])> = keys
+            .iter()
+            .map(|(k, l)| {
+                let Ok(SourceKey::Kem(pair)) = &**k else {
+                    unreachable!("checked above")
+                };
+                (pair, l.ciphertext.as_deref().unwrap_or_default())
+            })
+            .collect();
+        let wrap1 = row.wrap1.as_deref().unwrap_or_default();
+        wrap::open_v1(&uuid, &wrap::canonical_json(&aad), &layers, &kc, wrap1).map_err(|e| {
+            match e {
+                WrapError::Auth => integrity("AES-256-GCM authentication failed"),
+                WrapError::Commitment => integrity("key commitment does not match"),
+                // A ciphertext of the wrong size: stored bytes were altered.
+                WrapError::Format(m) => integrity(&m),
+            }
+        })
+    }
+}
+
+/// At most 64 bytes of a stored string, for a message.
+pub(super) fn truncate(s: &str) -> &str {
+    let mut end = s.len().min(64);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}

@@ -1,0 +1,377 @@
+//! The `wrappers` scope (SPEC §5.1, §5.2, §6.2): recover each wrapper's DEK
+//! (legacy formats via kms1 and kms2, `pqmig-wrap-v1` via its layers),
+//! choose the policy's layer keys, build a `pqmig-wrap-v1` wrap, open it
+//! again with the provider's keys (verify before write) and write it with
+//! compare-and-set (see `db::wrappers`).
+//!
+//! - [`policy`]: layer selection and the AAD template of a policy.
+//! - [`keys`]: the keys existing wraps open with, and the opening.
+//! - [`compute`]: one wrapper's re-wrap, and a batch's new values.
+//! - [`aftercare`]: `verify` and `rollback` of a finished job.
+
+mod aftercare;
+mod compute;
+pub mod keys;
+pub mod policy;
+
+use std::sync::Arc;
+
+use serde_json::{Value, json};
+use tokio_postgres::{Client, GenericClient, Transaction};
+
+pub use aftercare::{WrappersAftercare, aftercare};
+pub use compute::{Computed, LayerKey, Plan};
+pub use keys::SourceKeys;
+use policy::{LayerSelection, PolicyPin, aad_template, kem_of};
+
+use super::{BatchCounts, ItemFailure, JobError, Outcome, Scope, ScopeContext, fatal};
+use crate::crypto::kem::{Kem, KemKeyPair};
+use crate::crypto::wrap;
+use crate::db::kms;
+use crate::db::wrappers::{self as dbw, Policy, WrapperFilter, WrapperRow, WrapperUpdates};
+use crate::job::JobSpec;
+use crate::keys::LocalKeyring;
+use crate::selection::{self, Common};
+
+/// A wrappers job checked against the database, its keys not loaded.
+pub struct Checked {
+    sel: selection::Wrappers,
+    filter: WrapperFilter,
+    /// To record in the job's `result` (None: recorded already).
+    pin: Option<PolicyPin>,
+    policy: Policy,
+    mode: LayerSelection,
+    kem: Kem,
+    kem_algo_id: i64,
+    template: Value,
+    candidates: Vec<kms::PolicyKey>,
+}
+
+pub struct WrappersJob {
+    sel: selection::Wrappers,
+    filter: WrapperFilter,
+    pin: Option<PolicyPin>,
+    plan: Arc<Plan>,
+}
+
+impl WrappersJob {
+    /// Validate the job and load its keys; nothing is written.
+    pub async fn prepare(
+        c: &impl GenericClient,
+        spec: &JobSpec,
+        ctx: &ScopeContext,
+    ) -> Result<WrappersJob, JobError> {
+        Self::check(c, spec).await?.load_keys(spec.id, ctx)
+    }
+
+    /// Every check that needs only the database.
+    pub async fn check(c: &impl GenericClient, spec: &JobSpec) -> Result<Checked, JobError> {
+        let sel =
+            selection::parse_wrappers(spec.selection.as_ref()).map_err(|e| fatal(e.to_string()))?;
+        let policy_id = spec.target_policy_id.ok_or_else(|| {
+            fatal("target_policy_id is required for the wrappers scope (the policy to wrap under)")
+        })?;
+        let policy = dbw::policy_by_id(c, policy_id)
+            .await?
+            .ok_or_else(|| fatal(format!("target policy id {policy_id} does not exist")))?;
+        let mode = LayerSelection::parse(&policy.layer_selection).ok_or_else(|| {
+            fatal(format!(
+                "policy {:?}: unknown layer_selection {:?}",
+                policy.name, policy.layer_selection
+            ))
+        })?;
+        if policy.min_layers < 1 || policy.max_layers < policy.min_layers {
+            return Err(fatal(format!(
+                "policy {:?}: min_layers {} and max_layers {} do not allow any layer count",
+                policy.name, policy.min_layers, policy.max_layers
+            )));
+        }
+        let algo_id = match spec.target_algo_id {
+            Some(id) => id,
+            None => dbw::policy_kem(c, policy.id).await?.ok_or_else(|| {
+                fatal(format!(
+                    "no target KEM: the job has no target_algo_id and policy {:?} has no kem in policy_algorithms",
+                    policy.name
+                ))
+            })?,
+        };
+        let algo = crate::db::algorithms::algorithm_by_id(c, algo_id)
+            .await?
+            .ok_or_else(|| fatal(format!("target algorithm id {algo_id} does not exist")))?;
+        let label = algo.label();
+        if algo.class != "kem" {
+            return Err(fatal(format!(
+                "target algorithm {label} (id {algo_id}) is not a KEM: the wrappers scope needs ML-KEM-768, ML-KEM-1024 or X-Wing"
+            )));
+        }
+        if algo.params.get("pq").and_then(Value::as_bool) != Some(true) {
+            return Err(fatal(format!(
+                "target algorithm {label} (id {algo_id}) is not post-quantum"
+            )));
+        }
+        algo.check_usable(sel.common.allow_experimental)
+            .map_err(fatal)?;
+        let kem = kem_of(&algo).ok_or_else(|| {
+            fatal(format!(
+                "target algorithm {label} (id {algo_id}) is not supported for wrapping (ML-KEM-768, ML-KEM-1024 or X-Wing)"
+            ))
+        })?;
+        let template = aad_template(&policy).map_err(fatal)?;
+        let pin = PolicyPin {
+            id: policy.id,
+            name: policy.name.clone(),
+            aad_template: template.clone(),
+        };
+        let pin = match spec.pin("policy") {
+            None => Some(pin),
+            Some(v) if serde_json::from_value::<PolicyPin>(v.clone()).ok() == Some(pin) => None,
+            Some(_) => {
+                return Err(fatal(format!(
+                    "policy {:?} (id {}) was renamed or its aad_template changed since the job started: the job stops here (its wraps would carry two templates); restore the policy, or queue a new job",
+                    policy.name, policy.id
+                )));
+            }
+        };
+        let filter = WrapperFilter::new(&sel);
+        if !sel.allow_downgrade {
+            refuse_downgrade(c, &sel, &filter, kem).await?;
+        }
+
+        let all = kms::policy_keys(c, policy.id).await?;
+        let candidates: Vec<kms::PolicyKey> = all
+            .iter()
+            .filter(|k| {
+                k.key.status == "active"
+                    && matches!(k.key.purpose.as_str(), "wrap" | "both")
+                    && k.key.provider_enabled
+                    && k.key
+                        .algorithm
+                        .as_deref()
+                        .is_some_and(|a| a.eq_ignore_ascii_case(kem.alias()))
+                    && (mode != LayerSelection::Random || k.weight > 0)
+            })
+            .cloned()
+            .collect();
+        let min = policy.min_layers as usize;
+        if candidates.len() < min {
+            return Err(fatal(format!(
+                "policy {:?} has {} usable {} keys (active, purpose wrap or both, provider enabled{}), needs at least min_layers {min}; it lists {} keys in all",
+                policy.name,
+                candidates.len(),
+                kem.alias(),
+                if mode == LayerSelection::Random {
+                    ", weight > 0"
+                } else {
+                    ""
+                },
+                all.len()
+            )));
+        }
+        Ok(Checked {
+            sel,
+            filter,
+            pin,
+            policy,
+            mode,
+            kem,
+            kem_algo_id: algo_id,
+            template,
+            candidates,
+        })
+    }
+}
+
+/// SPEC §6.1 "no silent downgrade": a job whose selection holds a
+/// `pqmig-wrap-v1` wrapper under a stronger KEM than the target (a higher
+/// NIST category, or a hybrid) fails before any item, naming one, unless
+/// the selection sets `allow_downgrade`. (Each item is checked again when
+/// it is processed: a wrapper rewritten meanwhile cannot slip through.)
+async fn refuse_downgrade(
+    c: &impl GenericClient,
+    sel: &selection::Wrappers,
+    filter: &WrapperFilter,
+    target: Kem,
+) -> Result<(), JobError> {
+    let may_hold_v1 = sel
+        .formats
+        .as_ref()
+        .is_none_or(|f| f.iter().any(|f| f == wrap::FORMAT_V1));
+    let stronger: Vec<String> = [Kem::MlKem768, Kem::MlKem1024, Kem::XWing]
+        .into_iter()
+        .filter(|k| target.is_downgrade_from(*k))
+        .map(|k| k.alias().to_ascii_lowercase())
+        .collect();
+    if !may_hold_v1 || stronger.is_empty() {
+        return Ok(());
+    }
+    if let Some((id, kem)) = dbw::wrappers_find_kem(c, filter, &stronger).await? {
+        return Err(fatal(format!(
+            "the selection holds wrappers under {kem} (e.g. id {id}); re-wrapping them under {} would weaken them: narrow the selection or set selection.allow_downgrade",
+            target.alias()
+        )));
+    }
+    Ok(())
+}
+
+impl Checked {
+    /// The layer keys, last: a keyring problem is reported only for a job
+    /// that is otherwise valid.
+    pub fn load_keys(self, job_id: i64, ctx: &ScopeContext) -> Result<WrappersJob, JobError> {
+        let path = ctx.keyring.as_ref().ok_or_else(|| {
+            fatal("no keyring configured (keys.keyring or PQMIG_KEYRING) to read the wrapping keys from")
+        })?;
+        let keyring = Arc::new(LocalKeyring::load(path).map_err(|e| fatal(e.to_string()))?);
+        let mut layer_keys = Vec::with_capacity(self.candidates.len());
+        for c in &self.candidates {
+            let secret =
+                crate::keys::kms_secret(&*keyring, &c.key, self.kem.alias()).map_err(|e| {
+                    fatal(format!(
+                        "layer key {} of policy {:?}: {e}",
+                        c.key.id, self.policy.name
+                    ))
+                })?;
+            let pair = KemKeyPair::from_seed(self.kem, &secret.bytes)
+                .map_err(|e| fatal(format!("layer key {:?}: {e}", c.key.key_ref)))?;
+            layer_keys.push(LayerKey {
+                kms_key_id: c.key.id,
+                weight: c.weight,
+                pair,
+            });
+        }
+        Ok(WrappersJob {
+            filter: self.filter,
+            pin: self.pin,
+            plan: Arc::new(Plan {
+                job_id,
+                verify: self.sel.common.verify,
+                allow_downgrade: self.sel.allow_downgrade,
+                policy: self.policy,
+                mode: self.mode,
+                kem: self.kem,
+                kem_algo_id: self.kem_algo_id,
+                template: self.template,
+                layer_keys,
+                source: SourceKeys::new(keyring),
+            }),
+            sel: self.sel,
+        })
+    }
+}
+
+impl WrappersJob {
+    async fn resolve_keys(
+        &self,
+        c: &impl GenericClient,
+        rows: &[WrapperRow],
+    ) -> Result<(), JobError> {
+        let rows: Vec<&WrapperRow> = rows.iter().collect();
+        self.plan.source.resolve(c, &rows).await
+    }
+}
+
+impl Scope for WrappersJob {
+    type Row = WrapperRow;
+    type Computed = Computed;
+
+    fn common(&self) -> &Common {
+        &self.sel.common
+    }
+
+    /// A rewritten wrapper's layers (ciphertexts and public keys), the
+    /// wrap, the suite and the old row.
+    fn item_bytes(&self) -> i64 {
+        let p = &self.plan;
+        let layers = (p.policy.max_layers as usize)
+            .min(p.layer_keys.len())
+            .max(1);
+        (layers * (p.kem.ciphertext_len() + p.kem.public_key_len() + 200) + 600) as i64
+    }
+
+    /// The policy the job wraps under, unless recorded already.
+    fn pin_to_record(&self) -> Option<Value> {
+        self.pin.as_ref().map(|p| json!({ "policy": p }))
+    }
+
+    fn row_id(row: &WrapperRow) -> i64 {
+        row.id
+    }
+
+    async fn count(&self, c: &Client, after: i64, cap: i64) -> Result<i64, JobError> {
+        Ok(dbw::wrappers_count(c, &self.filter, after, cap).await?)
+    }
+
+    /// The next batch, with every key its wrappers need resolved.
+    async fn fetch(&self, c: &Client, after: i64, n: i64) -> Result<Vec<WrapperRow>, JobError> {
+        let rows = dbw::wrappers_fetch_batch(c, &self.filter, after, n).await?;
+        self.resolve_keys(c, &rows).await?;
+        Ok(rows)
+    }
+
+    /// Split across the cores on blocking threads.
+    async fn compute(&self, rows: Vec<WrapperRow>) -> Result<Computed, JobError> {
+        super::compute_parallel(
+            &self.plan,
+            rows,
+            8,
+            Computed::default(),
+            Plan::compute,
+            compute::merge,
+        )
+        .await
+    }
+
+    fn outcome(c: &Computed) -> Outcome {
+        Outcome {
+            write: c.updates.ids.len() as i64,
+            skip: c.skipped,
+            fail: c.failures.len() as i64,
+        }
+    }
+
+    fn growth_bytes(c: &Computed) -> i64 {
+        c.growth_bytes()
+    }
+
+    /// Compare-and-set, see [`super::write_cas`].
+    async fn write(
+        &self,
+        tx: &Transaction<'_>,
+        job_id: i64,
+        c: Computed,
+    ) -> Result<(BatchCounts, Vec<ItemFailure>), JobError> {
+        let parts = (c.updates, c.failures, c.skipped);
+        super::write_cas(self, tx, job_id, self.sel.common.dry_run, parts).await
+    }
+}
+
+impl super::CasWrite for WrappersJob {
+    type Updates = WrapperUpdates;
+
+    fn ids(u: &WrapperUpdates) -> &[i64] {
+        &u.ids
+    }
+
+    async fn cas_update(
+        &self,
+        tx: &impl GenericClient,
+        job_id: i64,
+        u: &WrapperUpdates,
+    ) -> Result<Vec<i64>, JobError> {
+        Ok(dbw::wrappers_update_batch(tx, job_id, u, self.sel.common.backup).await?)
+    }
+
+    async fn relock_and_compute(
+        &self,
+        tx: &impl GenericClient,
+        ids: &[i64],
+    ) -> Result<(usize, WrapperUpdates, Vec<ItemFailure>, i64), JobError> {
+        let rows = dbw::wrappers_lock_rows(tx, &self.filter, ids).await?;
+        self.resolve_keys(tx, &rows).await?;
+        let found = rows.len();
+        let plan = Arc::clone(&self.plan);
+        let again = tokio::task::spawn_blocking(move || plan.compute(&rows))
+            .await
+            .map_err(|e| fatal(format!("wrapper computation panicked: {e}")))?;
+        Ok((found, again.updates, again.failures, again.skipped))
+    }
+}
