@@ -3,10 +3,14 @@
 //! listener turns NOTIFYs into prompt wake-ups.
 //!
 //! - [`producer`]: claim loop (permit first, then claim at most the free slots).
-//! - [`executor`]: one job, batch by batch, with its heartbeat.
+//! - [`executor`]: one job: its lease and heartbeat, then its batch walk.
 //! - [`rescuer`]: expired leases back to `pending`, or `failed` at max_attempts.
 //! - [`listener`]: LISTEN pqmig_jobs with reconnect; a hint, the poll is the truth.
 //! - [`sampler`]: queue depth, pool and exposure gauges at a bounded rate.
+//! - [`watchdog`]: systemd's WATCHDOG=1 while the claim loop ticks.
+//!
+//! Each long-running service is a struct with `run(self, token)` around
+//! `run_once(&self)`, which tests call directly.
 //!
 //! Job states: `pending` → (claim) → `running` → `done` | `failed`;
 //! `running` → (release, lease expiry) → `pending`; `pending`/`running` →
@@ -17,6 +21,7 @@ pub mod listener;
 pub mod producer;
 pub mod rescuer;
 pub mod sampler;
+pub mod watchdog;
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -53,13 +58,27 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// A pooled connection, or the error as one line for the log.
-    pub async fn client(&self) -> Result<deadpool_postgres::Object, String> {
+    /// A pooled connection.
+    pub async fn client(&self) -> Result<deadpool_postgres::Object, ServiceError> {
         self.pool
             .get()
             .await
-            .map_err(|e| crate::db::pool_error(&self.pool, &e))
+            .map_err(|e| ServiceError::Pool(crate::db::pool_error(&self.pool, &e)))
     }
+}
+
+/// Why a round of a service did not go through: logged, and retried at the
+/// service's own pace.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// No pooled connection (described with the pool's settings).
+    #[error("{0}")]
+    Pool(String),
+    /// A dedicated connection could not be made or was lost.
+    #[error("{0}")]
+    Connect(String),
+    #[error("{}", crate::db::error_chain(.0))]
+    Database(#[from] tokio_postgres::Error),
 }
 
 /// The resources a daemon runs on, built by the caller (tests build their
@@ -155,30 +174,39 @@ pub async fn run(
     let http_stop = CancellationToken::new();
     let app = crate::http::router(Arc::clone(&shared.metrics), Arc::clone(&shared.health));
     let server = tokio::spawn(crate::http::serve(http, app, http_stop.clone()));
-    let listener = tokio::spawn(listener::run(
-        config.database.clone(),
-        Arc::clone(&shared),
-        Arc::clone(&wake),
-        background.clone(),
-    ));
-    let rescuer = tokio::spawn(rescuer::Rescuer::new(Arc::clone(&shared)).run(background.clone()));
-    let sampler = tokio::spawn(sampler::run(Arc::clone(&shared), background.clone()));
+    let listener = listener::Listener {
+        db: config.database.clone(),
+        shared: Arc::clone(&shared),
+        wake: Arc::clone(&wake),
+    };
+    let listener = tokio::spawn(listener.run(background.clone()));
+    let rescuer = rescuer::Rescuer {
+        shared: Arc::clone(&shared),
+    };
+    let rescuer = tokio::spawn(rescuer.run(background.clone()));
+    let sampler = sampler::Sampler {
+        shared: Arc::clone(&shared),
+    };
+    let sampler = tokio::spawn(sampler.run(background.clone()));
 
     shared.health.tick();
     executor::slot_gauges(&shared, 0);
     let _ = sd_notify::notify(&[NotifyState::Ready]);
     // After READY=1: systemd expects no WATCHDOG=1 before it.
-    let watchdog = tokio::spawn(watchdog(Arc::clone(&shared), background.clone()));
+    let watchdog = watchdog::Watchdog {
+        shared: Arc::clone(&shared),
+        period: sd_notify::watchdog_enabled(),
+    };
+    let watchdog = tokio::spawn(watchdog.run(background.clone()));
 
-    let slots = Arc::new(Semaphore::new(shared.worker.concurrency.get()));
     let tracker = TaskTracker::new();
-    producer::run(
-        Arc::clone(&shared),
-        Arc::clone(&slots),
+    let producer = producer::Producer {
+        shared: Arc::clone(&shared),
+        slots: Arc::new(Semaphore::new(shared.worker.concurrency.get())),
         wake,
-        tracker.clone(),
-    )
-    .await;
+        tracker: tracker.clone(),
+    };
+    producer.run(shutdown.clone()).await;
 
     // Phase two: drain with a deadline.
     shared.health.draining.store(true, Ordering::Relaxed);
@@ -220,23 +248,4 @@ pub async fn run(
     let _ = server.await;
     tracing::info!("pqmig daemon stopped");
     Ok(())
-}
-
-/// WATCHDOG=1 every half watchdog period, but only while the claim loop
-/// makes progress: a wedged loop lets systemd restart the process.
-async fn watchdog(shared: Arc<Shared>, token: CancellationToken) {
-    let Some(period) = sd_notify::watchdog_enabled() else {
-        return;
-    };
-    loop {
-        if shared.health.loop_alive() || shared.health.draining.load(Ordering::Relaxed) {
-            let _ = sd_notify::notify(&[NotifyState::Watchdog]);
-        } else {
-            tracing::warn!("claim loop stalled; withholding the watchdog ping");
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(period / 2) => {}
-            _ = token.cancelled() => return,
-        }
-    }
 }

@@ -4,79 +4,103 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{Shared, executor, jitter};
+use super::{ServiceError, Shared, executor, jitter};
 use crate::db::jobs;
 
-pub async fn run(
-    shared: Arc<Shared>,
-    slots: Arc<Semaphore>,
-    wake: Arc<Notify>,
-    tracker: TaskTracker,
-) {
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        shared.health.tick();
-        // Wake up every poll interval even with all slots busy, so the
-        // loop's liveness (readiness, watchdog) stays visible.
-        let permit = tokio::select! {
-            p = Arc::clone(&slots).acquire_owned() => p.expect("semaphore never closed"),
-            _ = tokio::time::sleep(shared.worker.poll_interval) => continue,
-            _ = shared.shutdown.cancelled() => return,
-        };
-        let mut permits = vec![permit];
-        while let Ok(p) = Arc::clone(&slots).try_acquire_owned() {
+pub struct Producer {
+    pub shared: Arc<Shared>,
+    /// One permit per worker slot (`worker.concurrency`).
+    pub slots: Arc<Semaphore>,
+    /// Notified by the listener when a job may have become due.
+    pub wake: Arc<Notify>,
+    /// Where the executors run (the drain waits on it).
+    pub tracker: TaskTracker,
+}
+
+impl Producer {
+    /// Claim into every free slot now; how many jobs were claimed.
+    pub async fn run_once(&self) -> Result<usize, ServiceError> {
+        let mut permits = Vec::new();
+        while let Ok(p) = Arc::clone(&self.slots).try_acquire_owned() {
             permits.push(p);
         }
-        let wanted = permits.len();
-        let claimed = async {
-            let client = shared.client().await?;
-            let timer = shared.metrics.claim_duration.start_timer();
-            let claimed = jobs::job_claim(&**client, wanted as i64, &shared.worker_id)
-                .await
-                .map_err(|e| crate::db::error_chain(&e));
-            timer.observe_duration();
-            claimed
+        self.claim(permits).await
+    }
+
+    /// Claim at most one job per permit and start them; unused permits go
+    /// back to the pool.
+    async fn claim(&self, mut permits: Vec<OwnedSemaphorePermit>) -> Result<usize, ServiceError> {
+        if permits.is_empty() {
+            return Ok(0);
         }
-        .await;
-        let full = match claimed {
-            Ok(claimed) => {
-                backoff = Duration::from_millis(100);
-                let n = claimed.len();
-                for job in claimed {
-                    let permit = permits.pop().expect("one permit per claimed job");
-                    tracing::info!(job_id = job.lease.job_id, scope = %job.scope, attempt = job.attempts, "claimed job");
-                    let scope = crate::metrics::Metrics::scope_label(&job.scope);
-                    shared
-                        .metrics
-                        .jobs_claimed
-                        .with_label_values(&[scope])
-                        .inc();
-                    tracker.spawn(executor::run(Arc::clone(&shared), job, permit));
-                }
-                n == wanted
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, retry_in = ?backoff, "claim failed");
-                tokio::select! {
-                    _ = tokio::time::sleep(jitter(backoff, 0.2)) => {}
-                    _ = shared.shutdown.cancelled() => return,
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(10));
-                continue;
-            }
-        };
-        drop(permits);
-        if full {
-            // Every free slot got a job: there may be more due right now.
-            continue;
+        let shared = &self.shared;
+        let client = shared.client().await?;
+        let timer = shared.metrics.claim_duration.start_timer();
+        let claimed = jobs::job_claim(&**client, permits.len() as i64, &shared.worker_id).await;
+        timer.observe_duration();
+        let claimed = claimed?;
+        let n = claimed.len();
+        for job in claimed {
+            let permit = permits.pop().expect("one permit per claimed job");
+            tracing::info!(job_id = job.lease.job_id, scope = %job.scope, attempt = job.attempts, "claimed job");
+            let scope = crate::metrics::Metrics::scope_label(&job.scope);
+            shared
+                .metrics
+                .jobs_claimed
+                .with_label_values(&[scope])
+                .inc();
+            self.tracker
+                .spawn(executor::run(Arc::clone(shared), job, permit));
         }
-        tokio::select! {
-            _ = wake.notified() => {}
-            _ = tokio::time::sleep(jitter(shared.worker.poll_interval, 0.2)) => {}
-            _ = shared.shutdown.cancelled() => return,
+        Ok(n)
+    }
+
+    /// Claim until `shutdown`: wait for a free slot, fill every free slot,
+    /// then sleep until a NOTIFY or the jittered poll interval.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut backoff = Duration::from_millis(100);
+        let poll = self.shared.worker.poll_interval;
+        loop {
+            self.shared.health.tick();
+            // Wake up every poll interval even with all slots busy, so the
+            // loop's liveness (readiness, watchdog) stays visible.
+            let permit = tokio::select! {
+                p = Arc::clone(&self.slots).acquire_owned() => p.expect("semaphore never closed"),
+                _ = tokio::time::sleep(poll) => continue,
+                _ = shutdown.cancelled() => return,
+            };
+            let mut permits = vec![permit];
+            while let Ok(p) = Arc::clone(&self.slots).try_acquire_owned() {
+                permits.push(p);
+            }
+            let wanted = permits.len();
+            match self.claim(permits).await {
+                Ok(n) => {
+                    backoff = Duration::from_millis(100);
+                    // Every free slot got a job: more may be due right now.
+                    if n == wanted {
+                        continue;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "claim failed");
+                    tokio::select! {
+                        _ = tokio::time::sleep(jitter(backoff, 0.2)) => {}
+                        _ = shutdown.cancelled() => return,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    continue;
+                }
+            }
+            tokio::select! {
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(jitter(poll, 0.2)) => {}
+                _ = shutdown.cancelled() => return,
+            }
         }
     }
 }

@@ -7,20 +7,16 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
-use super::{Shared, jitter};
+use super::{ServiceError, Shared, jitter};
 use crate::db::jobs;
 
 pub struct Rescuer {
-    shared: Arc<Shared>,
+    pub shared: Arc<Shared>,
 }
 
 impl Rescuer {
-    pub fn new(shared: Arc<Shared>) -> Rescuer {
-        Rescuer { shared }
-    }
-
     /// One scan; returns the (job id, new status) pairs it changed.
-    pub async fn run_once(&self) -> Result<Vec<(i64, String)>, String> {
+    pub async fn run_once(&self) -> Result<Vec<(i64, String)>, ServiceError> {
         let w = &self.shared.worker;
         let client = self.shared.client().await?;
         let rescued = jobs::job_rescue(
@@ -29,8 +25,7 @@ impl Rescuer {
             w.max_attempts.get() as i32,
             &self.shared.worker_id,
         )
-        .await
-        .map_err(|e| crate::db::error_chain(&e))?;
+        .await?;
         self.shared
             .metrics
             .leases_reclaimed
