@@ -3,9 +3,9 @@
 
 use serde_json::json;
 
-use crate::common::{run, stderr, stdout};
-use crate::engine::InProcess;
-use crate::hashes_fixture::{Fixture, PROFILE, legacy_hash, terminal};
+use crate::support::InProcess;
+use crate::support::hashes::{Fixture, PROFILE, legacy_hash, terminal};
+use crate::support::{run, stderr, stdout};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hashes_job_verify_rollback_and_purge() {

@@ -1,7 +1,7 @@
 //! The command line: help for every subcommand, exit codes of SPEC §8.1 and
 //! one-line errors.
 
-use crate::common::{TestDb, run, stderr, stdout};
+use crate::support::{TestDb, run, stderr, stdout};
 
 const SUBCOMMANDS: &[&str] = &[
     "run",

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use pqmig::config::{Config, FlagOverrides, Sources};
 
-use crate::common::{TestDb, admin_url, pqmig, stderr, stdout};
 use crate::pgcluster::{self, Cluster};
+use crate::support::{TestDb, admin_url, pqmig, stderr, stdout};
 
 /// A validated config from these environment variables alone.
 fn config(env: &[(&str, &str)]) -> Config {
@@ -125,7 +125,7 @@ async fn wrong_ca_and_wrong_host_name_are_refused_clearly() {
     );
     let dir = tempfile::tempdir().expect("tempdir");
     let pw = cluster.password_file(dir.path());
-    let out = crate::common::run(
+    let out = crate::support::run(
         &["migrate"],
         &[
             ("DATABASE_URL", &url),
@@ -189,7 +189,7 @@ async fn daemon_over_tls_with_a_password_file_never_prints_it() {
         ("PQMIG_METRICS_ADDR", "127.0.0.1:0"),
         ("PQMIG_POLL_INTERVAL", "200ms"),
     ];
-    let out = crate::common::run(&["migrate"], &env);
+    let out = crate::support::run(&["migrate"], &env);
     let mut captured = stdout(&out) + &stderr(&out);
     assert!(out.status.success(), "{captured}");
 
@@ -228,7 +228,7 @@ async fn daemon_over_tls_with_a_password_file_never_prints_it() {
         names.iter().all(|(_, ssl)| *ssl),
         "all encrypted: {names:?}"
     );
-    crate::hashes_fixture::terminate(&mut daemon);
+    crate::support::hashes::terminate(&mut daemon);
     captured += &std::fs::read_to_string(&log_path).expect("daemon log");
     assert!(
         captured.contains("effective configuration") && captured.contains("***"),
@@ -241,7 +241,7 @@ async fn daemon_over_tls_with_a_password_file_never_prints_it() {
 
     // A wrong password: the server's refusal, and still no secret printed.
     std::fs::write(&pw, "not-the-password-42\n").expect("rewrite");
-    let out = crate::common::run(&["migrate"], &env);
+    let out = crate::support::run(&["migrate"], &env);
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("password authentication failed"), "{err}");
@@ -393,7 +393,7 @@ async fn pool_recovers_after_its_connections_are_terminated() {
         .map(|r| r.expect("pid"))
         .collect();
     drop(conns);
-    let admin = crate::common::connect(&admin_url()).await;
+    let admin = crate::support::connect(&admin_url()).await;
     let killed: i64 = admin
         .query_one(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1",
@@ -451,7 +451,7 @@ async fn waiting_for_a_pooled_connection_is_bounded() {
 /// by the server, halved and retried until it fits, and the job finishes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_past_statement_timeout_shrinks_and_succeeds() {
-    use crate::hashes_fixture::{Fixture, terminal};
+    use crate::support::hashes::{Fixture, terminal};
     let fx = Fixture::new(300).await;
     fx.db
         .client()
@@ -474,7 +474,7 @@ async fn a_batch_past_statement_timeout_shrinks_and_succeeds() {
     let id = fx.enqueue(serde_json::json!({"batch_size": 200})).await;
     let mut daemon = fx.spawn_daemon("d", &[("PQMIG_CONFIG", config.to_str().expect("utf-8"))]);
     let j = fx.wait_job(id, 90, terminal).await;
-    crate::hashes_fixture::terminate(&mut daemon);
+    crate::support::hashes::terminate(&mut daemon);
     let log = fx.log("d");
     assert_eq!(
         (j.status.as_str(), j.processed, j.failed),

@@ -1,6 +1,6 @@
 //! `pqmig demo` end to end: its summary matches what it left in the database.
 
-use crate::common::{admin_url, connect, run, stderr, stdout, url_for};
+use crate::support::{admin_url, connect, run, stderr, stdout, url_for};
 
 #[tokio::test]
 async fn demo_runs_end_to_end_and_its_summary_matches_the_database() {

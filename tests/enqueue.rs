@@ -1,8 +1,8 @@
 //! `pqmig enqueue`: validated like the daemon validates, nothing queued on
 //! bad input, the id printed on success.
 
-use crate::common::{run, stderr, stdout};
-use crate::hashes_fixture::Fixture;
+use crate::support::hashes::Fixture;
+use crate::support::{run, stderr, stdout};
 
 #[tokio::test]
 async fn enqueue_validates_then_queues() {

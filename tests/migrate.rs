@@ -7,7 +7,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use tokio_postgres::{AsyncMessage, NoTls, error::SqlState};
 
-use crate::common::{TestDb, pqmig, stderr};
+use crate::support::{TestDb, pqmig, stderr};
 use pqmig::db::migrate;
 
 const HOST_SEED: &str = include_str!("fixtures/host_seed.sql");

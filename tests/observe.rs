@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::engine::InProcess;
-use crate::hashes_fixture::{Fixture, signal, terminal, terminate};
+use crate::support::InProcess;
+use crate::support::hashes::{Fixture, signal, terminal, terminate};
 
 /// A plain HTTP/1.0 GET on loopback: (status, body).
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
@@ -167,7 +167,7 @@ async fn readyz_follows_the_database_and_the_drain() {
     );
 
     // The database goes away: not ready, still healthy.
-    let admin = crate::common::connect(&crate::common::admin_url()).await;
+    let admin = crate::support::connect(&crate::support::admin_url()).await;
     let name = &fx.db.name;
     admin
         .batch_execute(&format!(
@@ -379,7 +379,7 @@ async fn least_privilege_role_runs_a_job() {
     keys.add(
         "local:pepper-v2",
         "HMAC-SHA3-256",
-        zeroize::Zeroizing::new(crate::hashes_fixture::PEPPER.to_vec()),
+        zeroize::Zeroizing::new(crate::support::hashes::PEPPER.to_vec()),
     );
     let seed = pqmig::sample::seed_wrappers(
         &c,
@@ -449,7 +449,7 @@ async fn least_privilege_role_runs_a_job() {
     );
     daemon.stop().await;
     drop(c);
-    let admin = crate::common::connect(&crate::common::admin_url()).await;
+    let admin = crate::support::connect(&crate::support::admin_url()).await;
     // Owned nothing; its grants go with the database, then the role goes.
     drop(fx);
     let _ = admin
@@ -462,8 +462,8 @@ async fn inventory_command_splits_vulnerable_and_protected() {
     let fx = Fixture::new(40).await;
     let env = [("DATABASE_URL", fx.db.url.as_str())];
     let inventory = || {
-        let out = crate::common::run(&["inventory", "--json"], &env);
-        assert!(out.status.success(), "{}", crate::common::stderr(&out));
+        let out = crate::support::run(&["inventory", "--json"], &env);
+        assert!(out.status.success(), "{}", crate::support::stderr(&out));
         serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("json")
     };
     let total = |doc: &serde_json::Value, kind: &str, alg: &str| -> i64 {
@@ -488,8 +488,8 @@ async fn inventory_command_splits_vulnerable_and_protected() {
     assert_eq!(total(&after, "vulnerable", "backup"), 30, "{after}");
     assert_eq!(total(&after, "protected", "HMAC-SHA3-256"), 30, "{after}");
 
-    let out = crate::common::run(&["inventory"], &env);
-    let text = crate::common::stdout(&out);
+    let out = crate::support::run(&["inventory"], &env);
+    let text = crate::support::stdout(&out);
     assert!(
         text.contains("hashes") && text.contains("EXPOSED"),
         "{text}"

@@ -3,9 +3,9 @@
 
 use serde_json::Value;
 
-use crate::common::{run, stderr, stdout};
-use crate::hashes_fixture::Fixture;
-use crate::wrappers::WrapFx;
+use crate::support::hashes::Fixture;
+use crate::support::wrappers::WrapFx;
+use crate::support::{run, stderr, stdout};
 
 fn plan(url: &str, keyring: Option<&str>, args: &[&str]) -> std::process::Output {
     let mut a = vec!["plan"];
@@ -153,10 +153,10 @@ async fn plan_a_hashes_job() {
 async fn plan_a_policy_to_policy_rewrap_counts_the_replaced_layers() {
     use pqmig::crypto::kem::Kem;
     let mut w = WrapFx::new(30, Kem::MlKem768, 2).await;
-    let daemon = crate::engine::InProcess::start(&w.fx, &[]).await;
+    let daemon = crate::support::InProcess::start(&w.fx, &[]).await;
     let first = w.enqueue(w.seed.policy_id, serde_json::json!({})).await;
     let j =
-        w.fx.wait_job(first, 60, crate::hashes_fixture::terminal)
+        w.fx.wait_job(first, 60, crate::support::hashes::terminal)
             .await;
     daemon.stop().await;
     assert_eq!(j.status, "done", "{j:?}");

@@ -3,67 +3,19 @@
 //! the FIPS 205 (ACVP) key-generation vectors, bad sources never
 //! countersigned, and jobs end to end against the real database.
 
-use std::io::Write;
-use std::process::{Command, Stdio};
-
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD;
 use serde_json::{Value, json};
 
 use pqmig::crypto::sig::{self, SigAlg, Signer};
-use pqmig::sample::{SampleKeys, SignatureSeed};
 
-use crate::common::{stderr, stdout};
-use crate::engine::InProcess;
-use crate::hashes_fixture::{Fixture, terminal, terminate};
+use crate::support::hashes::{terminal, terminate};
+use crate::support::signatures::{SigFx, sig_check};
+use crate::support::{InProcess, b64, unb64, unhex};
+use crate::support::{stderr, stdout};
 
-const CHECKER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/vectors/sig_check.py");
 const SLH_VECTORS: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/tests/vectors/slh_dsa_keygen.json"
 );
-
-pub(crate) fn b64(b: &[u8]) -> String {
-    STANDARD.encode(b)
-}
-
-pub(crate) fn unb64(v: &Value) -> Vec<u8> {
-    STANDARD
-        .decode(v.as_str().expect("base64"))
-        .expect("base64")
-}
-
-fn unhex(s: &str) -> Vec<u8> {
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex"))
-        .collect()
-}
-
-pub(crate) fn python(args: &[&str], stdin: &str) -> String {
-    let py = concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/python");
-    let mut child = Command::new(py)
-        .arg(CHECKER)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run .venv/bin/python (bash .ci/setup makes it)");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "sig_check.py {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
 
 #[test]
 fn ml_dsa_keys_and_signatures_agree_with_pyca() {
@@ -84,34 +36,24 @@ fn ml_dsa_keys_and_signatures_agree_with_pyca() {
         // and the public key from ξ is FIPS 204's, as pyca derives it
     }
     let publics: Vec<String> =
-        serde_json::from_str(&python(&["mldsa-public"], &json!(seeds).to_string())).unwrap();
+        serde_json::from_str(&sig_check(&["mldsa-public"], &json!(seeds).to_string())).unwrap();
     for (seed, public) in seeds.iter().zip(&publics) {
         let alg = SigAlg::from_alias(seed["alg"].as_str().unwrap()).unwrap();
         let ours = Signer::from_seed(alg, &unb64(&seed["seed"])).unwrap();
         assert_eq!(b64(ours.public_key()), *public, "{alg:?}");
     }
     assert_eq!(
-        python(&["verify-mldsa"], &json!(items).to_string()).trim(),
+        sig_check(&["verify-mldsa"], &json!(items).to_string()).trim(),
         "ok 9 signatures"
     );
     // a wrong context fails in pyca too
     let mut bad = items[1].clone();
     bad["ctx"] = json!("other");
-    let py = concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/python");
-    let mut child = Command::new(py)
-        .args([CHECKER, "verify-mldsa"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(json!([bad]).to_string().as_bytes())
-        .unwrap();
-    assert!(!child.wait().unwrap().success());
+    assert!(!crate::support::python::succeeds(
+        "sig_check.py",
+        &["verify-mldsa"],
+        &json!([bad]).to_string()
+    ));
 }
 
 #[test]
@@ -159,88 +101,6 @@ fn slh_dsa_matches_the_fips_205_keygen_vectors_and_round_trips() {
     ));
 }
 
-/// Signed records with their keys, an active ML-DSA-65 signing key.
-pub struct SigFx {
-    pub fx: Fixture,
-    pub seed: SignatureSeed,
-    pub keys: SampleKeys,
-}
-
-impl SigFx {
-    pub async fn new(n: usize) -> SigFx {
-        let fx = Fixture::new(0).await;
-        let mut keys = SampleKeys::default();
-        let seed = pqmig::sample::seed_signatures(
-            &fx.db.client().await,
-            &mut keys,
-            "",
-            n,
-            true,
-            SigAlg::MlDsa65,
-            "pq-sign",
-        )
-        .await
-        .expect("seed signatures");
-        std::fs::remove_file(&fx.keyring).unwrap();
-        keys.write(&fx.keyring).unwrap();
-        SigFx { fx, seed, keys }
-    }
-
-    pub async fn enqueue(&self, algo_id: i64, selection: Value) -> i64 {
-        self.fx
-            .db
-            .client()
-            .await
-            .query_one(
-                "INSERT INTO pq_migration_jobs (scope, target_algo_id, selection) VALUES ('signatures', $1, $2) RETURNING id",
-                &[&algo_id, &selection],
-            )
-            .await
-            .unwrap()
-            .get(0)
-    }
-
-    pub async fn scalar(&self, sql: &str) -> i64 {
-        self.fx
-            .db
-            .client()
-            .await
-            .query_one(sql, &[])
-            .await
-            .expect(sql)
-            .get(0)
-    }
-
-    pub fn cli(&self, args: &[&str]) -> std::process::Output {
-        let keyring = self.fx.keyring.display().to_string();
-        crate::common::run(
-            args,
-            &[
-                ("DATABASE_URL", self.fx.db.url.as_str()),
-                ("PQMIG_KEYRING", keyring.as_str()),
-            ],
-        )
-    }
-
-    /// Countersignatures of the target algorithm, as pyca input.
-    async fn countersignatures(&self) -> Vec<Value> {
-        let c = self.fx.db.client().await;
-        c.query(
-            "SELECT k.public_key, s.payload_hash, s.context::text, s.signature FROM signatures s \
-             JOIN signing_keys k ON k.id = s.signing_key_id WHERE s.algo_id = $1 ORDER BY s.id",
-            &[&self.seed.target_algo_id],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| {
-            json!({"alg": "ML-DSA-65", "pk": b64(&r.get::<_, Vec<u8>>(0)), "msg": b64(&r.get::<_, Vec<u8>>(1)),
-                   "ctx": r.get::<_, String>(2), "sig": b64(&r.get::<_, Vec<u8>>(3))})
-        })
-        .collect()
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sources_made_by_pyca_are_countersigned_and_pyca_verifies_every_countersignature() {
     let w = SigFx::new(40).await;
@@ -248,7 +108,8 @@ async fn sources_made_by_pyca_are_countersigned_and_pyca_verifies_every_counters
     // 10 more records signed by pyca (Ed25519 and ECDSA P-256), context ''
     let hashes: Vec<Vec<u8>> = (0..10u8).map(|i| vec![i; 32]).collect();
     let req = json!({"hashes": hashes.iter().map(|h| b64(h)).collect::<Vec<_>>()});
-    let made: Value = serde_json::from_str(&python(&["make-sources"], &req.to_string())).unwrap();
+    let made: Value =
+        serde_json::from_str(&sig_check(&["make-sources"], &req.to_string())).unwrap();
     let algo = |a: &str| {
         let c = &c;
         let a = a.to_owned();
@@ -291,7 +152,7 @@ async fn sources_made_by_pyca_are_countersigned_and_pyca_verifies_every_counters
     let counter = w.countersignatures().await;
     assert_eq!(counter.len(), 60);
     assert_eq!(
-        python(&["verify-mldsa"], &json!(counter).to_string()).trim(),
+        sig_check(&["verify-mldsa"], &json!(counter).to_string()).trim(),
         "ok 60 signatures"
     );
     assert_eq!(counter.iter().filter(|c| c["ctx"] == "doc-v1").count(), 40);
@@ -520,7 +381,7 @@ async fn a_batch_wider_than_one_statement_countersigns_every_item_once() {
     let counter = w.countersignatures().await;
     assert_eq!(counter.len(), N);
     assert_eq!(
-        python(&["verify-mldsa"], &json!(counter).to_string()).trim(),
+        sig_check(&["verify-mldsa"], &json!(counter).to_string()).trim(),
         format!("ok {N} signatures")
     );
     let recorded = w

@@ -1,6 +1,6 @@
 //! `pqmig status`: the table, one job, `--json` shapes and exit codes.
 
-use crate::common::{TestDb, run, stderr, stdout};
+use crate::support::{TestDb, run, stderr, stdout};
 
 #[tokio::test]
 async fn status_shows_progress_rate_and_eta() {
@@ -63,8 +63,8 @@ async fn status_shows_progress_rate_and_eta() {
 /// bar that reaches 100%, and the command ends with the job.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_draws_a_progress_bar_to_100_percent_on_a_terminal() {
-    let fx = crate::hashes_fixture::Fixture::new(1000).await;
-    let daemon = crate::engine::InProcess::start(&fx, &[]).await;
+    let fx = crate::support::hashes::Fixture::new(1000).await;
+    let daemon = crate::support::InProcess::start(&fx, &[]).await;
     let id = fx
         .enqueue(serde_json::json!({"max_rate": 800, "batch_size": 100}))
         .await;
@@ -110,22 +110,22 @@ async fn watch_draws_a_progress_bar_to_100_percent_on_a_terminal() {
 /// Not a terminal: plain lines, no escapes, until the job is done.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_prints_plain_lines_when_piped_and_fails_with_the_job() {
-    let fx = crate::hashes_fixture::Fixture::new(300).await;
-    let daemon = crate::engine::InProcess::start(&fx, &[]).await;
+    let fx = crate::support::hashes::Fixture::new(300).await;
+    let daemon = crate::support::InProcess::start(&fx, &[]).await;
     let id = fx
         .enqueue(serde_json::json!({"max_rate": 400, "batch_size": 50}))
         .await;
     let (url, job) = (fx.db.url.clone(), id.to_string());
     let out = tokio::task::spawn_blocking(move || {
-        crate::common::run(
+        crate::support::run(
             &["status", &job, "--watch", "--interval", "100ms"],
             &[("DATABASE_URL", url.as_str())],
         )
     })
     .await
     .unwrap();
-    let text = crate::common::stdout(&out);
-    assert!(out.status.success(), "{}", crate::common::stderr(&out));
+    let text = crate::support::stdout(&out);
+    assert!(out.status.success(), "{}", crate::support::stderr(&out));
     assert!(!text.contains('\u{1b}'), "{text}");
     let lines: Vec<&str> = text.lines().collect();
     assert!(lines.len() >= 3, "refreshed while it ran: {text}");
@@ -142,7 +142,7 @@ async fn watch_prints_plain_lines_when_piped_and_fails_with_the_job() {
         )
         .await;
     let env = [("DATABASE_URL", fx.db.url.as_str())];
-    let out = crate::common::run(
+    let out = crate::support::run(
         &[
             "status",
             &bad.to_string(),
@@ -158,15 +158,15 @@ async fn watch_prints_plain_lines_when_piped_and_fails_with_the_job() {
         out.status.code(),
         Some(1),
         "{}",
-        crate::common::stderr(&out)
+        crate::support::stderr(&out)
     );
     assert!(
-        crate::common::stderr(&out).contains(&format!("job {bad} ended failed: selection.table")),
+        crate::support::stderr(&out).contains(&format!("job {bad} ended failed: selection.table")),
         "{}",
-        crate::common::stderr(&out)
+        crate::support::stderr(&out)
     );
     let last: serde_json::Value =
-        serde_json::from_str(crate::common::stdout(&out).lines().last().unwrap()).unwrap();
+        serde_json::from_str(crate::support::stdout(&out).lines().last().unwrap()).unwrap();
     assert_eq!(last["jobs"][0]["status"], "failed");
 }
 
@@ -188,7 +188,7 @@ async fn watch_stops_on_ctrl_c_and_leaves_the_job_alone() {
         .await
         .unwrap()
         .get(0);
-    let mut child = crate::common::pqmig(
+    let mut child = crate::support::pqmig(
         &["status", "1", "--watch", "--interval", "100ms"],
         &[("DATABASE_URL", db.url.as_str())],
     )
@@ -199,7 +199,7 @@ async fn watch_stops_on_ctrl_c_and_leaves_the_job_alone() {
     let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
     let first = lines.next().expect("a first line").expect("read");
     assert_eq!(first, "job 1 hashes running 5/50 (10%)");
-    crate::hashes_fixture::signal(&child, libc::SIGINT);
+    crate::support::hashes::signal(&child, libc::SIGINT);
     let out = tokio::time::timeout(
         std::time::Duration::from_secs(10),
         tokio::task::spawn_blocking(move || child.wait_with_output()),

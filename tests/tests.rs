@@ -1,7 +1,7 @@
 //! The integration suite: one binary, one module per concern, every test
 //! against the real PostgreSQL in a database of its own.
 
-mod common;
+mod support;
 
 mod aftercare;
 mod cli;
@@ -11,7 +11,6 @@ mod demo;
 mod deploy;
 mod engine;
 mod enqueue;
-mod hashes_fixture;
 mod image;
 mod keyring;
 mod migrate;

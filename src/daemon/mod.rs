@@ -58,6 +58,21 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// What the services of a daemon run on, outside [`run`]: tests drive
+    /// one service's `run_once` with it.
+    pub fn new(config: &Config, services: &Services, shutdown: CancellationToken) -> Shared {
+        Shared {
+            pool: services.pool.clone(),
+            worker: config.worker.clone(),
+            worker_id: services.worker_id.clone(),
+            scope: services.scope.clone(),
+            metrics: Arc::clone(&services.metrics),
+            health: Arc::clone(&services.health),
+            running: Mutex::new(HashMap::new()),
+            shutdown,
+        }
+    }
+
     /// A pooled connection.
     pub async fn client(&self) -> Result<deadpool_postgres::Object, ServiceError> {
         self.pool
@@ -143,24 +158,8 @@ pub async fn run(
     services: Services,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let Services {
-        pool,
-        scope,
-        metrics,
-        health,
-        http,
-        worker_id,
-    } = services;
-    let shared = Arc::new(Shared {
-        pool,
-        worker: config.worker.clone(),
-        worker_id,
-        scope,
-        metrics,
-        health,
-        running: Mutex::new(HashMap::new()),
-        shutdown: shutdown.clone(),
-    });
+    let shared = Arc::new(Shared::new(config, &services, shutdown.clone()));
+    let http = services.http;
     let addr = http.local_addr()?;
     // Secrets print as *** (DatabaseUrl, Secret); certificates by path.
     tracing::info!(config = ?config, "effective configuration");

@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::common::TestDb;
-use crate::hashes_fixture::{Fixture, assert_no_secret, terminal};
+use crate::support::TestDb;
+use crate::support::hashes::{Fixture, assert_no_secret, terminal};
 
 use buildah::{Daemon, Image, Storage, script, test_binary, text};
 use rootfs::check_rootfs;

@@ -204,7 +204,7 @@ async fn hostile_selections_fail_cleanly_and_touch_nothing_outside_them() {
 /// value migrated; each rotated wrapper opens to the writer's last DEK.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn application_writes_during_the_jobs_are_never_lost() {
-    use crate::hashes_fixture::{PROFILE, expected_hash, legacy_hash};
+    use crate::support::hashes::{PROFILE, expected_hash, legacy_hash};
     let mut m = Mixed::new().await;
     let mut r = Replicas(vec![m.spawn("a", &[]), m.spawn("b", &[])]);
     let kek: [u8; 32] =

@@ -19,8 +19,8 @@ use pqmig::sample::{SampleKeys, SignatureSeed};
 use serde_json::{Value, json};
 use zeroize::Zeroizing;
 
-use crate::hashes_fixture::{Fixture, PEPPER, signal, terminal};
-use crate::wrappers::WrapFx;
+use crate::support::hashes::{Fixture, PEPPER, signal, terminal};
+use crate::support::wrappers::WrapFx;
 
 mod input;
 mod replicas;
@@ -193,7 +193,7 @@ impl Mixed {
                 "verify {} job {}: {}",
                 q.scope,
                 q.id,
-                crate::common::stderr(&out)
+                crate::support::stderr(&out)
             );
         }
         self.w.fx.assert_all_migrated_once().await;
@@ -258,7 +258,7 @@ fn assert_no_secret_in(logs: &str, keys: &SampleKeys, more: &[Vec<u8>]) {
     assert!(!secrets.is_empty());
     secrets.extend_from_slice(more);
     assert!(logs.contains("claimed job"), "the logs were captured");
-    crate::hashes_fixture::assert_absent(logs, &secrets);
+    crate::support::hashes::assert_absent(logs, &secrets);
 }
 
 /// A replica's metrics address, from the start-up line of its JSON log.

@@ -72,7 +72,7 @@ async fn terminated_connections_of_a_mixed_queue_reconnect_and_wake_ups_work() {
     let mut m = Mixed::new().await;
     let slow_poll = [("PQMIG_POLL_INTERVAL", "60s")];
     let mut r = Replicas(vec![m.spawn("a", &slow_poll), m.spawn("b", &slow_poll)]);
-    let admin = crate::common::connect(&crate::common::admin_url()).await;
+    let admin = crate::support::connect(&crate::support::admin_url()).await;
     let name = m.w.fx.db.name.clone();
     // In the select list, not the WHERE clause: there the planner may push
     // it down to every backend of the server, other tests' included.

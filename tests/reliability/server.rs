@@ -42,8 +42,8 @@ async fn a_server_outage_mid_run_is_ridden_out() {
         ("PQMIG_LOG_FORMAT", "json"),
         ("PQMIG_METRICS_ADDR", "127.0.0.1:0"),
     ];
-    let out = crate::common::run(&["migrate"], &env);
-    assert!(out.status.success(), "{}", crate::common::stderr(&out));
+    let out = crate::support::run(&["migrate"], &env);
+    assert!(out.status.success(), "{}", crate::support::stderr(&out));
 
     // Legacy data of all three scopes, and a throttled job for each.
     let c = cluster.admin_to(&db).await;
@@ -102,7 +102,7 @@ async fn a_server_outage_mid_run_is_ridden_out() {
     let mut r = Replicas(
         logs.iter()
             .map(|log| {
-                crate::common::pqmig(&["run"], &env)
+                crate::support::pqmig(&["run"], &env)
                     .stdout(std::process::Stdio::null())
                     .stderr(std::fs::File::create(log).expect("log"))
                     .spawn()
@@ -181,11 +181,11 @@ async fn a_server_outage_mid_run_is_ridden_out() {
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        let out = crate::common::run(&["verify", &id.to_string()], &env);
+        let out = crate::support::run(&["verify", &id.to_string()], &env);
         assert!(
             out.status.success(),
             "verify {scope} job {id}: {}",
-            crate::common::stderr(&out)
+            crate::support::stderr(&out)
         );
     }
     let seen = watch.await.expect("readyz watch");
@@ -236,7 +236,7 @@ async fn a_server_outage_mid_run_is_ridden_out() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_exhausted_by_another_client_only_pause_the_work() {
     let mut m = Mixed::new().await;
-    let admin = crate::common::connect(&crate::common::admin_url()).await;
+    let admin = crate::support::connect(&crate::support::admin_url()).await;
     let role = format!("pqmig_lim_{}", m.w.fx.db.name);
     admin
         .batch_execute(&format!(

@@ -7,9 +7,9 @@ use std::os::unix::fs::PermissionsExt;
 use base64::Engine;
 use serde_json::json;
 
-use crate::common::{run, stderr, stdout};
-use crate::engine::InProcess;
-use crate::hashes_fixture::{Fixture, PEPPER, PROFILE, expected_hash, legacy_hash, terminal};
+use crate::support::InProcess;
+use crate::support::hashes::{Fixture, PEPPER, PROFILE, expected_hash, legacy_hash, terminal};
+use crate::support::{run, stderr, stdout};
 
 /// Rewrite the keyring with the fixture's pepper plus `extra` keys.
 fn keyring_with(fx: &Fixture, extra: &[(&str, &str, [u8; 32])]) {

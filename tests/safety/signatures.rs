@@ -5,10 +5,11 @@ use serde_json::{Value, json};
 
 use pqmig::crypto::sig::SigAlg;
 
-use crate::common::stderr;
-use crate::engine::InProcess;
-use crate::hashes_fixture::terminal;
-use crate::signatures::{SigFx, b64, python, unb64};
+use crate::support::InProcess;
+use crate::support::hashes::terminal;
+use crate::support::signatures::{SigFx, sig_check};
+use crate::support::stderr;
+use crate::support::{b64, unb64};
 
 /// The source ids a job countersigned (its backups), with their extras.
 async fn countersigned_sources(w: &SigFx, job: i64) -> Vec<(i64, Value)> {
@@ -110,7 +111,7 @@ async fn pq_sources_verify_with_their_context_and_no_downgrade_without_consent()
     let items: Vec<Value> = (0..6u8)
         .map(|i| json!({"msg": b64(&[i; 32]), "ctx": format!("ctx-{i}")}))
         .collect();
-    let made: Value = serde_json::from_str(&python(
+    let made: Value = serde_json::from_str(&sig_check(
         &["make-mldsa-sources"],
         &json!({"alg": "ML-DSA-44", "items": items}).to_string(),
     ))
@@ -168,7 +169,7 @@ async fn pq_sources_verify_with_their_context_and_no_downgrade_without_consent()
         })
         .collect();
     assert_eq!(
-        python(&["verify-mldsa"], &json!(made87).to_string()).trim(),
+        sig_check(&["verify-mldsa"], &json!(made87).to_string()).trim(),
         "ok 6 signatures"
     );
 

@@ -5,9 +5,9 @@ use serde_json::json;
 
 use pqmig::crypto::kem::Kem;
 
-use crate::engine::InProcess;
-use crate::hashes_fixture::terminal;
-use crate::wrappers::WrapFx;
+use crate::support::InProcess;
+use crate::support::hashes::terminal;
+use crate::support::wrappers::WrapFx;
 
 /// After a policy-to-policy re-wrap, three wrappers are altered and a third
 /// job over them finds each an `integrity` failure instead of re-wrapping
@@ -256,20 +256,20 @@ async fn a_policy_edit_after_the_job_and_a_later_rewrap_leave_verify_working() {
     .await
     .unwrap();
     let out = w.cli(&["verify", &job2.to_string()]);
-    assert!(out.status.success(), "{}", crate::common::stderr(&out));
-    assert!(crate::common::stdout(&out).contains("10 items verified"));
+    assert!(out.status.success(), "{}", crate::support::stderr(&out));
+    assert!(crate::support::stdout(&out).contains("10 items verified"));
     w.assert_every_dek_intact().await;
 
     // job 1's wrappers were all re-wrapped by job 2: still the same DEKs
     let out = w.cli(&["verify", &first.to_string()]);
-    assert!(out.status.success(), "{}", crate::common::stderr(&out));
+    assert!(out.status.success(), "{}", crate::support::stderr(&out));
     assert!(
-        crate::common::stdout(&out).contains("10 items verified"),
+        crate::support::stdout(&out).contains("10 items verified"),
         "{}",
-        crate::common::stdout(&out)
+        crate::support::stdout(&out)
     );
     let out = w.cli(&["purge-backups", &first.to_string()]);
-    assert!(out.status.success(), "{}", crate::common::stderr(&out));
+    assert!(out.status.success(), "{}", crate::support::stderr(&out));
 
     // a job under the edited policy, cancelled, then the template edited
     // again and the job resumed: it stops before writing anything more
@@ -296,7 +296,7 @@ async fn a_policy_edit_after_the_job_and_a_later_rewrap_leave_verify_working() {
     .await
     .unwrap();
     let out = w.cli(&["resume", &job3.to_string()]);
-    assert!(out.status.success(), "{}", crate::common::stderr(&out));
+    assert!(out.status.success(), "{}", crate::support::stderr(&out));
     let j = w.fx.wait_job(job3, 60, terminal).await;
     daemon.stop().await;
     assert_eq!(j.status, "failed", "{j:?}");

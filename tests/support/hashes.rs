@@ -12,7 +12,7 @@ use hmac::{KeyInit, Mac, SimpleHmac as Hmac};
 use serde_json::{Value, json};
 use sha3::Sha3_256;
 
-use crate::common::{TestDb, pqmig};
+use crate::support::{TestDb, pqmig};
 
 pub const PEPPER: [u8; 32] = [0x5a; 32];
 pub const PROFILE: &str = "pepper-v2";

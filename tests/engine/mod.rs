@@ -1,0 +1,7 @@
+//! The job engine on the hashes scope: end to end, idempotence, claim plan,
+//! wake-ups, scheduling, rescue, cancel/resume, drain, and several real
+//! daemons with SIGKILL and SIGSTOP (fencing).
+
+mod jobs;
+mod processes;
+mod queue;

@@ -1,0 +1,313 @@
+//! The queue: the claim plan, NOTIFY wake-ups and scheduling, the rescuer,
+//! fenced writes.
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::support::hashes::{Fixture, terminal};
+use crate::support::{InProcess, wait_until};
+
+#[tokio::test]
+async fn claim_query_uses_the_partial_index() {
+    let fx = Fixture::new(0).await;
+    let c = fx.db.client().await;
+    c.batch_execute(
+        "INSERT INTO pq_migration_jobs (scope, status, priority, scheduled_at) \
+         SELECT 'hashes', CASE WHEN i % 3 = 0 THEN 'done' ELSE 'pending' END, (i % 4)::smallint, \
+                CASE WHEN i % 5 = 0 THEN now() + interval '1 hour' WHEN i % 7 = 0 THEN NULL ELSE now() - interval '1 minute' END \
+         FROM generate_series(1, 30000) i; ANALYZE pq_migration_jobs;",
+    )
+    .await
+    .expect("seed jobs");
+    let sql = format!(
+        "EXPLAIN (FORMAT JSON) {}",
+        pqmig::db::jobs::CLAIM_SELECT.replace("$1", "8")
+    );
+    let plan: serde_json::Value = c.query_one(&sql, &[]).await.expect("explain").get(0);
+    let text = plan.to_string();
+    assert!(
+        text.contains("idx_pq_mig_claim"),
+        "claim must use the partial index: {text}"
+    );
+    assert!(!text.contains("\"Sort\""), "claim must not sort: {text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notify_wakes_the_daemon_and_scheduled_jobs_wait() {
+    let fx = Fixture::new(10).await;
+    // Polling every minute: only the NOTIFY can start the job promptly.
+    let daemon = InProcess::start(&fx, &[("PQMIG_POLL_INTERVAL", "60s")]).await;
+    let c = fx.db.client().await;
+    wait_until(10, "the daemon's LISTEN connection", || async {
+        c.query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND application_name LIKE 'pqmig % listen' AND query = 'LISTEN pqmig_jobs'",
+            &[],
+        )
+        .await
+        .expect("pg_stat_activity")
+        .get::<_, i64>(0)
+            == 1
+    })
+    .await;
+    let t0 = Instant::now();
+    let id = fx.enqueue(json!({})).await;
+    fx.wait_job(id, 10, terminal).await;
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        t0.elapsed()
+    );
+    daemon.stop().await;
+
+    let daemon = InProcess::start(&fx, &[]).await;
+    let later: i64 = c
+        .query_one(
+            "INSERT INTO pq_migration_jobs (scope, target_algo_id, selection, scheduled_at) \
+             VALUES ('hashes', $1, '{\"table\":\"users\",\"column\":\"email_hash\"}', now() + interval '2 seconds') \
+             RETURNING id",
+            &[&fx.algo_id],
+        )
+        .await
+        .expect("scheduled")
+        .get(0);
+    let j = fx.wait_job(later, 10, terminal).await;
+    assert_eq!(j.status, "done");
+    // claimed only once due, by the database clock
+    let claimed_when_due: bool = c
+        .query_one(
+            "SELECT started_at >= scheduled_at FROM pq_migration_jobs WHERE id = $1",
+            &[&later],
+        )
+        .await
+        .expect("times")
+        .get(0);
+    assert!(
+        claimed_when_due,
+        "a scheduled job started before it was due"
+    );
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rescuer_requeues_expired_leases_and_fails_at_max_attempts() {
+    let fx = Fixture::new(0).await;
+    let c = fx.db.client().await;
+    let stale = |attempts: i32| {
+        let c = &c;
+        async move {
+            c.query_one(
+                "INSERT INTO pq_migration_jobs (scope, status, attempts, lease_token, locked_by, heartbeat_at, cursor) \
+                 VALUES ('hashes', 'running', $1, gen_random_uuid(), 'gone-1', now() - interval '1 hour', \
+                         '{\"after_id\": 42}') RETURNING id",
+                &[&attempts],
+            )
+            .await
+            .expect("stale job")
+            .get::<_, i64>(0)
+        }
+    };
+    let retry = stale(1).await;
+    let give_up = stale(5).await;
+    let fresh: i64 = c
+        .query_one(
+            "INSERT INTO pq_migration_jobs (scope, status, attempts, lease_token, heartbeat_at) \
+             VALUES ('hashes', 'running', 1, gen_random_uuid(), now()) RETURNING id",
+            &[],
+        )
+        .await
+        .expect("fresh job")
+        .get(0);
+    let rescued = pqmig::db::jobs::job_rescue(&c, Duration::from_secs(60), 5, "test")
+        .await
+        .expect("rescue");
+    assert_eq!(
+        rescued,
+        vec![
+            (retry, "pending".to_owned()),
+            (give_up, "failed".to_owned())
+        ]
+    );
+    let row = c
+        .query_one("SELECT status, cursor->>'after_id', lease_token IS NULL FROM pq_migration_jobs WHERE id = $1", &[&retry])
+        .await
+        .expect("row");
+    assert_eq!(row.get::<_, String>(0), "pending");
+    assert_eq!(
+        row.get::<_, Option<String>>(1).as_deref(),
+        Some("42"),
+        "cursor kept"
+    );
+    assert!(row.get::<_, bool>(2));
+    let err: Option<String> = c
+        .query_one(
+            "SELECT error FROM pq_migration_jobs WHERE id = $1",
+            &[&give_up],
+        )
+        .await
+        .expect("row")
+        .get(0);
+    assert!(err.unwrap_or_default().contains("max_attempts"));
+    assert_eq!(
+        fx.job(fresh).await.status,
+        "running",
+        "a live lease is left alone"
+    );
+    let events: i64 = c
+        .query_one(
+            "SELECT count(*) FROM pq_migration_job_events WHERE (job_id, event) IN (($1, 'reclaimed'), ($2, 'failed'))",
+            &[&retry, &give_up],
+        )
+        .await
+        .expect("events")
+        .get(0);
+    assert_eq!(events, 2);
+}
+
+#[tokio::test]
+async fn fenced_writes_with_a_stale_lease_change_nothing() {
+    use pqmig::db::jobs;
+    let fx = Fixture::new(0).await;
+    let c = fx.db.client().await;
+    let id = fx.enqueue(json!({})).await;
+    let claimed = jobs::job_claim(&c, 5, "w1").await.expect("claim");
+    assert_eq!(claimed.len(), 1);
+    let stale = claimed[0].lease;
+    assert!(jobs::job_heartbeat(&c, stale).await.expect("heartbeat"));
+
+    // Reclaimed elsewhere: the lease expires and another worker claims it.
+    c.execute(
+        "UPDATE pq_migration_jobs SET heartbeat_at = now() - interval '1 hour' WHERE id = $1",
+        &[&id],
+    )
+    .await
+    .expect("age");
+    jobs::job_rescue(&c, Duration::from_secs(60), 5, "rescuer")
+        .await
+        .expect("rescue");
+    let fresh = jobs::job_claim(&c, 5, "w2").await.expect("claim again");
+    assert_eq!(fresh.len(), 1);
+    assert_ne!(fresh[0].lease.token, stale.token);
+
+    let cursor = json!({"after_id": 10});
+    assert!(!jobs::job_heartbeat(&c, stale).await.expect("heartbeat"));
+    assert_eq!(
+        jobs::job_progress(&c, stale, 10, 1, &cursor, None)
+            .await
+            .expect("progress"),
+        None
+    );
+    assert!(!jobs::job_set_total(&c, stale, 99).await.expect("total"));
+    assert!(
+        !jobs::job_finish(&c, stale, "done", None, &json!({}), "w1")
+            .await
+            .expect("finish")
+    );
+    assert!(
+        !jobs::job_release(&c, stale, "w1", true, None, "x")
+            .await
+            .expect("release")
+    );
+    let j = fx.job(id).await;
+    assert_eq!(
+        (j.status.as_str(), j.processed, j.failed, j.attempts),
+        ("running", 0, 0, 2)
+    );
+
+    // The current holder's writes go through.
+    let lease = fresh[0].lease;
+    assert_eq!(
+        jobs::job_progress(&c, lease, 10, 1, &cursor, None)
+            .await
+            .expect("progress"),
+        Some((10, 1))
+    );
+    // The same batch again (its first commit's reply lost): the cursor has
+    // moved, so it is not counted twice, and the stored progress is there
+    // to resume from.
+    let again = jobs::job_progress(&c, lease, 10, 1, &cursor, None).await;
+    assert_eq!(again.expect("progress"), None);
+    let stored = jobs::job_reload(&c, lease).await.expect("reload");
+    assert_eq!(stored, Some((Some(cursor.clone()), 10, 1)));
+    assert_eq!(jobs::job_reload(&c, stale).await.expect("reload"), None);
+    // A cancel fences out even the current holder.
+    assert_eq!(
+        jobs::job_cancel(&c, id, "test").await.expect("cancel"),
+        jobs::JobAction::Done
+    );
+    assert!(!jobs::job_heartbeat(&c, lease).await.expect("heartbeat"));
+    assert_eq!(
+        jobs::job_progress(&c, lease, 1, 0, &cursor, Some(&cursor))
+            .await
+            .expect("progress"),
+        None
+    );
+}
+
+/// Each daemon service's `run_once`, driven directly: the rescuer returns
+/// an expired lease, the producer claims it into a free slot (and its
+/// executor finishes it), the sampler fills the gauges and readiness, the
+/// watchdog pings while the claim loop is alive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_service_does_one_round_in_run_once() {
+    use std::sync::Arc;
+    use std::sync::atomic::Ordering;
+
+    use pqmig::daemon::{Services, Shared, producer, rescuer, sampler, watchdog};
+    use tokio_util::sync::CancellationToken;
+
+    let fx = Fixture::new(20).await;
+    let id = fx.enqueue(json!({})).await;
+    let c = fx.db.client().await;
+    c.execute(
+        "UPDATE pq_migration_jobs SET status = 'running', attempts = 1, lease_token = gen_random_uuid(), \
+         heartbeat_at = now() - interval '1 hour' WHERE id = $1",
+        &[&id],
+    )
+    .await
+    .expect("stale lease");
+    let config = crate::support::daemon::config(&fx, &[]);
+    let services = Services::from_config(&config).await.expect("services");
+    let shared = Arc::new(Shared::new(&config, &services, CancellationToken::new()));
+
+    let rescuer = rescuer::Rescuer {
+        shared: Arc::clone(&shared),
+    };
+    assert_eq!(
+        rescuer.run_once().await.expect("rescue"),
+        vec![(id, "pending".to_owned())]
+    );
+    assert_eq!(shared.metrics.leases_reclaimed.get(), 1);
+    assert!(rescuer.run_once().await.expect("rescue").is_empty());
+
+    let tracker = tokio_util::task::TaskTracker::new();
+    let producer = producer::Producer {
+        shared: Arc::clone(&shared),
+        slots: Arc::new(tokio::sync::Semaphore::new(2)),
+        wake: Arc::new(tokio::sync::Notify::new()),
+        tracker: tracker.clone(),
+    };
+    assert_eq!(producer.run_once().await.expect("claim"), 1);
+    assert_eq!(producer.run_once().await.expect("claim"), 0);
+    tracker.close();
+    tracker.wait().await;
+    assert_eq!(fx.job(id).await.status, "done");
+
+    sampler::Sampler {
+        shared: Arc::clone(&shared),
+    }
+    .run_once(true)
+    .await;
+    assert!(shared.health.database_ok.load(Ordering::Relaxed));
+    assert_eq!(
+        shared.metrics.queue_jobs.with_label_values(&["done"]).get(),
+        1
+    );
+    let dog = watchdog::Watchdog {
+        shared: Arc::clone(&shared),
+        period: None,
+    };
+    shared.health.tick();
+    assert!(dog.run_once());
+}
