@@ -15,7 +15,7 @@ use zeroize::Zeroizing;
 
 use super::connstring::redact_url;
 use super::connstring::split_conn_string;
-use super::{ConfigError, Origins, RawDatabase};
+use super::{ConfigError, RawDatabase, Values};
 
 /// Names of the files pqmig picks up from `$CREDENTIALS_DIRECTORY` (systemd
 /// `LoadCredential=`) when no other source names a URL or password file.
@@ -268,30 +268,19 @@ fn read_root_certs(path: &Path, origin: &str) -> Result<RootCerts, ConfigError> 
 
 /// A session timeout: a humantime duration, `0` for "leave the server's
 /// setting alone". PostgreSQL takes whole milliseconds up to 2^31 - 1.
-fn session_timeout(
-    key: &'static str,
-    value: &Option<String>,
-    default: Duration,
-    o: &Origins,
-) -> Result<Option<Duration>, ConfigError> {
-    let Some(text) = value else {
-        return Ok(Some(default));
-    };
+fn session_timeout(key: &'static str, v: &Values<'_>) -> Result<Option<Duration>, ConfigError> {
+    let text = v.text(key).unwrap_or_default();
     if text.trim() == "0" {
         return Ok(None);
     }
-    let d = super::parse_duration(key, text, o)?;
-    if d.is_zero() {
+    let Some(d) = v.duration(key)?.filter(|d| !d.is_zero()) else {
         return Ok(None);
-    }
+    };
     if d < Duration::from_millis(1) || d.as_millis() > i32::MAX as u128 {
-        return Err(ConfigError::Invalid {
+        return Err(v.invalid(
             key,
-            origin: o.of(key),
-            reason: format!(
-                "{text:?} is out of range 1ms..24days (or 0 to leave it to the server)"
-            ),
-        });
+            format!("{text:?} is out of range 1ms..24days (or 0 to leave it to the server)"),
+        ));
     }
     Ok(Some(d))
 }
@@ -300,15 +289,11 @@ fn session_timeout(
 /// concurrency; `batch_target` bounds the statement timeout from below.
 pub(super) fn validate(
     d: RawDatabase,
-    o: &Origins,
+    v: &Values<'_>,
     pool_default: i64,
     batch_target: Duration,
 ) -> Result<DatabaseConfig, ConfigError> {
-    let invalid = |key: &'static str, reason: String| ConfigError::Invalid {
-        key,
-        origin: o.of(key),
-        reason,
-    };
+    let invalid = |key: &'static str, reason: String| v.invalid(key, reason);
     let creds = d.credentials_dir.as_deref();
 
     // The URL, given inline or read from a file.
@@ -316,7 +301,7 @@ pub(super) fn validate(
         (Some(u), _) => Some((Zeroizing::new(u.clone()), "database.url")),
         (None, Some(path)) => {
             let path = resolve(path, creds);
-            let origin = format!("{}, file {}", o.of("database.url_file"), path.display());
+            let origin = format!("{}, file {}", v.origin("database.url_file"), path.display());
             Some((
                 read_secret("database.url_file", &origin, &path, true)?,
                 "database.url_file",
@@ -350,9 +335,9 @@ pub(super) fn validate(
         None => None,
     };
     let url_origin = if d.url.is_some() {
-        o.of("database.url")
+        v.origin("database.url")
     } else {
-        o.of("database.url_file")
+        v.origin("database.url_file")
     };
 
     let password = match &d.password_file {
@@ -360,7 +345,7 @@ pub(super) fn validate(
             let path = resolve(path, creds);
             let origin = format!(
                 "{}, file {}",
-                o.of("database.password_file"),
+                v.origin("database.password_file"),
                 path.display()
             );
             if url_has_password {
@@ -419,7 +404,7 @@ pub(super) fn validate(
                 ),
             ));
         }
-        (Some(k), _) => Some((k, o.of("database.sslrootcert"))),
+        (Some(k), _) => Some((k, v.origin("database.sslrootcert"))),
         (None, Some(u)) => Some((u, url_origin.clone())),
         (None, None) => None,
     };
@@ -438,17 +423,8 @@ pub(super) fn validate(
         (None, _) => None,
     };
 
-    let pool_size = super::int_in("database.pool_size", d.pool_size, pool_default, 1000, o)?;
-    let dur = |key: &'static str, v: &Option<String>, default: Duration| match v {
-        Some(text) => super::parse_positive_duration(key, text, o),
-        None => Ok(default),
-    };
-    let statement_timeout = session_timeout(
-        "database.statement_timeout",
-        &d.statement_timeout,
-        Duration::from_secs(60),
-        o,
-    )?;
+    let pool_size = v.int_in("database.pool_size", pool_default, 1000)?;
+    let statement_timeout = session_timeout("database.statement_timeout", v)?;
     if let Some(st) = statement_timeout
         && st <= batch_target
     {
@@ -467,28 +443,10 @@ pub(super) fn validate(
         sslmode,
         sslrootcert,
         pool_size: NonZeroUsize::new(pool_size as usize).expect("checked range"),
-        connect_timeout: dur(
-            "database.connect_timeout",
-            &d.connect_timeout,
-            Duration::from_secs(10),
-        )?,
-        pool_wait_timeout: dur(
-            "database.pool_wait_timeout",
-            &d.pool_wait_timeout,
-            Duration::from_secs(10),
-        )?,
+        connect_timeout: v.positive_duration("database.connect_timeout")?,
+        pool_wait_timeout: v.positive_duration("database.pool_wait_timeout")?,
         statement_timeout,
-        lock_timeout: session_timeout(
-            "database.lock_timeout",
-            &d.lock_timeout,
-            Duration::from_secs(10),
-            o,
-        )?,
-        idle_in_transaction_timeout: session_timeout(
-            "database.idle_in_transaction_timeout",
-            &d.idle_in_transaction_timeout,
-            Duration::from_secs(60),
-            o,
-        )?,
+        lock_timeout: session_timeout("database.lock_timeout", v)?,
+        idle_in_transaction_timeout: session_timeout("database.idle_in_transaction_timeout", v)?,
     })
 }

@@ -1,0 +1,377 @@
+//! Configuration: a raw layer read from the TOML file, the environment and
+//! flags (later sources win), then validated into typed [`Config`].
+//!
+//! Every error names the key and where its value came from, so an operator
+//! can fix it without reading code: `worker.lease: invalid duration "6o s"
+//! (from PQMIG_LEASE): ...`.
+
+use std::net::SocketAddr;
+use std::num::{NonZeroU32, NonZeroUsize};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+mod connstring;
+mod database;
+pub mod keys;
+
+pub use connstring::{ConnString, redact_url, split_conn_string};
+pub use database::{
+    CREDENTIAL_PASSWORD, CREDENTIAL_URL, DatabaseConfig, DatabaseUrl, RootCerts, Secret, SslMode,
+};
+use keys::Value;
+pub use keys::{KEYS, RawConfig};
+
+/// Used when neither `--config` nor `PQMIG_CONFIG` is given and the file exists.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/pqmig/pqmig.toml";
+
+/// The local server the demo (and nothing else) falls back to.
+pub const LOCAL_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{key}: {reason} (from {origin})")]
+    Invalid {
+        key: &'static str,
+        origin: String,
+        reason: String,
+    },
+    #[error("{key}: missing; {hint}")]
+    Missing {
+        key: &'static str,
+        hint: &'static str,
+    },
+}
+
+/// Overrides given on the command line; they win over file and environment.
+#[derive(Debug, Default, Clone)]
+pub struct FlagOverrides {
+    pub config: Option<PathBuf>,
+    pub database_url: Option<String>,
+    pub concurrency: Option<i64>,
+    pub metrics_addr: Option<String>,
+    pub keyring: Option<PathBuf>,
+    pub log_format: Option<String>,
+    pub log_level: Option<String>,
+}
+
+/// The sources a configuration is assembled from. Tests pass their own
+/// environment instead of touching the process's.
+pub struct Sources<'a> {
+    pub flags: FlagOverrides,
+    pub env: &'a dyn Fn(&str) -> Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub concurrency: NonZeroUsize,
+    pub poll_interval: Duration,
+    pub heartbeat_interval: Duration,
+    pub lease: Duration,
+    pub rescue_interval: Duration,
+    pub max_attempts: NonZeroU32,
+    pub retry_backoff: Duration,
+    pub retry_backoff_max: Duration,
+    pub shutdown_timeout: Duration,
+    pub batch_target: Duration,
+}
+
+impl Default for WorkerConfig {
+    /// The defaults of [`KEYS`].
+    fn default() -> Self {
+        let v = Values {
+            raw: &RawConfig::default(),
+        };
+        v.worker().expect("the defaults of KEYS are valid")
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file that was read, if any.
+    pub file: Option<PathBuf>,
+    pub database: DatabaseConfig,
+    pub worker: WorkerConfig,
+    pub metrics_listen: SocketAddr,
+    pub keyring: Option<PathBuf>,
+    /// `None`: text on a terminal, JSON otherwise (decided by the caller).
+    pub log_format: Option<LogFormat>,
+    pub log_level: String,
+}
+
+/// The settings of `[database]` as the sources gave them, for
+/// [`database::validate`]: text, not yet checked.
+#[derive(Default)]
+pub struct RawDatabase {
+    pub url: Option<String>,
+    pub url_file: Option<PathBuf>,
+    pub password_file: Option<PathBuf>,
+    pub sslmode: Option<String>,
+    pub sslrootcert: Option<PathBuf>,
+    /// `$CREDENTIALS_DIRECTORY` (systemd): relative file paths are taken
+    /// from there. Not a config key.
+    pub credentials_dir: Option<PathBuf>,
+}
+
+impl FlagOverrides {
+    /// The flags that are set, by key.
+    fn values(&self) -> Vec<(&'static str, Value)> {
+        let text = |k, v: &Option<String>| v.clone().map(|v| (k, Value::Text(v)));
+        let path = |k, v: &Option<PathBuf>| {
+            v.as_ref()
+                .map(|p| (k, Value::Text(p.to_string_lossy().into_owned())))
+        };
+        [
+            text("database.url", &self.database_url),
+            self.concurrency
+                .map(|n| ("worker.concurrency", Value::Int(n))),
+            text("metrics.listen", &self.metrics_addr),
+            path("keys.keyring", &self.keyring),
+            text("log.format", &self.log_format),
+            text("log.level", &self.log_level),
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
+    }
+}
+
+impl Config {
+    /// Read file, environment and flags and validate the result.
+    pub fn load(sources: &Sources<'_>) -> Result<Config, ConfigError> {
+        let env = sources.env;
+        let explicit = sources.flags.config.clone().or_else(|| {
+            env("PQMIG_CONFIG")
+                .filter(|s| !s.is_empty())
+                .map(PathBuf::from)
+        });
+        let (file, mut raw) = match explicit {
+            Some(path) => {
+                let raw = RawConfig::from_file(&path)?;
+                (Some(path), raw)
+            }
+            None if Path::new(DEFAULT_CONFIG_PATH).exists() => {
+                let path = PathBuf::from(DEFAULT_CONFIG_PATH);
+                let raw = RawConfig::from_file(&path)?;
+                (Some(path), raw)
+            }
+            None => (None, RawConfig::default()),
+        };
+        raw.merge(RawConfig::from_env(env)?);
+        raw.merge(RawConfig::from_flags(&sources.flags.values()));
+        let credentials_dir = credentials(&mut raw, env);
+        let v = Values { raw: &raw };
+        let worker = v.worker()?;
+        // Every worker holds one connection while it writes a batch; the
+        // claim loop, the heartbeats and the rescuer share a few more.
+        let database = database::validate(
+            v.database(credentials_dir),
+            &v,
+            worker.concurrency.get() as i64 + 4,
+            worker.batch_target,
+        )?;
+        let listen = v.text("metrics.listen").unwrap_or_default();
+        let metrics_listen = listen.parse::<SocketAddr>().map_err(|e| {
+            v.invalid(
+                "metrics.listen",
+                format!("{listen:?} is not an address:port ({e})"),
+            )
+        })?;
+        let log_format = match v.text("log.format").as_deref().map(str::trim) {
+            None | Some("auto") => None,
+            Some("text") => Some(LogFormat::Text),
+            Some("json") => Some(LogFormat::Json),
+            Some(other) => {
+                return Err(v.invalid(
+                    "log.format",
+                    format!("{other:?} is not one of text, json, auto"),
+                ));
+            }
+        };
+        let log_level = v.text("log.level").unwrap_or_default();
+        tracing_subscriber::EnvFilter::try_new(&log_level)
+            .map_err(|e| v.invalid("log.level", format!("invalid filter {log_level:?}: {e}")))?;
+        Ok(Config {
+            file,
+            database,
+            worker,
+            metrics_listen,
+            keyring: v.text("keys.keyring").map(PathBuf::from),
+            log_format,
+            log_level,
+        })
+    }
+}
+
+/// Under systemd, `LoadCredential=database-url:…` and
+/// `LoadCredential=database-password:…` are used when no other source
+/// names a URL or a password file; relative file paths are taken from
+/// `$CREDENTIALS_DIRECTORY`, which is returned.
+fn credentials(raw: &mut RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Option<PathBuf> {
+    let dir = PathBuf::from(env("CREDENTIALS_DIRECTORY").filter(|v| !v.is_empty())?);
+    let unset = |raw: &RawConfig, name| raw.get(name).is_none();
+    if unset(raw, "database.url")
+        && unset(raw, "database.url_file")
+        && dir.join(CREDENTIAL_URL).is_file()
+    {
+        raw.set(
+            "database.url_file",
+            Value::Text(CREDENTIAL_URL.into()),
+            format!("$CREDENTIALS_DIRECTORY/{CREDENTIAL_URL}"),
+        );
+    }
+    if unset(raw, "database.password_file") && dir.join(CREDENTIAL_PASSWORD).is_file() {
+        raw.set(
+            "database.password_file",
+            Value::Text(CREDENTIAL_PASSWORD.into()),
+            format!("$CREDENTIALS_DIRECTORY/{CREDENTIAL_PASSWORD}"),
+        );
+    }
+    Some(dir)
+}
+
+/// Typed reads of the raw layer, with [`KEYS`]' defaults; every error names
+/// the key, its source and the reason.
+pub(crate) struct Values<'a> {
+    raw: &'a RawConfig,
+}
+
+impl Values<'_> {
+    pub(crate) fn origin(&self, key: &'static str) -> String {
+        self.raw.origin(key)
+    }
+
+    pub(crate) fn invalid(&self, key: &'static str, reason: String) -> ConfigError {
+        ConfigError::Invalid {
+            key,
+            origin: self.origin(key),
+            reason,
+        }
+    }
+
+    /// The value as given, else the table's default.
+    fn value(&self, key: &'static str) -> Option<Value> {
+        match self.raw.get(key) {
+            Some(r) => Some(r.value.clone()),
+            None => keys::lookup(key)
+                .and_then(|k| k.default)
+                .map(|d| Value::Text(d.to_owned())),
+        }
+    }
+
+    pub(crate) fn text(&self, key: &'static str) -> Option<String> {
+        match self.value(key)? {
+            Value::Text(s) => Some(s),
+            Value::Int(n) => Some(n.to_string()),
+        }
+    }
+
+    /// An integer in `1..=max` (`default` when unset and the table has none).
+    pub(crate) fn int_in(
+        &self,
+        key: &'static str,
+        default: i64,
+        max: i64,
+    ) -> Result<i64, ConfigError> {
+        let n = match self.value(key) {
+            None => default,
+            Some(Value::Int(n)) => n,
+            Some(Value::Text(t)) => t
+                .trim()
+                .parse()
+                .map_err(|_| self.invalid(key, format!("{t:?} is not an integer")))?,
+        };
+        if !(1..=max).contains(&n) {
+            return Err(self.invalid(key, format!("{n} is out of range 1..={max}")));
+        }
+        Ok(n)
+    }
+
+    /// A humantime duration (`None`: unset, with no default).
+    pub(crate) fn duration(&self, key: &'static str) -> Result<Option<Duration>, ConfigError> {
+        self.text(key)
+            .map(|text| {
+                humantime::parse_duration(text.trim()).map_err(|e| {
+                    self.invalid(
+                        key,
+                        format!("invalid duration {text:?}: {e} (examples: 500ms, 30s, 5m)"),
+                    )
+                })
+            })
+            .transpose()
+    }
+
+    /// A duration greater than zero; every such key has a default.
+    pub(crate) fn positive_duration(&self, key: &'static str) -> Result<Duration, ConfigError> {
+        let d = self
+            .duration(key)?
+            .unwrap_or_else(|| panic!("{key} has a default in KEYS"));
+        if d.is_zero() {
+            return Err(self.invalid(key, "must be greater than zero".into()));
+        }
+        Ok(d)
+    }
+
+    fn path(&self, key: &'static str) -> Option<PathBuf> {
+        self.text(key).map(PathBuf::from)
+    }
+
+    fn database(&self, credentials_dir: Option<PathBuf>) -> RawDatabase {
+        RawDatabase {
+            url: self.text("database.url"),
+            url_file: self.path("database.url_file"),
+            password_file: self.path("database.password_file"),
+            sslmode: self.text("database.sslmode"),
+            sslrootcert: self.path("database.sslrootcert"),
+            credentials_dir,
+        }
+    }
+
+    fn worker(&self) -> Result<WorkerConfig, ConfigError> {
+        let concurrency = self.int_in("worker.concurrency", 4, 1024)?;
+        let max_attempts = self.int_in("worker.max_attempts", 5, 1000)?;
+        let d = |key| self.positive_duration(key);
+        let worker = WorkerConfig {
+            concurrency: NonZeroUsize::new(concurrency as usize).expect("checked range"),
+            poll_interval: d("worker.poll_interval")?,
+            heartbeat_interval: d("worker.heartbeat_interval")?,
+            lease: d("worker.lease")?,
+            rescue_interval: d("worker.rescue_interval")?,
+            max_attempts: NonZeroU32::new(max_attempts as u32).expect("checked range"),
+            retry_backoff: d("worker.retry_backoff")?,
+            retry_backoff_max: d("worker.retry_backoff_max")?,
+            shutdown_timeout: d("worker.shutdown_timeout")?,
+            batch_target: d("worker.batch_target")?,
+        };
+        // A lease renewed less than twice per period expires on one slow heartbeat.
+        if worker.heartbeat_interval * 2 > worker.lease {
+            return Err(self.invalid(
+                "worker.lease",
+                format!(
+                    "{} must be at least twice worker.heartbeat_interval ({})",
+                    humantime::format_duration(worker.lease),
+                    humantime::format_duration(worker.heartbeat_interval)
+                ),
+            ));
+        }
+        if worker.retry_backoff > worker.retry_backoff_max {
+            return Err(self.invalid(
+                "worker.retry_backoff",
+                "must not exceed worker.retry_backoff_max".into(),
+            ));
+        }
+        Ok(worker)
+    }
+}
