@@ -5,7 +5,41 @@
 
 use serde_json::Value;
 
-use crate::scope::ScopeKind;
+/// A job's scope (`pq_migration_jobs.scope`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ScopeKind {
+    Hashes,
+    Wrappers,
+    Signatures,
+}
+
+/// What the scopes do with a job of each kind (`prepare`, `validate`,
+/// `aftercare`) is implemented with the scopes.
+impl ScopeKind {
+    pub const ALL: [ScopeKind; 3] = [
+        ScopeKind::Wrappers,
+        ScopeKind::Signatures,
+        ScopeKind::Hashes,
+    ];
+
+    pub fn parse(s: &str) -> Option<ScopeKind> {
+        ScopeKind::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ScopeKind::Hashes => "hashes",
+            ScopeKind::Wrappers => "wrappers",
+            ScopeKind::Signatures => "signatures",
+        }
+    }
+}
+
+impl std::fmt::Display for ScopeKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// What the job is prepared for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

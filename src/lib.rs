@@ -1,28 +1,24 @@
 //! pqmig moves data stored in PostgreSQL onto post-quantum cryptography,
 //! driven by a job queue in the same database.
 //!
-//! Layout (data flows top to bottom):
+//! Layout, in the order data flows (README's "Code map" says the same):
 //!
-//! - [`cli`]: the command line (SPEC §8.1) and its exit codes.
-//! - [`demo`]: `pqmig demo`, end to end on a scratch database.
-//! - [`enqueue`]: `pqmig enqueue`, validated like the daemon validates.
-//! - [`inventory`]: `pqmig inventory`, vulnerable vs PQ-protected items.
-//! - [`status`]: `pqmig status`, the job table and one job's details.
-//! - [`config`]: file, environment and flags → validated [`config::Config`].
-//! - [`telemetry`]: logging setup.
-//! - [`daemon`]: the worker daemon: producer (claim), executor (one job),
-//!   rescuer (expired leases), listener (NOTIFY wake-ups).
-//! - [`selection`]: a job's JSONB selection, parsed strictly.
-//! - [`aftercare`]: `pqmig verify`, `rollback`, `purge-backups`.
-//! - [`bench`]: `pqmig bench`, one job through the real daemon path.
-//! - [`plan`]: `pqmig plan`, a job's size, growth and time from a sample.
-//! - [`sample`]: legacy sample data for demo, bench and tests.
-//! - [`scope`]: what a job does to its items (hashes, wrappers;
-//!   signatures to come).
-//! - [`crypto`]: the SPEC §5 formats over maintained crates (HMAC onion,
-//!   AES-GCM, ML-KEM / X-Wing, wrappers).
-//! - [`keys`]: key providers (the local keyring file).
+//! - [`cli`]: the clap arguments, dispatched to [`cmd`]; [`cmd`]: one
+//!   module per command (run, migrate, enqueue, plan, status, cancel and
+//!   resume, verify / rollback / purge-backups, inventory, keys, demo, bench).
+//! - [`config`]: one table of keys; file, environment and flags →
+//!   validated [`config::Config`]. [`telemetry`]: logging setup.
+//! - [`daemon`]: the worker daemon's services — producer (claim), executor
+//!   (one job: its lease, then its batch walk), rescuer, listener, sampler,
+//!   watchdog — and [`http`] / [`metrics`] for what it exports.
+//! - [`job`]: a job's definition ([`job::JobSpec`], [`job::ScopeKind`]);
+//!   [`selection`]: its JSONB selection, parsed strictly.
+//! - [`scope`]: what a job does to its items, one folder per scope behind
+//!   the `Scope` and `Aftercare` traits (hashes, wrappers, signatures).
+//! - [`crypto`]: the SPEC §5 formats over maintained crates; [`keys`]: key
+//!   providers (the local keyring file) and signing keys.
 //! - [`db`]: connections, the pool, schema migrations; all SQL lives here.
+//! - [`sample`]: legacy sample data for demo, bench and tests.
 
 pub mod cli;
 pub mod cmd;

@@ -7,18 +7,14 @@ use clap::Parser;
 
 /// Fix glibc's mmap threshold. By default it rises each time a large
 /// block is freed, after which batch-sized buffers (megabytes) come from
-/// the heap and stay there: peak RSS then grows with the length of a job
-/// (measured: 120 MiB after 10k wrappers, 166 MiB after 100k). Fixed at
-/// 128 KiB, large buffers are mapped and returned, and memory stays flat
-/// (100 and 106 MiB).
+/// the heap and stay there, so peak RSS grows with the length of a job.
+/// Fixed at 128 KiB, large buffers are mapped and returned, and memory
+/// stays flat.
 ///
 /// And keep one arena. glibc gives threads that contend for the heap
-/// arenas of their own (up to 8 per core), and each keeps the freed
-/// batches it once held: the crypto threads of the blocking pool and the
-/// runtime's workers each settled at their own high-water mark, so peak
-/// RSS rose for the first ~15k items of a job (66 MiB for a 100k-wrapper
-/// job, against 53 MiB with one arena). Throughput did not change (few
-/// threads, and malloc is about 2% of the profile).
+/// arenas of their own, and each keeps the freed batches it once held: the
+/// crypto threads and the runtime's workers would each settle at their own
+/// high-water mark. README's Benchmarks give the measured effect of both.
 fn fix_malloc() {
     #[cfg(target_env = "gnu")]
     // SAFETY: mallopt only sets allocator parameters; called once, before

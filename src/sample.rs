@@ -3,91 +3,14 @@
 //! wrappers in both legacy formats (SPEC §5.1) whose DEKs are returned so
 //! a caller can check them after migration.
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
-
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD;
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio_postgres::GenericClient;
-use zeroize::Zeroizing;
 
 use crate::crypto::kem::Kem;
 use crate::crypto::wrap;
 use crate::db::kms;
 
-/// One keyring entry.
-pub struct SampleKey {
-    pub key_ref: String,
-    pub algorithm: &'static str,
-    pub secret: Zeroizing<Vec<u8>>,
-}
-
-/// Keys to be written to one keyring file.
-#[derive(Default)]
-pub struct SampleKeys(pub Vec<SampleKey>);
-
-impl SampleKeys {
-    /// Add a fresh random key; returns its secret.
-    pub fn generate(
-        &mut self,
-        key_ref: &str,
-        algorithm: &'static str,
-        len: usize,
-    ) -> Zeroizing<Vec<u8>> {
-        let mut secret = Zeroizing::new(vec![0u8; len]);
-        rand::fill(&mut secret[..]);
-        self.add(key_ref, algorithm, secret.clone());
-        secret
-    }
-
-    pub fn add(&mut self, key_ref: &str, algorithm: &'static str, secret: Zeroizing<Vec<u8>>) {
-        self.0.push(SampleKey {
-            key_ref: key_ref.to_owned(),
-            algorithm,
-            secret,
-        });
-    }
-
-    /// The keyring document of SPEC §4.
-    pub fn to_json(&self) -> Zeroizing<String> {
-        let keys: Vec<Value> = self
-            .0
-            .iter()
-            .map(|k| {
-                json!({"ref": k.key_ref, "algorithm": k.algorithm, "secret": STANDARD.encode(&k.secret[..])})
-            })
-            .collect();
-        Zeroizing::new(json!({"version": 1, "keys": keys}).to_string())
-    }
-
-    /// Write the keyring, created with mode 0600.
-    pub fn write(&self, path: &Path) -> std::io::Result<()> {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)?;
-        f.write_all(self.to_json().as_bytes())?;
-        f.sync_all()
-    }
-}
-
-impl crate::keys::KeyProvider for SampleKeys {
-    fn secret(&self, key_ref: &str) -> Result<crate::keys::KeySecret, crate::keys::KeyError> {
-        self.0
-            .iter()
-            .find(|k| k.key_ref == key_ref)
-            .map(|k| crate::keys::KeySecret {
-                algorithm: k.algorithm.to_owned(),
-                bytes: k.secret.clone(),
-            })
-            .ok_or_else(|| crate::keys::KeyError::NotFound {
-                key_ref: key_ref.to_owned(),
-            })
-    }
-}
+pub use crate::keys::document::{SampleKey, SampleKeys};
 
 /// What [`seed_signatures`] created.
 pub struct SignatureSeed {

@@ -100,8 +100,8 @@ impl Kem {
 
 // libcrux's "unpacked" key pairs hold the matrix and vectors already
 // sampled and in NTT form, so encapsulation and decapsulation skip
-// re-deriving them (measured here: encaps 4x, decaps 3.5x faster than from
-// the encoded keys). The AVX2 code is used when the CPU has AVX2.
+// re-deriving them from the encoded keys. The AVX2 code is used when the
+// CPU has AVX2.
 
 mod unpacked768 {
     #[cfg(target_arch = "x86_64")]

@@ -118,7 +118,7 @@ pub async fn jobs_pinned(
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
-/// Subscribe this connection to the wake-ups of [`crate::daemon::listener`]:
+/// Subscribe this connection to the daemon's wake-ups:
 /// a trigger notifies `pqmig_jobs` with the job id when a job becomes
 /// `pending` or `cancelled`.
 pub async fn jobs_listen(c: &tokio_postgres::Client) -> Result<(), tokio_postgres::Error> {

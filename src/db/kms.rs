@@ -1,6 +1,6 @@
 //! `kms_providers` / `kms_keys` / `policy_kms_keys`: which key a row names,
 //! and which keys a policy may wrap under. Key material itself comes from a
-//! [`crate::keys::KeyProvider`], never from the database.
+//! key provider, never from the database.
 
 use tokio_postgres::{Error, GenericClient, Row};
 

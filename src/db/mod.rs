@@ -33,11 +33,11 @@ use crate::config::DatabaseConfig;
 /// About the most bytes of values one batch statement carries. A
 /// tokio-postgres connection keeps buffers as large as the largest message
 /// it has sent (the codec's write buffer and the client's encode buffer)
-/// for as long as it lives. With each batch in one statement (~3 MiB) every
-/// pooled connection that ever wrote a batch held ~6 MiB, and a long job's
-/// RSS stepped up each time the pool opened one more connection under
-/// load (1M wrappers: +6 MiB at the fourth). So a batch is written as a few
-/// statements of about this size, in its one transaction.
+/// for as long as it lives: with each batch in one statement every pooled
+/// connection that ever wrote a batch held twice its size, and a long
+/// job's RSS stepped up each time the pool opened one more connection
+/// (README's Benchmarks). So a batch is written as a few statements of
+/// about this size, in its one transaction.
 pub const STATEMENT_BYTES: usize = 256 << 10;
 
 /// Bytes counted for a JSON value in [`statement_chunks`] weights (the

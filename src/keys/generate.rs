@@ -10,9 +10,9 @@ use std::path::Path;
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
+use super::document::SampleKeys;
 use super::local::{self, LocalKeyring};
 use crate::crypto::kem::{Kem, KemKeyPair};
-use crate::sample::SampleKeys;
 
 /// What was created: never the secret.
 #[derive(Debug)]

@@ -9,6 +9,11 @@ use super::KeyProvider;
 use crate::crypto::sig::{self, SigAlg, Signer};
 use crate::db::{kms, signatures as dbs};
 
+/// The additional data sealing a signing key's private key (SPEC §4).
+pub fn signing_key_aad(name: &str) -> Vec<u8> {
+    format!("pqmig-signing-key:{name}").into_bytes()
+}
+
 /// What was created: never the secret.
 #[derive(Debug)]
 pub struct CreatedSigningKey {
@@ -87,11 +92,7 @@ pub async fn create_signing_key(
     let seed = sig::generate_seed(alg);
     let signer =
         Signer::from_seed(alg, &seed).map_err(|e| SigningKeyError::Usage(e.to_string()))?;
-    let sealed = crate::crypto::aead::seal(
-        &kek_bytes,
-        &seed,
-        &crate::scope::signatures::signing_key_aad(name),
-    );
+    let sealed = crate::crypto::aead::seal(&kek_bytes, &seed, &signing_key_aad(name));
     let id = dbs::signing_key_insert(
         c,
         algo_id,

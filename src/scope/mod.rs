@@ -32,35 +32,10 @@ pub(crate) use cas::{CasWrite, compute_parallel, write_cas};
 pub use prepared::{Computed, Prepared, Rows};
 
 use crate::job::JobSpec;
+pub use crate::job::ScopeKind;
 use crate::selection::Common;
 
-/// A job's scope (`pq_migration_jobs.scope`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ScopeKind {
-    Hashes,
-    Wrappers,
-    Signatures,
-}
-
 impl ScopeKind {
-    pub const ALL: [ScopeKind; 3] = [
-        ScopeKind::Wrappers,
-        ScopeKind::Signatures,
-        ScopeKind::Hashes,
-    ];
-
-    pub fn parse(s: &str) -> Option<ScopeKind> {
-        ScopeKind::ALL.into_iter().find(|k| k.as_str() == s)
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ScopeKind::Hashes => "hashes",
-            ScopeKind::Wrappers => "wrappers",
-            ScopeKind::Signatures => "signatures",
-        }
-    }
-
     /// Validate the job and load its keys; nothing is written.
     pub async fn prepare(
         self,
@@ -103,12 +78,6 @@ impl ScopeKind {
             ScopeKind::Wrappers => Box::new(wrappers::aftercare(ctx, keys)?),
             ScopeKind::Signatures => Box::new(signatures::Aftercare),
         })
-    }
-}
-
-impl std::fmt::Display for ScopeKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
     }
 }
 

@@ -7,6 +7,7 @@ use tokio_postgres::GenericClient;
 use crate::crypto::sig::{SigAlg, Signer};
 use crate::db::signatures::SigningKeyRow;
 use crate::keys::LocalKeyring;
+use crate::keys::signing::signing_key_aad;
 use crate::scope::JobError;
 
 /// The [`SigAlg`] of a `crypto_algorithms` row, if pqmig implements it.
@@ -17,11 +18,6 @@ pub(super) async fn sig_alg_of(
     Ok(crate::db::algorithms::algorithm_by_id(c, algo_id)
         .await?
         .and_then(|a| SigAlg::from_row(&a.name, a.variant.as_deref())))
-}
-
-/// The additional data sealing a signing key's private key (SPEC §4).
-pub fn signing_key_aad(name: &str) -> Vec<u8> {
-    format!("pqmig-signing-key:{name}").into_bytes()
 }
 
 /// A signing key of the target algorithm, decrypted.

@@ -22,8 +22,8 @@ use tokio_postgres::{Client, GenericClient, Transaction};
 
 pub use aftercare::Aftercare;
 pub use compute::{Computed, Plan};
+pub use keys::load_signing_key;
 use keys::{SourceKey, TargetKey, sig_alg_of};
-pub use keys::{load_signing_key, signing_key_aad};
 
 use super::{BatchCounts, ItemFailure, JobError, Outcome, Scope, ScopeContext, fatal};
 use crate::crypto::sig::SigAlg;
