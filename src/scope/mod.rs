@@ -125,6 +125,56 @@ impl From<deadpool_postgres::PoolError> for JobError {
     }
 }
 
+/// What a job's target algorithm must be (SPEC §6.1).
+pub(crate) struct TargetRule<'a> {
+    /// `crypto_algorithms.class`, and with it `name` when set.
+    pub class: &'a str,
+    pub name: Option<&'a str>,
+    /// What the scope needs, for the message: "a KEM: the wrappers scope
+    /// needs ML-KEM-768, ML-KEM-1024 or X-Wing".
+    pub needs: &'a str,
+    /// `params.pq` must be true.
+    pub pq: bool,
+}
+
+/// The job's target algorithm `id`, checked against `rule`, and (unless
+/// the job is checked after the fact) `active`, or `experimental` with
+/// `allow_experimental`. Every failure names the algorithm.
+pub(crate) async fn target_algorithm(
+    c: &impl tokio_postgres::GenericClient,
+    spec: &JobSpec,
+    id: i64,
+    rule: TargetRule<'_>,
+    allow_experimental: bool,
+) -> Result<crate::db::algorithms::Algorithm, JobError> {
+    let algo = crate::db::algorithms::algorithm_by_id(c, id)
+        .await?
+        .ok_or_else(|| fatal(format!("target algorithm id {id} does not exist")))?;
+    let label = algo.label();
+    if algo.class != rule.class || rule.name.is_some_and(|n| algo.name != n) {
+        return Err(fatal(format!(
+            "target algorithm {label} (id {id}) is not {}",
+            rule.needs
+        )));
+    }
+    if rule.pq && algo.params.get("pq").and_then(Value::as_bool) != Some(true) {
+        return Err(fatal(format!(
+            "target algorithm {label} (id {id}) is not post-quantum"
+        )));
+    }
+    // A finished job is checked with what it ran with, whatever has been
+    // deprecated since.
+    if !spec.aftercare() {
+        algo.check_usable(allow_experimental).map_err(fatal)?;
+    }
+    Ok(algo)
+}
+
+/// Bytes in a batch's values (for [`Scope::growth_bytes`]).
+pub(crate) fn total_len<T: AsRef<[u8]>>(values: &[T]) -> i64 {
+    values.iter().map(|v| v.as_ref().len() as i64).sum()
+}
+
 /// What a scope needs from the process around it.
 #[derive(Debug, Clone, Default)]
 pub struct ScopeContext {

@@ -18,7 +18,10 @@ pub use aftercare::{HashesAftercare, aftercare};
 pub use profile::ProfilePin;
 use profile::job_profile;
 
-use super::{BatchCounts, ItemFailure, JobError, Outcome, Scope, ScopeContext, fatal};
+use super::{
+    BatchCounts, ItemFailure, JobError, Outcome, Scope, ScopeContext, TargetRule, fatal,
+    target_algorithm, total_len,
+};
 use crate::crypto::onion::{HmacHash, Onion};
 use crate::db::hashes::{self as dbh, HashRow, HashStatements, HashUpdates};
 use crate::job::JobSpec;
@@ -83,21 +86,14 @@ impl HashesJob {
         let algo_id = spec.target_algo_id.ok_or_else(|| {
             fatal("target_algo_id is required for the hashes scope (an HMAC algorithm)")
         })?;
-        let algo = crate::db::algorithms::algorithm_by_id(c, algo_id)
-            .await?
-            .ok_or_else(|| fatal(format!("target algorithm id {algo_id} does not exist")))?;
+        let rule = TargetRule {
+            class: "hash",
+            name: Some("HMAC"),
+            needs: "a keyed hash: the hashes scope needs an HMAC algorithm",
+            pq: false,
+        };
+        let algo = target_algorithm(c, spec, algo_id, rule, sel.common.allow_experimental).await?;
         let label = algo.label();
-        if algo.class != "hash" || algo.name != "HMAC" {
-            return Err(fatal(format!(
-                "target algorithm {label} (id {algo_id}) is not a keyed hash: the hashes scope needs an HMAC algorithm"
-            )));
-        }
-        // A finished job is checked with what it ran with, whatever has
-        // been deprecated since.
-        if !spec.aftercare() {
-            algo.check_usable(sel.common.allow_experimental)
-                .map_err(fatal)?;
-        }
         let hash = algo
             .variant
             .as_deref()
@@ -347,9 +343,8 @@ impl Scope for HashesJob {
 
     fn growth_bytes(c: &Computed) -> i64 {
         let u = &c.updates;
-        let len = |v: &[Vec<u8>]| v.iter().map(|b| b.len() as i64).sum::<i64>();
-        let text = |v: &[String]| v.iter().map(|b| b.len() as i64).sum::<i64>();
-        len(&u.new_hashes) - len(&u.old_hashes) + text(&u.new_versions) - text(&u.old_versions)
+        total_len(&u.new_hashes) - total_len(&u.old_hashes) + total_len(&u.new_versions)
+            - total_len(&u.old_versions)
     }
 
     /// Compare-and-set, see [`super::write_cas`].

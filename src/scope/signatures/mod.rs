@@ -17,7 +17,6 @@ pub mod keys;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use serde_json::Value;
 use tokio_postgres::{Client, GenericClient, Transaction};
 
 pub use aftercare::Aftercare;
@@ -25,7 +24,10 @@ pub use compute::{Computed, Plan};
 pub use keys::load_signing_key;
 use keys::{SourceKey, TargetKey, sig_alg_of};
 
-use super::{BatchCounts, ItemFailure, JobError, Outcome, Scope, ScopeContext, fatal};
+use super::{
+    BatchCounts, ItemFailure, JobError, Outcome, Scope, ScopeContext, TargetRule, fatal,
+    target_algorithm, total_len,
+};
 use crate::crypto::sig::SigAlg;
 use crate::db::signatures::{self as dbs, SignatureFilter, SignatureRow, SigningKeyRow};
 use crate::job::JobSpec;
@@ -64,22 +66,14 @@ impl SignaturesJob {
         let algo_id = spec.target_algo_id.ok_or_else(|| {
             fatal("target_algo_id is required for the signatures scope (ML-DSA or SLH-DSA)")
         })?;
-        let algo = crate::db::algorithms::algorithm_by_id(c, algo_id)
-            .await?
-            .ok_or_else(|| fatal(format!("target algorithm id {algo_id} does not exist")))?;
+        let rule = TargetRule {
+            class: "sig",
+            name: None,
+            needs: "a signature algorithm",
+            pq: true,
+        };
+        let algo = target_algorithm(c, spec, algo_id, rule, sel.common.allow_experimental).await?;
         let label = algo.label();
-        if algo.class != "sig" {
-            return Err(fatal(format!(
-                "target algorithm {label} (id {algo_id}) is not a signature algorithm"
-            )));
-        }
-        if algo.params.get("pq").and_then(Value::as_bool) != Some(true) {
-            return Err(fatal(format!(
-                "target algorithm {label} (id {algo_id}) is not post-quantum"
-            )));
-        }
-        algo.check_usable(sel.common.allow_experimental)
-            .map_err(fatal)?;
         let target = SigAlg::from_row(&algo.name, algo.variant.as_deref())
             .filter(|a| a.is_pq())
             .ok_or_else(|| {
@@ -302,13 +296,11 @@ impl Scope for SignaturesJob {
     /// One row per countersignature (with ~60 bytes of row overhead).
     fn growth_bytes(c: &Computed) -> i64 {
         let r = &c.rows;
-        let len = |v: &[Vec<u8>]| v.iter().map(|b| b.len() as i64).sum::<i64>();
-        let text = |v: &[String]| v.iter().map(|t| t.len() as i64).sum::<i64>();
-        len(&r.signatures)
-            + len(&r.payload_hashes)
-            + text(&r.subject_tables)
-            + text(&r.subject_pks)
-            + text(&r.contexts)
+        total_len(&r.signatures)
+            + total_len(&r.payload_hashes)
+            + total_len(&r.subject_tables)
+            + total_len(&r.subject_pks)
+            + total_len(&r.contexts)
             + 60 * r.source_ids.len() as i64
     }
 

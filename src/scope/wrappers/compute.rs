@@ -46,7 +46,7 @@ impl Computed {
     /// ~40 bytes of row overhead each) minus what they replace.
     pub fn growth_bytes(&self) -> i64 {
         let u = &self.updates;
-        let len = |v: &[Vec<u8>]| v.iter().map(|b| b.len() as i64).sum::<i64>();
+        let len = |v: &[Vec<u8>]| crate::scope::total_len(v);
         let opt = |v: &[Option<Vec<u8>>]| v.iter().flatten().map(|b| b.len() as i64).sum::<i64>();
         let json = |v: &[Value]| v.iter().map(|j| j.to_string().len() as i64).sum::<i64>();
         let old_suites: i64 = u

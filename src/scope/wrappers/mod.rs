@@ -24,7 +24,10 @@ pub use compute::{Computed, LayerKey, Plan};
 pub use keys::SourceKeys;
 use policy::{LayerSelection, PolicyPin, aad_template, kem_of};
 
-use super::{BatchCounts, ItemFailure, JobError, Outcome, Scope, ScopeContext, fatal};
+use super::{
+    BatchCounts, ItemFailure, JobError, Outcome, Scope, ScopeContext, TargetRule, fatal,
+    target_algorithm,
+};
 use crate::crypto::kem::{Kem, KemKeyPair};
 use crate::crypto::wrap;
 use crate::db::kms;
@@ -95,22 +98,14 @@ impl WrappersJob {
                 ))
             })?,
         };
-        let algo = crate::db::algorithms::algorithm_by_id(c, algo_id)
-            .await?
-            .ok_or_else(|| fatal(format!("target algorithm id {algo_id} does not exist")))?;
+        let rule = TargetRule {
+            class: "kem",
+            name: None,
+            needs: "a KEM: the wrappers scope needs ML-KEM-768, ML-KEM-1024 or X-Wing",
+            pq: true,
+        };
+        let algo = target_algorithm(c, spec, algo_id, rule, sel.common.allow_experimental).await?;
         let label = algo.label();
-        if algo.class != "kem" {
-            return Err(fatal(format!(
-                "target algorithm {label} (id {algo_id}) is not a KEM: the wrappers scope needs ML-KEM-768, ML-KEM-1024 or X-Wing"
-            )));
-        }
-        if algo.params.get("pq").and_then(Value::as_bool) != Some(true) {
-            return Err(fatal(format!(
-                "target algorithm {label} (id {algo_id}) is not post-quantum"
-            )));
-        }
-        algo.check_usable(sel.common.allow_experimental)
-            .map_err(fatal)?;
         let kem = kem_of(&algo).ok_or_else(|| {
             fatal(format!(
                 "target algorithm {label} (id {algo_id}) is not supported for wrapping (ML-KEM-768, ML-KEM-1024 or X-Wing)"
