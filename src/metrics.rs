@@ -12,6 +12,13 @@ pub const SCOPES: &[&str] = &["wrappers", "signatures", "hashes"];
 pub const FINISH_STATUSES: &[&str] = &["done", "failed", "released", "lost"];
 pub const FAILURE_KINDS: &[&str] = &["integrity", "data", "other"];
 pub const QUEUE_STATUSES: &[&str] = &["pending", "running", "done", "failed", "cancelled"];
+/// Why batches wait (see `daemon::governor`).
+pub const THROTTLE_REASONS: &[&str] = &[
+    "replication_lag",
+    "transaction_age",
+    "wal_rate",
+    "items_budget",
+];
 
 pub struct Metrics {
     pub registry: Registry,
@@ -30,6 +37,10 @@ pub struct Metrics {
     pub db_pool_connections: IntGaugeVec,
     pub listener_connected: IntGauge,
     pub exposed_items: GaugeVec,
+    pub inventory_last_success: Gauge,
+    pub throttled_seconds: prometheus::CounterVec,
+    pub throttle_active: IntGaugeVec,
+    pub maintenance_deleted_jobs: IntCounter,
 }
 
 /// The failure kind label of an item error code.
@@ -152,6 +163,38 @@ impl Metrics {
                 )
                 .expect("valid metric"),
             ),
+            inventory_last_success: reg(
+                r,
+                Gauge::new(
+                    "pqmig_inventory_last_success_timestamp_seconds",
+                    "When the exposure inventory this process exports was counted (Unix time; 0: never).",
+                )
+                .expect("valid metric"),
+            ),
+            throttled_seconds: reg(
+                r,
+                prometheus::CounterVec::new(
+                    Opts::new(
+                        "pqmig_throttled_seconds_total",
+                        "Seconds this process's batches waited for the database's health or the items budget, by reason.",
+                    ),
+                    &["reason"],
+                )
+                .expect("valid metric"),
+            ),
+            throttle_active: gv(
+                "pqmig_throttle_active",
+                "1 while this process holds its batches back for this reason.",
+                &["reason"],
+            ),
+            maintenance_deleted_jobs: reg(
+                r,
+                IntCounter::new(
+                    "pqmig_maintenance_deleted_jobs_total",
+                    "Finished jobs past the retention this process deleted.",
+                )
+                .expect("valid metric"),
+            ),
             registry,
         };
         let build = IntGaugeVec::new(
@@ -186,6 +229,10 @@ impl Metrics {
         }
         for state in ["idle", "in_use", "max"] {
             m.db_pool_connections.with_label_values(&[state]);
+        }
+        for reason in THROTTLE_REASONS {
+            m.throttled_seconds.with_label_values(&[reason]);
+            m.throttle_active.with_label_values(&[reason]);
         }
         m
     }

@@ -302,7 +302,7 @@ fn example_config_documents_every_key_with_its_default() {
         .iter()
         .map(|k| k.name.to_owned())
         .collect();
-    assert_eq!(expected.len(), 25);
+    assert_eq!(expected.len(), 34);
     documented.sort();
     expected.sort();
     assert_eq!(documented, expected);

@@ -104,6 +104,52 @@ pub const KEYS: &[Key] = &[
     // Kubernetes sends SIGKILL 30 s after SIGTERM by default.
     key("worker.shutdown_timeout", &["PQMIG_SHUTDOWN_TIMEOUT"], Text).default("25s"),
     key("worker.batch_target", &["PQMIG_BATCH_TARGET"], Text).default("1s"),
+    // A job is split into id ranges of about this many (estimated) items,
+    // which any replica claims.
+    key("worker.range_items", &["PQMIG_RANGE_ITEMS"], Int).default("100000"),
+    // Batches wait while the database is unhealthy (0: that check is off).
+    key(
+        "throttle.max_replication_lag_mb",
+        &["PQMIG_THROTTLE_REPLICATION_LAG_MB"],
+        Int,
+    )
+    .default("1024"),
+    key(
+        "throttle.max_transaction_age",
+        &["PQMIG_THROTTLE_TRANSACTION_AGE"],
+        Text,
+    )
+    .default("10m"),
+    key(
+        "throttle.max_wal_mb_per_second",
+        &["PQMIG_THROTTLE_WAL_MB_PER_SECOND"],
+        Int,
+    )
+    .default("0"),
+    // Items per second for all replicas together (0: no budget).
+    key(
+        "throttle.max_items_per_second",
+        &["PQMIG_THROTTLE_ITEMS_PER_SECOND"],
+        Int,
+    )
+    .default("0"),
+    key(
+        "throttle.check_interval",
+        &["PQMIG_THROTTLE_CHECK_INTERVAL"],
+        Text,
+    )
+    .default("5s"),
+    // One replica at a time samples the exposure inventory this often.
+    key("inventory.interval", &["PQMIG_INVENTORY_INTERVAL"], Text).default("10m"),
+    // One replica at a time deletes finished jobs older than the retention
+    // (never one whose backups are not purged), this often.
+    key("maintenance.retention", &["PQMIG_RETENTION"], Text).default("30d"),
+    key(
+        "maintenance.interval",
+        &["PQMIG_MAINTENANCE_INTERVAL"],
+        Text,
+    )
+    .default("1h"),
     key("metrics.listen", &["PQMIG_METRICS_ADDR"], Text)
         .flag("--metrics-addr")
         .default("127.0.0.1:9464"),

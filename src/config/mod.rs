@@ -86,6 +86,34 @@ pub struct WorkerConfig {
     pub retry_backoff_max: Duration,
     pub shutdown_timeout: Duration,
     pub batch_target: Duration,
+    /// Estimated items per range when a job is split.
+    pub range_items: i64,
+}
+
+/// When batches wait for the database (SPEC §7 leaves it to us; README's
+/// "Throttling" documents it). `None`: that check is off.
+#[derive(Debug, Clone)]
+pub struct ThrottleConfig {
+    /// Bytes of WAL the slowest standby may be behind.
+    pub max_replication_lag_bytes: Option<u64>,
+    /// Age of the oldest open transaction (other than pqmig's own).
+    pub max_transaction_age: Option<Duration>,
+    /// WAL written per second, measured between checks.
+    pub max_wal_bytes_per_second: Option<u64>,
+    /// Items per second for all replicas together.
+    pub max_items_per_second: Option<f64>,
+    pub check_interval: Duration,
+}
+
+/// The work one replica at a time does for all.
+#[derive(Debug, Clone)]
+pub struct MaintenanceConfig {
+    /// How often the exposure inventory is sampled.
+    pub inventory_interval: Duration,
+    /// Finished jobs (with their events, item errors and ranges) older than
+    /// this are deleted, never one whose backups are not purged.
+    pub retention: Duration,
+    pub interval: Duration,
 }
 
 impl Default for WorkerConfig {
@@ -104,6 +132,8 @@ pub struct Config {
     pub file: Option<PathBuf>,
     pub database: DatabaseConfig,
     pub worker: WorkerConfig,
+    pub throttle: ThrottleConfig,
+    pub maintenance: MaintenanceConfig,
     pub metrics_listen: SocketAddr,
     pub keyring: Option<PathBuf>,
     /// `None`: text on a terminal, JSON otherwise (decided by the caller).
@@ -203,10 +233,18 @@ impl Config {
         let log_level = v.text("log.level").unwrap_or_default();
         tracing_subscriber::EnvFilter::try_new(&log_level)
             .map_err(|e| v.invalid("log.level", format!("invalid filter {log_level:?}: {e}")))?;
+        let throttle = v.throttle()?;
+        let maintenance = MaintenanceConfig {
+            inventory_interval: v.positive_duration("inventory.interval")?,
+            retention: v.positive_duration("maintenance.retention")?,
+            interval: v.positive_duration("maintenance.interval")?,
+        };
         Ok(Config {
             file,
             database,
             worker,
+            throttle,
+            maintenance,
             metrics_listen,
             keyring: v.text("keys.keyring").map(PathBuf::from),
             log_format,
@@ -339,6 +377,41 @@ impl Values<'_> {
         }
     }
 
+    /// An integer in `0..=max`, 0 meaning "off" (`None`).
+    fn optional_int(&self, key: &'static str, max: i64) -> Result<Option<i64>, ConfigError> {
+        let n = match self.value(key) {
+            None => 0,
+            Some(Value::Int(n)) => n,
+            Some(Value::Text(t)) => t
+                .trim()
+                .parse()
+                .map_err(|_| self.invalid(key, format!("{t:?} is not an integer")))?,
+        };
+        if !(0..=max).contains(&n) {
+            return Err(self.invalid(key, format!("{n} is out of range 0..={max} (0: off)")));
+        }
+        Ok((n > 0).then_some(n))
+    }
+
+    fn throttle(&self) -> Result<ThrottleConfig, ConfigError> {
+        const MB: u64 = 1 << 20;
+        Ok(ThrottleConfig {
+            max_replication_lag_bytes: self
+                .optional_int("throttle.max_replication_lag_mb", 1 << 30)?
+                .map(|n| n as u64 * MB),
+            max_transaction_age: self
+                .duration("throttle.max_transaction_age")?
+                .filter(|d| !d.is_zero()),
+            max_wal_bytes_per_second: self
+                .optional_int("throttle.max_wal_mb_per_second", 1 << 20)?
+                .map(|n| n as u64 * MB),
+            max_items_per_second: self
+                .optional_int("throttle.max_items_per_second", 1 << 40)?
+                .map(|n| n as f64),
+            check_interval: self.positive_duration("throttle.check_interval")?,
+        })
+    }
+
     fn worker(&self) -> Result<WorkerConfig, ConfigError> {
         let concurrency = self.int_in("worker.concurrency", 4, 1024)?;
         let max_attempts = self.int_in("worker.max_attempts", 5, 1000)?;
@@ -354,6 +427,7 @@ impl Values<'_> {
             retry_backoff_max: d("worker.retry_backoff_max")?,
             shutdown_timeout: d("worker.shutdown_timeout")?,
             batch_target: d("worker.batch_target")?,
+            range_items: self.int_in("worker.range_items", 100_000, 1_000_000_000)?,
         };
         // A lease renewed less than twice per period expires on one slow heartbeat.
         if worker.heartbeat_interval * 2 > worker.lease {
