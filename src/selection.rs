@@ -26,6 +26,20 @@ pub struct Common {
     pub allow_experimental: bool,
 }
 
+impl Common {
+    /// The ids the selection allows at most: `id_from..=id_to`, narrowed to
+    /// the smallest and largest of `ids` when those are given.
+    pub fn id_window(&self) -> (i64, i64) {
+        let mut from = self.id_from.unwrap_or(i64::MIN);
+        let mut to = self.id_to.unwrap_or(i64::MAX);
+        if let Some(ids) = &self.ids {
+            from = from.max(ids.iter().copied().min().unwrap_or(i64::MAX));
+            to = to.min(ids.iter().copied().max().unwrap_or(i64::MIN));
+        }
+        (from, to)
+    }
+}
+
 /// Keys of the `hashes` scope.
 #[derive(Debug, Clone)]
 pub struct Hashes {

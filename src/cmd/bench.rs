@@ -309,7 +309,7 @@ async fn baselines(
     let mut sizes = Vec::new();
     while fetched < cap {
         let rows = prepared
-            .fetch(&*client, after, BASELINE_BATCH.min(cap - fetched))
+            .fetch(&*client, after, i64::MAX, BASELINE_BATCH.min(cap - fetched))
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         let (n, Some(last)) = (rows.len, rows.last) else {
@@ -340,7 +340,7 @@ async fn baselines(
     let mut cursor: Option<serde_json::Value> = None;
     for (c, size) in computed.into_iter().zip(sizes) {
         let rows = prepared
-            .fetch(&*client, after, size)
+            .fetch(&*client, after, i64::MAX, size)
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         let (n, Some(last)) = (rows.len, rows.last) else {

@@ -57,7 +57,7 @@ pub async fn run(config: &Config, args: &JobRequest, json: bool) -> anyhow::Resu
     let err = |e: crate::scope::JobError| anyhow::anyhow!("{e}");
     let matched = job.count(client, i64::MIN, cap).await.map_err(err)?;
     let rows = job
-        .fetch(client, i64::MIN, SAMPLE.min(cap))
+        .fetch(client, i64::MIN, i64::MAX, SAMPLE.min(cap))
         .await
         .map_err(err)?;
     let sampled = rows.len;

@@ -40,9 +40,11 @@ async fn show(client: &tokio_postgres::Client, job: Option<i64>, json: bool) -> 
                 .ok_or_else(|| UsageError(format!("no job with id {id}")))?;
             let events = status::job_events(client, id, 20).await?;
             let (errors, error_total) = status::job_item_errors(client, id, 20).await?;
+            let ranges = crate::db::ranges::ranges_of_job(client, id).await?;
             if json {
                 let doc = serde_json::json!({
                     "job": job,
+                    "ranges": ranges,
                     "events": events,
                     "item_errors": errors,
                     "item_errors_total": error_total,
@@ -50,6 +52,7 @@ async fn show(client: &tokio_postgres::Client, job: Option<i64>, json: bool) -> 
                 println!("{}", serde_json::to_string_pretty(&doc)?);
             } else {
                 print_job(&job);
+                print_ranges(&ranges);
                 println!("\nevents:");
                 for e in &events {
                     let detail = e.detail.as_ref().map(|d| d.to_string()).unwrap_or_default();
@@ -75,15 +78,17 @@ async fn show(client: &tokio_postgres::Client, job: Option<i64>, json: bool) -> 
     Ok(())
 }
 
+/// `300/1000 (30%)`; `300/~1000 (30%)` while the total is an estimate.
 fn progress(j: &JobView) -> String {
+    let about = if j.total_estimated { "~" } else { "" };
     match j.total {
         Some(t) if t > 0 => format!(
-            "{}/{} ({:.0}%)",
+            "{}/{about}{} ({:.0}%)",
             j.processed + j.failed,
             t,
             100.0 * (j.processed + j.failed) as f64 / t as f64
         ),
-        Some(t) => format!("{}/{t}", j.processed + j.failed),
+        Some(t) => format!("{}/{about}{t}", j.processed + j.failed),
         None => format!("{}/?", j.processed + j.failed),
     }
 }
@@ -147,6 +152,12 @@ fn print_job(j: &JobView) {
         j.status, j.attempts, j.priority
     );
     println!("  progress   {}, {} failed", progress(j), j.failed);
+    if let (Some(n), Some(done), Some(running)) = (j.ranges, j.ranges_done, j.ranges_running) {
+        println!("  ranges     {n} ({done} done, {running} being walked)");
+    }
+    if let Some(t) = &j.throttled {
+        println!("  throttled  {t} (batches wait for the database)");
+    }
     if let Some(r) = j.rate_per_second {
         println!("  rate       {r:.0} items/s");
     }
@@ -174,6 +185,45 @@ fn print_job(j: &JobView) {
     }
     if let Some(r) = &j.result {
         println!("  result     {r}");
+    }
+}
+
+/// Ranges shown by `status JOB` (all of them in `--json`).
+const RANGES_SHOWN: usize = 20;
+
+/// The ranges not done (the first [`RANGES_SHOWN`]), one line each.
+fn print_ranges(ranges: &[crate::db::ranges::RangeView]) {
+    let open: Vec<_> = ranges.iter().filter(|r| r.status != "done").collect();
+    if open.is_empty() {
+        return;
+    }
+    println!(
+        "\nranges not done ({} of {}{}):",
+        open.len(),
+        ranges.len(),
+        if open.len() > RANGES_SHOWN {
+            format!(", first {RANGES_SHOWN}")
+        } else {
+            String::new()
+        }
+    );
+    for r in open.iter().take(RANGES_SHOWN) {
+        let est = r.estimated.map(|e| format!("/~{e}")).unwrap_or_default();
+        println!(
+            "  {:>5}  ids {}..={}  {:<8} {:>10}{est} {:>6} failed  attempt {}  {}{}",
+            r.range_no,
+            r.lo.saturating_add(1),
+            r.hi,
+            r.status,
+            r.processed + r.failed,
+            r.failed,
+            r.attempts,
+            r.worker.as_deref().unwrap_or("-"),
+            r.throttled
+                .as_deref()
+                .map(|t| format!("  throttled: {t}"))
+                .unwrap_or_default(),
+        );
     }
 }
 
@@ -313,6 +363,9 @@ fn watch_extras(j: &JobView) -> Vec<String> {
     }
     if let Some(e) = j.eta_seconds {
         parts.push(format!("ETA {}", short_duration(e)));
+    }
+    if let Some(t) = &j.throttled {
+        parts.push(format!("throttled: {t}"));
     }
     if let Some(e) = &j.error {
         parts.push(e.clone());

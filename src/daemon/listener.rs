@@ -69,10 +69,11 @@ impl Listener {
                 }
                 msg = messages.next() => match msg {
                     Some(Ok(AsyncMessage::Notification(n))) => {
-                        if let Ok(id) = n.payload().parse::<i64>()
-                            && let Some((_, nudge)) = shared.running.lock().expect("registry").get(&id)
-                        {
-                            nudge.notify_one();
+                        if let Ok(id) = n.payload().parse::<i64>() {
+                            let running = shared.running.lock().expect("registry");
+                            for (_, nudge) in running.values().filter(|(h, _)| h.job_id() == id) {
+                                nudge.notify_one();
+                            }
                         }
                         self.wake.notify_one();
                     }

@@ -1,10 +1,14 @@
-//! The worker daemon (SPEC §7): a producer claims due jobs into a bounded
-//! pool of executors, a rescuer returns expired leases to the queue, and a
-//! listener turns NOTIFYs into prompt wake-ups.
+//! The worker daemon (SPEC §7): a producer claims due jobs and ranges of
+//! running jobs into a bounded pool of executors, a rescuer returns expired
+//! leases to the queue, a governor holds batches back while the database
+//! is unhealthy, and a listener turns NOTIFYs into prompt wake-ups.
 //!
-//! - [`producer`]: claim loop (permit first, then claim at most the free slots).
-//! - [`executor`]: one job: its lease and heartbeat, then its batch walk.
+//! - [`producer`]: claim loop (permit first, then claim at most the free
+//!   slots: pending jobs to start, then pending ranges to walk).
+//! - [`executor`]: one piece of work under its lease and heartbeat:
+//!   starting a job (split into id ranges) or walking one range.
 //! - [`rescuer`]: expired leases back to `pending`, or `failed` at max_attempts.
+//! - [`governor`]: database health and the items budget, for every walk.
 //! - [`listener`]: LISTEN pqmig_jobs with reconnect; a hint, the poll is the truth.
 //! - [`sampler`]: queue depth, pool and exposure gauges at a bounded rate.
 //! - [`watchdog`]: systemd's WATCHDOG=1 while the claim loop ticks.
@@ -15,8 +19,12 @@
 //! Job states: `pending` → (claim) → `running` → `done` | `failed`;
 //! `running` → (release, lease expiry) → `pending`; `pending`/`running` →
 //! (operator) → `cancelled`; `failed`/`cancelled` → (resume) → `pending`.
+//! A started job stays `running` without a lease of its own while its
+//! ranges (`pending` → `running` → `done`, released and reclaimed like
+//! jobs) are walked; the range that finishes last ends it.
 
 pub mod executor;
+pub mod governor;
 pub mod listener;
 pub mod producer;
 pub mod rescuer;
@@ -26,7 +34,7 @@ pub mod watchdog;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use deadpool_postgres::Pool;
 use sd_notify::NotifyState;
@@ -35,11 +43,16 @@ use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Config, WorkerConfig};
+use crate::config::{Config, ThrottleConfig, WorkerConfig};
 use crate::db::jobs::{self, Lease};
+use crate::db::ranges::RangeLease;
 use crate::http::Health;
 use crate::metrics::Metrics;
 use crate::scope::ScopeContext;
+
+/// What this process's worker slots hold, by (job id, range; -1 for a job
+/// being started).
+pub type Registry = HashMap<(i64, i32), (Held, Arc<Notify>)>;
 
 /// What every task of the daemon shares. Passed in, never global.
 pub struct Shared {
@@ -49,12 +62,22 @@ pub struct Shared {
     pub scope: ScopeContext,
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
-    /// Jobs this process holds, by id: their lease and a nudge that makes
-    /// their heartbeat check the lease now (a NOTIFY for a job we run means
-    /// it was cancelled or reclaimed).
-    pub running: Mutex<HashMap<i64, (Lease, Arc<Notify>)>>,
+    /// What this process's worker slots hold, by (job id, range; -1 for a
+    /// job being started): its lease and a nudge that makes its heartbeat
+    /// check the lease now (a NOTIFY for a job we run means it was
+    /// cancelled or reclaimed).
+    pub running: Mutex<Registry>,
     /// Stop claiming; in-flight batches commit, then jobs are released.
     pub shutdown: CancellationToken,
+    pub throttle: ThrottleConfig,
+    /// The sessions' `statement_timeout` (a read's time budget is a tenth).
+    pub statement_timeout: Option<Duration>,
+    /// The governor's word to every walk (see [`governor`]).
+    pub brake: tokio::sync::watch::Sender<governor::Brake>,
+    /// When a service of this process last failed to reach the database:
+    /// the rescuer reclaims nothing for one lease after it (a holder cut
+    /// off as long as we were gets to heartbeat first).
+    pub db_trouble: Mutex<Option<Instant>>,
 }
 
 impl Shared {
@@ -70,7 +93,16 @@ impl Shared {
             health: Arc::clone(&services.health),
             running: Mutex::new(HashMap::new()),
             shutdown,
+            throttle: config.throttle.clone(),
+            statement_timeout: config.database.statement_timeout,
+            brake: tokio::sync::watch::Sender::new(governor::Brake::default()),
+            db_trouble: Mutex::new(None),
         }
+    }
+
+    /// Note that the database could not be reached just now.
+    pub fn db_trouble(&self) {
+        *self.db_trouble.lock().expect("db_trouble") = Some(Instant::now());
     }
 
     /// A pooled connection.
@@ -79,6 +111,54 @@ impl Shared {
             .get()
             .await
             .map_err(|e| ServiceError::Pool(crate::db::pool_error(&self.pool, &e)))
+    }
+}
+
+/// What one worker slot holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Held {
+    /// A job being started (split into ranges), under its own lease.
+    Job(Lease),
+    /// One range of a split job.
+    Range(RangeLease),
+}
+
+impl Held {
+    pub fn job_id(&self) -> i64 {
+        match self {
+            Held::Job(l) => l.job_id,
+            Held::Range(r) => r.job_id,
+        }
+    }
+
+    /// Its key in [`Shared::running`].
+    pub fn key(&self) -> (i64, i32) {
+        match self {
+            Held::Job(l) => (l.job_id, -1),
+            Held::Range(r) => (r.job_id, r.range_no),
+        }
+    }
+
+    fn token(&self) -> uuid::Uuid {
+        match self {
+            Held::Job(l) => l.token,
+            Held::Range(r) => r.token,
+        }
+    }
+
+    /// Hand it back without using an attempt (a drain past its deadline).
+    async fn release(
+        &self,
+        c: &impl tokio_postgres::GenericClient,
+        worker: &str,
+        reason: &str,
+    ) -> Result<bool, tokio_postgres::Error> {
+        match *self {
+            Held::Job(l) => jobs::job_release(c, l, worker, true, None, reason).await,
+            Held::Range(r) => {
+                crate::db::ranges::range_release(c, r, worker, true, None, reason).await
+            }
+        }
     }
 }
 
@@ -187,6 +267,8 @@ pub async fn run(
         shared: Arc::clone(&shared),
     };
     let sampler = tokio::spawn(sampler.run(background.clone()));
+    let governor = governor::Governor::new(Arc::clone(&shared));
+    let governor = tokio::spawn(governor.run(background.clone()));
 
     shared.health.tick();
     executor::slot_gauges(&shared, 0);
@@ -220,29 +302,23 @@ pub async fn run(
         .is_err()
     {
         tracing::warn!("shutdown timeout reached; releasing the jobs still held");
-        let leases: Vec<Lease> = shared
+        let held: Vec<Held> = shared
             .running
             .lock()
             .expect("registry")
             .values()
-            .map(|(l, _)| *l)
+            .map(|(h, _)| *h)
             .collect();
         if let Ok(client) = shared.pool.get().await {
-            for lease in leases {
-                let _ = jobs::job_release(
-                    &**client,
-                    lease,
-                    &shared.worker_id,
-                    true,
-                    None,
-                    "shutdown timeout",
-                )
-                .await;
+            for h in held {
+                let _ = h
+                    .release(&**client, &shared.worker_id, "shutdown timeout")
+                    .await;
             }
         }
     }
     background.cancel();
-    let _ = tokio::join!(listener, rescuer, sampler, watchdog);
+    let _ = tokio::join!(listener, rescuer, sampler, governor, watchdog);
     http_stop.cancel();
     let _ = server.await;
     tracing::info!("pqmig daemon stopped");

@@ -1,5 +1,6 @@
 //! The claim loop: take a worker-slot permit, claim at most the free slots
-//! in one short statement, hand each job with its permit to an executor.
+//! in short statements (pending jobs to start first, then pending ranges of
+//! running jobs), hand each piece of work with its permit to an executor.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{ServiceError, Shared, executor, jitter};
-use crate::db::jobs;
+use crate::db::{jobs, ranges};
 
 pub struct Producer {
     pub shared: Arc<Shared>,
@@ -22,7 +23,7 @@ pub struct Producer {
 }
 
 impl Producer {
-    /// Claim into every free slot now; how many jobs were claimed.
+    /// Claim into every free slot now; how many jobs and ranges were claimed.
     pub async fn run_once(&self) -> Result<usize, ServiceError> {
         let mut permits = Vec::new();
         while let Ok(p) = Arc::clone(&self.slots).try_acquire_owned() {
@@ -31,19 +32,18 @@ impl Producer {
         self.claim(permits).await
     }
 
-    /// Claim at most one job per permit and start them; unused permits go
-    /// back to the pool.
+    /// Claim at most one job or range per permit and start them; unused
+    /// permits go back to the pool.
     async fn claim(&self, mut permits: Vec<OwnedSemaphorePermit>) -> Result<usize, ServiceError> {
         if permits.is_empty() {
             return Ok(0);
         }
         let shared = &self.shared;
-        let client = shared.client().await?;
+        let client = shared.client().await.inspect_err(|_| shared.db_trouble())?;
         let timer = shared.metrics.claim_duration.start_timer();
         let claimed = jobs::job_claim(&**client, permits.len() as i64, &shared.worker_id).await;
-        timer.observe_duration();
-        let claimed = claimed?;
-        let n = claimed.len();
+        let claimed = claimed.inspect_err(|_| shared.db_trouble())?;
+        let mut n = claimed.len();
         for job in claimed {
             let permit = permits.pop().expect("one permit per claimed job");
             tracing::info!(job_id = job.lease.job_id, scope = %job.scope, attempt = job.attempts, "claimed job");
@@ -53,9 +53,29 @@ impl Producer {
                 .jobs_claimed
                 .with_label_values(&[scope])
                 .inc();
+            let work = executor::Work::Start(job);
             self.tracker
-                .spawn(executor::run(Arc::clone(shared), job, permit));
+                .spawn(executor::run(Arc::clone(shared), work, permit));
         }
+        if !permits.is_empty() {
+            let claimed =
+                ranges::ranges_claim(&**client, permits.len() as i64, &shared.worker_id).await;
+            let claimed = claimed.inspect_err(|_| shared.db_trouble())?;
+            n += claimed.len();
+            for range in claimed {
+                let permit = permits.pop().expect("one permit per claimed range");
+                tracing::debug!(
+                    job_id = range.lease.job_id,
+                    range = range.lease.range_no,
+                    attempt = range.attempts,
+                    "claimed range"
+                );
+                let work = executor::Work::Range(range);
+                self.tracker
+                    .spawn(executor::run(Arc::clone(shared), work, permit));
+            }
+        }
+        timer.observe_duration();
         Ok(n)
     }
 
@@ -81,7 +101,7 @@ impl Producer {
             match self.claim(permits).await {
                 Ok(n) => {
                     backoff = Duration::from_millis(100);
-                    // Every free slot got a job: more may be due right now.
+                    // Every free slot got work: more may be due right now.
                     if n == wanted {
                         continue;
                     }

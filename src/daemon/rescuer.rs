@@ -1,39 +1,65 @@
-//! Every replica runs a rescuer: running jobs whose heartbeat is older than
-//! the lease go back to `pending` with their cursor (event `reclaimed`), or
-//! end `failed` once they used `max_attempts`. SKIP LOCKED lets replicas
-//! scan at once without blocking each other.
+//! Every replica runs a rescuer: running jobs (being started) and ranges
+//! whose heartbeat is older than the lease go back to `pending` with their
+//! cursor (event `reclaimed`), or fail the job once they used
+//! `max_attempts` claims without progress. SKIP LOCKED lets replicas scan
+//! at once without blocking each other. For one lease after this process
+//! last failed to reach the database it reclaims nothing: after an outage
+//! longer than the lease, every live holder gets to heartbeat first.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
 use super::{ServiceError, Shared, jitter};
-use crate::db::jobs;
+use crate::db::{jobs, ranges};
 
 pub struct Rescuer {
     pub shared: Arc<Shared>,
 }
 
 impl Rescuer {
-    /// One scan; returns the (job id, new status) pairs it changed.
-    pub async fn run_once(&self) -> Result<Vec<(i64, String)>, ServiceError> {
-        let w = &self.shared.worker;
-        let client = self.shared.client().await?;
-        let rescued = jobs::job_rescue(
-            &**client,
-            w.lease,
-            w.max_attempts.get() as i32,
-            &self.shared.worker_id,
-        )
-        .await?;
-        self.shared
-            .metrics
-            .leases_reclaimed
-            .inc_by(rescued.len() as u64);
-        for (id, status) in &rescued {
-            tracing::warn!(job_id = id, new_status = %status, "lease expired; job reclaimed");
+    /// One scan; returns the (job id, range or -1 for a job being
+    /// started, new status) of what it changed.
+    pub async fn run_once(&self) -> Result<Vec<(i64, i32, String)>, ServiceError> {
+        let shared = &self.shared;
+        let w = &shared.worker;
+        let client = shared.client().await.inspect_err(|_| shared.db_trouble())?;
+        if let Some(left) = self.grace_left() {
+            tracing::debug!(
+                ?left,
+                "reclaiming nothing until every holder could heartbeat again"
+            );
+            return Ok(Vec::new());
+        }
+        let max = w.max_attempts.get() as i32;
+        let mut rescued: Vec<(i64, i32, String)> =
+            jobs::job_rescue(&**client, w.lease, max, &shared.worker_id)
+                .await
+                .inspect_err(|_| shared.db_trouble())?
+                .into_iter()
+                .map(|(id, status)| (id, -1, status))
+                .collect();
+        rescued.extend(
+            ranges::ranges_rescue(&**client, w.lease, max, &shared.worker_id)
+                .await
+                .inspect_err(|_| shared.db_trouble())?,
+        );
+        shared.metrics.leases_reclaimed.inc_by(rescued.len() as u64);
+        for (id, range, status) in &rescued {
+            if *range < 0 {
+                tracing::warn!(job_id = id, new_status = %status, "lease expired; job reclaimed");
+            } else {
+                tracing::warn!(job_id = id, range, new_status = %status, "lease expired; range reclaimed");
+            }
         }
         Ok(rescued)
+    }
+
+    /// How much of the grace after this process's last database trouble is left.
+    fn grace_left(&self) -> Option<Duration> {
+        let since = (*self.shared.db_trouble.lock().expect("db_trouble"))?;
+        self.shared.worker.lease.checked_sub(since.elapsed())
     }
 
     pub async fn run(self, token: CancellationToken) {

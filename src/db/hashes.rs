@@ -108,15 +108,51 @@ impl HashStatements {
         &self,
         c: &impl GenericClient,
         after: i64,
+        upto: i64,
         n: i64,
     ) -> Result<Vec<HashRow>, tokio_postgres::Error> {
         let (from, id, hash, ver) = (&self.from, &self.id, &self.hash, &self.ver);
         let sql = format!(
-            "SELECT {id}::bigint, {hash}, {ver}::text FROM {from} WHERE {id} > $1::bigint{} ORDER BY {id} LIMIT $2",
+            "SELECT {id}::bigint, {hash}, {ver}::text FROM {from} \
+             WHERE {id} > $1::bigint AND {id} <= $2::bigint{} ORDER BY {id} LIMIT $3",
+            self.filter.clause(4)
+        );
+        let rows = c
+            .query(&sql, &self.filter.params(&[&after, &upto, &n]))
+            .await?;
+        Ok(rows.iter().map(row_to_hash).collect())
+    }
+
+    /// The smallest and largest id within `from..=to` (the id index's ends:
+    /// no scan), `None` when there is none.
+    pub async fn hashes_bounds(
+        &self,
+        c: &impl GenericClient,
+        from: i64,
+        to: i64,
+    ) -> Result<Option<(i64, i64)>, tokio_postgres::Error> {
+        let (table, id) = (&self.from, &self.id);
+        let sql = format!(
+            "SELECT min({id})::bigint, max({id})::bigint FROM {table} \
+             WHERE {id} >= $1::bigint AND {id} <= $2::bigint"
+        );
+        let r = c.query_one(&sql, &[&from, &to]).await?;
+        Ok(r.get::<_, Option<i64>>(0).zip(r.get(1)))
+    }
+
+    /// The planner's estimate of the selected rows with `lo < id <= hi`.
+    pub async fn hashes_estimate(
+        &self,
+        c: &impl GenericClient,
+        lo: i64,
+        hi: i64,
+    ) -> Result<i64, tokio_postgres::Error> {
+        let (from, id) = (&self.from, &self.id);
+        let sql = format!(
+            "SELECT 1 FROM {from} WHERE {id} > $1::bigint AND {id} <= $2::bigint{}",
             self.filter.clause(3)
         );
-        let rows = c.query(&sql, &self.filter.params(&[&after, &n])).await?;
-        Ok(rows.iter().map(row_to_hash).collect())
+        super::explain_rows(c, &sql, &self.filter.params(&[&lo, &hi])).await
     }
 
     /// Re-read and lock rows (those that changed under a compare-and-set),

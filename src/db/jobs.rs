@@ -33,6 +33,8 @@ pub struct ClaimedJob {
     pub processed_count: i64,
     pub failed_count: i64,
     pub total_count: Option<i64>,
+    /// How many ranges the job was split into (`None`: not yet).
+    pub ranges: Option<i32>,
 }
 
 /// The claim query. Its WHERE and ORDER BY match `idx_pq_mig_claim` exactly
@@ -58,7 +60,7 @@ pub async fn job_claim(
                FROM c WHERE j.id = c.id \
                RETURNING j.id, j.scope, j.target_policy_id, j.target_algo_id, j.selection, \
                  j.attempts, j.lease_token, j.cursor, j.processed_count, j.failed_count, j.total_count, \
-                 j.result), \
+                 j.result, j.ranges), \
          e AS (INSERT INTO pq_migration_job_events (job_id, event, worker, detail) \
                SELECT id, 'claimed', $2, jsonb_build_object('attempt', attempts) FROM u) \
          SELECT * FROM u ORDER BY id"
@@ -88,6 +90,7 @@ pub async fn job_claim(
                 processed_count: r.get(8),
                 failed_count: r.get(9),
                 total_count: r.get(10),
+                ranges: r.get(12),
             }
         })
         .collect())
@@ -282,9 +285,107 @@ pub async fn job_release(
     Ok(rows.len() == 1)
 }
 
+/// Split a job being started into `ranges` ranges (created by the caller in
+/// the same transaction), with the planner's estimate of its items: the
+/// job stays `running` without a lease of its own (its ranges have one),
+/// and its attempts go back to zero. Fenced by the starter's lease.
+pub async fn job_split(
+    c: &impl GenericClient,
+    lease: Lease,
+    ranges: i32,
+    estimated_total: i64,
+) -> Result<bool, tokio_postgres::Error> {
+    let n = c
+        .execute(
+            "UPDATE pq_migration_jobs SET ranges = $3, total_count = $4, attempts = 0, \
+               result = COALESCE(result, '{}'::jsonb) || '{\"total_estimated\": true}'::jsonb, \
+               locked_by = NULL, lease_token = NULL, heartbeat_at = NULL, updated_at = now() \
+             WHERE id = $1 AND lease_token = $2 AND status = 'running'",
+            &[&lease.job_id, &lease.token, &ranges, &estimated_total],
+        )
+        .await?;
+    Ok(n == 1)
+}
+
+/// Hand a started job's work to its ranges (already split: a resume or a
+/// restart), fenced by the starter's lease.
+pub async fn job_unlease(
+    c: &impl GenericClient,
+    lease: Lease,
+) -> Result<bool, tokio_postgres::Error> {
+    let n = c
+        .execute(
+            "UPDATE pq_migration_jobs SET attempts = 0, locked_by = NULL, lease_token = NULL, \
+               heartbeat_at = NULL, updated_at = now() \
+             WHERE id = $1 AND lease_token = $2 AND status = 'running'",
+            &[&lease.job_id, &lease.token],
+        )
+        .await?;
+    Ok(n == 1)
+}
+
+/// End a split job (`done` or `failed`) with its totals and event. The
+/// caller holds the job row's lock (`db::ranges::job_lock_totals`), which
+/// found it `running`.
+#[allow(clippy::too_many_arguments)]
+pub async fn job_finish_split(
+    c: &impl GenericClient,
+    job_id: i64,
+    status: &str,
+    error: Option<&str>,
+    result: &Value,
+    processed: i64,
+    failed: i64,
+    worker: &str,
+) -> Result<bool, tokio_postgres::Error> {
+    let rows = c
+        .query(
+            "WITH u AS (UPDATE pq_migration_jobs SET status = $2, error = $3, \
+                 result = COALESCE(result, '{}'::jsonb) || $4::jsonb || jsonb_build_object('duration_seconds', \
+                   round(extract(epoch FROM now() - COALESCE(started_at, now()))::numeric, 3)), \
+                 processed_count = $5, failed_count = $6, total_count = $5::bigint + $6::bigint, \
+                 finished_at = now(), updated_at = now() \
+               WHERE id = $1 AND status = 'running' RETURNING id) \
+             INSERT INTO pq_migration_job_events (job_id, event, worker, detail) \
+             SELECT id, $2, $7, jsonb_build_object('error', $3::text, 'result', $4::jsonb) FROM u \
+             RETURNING job_id",
+            &[&job_id, &status, &error, result, &processed, &failed, &worker],
+        )
+        .await?;
+    Ok(rows.len() == 1)
+}
+
+/// Fail a split job from one of its ranges (a fatal error, too many item
+/// failures): every other range stops at its next fenced write. `false`:
+/// the job was no longer running.
+pub async fn job_fail(
+    c: &impl GenericClient,
+    job_id: i64,
+    error: &str,
+    result: &Value,
+    worker: &str,
+) -> Result<bool, tokio_postgres::Error> {
+    let rows = c
+        .query(
+            "WITH t AS (SELECT COALESCE(sum(processed_count), 0)::bigint AS p, \
+                               COALESCE(sum(failed_count), 0)::bigint AS f \
+                        FROM pq_migration_ranges WHERE job_id = $1), \
+             u AS (UPDATE pq_migration_jobs j SET status = 'failed', error = $2, \
+                 result = COALESCE(j.result, '{}'::jsonb) || $3::jsonb, \
+                 processed_count = t.p, failed_count = t.f, finished_at = now(), updated_at = now() \
+               FROM t WHERE j.id = $1 AND j.status = 'running' RETURNING j.id) \
+             INSERT INTO pq_migration_job_events (job_id, event, worker, detail) \
+             SELECT id, 'failed', $4, jsonb_build_object('error', $2::text) FROM u RETURNING job_id",
+            &[&job_id, &error, result, &worker],
+        )
+        .await?;
+    Ok(rows.len() == 1)
+}
+
 /// Return running jobs whose heartbeat is older than `lease` to `pending`
 /// (cursor kept), or fail them once they used `max_attempts`. Returns the
-/// (job id, new status) pairs.
+/// (job id, new status) pairs. Only a job being started holds a lease: a
+/// split job's ranges are rescued by `db::ranges::ranges_rescue`.
 pub async fn job_rescue(
     c: &impl GenericClient,
     lease: Duration,
@@ -294,7 +395,7 @@ pub async fn job_rescue(
     let rows = c
         .query(
             "WITH s AS (SELECT id FROM pq_migration_jobs \
-                 WHERE status = 'running' \
+                 WHERE status = 'running' AND lease_token IS NOT NULL \
                    AND (heartbeat_at IS NULL OR heartbeat_at < now() - $1::float8 * interval '1 second') \
                  ORDER BY heartbeat_at LIMIT 100 FOR UPDATE SKIP LOCKED), \
              u AS (UPDATE pq_migration_jobs j SET \
@@ -346,9 +447,14 @@ pub async fn job_cancel(
         c,
         id,
         who,
-        "WITH u AS (UPDATE pq_migration_jobs SET status = 'cancelled', finished_at = now(), \
-                 updated_at = now(), lease_token = NULL, heartbeat_at = NULL \
-               WHERE id = $1 AND status IN ('pending', 'running') RETURNING id, processed_count) \
+        "WITH t AS (SELECT sum(processed_count)::bigint AS p, sum(failed_count)::bigint AS f \
+                    FROM pq_migration_ranges WHERE job_id = $1), \
+             u AS (UPDATE pq_migration_jobs j SET status = 'cancelled', finished_at = now(), \
+                 updated_at = now(), lease_token = NULL, heartbeat_at = NULL, \
+                 processed_count = COALESCE(t.p, j.processed_count), \
+                 failed_count = COALESCE(t.f, j.failed_count) \
+               FROM t WHERE j.id = $1 AND j.status IN ('pending', 'running') \
+               RETURNING j.id, j.processed_count) \
              INSERT INTO pq_migration_job_events (job_id, event, worker, detail) \
              SELECT id, 'cancelled', $2, jsonb_build_object('processed_count', processed_count) FROM u \
              RETURNING job_id",

@@ -14,10 +14,12 @@ pub mod algorithms;
 
 pub mod filter;
 pub mod hashes;
+pub mod health;
 pub mod inventory;
 pub mod jobs;
 pub mod kms;
 pub mod migrate;
+pub mod ranges;
 pub mod sample;
 pub mod signatures;
 pub mod status;
@@ -324,6 +326,20 @@ pub fn is_transient(e: &tokio_postgres::Error) -> bool {
             false
         }
     }
+}
+
+/// The planner's row estimate for `select` (its `Plan Rows`, from
+/// `EXPLAIN`: no row is read).
+pub async fn explain_rows(
+    c: &impl tokio_postgres::GenericClient,
+    select: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<i64, tokio_postgres::Error> {
+    let plan: serde_json::Value = c
+        .query_one(&format!("EXPLAIN (FORMAT JSON) {select}"), params)
+        .await?
+        .get(0);
+    Ok(plan[0]["Plan"]["Plan Rows"].as_f64().unwrap_or(0.0).round() as i64)
 }
 
 /// Bound the statements of the caller's transaction (`SET LOCAL`).

@@ -95,6 +95,7 @@ pub async fn signatures_fetch_batch(
     filter: &SignatureFilter,
     target_algo: i64,
     after: i64,
+    upto: i64,
     n: i64,
 ) -> Result<Vec<SignatureRow>, Error> {
     let sql = format!(
@@ -102,14 +103,45 @@ pub async fn signatures_fetch_batch(
                 s.signing_key_id, s.signature, s.payload_hash, s.hash_algo_id, \
                 EXISTS (SELECT 1 FROM signatures t WHERE t.subject_table = s.subject_table \
                         AND t.subject_pk = s.subject_pk AND t.context = s.context \
-                        AND t.algo_id = $3::bigint) \
-         FROM signatures s WHERE s.id > $1::bigint{} ORDER BY s.id LIMIT $2::bigint",
-        filter.0.clause(4)
+                        AND t.algo_id = $4::bigint) \
+         FROM signatures s WHERE s.id > $1::bigint AND s.id <= $2::bigint{} \
+         ORDER BY s.id LIMIT $3::bigint",
+        filter.0.clause(5)
     );
     let rows = c
-        .query(&sql, &filter.0.params(&[&after, &n, &target_algo]))
+        .query(&sql, &filter.0.params(&[&after, &upto, &n, &target_algo]))
         .await?;
     Ok(rows.iter().map(signature_from).collect())
+}
+
+/// The smallest and largest signatures id within `from..=to` (the id
+/// index's ends: no scan), `None` when there is none.
+pub async fn signatures_bounds(
+    c: &impl GenericClient,
+    from: i64,
+    to: i64,
+) -> Result<Option<(i64, i64)>, Error> {
+    let r = c
+        .query_one(
+            "SELECT min(id), max(id) FROM signatures WHERE id >= $1::bigint AND id <= $2::bigint",
+            &[&from, &to],
+        )
+        .await?;
+    Ok(r.get::<_, Option<i64>>(0).zip(r.get(1)))
+}
+
+/// The planner's estimate of the selected sources with `lo < id <= hi`.
+pub async fn signatures_estimate(
+    c: &impl GenericClient,
+    filter: &SignatureFilter,
+    lo: i64,
+    hi: i64,
+) -> Result<i64, Error> {
+    let sql = format!(
+        "SELECT 1 FROM signatures s WHERE s.id > $1::bigint AND s.id <= $2::bigint{}",
+        filter.0.clause(3)
+    );
+    super::explain_rows(c, &sql, &filter.0.params(&[&lo, &hi])).await
 }
 
 /// Selected source signatures after `after`, counting at most `cap`.

@@ -16,11 +16,20 @@ pub struct JobView {
     pub processed: i64,
     pub failed: i64,
     pub total: Option<i64>,
+    /// `total` is the planner's estimate (refined as ranges finish), not a count.
+    pub total_estimated: bool,
+    /// The job's id ranges, once it is split: how many, done, being walked.
+    pub ranges: Option<i64>,
+    pub ranges_done: Option<i64>,
+    pub ranges_running: Option<i64>,
+    /// Why its walks wait for the database, while they do.
+    pub throttled: Option<String>,
     /// Items per second since the job (last) started; running jobs only.
     pub rate_per_second: Option<f64>,
     /// Seconds left at that rate; only once it means something.
     pub eta_seconds: Option<f64>,
     pub age_seconds: f64,
+    /// The worker holding it; for a split job, every worker walking one of its ranges.
     pub worker: Option<String>,
     pub error: Option<String>,
     pub result: Option<serde_json::Value>,
@@ -30,15 +39,36 @@ pub struct JobView {
     pub finished_at: Option<String>,
 }
 
+/// What `status` reads of a job. For a running split job the counts come
+/// from its ranges (current to the last batch; the job row has them as of
+/// the last heartbeat).
 const JOB_COLUMNS: &str = "j.id, j.scope, \
     (SELECT min(alias)::text FROM crypto_standard_aliases a WHERE a.algo_id = j.target_algo_id), \
     (SELECT policy_name::text FROM encryption_policies p WHERE p.id = j.target_policy_id), \
-    j.status, j.priority, j.attempts, j.processed_count, j.failed_count, j.total_count, \
+    j.status, j.priority, j.attempts, \
+    CASE WHEN j.status = 'running' AND rs.n > 0 THEN rs.p ELSE j.processed_count END, \
+    CASE WHEN j.status = 'running' AND rs.n > 0 THEN rs.f ELSE j.failed_count END, \
+    CASE WHEN j.status = 'running' AND rs.n > 0 THEN rs.total ELSE j.total_count END, \
     extract(epoch FROM now() - j.started_at)::float8, extract(epoch FROM now() - j.created_at)::float8, \
-    j.locked_by, j.error, j.result, j.selection, \
+    COALESCE(j.locked_by, rs.workers), j.error, j.result, j.selection, \
     to_char(j.scheduled_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), \
     to_char(j.started_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), \
-    to_char(j.finished_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')";
+    to_char(j.finished_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), \
+    j.status IN ('pending', 'running') AND COALESCE((j.result->>'total_estimated')::boolean, false), \
+    CASE WHEN rs.n > 0 THEN rs.n END, CASE WHEN rs.n > 0 THEN rs.done END, \
+    CASE WHEN rs.n > 0 THEN rs.running END, rs.throttled";
+
+/// The job table with its ranges' totals (`rs`).
+const JOB_FROM: &str = "pq_migration_jobs j LEFT JOIN LATERAL ( \
+      SELECT count(*) AS n, count(*) FILTER (WHERE r.status = 'done') AS done, \
+        count(*) FILTER (WHERE r.status = 'running') AS running, \
+        COALESCE(sum(r.processed_count), 0)::bigint AS p, \
+        COALESCE(sum(r.failed_count), 0)::bigint AS f, \
+        COALESCE(sum(CASE WHEN r.status = 'done' THEN r.processed_count + r.failed_count \
+          ELSE greatest(COALESCE(r.estimated_count, 0), r.processed_count + r.failed_count) END), 0)::bigint AS total, \
+        string_agg(DISTINCT r.locked_by, ', ') AS workers, \
+        string_agg(DISTINCT r.throttled, ', ') AS throttled \
+      FROM pq_migration_ranges r WHERE r.job_id = j.id AND j.ranges IS NOT NULL) rs ON true";
 
 fn view(r: &tokio_postgres::Row) -> JobView {
     let status: String = r.get(4);
@@ -82,6 +112,11 @@ fn view(r: &tokio_postgres::Row) -> JobView {
         scheduled_at: r.get(16),
         started_at: r.get(17),
         finished_at: r.get(18),
+        total_estimated: r.get(19),
+        ranges: r.get(20),
+        ranges_done: r.get(21),
+        ranges_running: r.get(22),
+        throttled: r.get(23),
     }
 }
 
@@ -91,10 +126,10 @@ pub async fn jobs_list(
     finished_limit: i64,
 ) -> Result<Vec<JobView>, tokio_postgres::Error> {
     let sql = format!(
-        "(SELECT {JOB_COLUMNS} FROM pq_migration_jobs j WHERE j.status IN ('pending', 'running') \
+        "(SELECT {JOB_COLUMNS} FROM {JOB_FROM} WHERE j.status IN ('pending', 'running') \
           ORDER BY j.id) \
          UNION ALL \
-         (SELECT {JOB_COLUMNS} FROM pq_migration_jobs j WHERE j.status NOT IN ('pending', 'running') \
+         (SELECT {JOB_COLUMNS} FROM {JOB_FROM} WHERE j.status NOT IN ('pending', 'running') \
           ORDER BY j.id DESC LIMIT $1)"
     );
     Ok(c.query(&sql, &[&finished_limit])
@@ -108,7 +143,7 @@ pub async fn job_get(
     c: &impl GenericClient,
     id: i64,
 ) -> Result<Option<JobView>, tokio_postgres::Error> {
-    let sql = format!("SELECT {JOB_COLUMNS} FROM pq_migration_jobs j WHERE j.id = $1");
+    let sql = format!("SELECT {JOB_COLUMNS} FROM {JOB_FROM} WHERE j.id = $1");
     Ok(c.query_opt(&sql, &[&id]).await?.as_ref().map(view))
 }
 

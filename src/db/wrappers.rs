@@ -192,14 +192,48 @@ pub async fn wrappers_fetch_batch(
     c: &impl GenericClient,
     filter: &WrapperFilter,
     after: i64,
+    upto: i64,
     n: i64,
 ) -> Result<Vec<WrapperRow>, Error> {
     let sql = format!(
-        "SELECT {ROW_COLUMNS} FROM key_wrappers w WHERE w.id > $1::bigint{} ORDER BY w.id LIMIT $2::bigint",
+        "SELECT {ROW_COLUMNS} FROM key_wrappers w WHERE w.id > $1::bigint AND w.id <= $2::bigint{} \
+         ORDER BY w.id LIMIT $3::bigint",
+        filter.0.clause(4)
+    );
+    let rows = c
+        .query(&sql, &filter.0.params(&[&after, &upto, &n]))
+        .await?;
+    with_layers(c, rows.iter().map(wrapper_from).collect()).await
+}
+
+/// The smallest and largest wrapper id within `from..=to` (the id index's
+/// ends: no scan), `None` when there is none.
+pub async fn wrappers_bounds(
+    c: &impl GenericClient,
+    from: i64,
+    to: i64,
+) -> Result<Option<(i64, i64)>, Error> {
+    let r = c
+        .query_one(
+            "SELECT min(id), max(id) FROM key_wrappers WHERE id >= $1::bigint AND id <= $2::bigint",
+            &[&from, &to],
+        )
+        .await?;
+    Ok(r.get::<_, Option<i64>>(0).zip(r.get(1)))
+}
+
+/// The planner's estimate of the selected wrappers with `lo < id <= hi`.
+pub async fn wrappers_estimate(
+    c: &impl GenericClient,
+    filter: &WrapperFilter,
+    lo: i64,
+    hi: i64,
+) -> Result<i64, Error> {
+    let sql = format!(
+        "SELECT 1 FROM key_wrappers w WHERE w.id > $1::bigint AND w.id <= $2::bigint{}",
         filter.0.clause(3)
     );
-    let rows = c.query(&sql, &filter.0.params(&[&after, &n])).await?;
-    with_layers(c, rows.iter().map(wrapper_from).collect()).await
+    super::explain_rows(c, &sql, &filter.0.params(&[&lo, &hi])).await
 }
 
 /// Selected wrappers after `after`, counting at most `cap`.

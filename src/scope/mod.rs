@@ -246,18 +246,36 @@ pub trait Scope: Send + Sync + 'static {
     }
     fn row_id(row: &Self::Row) -> i64;
 
-    /// Items after `after` in the selection, at most `cap`.
+    /// Items after `after` in the selection, at most `cap` (`pqmig plan`;
+    /// a job never counts, it estimates).
     fn count(
         &self,
         c: &Client,
         after: i64,
         cap: i64,
     ) -> impl Future<Output = Result<i64, JobError>> + Send;
-    /// The next `n` items after `after`, in id order.
+    /// The smallest and largest id the selection's table holds within the
+    /// selection's `id_from..=id_to` (the id index's two ends, no scan);
+    /// `None`: no rows.
+    fn id_bounds(
+        &self,
+        c: &Client,
+    ) -> impl Future<Output = Result<Option<(i64, i64)>, JobError>> + Send;
+    /// The planner's estimate of the selected items with `lo < id <= hi`.
+    fn estimate(
+        &self,
+        c: &Client,
+        lo: i64,
+        hi: i64,
+    ) -> impl Future<Output = Result<i64, JobError>> + Send;
+    /// The first `n` selected items with `after < id <= upto`, in id order:
+    /// one read over a bounded slice of the table, however sparse the
+    /// selection.
     fn fetch(
         &self,
         c: &Client,
         after: i64,
+        upto: i64,
         n: i64,
     ) -> impl Future<Output = Result<Vec<Self::Row>, JobError>> + Send;
     /// The CPU part of a batch, off the async executor.

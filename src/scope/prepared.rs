@@ -39,10 +39,21 @@ trait Erased: Send + Sync {
         after: i64,
         cap: i64,
     ) -> BoxFuture<'a, Result<i64, JobError>>;
+    fn id_bounds<'a>(
+        &'a self,
+        c: &'a Client,
+    ) -> BoxFuture<'a, Result<Option<(i64, i64)>, JobError>>;
+    fn estimate<'a>(
+        &'a self,
+        c: &'a Client,
+        lo: i64,
+        hi: i64,
+    ) -> BoxFuture<'a, Result<i64, JobError>>;
     fn fetch<'a>(
         &'a self,
         c: &'a Client,
         after: i64,
+        upto: i64,
         n: i64,
     ) -> BoxFuture<'a, Result<Rows, JobError>>;
     fn compute(&self, rows: Rows) -> BoxFuture<'_, Result<Computed, JobError>>;
@@ -81,14 +92,31 @@ impl<S: Scope> Erased for S {
         Box::pin(Scope::count(self, c, after, cap))
     }
 
+    fn id_bounds<'a>(
+        &'a self,
+        c: &'a Client,
+    ) -> BoxFuture<'a, Result<Option<(i64, i64)>, JobError>> {
+        Box::pin(Scope::id_bounds(self, c))
+    }
+
+    fn estimate<'a>(
+        &'a self,
+        c: &'a Client,
+        lo: i64,
+        hi: i64,
+    ) -> BoxFuture<'a, Result<i64, JobError>> {
+        Box::pin(Scope::estimate(self, c, lo, hi))
+    }
+
     fn fetch<'a>(
         &'a self,
         c: &'a Client,
         after: i64,
+        upto: i64,
         n: i64,
     ) -> BoxFuture<'a, Result<Rows, JobError>> {
         Box::pin(async move {
-            let rows = Scope::fetch(self, c, after, n).await?;
+            let rows = Scope::fetch(self, c, after, upto, n).await?;
             Ok(Rows {
                 len: rows.len() as i64,
                 last: rows.last().map(S::row_id),
@@ -165,9 +193,19 @@ impl Prepared {
         self.0.count(c, after, cap).await
     }
 
-    /// The next `n` items after `after`, in id order.
-    pub async fn fetch(&self, c: &Client, after: i64, n: i64) -> Result<Rows, JobError> {
-        self.0.fetch(c, after, n).await
+    /// See [`Scope::id_bounds`].
+    pub async fn id_bounds(&self, c: &Client) -> Result<Option<(i64, i64)>, JobError> {
+        self.0.id_bounds(c).await
+    }
+
+    /// See [`Scope::estimate`].
+    pub async fn estimate(&self, c: &Client, lo: i64, hi: i64) -> Result<i64, JobError> {
+        self.0.estimate(c, lo, hi).await
+    }
+
+    /// The first `n` selected items with `after < id <= upto`, in id order.
+    pub async fn fetch(&self, c: &Client, after: i64, upto: i64, n: i64) -> Result<Rows, JobError> {
+        self.0.fetch(c, after, upto, n).await
     }
 
     /// The CPU part of a batch, off the async executor.

@@ -496,7 +496,7 @@ async fn concurrent_application_write_is_not_lost() {
     };
     let spec = job.spec.as_ref().expect("a readable job");
     let h = spec.scope.prepare(&c, spec, &ctx).await.expect("prepare");
-    let rows = h.fetch(&c, i64::MIN, 10).await.expect("fetch");
+    let rows = h.fetch(&c, i64::MIN, i64::MAX, 10).await.expect("fetch");
     assert_eq!(rows.len, 10);
     let computed = h.compute(rows).await.expect("compute");
 

@@ -99,11 +99,31 @@ async fn sigterm_drains_and_releases_without_using_an_attempt() {
         "exit 0 after drain: {status:?}\n{}",
         fx.log("d")
     );
+    // The job stays started; its range goes back to the queue.
     let j = fx.job(id).await;
-    assert_eq!(j.status, "pending", "{j:?}");
+    assert_eq!(j.status, "running", "{j:?}");
+    let range = fx
+        .db
+        .client()
+        .await
+        .query_one(
+            "SELECT status, attempts, lease_token IS NULL, processed_count \
+             FROM pq_migration_ranges WHERE job_id = $1",
+            &[&id],
+        )
+        .await
+        .expect("the job's one range");
+    assert_eq!(range.get::<_, String>(0), "pending");
     assert_eq!(
-        j.attempts, 0,
+        range.get::<_, i32>(1),
+        0,
         "a release on shutdown gives the attempt back"
+    );
+    assert!(range.get::<_, bool>(2), "no lease left");
+    assert_eq!(
+        range.get::<_, i64>(3),
+        j.processed,
+        "the job row has the range's count"
     );
     let migrated = fx
         .users()
@@ -187,10 +207,11 @@ async fn sigkill_mid_job_then_another_daemon_finishes_it() {
         ("done", 3000, 0),
         "{j:?}"
     );
-    assert_eq!(j.attempts, 2);
+    assert_eq!(j.attempts, 0, "claims that made progress used no attempt");
     fx.assert_all_migrated_once().await;
-    let reclaimed = fx.events(id, "reclaimed").await;
-    assert_eq!(reclaimed, 1);
+    // The killed daemon's range was reclaimed once; the job was started once.
+    assert_eq!(fx.events(id, "reclaimed").await, 1);
+    assert_eq!(fx.events(id, "claimed").await, 1);
     terminate(&mut b);
 }
 

@@ -276,7 +276,7 @@ async fn each_service_does_one_round_in_run_once() {
     };
     assert_eq!(
         rescuer.run_once().await.expect("rescue"),
-        vec![(id, "pending".to_owned())]
+        vec![(id, -1, "pending".to_owned())]
     );
     assert_eq!(shared.metrics.leases_reclaimed.get(), 1);
     assert!(rescuer.run_once().await.expect("rescue").is_empty());
@@ -288,6 +288,18 @@ async fn each_service_does_one_round_in_run_once() {
         wake: Arc::new(tokio::sync::Notify::new()),
         tracker: tracker.clone(),
     };
+    // The job is claimed and started (split into one range: 20 items) ...
+    assert_eq!(producer.run_once().await.expect("claim"), 1);
+    wait_until(10, "the job is split", || async {
+        let n: Option<i32> = c
+            .query_one("SELECT ranges FROM pq_migration_jobs WHERE id = $1", &[&id])
+            .await
+            .expect("ranges")
+            .get(0);
+        n == Some(1)
+    })
+    .await;
+    // ... then its range is claimed and walked.
     assert_eq!(producer.run_once().await.expect("claim"), 1);
     assert_eq!(producer.run_once().await.expect("claim"), 0);
     tracker.close();

@@ -19,11 +19,13 @@ async fn sigkill_random_replicas_of_a_mixed_queue_loses_nothing() {
     let c = m.client().await;
     while kills < 6 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(300 + rng.below(900))).await;
-        // The victim: a random one of the replicas holding a running job
-        // (worker ids carry the pid), so every kill lands mid-job.
+        // The victim: a random one of the replicas holding a job being
+        // started or a range being walked (worker ids carry the pid), so
+        // every kill lands mid-job.
         let holders: Vec<String> = c
             .query(
-                "SELECT locked_by FROM pq_migration_jobs WHERE status = 'running'",
+                "SELECT locked_by FROM pq_migration_jobs WHERE status = 'running' \
+                 UNION ALL SELECT locked_by FROM pq_migration_ranges WHERE status = 'running'",
                 &[],
             )
             .await

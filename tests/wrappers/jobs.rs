@@ -413,7 +413,10 @@ async fn a_concurrent_rotation_by_the_application_is_not_lost() {
     };
     let spec = job.spec.as_ref().expect("a readable job");
     let prepared = spec.scope.prepare(&c, spec, &ctx).await.expect("prepare");
-    let rows = prepared.fetch(&c, i64::MIN, 10).await.expect("fetch");
+    let rows = prepared
+        .fetch(&c, i64::MIN, i64::MAX, 10)
+        .await
+        .expect("fetch");
     let computed = prepared.compute(rows).await.expect("compute");
 
     // meanwhile: the app re-wraps wrapper 0 (legacy AES) with a new DEK

@@ -1,9 +1,10 @@
-//! One claimed job. This module owns its lifecycle: the lease (a guard
-//! that registers the job, runs its heartbeat and undoes both on every
-//! exit path) and how the job ends — done, failed, released or lost.
-//! [`walk`] does the work in between: validate, count, then the items
-//! batch by batch.
+//! One worker slot's work, in two kinds: starting a job ([`start`]:
+//! validate it, pin what it runs with, split it into id ranges) and
+//! walking one of its ranges ([`walk`]). This module owns what both share:
+//! the lease (a guard that registers the work, runs its heartbeat and
+//! undoes both on every exit path) and how the work ends for this process.
 
+mod start;
 mod walk;
 
 use std::sync::Arc;
@@ -14,13 +15,22 @@ use tokio::sync::{Notify, OwnedSemaphorePermit};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
-use super::{Shared, jitter};
-use crate::db::jobs::{self, ClaimedJob, Lease};
+use super::{Held, ServiceError, Shared, jitter};
+use crate::db::jobs::{self, ClaimedJob};
+use crate::db::ranges::{self, ClaimedRange};
 use crate::metrics::Metrics;
 use crate::scope::JobError;
 
-/// Retries of one batch before the job is released for a later attempt.
+/// Retries of one batch before the work is released for a later attempt.
 const BATCH_RETRIES: u32 = 5;
+
+/// What the producer hands a worker slot.
+pub enum Work {
+    /// A pending job to start.
+    Start(ClaimedJob),
+    /// A range of a running job to walk.
+    Range(ClaimedRange),
+}
 
 pub(super) fn slot_gauges(shared: &Shared, busy: usize) {
     let total = shared.worker.concurrency.get();
@@ -30,13 +40,13 @@ pub(super) fn slot_gauges(shared: &Shared, busy: usize) {
         .set(total.saturating_sub(busy) as i64);
 }
 
-/// A claimed job's hold on its lease: registered with the process (so a
-/// NOTIFY can nudge its heartbeat, and the gauges count it), its heartbeat
-/// running. Dropping it, on whatever path, stops the heartbeat and
-/// unregisters the job.
+/// The hold of one worker slot on its lease: registered with the process
+/// (so a NOTIFY can nudge its heartbeat, and the gauges count it), its
+/// heartbeat running. Dropping it, on whatever path, stops the heartbeat
+/// and unregisters the work.
 struct LeaseGuard {
     shared: Arc<Shared>,
-    lease: Lease,
+    held: Held,
     scope: &'static str,
     /// Cancelled when the heartbeat finds the lease gone.
     lost: CancellationToken,
@@ -44,11 +54,11 @@ struct LeaseGuard {
 }
 
 impl LeaseGuard {
-    fn start(shared: &Arc<Shared>, lease: Lease, scope: &'static str) -> LeaseGuard {
+    fn start(shared: &Arc<Shared>, held: Held, scope: &'static str) -> LeaseGuard {
         let nudge = Arc::new(Notify::new());
         {
             let mut running = shared.running.lock().expect("registry");
-            running.insert(lease.job_id, (lease, Arc::clone(&nudge)));
+            running.insert(held.key(), (held, Arc::clone(&nudge)));
             slot_gauges(shared, running.len());
         }
         shared
@@ -57,10 +67,10 @@ impl LeaseGuard {
             .with_label_values(&[scope])
             .inc();
         let lost = CancellationToken::new();
-        let heartbeat = tokio::spawn(heartbeat(Arc::clone(shared), lease, nudge, lost.clone()));
+        let heartbeat = tokio::spawn(heartbeat(Arc::clone(shared), held, nudge, lost.clone()));
         LeaseGuard {
             shared: Arc::clone(shared),
-            lease,
+            held,
             scope,
             lost,
             _heartbeat: AbortOnDropHandle::new(heartbeat),
@@ -72,13 +82,13 @@ impl Drop for LeaseGuard {
     fn drop(&mut self) {
         let shared = &self.shared;
         let mut running = shared.running.lock().expect("registry");
-        // The same job may have been reclaimed and claimed again by this
+        // The same work may have been reclaimed and claimed again by this
         // process: only remove the entry of this claim.
         if running
-            .get(&self.lease.job_id)
-            .is_some_and(|(l, _)| l.token == self.lease.token)
+            .get(&self.held.key())
+            .is_some_and(|(h, _)| h.token() == self.held.token())
         {
-            running.remove(&self.lease.job_id);
+            running.remove(&self.held.key());
         }
         slot_gauges(shared, running.len());
         shared
@@ -89,8 +99,9 @@ impl Drop for LeaseGuard {
     }
 }
 
-/// Renew the lease every heartbeat interval, or at once when nudged.
-async fn heartbeat(shared: Arc<Shared>, lease: Lease, nudge: Arc<Notify>, lost: CancellationToken) {
+/// Renew the lease every heartbeat interval, or at once when nudged. A
+/// range's heartbeat also copies its job's totals to the job row.
+async fn heartbeat(shared: Arc<Shared>, held: Held, nudge: Arc<Notify>, lost: CancellationToken) {
     loop {
         tokio::select! {
             _ = tokio::time::sleep(shared.worker.heartbeat_interval) => {}
@@ -98,7 +109,17 @@ async fn heartbeat(shared: Arc<Shared>, lease: Lease, nudge: Arc<Notify>, lost: 
         }
         let renewed = async {
             let client = shared.client().await?;
-            Ok::<_, super::ServiceError>(jobs::job_heartbeat(&**client, lease).await?)
+            let ours = match held {
+                Held::Job(l) => jobs::job_heartbeat(&**client, l).await?,
+                Held::Range(r) => {
+                    let ours = ranges::range_heartbeat(&**client, r).await?;
+                    if ours {
+                        ranges::job_rollup(&**client, r.job_id).await?;
+                    }
+                    ours
+                }
+            };
+            Ok::<_, ServiceError>(ours)
         }
         .await;
         match renewed {
@@ -108,36 +129,50 @@ async fn heartbeat(shared: Arc<Shared>, lease: Lease, nudge: Arc<Notify>, lost: 
                 return;
             }
             // The fence on the next write decides; keep trying meanwhile.
-            Err(e) => tracing::warn!(job_id = lease.job_id, error = %e, "heartbeat failed"),
+            Err(e) => {
+                shared.db_trouble();
+                tracing::warn!(job_id = held.job_id(), error = %e, "heartbeat failed")
+            }
         }
     }
 }
 
-/// Work one claimed job to its end (for this process), holding the worker
+/// Do one piece of work to its end (for this process), holding the worker
 /// slot `_permit` until then.
-pub async fn run(shared: Arc<Shared>, job: ClaimedJob, _permit: OwnedSemaphorePermit) {
-    let lease = job.lease;
-    let scope = Metrics::scope_label(&job.scope);
-    let guard = LeaseGuard::start(&shared, lease, scope);
+pub async fn run(shared: Arc<Shared>, work: Work, _permit: OwnedSemaphorePermit) {
+    let (held, scope, attempts) = match &work {
+        Work::Start(j) => (Held::Job(j.lease), j.scope.clone(), j.attempts),
+        Work::Range(r) => (Held::Range(r.lease), r.scope.clone(), r.attempts),
+    };
+    let label = Metrics::scope_label(&scope);
+    let guard = LeaseGuard::start(&shared, held, label);
     let outcome = tokio::select! {
-        r = walk::work(&shared, &job, &guard.lost) => r,
+        r = async {
+            match &work {
+                Work::Start(job) => start::run(&shared, job, &guard.lost).await,
+                Work::Range(range) => walk::work(&shared, range, &guard.lost).await,
+            }
+        } => r,
         _ = guard.lost.cancelled() => Err(JobError::LeaseLost),
     };
-    let status = end(&shared, &job, outcome).await;
-    shared
-        .metrics
-        .jobs_finished
-        .with_label_values(&[scope, status])
-        .inc();
+    if let Some(status) = end(&shared, held, attempts, outcome).await {
+        shared
+            .metrics
+            .jobs_finished
+            .with_label_values(&[label, status])
+            .inc();
+    }
 }
 
-/// How the job ended for this process, recorded; the status to count.
+/// How the work ended for this process, recorded; the status to count
+/// (`None`: a job started, its ranges go on).
 async fn end(
     shared: &Shared,
-    job: &ClaimedJob,
-    outcome: Result<&'static str, JobError>,
-) -> &'static str {
-    let lease = job.lease;
+    held: Held,
+    attempts: i32,
+    outcome: Result<Option<&'static str>, JobError>,
+) -> Option<&'static str> {
+    let job_id = held.job_id();
     // A timeout that no smaller batch could avoid is an ordinary transient error.
     let outcome = outcome.map_err(|e| match e {
         JobError::TooSlow(msg) => JobError::Transient(msg),
@@ -148,27 +183,25 @@ async fn end(
         Err(JobError::LeaseLost) => {
             shared.metrics.leases_lost.inc();
             tracing::warn!(
-                job_id = lease.job_id,
+                job_id,
                 "lease lost (cancelled or reclaimed); dropped the job"
             );
-            "lost"
+            Some("lost")
         }
-        Err(JobError::Fatal(msg)) => finish_failed(shared, lease, &msg, json!({})).await,
+        Err(JobError::Fatal(msg)) => Some(fail(shared, held, &msg, json!({})).await),
         Err(JobError::Transient(_)) if shared.shutdown.is_cancelled() => {
-            release(shared, lease, true, None, "shutdown").await;
-            "released"
+            release(shared, held, true, None, "shutdown").await;
+            Some("released")
         }
-        Err(JobError::Transient(msg))
-            if job.attempts >= shared.worker.max_attempts.get() as i32 =>
-        {
-            let msg = format!("gave up after {} attempts; last error: {msg}", job.attempts);
-            finish_failed(shared, lease, &msg, json!({})).await
+        Err(JobError::Transient(msg)) if attempts >= shared.worker.max_attempts.get() as i32 => {
+            let msg = format!("gave up after {attempts} attempts; last error: {msg}");
+            Some(fail(shared, held, &msg, json!({})).await)
         }
         Err(JobError::Transient(msg) | JobError::TooSlow(msg)) => {
-            tracing::warn!(job_id = lease.job_id, error = %msg, "giving the job back after repeated transient errors");
+            tracing::warn!(job_id, error = %msg, "giving the work back after repeated transient errors");
             let delay = backoff(shared, BATCH_RETRIES);
-            release(shared, lease, false, Some(delay), &msg).await;
-            "released"
+            release(shared, held, false, Some(delay), &msg).await;
+            Some("released")
         }
     }
 }
@@ -184,69 +217,62 @@ fn backoff(shared: &Shared, attempt: u32) -> Duration {
     jitter(d, 0.2)
 }
 
-/// Returns the status to count: `failed`, or `lost` when the fence found the
-/// job no longer ours (e.g. cancelled meanwhile).
-async fn finish_failed(
-    shared: &Shared,
-    lease: Lease,
-    msg: &str,
-    result: serde_json::Value,
-) -> &'static str {
-    tracing::warn!(job_id = lease.job_id, error = %msg, "job failed");
+/// Fail the whole job. Returns the status to count: `failed`, or `lost`
+/// when the job was no longer ours (e.g. cancelled meanwhile).
+async fn fail(shared: &Shared, held: Held, msg: &str, result: serde_json::Value) -> &'static str {
+    let job_id = held.job_id();
+    tracing::warn!(job_id, error = %msg, "job failed");
     let r = async {
         let client = shared.client().await?;
-        Ok::<_, super::ServiceError>(
-            jobs::job_finish(
-                &**client,
-                lease,
-                "failed",
-                Some(msg),
-                &result,
-                &shared.worker_id,
-            )
-            .await?,
-        )
+        let w = &shared.worker_id;
+        Ok::<_, ServiceError>(match held {
+            Held::Job(lease) => {
+                jobs::job_finish(&**client, lease, "failed", Some(msg), &result, w).await?
+            }
+            Held::Range(_) => jobs::job_fail(&**client, job_id, msg, &result, w).await?,
+        })
     }
     .await;
     match r {
         Ok(true) => "failed",
         Ok(false) => "lost",
         Err(e) => {
-            tracing::warn!(job_id = lease.job_id, error = %e, "could not record the failure; the lease will expire");
+            tracing::warn!(job_id, error = %e, "could not record the failure; the lease will expire");
             "failed"
         }
     }
 }
 
-/// Hand the job back to the queue (`keep_attempt`: a graceful shutdown
-/// gives the attempt back; `delay`: not before then).
+/// Hand the work back (`keep_attempt`: a graceful shutdown gives the
+/// attempt back; `delay`: not claimed again before then).
 async fn release(
     shared: &Shared,
-    lease: Lease,
+    held: Held,
     keep_attempt: bool,
     delay: Option<Duration>,
     reason: &str,
 ) {
     let r = async {
         let client = shared.client().await?;
-        Ok::<_, super::ServiceError>(
-            jobs::job_release(
-                &**client,
-                lease,
-                &shared.worker_id,
-                keep_attempt,
-                delay,
-                reason,
-            )
-            .await?,
-        )
+        let w = &shared.worker_id;
+        Ok::<_, ServiceError>(match held {
+            Held::Job(l) => jobs::job_release(&**client, l, w, keep_attempt, delay, reason).await?,
+            Held::Range(r) => {
+                let ours =
+                    ranges::range_release(&**client, r, w, keep_attempt, delay, reason).await?;
+                if ours {
+                    ranges::job_rollup(&**client, r.job_id).await?;
+                }
+                ours
+            }
+        })
     }
     .await;
     match r {
-        Ok(true) => tracing::info!(job_id = lease.job_id, reason, "released job"),
+        Ok(true) => tracing::info!(job_id = held.job_id(), reason, "released"),
         Ok(false) => {}
         Err(e) => {
-            tracing::warn!(job_id = lease.job_id, error = %e, "could not release; the lease will expire")
+            tracing::warn!(job_id = held.job_id(), error = %e, "could not release; the lease will expire")
         }
     }
 }

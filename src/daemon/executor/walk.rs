@@ -1,8 +1,14 @@
-//! The items of one job, batch by batch: one transaction per batch holding
-//! its item writes and the job's fenced progress. Batches are pipelined:
-//! while one is written, the next is read and computed on the blocking
-//! pool. On transient trouble a batch is retried on the careful path (read,
-//! compute and write in one go, with backoff, halving on server timeouts).
+//! One range of a job, batch by batch: one transaction per batch holding
+//! its item writes and the range's fenced progress. Every read is bounded
+//! twice, by a row count (the batch) and by an id span, so a sparse
+//! selection walks through empty spans with short statements and the
+//! cursor moves on even when nothing matches. Batches are pipelined: while
+//! one is written, the next is read and computed on the blocking pool. On
+//! transient trouble a batch is retried on the careful path (read, compute
+//! and write in one go, with backoff, halving batch and span on server
+//! timeouts). Between batches the walk waits while the database is
+//! unhealthy and keeps to its share of the job's `max_rate` and of the
+//! global items budget. The range that finishes last ends the job.
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicI64;
@@ -10,11 +16,14 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
-use super::{BATCH_RETRIES, Shared, backoff, finish_failed, release};
-use crate::db::jobs::{self, ClaimedJob, Lease};
+use super::{BATCH_RETRIES, Held, Shared, backoff, fail, release};
+use crate::daemon::governor::Brake;
+use crate::db::jobs;
+use crate::db::ranges::{self, ClaimedRange, RangeLease};
 use crate::metrics::Metrics;
 use crate::scope::{BatchCounts, JobError, Prepared};
 use crate::selection::Common;
@@ -23,24 +32,34 @@ use crate::selection::Common;
 const MIN_BATCH: i64 = 1;
 const MAX_BATCH: i64 = 10_000;
 const FIRST_BATCH: i64 = 100;
+/// Id span bounds of one read.
+const MIN_SPAN: i64 = 1;
+const MAX_SPAN: i64 = 1 << 30;
+/// Most ids of the first read of a range whose estimate says nothing.
+const FIRST_SPAN: i64 = 1 << 16;
+/// How long one staging walks through empty spans before it commits the
+/// cursor it reached (so a restart does not walk them again).
+const EMPTY_WALK: Duration = Duration::from_millis(500);
 /// Halvings of a batch that hits `statement_timeout` or `lock_timeout`
 /// (10,000 items down to 1 takes 14).
 const SLOW_RETRIES: u32 = 16;
 /// Batch sizes kept in `result`.
 const SIZES_KEPT: usize = 200;
+/// How often a walk with a `max_rate` recounts the ranges sharing it.
+const SHARE_REFRESH: Duration = Duration::from_secs(5);
 
-/// Where a job stands between batches; persisted as its `cursor`.
+/// Where a range stands between batches; persisted as its `cursor`.
 #[derive(Debug, Clone, Copy, Default)]
-struct Progress {
-    after_id: i64,
-    migrated: i64,
-    skipped: i64,
+pub(super) struct Progress {
+    pub(super) after_id: i64,
+    pub(super) migrated: i64,
+    pub(super) skipped: i64,
     /// Of `skipped`: sources another source of their subject stands for.
-    duplicates: i64,
+    pub(super) duplicates: i64,
 }
 
 impl Progress {
-    fn from_cursor(cursor: Option<&Value>) -> Progress {
+    pub(super) fn from_cursor(cursor: Option<&Value>) -> Progress {
         let get = |k: &str| cursor.and_then(|c| c.get(k)).and_then(|v| v.as_i64());
         Progress {
             after_id: get("after_id").unwrap_or(i64::MIN),
@@ -50,7 +69,7 @@ impl Progress {
         }
     }
 
-    fn to_json(self) -> Value {
+    pub(super) fn to_json(self) -> Value {
         let mut j =
             json!({"after_id": self.after_id, "migrated": self.migrated, "skipped": self.skipped});
         if self.duplicates > 0 {
@@ -59,9 +78,9 @@ impl Progress {
         j
     }
 
-    fn after(self, last: i64, counts: &BatchCounts) -> Progress {
+    fn after(self, next: i64, counts: &BatchCounts) -> Progress {
         Progress {
-            after_id: last,
+            after_id: next,
             migrated: self.migrated + counts.migrated,
             skipped: self.skipped + counts.skipped,
             duplicates: self.duplicates + counts.duplicates,
@@ -69,7 +88,7 @@ impl Progress {
     }
 }
 
-/// The job's progress as the database holds it.
+/// The range's progress as the database holds it.
 struct Stored {
     /// The cursor exactly as stored, which the next progress write expects.
     cursor: Option<Value>,
@@ -98,8 +117,13 @@ enum Batch {
 /// A batch read and computed, not yet written.
 struct Staged {
     fetched: i64,
-    last: i64,
-    computed: crate::scope::Computed,
+    /// The cursor once it is written: the last id of a full batch, else
+    /// the end of the span read (nothing selected is left before it).
+    next: i64,
+    /// `None`: the spans read held nothing selected (the cursor moves on).
+    computed: Option<crate::scope::Computed>,
+    /// The span the next read starts with.
+    span: i64,
 }
 
 /// A batch read and computed ahead of its write.
@@ -110,7 +134,7 @@ struct Ahead {
 }
 
 /// Run `f` until it succeeds, retrying transient errors with backoff.
-async fn retrying<T, F, Fut>(
+pub(super) async fn retrying<T, F, Fut>(
     shared: &Shared,
     lost: &CancellationToken,
     what: &str,
@@ -141,7 +165,7 @@ where
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
                     _ = lost.cancelled() => return Err(JobError::LeaseLost),
-                    // Shutdown does not wait out a backoff: the job is released.
+                    // Shutdown does not wait out a backoff: the work is released.
                     _ = shared.shutdown.cancelled() => return Err(JobError::Transient(msg)),
                 }
             }
@@ -150,15 +174,19 @@ where
     }
 }
 
-/// Validate the job, record what it pins and its total, then walk it. Ok:
-/// how the job ended for this process (`done`, `failed`, `released`).
+/// Walk one range of a job to its end. Ok: how the job ended, if this
+/// range ended it (`done`, `failed`), `released` on shutdown, `None` when
+/// the range is done and others are still open.
 pub(super) async fn work(
     shared: &Arc<Shared>,
-    job: &ClaimedJob,
+    range: &ClaimedRange,
     lost: &CancellationToken,
-) -> Result<&'static str, JobError> {
-    let lease = job.lease;
-    let spec = job.spec.as_ref().map_err(|e| JobError::Fatal(e.clone()))?;
+) -> Result<Option<&'static str>, JobError> {
+    let lease = range.lease;
+    let spec = range
+        .spec
+        .as_ref()
+        .map_err(|e| JobError::Fatal(e.clone()))?;
     let scope = Arc::new(
         retrying(shared, lost, "validation", || async {
             let client = shared.pool.get().await?;
@@ -166,87 +194,99 @@ pub(super) async fn work(
         })
         .await?,
     );
-    if let Some(pin) = scope.pin_to_record() {
-        let client = shared.pool.get().await?;
-        if !jobs::job_result_pin(&**client, lease, &pin).await? {
-            return Err(JobError::LeaseLost);
-        }
-    }
     let common = scope.common().clone();
-    let cap = common.limit.unwrap_or(i64::MAX);
-    let progress = Progress::from_cursor(job.cursor.as_ref());
-    let total = match job.total_count {
-        Some(t) => t,
-        None => {
-            let t = retrying(shared, lost, "count", || async {
-                let client = shared.pool.get().await?;
-                scope.count(&client, progress.after_id, cap).await
-            })
-            .await?;
-            let client = shared.pool.get().await?;
-            if !jobs::job_set_total(&**client, lease, t).await? {
-                return Err(JobError::LeaseLost);
-            }
-            t
-        }
-    };
+    let mut progress = Progress::from_cursor(range.cursor.as_ref());
+    progress.after_id = progress.after_id.max(range.lo);
+    let batch = common.batch_size.unwrap_or(FIRST_BATCH);
     Walk {
         shared,
         lease,
         lost,
-        label: Metrics::scope_label(&job.scope),
-        batch: common.batch_size.unwrap_or(FIRST_BATCH),
-        cap,
-        total,
+        label: Metrics::scope_label(&range.scope),
+        cap: common.limit.unwrap_or(i64::MAX),
+        hi: range.hi,
+        span: first_span(range, batch),
+        read_budget: read_budget(shared),
+        batch,
         common,
         scope,
         progress,
         stored: Stored {
-            cursor: job.cursor.clone(),
-            processed: job.processed_count,
-            failed: job.failed_count,
+            cursor: range.cursor.clone(),
+            processed: range.processed_count,
+            failed: range.failed_count,
         },
-        started: Instant::now(),
-        walked_here: 0,
         sizes: Vec::new(),
         ahead: None,
+        brake: shared.brake.subscribe(),
+        paced_at: Instant::now(),
+        job_share: None,
     }
     .run()
     .await
 }
 
-/// A job being walked: its committed progress and how the next batch is
+/// The span of a range's first read: about twice the ids a first batch
+/// needs at the range's estimated density.
+fn first_span(range: &ClaimedRange, batch: i64) -> i64 {
+    let ids = (range.hi as i128 - range.lo as i128).max(1) as f64;
+    match range.estimated_count {
+        Some(est) if est > 0 => {
+            let per_item = ids / est as f64;
+            ((batch as f64 * per_item * 2.0) as i64).clamp(batch.max(MIN_SPAN), MAX_SPAN)
+        }
+        _ => FIRST_SPAN,
+    }
+}
+
+/// How long one read may take before the span shrinks: a tenth of the
+/// session's `statement_timeout`, and no more than half the batch target.
+fn read_budget(shared: &Shared) -> Duration {
+    let half_target = shared.worker.batch_target / 2;
+    match shared.statement_timeout {
+        Some(st) if !st.is_zero() => (st / 10).min(half_target),
+        _ => half_target,
+    }
+}
+
+/// A range being walked: its committed progress and how the next batch is
 /// sized.
 struct Walk<'a> {
     shared: &'a Arc<Shared>,
-    lease: Lease,
+    lease: RangeLease,
     lost: &'a CancellationToken,
     label: &'static str,
     scope: Arc<Prepared>,
     common: Common,
-    /// `limit`, or no limit.
+    /// `limit`, or no limit (a job with a limit is one range).
     cap: i64,
-    /// What the selection matched when the job started.
-    total: i64,
+    /// The range is `lo < id <= hi`.
+    hi: i64,
     progress: Progress,
     stored: Stored,
     /// The size of the next batch.
     batch: i64,
-    started: Instant,
-    /// Items walked by this claim (for `max_rate`).
-    walked_here: i64,
-    /// Batch sizes of this claim, kept in `result`.
+    /// The id span of the next read.
+    span: i64,
+    read_budget: Duration,
+    /// Batch sizes of this claim, kept in `result` when it ends the job.
     sizes: Vec<i64>,
     ahead: Option<Ahead>,
+    brake: watch::Receiver<Brake>,
+    /// When the last batch was allowed to start, for pacing.
+    paced_at: Instant,
+    /// This walk's share of the job's `max_rate`, and when it was counted.
+    job_share: Option<(f64, Instant)>,
 }
 
 impl Walk<'_> {
-    async fn run(mut self) -> Result<&'static str, JobError> {
+    async fn run(mut self) -> Result<Option<&'static str>, JobError> {
         loop {
             if self.shared.shutdown.is_cancelled() {
-                release(self.shared, self.lease, true, None, "shutdown").await;
-                return Ok("released");
+                release(self.shared, Held::Range(self.lease), true, None, "shutdown").await;
+                return Ok(Some("released"));
             }
+            self.wait_for_health().await?;
             let Some(n) = self.next_size(0) else { break };
             let t0 = Instant::now();
             let committed = match self.next_batch(n).await? {
@@ -254,6 +294,7 @@ impl Walk<'_> {
                 Some(Batch::AlreadyCommitted(stored)) => {
                     tracing::warn!(
                         job_id = self.lease.job_id,
+                        range = self.lease.range_no,
                         "a batch committed before its reply was lost; resuming after it"
                     );
                     self.progress = Progress::from_cursor(stored.cursor.as_ref());
@@ -263,17 +304,36 @@ impl Walk<'_> {
                 Some(Batch::Committed(c)) => c,
             };
             self.record(&committed, t0.elapsed());
-            if self.stored.failed > self.common.max_failures {
-                let msg = format!(
-                    "{} items failed, more than max_failures ({})",
-                    self.stored.failed, self.common.max_failures
-                );
-                return Ok(finish_failed(self.shared, self.lease, &msg, self.summary()).await);
+            if committed.counts.failed > 0
+                && let Some(status) = self.over_max_failures().await?
+            {
+                return Ok(Some(status));
             }
-            self.resize(committed.fetched, t0.elapsed());
-            self.throttle().await;
+            if committed.fetched > 0 {
+                self.resize(committed.fetched, t0.elapsed());
+            }
+            self.pace(committed.counts.walked()).await;
         }
         self.finish().await
+    }
+
+    /// The job's failures over all its ranges, past `max_failures`, fail it.
+    async fn over_max_failures(&self) -> Result<Option<&'static str>, JobError> {
+        let failed = {
+            let client = self.shared.pool.get().await?;
+            ranges::ranges_totals(&**client, self.lease.job_id)
+                .await?
+                .failed
+        };
+        if failed <= self.common.max_failures {
+            return Ok(None);
+        }
+        let msg = format!(
+            "{failed} items failed, more than max_failures ({})",
+            self.common.max_failures
+        );
+        let held = Held::Range(self.lease);
+        Ok(Some(fail(self.shared, held, &msg, self.summary()).await))
     }
 
     /// The size of the next batch once `staged` more items are in flight
@@ -291,9 +351,9 @@ impl Walk<'_> {
     }
 
     /// Read, compute and write the next batch of at most `n` items
-    /// (`None`: no items left), using the batch read ahead when it starts
-    /// where this one must and is not larger, and reading the one after
-    /// ahead meanwhile.
+    /// (`None`: the range is walked), using the batch read ahead when it
+    /// starts where this one must and is not larger, and reading the one
+    /// after ahead meanwhile.
     async fn next_batch(&mut self, mut n: i64) -> Result<Option<Batch>, JobError> {
         let after = self.progress.after_id;
         let staged = match self.ahead.take() {
@@ -304,12 +364,25 @@ impl Walk<'_> {
                     Err(e) => Err(JobError::Fatal(format!("batch read panicked: {e}"))),
                 }
             }
-            _ => stage(self.shared, &self.scope, after, n).await,
+            _ => {
+                let budget = self.read_budget;
+                stage(
+                    self.shared,
+                    &self.scope,
+                    after,
+                    self.hi,
+                    n,
+                    self.span,
+                    budget,
+                )
+                .await
+            }
         };
         let fast = match staged {
             Ok(None) => return Ok(None),
             Ok(Some(st)) => {
-                self.read_ahead(st.last, st.fetched);
+                self.span = st.span;
+                self.read_ahead(st.next, st.fetched);
                 commit(
                     self.shared,
                     &self.scope,
@@ -326,52 +399,60 @@ impl Walk<'_> {
             Ok(b) => Ok(Some(b)),
             Err(e @ (JobError::Fatal(_) | JobError::LeaseLost)) => Err(e),
             Err(JobError::Transient(msg) | JobError::TooSlow(msg)) => {
-                tracing::warn!(job_id = self.lease.job_id, error = %msg, "batch failed; retrying");
+                tracing::warn!(job_id = self.lease.job_id, range = self.lease.range_no, error = %msg, "batch failed; retrying");
                 self.ahead = None;
                 self.careful(n).await
             }
         }
     }
 
-    /// Start reading and computing the batch after `last` (`fetched`
+    /// Start reading and computing the batch after `next` (`fetched`
     /// items are in flight before it).
-    fn read_ahead(&mut self, last: i64, fetched: i64) {
+    fn read_ahead(&mut self, next: i64, fetched: i64) {
         let Some(n) = self.next_size(fetched) else {
             return;
         };
-        if self.shared.shutdown.is_cancelled() {
+        if next >= self.hi || self.shared.shutdown.is_cancelled() {
             return;
         }
         let (shared, scope) = (Arc::clone(self.shared), Arc::clone(&self.scope));
+        let (hi, span, budget) = (self.hi, self.span, self.read_budget);
         self.ahead = Some(Ahead {
-            after: last,
+            after: next,
             n,
             handle: AbortOnDropHandle::new(tokio::spawn(async move {
-                stage(&shared, &scope, last, n).await
+                stage(&shared, &scope, next, hi, n, span, budget).await
             })),
         });
     }
 
     /// The careful path: read, compute and write in one go, with backoff,
-    /// halving the batch on server timeouts.
+    /// halving the batch and the span on server timeouts.
     async fn careful(&mut self, n: i64) -> Result<Option<Batch>, JobError> {
         let size = AtomicI64::new(n);
-        let (shared, scope, lease) = (self.shared, &self.scope, self.lease);
-        let (progress, stored) = (self.progress, &self.stored);
+        let span = AtomicI64::new(self.span);
+        let (shared, scope, lease, hi) = (self.shared, &self.scope, self.lease, self.hi);
+        let (progress, stored, budget) = (self.progress, &self.stored, self.read_budget);
         let r = retrying(shared, self.lost, "batch", || async {
-            let n = size.load(Relaxed);
-            let r = match stage(shared, scope, progress.after_id, n).await? {
-                None => Ok(None),
-                Some(st) => commit(shared, scope, lease, progress, stored, st)
-                    .await
-                    .map(Some),
+            let (n, s) = (size.load(Relaxed), span.load(Relaxed));
+            let r = match stage(shared, scope, progress.after_id, hi, n, s, budget).await {
+                Ok(None) => Ok(None),
+                Ok(Some(st)) => {
+                    span.store(st.span, Relaxed);
+                    commit(shared, scope, lease, progress, stored, st)
+                        .await
+                        .map(Some)
+                }
+                Err(e) => Err(e),
             };
             if let Err(JobError::TooSlow(_)) = &r {
                 size.store((n / 2).max(MIN_BATCH), Relaxed);
+                span.store((s / 2).max(MIN_SPAN), Relaxed);
             }
             r
         })
         .await?;
+        self.span = span.load(Relaxed);
         if size.load(Relaxed) < n {
             // Start again from the size that went through.
             self.batch = size.load(Relaxed);
@@ -385,7 +466,9 @@ impl Walk<'_> {
         self.progress = c.next;
         self.stored.processed += c.counts.migrated + c.counts.skipped;
         self.stored.failed += c.counts.failed;
-        self.walked_here += c.counts.walked();
+        if c.fetched == 0 {
+            return;
+        }
         if self.sizes.len() < SIZES_KEPT {
             self.sizes.push(c.fetched);
         }
@@ -421,24 +504,116 @@ impl Walk<'_> {
         }
     }
 
-    /// Hold to `max_rate`, if the selection sets one.
-    async fn throttle(&self) {
-        let Some(rate) = self.common.max_rate else {
-            return;
+    /// Wait while the database is unhealthy (the governor says why), with
+    /// the reason on the range for `status` and the time in
+    /// `pqmig_throttled_seconds_total`.
+    async fn wait_for_health(&mut self) -> Result<(), JobError> {
+        let Some(mut reason) = self.brake.borrow_and_update().reason else {
+            return Ok(());
         };
-        let due = Duration::from_secs_f64(self.walked_here as f64 / rate);
-        if let Some(wait) = due.checked_sub(self.started.elapsed()) {
-            tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
-                _ = self.shared.shutdown.cancelled() => {}
+        // Nothing read ahead goes stale while the walk waits.
+        self.ahead = None;
+        self.mark_throttled(Some(reason)).await;
+        let mut since = Instant::now();
+        loop {
+            let stop = tokio::select! {
+                changed = self.brake.changed() => changed.is_err(),
+                _ = self.lost.cancelled() => return Err(JobError::LeaseLost),
+                _ = self.shared.shutdown.cancelled() => true,
+            };
+            self.count_throttled(reason, since.elapsed());
+            since = Instant::now();
+            let now = self.brake.borrow_and_update().reason;
+            match now {
+                Some(r) if !stop => {
+                    if r != reason {
+                        reason = r;
+                        self.mark_throttled(Some(r)).await;
+                    }
+                }
+                _ => break,
             }
         }
+        self.mark_throttled(None).await;
+        self.paced_at = Instant::now();
+        Ok(())
+    }
+
+    fn count_throttled(&self, reason: &'static str, waited: Duration) {
+        self.shared
+            .metrics
+            .throttled_seconds
+            .with_label_values(&[reason])
+            .inc_by(waited.as_secs_f64());
+    }
+
+    /// Show why the range waits (or that it no longer does) in `status`.
+    async fn mark_throttled(&self, reason: Option<&str>) {
+        let r = async {
+            let client = self.shared.pool.get().await?;
+            ranges::range_throttled(&**client, self.lease, reason).await?;
+            Ok::<_, JobError>(())
+        }
+        .await;
+        if let Err(e) = r {
+            tracing::debug!(error = %e, "could not record the throttle on the range");
+        }
+    }
+
+    /// Keep to this walk's share of the job's `max_rate` and of the global
+    /// items budget: the `walked` items of the batch just written may not
+    /// start sooner than that rate allows after the one before.
+    async fn pace(&mut self, walked: i64) {
+        let job_rate = self.job_rate_share().await;
+        let budget = self.brake.borrow().items_share;
+        let (rate, reason) = match (job_rate, budget) {
+            (Some(j), Some(b)) if b < j => (b, Some("items_budget")),
+            (Some(j), _) => (j, None),
+            (None, Some(b)) => (b, Some("items_budget")),
+            (None, None) => {
+                self.paced_at = Instant::now();
+                return;
+            }
+        };
+        let due = self.paced_at + Duration::from_secs_f64(walked.max(0) as f64 / rate.max(1e-3));
+        let now = Instant::now();
+        if due > now {
+            tokio::select! {
+                _ = tokio::time::sleep_until(due.into()) => {}
+                _ = self.shared.shutdown.cancelled() => {}
+                _ = self.lost.cancelled() => {}
+            }
+            if let Some(reason) = reason {
+                self.count_throttled(reason, now.elapsed());
+            }
+        }
+        self.paced_at = Instant::now();
+    }
+
+    /// The job's `max_rate` divided among its ranges being walked now
+    /// (recounted every few seconds).
+    async fn job_rate_share(&mut self) -> Option<f64> {
+        let rate = self.common.max_rate?;
+        if let Some((share, at)) = self.job_share
+            && at.elapsed() < SHARE_REFRESH
+        {
+            return Some(share);
+        }
+        let running = async {
+            let client = self.shared.pool.get().await?;
+            Ok::<_, JobError>(ranges::job_ranges_running(&**client, self.lease.job_id).await?)
+        }
+        .await
+        .unwrap_or(1);
+        let share = rate / running.max(1) as f64;
+        self.job_share = Some((share, Instant::now()));
+        Some(share)
     }
 
     fn summary(&self) -> Value {
         let p = &self.progress;
         json!({
-            "matched": self.total,
+            "matched": self.stored.processed + self.stored.failed,
             "migrated": p.migrated,
             "skipped": p.skipped,
             "duplicates": p.duplicates,
@@ -448,96 +623,162 @@ impl Walk<'_> {
         })
     }
 
-    /// Every item walked: `failed` with the count if any failed, else
-    /// `done` (with the scope's last word in the same transaction).
-    async fn finish(self) -> Result<&'static str, JobError> {
+    /// The range is walked: mark it done. The last range of the job to
+    /// finish ends it, in the same transaction: `failed` with the count if
+    /// any item failed, else `done` (with the scope's last word).
+    async fn finish(self) -> Result<Option<&'static str>, JobError> {
         let (lease, shared) = (self.lease, self.shared);
-        let result = self.summary();
-        let failed = self.stored.failed;
         let mut client = shared.pool.get().await?;
-        if failed > 0 {
-            let msg = format!("{failed} items failed");
-            if !jobs::job_finish(
-                &**client,
-                lease,
-                "failed",
-                Some(&msg),
-                &result,
-                &shared.worker_id,
-            )
-            .await?
-            {
-                return Err(JobError::LeaseLost);
-            }
-            tracing::warn!(
-                job_id = lease.job_id,
-                failed,
-                "job walked every item, some failed"
-            );
-            return Ok("failed");
-        }
         let tx = client.transaction().await?;
-        self.scope.on_done(&tx, lease.job_id).await?;
-        if !jobs::job_finish(&*tx, lease, "done", None, &result, &shared.worker_id).await? {
+        if !ranges::range_done(&*tx, lease).await? {
+            return Err(JobError::LeaseLost);
+        }
+        let Some(t) = ranges::job_lock_totals(&*tx, lease.job_id).await? else {
+            return Err(JobError::LeaseLost);
+        };
+        if t.done < t.ranges {
+            ranges::job_rollup(&*tx, lease.job_id).await?;
+            tx.commit().await?;
+            tracing::info!(
+                job_id = lease.job_id,
+                range = lease.range_no,
+                processed = self.stored.processed,
+                ranges_left = t.ranges - t.done,
+                "range done"
+            );
+            return Ok(None);
+        }
+        let result = json!({
+            "matched": t.processed + t.failed,
+            "migrated": t.migrated,
+            "skipped": t.skipped,
+            "duplicates": t.duplicates,
+            "failed": t.failed,
+            "dry_run": self.common.dry_run,
+            "batch_sizes": self.sizes,
+            "ranges": t.ranges,
+            "total_estimated": false,
+        });
+        let w = &shared.worker_id;
+        let (status, error) = if t.failed > 0 {
+            ("failed", Some(format!("{} items failed", t.failed)))
+        } else {
+            self.scope.on_done(&tx, lease.job_id).await?;
+            ("done", None)
+        };
+        let (p, f) = (t.processed, t.failed);
+        if !jobs::job_finish_split(
+            &*tx,
+            lease.job_id,
+            status,
+            error.as_deref(),
+            &result,
+            p,
+            f,
+            w,
+        )
+        .await?
+        {
             return Err(JobError::LeaseLost);
         }
         tx.commit().await?;
-        tracing::info!(
-            job_id = lease.job_id,
-            processed = self.stored.processed,
-            "job done"
-        );
-        Ok("done")
+        if t.failed > 0 {
+            tracing::warn!(
+                job_id = lease.job_id,
+                failed = t.failed,
+                "job walked every item, some failed"
+            );
+        } else {
+            tracing::info!(job_id = lease.job_id, processed = t.processed, "job done");
+        }
+        Ok(Some(status))
     }
 }
 
-/// Read and compute the `n` items after `after` (`None`: no items left).
-/// The connection goes back to the pool before the computation.
+/// Read and compute up to `n` selected items with `after < id <= hi`, each
+/// read bounded by `span` ids (`None`: the range is walked). Empty spans
+/// are walked through for up to [`EMPTY_WALK`]; the span grows while reads
+/// come back partial and well within `budget`, and shrinks when one takes
+/// longer. The connection goes back to the pool before the computation.
 async fn stage(
     shared: &Shared,
     scope: &Prepared,
     after: i64,
+    hi: i64,
     n: i64,
+    mut span: i64,
+    budget: Duration,
 ) -> Result<Option<Staged>, JobError> {
-    let rows = {
-        let client = shared.pool.get().await?;
-        scope.fetch(&client, after, n).await?
-    };
-    let (fetched, Some(last)) = (rows.len, rows.last) else {
+    if after >= hi {
         return Ok(None);
-    };
-    let computed = scope.compute(rows).await?;
-    Ok(Some(Staged {
-        fetched,
-        last,
-        computed,
-    }))
+    }
+    let started = Instant::now();
+    let mut from = after;
+    let client = shared.pool.get().await?;
+    loop {
+        let upto = from.saturating_add(span).min(hi);
+        let t = Instant::now();
+        let rows = scope.fetch(&client, from, upto, n).await?;
+        let took = t.elapsed();
+        let full = rows.len >= n;
+        if took > budget {
+            span = (span / 2).max(MIN_SPAN);
+        } else if !full && took < budget / 4 {
+            span = span.saturating_mul(2).min(MAX_SPAN);
+        }
+        if let Some(last) = rows.last {
+            drop(client);
+            let fetched = rows.len;
+            let computed = scope.compute(rows).await?;
+            return Ok(Some(Staged {
+                fetched,
+                next: if full { last } else { upto },
+                computed: Some(computed),
+                span,
+            }));
+        }
+        from = upto;
+        if from >= hi || started.elapsed() >= EMPTY_WALK {
+            return Ok(Some(Staged {
+                fetched: 0,
+                next: from,
+                computed: None,
+                span,
+            }));
+        }
+    }
 }
 
-/// Write a staged batch in one transaction with the job's fenced progress.
+/// Write a staged batch in one transaction with the range's fenced progress.
 async fn commit(
     shared: &Shared,
     scope: &Prepared,
-    lease: Lease,
+    lease: RangeLease,
     progress: Progress,
     stored: &Stored,
     st: Staged,
 ) -> Result<Batch, JobError> {
     let Staged {
         fetched,
-        last,
+        next,
         computed,
+        ..
     } = st;
     let mut client = shared.pool.get().await?;
     let tx = client.transaction().await?;
-    let (counts, failures) = scope.write(&tx, lease.job_id, computed).await?;
-    let ids: Vec<String> = failures.iter().map(|f| f.item_id.to_string()).collect();
-    let codes: Vec<&str> = failures.iter().map(|f| f.code).collect();
-    let msgs: Vec<String> = failures.iter().map(|f| f.message.clone()).collect();
-    jobs::item_errors_insert(&*tx, lease.job_id, &ids, &codes, &msgs).await?;
-    let next = progress.after(last, &counts);
+    let (counts, failures) = match computed {
+        Some(computed) => scope.write(&tx, lease.job_id, computed).await?,
+        None => (BatchCounts::default(), Vec::new()),
+    };
+    if !failures.is_empty() {
+        let ids: Vec<String> = failures.iter().map(|f| f.item_id.to_string()).collect();
+        let codes: Vec<&str> = failures.iter().map(|f| f.code).collect();
+        let msgs: Vec<String> = failures.iter().map(|f| f.message.clone()).collect();
+        jobs::item_errors_insert(&*tx, lease.job_id, &ids, &codes, &msgs).await?;
+    }
+    let next = progress.after(next, &counts);
     // Fenced: zero rows rolls back every item write of the batch.
-    let ok = jobs::job_progress(
+    let ok = ranges::range_progress(
         &*tx,
         lease,
         counts.migrated + counts.skipped,
@@ -550,7 +791,7 @@ async fn commit(
         tx.rollback().await?;
         // Either the lease is gone, or this batch was committed by
         // an earlier try whose reply was lost: carry on from there.
-        return match jobs::job_reload(&**client, lease).await? {
+        return match ranges::range_reload(&**client, lease).await? {
             Some((cursor, processed, failed)) => Ok(Batch::AlreadyCommitted(Stored {
                 cursor,
                 processed,
@@ -560,9 +801,9 @@ async fn commit(
         };
     }
     tx.commit().await?;
-    let failure_kinds = codes
+    let failure_kinds = failures
         .iter()
-        .map(|c| crate::metrics::failure_kind(c))
+        .map(|f| crate::metrics::failure_kind(f.code))
         .collect();
     Ok(Batch::Committed(Committed {
         next,

@@ -321,8 +321,23 @@ impl Scope for HashesJob {
         Ok(self.stmts.hashes_count(c, after, cap).await?)
     }
 
-    async fn fetch(&self, c: &Client, after: i64, n: i64) -> Result<Vec<HashRow>, JobError> {
-        Ok(self.stmts.hashes_fetch_batch(c, after, n).await?)
+    async fn id_bounds(&self, c: &Client) -> Result<Option<(i64, i64)>, JobError> {
+        let (from, to) = self.sel.common.id_window();
+        Ok(self.stmts.hashes_bounds(c, from, to).await?)
+    }
+
+    async fn estimate(&self, c: &Client, lo: i64, hi: i64) -> Result<i64, JobError> {
+        Ok(self.stmts.hashes_estimate(c, lo, hi).await?)
+    }
+
+    async fn fetch(
+        &self,
+        c: &Client,
+        after: i64,
+        upto: i64,
+        n: i64,
+    ) -> Result<Vec<HashRow>, JobError> {
+        Ok(self.stmts.hashes_fetch_batch(c, after, upto, n).await?)
     }
 
     async fn compute(&self, rows: Vec<HashRow>) -> Result<Computed, JobError> {

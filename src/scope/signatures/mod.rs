@@ -231,9 +231,24 @@ impl Scope for SignaturesJob {
     }
 
     /// The next batch, with every source signer it needs resolved.
-    async fn fetch(&self, c: &Client, after: i64, n: i64) -> Result<Vec<SignatureRow>, JobError> {
-        let rows = dbs::signatures_fetch_batch(c, &self.filter, self.plan.target_algo_id, after, n)
-            .await?;
+    async fn id_bounds(&self, c: &Client) -> Result<Option<(i64, i64)>, JobError> {
+        let (from, to) = self.sel.common.id_window();
+        Ok(dbs::signatures_bounds(c, from, to).await?)
+    }
+
+    async fn estimate(&self, c: &Client, lo: i64, hi: i64) -> Result<i64, JobError> {
+        Ok(dbs::signatures_estimate(c, &self.filter, lo, hi).await?)
+    }
+
+    async fn fetch(
+        &self,
+        c: &Client,
+        after: i64,
+        upto: i64,
+        n: i64,
+    ) -> Result<Vec<SignatureRow>, JobError> {
+        let target = self.plan.target_algo_id;
+        let rows = dbs::signatures_fetch_batch(c, &self.filter, target, after, upto, n).await?;
         let mut wanted: Vec<i64> = {
             let known = self.plan.sources.lock().expect("source keys");
             rows.iter()

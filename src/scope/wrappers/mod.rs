@@ -296,8 +296,23 @@ impl Scope for WrappersJob {
     }
 
     /// The next batch, with every key its wrappers need resolved.
-    async fn fetch(&self, c: &Client, after: i64, n: i64) -> Result<Vec<WrapperRow>, JobError> {
-        let rows = dbw::wrappers_fetch_batch(c, &self.filter, after, n).await?;
+    async fn id_bounds(&self, c: &Client) -> Result<Option<(i64, i64)>, JobError> {
+        let (from, to) = self.sel.common.id_window();
+        Ok(dbw::wrappers_bounds(c, from, to).await?)
+    }
+
+    async fn estimate(&self, c: &Client, lo: i64, hi: i64) -> Result<i64, JobError> {
+        Ok(dbw::wrappers_estimate(c, &self.filter, lo, hi).await?)
+    }
+
+    async fn fetch(
+        &self,
+        c: &Client,
+        after: i64,
+        upto: i64,
+        n: i64,
+    ) -> Result<Vec<WrapperRow>, JobError> {
+        let rows = dbw::wrappers_fetch_batch(c, &self.filter, after, upto, n).await?;
         self.resolve_keys(c, &rows).await?;
         Ok(rows)
     }

@@ -1,0 +1,483 @@
+//! Statements on `pq_migration_ranges`: a job's id ranges, each claimed,
+//! leased, heartbeated, fenced and rescued like a job. Every write made for
+//! a range is fenced by its lease (`job_id, range_no, lease_token,
+//! status = 'running'`) and by its job still being `running`, so a cancel
+//! or a failure of the job stops every range at its next write.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio_postgres::GenericClient;
+use uuid::Uuid;
+
+use crate::job::{JobSpec, Purpose, spec_from_row};
+
+/// The fence of one claimed range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RangeLease {
+    pub job_id: i64,
+    pub range_no: i32,
+    pub token: Uuid,
+}
+
+/// A range as claimed, with its job's definition.
+#[derive(Debug, Clone)]
+pub struct ClaimedRange {
+    pub lease: RangeLease,
+    /// The job's scope as stored (logs, metrics).
+    pub scope: String,
+    pub spec: Result<JobSpec, String>,
+    /// The range is the items `lo < id <= hi`.
+    pub lo: i64,
+    pub hi: i64,
+    pub attempts: i32,
+    pub cursor: Option<Value>,
+    pub processed_count: i64,
+    pub failed_count: i64,
+    pub estimated_count: Option<i64>,
+}
+
+/// One range to create: `lo < id <= hi`, about `estimated` items, with
+/// what an earlier walk of the job already counted (for a job split after
+/// it had progressed).
+#[derive(Debug, Clone)]
+pub struct NewRange {
+    pub lo: i64,
+    pub hi: i64,
+    pub estimated: i64,
+    pub cursor: Option<Value>,
+    pub processed: i64,
+    pub failed: i64,
+}
+
+/// Create a job's ranges, numbered from 0, all `pending`.
+pub async fn ranges_create(
+    c: &impl GenericClient,
+    job_id: i64,
+    ranges: &[NewRange],
+) -> Result<u64, tokio_postgres::Error> {
+    let nos: Vec<i32> = (0..ranges.len() as i32).collect();
+    let lo: Vec<i64> = ranges.iter().map(|r| r.lo).collect();
+    let hi: Vec<i64> = ranges.iter().map(|r| r.hi).collect();
+    let est: Vec<i64> = ranges.iter().map(|r| r.estimated).collect();
+    let cursors: Vec<Option<Value>> = ranges.iter().map(|r| r.cursor.clone()).collect();
+    let processed: Vec<i64> = ranges.iter().map(|r| r.processed).collect();
+    let failed: Vec<i64> = ranges.iter().map(|r| r.failed).collect();
+    c.execute(
+        "INSERT INTO pq_migration_ranges (job_id, range_no, lo, hi, estimated_count, cursor, \
+                                          processed_count, failed_count) \
+         SELECT $1, n, l, h, e, c, p, f \
+         FROM unnest($2::int[], $3::bigint[], $4::bigint[], $5::bigint[], $6::jsonb[], \
+                     $7::bigint[], $8::bigint[]) AS x(n, l, h, e, c, p, f)",
+        &[&job_id, &nos, &lo, &hi, &est, &cursors, &processed, &failed],
+    )
+    .await
+}
+
+/// Every range of the job that is not done goes back to `pending`, its
+/// lease cleared and its attempts reset (a job resumed or restarted).
+pub async fn ranges_reset(
+    c: &impl GenericClient,
+    job_id: i64,
+) -> Result<u64, tokio_postgres::Error> {
+    c.execute(
+        "UPDATE pq_migration_ranges SET status = 'pending', attempts = 0, not_before = NULL, \
+           locked_by = NULL, lease_token = NULL, heartbeat_at = NULL, throttled = NULL, \
+           updated_at = now() \
+         WHERE job_id = $1 AND status <> 'done'",
+        &[&job_id],
+    )
+    .await
+}
+
+/// Claim up to `limit` pending ranges of running jobs (higher job priority
+/// first, then job and range order), committing at once.
+pub async fn ranges_claim(
+    c: &impl GenericClient,
+    limit: i64,
+    worker: &str,
+) -> Result<Vec<ClaimedRange>, tokio_postgres::Error> {
+    let rows = c
+        .query(
+            "WITH c AS ( \
+               SELECT r.job_id, r.range_no FROM pq_migration_ranges r \
+               JOIN pq_migration_jobs j ON j.id = r.job_id \
+               WHERE r.status = 'pending' AND j.status = 'running' \
+                 AND (r.not_before IS NULL OR r.not_before <= now()) \
+               ORDER BY j.priority DESC, r.job_id, r.range_no \
+               LIMIT $1 FOR UPDATE OF r SKIP LOCKED), \
+             u AS (UPDATE pq_migration_ranges r SET status = 'running', attempts = r.attempts + 1, \
+                 locked_by = $2, lease_token = gen_random_uuid(), heartbeat_at = now(), \
+                 started_at = COALESCE(r.started_at, now()), not_before = NULL, throttled = NULL, \
+                 updated_at = now() \
+               FROM c WHERE r.job_id = c.job_id AND r.range_no = c.range_no \
+               RETURNING r.job_id, r.range_no, r.lease_token, r.lo, r.hi, r.attempts, r.cursor, \
+                 r.processed_count, r.failed_count, r.estimated_count) \
+             SELECT u.job_id, u.range_no, u.lease_token, u.lo, u.hi, u.attempts, u.cursor, \
+                    u.processed_count, u.failed_count, u.estimated_count, \
+                    j.scope, j.target_policy_id, j.target_algo_id, j.selection, j.result \
+             FROM u JOIN pq_migration_jobs j ON j.id = u.job_id ORDER BY u.job_id, u.range_no",
+            &[&limit, &worker],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let job_id: i64 = r.get(0);
+            let scope: String = r.get(10);
+            ClaimedRange {
+                lease: RangeLease {
+                    job_id,
+                    range_no: r.get(1),
+                    token: r.get(2),
+                },
+                spec: spec_from_row(
+                    job_id,
+                    &scope,
+                    r.get(11),
+                    r.get(12),
+                    super::jobs::selection_at(r, 13),
+                    r.try_get(14).ok().flatten(),
+                    Purpose::Run,
+                ),
+                scope,
+                lo: r.get(3),
+                hi: r.get(4),
+                attempts: r.get(5),
+                cursor: r.get(6),
+                processed_count: r.get(7),
+                failed_count: r.get(8),
+                estimated_count: r.get(9),
+            }
+        })
+        .collect())
+}
+
+/// The fence every range write carries.
+const FENCE: &str = "job_id = $1 AND range_no = $2 AND lease_token = $3 AND status = 'running' \
+     AND EXISTS (SELECT 1 FROM pq_migration_jobs j WHERE j.id = $1 AND j.status = 'running')";
+
+/// Renew the lease. `false`: the range (or its job) is no longer ours.
+pub async fn range_heartbeat(
+    c: &impl GenericClient,
+    lease: RangeLease,
+) -> Result<bool, tokio_postgres::Error> {
+    let sql = format!("UPDATE pq_migration_ranges SET heartbeat_at = now() WHERE {FENCE}");
+    let n = c
+        .execute(&sql, &[&lease.job_id, &lease.range_no, &lease.token])
+        .await?;
+    Ok(n == 1)
+}
+
+/// Say why the range's walker waits (`None`: it no longer does).
+pub async fn range_throttled(
+    c: &impl GenericClient,
+    lease: RangeLease,
+    reason: Option<&str>,
+) -> Result<bool, tokio_postgres::Error> {
+    let sql = format!("UPDATE pq_migration_ranges SET throttled = $4 WHERE {FENCE}");
+    let n = c
+        .execute(
+            &sql,
+            &[&lease.job_id, &lease.range_no, &lease.token, &reason],
+        )
+        .await?;
+    Ok(n == 1)
+}
+
+/// Add a batch's counts and move the cursor, fenced, also on the cursor
+/// the batch started from (an earlier try whose reply was lost must not
+/// count twice). A claim that commits progress has not failed: its
+/// attempts go back to zero.
+pub async fn range_progress(
+    c: &impl GenericClient,
+    lease: RangeLease,
+    processed: i64,
+    failed: i64,
+    cursor: &Value,
+    expected_cursor: Option<&Value>,
+) -> Result<Option<(i64, i64)>, tokio_postgres::Error> {
+    let sql = format!(
+        "UPDATE pq_migration_ranges SET processed_count = processed_count + $4, \
+           failed_count = failed_count + $5, cursor = $6, attempts = 0, updated_at = now() \
+         WHERE {FENCE} AND cursor IS NOT DISTINCT FROM $7 \
+         RETURNING processed_count, failed_count"
+    );
+    let row = c
+        .query_opt(
+            &sql,
+            &[
+                &lease.job_id,
+                &lease.range_no,
+                &lease.token,
+                &processed,
+                &failed,
+                cursor,
+                &expected_cursor,
+            ],
+        )
+        .await?;
+    Ok(row.map(|r| (r.get(0), r.get(1))))
+}
+
+/// The range's stored progress, if the lease is still ours: (cursor,
+/// processed_count, failed_count).
+pub async fn range_reload(
+    c: &impl GenericClient,
+    lease: RangeLease,
+) -> Result<Option<(Option<Value>, i64, i64)>, tokio_postgres::Error> {
+    let sql = format!(
+        "SELECT cursor, processed_count, failed_count FROM pq_migration_ranges WHERE {FENCE}"
+    );
+    let row = c
+        .query_opt(&sql, &[&lease.job_id, &lease.range_no, &lease.token])
+        .await?;
+    Ok(row.map(|r| (r.get(0), r.get(1), r.get(2))))
+}
+
+/// Hand a range back (`keep_attempt`: a graceful shutdown gives the
+/// attempt back; `delay`: not claimed again before then), with the job's
+/// `released` event.
+pub async fn range_release(
+    c: &impl GenericClient,
+    lease: RangeLease,
+    worker: &str,
+    keep_attempt: bool,
+    delay: Option<Duration>,
+    reason: &str,
+) -> Result<bool, tokio_postgres::Error> {
+    let delay_s = delay.map(|d| d.as_secs_f64());
+    let sql = format!(
+        "WITH u AS (UPDATE pq_migration_ranges SET status = 'pending', \
+             attempts = CASE WHEN $4 THEN greatest(attempts - 1, 0) ELSE attempts END, \
+             not_before = CASE WHEN $5::float8 IS NULL THEN NULL \
+                               ELSE now() + $5::float8 * interval '1 second' END, \
+             locked_by = NULL, lease_token = NULL, heartbeat_at = NULL, throttled = NULL, \
+             updated_at = now() \
+           WHERE {FENCE} RETURNING job_id, range_no) \
+         INSERT INTO pq_migration_job_events (job_id, event, worker, detail) \
+         SELECT job_id, 'released', $7, jsonb_build_object('reason', $6::text, 'range', range_no) \
+         FROM u RETURNING job_id"
+    );
+    let rows = c
+        .query(
+            &sql,
+            &[
+                &lease.job_id,
+                &lease.range_no,
+                &lease.token,
+                &keep_attempt,
+                &delay_s,
+                &reason,
+                &worker,
+            ],
+        )
+        .await?;
+    Ok(rows.len() == 1)
+}
+
+/// Mark the range done, fenced: `false` when the lease is gone.
+pub async fn range_done(
+    c: &impl GenericClient,
+    lease: RangeLease,
+) -> Result<bool, tokio_postgres::Error> {
+    let sql = format!(
+        "UPDATE pq_migration_ranges SET status = 'done', finished_at = now(), \
+           lease_token = NULL, heartbeat_at = NULL, throttled = NULL, updated_at = now() \
+         WHERE {FENCE}"
+    );
+    let n = c
+        .execute(&sql, &[&lease.job_id, &lease.range_no, &lease.token])
+        .await?;
+    Ok(n == 1)
+}
+
+/// A job's totals over its ranges.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub ranges: i64,
+    pub done: i64,
+    pub processed: i64,
+    pub failed: i64,
+    pub migrated: i64,
+    pub skipped: i64,
+    pub duplicates: i64,
+    /// Done ranges' items walked, plus the others' estimates.
+    pub total: i64,
+}
+
+const TOTALS: &str = "SELECT count(*), count(*) FILTER (WHERE status = 'done'), \
+       COALESCE(sum(processed_count), 0)::bigint, COALESCE(sum(failed_count), 0)::bigint, \
+       COALESCE(sum((cursor->>'migrated')::bigint), 0)::bigint, \
+       COALESCE(sum((cursor->>'skipped')::bigint), 0)::bigint, \
+       COALESCE(sum((cursor->>'duplicates')::bigint), 0)::bigint, \
+       COALESCE(sum(CASE WHEN status = 'done' THEN processed_count + failed_count \
+                         ELSE greatest(COALESCE(estimated_count, 0), processed_count + failed_count) END), 0)::bigint \
+     FROM pq_migration_ranges WHERE job_id = $1";
+
+/// The job's totals over its ranges.
+pub async fn ranges_totals(
+    c: &impl GenericClient,
+    job_id: i64,
+) -> Result<Totals, tokio_postgres::Error> {
+    let r = c.query_one(TOTALS, &[&job_id]).await?;
+    Ok(Totals {
+        ranges: r.get(0),
+        done: r.get(1),
+        processed: r.get(2),
+        failed: r.get(3),
+        migrated: r.get(4),
+        skipped: r.get(5),
+        duplicates: r.get(6),
+        total: r.get(7),
+    })
+}
+
+/// Lock the job row (the last ranges finishing decide together which of
+/// them ends the job) and read its totals; `None`: the job is not running.
+pub async fn job_lock_totals(
+    c: &impl GenericClient,
+    job_id: i64,
+) -> Result<Option<Totals>, tokio_postgres::Error> {
+    let running = c
+        .query_opt(
+            "SELECT 1 FROM pq_migration_jobs WHERE id = $1 AND status = 'running' FOR UPDATE",
+            &[&job_id],
+        )
+        .await?;
+    match running {
+        Some(_) => Ok(Some(ranges_totals(c, job_id).await?)),
+        None => Ok(None),
+    }
+}
+
+/// Copy the ranges' totals to the job row, where operators and host
+/// applications read them: `processed_count`, `failed_count` and the
+/// refined `total_count`. Runs with the heartbeats, outside any batch, so
+/// the job row is no hot spot.
+pub async fn job_rollup(c: &impl GenericClient, job_id: i64) -> Result<u64, tokio_postgres::Error> {
+    c.execute(
+        "UPDATE pq_migration_jobs j SET processed_count = t.p, failed_count = t.f, \
+           total_count = t.total, updated_at = now() \
+         FROM (SELECT COALESCE(sum(processed_count), 0)::bigint AS p, \
+                      COALESCE(sum(failed_count), 0)::bigint AS f, \
+                      COALESCE(sum(CASE WHEN status = 'done' THEN processed_count + failed_count \
+                          ELSE greatest(COALESCE(estimated_count, 0), processed_count + failed_count) END), 0)::bigint AS total \
+               FROM pq_migration_ranges WHERE job_id = $1) t \
+         WHERE j.id = $1 AND j.status = 'running' AND j.ranges IS NOT NULL \
+           AND (j.processed_count, j.failed_count, j.total_count) IS DISTINCT FROM (t.p, t.f, t.total)",
+        &[&job_id],
+    )
+    .await
+}
+
+/// Return running ranges whose heartbeat is older than `lease` to
+/// `pending` (cursor kept, event `reclaimed`), or fail their job once a
+/// range used `max_attempts` claims without progress. Returns the (job id,
+/// range, new status) triples.
+pub async fn ranges_rescue(
+    c: &impl GenericClient,
+    lease: Duration,
+    max_attempts: i32,
+    worker: &str,
+) -> Result<Vec<(i64, i32, String)>, tokio_postgres::Error> {
+    let rows = c
+        .query(
+            "WITH s AS (SELECT job_id, range_no FROM pq_migration_ranges \
+                 WHERE status = 'running' \
+                   AND (heartbeat_at IS NULL OR heartbeat_at < now() - $1::float8 * interval '1 second') \
+                 ORDER BY heartbeat_at LIMIT 100 FOR UPDATE SKIP LOCKED), \
+             u AS (UPDATE pq_migration_ranges r SET status = 'pending', locked_by = NULL, \
+                 lease_token = NULL, heartbeat_at = NULL, throttled = NULL, updated_at = now() \
+               FROM s WHERE r.job_id = s.job_id AND r.range_no = s.range_no \
+               RETURNING r.job_id, r.range_no, r.attempts, r.locked_by), \
+             f AS (UPDATE pq_migration_jobs j SET status = 'failed', finished_at = now(), \
+                 updated_at = now(), error = format( \
+                   'range %s lease expired %s times without progress (max_attempts %s)', \
+                   u.range_no, u.attempts, $2::int) \
+               FROM u WHERE j.id = u.job_id AND u.attempts >= $2 AND j.status = 'running' \
+               RETURNING j.id), \
+             e AS (INSERT INTO pq_migration_job_events (job_id, event, worker, detail) \
+               SELECT u.job_id, CASE WHEN u.attempts >= $2 THEN 'failed' ELSE 'reclaimed' END, $3, \
+                      jsonb_build_object('reason', 'lease expired', 'range', u.range_no, \
+                                         'attempts', u.attempts) FROM u) \
+             SELECT job_id, range_no, CASE WHEN attempts >= $2 THEN 'failed' ELSE 'pending' END \
+             FROM u ORDER BY job_id, range_no",
+            &[&lease.as_secs_f64(), &max_attempts, &worker],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect())
+}
+
+/// A range as `pqmig status JOB` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RangeView {
+    pub range_no: i32,
+    pub lo: i64,
+    pub hi: i64,
+    pub status: String,
+    pub processed: i64,
+    pub failed: i64,
+    pub estimated: Option<i64>,
+    pub worker: Option<String>,
+    pub attempts: i32,
+    pub throttled: Option<String>,
+}
+
+/// Every range of a job, in order.
+pub async fn ranges_of_job(
+    c: &impl GenericClient,
+    job_id: i64,
+) -> Result<Vec<RangeView>, tokio_postgres::Error> {
+    let rows = c
+        .query(
+            "SELECT range_no, lo, hi, status, processed_count, failed_count, estimated_count, \
+                    locked_by, attempts, throttled \
+             FROM pq_migration_ranges WHERE job_id = $1 ORDER BY range_no",
+            &[&job_id],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| RangeView {
+            range_no: r.get(0),
+            lo: r.get(1),
+            hi: r.get(2),
+            status: r.get(3),
+            processed: r.get(4),
+            failed: r.get(5),
+            estimated: r.get(6),
+            worker: r.get(7),
+            attempts: r.get(8),
+            throttled: r.get(9),
+        })
+        .collect())
+}
+
+/// How many ranges are being walked right now, over all jobs (the share
+/// of a global items/s budget each walker takes).
+pub async fn ranges_running(c: &impl GenericClient) -> Result<i64, tokio_postgres::Error> {
+    Ok(c.query_one(
+        "SELECT count(*) FROM pq_migration_ranges WHERE status = 'running'",
+        &[],
+    )
+    .await?
+    .get(0))
+}
+
+/// How many ranges of one job are being walked right now (the share of
+/// the job's `max_rate` each walker takes).
+pub async fn job_ranges_running(
+    c: &impl GenericClient,
+    job_id: i64,
+) -> Result<i64, tokio_postgres::Error> {
+    Ok(c.query_one(
+        "SELECT count(*) FROM pq_migration_ranges WHERE job_id = $1 AND status = 'running'",
+        &[&job_id],
+    )
+    .await?
+    .get(0))
+}
