@@ -17,6 +17,7 @@ pub mod hashes;
 pub mod inventory;
 pub mod jobs;
 pub mod kms;
+pub mod maintenance;
 pub mod migrate;
 pub mod sample;
 pub mod signatures;
