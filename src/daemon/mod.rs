@@ -7,6 +7,7 @@
 //! - [`rescuer`]: expired leases back to `pending`, or `failed` at max_attempts.
 //! - [`listener`]: LISTEN pqmig_jobs with reconnect; a hint, the poll is the truth.
 //! - [`sampler`]: queue depth, pool and exposure gauges at a bounded rate.
+//! - [`janitor`]: one replica at a time deletes finished jobs past the retention.
 //! - [`watchdog`]: systemd's WATCHDOG=1 while the claim loop ticks.
 //!
 //! Each long-running service is a struct with `run(self, token)` around
@@ -17,6 +18,7 @@
 //! (operator) → `cancelled`; `failed`/`cancelled` → (resume) → `pending`.
 
 pub mod executor;
+pub mod janitor;
 pub mod listener;
 pub mod producer;
 pub mod rescuer;
@@ -35,7 +37,7 @@ use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Config, WorkerConfig};
+use crate::config::{Config, MaintenanceConfig, WorkerConfig};
 use crate::db::jobs::{self, Lease};
 use crate::http::Health;
 use crate::metrics::Metrics;
@@ -45,6 +47,7 @@ use crate::scope::ScopeContext;
 pub struct Shared {
     pub pool: Pool,
     pub worker: WorkerConfig,
+    pub maintenance: MaintenanceConfig,
     pub worker_id: String,
     pub scope: ScopeContext,
     pub metrics: Arc<Metrics>,
@@ -64,6 +67,7 @@ impl Shared {
         Shared {
             pool: services.pool.clone(),
             worker: config.worker.clone(),
+            maintenance: config.maintenance.clone(),
             worker_id: services.worker_id.clone(),
             scope: services.scope.clone(),
             metrics: Arc::clone(&services.metrics),
@@ -187,6 +191,10 @@ pub async fn run(
         shared: Arc::clone(&shared),
     };
     let sampler = tokio::spawn(sampler.run(background.clone()));
+    let janitor = janitor::Janitor {
+        shared: Arc::clone(&shared),
+    };
+    let janitor = tokio::spawn(janitor.run(background.clone()));
 
     shared.health.tick();
     executor::slot_gauges(&shared, 0);
@@ -242,7 +250,7 @@ pub async fn run(
         }
     }
     background.cancel();
-    let _ = tokio::join!(listener, rescuer, sampler, watchdog);
+    let _ = tokio::join!(listener, rescuer, sampler, janitor, watchdog);
     http_stop.cancel();
     let _ = server.await;
     tracing::info!("pqmig daemon stopped");
