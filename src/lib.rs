@@ -10,7 +10,7 @@
 //!   validated [`config::Config`]. [`telemetry`]: logging setup.
 //! - [`daemon`]: the worker daemon's services — producer (claim), executor
 //!   (one job: its lease, then its batch walk), rescuer, listener, sampler,
-//!   watchdog — and [`http`] / [`metrics`] for what it exports.
+//!   janitor (retention), watchdog — and [`http`] / [`metrics`] for what it exports.
 //! - [`job`]: a job's definition ([`job::JobSpec`], [`job::ScopeKind`]);
 //!   [`selection`]: its JSONB selection, parsed strictly.
 //! - [`scope`]: what a job does to its items, one folder per scope behind

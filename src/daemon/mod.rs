@@ -11,6 +11,7 @@
 //! - [`governor`]: database health and the items budget, for every walk.
 //! - [`listener`]: LISTEN pqmig_jobs with reconnect; a hint, the poll is the truth.
 //! - [`sampler`]: queue depth, pool and exposure gauges at a bounded rate.
+//! - [`janitor`]: one replica at a time deletes finished jobs past the retention.
 //! - [`watchdog`]: systemd's WATCHDOG=1 while the claim loop ticks.
 //!
 //! Each long-running service is a struct with `run(self, token)` around
@@ -25,6 +26,7 @@
 
 pub mod executor;
 pub mod governor;
+pub mod janitor;
 pub mod listener;
 pub mod producer;
 pub mod rescuer;
@@ -43,7 +45,7 @@ use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Config, ThrottleConfig, WorkerConfig};
+use crate::config::{Config, MaintenanceConfig, ThrottleConfig, WorkerConfig};
 use crate::db::jobs::{self, Lease};
 use crate::db::ranges::RangeLease;
 use crate::http::Health;
@@ -58,6 +60,7 @@ pub type Registry = HashMap<(i64, i32), (Held, Arc<Notify>)>;
 pub struct Shared {
     pub pool: Pool,
     pub worker: WorkerConfig,
+    pub maintenance: MaintenanceConfig,
     pub worker_id: String,
     pub scope: ScopeContext,
     pub metrics: Arc<Metrics>,
@@ -87,6 +90,7 @@ impl Shared {
         Shared {
             pool: services.pool.clone(),
             worker: config.worker.clone(),
+            maintenance: config.maintenance.clone(),
             worker_id: services.worker_id.clone(),
             scope: services.scope.clone(),
             metrics: Arc::clone(&services.metrics),
@@ -269,6 +273,10 @@ pub async fn run(
     let sampler = tokio::spawn(sampler.run(background.clone()));
     let governor = governor::Governor::new(Arc::clone(&shared));
     let governor = tokio::spawn(governor.run(background.clone()));
+    let janitor = janitor::Janitor {
+        shared: Arc::clone(&shared),
+    };
+    let janitor = tokio::spawn(janitor.run(background.clone()));
 
     shared.health.tick();
     executor::slot_gauges(&shared, 0);
@@ -318,7 +326,7 @@ pub async fn run(
         }
     }
     background.cancel();
-    let _ = tokio::join!(listener, rescuer, sampler, governor, watchdog);
+    let _ = tokio::join!(listener, rescuer, sampler, governor, janitor, watchdog);
     http_stop.cancel();
     let _ = server.await;
     tracing::info!("pqmig daemon stopped");

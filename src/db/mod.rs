@@ -18,6 +18,7 @@ pub mod health;
 pub mod inventory;
 pub mod jobs;
 pub mod kms;
+pub mod maintenance;
 pub mod migrate;
 pub mod ranges;
 pub mod sample;
