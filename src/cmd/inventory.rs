@@ -1,31 +1,12 @@
 //! `pqmig inventory`: items per scope and algorithm, quantum-vulnerable
 //! (the numbers of the `pqmig_exposed_items` gauge) and PQ-protected.
 
-use serde::Serialize;
-
-use crate::db::inventory::{self, Exposed};
-
-#[derive(Debug, Serialize)]
-struct Line {
-    scope: &'static str,
-    algorithm: String,
-    items: i64,
-}
-
-fn lines(rows: Vec<Exposed>) -> Vec<Line> {
-    rows.into_iter()
-        .map(|e| Line {
-            scope: e.scope,
-            algorithm: e.algorithm,
-            items: e.items,
-        })
-        .collect()
-}
+use crate::db::inventory;
 
 pub async fn run(config: &crate::config::Config, json: bool) -> anyhow::Result<()> {
     let client = &super::connect(config).await?;
-    let vulnerable = lines(inventory::exposed_items(client).await?);
-    let protected = lines(inventory::protected_items(client).await?);
+    let counted = inventory::inventory_count(client, inventory::SLICE_IDS).await?;
+    let (vulnerable, protected) = (counted.inventory.vulnerable, counted.inventory.protected);
     if json {
         let doc = serde_json::json!({"vulnerable": vulnerable, "protected": protected});
         println!("{}", serde_json::to_string_pretty(&doc)?);
