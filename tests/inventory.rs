@@ -1,12 +1,20 @@
 //! The exposure inventory: the counting pass in id slices agrees with full
-//! scans.
+//! scans, and one replica counts per `inventory.interval` under an
+//! advisory lock while every replica exports the newest snapshot.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::json;
+use tokio_util::sync::CancellationToken;
 
-use pqmig::db::inventory::{self as inv, SLICE_IDS};
+use pqmig::daemon::sampler::{CountOutcome, Sampler};
+use pqmig::daemon::{Services, Shared};
+use pqmig::db::inventory::{self as inv, INVENTORY_LOCK_KEY, SLICE_IDS};
+use pqmig::db::lock::SessionLock;
 
 use crate::support::InProcess;
-use crate::support::hashes::terminal;
+use crate::support::hashes::{Fixture, terminal};
 use crate::support::inventory::{Tally, all_scopes, oracle, tally};
 
 /// The pass at several slice sizes (one id per statement up to the
@@ -129,4 +137,194 @@ async fn counting_pass_equals_the_full_scans_at_any_slice_size() {
     let counted = inv::inventory_count(&c, SLICE_IDS).await.expect("count");
     assert_eq!(counted.not_counted, vec!["devices.token_hash".to_owned()]);
     assert_eq!(tally(&counted.inventory), after);
+}
+
+/// A replica's sampler on `fx`'s database, with its own pool and metrics.
+async fn replica(fx: &Fixture, interval: &str) -> Sampler {
+    let config = crate::support::daemon::config(fx, &[("PQMIG_INVENTORY_INTERVAL", interval)]);
+    let services = Services::from_config(&config).await.expect("services");
+    let shared = Arc::new(Shared::new(&config, &services, CancellationToken::new()));
+    Sampler::new(shared, config.maintenance.inventory_interval)
+}
+
+/// `pqmig_exposed_items` lines as a replica exports them, and its
+/// `pqmig_inventory_last_success_timestamp_seconds`.
+fn exported(s: &Sampler) -> (Vec<String>, f64) {
+    let m = &s.shared.metrics;
+    let text = prometheus::TextEncoder::new()
+        .encode_to_string(&m.registry.gather())
+        .expect("encode");
+    let lines = text
+        .lines()
+        .filter(|l| l.starts_with("pqmig_exposed_items{"))
+        .map(str::to_owned)
+        .collect();
+    (lines, m.inventory_last_success.get())
+}
+
+async fn snapshots(c: &tokio_postgres::Client) -> i64 {
+    c.query_one(
+        "SELECT count(DISTINCT sampled_at) FROM pq_migration_inventory",
+        &[],
+    )
+    .await
+    .expect("snapshots")
+    .get(0)
+}
+
+fn now_unix() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_replica_counts_per_interval_and_every_replica_exports_it() {
+    let fx = Fixture::new(50).await;
+    let c = fx.db.client().await;
+    let (a, b) = (replica(&fx, "1h").await, replica(&fx, "1h").await);
+    a.run_once().await;
+    assert_eq!(exported(&a), (vec![], 0.0), "nothing counted yet");
+
+    // Both try at once: one counts, the other finds it busy or done.
+    let (ra, rb) = tokio::join!(a.count_once(), b.count_once());
+    let outcomes = [ra.expect("a"), rb.expect("b")];
+    let counted = outcomes
+        .iter()
+        .filter(|o| matches!(o, CountOutcome::Counted { .. }))
+        .count();
+    assert_eq!(counted, 1, "{outcomes:?}");
+    assert_eq!(snapshots(&c).await, 1);
+    // Within the interval nobody counts again, restarts included.
+    assert_eq!(a.count_once().await.expect("a"), CountOutcome::NotDue);
+    assert_eq!(b.count_once().await.expect("b"), CountOutcome::NotDue);
+    let restarted = replica(&fx, "1h").await;
+    assert_eq!(
+        restarted.count_once().await.expect("restarted"),
+        CountOutcome::NotDue
+    );
+    assert_eq!(snapshots(&c).await, 1);
+
+    // Every replica exports the one snapshot, with its time.
+    for s in [&a, &b, &restarted] {
+        s.run_once().await;
+    }
+    let (lines, at) = exported(&a);
+    assert_eq!(exported(&b), (lines.clone(), at));
+    assert_eq!(exported(&restarted), (lines.clone(), at));
+    assert!(
+        lines.contains(&r#"pqmig_exposed_items{algorithm="unknown",scope="hashes"} 50"#.to_owned()),
+        "{lines:?}"
+    );
+    assert!(
+        lines.contains(&r#"pqmig_exposed_items{algorithm="backup",scope="hashes"} 0"#.to_owned()),
+        "{lines:?}"
+    );
+    assert!((now_unix() - at).abs() < 60.0, "sampled at {at}");
+
+    // Another session holding the lock keeps every replica from counting.
+    let c2 = fx.db.client().await;
+    c.execute("DELETE FROM pq_migration_inventory", &[])
+        .await
+        .expect("forget");
+    c2.execute("SELECT pg_advisory_lock($1)", &[&INVENTORY_LOCK_KEY])
+        .await
+        .expect("lock");
+    assert_eq!(a.count_once().await.expect("a"), CountOutcome::Busy);
+    c2.execute("SELECT pg_advisory_unlock($1)", &[&INVENTORY_LOCK_KEY])
+        .await
+        .expect("unlock");
+    assert!(matches!(
+        b.count_once().await.expect("b"),
+        CountOutcome::Counted { .. }
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn due_again_after_the_interval_keeping_the_newest_snapshots() {
+    let fx = Fixture::new(30).await;
+    let c = fx.db.client().await;
+    c.execute(
+        "INSERT INTO pq_migration_inventory (sampled_at, kind, scope, algorithm, items) \
+         SELECT now() - i * interval '1 hour', 'vulnerable', 'hashes', 'SHA-256', i \
+         FROM generate_series(1, 60) i",
+        &[],
+    )
+    .await
+    .expect("old snapshots");
+    let s = replica(&fx, "2s").await;
+    s.run_once().await;
+    let (lines, at) = exported(&s);
+    assert_eq!(
+        lines,
+        vec![r#"pqmig_exposed_items{algorithm="SHA-256",scope="hashes"} 1"#.to_owned()]
+    );
+    assert!((now_unix() - 3600.0 - at).abs() < 60.0, "an hour old: {at}");
+
+    assert!(matches!(
+        s.count_once().await.expect("count"),
+        CountOutcome::Counted { .. }
+    ));
+    assert_eq!(snapshots(&c).await, inv::KEEP_SNAPSHOTS);
+    // Exported at once; a line gone from the snapshot is gone from the gauge.
+    let (lines, at) = exported(&s);
+    assert!(!lines.iter().any(|l| l.contains("SHA-256")), "{lines:?}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains(r#"algorithm="unknown""#) && l.ends_with(" 30"))
+    );
+    assert!((now_unix() - at).abs() < 60.0);
+
+    assert_eq!(s.count_once().await.expect("count"), CountOutcome::NotDue);
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert!(matches!(
+        s.count_once().await.expect("count"),
+        CountOutcome::Counted { .. }
+    ));
+    assert_eq!(snapshots(&c).await, inv::KEEP_SNAPSHOTS);
+}
+
+/// A pass dropped mid-way (shutdown) must not leave the lock on a pooled
+/// connection: the connection is closed and the server frees the lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_counting_lock_never_stays_on_a_pooled_connection() {
+    let fx = Fixture::new(1).await;
+    let s = replica(&fx, "1h").await;
+    let pool = &s.shared.pool;
+    let c = fx.db.client().await;
+    let free = || async {
+        let got: bool = c
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&INVENTORY_LOCK_KEY])
+            .await
+            .expect("try")
+            .get(0);
+        if got {
+            c.execute("SELECT pg_advisory_unlock($1)", &[&INVENTORY_LOCK_KEY])
+                .await
+                .expect("unlock");
+        }
+        got
+    };
+    let lock = SessionLock::try_acquire(pool.get().await.expect("conn"), INVENTORY_LOCK_KEY)
+        .await
+        .expect("try")
+        .expect("free");
+    let other = SessionLock::try_acquire(pool.get().await.expect("conn"), INVENTORY_LOCK_KEY)
+        .await
+        .expect("try");
+    assert!(other.is_none(), "held by the first");
+    assert!(!free().await);
+    drop(lock);
+    crate::support::wait_until(10, "the dropped lock freed", &free).await;
+    // Released cleanly, the connection goes back to the pool unlocked.
+    let lock = SessionLock::try_acquire(pool.get().await.expect("conn"), INVENTORY_LOCK_KEY)
+        .await
+        .expect("try")
+        .expect("free");
+    lock.release().await.expect("release");
+    assert!(free().await);
+    let status = pool.status();
+    assert_eq!(status.size, status.available, "every connection back");
 }

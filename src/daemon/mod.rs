@@ -6,7 +6,8 @@
 //! - [`executor`]: one job: its lease and heartbeat, then its batch walk.
 //! - [`rescuer`]: expired leases back to `pending`, or `failed` at max_attempts.
 //! - [`listener`]: LISTEN pqmig_jobs with reconnect; a hint, the poll is the truth.
-//! - [`sampler`]: queue depth, pool and exposure gauges at a bounded rate.
+//! - [`sampler`]: queue depth, pool and exposure gauges at a bounded rate;
+//!   one replica at a time counts the exposure inventory for all.
 //! - [`watchdog`]: systemd's WATCHDOG=1 while the claim loop ticks.
 //!
 //! Each long-running service is a struct with `run(self, token)` around
@@ -183,9 +184,7 @@ pub async fn run(
         shared: Arc::clone(&shared),
     };
     let rescuer = tokio::spawn(rescuer.run(background.clone()));
-    let sampler = sampler::Sampler {
-        shared: Arc::clone(&shared),
-    };
+    let sampler = sampler::Sampler::new(Arc::clone(&shared), config.maintenance.inventory_interval);
     let sampler = tokio::spawn(sampler.run(background.clone()));
 
     shared.health.tick();

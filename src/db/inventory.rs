@@ -1,8 +1,10 @@
 //! Statements behind the sampled gauges: queue depth, and the inventory of
-//! items still exposed to harvest-now-decrypt-later, counted in bounded id
-//! slices (never a whole-table statement).
+//! items still exposed to harvest-now-decrypt-later — its counting pass
+//! (bounded id slices, never a whole-table statement) and the snapshots one
+//! replica writes for every replica and `pqmig inventory` to read.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use serde::Serialize;
 use tokio_postgres::GenericClient;
@@ -39,6 +41,15 @@ pub async fn queue_sample(
 /// table's size: well under a second, far under any `statement_timeout`.
 pub const SLICE_IDS: i64 = 200_000;
 
+/// Key of the session-level advisory lock held by the one replica that
+/// counts the inventory (the bytes of "pqmigINV" as a big-endian i64;
+/// `pqmig migrate` uses "pqmigMIG").
+pub const INVENTORY_LOCK_KEY: i64 = i64::from_be_bytes(*b"pqmigINV");
+
+/// Snapshots kept in `pq_migration_inventory`, the newest: eight hours of
+/// history at the default `inventory.interval` (10m).
+pub const KEEP_SNAPSHOTS: i64 = 48;
+
 /// One line of the exposure inventory.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Exposed {
@@ -73,6 +84,18 @@ pub struct Counted {
     /// Registered hashed tables that were not counted: without an integer
     /// `id` column carrying a unique index they cannot be walked in slices.
     pub not_counted: Vec<String>,
+}
+
+/// The newest snapshot in `pq_migration_inventory`.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// RFC 3339, UTC, whole seconds.
+    pub sampled_at: String,
+    /// Unix time, as the staleness gauge exports it.
+    pub sampled_at_unix: f64,
+    /// By the database clock.
+    pub age_seconds: f64,
+    pub inventory: Inventory,
 }
 
 /// (kind, scope, algorithm) → items.
@@ -337,4 +360,88 @@ impl Inventory {
         inv.protected.sort_by_key(order);
         inv
     }
+}
+
+/// Whether no snapshot is newer than `interval` (by the database clock).
+pub async fn inventory_due(
+    c: &impl GenericClient,
+    interval: Duration,
+) -> Result<bool, tokio_postgres::Error> {
+    Ok(c.query_one(
+        "SELECT NOT EXISTS (SELECT 1 FROM pq_migration_inventory \
+                                WHERE sampled_at > now() - make_interval(secs => $1))",
+        &[&interval.as_secs_f64()],
+    )
+    .await?
+    .get(0))
+}
+
+/// Record one pass as a snapshot: every line with the same `sampled_at`
+/// (the transaction's time).
+pub async fn inventory_insert(
+    c: &impl GenericClient,
+    inventory: &Inventory,
+) -> Result<u64, tokio_postgres::Error> {
+    let lines = inventory
+        .vulnerable
+        .iter()
+        .map(|e| ("vulnerable", e))
+        .chain(inventory.protected.iter().map(|e| ("protected", e)));
+    let (mut kinds, mut scopes, mut algorithms, mut items) = (vec![], vec![], vec![], vec![]);
+    for (kind, e) in lines {
+        kinds.push(kind);
+        scopes.push(e.scope.as_str());
+        algorithms.push(e.algorithm.as_str());
+        items.push(e.items);
+    }
+    c.execute(
+        "INSERT INTO pq_migration_inventory (sampled_at, kind, scope, algorithm, items) \
+         SELECT now(), * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[])",
+        &[&kinds, &scopes, &algorithms, &items],
+    )
+    .await
+}
+
+/// Delete every snapshot but the newest `keep`.
+pub async fn inventory_prune(
+    c: &impl GenericClient,
+    keep: i64,
+) -> Result<u64, tokio_postgres::Error> {
+    c.execute(
+        "DELETE FROM pq_migration_inventory WHERE sampled_at < \
+           (SELECT min(sampled_at) FROM (SELECT DISTINCT sampled_at FROM pq_migration_inventory \
+                                         ORDER BY sampled_at DESC LIMIT $1) newest)",
+        &[&keep],
+    )
+    .await
+}
+
+/// The newest snapshot, if any.
+pub async fn inventory_latest(
+    c: &impl GenericClient,
+) -> Result<Option<Snapshot>, tokio_postgres::Error> {
+    let rows = c
+        .query(
+            "SELECT to_char(sampled_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), \
+                    extract(epoch FROM sampled_at)::float8, \
+                    greatest(extract(epoch FROM now() - sampled_at)::float8, 0), \
+                    kind, scope, algorithm, items \
+             FROM pq_migration_inventory \
+             WHERE sampled_at = (SELECT max(sampled_at) FROM pq_migration_inventory)",
+            &[],
+        )
+        .await?;
+    let Some(first) = rows.first() else {
+        return Ok(None);
+    };
+    let mut tally = Tally::new();
+    for r in &rows {
+        tally.insert((r.get(3), r.get(4), r.get(5)), r.get(6));
+    }
+    Ok(Some(Snapshot {
+        sampled_at: first.get(0),
+        sampled_at_unix: first.get(1),
+        age_seconds: first.get(2),
+        inventory: Inventory::from_tally(tally),
+    }))
 }
