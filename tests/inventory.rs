@@ -1,11 +1,12 @@
 //! The exposure inventory: the counting pass in id slices agrees with full
-//! scans, and one replica counts per `inventory.interval` under an
-//! advisory lock while every replica exports the newest snapshot.
+//! scans, one replica counts per `inventory.interval` under an advisory
+//! lock while every replica exports the newest snapshot, and `pqmig
+//! inventory` prints the snapshot or, with `--exact`, counts now.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use serde_json::json;
+use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use pqmig::daemon::sampler::{CountOutcome, Sampler};
@@ -13,9 +14,9 @@ use pqmig::daemon::{Services, Shared};
 use pqmig::db::inventory::{self as inv, INVENTORY_LOCK_KEY, SLICE_IDS};
 use pqmig::db::lock::SessionLock;
 
-use crate::support::InProcess;
 use crate::support::hashes::{Fixture, terminal};
 use crate::support::inventory::{Tally, all_scopes, oracle, tally};
+use crate::support::{InProcess, run, stderr, stdout};
 
 /// The pass at several slice sizes (one id per statement up to the
 /// default) against the full scans.
@@ -327,4 +328,86 @@ async fn the_counting_lock_never_stays_on_a_pooled_connection() {
     assert!(free().await);
     let status = pool.status();
     assert_eq!(status.size, status.available, "every connection back");
+}
+
+fn inventory_json(url: &str, extra: &[&str]) -> Value {
+    let mut args = vec!["inventory", "--json"];
+    args.extend_from_slice(extra);
+    let out = run(&args, &[("DATABASE_URL", url)]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    serde_json::from_slice(&out.stdout).expect("json")
+}
+
+fn items(doc: &Value, kind: &str, scope: &str, alg: &str) -> i64 {
+    doc[kind]
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter(|l| l["scope"] == scope && l["algorithm"] == alg)
+        .map(|l| l["items"].as_i64().expect("items"))
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inventory_prints_the_snapshot_or_counts_exactly() {
+    let fx = Fixture::new(40).await;
+    let c = fx.db.client().await;
+    let url = fx.db.url.as_str();
+    // No snapshot yet: counted now.
+    let doc = inventory_json(url, &[]);
+    assert_eq!(doc["exact"], true, "{doc}");
+    assert_eq!(items(&doc, "vulnerable", "hashes", "unknown"), 40, "{doc}");
+    assert!(doc["sampled_at"].as_str().is_some_and(|t| t.ends_with('Z')));
+
+    let s = replica(&fx, "1h").await;
+    assert!(matches!(
+        s.count_once().await.expect("count"),
+        CountOutcome::Counted { .. }
+    ));
+    let sampled_at: String = c
+        .query_one(
+            "SELECT to_char(max(sampled_at) AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') \
+             FROM pq_migration_inventory",
+            &[],
+        )
+        .await
+        .expect("sampled_at")
+        .get(0);
+    c.execute("UPDATE users SET email_hash = NULL WHERE id <= 10", &[])
+        .await
+        .expect("change");
+
+    // The snapshot, as counted before the change, with its time.
+    let doc = inventory_json(url, &[]);
+    assert_eq!(doc["exact"], false, "{doc}");
+    assert_eq!(doc["sampled_at"], sampled_at.as_str(), "{doc}");
+    assert_eq!(items(&doc, "vulnerable", "hashes", "unknown"), 40, "{doc}");
+    assert_eq!(items(&doc, "vulnerable", "hashes", "backup"), 0, "{doc}");
+    assert!(
+        doc["protected"].as_array().is_some_and(|a| a.is_empty()),
+        "{doc}"
+    );
+    // --exact: now.
+    let doc = inventory_json(url, &["--exact"]);
+    assert_eq!(doc["exact"], true, "{doc}");
+    assert_eq!(items(&doc, "vulnerable", "hashes", "unknown"), 30, "{doc}");
+
+    let env = [("DATABASE_URL", url)];
+    let text = stdout(&run(&["inventory"], &env));
+    assert!(
+        text.contains(&format!("as the daemon counted it at {sampled_at}"))
+            && text.contains("ago")
+            && text.contains("--exact counts now"),
+        "{text}"
+    );
+    assert!(
+        text.contains("hashes             40 quantum-vulnerable"),
+        "{text}"
+    );
+    let text = stdout(&run(&["inventory", "--exact"], &env));
+    assert!(text.starts_with("counted now ("), "{text}");
+    assert!(
+        text.contains("hashes             30 quantum-vulnerable"),
+        "{text}"
+    );
 }

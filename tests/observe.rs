@@ -487,7 +487,10 @@ async fn inventory_command_splits_vulnerable_and_protected() {
     let id = fx.enqueue(json!({"id_to": 30})).await;
     assert_eq!(fx.wait_job(id, 30, terminal).await.status, "done");
     daemon.stop().await;
-    let after = inventory();
+    // The daemon's snapshot may predate the job: count now.
+    let out = crate::support::run(&["inventory", "--json", "--exact"], &env);
+    assert!(out.status.success(), "{}", crate::support::stderr(&out));
+    let after: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(total(&after, "vulnerable", "unknown"), 10, "{after}");
     assert_eq!(total(&after, "vulnerable", "backup"), 30, "{after}");
     assert_eq!(total(&after, "protected", "HMAC-SHA3-256"), 30, "{after}");
