@@ -65,8 +65,8 @@ pub enum Command {
     Rollback(JobArg),
     /// Delete a job's backups (after `pqmig verify`).
     PurgeBackups(JobArg),
-    /// Count items still on quantum-vulnerable crypto, by scope and algorithm.
-    Inventory(JsonArg),
+    /// Items still on quantum-vulnerable crypto, by scope and algorithm (the daemon's latest count).
+    Inventory(InventoryArgs),
     /// Manage keys of the local key provider.
     #[command(subcommand)]
     Keys(KeysCommand),
@@ -160,6 +160,16 @@ pub struct JsonArg {
     /// Machine-readable output
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct InventoryArgs {
+    /// Machine-readable output
+    #[arg(long)]
+    pub json: bool,
+    /// Count now instead of printing the daemon's latest snapshot
+    #[arg(long)]
+    pub exact: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -269,7 +279,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Verify(a) => cmd::aftercare::verify(&config, a.job).await,
         Command::Rollback(a) => cmd::aftercare::rollback(&config, a.job).await,
         Command::PurgeBackups(a) => cmd::aftercare::purge_backups(&config, a.job).await,
-        Command::Inventory(a) => cmd::inventory::run(&config, a.json).await,
+        Command::Inventory(a) => cmd::inventory::run(&config, a.json, a.exact).await,
         Command::Keys(KeysCommand::Generate(a)) => {
             let key = cmd::keys::NewKey {
                 algorithm: a.algorithm,

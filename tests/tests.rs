@@ -12,6 +12,7 @@ mod deploy;
 mod engine;
 mod enqueue;
 mod image;
+mod inventory;
 mod keyring;
 mod migrate;
 mod observe;

@@ -10,7 +10,8 @@
 //! - [`rescuer`]: expired leases back to `pending`, or `failed` at max_attempts.
 //! - [`governor`]: database health and the items budget, for every walk.
 //! - [`listener`]: LISTEN pqmig_jobs with reconnect; a hint, the poll is the truth.
-//! - [`sampler`]: queue depth, pool and exposure gauges at a bounded rate.
+//! - [`sampler`]: queue depth, pool and exposure gauges at a bounded rate;
+//!   one replica at a time counts the exposure inventory for all.
 //! - [`janitor`]: one replica at a time deletes finished jobs past the retention.
 //! - [`watchdog`]: systemd's WATCHDOG=1 while the claim loop ticks.
 //!
@@ -267,9 +268,7 @@ pub async fn run(
         shared: Arc::clone(&shared),
     };
     let rescuer = tokio::spawn(rescuer.run(background.clone()));
-    let sampler = sampler::Sampler {
-        shared: Arc::clone(&shared),
-    };
+    let sampler = sampler::Sampler::new(Arc::clone(&shared), config.maintenance.inventory_interval);
     let sampler = tokio::spawn(sampler.run(background.clone()));
     let governor = governor::Governor::new(Arc::clone(&shared));
     let governor = tokio::spawn(governor.run(background.clone()));

@@ -3,6 +3,8 @@
 //!
 //! - [`tls`]: rustls with libpq's `sslmode` semantics, for every connection.
 //! - [`migrate`]: applying `migrations/` and checking the schema version.
+//! - [`lock`]: a session advisory lock on a pooled connection, for work one
+//!   replica at a time does (the inventory's counting pass).
 //!
 //! Every connection carries pqmig's session settings as startup `options`
 //! (`statement_timeout`, `lock_timeout`, `idle_in_transaction_session_timeout`)
@@ -18,6 +20,7 @@ pub mod health;
 pub mod inventory;
 pub mod jobs;
 pub mod kms;
+pub mod lock;
 pub mod maintenance;
 pub mod migrate;
 pub mod ranges;

@@ -247,8 +247,8 @@ async fn fenced_writes_with_a_stale_lease_change_nothing() {
 
 /// Each daemon service's `run_once`, driven directly: the rescuer returns
 /// an expired lease, the producer claims it into a free slot (and its
-/// executor finishes it), the sampler fills the gauges and readiness, the
-/// watchdog pings while the claim loop is alive.
+/// executor finishes it), the sampler counts the inventory and fills the
+/// gauges and readiness, the watchdog pings while the claim loop is alive.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_service_does_one_round_in_run_once() {
     use std::sync::Arc;
@@ -306,16 +306,18 @@ async fn each_service_does_one_round_in_run_once() {
     tracker.wait().await;
     assert_eq!(fx.job(id).await.status, "done");
 
-    sampler::Sampler {
-        shared: Arc::clone(&shared),
-    }
-    .run_once(true)
-    .await;
+    let sampler = sampler::Sampler::new(Arc::clone(&shared), config.maintenance.inventory_interval);
+    assert!(matches!(
+        sampler.count_once().await.expect("count"),
+        sampler::CountOutcome::Counted { .. }
+    ));
+    sampler.run_once().await;
     assert!(shared.health.database_ok.load(Ordering::Relaxed));
     assert_eq!(
         shared.metrics.queue_jobs.with_label_values(&["done"]).get(),
         1
     );
+    assert!(shared.metrics.inventory_last_success.get() > 0.0);
     let dog = watchdog::Watchdog {
         shared: Arc::clone(&shared),
         period: None,

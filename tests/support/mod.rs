@@ -1,6 +1,7 @@
 //! What the test modules share: a fresh database per test and the real
 //! `pqmig` binary ([`db`]), the daemon in-process ([`daemon`]), the
-//! fixtures of each scope ([`hashes`], [`wrappers`], [`signatures`]), and
+//! fixtures of each scope ([`hashes`], [`wrappers`], [`signatures`]; all
+//! three and the inventory's full-scan oracle in [`inventory`]), and
 //! the independent implementation the crypto is checked against
 //! ([`python`], [`codec`]).
 
@@ -10,6 +11,7 @@ pub mod codec;
 pub mod daemon;
 pub mod db;
 pub mod hashes;
+pub mod inventory;
 pub mod python;
 pub mod signatures;
 pub mod wrappers;
