@@ -1,8 +1,9 @@
 //! What the test modules share: a fresh database per test and the real
 //! `pqmig` binary ([`db`]), the daemon in-process ([`daemon`]), the
-//! fixtures of each scope ([`hashes`], [`wrappers`], [`signatures`]), and
-//! the independent implementation the crypto is checked against
-//! ([`python`], [`codec`]).
+//! fixtures of each scope ([`hashes`], [`wrappers`], [`signatures`]), the
+//! independent implementation the crypto is checked against ([`python`],
+//! [`codec`]), and a primary with a streaming standby of its own
+//! ([`standby`]).
 
 #![allow(dead_code)]
 
@@ -12,6 +13,7 @@ pub mod db;
 pub mod hashes;
 pub mod python;
 pub mod signatures;
+pub mod standby;
 pub mod wrappers;
 
 pub use codec::{b64, hex, unb64, unhex};
