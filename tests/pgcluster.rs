@@ -66,7 +66,7 @@ extern "C" fn stop_at_exit() {
 }
 
 /// The newest installed server binaries (Debian layout), or `PG_BINDIR`.
-fn bindir() -> Result<PathBuf, String> {
+pub(crate) fn bindir() -> Result<PathBuf, String> {
     if let Ok(dir) = std::env::var("PG_BINDIR") {
         return Ok(PathBuf::from(dir));
     }
@@ -82,7 +82,7 @@ fn bindir() -> Result<PathBuf, String> {
 }
 
 /// A port free on both loopback addresses the cluster listens on.
-fn free_port() -> Result<u16, String> {
+pub(crate) fn free_port() -> Result<u16, String> {
     for _ in 0..50 {
         let a = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
         let port = a.local_addr().map_err(|e| e.to_string())?.port();
@@ -93,7 +93,7 @@ fn free_port() -> Result<u16, String> {
     Err("no free port on 127.0.0.1 and 127.0.0.2".into())
 }
 
-fn run(cmd: &mut Command, what: &str) -> Result<(), String> {
+pub(crate) fn run(cmd: &mut Command, what: &str) -> Result<(), String> {
     let out = cmd.output().map_err(|e| format!("{what}: {e}"))?;
     if !out.status.success() {
         return Err(format!(
@@ -106,7 +106,7 @@ fn run(cmd: &mut Command, what: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn chown_to(path: &Path, user: Option<(u32, u32)>) -> Result<(), String> {
+pub(crate) fn chown_to(path: &Path, user: Option<(u32, u32)>) -> Result<(), String> {
     match user {
         Some((uid, gid)) => std::os::unix::fs::chown(path, Some(uid), Some(gid))
             .map_err(|e| format!("chown {}: {e}", path.display())),
@@ -114,15 +114,57 @@ fn chown_to(path: &Path, user: Option<(u32, u32)>) -> Result<(), String> {
     }
 }
 
-/// Stop and remove clusters of earlier test runs whose process is gone.
-fn remove_stale(bin: &Path, run_as: Option<&'static str>) {
+/// The user to run the server tools as (`None`: the tests' own), and its
+/// uid and gid to own the files they use.
+pub(crate) type ServerUser = (Option<&'static str>, Option<(u32, u32)>);
+
+/// Who runs the server: the `postgres` user when the tests run as root,
+/// since initdb refuses root; else the tests' own user.
+pub(crate) fn server_user() -> Result<ServerUser, String> {
+    // SAFETY: geteuid has no preconditions.
+    let root_user = unsafe { libc::geteuid() } == 0;
+    let run_as = root_user.then_some("postgres");
+    let ids = match run_as {
+        Some(user) => {
+            let out = Command::new("id")
+                .args(["-u", user])
+                .output()
+                .map_err(|e| e.to_string())?;
+            let uid: u32 = String::from_utf8_lossy(&out.stdout)
+                .trim()
+                .parse()
+                .map_err(|_| format!("running as root needs a {user:?} user"))?;
+            let out = Command::new("id")
+                .args(["-g", user])
+                .output()
+                .map_err(|e| e.to_string())?;
+            let gid: u32 = String::from_utf8_lossy(&out.stdout)
+                .trim()
+                .parse()
+                .map_err(|_| format!("no group of {user:?}"))?;
+            Some((uid, gid))
+        }
+        None => None,
+    };
+    Ok((run_as, ids))
+}
+
+/// Stop and remove clusters of earlier test runs whose process is gone:
+/// temporary directories named `{prefix}{pid}-…`, with a cluster in each
+/// of `data_dirs`.
+pub(crate) fn remove_stale(
+    bin: &Path,
+    run_as: Option<&'static str>,
+    prefix: &str,
+    data_dirs: &[&str],
+) {
     let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
         return;
     };
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         let Some(pid) = name
-            .strip_prefix(DIR_PREFIX)
+            .strip_prefix(prefix)
             .and_then(|p| p.split('-').next())
             .and_then(|p| p.parse::<i32>().ok())
         else {
@@ -131,17 +173,18 @@ fn remove_stale(bin: &Path, run_as: Option<&'static str>) {
         // SAFETY: kill with signal 0 only checks whether the process exists.
         let alive = unsafe { libc::kill(pid, 0) } == 0;
         if !alive {
-            let data = e.path().join("data");
-            let _ = pg_command(bin, run_as, "pg_ctl")
-                .args(["stop", "-m", "immediate", "-w", "-t", "10", "-D"])
-                .arg(&data)
-                .output();
+            for data in data_dirs {
+                let _ = pg_command(bin, run_as, "pg_ctl")
+                    .args(["stop", "-m", "immediate", "-w", "-t", "10", "-D"])
+                    .arg(e.path().join(data))
+                    .output();
+            }
             let _ = std::fs::remove_dir_all(e.path());
         }
     }
 }
 
-fn pg_command(bin: &Path, run_as: Option<&'static str>, tool: &str) -> Command {
+pub(crate) fn pg_command(bin: &Path, run_as: Option<&'static str>, tool: &str) -> Command {
     let mut cmd = match run_as {
         Some(user) => {
             let mut c = Command::new("runuser");
@@ -159,32 +202,8 @@ fn pg_command(bin: &Path, run_as: Option<&'static str>, tool: &str) -> Command {
 impl Cluster {
     fn start() -> Result<Cluster, String> {
         let bin = bindir()?;
-        // SAFETY: geteuid has no preconditions.
-        let root_user = unsafe { libc::geteuid() } == 0;
-        let run_as = root_user.then_some("postgres");
-        let ids = match run_as {
-            Some(user) => {
-                let out = Command::new("id")
-                    .args(["-u", user])
-                    .output()
-                    .map_err(|e| e.to_string())?;
-                let uid: u32 = String::from_utf8_lossy(&out.stdout)
-                    .trim()
-                    .parse()
-                    .map_err(|_| format!("running as root needs a {user:?} user"))?;
-                let out = Command::new("id")
-                    .args(["-g", user])
-                    .output()
-                    .map_err(|e| e.to_string())?;
-                let gid: u32 = String::from_utf8_lossy(&out.stdout)
-                    .trim()
-                    .parse()
-                    .map_err(|_| format!("no group of {user:?}"))?;
-                Some((uid, gid))
-            }
-            None => None,
-        };
-        remove_stale(&bin, run_as);
+        let (run_as, ids) = server_user()?;
+        remove_stale(&bin, run_as, DIR_PREFIX, &["data"]);
 
         let root = std::env::temp_dir().join(format!(
             "{DIR_PREFIX}{}-{}",
@@ -380,7 +399,7 @@ impl Cluster {
     }
 }
 
-fn append(path: &Path, text: &str) -> Result<(), String> {
+pub(crate) fn append(path: &Path, text: &str) -> Result<(), String> {
     use std::io::Write;
     let mut f = std::fs::OpenOptions::new()
         .append(true)
@@ -389,7 +408,7 @@ fn append(path: &Path, text: &str) -> Result<(), String> {
     f.write_all(text.as_bytes()).map_err(|e| e.to_string())
 }
 
-fn rand_hex(bytes: usize) -> String {
+pub(crate) fn rand_hex(bytes: usize) -> String {
     let mut buf = vec![0u8; bytes];
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut buf))

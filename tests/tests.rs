@@ -23,5 +23,6 @@ mod reliability;
 mod safety;
 mod signatures;
 mod slh_dsa_vectors;
+mod standby;
 mod status;
 mod wrappers;

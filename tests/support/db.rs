@@ -47,12 +47,19 @@ pub async fn connect(url: &str) -> Client {
 pub struct TestDb {
     pub name: String,
     pub url: String,
+    /// The server's admin URL, which creates and drops the database.
+    admin: String,
 }
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 impl TestDb {
     pub async fn new() -> TestDb {
+        TestDb::new_on(&admin_url()).await
+    }
+
+    /// A fresh database on the server of `admin` (a superuser's URL).
+    pub async fn new_on(admin: &str) -> TestDb {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .expect("clock")
@@ -62,18 +69,27 @@ impl TestDb {
             std::process::id(),
             COUNTER.fetch_add(1, Ordering::Relaxed)
         );
-        let admin = connect(&admin_url()).await;
-        admin
+        connect(admin)
+            .await
             .batch_execute(&format!("CREATE DATABASE \"{name}\""))
             .await
             .expect("create test database");
-        let url = url_for(&admin_url(), &name);
-        TestDb { name, url }
+        let url = url_for(admin, &name);
+        TestDb {
+            name,
+            url,
+            admin: admin.to_owned(),
+        }
     }
 
     /// A fresh database with pqmig's schema applied.
     pub async fn migrated() -> TestDb {
-        let db = TestDb::new().await;
+        TestDb::migrated_on(&admin_url()).await
+    }
+
+    /// A fresh database with pqmig's schema applied, on the server of `admin`.
+    pub async fn migrated_on(admin: &str) -> TestDb {
+        let db = TestDb::new_on(admin).await;
         let mut client = db.client().await;
         pqmig::db::migrate::apply(&mut client)
             .await
@@ -89,6 +105,7 @@ impl TestDb {
 impl Drop for TestDb {
     fn drop(&mut self) {
         let name = self.name.clone();
+        let admin_url = self.admin.clone();
         // Drop runs inside the test's runtime, which cannot be blocked on;
         // a thread with its own runtime does the async work.
         let _ = std::thread::spawn(move || {
@@ -97,7 +114,11 @@ impl Drop for TestDb {
                 .build()
                 .expect("runtime");
             rt.block_on(async {
-                let admin = connect(&admin_url()).await;
+                // The server may be gone already (a test's own cluster).
+                let Ok((admin, conn)) = tokio_postgres::connect(&admin_url, NoTls).await else {
+                    return;
+                };
+                tokio::spawn(conn);
                 let _ = admin
                     .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
                     .await;

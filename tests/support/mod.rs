@@ -1,9 +1,10 @@
 //! What the test modules share: a fresh database per test and the real
 //! `pqmig` binary ([`db`]), the daemon in-process ([`daemon`]), the
 //! fixtures of each scope ([`hashes`], [`wrappers`], [`signatures`]; all
-//! three and the inventory's full-scan oracle in [`inventory`]), and
-//! the independent implementation the crypto is checked against
-//! ([`python`], [`codec`]).
+//! three and the inventory's full-scan oracle in [`inventory`]), the
+//! independent implementation the crypto is checked against ([`python`],
+//! [`codec`]), and a primary with a streaming standby of its own
+//! ([`standby`]).
 
 #![allow(dead_code)]
 
@@ -14,6 +15,7 @@ pub mod hashes;
 pub mod inventory;
 pub mod python;
 pub mod signatures;
+pub mod standby;
 pub mod wrappers;
 
 pub use codec::{b64, hex, unb64, unhex};
