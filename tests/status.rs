@@ -240,3 +240,89 @@ async fn watch_interval_is_checked() {
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("--interval"), "{}", stderr(&out));
 }
+
+/// A split job: its counts come from its ranges (not the job row, which
+/// has them as of the last heartbeat), its total is shown as an estimate,
+/// `status JOB` lists the ranges not done with why one waits, and `--json`
+/// has every range.
+#[tokio::test]
+async fn a_split_job_shows_its_ranges_and_an_estimated_total() {
+    let db = TestDb::migrated().await;
+    let c = db.client().await;
+    c.batch_execute(
+        "INSERT INTO pq_migration_jobs (scope, status, started_at, processed_count, total_count, \
+                                        ranges, result, selection) \
+         VALUES ('hashes', 'running', now() - interval '10 seconds', 5, 3000, 3, \
+                 '{\"total_estimated\": true}', '{\"table\":\"users\",\"column\":\"email_hash\"}'); \
+         INSERT INTO pq_migration_ranges (job_id, range_no, lo, hi, status, processed_count, \
+                                          failed_count, estimated_count, locked_by, lease_token, \
+                                          heartbeat_at, throttled) VALUES \
+           (1, 0, 0, 1000, 'done', 998, 2, 1000, 'host-a-1', NULL, NULL, NULL), \
+           (1, 1, 1000, 2000, 'running', 400, 0, 1000, 'host-b-2', gen_random_uuid(), now(), 'replication_lag'), \
+           (1, 2, 2000, 3000, 'pending', 0, 0, 1000, NULL, NULL, NULL, NULL);",
+    )
+    .await
+    .expect("a split job");
+    let env = [("DATABASE_URL", db.url.as_str())];
+
+    let out = run(&["status"], &env);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let table = stdout(&out);
+    assert!(table.contains("1400/~3000 (47%)"), "{table}");
+    assert!(
+        table.contains("host-b-2"),
+        "the worker walking a range: {table}"
+    );
+
+    let out = run(&["status", "1"], &env);
+    let text = stdout(&out);
+    assert!(
+        text.contains("ranges     3 (1 done, 1 being walked)"),
+        "{text}"
+    );
+    assert!(text.contains("throttled  replication_lag"), "{text}");
+    assert!(text.contains("ranges not done (2 of 3)"), "{text}");
+    assert!(
+        text.contains("ids 1001..=2000  running") && text.contains("throttled: replication_lag"),
+        "{text}"
+    );
+
+    let out = run(&["status", "1", "--json"], &env);
+    let doc: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("json");
+    let job = &doc["job"];
+    assert_eq!(
+        (&job["processed"], &job["failed"], &job["total"]),
+        (
+            &serde_json::json!(1398),
+            &serde_json::json!(2),
+            &serde_json::json!(3000)
+        ),
+        "{job}"
+    );
+    assert_eq!(job["total_estimated"], true);
+    assert_eq!(
+        (&job["ranges"], &job["ranges_done"], &job["ranges_running"]),
+        (
+            &serde_json::json!(3),
+            &serde_json::json!(1),
+            &serde_json::json!(1)
+        )
+    );
+    assert_eq!(job["throttled"], "replication_lag");
+    let ranges = doc["ranges"].as_array().expect("ranges");
+    assert_eq!(ranges.len(), 3);
+    assert_eq!(ranges[1]["worker"], "host-b-2");
+    assert_eq!(ranges[2]["status"], "pending");
+
+    // Once finished, the job row is the truth and the total is no estimate.
+    c.batch_execute(
+        "UPDATE pq_migration_jobs SET status = 'cancelled', processed_count = 1398, \
+           failed_count = 2, total_count = 1400 WHERE id = 1",
+    )
+    .await
+    .expect("cancel");
+    let out = run(&["status", "1", "--json"], &env);
+    let doc: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("json");
+    assert_eq!(doc["job"]["total_estimated"], false);
+    assert_eq!(doc["job"]["total"], 1400);
+}

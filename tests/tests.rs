@@ -21,6 +21,7 @@ mod pgcluster;
 mod plan;
 mod reliability;
 mod safety;
+mod scale;
 mod signatures;
 mod slh_dsa_vectors;
 mod standby;

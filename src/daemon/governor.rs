@@ -24,9 +24,20 @@ const RESUME_AT: f64 = 0.8;
 pub struct Brake {
     /// Why batches wait now (one of [`THROTTLE_REASONS`]), if they do.
     pub reason: Option<&'static str>,
-    /// Items per second each walk may do: the global budget divided by the
-    /// ranges being walked (by every replica).
-    pub items_share: Option<f64>,
+    /// The global items/s budget, if one is set.
+    pub items_budget: Option<f64>,
+    /// Ranges being walked by every replica at the last check.
+    pub walking: i64,
+}
+
+impl Brake {
+    /// Items per second one walk may do: the budget divided by the ranges
+    /// being walked, counting at least the `local` walks of this process
+    /// (known at once, where the global count is as of the last check).
+    pub fn items_share(&self, local: usize) -> Option<f64> {
+        let walks = self.walking.max(local as i64).max(1);
+        self.items_budget.map(|b| b / walks as f64)
+    }
 }
 
 pub struct Governor {
@@ -36,6 +47,8 @@ pub struct Governor {
     /// `pqmig_throttled_seconds_total{reason="items_budget"}` at the last
     /// check: walks waited for the budget since when it grew.
     last_budget_wait: Mutex<f64>,
+    /// Said once: the lag check cannot see the standbys.
+    warned_hidden: std::sync::atomic::AtomicBool,
 }
 
 impl Governor {
@@ -44,6 +57,7 @@ impl Governor {
             shared,
             last_wal: Mutex::new(None),
             last_budget_wait: Mutex::new(0.0),
+            warned_hidden: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -59,19 +73,27 @@ impl Governor {
         } else {
             health::Reading::default()
         };
-        let items_share = match t.max_items_per_second {
-            Some(budget) => {
-                let walking = ranges::ranges_running(&**client).await?;
-                Some(budget / walking.max(1) as f64)
-            }
-            None => None,
+        let walking = match t.max_items_per_second {
+            Some(_) => ranges::ranges_running(&**client).await?,
+            None => 0,
         };
         drop(client);
+        if reading.replication_hidden
+            && t.max_replication_lag_bytes.is_some()
+            && !self
+                .warned_hidden
+                .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            tracing::warn!(
+                "standbys are connected but this role cannot see their replay positions; replication lag is not checked (grant pg_monitor)"
+            );
+        }
         let current = self.shared.brake.borrow().reason;
         let (reason, detail) = self.decide(&reading, current);
         let brake = Brake {
             reason,
-            items_share,
+            items_budget: t.max_items_per_second,
+            walking,
         };
         self.publish(brake, current, &detail);
         Ok(brake)

@@ -105,9 +105,12 @@ impl Shared {
         }
     }
 
-    /// Note that the database could not be reached just now.
-    pub fn db_trouble(&self) {
-        *self.db_trouble.lock().expect("db_trouble") = Some(Instant::now());
+    /// Note that the database could not be reached just now (`e` tells;
+    /// a statement that merely failed is no trouble of ours).
+    pub fn db_trouble(&self, e: &ServiceError) {
+        if e.is_connection() {
+            *self.db_trouble.lock().expect("db_trouble") = Some(Instant::now());
+        }
     }
 
     /// A pooled connection.
@@ -179,6 +182,22 @@ pub enum ServiceError {
     Connect(String),
     #[error("{}", crate::db::error_chain(.0))]
     Database(#[from] tokio_postgres::Error),
+}
+
+impl ServiceError {
+    /// The database could not be reached (no connection, a lost one, a
+    /// server shutting down), as opposed to a statement that failed.
+    pub fn is_connection(&self) -> bool {
+        match self {
+            ServiceError::Pool(_) | ServiceError::Connect(_) => true,
+            ServiceError::Database(e) => {
+                e.is_closed()
+                    || e.code()
+                        .is_some_and(|c| c.code().starts_with("08") || c.code().starts_with("57P"))
+                    || e.code().is_none()
+            }
+        }
+    }
 }
 
 /// The resources a daemon runs on, built by the caller (tests build their

@@ -34,15 +34,24 @@ impl Producer {
 
     /// Claim at most one job or range per permit and start them; unused
     /// permits go back to the pool.
-    async fn claim(&self, mut permits: Vec<OwnedSemaphorePermit>) -> Result<usize, ServiceError> {
+    async fn claim(&self, permits: Vec<OwnedSemaphorePermit>) -> Result<usize, ServiceError> {
+        self.claim_into(permits)
+            .await
+            .inspect_err(|e| self.shared.db_trouble(e))
+    }
+
+    async fn claim_into(
+        &self,
+        mut permits: Vec<OwnedSemaphorePermit>,
+    ) -> Result<usize, ServiceError> {
         if permits.is_empty() {
             return Ok(0);
         }
         let shared = &self.shared;
-        let client = shared.client().await.inspect_err(|_| shared.db_trouble())?;
+        let client = shared.client().await?;
         let timer = shared.metrics.claim_duration.start_timer();
         let claimed = jobs::job_claim(&**client, permits.len() as i64, &shared.worker_id).await;
-        let claimed = claimed.inspect_err(|_| shared.db_trouble())?;
+        let claimed = claimed?;
         let mut n = claimed.len();
         for job in claimed {
             let permit = permits.pop().expect("one permit per claimed job");
@@ -60,7 +69,7 @@ impl Producer {
         if !permits.is_empty() {
             let claimed =
                 ranges::ranges_claim(&**client, permits.len() as i64, &shared.worker_id).await;
-            let claimed = claimed.inspect_err(|_| shared.db_trouble())?;
+            let claimed = claimed?;
             n += claimed.len();
             for range in claimed {
                 let permit = permits.pop().expect("one permit per claimed range");

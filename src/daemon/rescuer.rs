@@ -5,6 +5,8 @@
 //! at once without blocking each other. For one lease after this process
 //! last failed to reach the database it reclaims nothing: after an outage
 //! longer than the lease, every live holder gets to heartbeat first.
+//! Each round also copies the running split jobs' range totals to their
+//! job rows.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,9 +24,15 @@ impl Rescuer {
     /// One scan; returns the (job id, range or -1 for a job being
     /// started, new status) of what it changed.
     pub async fn run_once(&self) -> Result<Vec<(i64, i32, String)>, ServiceError> {
+        self.round()
+            .await
+            .inspect_err(|e| self.shared.db_trouble(e))
+    }
+
+    async fn round(&self) -> Result<Vec<(i64, i32, String)>, ServiceError> {
         let shared = &self.shared;
         let w = &shared.worker;
-        let client = shared.client().await.inspect_err(|_| shared.db_trouble())?;
+        let client = shared.client().await?;
         if let Some(left) = self.grace_left() {
             tracing::debug!(
                 ?left,
@@ -35,16 +43,12 @@ impl Rescuer {
         let max = w.max_attempts.get() as i32;
         let mut rescued: Vec<(i64, i32, String)> =
             jobs::job_rescue(&**client, w.lease, max, &shared.worker_id)
-                .await
-                .inspect_err(|_| shared.db_trouble())?
+                .await?
                 .into_iter()
                 .map(|(id, status)| (id, -1, status))
                 .collect();
-        rescued.extend(
-            ranges::ranges_rescue(&**client, w.lease, max, &shared.worker_id)
-                .await
-                .inspect_err(|_| shared.db_trouble())?,
-        );
+        rescued.extend(ranges::ranges_rescue(&**client, w.lease, max, &shared.worker_id).await?);
+        ranges::jobs_rollup(&**client).await?;
         shared.metrics.leases_reclaimed.inc_by(rescued.len() as u64);
         for (id, range, status) in &rescued {
             if *range < 0 {

@@ -276,7 +276,8 @@ struct Walk {
 
 impl Walk {
     /// Run `sql` over `table` slice by slice: $1..$2 is an inclusive id
-    /// range of at most `slice` ids, `extra` binds $3 on. Every row of
+    /// range of at most `slice` ids (halved for the rest of the pass when
+    /// one hits `statement_timeout`), `extra` binds $3 on. Every row of
     /// `sql` is (kind or NULL for items not counted, scope, algorithm,
     /// count). An empty slice jumps to the next existing id (one index
     /// lookup), so sparse ids cost no more statements than dense ones.
@@ -307,7 +308,15 @@ impl Walk {
             let hi = lo.saturating_add(self.slice - 1).min(max);
             let mut params: Vec<&(dyn ToSql + Sync)> = vec![&lo, &hi];
             params.extend_from_slice(extra);
-            let rows = c.query(&statement, &params).await?;
+            let rows = match c.query(&statement, &params).await {
+                // Under a short statement_timeout: a smaller slice.
+                Err(e) if super::classify(&e) == super::Failure::TooSlow && self.slice > 1 => {
+                    self.slice /= 2;
+                    self.statements += 1;
+                    continue;
+                }
+                r => r?,
+            };
             self.statements += 1;
             let mut seen = 0;
             for r in rows {

@@ -373,7 +373,10 @@ pub async fn job_fail(
              u AS (UPDATE pq_migration_jobs j SET status = 'failed', error = $2, \
                  result = COALESCE(j.result, '{}'::jsonb) || $3::jsonb, \
                  processed_count = t.p, failed_count = t.f, finished_at = now(), updated_at = now() \
-               FROM t WHERE j.id = $1 AND j.status = 'running' RETURNING j.id) \
+               FROM t WHERE j.id = $1 AND j.status = 'running' RETURNING j.id), \
+             r AS (UPDATE pq_migration_ranges SET status = 'pending', locked_by = NULL, \
+                 lease_token = NULL, heartbeat_at = NULL, throttled = NULL, updated_at = now() \
+               WHERE job_id = (SELECT id FROM u) AND status = 'running') \
              INSERT INTO pq_migration_job_events (job_id, event, worker, detail) \
              SELECT id, 'failed', $4, jsonb_build_object('error', $2::text) FROM u RETURNING job_id",
             &[&job_id, &error, result, &worker],
@@ -454,7 +457,10 @@ pub async fn job_cancel(
                  processed_count = COALESCE(t.p, j.processed_count), \
                  failed_count = COALESCE(t.f, j.failed_count) \
                FROM t WHERE j.id = $1 AND j.status IN ('pending', 'running') \
-               RETURNING j.id, j.processed_count) \
+               RETURNING j.id, j.processed_count), \
+             r AS (UPDATE pq_migration_ranges SET status = 'pending', locked_by = NULL, \
+                 lease_token = NULL, heartbeat_at = NULL, throttled = NULL, updated_at = now() \
+               WHERE job_id = (SELECT id FROM u) AND status = 'running') \
              INSERT INTO pq_migration_job_events (job_id, event, worker, detail) \
              SELECT id, 'cancelled', $2, jsonb_build_object('processed_count', processed_count) FROM u \
              RETURNING job_id",

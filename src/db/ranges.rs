@@ -351,30 +351,48 @@ pub async fn job_lock_totals(
     }
 }
 
-/// Copy the ranges' totals to the job row, where operators and host
+/// The per-job totals of the ranges, as the job row keeps them.
+const ROLLUP: &str = "SELECT job_id, COALESCE(sum(processed_count), 0)::bigint AS p, \
+       COALESCE(sum(failed_count), 0)::bigint AS f, \
+       COALESCE(sum(CASE WHEN status = 'done' THEN processed_count + failed_count \
+           ELSE greatest(COALESCE(estimated_count, 0), processed_count + failed_count) END), 0)::bigint AS total \
+     FROM pq_migration_ranges";
+
+/// Copy one job's range totals to its row, where operators and host
 /// applications read them: `processed_count`, `failed_count` and the
-/// refined `total_count`. Runs with the heartbeats, outside any batch, so
-/// the job row is no hot spot.
+/// refined `total_count` (a range done or handed back).
 pub async fn job_rollup(c: &impl GenericClient, job_id: i64) -> Result<u64, tokio_postgres::Error> {
-    c.execute(
+    let sql = format!(
         "UPDATE pq_migration_jobs j SET processed_count = t.p, failed_count = t.f, \
            total_count = t.total, updated_at = now() \
-         FROM (SELECT COALESCE(sum(processed_count), 0)::bigint AS p, \
-                      COALESCE(sum(failed_count), 0)::bigint AS f, \
-                      COALESCE(sum(CASE WHEN status = 'done' THEN processed_count + failed_count \
-                          ELSE greatest(COALESCE(estimated_count, 0), processed_count + failed_count) END), 0)::bigint AS total \
-               FROM pq_migration_ranges WHERE job_id = $1) t \
-         WHERE j.id = $1 AND j.status = 'running' AND j.ranges IS NOT NULL \
-           AND (j.processed_count, j.failed_count, j.total_count) IS DISTINCT FROM (t.p, t.f, t.total)",
-        &[&job_id],
-    )
-    .await
+         FROM ({ROLLUP} WHERE job_id = $1 GROUP BY job_id) t \
+         WHERE j.id = t.job_id AND j.status = 'running' AND j.ranges IS NOT NULL \
+           AND (j.processed_count, j.failed_count, j.total_count) IS DISTINCT FROM (t.p, t.f, t.total)"
+    );
+    c.execute(&sql, &[&job_id]).await
+}
+
+/// The same for every running split job: each replica's rescuer does it
+/// once a round, so the job row is written a few times a minute whatever
+/// the number of walks (no hot row).
+pub async fn jobs_rollup(c: &impl GenericClient) -> Result<u64, tokio_postgres::Error> {
+    let sql = format!(
+        "UPDATE pq_migration_jobs j SET processed_count = t.p, failed_count = t.f, \
+           total_count = t.total, updated_at = now() \
+         FROM ({ROLLUP} WHERE job_id IN (SELECT id FROM pq_migration_jobs \
+                                          WHERE status = 'running' AND ranges IS NOT NULL) \
+               GROUP BY job_id) t \
+         WHERE j.id = t.job_id AND j.status = 'running' \
+           AND (j.processed_count, j.failed_count, j.total_count) IS DISTINCT FROM (t.p, t.f, t.total)"
+    );
+    c.execute(&sql, &[]).await
 }
 
 /// Return running ranges whose heartbeat is older than `lease` to
 /// `pending` (cursor kept, event `reclaimed`), or fail their job once a
-/// range used `max_attempts` claims without progress. Returns the (job id,
-/// range, new status) triples.
+/// range used `max_attempts` claims without progress (its other ranges
+/// stop at their next write and go back to `pending`). Returns the (job
+/// id, range, new status) triples.
 pub async fn ranges_rescue(
     c: &impl GenericClient,
     lease: Duration,
@@ -383,20 +401,29 @@ pub async fn ranges_rescue(
 ) -> Result<Vec<(i64, i32, String)>, tokio_postgres::Error> {
     let rows = c
         .query(
-            "WITH s AS (SELECT job_id, range_no FROM pq_migration_ranges \
-                 WHERE status = 'running' \
-                   AND (heartbeat_at IS NULL OR heartbeat_at < now() - $1::float8 * interval '1 second') \
-                 ORDER BY heartbeat_at LIMIT 100 FOR UPDATE SKIP LOCKED), \
+            "WITH s AS (SELECT r.job_id, r.range_no FROM pq_migration_ranges r \
+                 WHERE r.status = 'running' \
+                   AND (r.heartbeat_at IS NULL OR r.heartbeat_at < now() - $1::float8 * interval '1 second') \
+                 ORDER BY r.heartbeat_at LIMIT 100 FOR UPDATE SKIP LOCKED), \
              u AS (UPDATE pq_migration_ranges r SET status = 'pending', locked_by = NULL, \
                  lease_token = NULL, heartbeat_at = NULL, throttled = NULL, updated_at = now() \
                FROM s WHERE r.job_id = s.job_id AND r.range_no = s.range_no \
                RETURNING r.job_id, r.range_no, r.attempts, r.locked_by), \
              f AS (UPDATE pq_migration_jobs j SET status = 'failed', finished_at = now(), \
-                 updated_at = now(), error = format( \
+                 updated_at = now(), \
+                 processed_count = (SELECT COALESCE(sum(processed_count), 0) \
+                                    FROM pq_migration_ranges WHERE job_id = j.id), \
+                 failed_count = (SELECT COALESCE(sum(failed_count), 0) \
+                                 FROM pq_migration_ranges WHERE job_id = j.id), \
+                 error = format( \
                    'range %s lease expired %s times without progress (max_attempts %s)', \
                    u.range_no, u.attempts, $2::int) \
                FROM u WHERE j.id = u.job_id AND u.attempts >= $2 AND j.status = 'running' \
                RETURNING j.id), \
+             o AS (UPDATE pq_migration_ranges r SET status = 'pending', locked_by = NULL, \
+                 lease_token = NULL, heartbeat_at = NULL, throttled = NULL, updated_at = now() \
+               FROM f WHERE r.job_id = f.id AND r.status = 'running' \
+                 AND NOT EXISTS (SELECT 1 FROM u WHERE u.job_id = r.job_id AND u.range_no = r.range_no)), \
              e AS (INSERT INTO pq_migration_job_events (job_id, event, worker, detail) \
                SELECT u.job_id, CASE WHEN u.attempts >= $2 THEN 'failed' ELSE 'reclaimed' END, $3, \
                       jsonb_build_object('reason', 'lease expired', 'range', u.range_no, \

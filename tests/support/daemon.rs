@@ -29,7 +29,12 @@ pub fn config(fx: &Fixture, extra: &[(&str, &str)]) -> pqmig::config::Config {
 
 impl InProcess {
     pub async fn start(fx: &Fixture, extra: &[(&str, &str)]) -> InProcess {
-        let config = config(fx, extra);
+        InProcess::start_with(config(fx, extra)).await
+    }
+
+    /// A daemon with a configuration the test built (e.g. a
+    /// `statement_timeout`, which has no environment variable).
+    pub async fn start_with(config: pqmig::config::Config) -> InProcess {
         let services = pqmig::daemon::Services::from_config(&config)
             .await
             .expect("services");
@@ -46,6 +51,16 @@ impl InProcess {
             handle: Some(handle),
             addr,
         }
+    }
+
+    /// `pqmig_items_processed_total{scope}` as its /metrics says.
+    pub async fn items_processed(&self, scope: &str) -> f64 {
+        let (_, text) = crate::observe::http_get(self.addr, "/metrics").await;
+        let series = format!("pqmig_items_processed_total{{scope=\"{scope}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(series.as_str()))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in /metrics"))
     }
 
     pub async fn stop(mut self) {

@@ -90,6 +90,47 @@ impl Fixture {
         }
     }
 
+    /// `users` rows 1..=n written by the server itself (millions in
+    /// seconds), the same legacy hashes as [`Fixture::new`], at version
+    /// `old_version` (an SQL expression of `i`), analyzed so the planner
+    /// knows the table's size.
+    pub async fn bulk(n: i64, old_version: &str) -> Fixture {
+        let fx = Fixture::new(0).await;
+        let c = fx.db.client().await;
+        c.batch_execute(&format!(
+            "INSERT INTO users (id, email_hash, email_hash_key_version) \
+             SELECT i, sha256(convert_to('user' || i || '@example.org', 'UTF8')), {old_version} \
+             FROM generate_series(1, {n}) AS g(i); \
+             ANALYZE users;"
+        ))
+        .await
+        .expect("bulk users");
+        fx
+    }
+
+    /// How many of the users rows hold exactly the onion of their legacy
+    /// hash with the version chain over `old_version` (as given to
+    /// [`Fixture::bulk`]), checked by the server's pgcrypto (OpenSSL), and
+    /// how many rows there are.
+    pub async fn exact_rows(&self, old_version: &str) -> (i64, i64) {
+        let c = self.db.client().await;
+        c.batch_execute("CREATE EXTENSION IF NOT EXISTS pgcrypto")
+            .await
+            .expect("pgcrypto");
+        let r = c
+            .query_one(
+                &format!(
+                    "SELECT count(*) FILTER (WHERE email_hash = hmac(sha256(convert_to('user' || id || '@example.org', 'UTF8')), $1, 'sha3-256') \
+                                               AND email_hash_key_version = $2 || '/' || (SELECT {old_version} FROM (SELECT id AS i) x)), \
+                            count(*) FROM users"
+                ),
+                &[&PEPPER.as_slice(), &PROFILE],
+            )
+            .await
+            .expect("exact rows");
+        (r.get(0), r.get(1))
+    }
+
     /// Queue a hashes job over users.email_hash with extra selection keys.
     pub async fn enqueue(&self, extra: Value) -> i64 {
         let mut sel = json!({"table": "users", "column": "email_hash"});

@@ -99,8 +99,7 @@ impl Drop for LeaseGuard {
     }
 }
 
-/// Renew the lease every heartbeat interval, or at once when nudged. A
-/// range's heartbeat also copies its job's totals to the job row.
+/// Renew the lease every heartbeat interval, or at once when nudged.
 async fn heartbeat(shared: Arc<Shared>, held: Held, nudge: Arc<Notify>, lost: CancellationToken) {
     loop {
         tokio::select! {
@@ -111,13 +110,7 @@ async fn heartbeat(shared: Arc<Shared>, held: Held, nudge: Arc<Notify>, lost: Ca
             let client = shared.client().await?;
             let ours = match held {
                 Held::Job(l) => jobs::job_heartbeat(&**client, l).await?,
-                Held::Range(r) => {
-                    let ours = ranges::range_heartbeat(&**client, r).await?;
-                    if ours {
-                        ranges::job_rollup(&**client, r.job_id).await?;
-                    }
-                    ours
-                }
+                Held::Range(r) => ranges::range_heartbeat(&**client, r).await?,
             };
             Ok::<_, ServiceError>(ours)
         }
@@ -130,7 +123,7 @@ async fn heartbeat(shared: Arc<Shared>, held: Held, nudge: Arc<Notify>, lost: Ca
             }
             // The fence on the next write decides; keep trying meanwhile.
             Err(e) => {
-                shared.db_trouble();
+                shared.db_trouble(&e);
                 tracing::warn!(job_id = held.job_id(), error = %e, "heartbeat failed")
             }
         }

@@ -45,6 +45,8 @@ const EMPTY_WALK: Duration = Duration::from_millis(500);
 const SLOW_RETRIES: u32 = 16;
 /// Batch sizes kept in `result`.
 const SIZES_KEPT: usize = 200;
+/// The statement_timeout of the transaction that finishes a range.
+const FINISH_LOCK_WAIT: Duration = Duration::from_secs(10);
 /// How often a walk with a `max_rate` recounts the ranges sharing it.
 const SHARE_REFRESH: Duration = Duration::from_secs(5);
 
@@ -565,7 +567,8 @@ impl Walk<'_> {
     /// start sooner than that rate allows after the one before.
     async fn pace(&mut self, walked: i64) {
         let job_rate = self.job_rate_share().await;
-        let budget = self.brake.borrow().items_share;
+        let local = self.shared.running.lock().expect("registry").len();
+        let budget = self.brake.borrow().items_share(local);
         let (rate, reason) = match (job_rate, budget) {
             (Some(j), Some(b)) if b < j => (b, Some("items_budget")),
             (Some(j), _) => (j, None),
@@ -625,11 +628,40 @@ impl Walk<'_> {
 
     /// The range is walked: mark it done. The last range of the job to
     /// finish ends it, in the same transaction: `failed` with the count if
-    /// any item failed, else `done` (with the scope's last word).
+    /// any item failed, else `done` (with the scope's last word). Retried
+    /// like a batch: its lock on the job row may wait on another range's.
     async fn finish(self) -> Result<Option<&'static str>, JobError> {
+        let lease = self.lease;
+        let (status, t) = retrying(self.shared, self.lost, "finishing the range", || {
+            self.finish_once()
+        })
+        .await?;
+        match status {
+            None => tracing::info!(
+                job_id = lease.job_id,
+                range = lease.range_no,
+                processed = self.stored.processed,
+                ranges_left = t.ranges - t.done,
+                "range done"
+            ),
+            Some("failed") => tracing::warn!(
+                job_id = lease.job_id,
+                failed = t.failed,
+                "job walked every item, some failed"
+            ),
+            Some(_) => tracing::info!(job_id = lease.job_id, processed = t.processed, "job done"),
+        }
+        Ok(status)
+    }
+
+    async fn finish_once(&self) -> Result<(Option<&'static str>, ranges::Totals), JobError> {
         let (lease, shared) = (self.lease, self.shared);
         let mut client = shared.pool.get().await?;
         let tx = client.transaction().await?;
+        // Ranges of one job tend to finish together and take the job row's
+        // lock in turn: a short wait that scans nothing, which the
+        // session's statement_timeout (sized for reads) must not cut.
+        crate::db::local_statement_timeout(&tx, FINISH_LOCK_WAIT).await?;
         if !ranges::range_done(&*tx, lease).await? {
             return Err(JobError::LeaseLost);
         }
@@ -639,14 +671,7 @@ impl Walk<'_> {
         if t.done < t.ranges {
             ranges::job_rollup(&*tx, lease.job_id).await?;
             tx.commit().await?;
-            tracing::info!(
-                job_id = lease.job_id,
-                range = lease.range_no,
-                processed = self.stored.processed,
-                ranges_left = t.ranges - t.done,
-                "range done"
-            );
-            return Ok(None);
+            return Ok((None, t));
         }
         let result = json!({
             "matched": t.processed + t.failed,
@@ -659,39 +684,19 @@ impl Walk<'_> {
             "ranges": t.ranges,
             "total_estimated": false,
         });
-        let w = &shared.worker_id;
         let (status, error) = if t.failed > 0 {
             ("failed", Some(format!("{} items failed", t.failed)))
         } else {
             self.scope.on_done(&tx, lease.job_id).await?;
             ("done", None)
         };
-        let (p, f) = (t.processed, t.failed);
-        if !jobs::job_finish_split(
-            &*tx,
-            lease.job_id,
-            status,
-            error.as_deref(),
-            &result,
-            p,
-            f,
-            w,
-        )
-        .await?
-        {
+        let w = &shared.worker_id;
+        let (id, p, f) = (lease.job_id, t.processed, t.failed);
+        if !jobs::job_finish_split(&*tx, id, status, error.as_deref(), &result, p, f, w).await? {
             return Err(JobError::LeaseLost);
         }
         tx.commit().await?;
-        if t.failed > 0 {
-            tracing::warn!(
-                job_id = lease.job_id,
-                failed = t.failed,
-                "job walked every item, some failed"
-            );
-        } else {
-            tracing::info!(job_id = lease.job_id, processed = t.processed, "job done");
-        }
-        Ok(Some(status))
+        Ok((Some(status), t))
     }
 }
 
