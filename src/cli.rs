@@ -231,6 +231,13 @@ pub struct BenchArgs {
     /// Target algorithm alias
     #[arg(long)]
     pub algo: Option<String>,
+    /// Large-table mode (hashes): time to first batch, one job on 1 and on
+    /// N replicas against N separate jobs, longest statement, WAL per item
+    #[arg(long)]
+    pub large: bool,
+    /// Replicas of the large-table mode
+    #[arg(long, default_value_t = 3)]
+    pub replicas: usize,
 }
 
 impl Cli {
@@ -304,6 +311,8 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
                 items: a.items,
                 layers: a.layers,
                 algo: a.algo,
+                large: a.large,
+                replicas: a.replicas,
             };
             cmd::bench::run(&config, &opts).await
         }

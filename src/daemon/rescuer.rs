@@ -49,6 +49,13 @@ impl Rescuer {
                 .collect();
         rescued.extend(ranges::ranges_rescue(&**client, w.lease, max, &shared.worker_id).await?);
         ranges::jobs_rollup(&**client).await?;
+        for id in ranges::jobs_requeue_walked(&**client, w.lease, &shared.worker_id).await? {
+            tracing::warn!(
+                job_id = id,
+                "every range of the job is done but nobody ended it; requeued to be ended"
+            );
+            rescued.push((id, -1, "pending".to_owned()));
+        }
         shared.metrics.leases_reclaimed.inc_by(rescued.len() as u64);
         for (id, range, status) in &rescued {
             if *range < 0 {

@@ -344,7 +344,7 @@ pub async fn job_finish_split(
                  result = COALESCE(result, '{}'::jsonb) || $4::jsonb || jsonb_build_object('duration_seconds', \
                    round(extract(epoch FROM now() - COALESCE(started_at, now()))::numeric, 3)), \
                  processed_count = $5, failed_count = $6, total_count = $5::bigint + $6::bigint, \
-                 finished_at = now(), updated_at = now() \
+                 finished_at = now(), updated_at = now(), lease_token = NULL, heartbeat_at = NULL \
                WHERE id = $1 AND status = 'running' RETURNING id) \
              INSERT INTO pq_migration_job_events (job_id, event, worker, detail) \
              SELECT id, $2, $7, jsonb_build_object('error', $3::text, 'result', $4::jsonb) FROM u \

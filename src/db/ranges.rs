@@ -333,15 +333,57 @@ pub async fn ranges_totals(
     })
 }
 
+/// Whether every range of the job is done (then the job is to be ended).
+pub async fn job_ranges_all_done(
+    c: &impl GenericClient,
+    job_id: i64,
+) -> Result<bool, tokio_postgres::Error> {
+    Ok(c.query_one(
+        "SELECT NOT EXISTS (SELECT 1 FROM pq_migration_ranges WHERE job_id = $1 AND status <> 'done')",
+        &[&job_id],
+    )
+    .await?
+    .get(0))
+}
+
+/// Running split jobs whose ranges are all done but which nobody ended for
+/// `grace` (the process walking the last range died in between) go back
+/// to `pending`: their next claim ends them. Returns their ids.
+pub async fn jobs_requeue_walked(
+    c: &impl GenericClient,
+    grace: Duration,
+    worker: &str,
+) -> Result<Vec<i64>, tokio_postgres::Error> {
+    let rows = c
+        .query(
+            "WITH u AS (UPDATE pq_migration_jobs j SET status = 'pending', updated_at = now() \
+               WHERE j.status = 'running' AND j.ranges IS NOT NULL AND j.lease_token IS NULL \
+                 AND j.updated_at < now() - $1::float8 * interval '1 second' \
+                 AND NOT EXISTS (SELECT 1 FROM pq_migration_ranges r \
+                                 WHERE r.job_id = j.id AND r.status <> 'done') \
+               RETURNING j.id) \
+             INSERT INTO pq_migration_job_events (job_id, event, worker, detail) \
+             SELECT id, 'reclaimed', $2, \
+                    '{\"reason\": \"every range done; the next claim ends the job\"}'::jsonb FROM u \
+             RETURNING job_id",
+            &[&grace.as_secs_f64(), &worker],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
 /// Lock the job row (the last ranges finishing decide together which of
 /// them ends the job) and read its totals; `None`: the job is not running.
+/// `NO KEY UPDATE`: batches insert backups and events that reference the
+/// job row (a key-share lock each); a full `FOR UPDATE` would wait on them
+/// and deadlock with a batch waiting on a range row this transaction holds.
 pub async fn job_lock_totals(
     c: &impl GenericClient,
     job_id: i64,
 ) -> Result<Option<Totals>, tokio_postgres::Error> {
     let running = c
         .query_opt(
-            "SELECT 1 FROM pq_migration_jobs WHERE id = $1 AND status = 'running' FOR UPDATE",
+            "SELECT 1 FROM pq_migration_jobs WHERE id = $1 AND status = 'running' FOR NO KEY UPDATE",
             &[&job_id],
         )
         .await?;

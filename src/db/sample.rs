@@ -217,3 +217,41 @@ pub async fn settle(c: &impl GenericClient) -> Result<Result<(), String>, tokio_
         .await
         .map_err(|e| super::error_chain(&e)))
 }
+
+/// The current WAL position in bytes (for WAL written per item).
+pub async fn wal_position(c: &impl GenericClient) -> Result<i64, tokio_postgres::Error> {
+    Ok(c.query_one(
+        "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint",
+        &[],
+    )
+    .await?
+    .get(0))
+}
+
+/// The longest-running active statement of a pqmig session on database
+/// `db` right now: (seconds, its text).
+pub async fn longest_statement(
+    c: &impl GenericClient,
+    db: &str,
+) -> Result<Option<(f64, String)>, tokio_postgres::Error> {
+    Ok(c.query_opt(
+        "SELECT extract(epoch FROM now() - query_start)::float8, query FROM pg_stat_activity \
+         WHERE datname = $1 AND state = 'active' AND application_name LIKE 'pqmig %' \
+           AND pid <> pg_backend_pid() \
+         ORDER BY query_start LIMIT 1",
+        &[&db],
+    )
+    .await?
+    .map(|r| (r.get(0), r.get(1))))
+}
+
+/// Items a job's ranges have walked so far (committed batches).
+pub async fn job_walked(c: &impl GenericClient, id: i64) -> Result<i64, tokio_postgres::Error> {
+    Ok(c.query_one(
+        "SELECT COALESCE(sum(processed_count + failed_count), 0)::bigint \
+         FROM pq_migration_ranges WHERE job_id = $1",
+        &[&id],
+    )
+    .await?
+    .get(0))
+}

@@ -220,3 +220,53 @@ async fn the_rescuer_waits_one_lease_after_its_own_database_trouble() {
     );
     assert_eq!(fx.events(1, "reclaimed").await, 1);
 }
+
+/// A process that dies between marking its range done and ending the job
+/// leaves a running job whose ranges are all done and nobody walking: the
+/// rescuer requeues it once a lease has passed, and its next claim ends it
+/// (with the scope's last word: the hashes field policy).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_ranges_are_all_done_is_ended_by_its_next_claim() {
+    let fx = Fixture::new(10).await;
+    let c = fx.db.client().await;
+    c.execute(
+        "INSERT INTO pq_migration_jobs (scope, target_algo_id, status, ranges, started_at, \
+                                        updated_at, selection) \
+         VALUES ('hashes', $1, 'running', 2, now() - interval '1 hour', now() - interval '1 hour', \
+                 '{\"table\":\"users\",\"column\":\"email_hash\"}')",
+        &[&fx.algo_id],
+    )
+    .await
+    .expect("job");
+    c.batch_execute(
+        "INSERT INTO pq_migration_ranges (job_id, range_no, lo, hi, status, processed_count, cursor) VALUES \
+           (1, 0, 0, 5, 'done', 5, '{\"after_id\": 5, \"migrated\": 4, \"skipped\": 1}'), \
+           (1, 1, 5, 10, 'done', 5, '{\"after_id\": 10, \"migrated\": 5, \"skipped\": 0}');",
+    )
+    .await
+    .expect("ranges");
+    let daemon = InProcess::start(&fx, &[]).await;
+    let j = fx.wait_job(1, 30, terminal).await;
+    assert_eq!(
+        (j.status.as_str(), j.processed, j.failed),
+        ("done", 10, 0),
+        "{j:?}"
+    );
+    let result = j.result.expect("result");
+    assert_eq!(
+        (result["migrated"].as_i64(), result["skipped"].as_i64()),
+        (Some(9), Some(1))
+    );
+    assert_eq!(fx.events(1, "reclaimed").await, 1);
+    let policies: i64 = c
+        .query_one(
+            "SELECT count(*) FROM field_hash_policies f JOIN hash_profiles p ON p.id = f.profile_id \
+             WHERE f.entity_table = 'users' AND p.name = 'pepper-v2'",
+            &[],
+        )
+        .await
+        .expect("policies")
+        .get(0);
+    assert_eq!(policies, 1, "the job's last word was said");
+    daemon.stop().await;
+}

@@ -12,13 +12,18 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use super::Shared;
-use super::walk::{Progress, retrying};
+use super::walk::{self, Progress, retrying};
 use crate::db::jobs::{self, ClaimedJob};
 use crate::db::ranges::{self, NewRange};
 use crate::scope::{JobError, Prepared};
 
 /// Most ranges one job is split into.
 const MAX_RANGES: i64 = 4096;
+/// A job of at least `SPREAD * SPREAD_ITEMS` items is split into at least
+/// `SPREAD` ranges, however large `worker.range_items` is: enough for the
+/// worker slots of several replicas to share it.
+const SPREAD: i64 = 16;
+const SPREAD_ITEMS: i64 = 10_000;
 
 /// Ok(None): the job is split (or its ranges reset) and its ranges go on;
 /// Ok(Some(status)): it ended here (nothing to walk).
@@ -43,6 +48,17 @@ pub(super) async fn run(
     if job.ranges.is_some() {
         let mut client = shared.pool.get().await?;
         let tx = client.transaction().await?;
+        // The job row first, then its ranges: the order every range's end takes.
+        let w = &shared.worker_id;
+        if let Some((status, _)) = walk::end_job(&tx, &scope, lease.job_id, &[], w).await? {
+            tx.commit().await?;
+            tracing::info!(
+                job_id = lease.job_id,
+                status,
+                "every range of the job was done: job ended"
+            );
+            return Ok(Some(status));
+        }
         ranges::ranges_reset(&*tx, lease.job_id).await?;
         if !jobs::job_unlease(&*tx, lease).await? {
             return Err(JobError::LeaseLost);
@@ -103,7 +119,9 @@ async fn plan_split(
     let n = if common.limit.is_some() || common.ids.is_some() {
         1
     } else {
-        ((estimate + range_items.max(1) - 1) / range_items.max(1)).clamp(1, MAX_RANGES)
+        let by_size = (estimate + range_items.max(1) - 1) / range_items.max(1);
+        let spread = (estimate / SPREAD_ITEMS).min(SPREAD);
+        by_size.max(spread).clamp(1, MAX_RANGES)
     };
     let n = (n as u128).min(span).max(1);
     let step = span.div_ceil(n);

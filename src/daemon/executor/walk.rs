@@ -626,78 +626,106 @@ impl Walk<'_> {
         })
     }
 
-    /// The range is walked: mark it done. The last range of the job to
-    /// finish ends it, in the same transaction: `failed` with the count if
-    /// any item failed, else `done` (with the scope's last word). Retried
-    /// like a batch: its lock on the job row may wait on another range's.
+    /// The range is walked: mark it done, then, if it was the last, end
+    /// the job. Two steps so that the job row is locked only by the last
+    /// ranges (a lock held across every range's commit became a convoy of
+    /// WAL flushes: seconds under load); a process dying in between leaves
+    /// a job whose ranges are all done, which the rescuer requeues and its
+    /// next claim ends.
     async fn finish(self) -> Result<Option<&'static str>, JobError> {
-        let lease = self.lease;
-        let (status, t) = retrying(self.shared, self.lost, "finishing the range", || {
-            self.finish_once()
+        let (lease, shared) = (self.lease, self.shared);
+        retrying(shared, self.lost, "finishing the range", || async {
+            let client = shared.pool.get().await?;
+            match ranges::range_done(&**client, lease).await? {
+                true => Ok(()),
+                false => Err(JobError::LeaseLost),
+            }
         })
         .await?;
-        match status {
+        let ended = retrying(shared, self.lost, "ending the job", || self.end_if_last()).await?;
+        match &ended {
             None => tracing::info!(
                 job_id = lease.job_id,
                 range = lease.range_no,
                 processed = self.stored.processed,
-                ranges_left = t.ranges - t.done,
                 "range done"
             ),
-            Some("failed") => tracing::warn!(
+            Some(("failed", t)) => tracing::warn!(
                 job_id = lease.job_id,
                 failed = t.failed,
                 "job walked every item, some failed"
             ),
-            Some(_) => tracing::info!(job_id = lease.job_id, processed = t.processed, "job done"),
+            Some((_, t)) => {
+                tracing::info!(job_id = lease.job_id, processed = t.processed, "job done")
+            }
         }
-        Ok(status)
+        Ok(ended.map(|(status, _)| status))
     }
 
-    async fn finish_once(&self) -> Result<(Option<&'static str>, ranges::Totals), JobError> {
-        let (lease, shared) = (self.lease, self.shared);
-        let mut client = shared.pool.get().await?;
+    async fn end_if_last(&self) -> Result<Option<(&'static str, ranges::Totals)>, JobError> {
+        let job_id = self.lease.job_id;
+        let mut client = self.shared.pool.get().await?;
+        if !ranges::job_ranges_all_done(&**client, job_id).await? {
+            return Ok(None);
+        }
         let tx = client.transaction().await?;
-        // Ranges of one job tend to finish together and take the job row's
-        // lock in turn: a short wait that scans nothing, which the
-        // session's statement_timeout (sized for reads) must not cut.
-        crate::db::local_statement_timeout(&tx, FINISH_LOCK_WAIT).await?;
-        if !ranges::range_done(&*tx, lease).await? {
-            return Err(JobError::LeaseLost);
-        }
-        let Some(t) = ranges::job_lock_totals(&*tx, lease.job_id).await? else {
-            return Err(JobError::LeaseLost);
-        };
-        if t.done < t.ranges {
-            ranges::job_rollup(&*tx, lease.job_id).await?;
-            tx.commit().await?;
-            return Ok((None, t));
-        }
-        let result = json!({
-            "matched": t.processed + t.failed,
-            "migrated": t.migrated,
-            "skipped": t.skipped,
-            "duplicates": t.duplicates,
-            "failed": t.failed,
-            "dry_run": self.common.dry_run,
-            "batch_sizes": self.sizes,
-            "ranges": t.ranges,
-            "total_estimated": false,
-        });
-        let (status, error) = if t.failed > 0 {
-            ("failed", Some(format!("{} items failed", t.failed)))
-        } else {
-            self.scope.on_done(&tx, lease.job_id).await?;
-            ("done", None)
-        };
-        let w = &shared.worker_id;
-        let (id, p, f) = (lease.job_id, t.processed, t.failed);
-        if !jobs::job_finish_split(&*tx, id, status, error.as_deref(), &result, p, f, w).await? {
-            return Err(JobError::LeaseLost);
-        }
+        let ended = end_job(
+            &tx,
+            &self.scope,
+            job_id,
+            &self.sizes,
+            &self.shared.worker_id,
+        )
+        .await?;
         tx.commit().await?;
-        Ok((Some(status), t))
+        Ok(ended)
     }
+}
+
+/// End a split job whose ranges are all done, in `tx`, which takes the job
+/// row's lock (so of the last ranges finishing at once exactly one ends
+/// it): `failed` with the count if any item failed, else `done` with the
+/// scope's last word. `None`: the job is no longer running or a range is
+/// not done.
+pub(super) async fn end_job(
+    tx: &deadpool_postgres::Transaction<'_>,
+    scope: &Prepared,
+    job_id: i64,
+    sizes: &[i64],
+    worker: &str,
+) -> Result<Option<(&'static str, ranges::Totals)>, JobError> {
+    // The lock waits on another range's end, which scans nothing: the
+    // session's statement_timeout (sized for reads) must not cut it.
+    crate::db::local_statement_timeout(tx, FINISH_LOCK_WAIT).await?;
+    let Some(t) = ranges::job_lock_totals(&**tx, job_id).await? else {
+        return Ok(None);
+    };
+    if t.done < t.ranges {
+        return Ok(None);
+    }
+    let result = json!({
+        "matched": t.processed + t.failed,
+        "migrated": t.migrated,
+        "skipped": t.skipped,
+        "duplicates": t.duplicates,
+        "failed": t.failed,
+        "dry_run": scope.common().dry_run,
+        "batch_sizes": sizes,
+        "ranges": t.ranges,
+        "total_estimated": false,
+    });
+    let (status, error) = if t.failed > 0 {
+        ("failed", Some(format!("{} items failed", t.failed)))
+    } else {
+        scope.on_done(tx, job_id).await?;
+        ("done", None)
+    };
+    let (p, f) = (t.processed, t.failed);
+    let err = error.as_deref();
+    if !jobs::job_finish_split(&**tx, job_id, status, err, &result, p, f, worker).await? {
+        return Ok(None);
+    }
+    Ok(Some((status, t)))
 }
 
 /// Read and compute up to `n` selected items with `after < id <= hi`, each

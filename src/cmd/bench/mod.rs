@@ -1,6 +1,9 @@
 //! `pqmig bench`: seed a scratch database on the configured server, run
 //! one job through the real daemon path (claim, batches, verify, backup)
-//! in-process, and report its throughput and peak memory.
+//! in-process, and report its throughput and peak memory. `--large`
+//! measures a table of many millions of rows instead ([`large`]).
+
+mod large;
 
 use std::time::{Duration, Instant};
 
@@ -31,9 +34,16 @@ pub struct BenchOptions {
     pub layers: Option<u32>,
     /// Target algorithm alias.
     pub algo: Option<String>,
+    /// The large-table mode (hashes only).
+    pub large: bool,
+    /// Replicas of the large-table mode.
+    pub replicas: usize,
 }
 
 pub async fn run(config: &Config, a: &BenchOptions) -> anyhow::Result<()> {
+    if a.large {
+        return run_large(config, a).await;
+    }
     if !(1..=10_000_000).contains(&a.items) {
         return Err(UsageError(format!("--items {} is out of range 1..=10000000", a.items)).into());
     }
@@ -227,6 +237,30 @@ async fn run_in(
         anyhow::bail!("the bench job ended {status}");
     }
     Ok(())
+}
+
+async fn run_large(config: &Config, a: &BenchOptions) -> anyhow::Result<()> {
+    if a.scope != "hashes" {
+        return Err(UsageError(format!(
+            "--large measures the hashes scope (the cheapest items to seed by the million), not {:?}",
+            a.scope
+        ))
+        .into());
+    }
+    if !(1000..=200_000_000).contains(&a.items) {
+        return Err(UsageError(format!(
+            "--items {} is out of range 1000..=200000000 for --large",
+            a.items
+        ))
+        .into());
+    }
+    if !(1..=16).contains(&a.replicas) {
+        return Err(UsageError(format!("--replicas {} is out of range 1..=16", a.replicas)).into());
+    }
+    let scratch = Scratch::create(config, "pqmig_bench").await?;
+    let result = large::run(config, &scratch, a.items as i64, a.replicas).await;
+    scratch.drop_database().await;
+    result
 }
 
 /// Batch size of the baselines.
