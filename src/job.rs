@@ -79,15 +79,15 @@ impl JobSpec {
 }
 
 /// A job's definition from its row: the scope parsed (an unknown one is
-/// the job's error), the selection as read (one too deeply nested to read
-/// is the job's error).
+/// the job's error), the selection and result as read (one too deeply
+/// nested to read is the job's error: a result's pins are never dropped).
 pub fn spec_from_row(
     id: i64,
     scope: &str,
     target_policy_id: Option<i64>,
     target_algo_id: Option<i64>,
     selection: Result<Option<Value>, String>,
-    result: Option<Value>,
+    result: Result<Option<Value>, String>,
     purpose: Purpose,
 ) -> Result<JobSpec, String> {
     let scope = ScopeKind::parse(scope).ok_or_else(|| {
@@ -102,7 +102,7 @@ pub fn spec_from_row(
         target_policy_id,
         target_algo_id,
         selection: selection?,
-        result,
+        result: result?,
         purpose,
     })
 }

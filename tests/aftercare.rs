@@ -23,6 +23,14 @@ async fn hashes_job_verify_rollback_and_purge() {
 
     let out = run(&["purge-backups", &job], &env);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    // without the keyring, verify of a hashes job is a usage error (one line)
+    let out = run(&["verify", &job], &[("DATABASE_URL", fx.db.url.as_str())]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("needs the keyring") && stderr(&out).trim().lines().count() == 1,
+        "{}",
+        stderr(&out)
+    );
     let out = run(&["verify", &job], &env);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(
@@ -80,11 +88,11 @@ async fn hashes_job_verify_rollback_and_purge() {
             .any(|u| u.2.starts_with(&format!("{PROFILE}/")))
     );
 
-    // verify again (the rolled-back rows no longer carry the job's version)
+    // verify again: the job's writing is undone, nothing is left to check
     let out = run(&["verify", &job], &env);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(
-        stdout(&out).contains("changed since the job"),
+        stdout(&out).contains(&format!("job {id} was rolled back (49 items")),
         "{}",
         stdout(&out)
     );

@@ -49,6 +49,13 @@ async fn aftercare(
         .await?
         .ok_or_else(|| UsageError(format!("no job with id {job_id}")))?
         .map_err(|e| UsageError(format!("job {job_id}: {e}")))?;
+    if keys && config.keyring.is_none() && spec.scope.verify_needs_keyring() {
+        return Err(UsageError(format!(
+            "job {job_id}: verify of a {} job needs the keyring (keys.keyring or PQMIG_KEYRING)",
+            spec.scope.as_str()
+        ))
+        .into());
+    }
     let ctx = ScopeContext {
         keyring: config.keyring.clone(),
     };
@@ -69,6 +76,19 @@ pub async fn verify(config: &Config, job_id: i64) -> anyhow::Result<()> {
             j.status
         ))
         .into());
+    }
+    // Rolled back (and not resumed since): what it wrote is undone, so
+    // there is nothing to check; its backups now match the rows, and
+    // purging them loses nothing, so the mark is recorded with 0 items.
+    if let Some(r) = j.result.as_ref().and_then(|r| r.get("rolled_back")) {
+        if !jobs::job_mark_verified(&client, job_id, 0, &seen).await? {
+            return Err(changed_meanwhile(job_id));
+        }
+        println!(
+            "job {job_id} was rolled back ({} items at {}): nothing it wrote is left to verify",
+            r["items"], r["at"]
+        );
+        return Ok(());
     }
     let report = aftercare(config, &client, job_id, true)
         .await?
@@ -95,28 +115,17 @@ pub async fn verify(config: &Config, job_id: i64) -> anyhow::Result<()> {
     // checks looked in the wrong place). That is no verification.
     let backups = dbw::backups_count(&client, job_id).await?;
     if report.checked == 0 && backups > 0 {
-        let rolled_back = j.result.as_ref().and_then(|r| r.get("rolled_back"));
-        let Some(r) = rolled_back else {
-            return Err(anyhow::anyhow!(
-                "job {job_id}: it has {backups} backups but none of its items could be checked (all changed since the job?): not verified"
-            ));
-        };
-        // Its backups now hold what the rows hold again: purging them
-        // loses nothing, so the mark is recorded.
-        println!(
-            "job {job_id} was rolled back ({} items at {}): nothing it wrote is left to verify",
-            r["items"], r["at"]
-        );
+        return Err(anyhow::anyhow!(
+            "job {job_id}: it has {backups} backups but none of its items could be checked (all changed since the job?): not verified"
+        ));
     }
     if !jobs::job_mark_verified(&client, job_id, report.checked, &seen).await? {
         return Err(changed_meanwhile(job_id));
     }
-    if report.checked > 0 || backups == 0 {
-        println!(
-            "job {job_id}: {} items verified, all open to the same key material",
-            report.checked
-        );
-    }
+    println!(
+        "job {job_id}: {} items verified, all open to the same key material",
+        report.checked
+    );
     Ok(())
 }
 

@@ -81,7 +81,7 @@ pub async fn job_claim(
                     r.get(2),
                     r.get(3),
                     selection_at(r, 4),
-                    r.try_get(11).ok().flatten(),
+                    json_at(r, 11, "result"),
                     Purpose::Run,
                 ),
                 scope,
@@ -99,9 +99,16 @@ pub async fn job_claim(
 /// A stored selection, or why it cannot be read: PostgreSQL accepts JSON
 /// nested far deeper than serde_json's recursion limit (128 levels).
 pub fn selection_at(r: &tokio_postgres::Row, idx: usize) -> Result<Option<Value>, String> {
+    json_at(r, idx, "selection")
+}
+
+/// A stored JSON `column`, or why it cannot be read (see [`selection_at`]).
+/// A job's `result` holds what its first run pinned (the hash profile, the
+/// AAD template): unreadable, the job cannot run or be checked as it was.
+pub fn json_at(r: &tokio_postgres::Row, idx: usize, column: &str) -> Result<Option<Value>, String> {
     r.try_get(idx).map_err(|e| {
         let why = std::error::Error::source(&e).map_or_else(|| e.to_string(), |s| s.to_string());
-        format!("selection: unreadable JSON ({why})")
+        format!("{column}: unreadable JSON ({why})")
     })
 }
 
@@ -707,7 +714,7 @@ pub async fn job_spec(
             r.get(1),
             r.get(2),
             selection_at(&r, 3),
-            r.try_get(4).ok().flatten(),
+            json_at(&r, 4, "result"),
             purpose,
         )
     }))

@@ -137,7 +137,7 @@ pub async fn ranges_claim(
                     r.get(11),
                     r.get(12),
                     super::jobs::selection_at(r, 13),
-                    r.try_get(14).ok().flatten(),
+                    super::jobs::json_at(r, 14, "result"),
                     Purpose::Run,
                 ),
                 scope,

@@ -105,8 +105,9 @@ fn view(r: &tokio_postgres::Row) -> JobView {
         age_seconds: r.get::<_, f64>(11).round(),
         worker: r.get(12),
         error: r.get(13),
-        result: r.get(14),
-        // An unreadable selection is shown as the reason, not a panic.
+        // An unreadable result or selection is shown as the reason, not a panic.
+        result: crate::db::jobs::json_at(r, 14, "result")
+            .unwrap_or_else(|e| Some(serde_json::Value::String(e))),
         selection: crate::db::jobs::selection_at(r, 15)
             .unwrap_or_else(|e| Some(serde_json::Value::String(e))),
         scheduled_at: r.get(16),

@@ -64,6 +64,12 @@ impl ScopeKind {
         }
     }
 
+    /// Whether `verify` of its jobs needs the keyring (the pepper, the KEKs
+    /// that open the wraps); signatures verify with public keys.
+    pub fn verify_needs_keyring(self) -> bool {
+        !matches!(self, ScopeKind::Signatures)
+    }
+
     /// What `verify` and `rollback` of a finished job need. `keys`: load
     /// the key material too (verify); rollback needs none.
     pub async fn aftercare(

@@ -298,6 +298,72 @@ async fn a_profile_changed_in_place_stops_the_resumed_job() {
     assert_eq!(j.processed, before);
 }
 
+/// A `result` pqmig cannot read (nested deeper than serde_json reads)
+/// holds the job's pins: the resumed job fails naming it instead of running
+/// without them, and verify refuses it as a usage error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_result_fails_the_job_instead_of_dropping_its_pins() {
+    let fx = Fixture::new(2_000).await;
+    let daemon = InProcess::start(&fx, &[]).await;
+    let id = fx
+        .enqueue(json!({"batch_size": 100, "max_rate": 2000}))
+        .await;
+    fx.wait_job(id, 30, |j| j.processed >= 100).await;
+    let job = id.to_string();
+    assert!(cli(&fx, &["cancel", &job]).status.success());
+    let j = fx.wait_job(id, 30, terminal).await;
+    assert_eq!(j.status, "cancelled");
+    let before = j.processed;
+    fx.db
+        .client()
+        .await
+        .execute(
+            "UPDATE pq_migration_jobs SET result = result ||                jsonb_build_object('deep', (repeat('[', 300) || repeat(']', 300))::jsonb) WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    assert!(cli(&fx, &["resume", &job]).status.success());
+    // (Fixture::job reads `result`, which serde_json cannot.)
+    let c = fx.db.client().await;
+    let state = || async {
+        let r = c
+            .query_one(
+                "SELECT status, error, processed_count FROM pq_migration_jobs WHERE id = $1",
+                &[&id],
+            )
+            .await
+            .expect("job");
+        (
+            r.get::<_, String>(0),
+            r.get::<_, Option<String>>(1),
+            r.get::<_, i64>(2),
+        )
+    };
+    crate::support::wait_until(30, "the resumed job ended", || async {
+        !matches!(state().await.0.as_str(), "pending" | "running")
+    })
+    .await;
+    daemon.stop().await;
+    let (status, error, processed) = state().await;
+    assert_eq!(status, "failed", "{error:?}");
+    assert!(
+        error
+            .as_deref()
+            .unwrap_or("")
+            .starts_with("result: unreadable JSON"),
+        "{error:?}"
+    );
+    assert_eq!(processed, before, "no item after the pins were lost");
+    let out = cli(&fx, &["verify", &job]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("result: unreadable JSON"),
+        "{}",
+        stderr(&out)
+    );
+}
+
 /// A verify mark is recorded only for the run of the job it checked: had
 /// the job been resumed and finished again meanwhile, nothing is recorded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -332,9 +332,22 @@ async fn policy_to_policy_rewrap_verify_rollback_and_purge() {
     assert_eq!(w.snapshot().await, original);
     w.assert_every_dek_intact().await;
 
-    // purge deletes only the verified job's backups
+    // purge deletes only the verified job's backups; verify of the
+    // rolled-back job checks (and records) nothing of what it undid
     let out = w.cli(&["verify", &first.to_string()]);
     assert!(out.status.success(), "{}", crate::support::stderr(&out));
+    assert!(
+        crate::support::stdout(&out).contains(&format!("job {first} was rolled back (60 items")),
+        "{}",
+        crate::support::stdout(&out)
+    );
+    assert_eq!(
+        w.scalar(&format!(
+            "SELECT (result->'verified'->>'items')::bigint FROM pq_migration_jobs WHERE id = {first}"
+        ))
+        .await,
+        0
+    );
     let out = w.cli(&["purge-backups", &first.to_string()]);
     assert!(out.status.success(), "{}", crate::support::stderr(&out));
     assert!(crate::support::stdout(&out).contains("deleted 60 backups"));

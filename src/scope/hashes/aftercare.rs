@@ -90,7 +90,7 @@ impl HashesAftercare {
         }
         if report.checked + report.changed == 0 && !self.backup {
             return Err(fatal(format!(
-                "job {job_id} ran with backup off: there is nothing to verify the hashes against"
+                "it ran with backup off: there is nothing to verify the hashes against"
             )));
         }
         Ok(report)
