@@ -254,21 +254,26 @@ pub async fn wrappers_count(
 }
 
 /// A selected `pqmig-wrap-v1` wrapper under one of `kems` (aliases,
-/// lowercase), if any: the first, by id.
+/// lowercase) with `after < id <= upto`, if any: the first, by id.
 pub async fn wrappers_find_kem(
     c: &impl GenericClient,
     filter: &WrapperFilter,
     kems: &[String],
+    after: i64,
+    upto: i64,
 ) -> Result<Option<(i64, String)>, Error> {
     let sql = format!(
         "SELECT w.id, w.crypto_suite->>'kem' FROM key_wrappers w \
-         WHERE w.crypto_suite->>'format' = 'pqmig-wrap-v1' \
+         WHERE w.id > $2::bigint AND w.id <= $3::bigint \
+           AND w.crypto_suite->>'format' = 'pqmig-wrap-v1' \
            AND lower(w.crypto_suite->>'kem') = ANY($1::text[]){} \
          ORDER BY w.id LIMIT 1",
-        filter.0.clause(2)
+        filter.0.clause(4)
     );
     let kems = kems.to_vec();
-    let row = c.query_opt(&sql, &filter.0.params(&[&kems])).await?;
+    let row = c
+        .query_opt(&sql, &filter.0.params(&[&kems, &after, &upto]))
+        .await?;
     Ok(row.map(|r| (r.get(0), r.get(1))))
 }
 

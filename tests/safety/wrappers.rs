@@ -151,6 +151,48 @@ async fn a_downgrade_fails_before_any_item_unless_allowed() {
     assert!(!Kem::XWing.is_downgrade_from(Kem::MlKem768));
 }
 
+/// The check before the first item reads bounded slices only (the first
+/// 2M ids of the selection's window); a stronger wrap beyond them is
+/// caught item by item: the job fails with each such item a `downgrade`
+/// error, and no wrapper changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_downgrade_beyond_the_bounded_check_fails_item_by_item() {
+    let mut w = WrapFx::new(8, Kem::XWing, 1).await;
+    let plain = w
+        .add_policy("plain", Kem::MlKem768, 1, "defined", 1, 1, None)
+        .await;
+    let daemon = InProcess::start(&w.fx, &[]).await;
+    let first = w.enqueue(w.seed.policy_id, json!({})).await;
+    assert_eq!(w.fx.wait_job(first, 60, terminal).await.status, "done");
+    // A row 3M ids below the others, outside the v1-only selection: the
+    // selection's id window starts there, the look ahead ends 1M ids short.
+    w.fx.db
+        .client()
+        .await
+        .execute(
+            "INSERT INTO key_wrappers (id, wrapper_uuid, status) \
+             VALUES ((SELECT min(id) FROM key_wrappers) - 3000000, gen_random_uuid()::text, 'retired')",
+            &[],
+        )
+        .await
+        .expect("a far row");
+    let before = w.snapshot().await;
+    let down = w
+        .enqueue(plain, json!({"formats": ["pqmig-wrap-v1"]}))
+        .await;
+    let j = w.fx.wait_job(down, 60, terminal).await;
+    daemon.stop().await;
+    assert_eq!(j.status, "failed", "{j:?}");
+    assert_eq!((j.processed, j.failed), (0, 8), "{j:?}");
+    let kinds = w
+        .scalar(&format!(
+            "SELECT count(*) FROM pq_migration_item_errors WHERE job_id = {down} AND error_code = 'downgrade'"
+        ))
+        .await;
+    assert_eq!(kinds, 8);
+    assert_eq!(w.snapshot().await, before);
+}
+
 /// A wrapper_uuid stored in upper case is the same uuid: the v1 wrap uses
 /// its lowercase text (pyca opens it with that); a policy named like a
 /// placeholder is substituted once, literally.

@@ -128,7 +128,9 @@ impl WrappersJob {
             }
         };
         let filter = WrapperFilter::new(&sel);
-        if !sel.allow_downgrade {
+        // Once, when the job first starts (its policy not pinned yet): a
+        // resume or a range's walk relies on the per-item check.
+        if !sel.allow_downgrade && pin.is_some() {
             refuse_downgrade(c, &sel, &filter, kem).await?;
         }
 
@@ -176,11 +178,19 @@ impl WrappersJob {
     }
 }
 
+/// How far the downgrade check looks before the first item: spans of
+/// `PROBE_SPAN` ids from the selection's lowest, at most `PROBE_SPANS` of
+/// them (each statement reads a bounded slice, like a batch).
+const PROBE_SPAN: i64 = 100_000;
+const PROBE_SPANS: usize = 20;
+
 /// SPEC §6.1 "no silent downgrade": a job whose selection holds a
 /// `pqmig-wrap-v1` wrapper under a stronger KEM than the target (a higher
 /// NIST category, or a hybrid) fails before any item, naming one, unless
-/// the selection sets `allow_downgrade`. (Each item is checked again when
-/// it is processed: a wrapper rewritten meanwhile cannot slip through.)
+/// the selection sets `allow_downgrade`. The look ahead is bounded (the
+/// first `PROBE_SPANS * PROBE_SPAN` ids: all of a table of a few million
+/// rows); beyond it, and for a wrapper rewritten meanwhile, each item is
+/// checked when it is processed and fails as `downgrade`, unchanged.
 async fn refuse_downgrade(
     c: &impl GenericClient,
     sel: &selection::Wrappers,
@@ -199,12 +209,29 @@ async fn refuse_downgrade(
     if !may_hold_v1 || stronger.is_empty() {
         return Ok(());
     }
-    if let Some((id, kem)) = dbw::wrappers_find_kem(c, filter, &stronger).await? {
-        return Err(fatal(format!(
-            "the selection holds wrappers under {kem} (e.g. id {id}); re-wrapping them under {} would weaken them: narrow the selection or set selection.allow_downgrade",
-            target.alias()
-        )));
+    let (from, to) = sel.common.id_window();
+    let Some((lo, hi)) = dbw::wrappers_bounds(c, from, to).await? else {
+        return Ok(());
+    };
+    let mut after = lo.saturating_sub(1);
+    for _ in 0..PROBE_SPANS {
+        let upto = after.saturating_add(PROBE_SPAN).min(hi);
+        if let Some((id, kem)) = dbw::wrappers_find_kem(c, filter, &stronger, after, upto).await? {
+            return Err(fatal(format!(
+                "the selection holds wrappers under {kem} (e.g. id {id}); re-wrapping them under {} would weaken them: narrow the selection or set selection.allow_downgrade",
+                target.alias()
+            )));
+        }
+        after = upto;
+        if after >= hi {
+            return Ok(());
+        }
     }
+    tracing::info!(
+        checked_upto = after,
+        max_id = hi,
+        "downgrade check before the job covered the first ids only; the rest is checked item by item"
+    );
     Ok(())
 }
 
