@@ -169,6 +169,21 @@ pub async fn range_heartbeat(
     Ok(n == 1)
 }
 
+/// Whether the range is done (by whoever walked it): nothing is left to
+/// write in it, so its walker's lease has nothing more to protect while
+/// it ends the job (which the job row's lock fences).
+pub async fn range_is_done(
+    c: &impl GenericClient,
+    lease: RangeLease,
+) -> Result<bool, tokio_postgres::Error> {
+    Ok(c.query_opt(
+        "SELECT 1 FROM pq_migration_ranges WHERE job_id = $1 AND range_no = $2 AND status = 'done'",
+        &[&lease.job_id, &lease.range_no],
+    )
+    .await?
+    .is_some())
+}
+
 /// Say why the range's walker waits (`None`: it no longer does).
 pub async fn range_throttled(
     c: &impl GenericClient,

@@ -207,7 +207,12 @@ async fn sigkill_mid_job_then_another_daemon_finishes_it() {
         ("done", 3000, 0),
         "{j:?}"
     );
-    assert_eq!(j.attempts, 0, "claims that made progress used no attempt");
+    assert_eq!(
+        j.attempts,
+        0,
+        "claims that made progress used no attempt:\n{}",
+        fx.event_log(id).await
+    );
     fx.assert_all_migrated_once().await;
     // The killed daemon's range was reclaimed once; the job was started once.
     assert_eq!(fx.events(id, "reclaimed").await, 1);

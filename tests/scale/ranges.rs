@@ -270,3 +270,38 @@ async fn a_job_whose_ranges_are_all_done_is_ended_by_its_next_claim() {
     assert_eq!(policies, 1, "the job's last word was said");
     daemon.stop().await;
 }
+
+/// A range marked done is not a lost lease: the heartbeat that finds it
+/// done (before its walker has ended the job) lets the walker go on. With
+/// a heartbeat every 5 ms it would otherwise strike between the two steps:
+/// the job was left for the rescuer to requeue and end, and a lost lease
+/// was counted for a range that finished fine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_range_done_is_not_a_lost_lease_while_its_walker_ends_the_job() {
+    const ROWS: i64 = 3000;
+    let fx = Fixture::new(ROWS).await;
+    let c = fx.db.client().await;
+    c.batch_execute("ANALYZE users").await.expect("analyze");
+    let env = [
+        ("PQMIG_RANGE_ITEMS", "200"),
+        ("PQMIG_HEARTBEAT_INTERVAL", "5ms"),
+    ];
+    let d = InProcess::start(&fx, &env).await;
+    let id = fx.enqueue(json!({"batch_size": 50})).await;
+    let j = fx.wait_job(id, 60, terminal).await;
+    let lost = d.metric("pqmig_leases_lost_total").await;
+    d.stop().await;
+    let log = fx.event_log(id).await;
+    assert_eq!((j.status.as_str(), j.processed), ("done", ROWS), "{log}");
+    assert!(
+        j.result.expect("result")["ranges"].as_i64() >= Some(10),
+        "{log}"
+    );
+    assert_eq!(
+        fx.events(id, "claimed").await,
+        1,
+        "ended by its last walker:\n{log}"
+    );
+    assert_eq!(fx.events(id, "reclaimed").await, 0, "{log}");
+    assert_eq!(lost, 0.0, "no lease counted lost");
+}

@@ -63,6 +63,16 @@ impl InProcess {
             .unwrap_or_else(|| panic!("no {series} in /metrics"))
     }
 
+    /// The value of one unlabelled counter or gauge its /metrics says.
+    pub async fn metric(&self, name: &str) -> f64 {
+        let (_, text) = crate::observe::http_get(self.addr, "/metrics").await;
+        let series = format!("{name} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(series.as_str()))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in /metrics"))
+    }
+
     pub async fn stop(mut self) {
         self.token.cancel();
         if let Some(h) = self.handle.take() {

@@ -250,6 +250,24 @@ impl Fixture {
             .get(0)
     }
 
+    /// The job's event log, one line per event (for assertion messages).
+    pub async fn event_log(&self, id: i64) -> String {
+        self.db
+            .client()
+            .await
+            .query(
+                "SELECT format('%s %s %s %s', created_at::time, event, worker, detail) \
+                 FROM pq_migration_job_events WHERE job_id = $1 ORDER BY id",
+                &[&id],
+            )
+            .await
+            .expect("events")
+            .iter()
+            .map(|r| r.get::<_, String>(0))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     /// Every user row: (id, hash, version).
     pub async fn users(&self) -> Vec<(i64, Vec<u8>, String)> {
         self.db

@@ -110,7 +110,11 @@ async fn heartbeat(shared: Arc<Shared>, held: Held, nudge: Arc<Notify>, lost: Ca
             let client = shared.client().await?;
             let ours = match held {
                 Held::Job(l) => jobs::job_heartbeat(&**client, l).await?,
-                Held::Range(r) => ranges::range_heartbeat(&**client, r).await?,
+                // A range done is not lost: its walker goes on to end the job.
+                Held::Range(r) => {
+                    ranges::range_heartbeat(&**client, r).await?
+                        || ranges::range_is_done(&**client, r).await?
+                }
             };
             Ok::<_, ServiceError>(ours)
         }
