@@ -136,6 +136,7 @@ async fn plan_a_hashes_job() {
         (doc["matched"].as_i64(), doc["sampled"].as_i64()),
         (Some(30), Some(30))
     );
+    assert_eq!(doc["matched_estimated"], false, "counted exactly");
     // SHA-256 → HMAC-SHA3-256: same length; the version grows by "pepper-v2/"
     assert_eq!(
         doc["bytes_per_item"].as_f64(),

@@ -20,6 +20,9 @@ pub struct PlanReport {
     pub scope: String,
     /// Items the selection matches (before skipping those already done).
     pub matched: i64,
+    /// `matched` is the planner's estimate: the exact count did not finish
+    /// within `database.statement_timeout` (a large table).
+    pub matched_estimated: bool,
     /// Items of the sample, and what the job would do with them.
     pub sampled: i64,
     pub sample_migrate: i64,
@@ -55,7 +58,20 @@ pub async fn run(config: &Config, args: &JobRequest, json: bool) -> anyhow::Resu
         .map_err(super::enqueue::would_fail)?;
     let cap = job.common().limit.unwrap_or(i64::MAX);
     let err = |e: crate::scope::JobError| anyhow::anyhow!("{e}");
-    let matched = job.count(client, i64::MIN, cap).await.map_err(err)?;
+    let (matched, matched_estimated) = match job.count(client, i64::MIN, cap).await {
+        Ok(n) => (n, false),
+        Err(crate::scope::JobError::TooSlow(_)) => {
+            let n = match job.id_bounds(client).await.map_err(err)? {
+                Some((lo, hi)) => job
+                    .estimate(client, lo.saturating_sub(1), hi)
+                    .await
+                    .map_err(err)?,
+                None => 0,
+            };
+            (n.min(cap), true)
+        }
+        Err(e) => return Err(err(e)),
+    };
     let rows = job
         .fetch(client, i64::MIN, i64::MAX, SAMPLE.min(cap))
         .await
@@ -74,6 +90,7 @@ pub async fn run(config: &Config, args: &JobRequest, json: bool) -> anyhow::Resu
     let report = PlanReport {
         scope: spec.scope.to_string(),
         matched,
+        matched_estimated,
         sampled,
         sample_migrate: migrate,
         sample_skip: skip,
@@ -92,7 +109,14 @@ pub async fn run(config: &Config, args: &JobRequest, json: bool) -> anyhow::Resu
         "plan for a {} job (nothing queued, nothing written):",
         report.scope
     );
-    println!("  matched items      {}", report.matched);
+    if report.matched_estimated {
+        println!(
+            "  matched items      ~{} (planner estimate: the exact count exceeded database.statement_timeout)",
+            report.matched
+        );
+    } else {
+        println!("  matched items      {}", report.matched);
+    }
     println!(
         "  sample             {} items: {} to migrate, {} already done, {} would fail",
         report.sampled, migrate, skip, fail

@@ -42,6 +42,41 @@ async fn millions_of_rows_under_a_short_statement_timeout_sparse_and_whole_table
         .get(0);
     assert_eq!(sparse_rows, 2000);
 
+    // `plan` on it: the exact count exceeds a 100 ms statement_timeout, so
+    // it reports the planner's estimate, marked as such.
+    let toml = fx.db.url.clone();
+    let cfg = std::env::temp_dir().join(format!("pqmig-plan-{}.toml", std::process::id()));
+    std::fs::write(
+        &cfg,
+        format!(
+            "[database]\nurl = {toml:?}\nstatement_timeout = \"100ms\"\n\
+             [worker]\nbatch_target = \"50ms\"\n"
+        ),
+    )
+    .expect("config");
+    let keyring = fx.keyring.display().to_string();
+    let out = crate::support::run(
+        &[
+            "--config",
+            cfg.to_str().expect("utf-8"),
+            "plan",
+            "--scope",
+            "hashes",
+            "--algo",
+            "HMAC-SHA3-256",
+            "--selection",
+            r#"{"table":"users","column":"email_hash"}"#,
+            "--json",
+        ],
+        &[("PQMIG_KEYRING", keyring.as_str())],
+    );
+    let _ = std::fs::remove_file(&cfg);
+    assert!(out.status.success(), "{}", crate::support::stderr(&out));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("plan JSON");
+    assert_eq!(doc["matched_estimated"], true, "{doc}");
+    let m = doc["matched"].as_i64().expect("matched");
+    assert!((ROWS / 2..ROWS * 2).contains(&m), "estimate {m} of {ROWS}");
+
     // The sparse job: one range over the whole id space, walked in spans.
     let d = InProcess::start_with(short_timeout(&fx)).await;
     let sparse = fx.enqueue(json!({"from_version": "v0"})).await;
