@@ -36,6 +36,10 @@ const METRICS: &[&str] = &[
     "pqmig_listener_connected",
     "pqmig_exposed_items",
     "pqmig_build_info",
+    "pqmig_inventory_last_success_timestamp_seconds",
+    "pqmig_throttled_seconds_total",
+    "pqmig_throttle_active",
+    "pqmig_maintenance_deleted_jobs_total",
 ];
 const HISTOGRAMS: &[&str] = &[
     "pqmig_batch_duration_seconds",
