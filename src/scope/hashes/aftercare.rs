@@ -89,9 +89,9 @@ impl HashesAftercare {
             }
         }
         if report.checked + report.changed == 0 && !self.backup {
-            return Err(fatal(format!(
-                "it ran with backup off: there is nothing to verify the hashes against"
-            )));
+            return Err(fatal(
+                "it ran with backup off: there is nothing to verify the hashes against",
+            ));
         }
         Ok(report)
     }
