@@ -57,6 +57,10 @@ pub enum Command {
     Cancel(JobArg),
     /// Re-queue a failed or cancelled job from where it stopped.
     Resume(JobArg),
+    /// Pause jobs (all, a scope's, a table's): no new claims, running walks give their ranges back after their batch.
+    Pause(PauseArgs),
+    /// Lift a pause made with `pqmig pause` (the same --scope/--table).
+    Unpause(PauseTarget),
     /// Show what a job would do (matched items, estimated time) without queueing it.
     Plan(PlanArgs),
     /// Re-check every item a job migrated; exits non-zero on any mismatch.
@@ -74,6 +78,39 @@ pub enum Command {
     Demo(DemoArgs),
     /// Measure items/s of a scope on a seeded scratch database.
     Bench(BenchArgs),
+}
+
+/// What a pause covers: every job, or those of a scope and/or writing a table.
+#[derive(Debug, Args)]
+pub struct PauseTarget {
+    /// Only jobs of this scope (wrappers, signatures or hashes)
+    #[arg(long)]
+    pub scope: Option<String>,
+    /// Only jobs writing this table (a hashes job's selection.table;
+    /// key_wrappers for wrappers, signatures for signatures)
+    #[arg(long)]
+    pub table: Option<String>,
+}
+
+impl From<PauseTarget> for cmd::pause::Target {
+    fn from(t: PauseTarget) -> Self {
+        cmd::pause::Target {
+            scope: t.scope,
+            table: t.table,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct PauseArgs {
+    #[command(flatten)]
+    pub target: PauseTarget,
+    /// Lift the pause by itself at this RFC 3339 time
+    #[arg(long, conflicts_with = "for_")]
+    pub until: Option<String>,
+    /// Lift the pause by itself after this duration (e.g. 2h)
+    #[arg(long = "for", id = "for_")]
+    pub for_: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -282,6 +319,14 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Cancel(a) => cmd::jobs::run(&config, a.job, cmd::jobs::Action::Cancel).await,
         Command::Resume(a) => cmd::jobs::run(&config, a.job, cmd::jobs::Action::Resume).await,
+        Command::Pause(a) => {
+            let until = cmd::pause::Until {
+                at: a.until,
+                after: a.for_,
+            };
+            cmd::pause::pause(&config, &a.target.into(), &until).await
+        }
+        Command::Unpause(a) => cmd::pause::unpause(&config, &a.into()).await,
         Command::Plan(a) => cmd::plan::run(&config, &a.spec.into(), a.json).await,
         Command::Verify(a) => cmd::aftercare::verify(&config, a.job).await,
         Command::Rollback(a) => cmd::aftercare::rollback(&config, a.job).await,

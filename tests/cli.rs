@@ -10,6 +10,8 @@ const SUBCOMMANDS: &[&str] = &[
     "status",
     "cancel",
     "resume",
+    "pause",
+    "unpause",
     "plan",
     "verify",
     "rollback",

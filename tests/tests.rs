@@ -17,6 +17,7 @@ mod keyring;
 mod migrate;
 mod observe;
 mod onion;
+mod pause;
 mod pgcluster;
 mod plan;
 mod reliability;

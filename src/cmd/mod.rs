@@ -18,6 +18,7 @@ pub mod enqueue;
 pub mod inventory;
 pub mod jobs;
 pub mod keys;
+pub mod pause;
 pub mod plan;
 pub mod run;
 pub mod status;

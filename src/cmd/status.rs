@@ -25,12 +25,12 @@ async fn show(client: &tokio_postgres::Client, job: Option<i64>, json: bool) -> 
     match job {
         None => {
             let jobs = status::jobs_list(client, FINISHED_SHOWN).await?;
+            let paused = crate::db::pauses::pauses_active(client).await?;
             if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&serde_json::json!({ "jobs": jobs }))?
-                );
+                let doc = serde_json::json!({ "jobs": jobs, "pauses": paused });
+                println!("{}", serde_json::to_string_pretty(&doc)?);
             } else {
+                print_pauses(&paused);
                 print_table(&jobs);
             }
         }
@@ -101,6 +101,27 @@ pub fn short_duration(secs: f64) -> String {
         60..=3599 => format!("{}m{:02}s", s / 60, s % 60),
         3600..=86_399 => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
         _ => format!("{}d{:02}h", s / 86_400, (s % 86_400) / 3600),
+    }
+}
+
+/// Operator pauses in force, one line each, above the job table.
+fn print_pauses(paused: &[crate::db::pauses::Pause]) {
+    for p in paused {
+        let what = match (&p.scope, &p.table) {
+            (None, None) => "every job".to_owned(),
+            (Some(s), None) => format!("{s} jobs"),
+            (None, Some(t)) => format!("jobs writing {t}"),
+            (Some(s), Some(t)) => format!("{s} jobs writing {t}"),
+        };
+        let until = p
+            .until
+            .as_deref()
+            .map_or_else(|| " until unpaused".to_owned(), |u| format!(" until {u}"));
+        let by = p
+            .paused_by
+            .as_deref()
+            .map_or_else(String::new, |b| format!(" by {b}"));
+        println!("PAUSED  {what} since {}{by}{until}", p.paused_at);
     }
 }
 

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{ServiceError, Shared, jitter};
 use crate::db::{jobs, ranges};
+use crate::metrics::Metrics;
 
 pub struct Rescuer {
     pub shared: Arc<Shared>,
@@ -57,6 +58,23 @@ impl Rescuer {
             rescued.push((id, -1, "pending".to_owned()));
         }
         shared.metrics.leases_reclaimed.inc_by(rescued.len() as u64);
+        // Jobs that ran out of attempts end here, not in a worker: count them.
+        let mut failed: Vec<i64> = rescued
+            .iter()
+            .filter(|(_, _, s)| s == "failed")
+            .map(|(id, _, _)| *id)
+            .collect();
+        failed.sort_unstable();
+        failed.dedup();
+        if !failed.is_empty() {
+            for scope in jobs::jobs_scopes(&**client, &failed).await? {
+                shared
+                    .metrics
+                    .jobs_finished
+                    .with_label_values(&[Metrics::scope_label(&scope), "failed"])
+                    .inc();
+            }
+        }
         for (id, range, status) in &rescued {
             if *range < 0 {
                 tracing::warn!(job_id = id, new_status = %status, "lease expired; job reclaimed");

@@ -40,10 +40,15 @@ pub struct ClaimedJob {
 /// The claim query. Its WHERE and ORDER BY match `idx_pq_mig_claim` exactly
 /// (migrations/V3), so a claim reads a few index entries instead of sorting
 /// every pending row.
-pub const CLAIM_SELECT: &str = "SELECT id FROM pq_migration_jobs \
-     WHERE status = 'pending' AND (scheduled_at IS NULL OR scheduled_at <= now()) \
-     ORDER BY priority DESC, scheduled_at ASC NULLS FIRST, id ASC \
-     LIMIT $1 FOR UPDATE SKIP LOCKED";
+/// A paused job is not claimed (`db::pauses`).
+pub const CLAIM_SELECT: &str = concat!(
+    "SELECT j.id FROM pq_migration_jobs j \
+     WHERE j.status = 'pending' AND (j.scheduled_at IS NULL OR j.scheduled_at <= now()) \
+       AND NOT ",
+    super::pauses::paused_sql!(),
+    " ORDER BY j.priority DESC, j.scheduled_at ASC NULLS FIRST, j.id ASC \
+     LIMIT $1 FOR UPDATE SKIP LOCKED"
+);
 
 /// Claim up to `limit` due jobs for `worker`, committing at once.
 pub async fn job_claim(
@@ -434,6 +439,20 @@ pub enum JobAction {
     NotFound,
     /// The job's status does not allow the action.
     WrongStatus(String),
+}
+
+/// The scopes of these jobs (one per job found).
+pub async fn jobs_scopes(
+    c: &impl GenericClient,
+    ids: &[i64],
+) -> Result<Vec<String>, tokio_postgres::Error> {
+    let rows = c
+        .query(
+            "SELECT scope FROM pq_migration_jobs WHERE id = ANY($1::bigint[])",
+            &[&ids],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
 async fn job_status(c: &impl GenericClient, id: i64) -> Result<JobAction, tokio_postgres::Error> {

@@ -23,6 +23,7 @@ pub mod kms;
 pub mod lock;
 pub mod maintenance;
 pub mod migrate;
+pub mod pauses;
 pub mod ranges;
 pub mod sample;
 pub mod signatures;

@@ -10,6 +10,7 @@ use serde_json::Value;
 use tokio_postgres::GenericClient;
 use uuid::Uuid;
 
+use super::pauses::PAUSED;
 use crate::job::{JobSpec, Purpose, spec_from_row};
 
 /// The fence of one claimed range.
@@ -99,11 +100,12 @@ pub async fn ranges_claim(
 ) -> Result<Vec<ClaimedRange>, tokio_postgres::Error> {
     let rows = c
         .query(
-            "WITH c AS ( \
+            &format!(
+                "WITH c AS ( \
                SELECT r.job_id, r.range_no FROM pq_migration_ranges r \
                JOIN pq_migration_jobs j ON j.id = r.job_id \
                WHERE r.status = 'pending' AND j.status = 'running' \
-                 AND (r.not_before IS NULL OR r.not_before <= now()) \
+                 AND (r.not_before IS NULL OR r.not_before <= now()) AND NOT {PAUSED} \
                ORDER BY j.priority DESC, r.job_id, r.range_no \
                LIMIT $1 FOR UPDATE OF r SKIP LOCKED), \
              u AS (UPDATE pq_migration_ranges r SET status = 'running', attempts = r.attempts + 1, \
@@ -116,7 +118,8 @@ pub async fn ranges_claim(
              SELECT u.job_id, u.range_no, u.lease_token, u.lo, u.hi, u.attempts, u.cursor, \
                     u.processed_count, u.failed_count, u.estimated_count, \
                     j.scope, j.target_policy_id, j.target_algo_id, j.selection, j.result \
-             FROM u JOIN pq_migration_jobs j ON j.id = u.job_id ORDER BY u.job_id, u.range_no",
+             FROM u JOIN pq_migration_jobs j ON j.id = u.job_id ORDER BY u.job_id, u.range_no"
+            ),
             &[&limit, &worker],
         )
         .await?;
@@ -157,16 +160,32 @@ pub async fn ranges_claim(
 const FENCE: &str = "job_id = $1 AND range_no = $2 AND lease_token = $3 AND status = 'running' \
      AND EXISTS (SELECT 1 FROM pq_migration_jobs j WHERE j.id = $1 AND j.status = 'running')";
 
-/// Renew the lease. `false`: the range (or its job) is no longer ours.
+/// Renew the lease, and say whether a pause now covers its job.
 pub async fn range_heartbeat(
     c: &impl GenericClient,
     lease: RangeLease,
-) -> Result<bool, tokio_postgres::Error> {
-    let sql = format!("UPDATE pq_migration_ranges SET heartbeat_at = now() WHERE {FENCE}");
-    let n = c
-        .execute(&sql, &[&lease.job_id, &lease.range_no, &lease.token])
+) -> Result<Renewed, tokio_postgres::Error> {
+    let sql = format!(
+        "UPDATE pq_migration_ranges SET heartbeat_at = now() WHERE {FENCE} \
+         RETURNING (SELECT {PAUSED} FROM pq_migration_jobs j WHERE j.id = $1)"
+    );
+    let row = c
+        .query_opt(&sql, &[&lease.job_id, &lease.range_no, &lease.token])
         .await?;
-    Ok(n == 1)
+    Ok(match row {
+        None => Renewed::Lost,
+        Some(r) if r.get::<_, Option<bool>>(0) == Some(true) => Renewed::Paused,
+        Some(_) => Renewed::Held,
+    })
+}
+
+/// A range's heartbeat: still ours, ours but its job is paused (the walk
+/// gives it back after its batch), or no longer ours.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Renewed {
+    Held,
+    Paused,
+    Lost,
 }
 
 /// Whether the range is done (by whoever walked it): nothing is left to

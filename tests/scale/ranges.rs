@@ -305,3 +305,45 @@ async fn a_range_done_is_not_a_lost_lease_while_its_walker_ends_the_job() {
     assert_eq!(fx.events(id, "reclaimed").await, 0, "{log}");
     assert_eq!(lost, 0.0, "no lease counted lost");
 }
+
+/// A job the rescuer fails (its ranges used `max_attempts` claims without
+/// progress) counts in `pqmig_jobs_finished_total{status="failed"}` once,
+/// however many of its ranges ran out at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_the_rescuer_fails_is_counted_as_failed_once() {
+    use pqmig::daemon::{Services, Shared, rescuer::Rescuer};
+    use tokio_util::sync::CancellationToken;
+
+    let fx = Fixture::new(10).await;
+    let c = fx.db.client().await;
+    c.batch_execute(
+        "INSERT INTO pq_migration_jobs (scope, status, ranges, selection) \
+           VALUES ('hashes', 'running', 2, '{\"table\":\"users\",\"column\":\"email_hash\"}'); \
+         INSERT INTO pq_migration_ranges (job_id, range_no, lo, hi, status, attempts, locked_by, \
+                                          lease_token, heartbeat_at) \
+           VALUES (1, 0, 0, 5, 'running', 5, 'gone-1', gen_random_uuid(), now() - interval '1 hour'), \
+                  (1, 1, 5, 10, 'running', 5, 'gone-2', gen_random_uuid(), now() - interval '1 hour');",
+    )
+    .await
+    .expect("two stale ranges out of attempts");
+    let config = crate::support::daemon::config(&fx, &[("PQMIG_MAX_ATTEMPTS", "5")]);
+    let services = Services::from_config(&config).await.expect("services");
+    let shared = Arc::new(Shared::new(&config, &services, CancellationToken::new()));
+    let failed = || {
+        shared
+            .metrics
+            .jobs_finished
+            .with_label_values(&["hashes", "failed"])
+            .get()
+    };
+    let before = failed();
+    let rescued = Rescuer {
+        shared: Arc::clone(&shared),
+    }
+    .run_once()
+    .await
+    .expect("round");
+    assert_eq!(rescued.len(), 2, "{rescued:?}");
+    assert_eq!(fx.job(1).await.status, "failed");
+    assert_eq!(failed() - before, 1);
+}

@@ -17,7 +17,7 @@ use tokio_util::task::AbortOnDropHandle;
 
 use super::{Held, ServiceError, Shared, jitter};
 use crate::db::jobs::{self, ClaimedJob};
-use crate::db::ranges::{self, ClaimedRange};
+use crate::db::ranges::{self, ClaimedRange, Renewed};
 use crate::metrics::Metrics;
 use crate::scope::JobError;
 
@@ -50,6 +50,8 @@ struct LeaseGuard {
     scope: &'static str,
     /// Cancelled when the heartbeat finds the lease gone.
     lost: CancellationToken,
+    /// Cancelled when the heartbeat finds the range's job paused.
+    paused: CancellationToken,
     _heartbeat: AbortOnDropHandle<()>,
 }
 
@@ -66,13 +68,20 @@ impl LeaseGuard {
             .jobs_running
             .with_label_values(&[scope])
             .inc();
-        let lost = CancellationToken::new();
-        let heartbeat = tokio::spawn(heartbeat(Arc::clone(shared), held, nudge, lost.clone()));
+        let (lost, paused) = (CancellationToken::new(), CancellationToken::new());
+        let heartbeat = tokio::spawn(heartbeat(
+            Arc::clone(shared),
+            held,
+            nudge,
+            lost.clone(),
+            paused.clone(),
+        ));
         LeaseGuard {
             shared: Arc::clone(shared),
             held,
             scope,
             lost,
+            paused,
             _heartbeat: AbortOnDropHandle::new(heartbeat),
         }
     }
@@ -100,7 +109,13 @@ impl Drop for LeaseGuard {
 }
 
 /// Renew the lease every heartbeat interval, or at once when nudged.
-async fn heartbeat(shared: Arc<Shared>, held: Held, nudge: Arc<Notify>, lost: CancellationToken) {
+async fn heartbeat(
+    shared: Arc<Shared>,
+    held: Held,
+    nudge: Arc<Notify>,
+    lost: CancellationToken,
+    paused: CancellationToken,
+) {
     loop {
         tokio::select! {
             _ = tokio::time::sleep(shared.worker.heartbeat_interval) => {}
@@ -110,11 +125,15 @@ async fn heartbeat(shared: Arc<Shared>, held: Held, nudge: Arc<Notify>, lost: Ca
             let client = shared.client().await?;
             let ours = match held {
                 Held::Job(l) => jobs::job_heartbeat(&**client, l).await?,
-                // A range done is not lost: its walker goes on to end the job.
-                Held::Range(r) => {
-                    ranges::range_heartbeat(&**client, r).await?
-                        || ranges::range_is_done(&**client, r).await?
-                }
+                Held::Range(r) => match ranges::range_heartbeat(&**client, r).await? {
+                    Renewed::Held => true,
+                    Renewed::Paused => {
+                        paused.cancel();
+                        true
+                    }
+                    // A range done is not lost: its walker goes on to end the job.
+                    Renewed::Lost => ranges::range_is_done(&**client, r).await?,
+                },
             };
             Ok::<_, ServiceError>(ours)
         }
@@ -147,7 +166,7 @@ pub async fn run(shared: Arc<Shared>, work: Work, _permit: OwnedSemaphorePermit)
         r = async {
             match &work {
                 Work::Start(job) => start::run(&shared, job, &guard.lost).await,
-                Work::Range(range) => walk::work(&shared, range, &guard.lost).await,
+                Work::Range(range) => walk::work(&shared, range, &guard.lost, &guard.paused).await,
             }
         } => r,
         _ = guard.lost.cancelled() => Err(JobError::LeaseLost),
@@ -196,7 +215,11 @@ async fn end(
         }
         Err(JobError::Transient(msg) | JobError::TooSlow(msg)) => {
             tracing::warn!(job_id, error = %msg, "giving the work back after repeated transient errors");
-            let delay = backoff(shared, BATCH_RETRIES);
+            let w = &shared.worker;
+            let delay = jitter(
+                release_delay(w.retry_backoff, w.retry_backoff_max, attempts),
+                0.2,
+            );
             release(shared, held, false, Some(delay), &msg).await;
             Some("released")
         }
@@ -212,6 +235,15 @@ fn backoff(shared: &Shared, attempt: u32) -> Duration {
         .saturating_mul(1 << attempt.min(16))
         .min(w.retry_backoff_max);
     jitter(d, 0.2)
+}
+
+/// How long work given back after its `attempts`-th claim waits before
+/// it can be claimed again (before jitter): `base` (`retry_backoff`)
+/// doubled per claim, the first release waiting `base`, up to `max`
+/// (`retry_backoff_max`).
+fn release_delay(base: Duration, max: Duration, attempts: i32) -> Duration {
+    let doublings = attempts.saturating_sub(1).clamp(0, 16) as u32;
+    base.saturating_mul(1 << doublings).min(max)
 }
 
 /// Fail the whole job. Returns the status to count: `failed`, or `lost`
@@ -271,5 +303,20 @@ async fn release(
         Err(e) => {
             tracing::warn!(job_id = held.job_id(), error = %e, "could not release; the lease will expire")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn release_delay_doubles_per_claim_up_to_the_max() {
+        let (base, max) = (Duration::from_secs(30), Duration::from_secs(3600));
+        let waits: Vec<u64> = (0..=9)
+            .map(|a| release_delay(base, max, a).as_secs())
+            .collect();
+        assert_eq!(waits, [30, 30, 60, 120, 240, 480, 960, 1920, 3600, 3600]);
+        assert_eq!(release_delay(base, max, i32::MAX), max);
     }
 }

@@ -183,6 +183,7 @@ pub(super) async fn work(
     shared: &Arc<Shared>,
     range: &ClaimedRange,
     lost: &CancellationToken,
+    paused: &CancellationToken,
 ) -> Result<Option<&'static str>, JobError> {
     let lease = range.lease;
     let spec = range
@@ -204,6 +205,7 @@ pub(super) async fn work(
         shared,
         lease,
         lost,
+        paused,
         label: Metrics::scope_label(&range.scope),
         cap: common.limit.unwrap_or(i64::MAX),
         hi: range.hi,
@@ -257,6 +259,9 @@ struct Walk<'a> {
     shared: &'a Arc<Shared>,
     lease: RangeLease,
     lost: &'a CancellationToken,
+    /// Cancelled when an operator pause covers the job: the walk gives its
+    /// range back after the batch in hand, keeping its attempt.
+    paused: &'a CancellationToken,
     label: &'static str,
     scope: Arc<Prepared>,
     common: Common,
@@ -286,6 +291,15 @@ impl Walk<'_> {
         loop {
             if self.shared.shutdown.is_cancelled() {
                 release(self.shared, Held::Range(self.lease), true, None, "shutdown").await;
+                return Ok(Some("released"));
+            }
+            if self.paused.is_cancelled() {
+                tracing::info!(
+                    job_id = self.lease.job_id,
+                    range = self.lease.range_no,
+                    "the job is paused: range given back"
+                );
+                release(self.shared, Held::Range(self.lease), true, None, "paused").await;
                 return Ok(Some("released"));
             }
             self.wait_for_health().await?;
@@ -414,7 +428,7 @@ impl Walk<'_> {
         let Some(n) = self.next_size(fetched) else {
             return;
         };
-        if next >= self.hi || self.shared.shutdown.is_cancelled() {
+        if next >= self.hi || self.shared.shutdown.is_cancelled() || self.paused.is_cancelled() {
             return;
         }
         let (shared, scope) = (Arc::clone(self.shared), Arc::clone(&self.scope));
@@ -522,6 +536,7 @@ impl Walk<'_> {
                 changed = self.brake.changed() => changed.is_err(),
                 _ = self.lost.cancelled() => return Err(JobError::LeaseLost),
                 _ = self.shared.shutdown.cancelled() => true,
+                _ = self.paused.cancelled() => true,
             };
             self.count_throttled(reason, since.elapsed());
             since = Instant::now();
@@ -585,6 +600,7 @@ impl Walk<'_> {
                 _ = tokio::time::sleep_until(due.into()) => {}
                 _ = self.shared.shutdown.cancelled() => {}
                 _ = self.lost.cancelled() => {}
+                _ = self.paused.cancelled() => {}
             }
             if let Some(reason) = reason {
                 self.count_throttled(reason, now.elapsed());
