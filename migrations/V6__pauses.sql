@@ -18,3 +18,9 @@ CREATE TABLE IF NOT EXISTS pq_migration_pauses (
 -- One pause per (scope, table), NULL meaning "every".
 CREATE UNIQUE INDEX IF NOT EXISTS uq_pq_mig_pauses_target
     ON pq_migration_pauses ((COALESCE(scope, '')), (COALESCE(table_name, '')));
+
+-- `pqmig set` records what it changed on a pending or running job (max_rate,
+-- priority) as a `changed` event: SPEC §3's event names plus this one.
+ALTER TABLE pq_migration_job_events DROP CONSTRAINT IF EXISTS ck_pq_mig_job_events_event;
+ALTER TABLE pq_migration_job_events ADD CONSTRAINT ck_pq_mig_job_events_event CHECK (event IN
+    ('claimed', 'released', 'reclaimed', 'failed', 'cancelled', 'done', 'resumed', 'changed'));

@@ -57,6 +57,8 @@ pub enum Command {
     Cancel(JobArg),
     /// Re-queue a failed or cancelled job from where it stopped.
     Resume(JobArg),
+    /// Change a pending or running job: its max_rate (read again within a second) or priority.
+    Set(SetArgs),
     /// Pause jobs (all, a scope's, a table's): no new claims, running walks give their ranges back after their batch.
     Pause(PauseArgs),
     /// Lift a pause made with `pqmig pause` (the same --scope/--table).
@@ -78,6 +80,18 @@ pub enum Command {
     Demo(DemoArgs),
     /// Measure items/s of a scope on a seeded scratch database.
     Bench(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SetArgs {
+    /// Job id
+    pub job: i64,
+    /// Items/s for the whole job (shared by its walks), or `none` to lift it
+    #[arg(long, value_name = "N|none", allow_hyphen_values = true)]
+    pub max_rate: Option<String>,
+    /// Higher runs first (claims of its ranges too)
+    #[arg(long)]
+    pub priority: Option<i16>,
 }
 
 /// What a pause covers: every job, or those of a scope and/or writing a table.
@@ -319,6 +333,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Cancel(a) => cmd::jobs::run(&config, a.job, cmd::jobs::Action::Cancel).await,
         Command::Resume(a) => cmd::jobs::run(&config, a.job, cmd::jobs::Action::Resume).await,
+        Command::Set(a) => cmd::jobs::set(&config, a.job, a.max_rate.as_deref(), a.priority).await,
         Command::Pause(a) => {
             let until = cmd::pause::Until {
                 at: a.until,

@@ -1,6 +1,7 @@
-//! `pqmig pause` / `unpause`: kept in the database, obeyed by every
-//! replica within a heartbeat; a paused walk commits its batch and gives
-//! its range back without using an attempt.
+//! Operator control. `pqmig pause` / `unpause`: kept in the database,
+//! obeyed by every replica within a heartbeat; a paused walk commits its
+//! batch and gives its range back without using an attempt. `pqmig set`:
+//! a running job's max_rate and priority.
 
 use std::time::Duration;
 
@@ -212,4 +213,72 @@ async fn bad_pause_input_is_one_line_and_changes_nothing() {
     );
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert_eq!(pauses(&fx).await, 0);
+}
+
+/// `pqmig set` lifts a running job's max_rate (at 20 items/s its 3000
+/// items would take 150 s; lifted, it ends well within the wait) and
+/// changes its priority, each recorded as a `changed` event; bad input and
+/// finished jobs are refused with one line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_changes_a_running_jobs_rate_and_priority() {
+    const ROWS: i64 = 3000;
+    let fx = Fixture::new(ROWS).await;
+    let d = InProcess::start(&fx, &[]).await;
+    let id = fx.enqueue(json!({"batch_size": 10, "max_rate": 20})).await;
+    fx.wait_job(id, 30, |j| j.processed >= 20).await;
+    let job = id.to_string();
+    let out = cli(&fx, &["set", &job, "--priority", "7"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("priority 7"), "{}", stdout(&out));
+    let c = fx.db.client().await;
+    let priority: i16 = c
+        .query_one(
+            "SELECT priority FROM pq_migration_jobs WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .expect("priority")
+        .get(0);
+    assert_eq!(priority, 7);
+    let out = cli(&fx, &["set", &job, "--max-rate", "none"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let j = fx.wait_job(id, 60, terminal).await;
+    d.stop().await;
+    assert_eq!((j.status.as_str(), j.processed), ("done", ROWS), "{j:?}");
+    let started: f64 = c
+        .query_one(
+            "SELECT extract(epoch FROM finished_at - started_at)::float8 FROM pq_migration_jobs WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .expect("duration")
+        .get(0);
+    assert!(started < 100.0, "the lifted rate held on: {started} s");
+    assert_eq!(
+        fx.events(id, "changed").await,
+        2,
+        "{}",
+        fx.event_log(id).await
+    );
+    fx.assert_all_migrated_once().await;
+    for (args, want) in [
+        (
+            vec!["set", &job, "--priority", "1"],
+            "is done; only pending or running jobs can be changed",
+        ),
+        (
+            vec!["set", "987654", "--priority", "1"],
+            "no job with id 987654",
+        ),
+        (
+            vec!["set", &job, "--max-rate", "-5"],
+            "--max-rate: \"-5\" is not a positive number",
+        ),
+        (vec!["set", &job], "nothing to change"),
+    ] {
+        let out = cli(&fx, &args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(want), "{args:?}: {}", stderr(&out));
+        assert_eq!(stderr(&out).trim_end().lines().count(), 1);
+    }
 }

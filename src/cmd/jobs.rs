@@ -1,8 +1,9 @@
-//! `pqmig cancel JOB` and `pqmig resume JOB`, confirming what they did.
+//! `pqmig cancel JOB`, `pqmig resume JOB` and `pqmig set JOB`, confirming
+//! what they did.
 
 use super::UsageError;
 use crate::config::Config;
-use crate::db::jobs::{self, JobAction};
+use crate::db::jobs::{self, JobAction, JobChange};
 
 /// What an operator does to a job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,6 +39,60 @@ pub async fn run(config: &Config, job: i64, action: Action) -> anyhow::Result<()
         JobAction::NotFound => Err(UsageError(format!("no job with id {job}")).into()),
         JobAction::WrongStatus(status) => Err(UsageError(format!(
             "job {job} is {status}; only {allowed} jobs can be {verb}ed"
+        ))
+        .into()),
+    }
+}
+
+/// `pqmig set JOB [--max-rate N|none] [--priority N]`.
+pub async fn set(
+    config: &Config,
+    job: i64,
+    max_rate: Option<&str>,
+    priority: Option<i16>,
+) -> anyhow::Result<()> {
+    let max_rate = match max_rate {
+        None => None,
+        Some("none") => Some(None),
+        Some(v) => match v.parse::<f64>() {
+            Ok(r) if r > 0.0 && r.is_finite() => Some(Some(r)),
+            _ => {
+                return Err(UsageError(format!(
+                    "--max-rate: {v:?} is not a positive number of items/s or none"
+                ))
+                .into());
+            }
+        },
+    };
+    if max_rate.is_none() && priority.is_none() {
+        return Err(UsageError("nothing to change: give --max-rate or --priority".into()).into());
+    }
+    let client = super::connect(config).await?;
+    let who = format!(
+        "cli:{}",
+        std::env::var("USER").unwrap_or_else(|_| "unknown".into())
+    );
+    let change = JobChange { max_rate, priority };
+    match jobs::job_set(&client, job, &who, &change).await? {
+        JobAction::Done => {
+            let mut what = Vec::new();
+            match max_rate {
+                Some(Some(r)) => what.push(format!("max_rate {r} items/s")),
+                Some(None) => what.push("no max_rate".to_owned()),
+                None => {}
+            }
+            if let Some(p) = priority {
+                what.push(format!("priority {p}"));
+            }
+            println!(
+                "job {job}: {}; its walks apply it within a second",
+                what.join(", ")
+            );
+            Ok(())
+        }
+        JobAction::NotFound => Err(UsageError(format!("no job with id {job}")).into()),
+        JobAction::WrongStatus(status) => Err(UsageError(format!(
+            "job {job} is {status}; only pending or running jobs can be changed"
         ))
         .into()),
     }

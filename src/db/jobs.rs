@@ -516,6 +516,66 @@ pub async fn job_resume(
 
 /// Run an operator action (`$1` job id, `$2` who; one row back when it
 /// applied), else say why not: no such job, or its status.
+/// What `pqmig set` changes on a pending or running job.
+#[derive(Debug, Clone, Default)]
+pub struct JobChange {
+    /// `Some(Some(r))`: set `selection.max_rate`; `Some(None)`: remove it.
+    pub max_rate: Option<Option<f64>>,
+    pub priority: Option<i16>,
+}
+
+/// Change a pending or running job (event `changed` with what changed).
+/// Walks read `max_rate` again within a second, claims order by priority.
+pub async fn job_set(
+    c: &impl GenericClient,
+    id: i64,
+    who: &str,
+    change: &JobChange,
+) -> Result<JobAction, tokio_postgres::Error> {
+    let (set_rate, rate) = match change.max_rate {
+        None => (false, None),
+        Some(r) => (true, r),
+    };
+    let rows = c
+        .query(
+            "WITH u AS (UPDATE pq_migration_jobs SET \
+                 selection = CASE WHEN NOT $3 THEN selection \
+                   WHEN $4::float8 IS NULL THEN COALESCE(selection, '{}'::jsonb) - 'max_rate' \
+                   ELSE COALESCE(selection, '{}'::jsonb) || jsonb_build_object('max_rate', $4::float8) END, \
+                 priority = COALESCE($5::smallint, priority), updated_at = now() \
+               WHERE id = $1 AND status IN ('pending', 'running') RETURNING id) \
+             INSERT INTO pq_migration_job_events (job_id, event, worker, detail) \
+             SELECT id, 'changed', $2, jsonb_strip_nulls(jsonb_build_object( \
+                 'max_rate', CASE WHEN $3 THEN COALESCE(to_jsonb($4::float8), '\"none\"'::jsonb) END, \
+                 'priority', $5::smallint)) FROM u RETURNING job_id",
+            &[&id, &who, &set_rate, &rate, &change.priority],
+        )
+        .await?;
+    if rows.len() == 1 {
+        return Ok(JobAction::Done);
+    }
+    job_status(c, id).await
+}
+
+/// A job's `max_rate` as its row says now (a number, else none) and how
+/// many of its ranges are being walked: a walk's share of the rate.
+pub async fn job_rate_walks(
+    c: &impl GenericClient,
+    id: i64,
+) -> Result<(Option<f64>, i64), tokio_postgres::Error> {
+    let r = c
+        .query_one(
+            "SELECT CASE WHEN jsonb_typeof(j.selection->'max_rate') = 'number' \
+                      THEN (j.selection->>'max_rate')::float8 END, \
+                    (SELECT count(*) FROM pq_migration_ranges r \
+                      WHERE r.job_id = j.id AND r.status = 'running') \
+             FROM pq_migration_jobs j WHERE j.id = $1",
+            &[&id],
+        )
+        .await?;
+    Ok((r.get(0), r.get(1)))
+}
+
 async fn job_action(
     c: &impl GenericClient,
     id: i64,

@@ -570,17 +570,3 @@ pub async fn ranges_running(c: &impl GenericClient) -> Result<i64, tokio_postgre
     .await?
     .get(0))
 }
-
-/// How many ranges of one job are being walked right now (the share of
-/// the job's `max_rate` each walker takes).
-pub async fn job_ranges_running(
-    c: &impl GenericClient,
-    job_id: i64,
-) -> Result<i64, tokio_postgres::Error> {
-    Ok(c.query_one(
-        "SELECT count(*) FROM pq_migration_ranges WHERE job_id = $1 AND status = 'running'",
-        &[&job_id],
-    )
-    .await?
-    .get(0))
-}

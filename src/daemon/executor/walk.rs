@@ -47,8 +47,9 @@ const SLOW_RETRIES: u32 = 16;
 const SIZES_KEPT: usize = 200;
 /// The statement_timeout of the transaction that finishes a range.
 const FINISH_LOCK_WAIT: Duration = Duration::from_secs(10);
-/// How often a walk with a `max_rate` recounts the ranges sharing it.
-const SHARE_REFRESH: Duration = Duration::from_secs(5);
+/// How often a walk reads its job's `max_rate` (which `pqmig set` may
+/// change) and recounts the ranges sharing it.
+const SHARE_REFRESH: Duration = Duration::from_secs(1);
 
 /// Where a range stands between batches; persisted as its `cursor`.
 #[derive(Debug, Clone, Copy, Default)]
@@ -282,8 +283,9 @@ struct Walk<'a> {
     brake: watch::Receiver<Brake>,
     /// When the last batch was allowed to start, for pacing.
     paced_at: Instant,
-    /// This walk's share of the job's `max_rate`, and when it was counted.
-    job_share: Option<(f64, Instant)>,
+    /// This walk's share of the job's `max_rate` (none: no rate), and when
+    /// it was counted.
+    job_share: Option<(Option<f64>, Instant)>,
 }
 
 impl Walk<'_> {
@@ -610,23 +612,29 @@ impl Walk<'_> {
     }
 
     /// The job's `max_rate` divided among its ranges being walked now
-    /// (recounted every few seconds).
+    /// (read again every second).
     async fn job_rate_share(&mut self) -> Option<f64> {
-        let rate = self.common.max_rate?;
         if let Some((share, at)) = self.job_share
             && at.elapsed() < SHARE_REFRESH
         {
-            return Some(share);
+            return share;
         }
-        let running = async {
+        // Read again each time: `pqmig set --max-rate` changes it mid-job.
+        let read = async {
             let client = self.shared.pool.get().await?;
-            Ok::<_, JobError>(ranges::job_ranges_running(&**client, self.lease.job_id).await?)
+            Ok::<_, JobError>(jobs::job_rate_walks(&**client, self.lease.job_id).await?)
         }
-        .await
-        .unwrap_or(1);
-        let share = rate / running.max(1) as f64;
+        .await;
+        let share = match read {
+            Ok((rate, walks)) => rate.map(|r| r / walks.max(1) as f64),
+            // Keep what was known (the claim's rate at first).
+            Err(_) => match self.job_share {
+                Some((share, _)) => share,
+                None => self.common.max_rate,
+            },
+        };
         self.job_share = Some((share, Instant::now()));
-        Some(share)
+        share
     }
 
     fn summary(&self) -> Value {
