@@ -50,7 +50,7 @@ pub enum Command {
     /// Apply pending schema migrations (safe to run from several replicas at once).
     Migrate,
     /// Queue a migration job and print its id.
-    Enqueue(JobSpecArgs),
+    Enqueue(EnqueueArgs),
     /// Show jobs, their progress, rate and ETA.
     Status(StatusArgs),
     /// Cancel a pending or running job (progress is kept).
@@ -163,6 +163,16 @@ pub struct JobSpecArgs {
     /// users.id of whoever asked for the job
     #[arg(long)]
     pub created_by: Option<i64>,
+}
+
+#[derive(Debug, Args)]
+pub struct EnqueueArgs {
+    #[command(flatten)]
+    pub spec: JobSpecArgs,
+    /// Queue it even though a pending or running job of the same scope
+    /// covers some of the same items (they would be walked twice)
+    #[arg(long)]
+    pub allow_overlap: bool,
 }
 
 #[derive(Debug, Args)]
@@ -326,7 +336,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Migrate => cmd::run::migrate(&config).await,
         Command::Run(_) => cmd::run::run(&config).await,
-        Command::Enqueue(a) => cmd::enqueue::run(&config, &a.into()).await,
+        Command::Enqueue(a) => cmd::enqueue::run(&config, &a.spec.into(), a.allow_overlap).await,
         Command::Status(a) => {
             let watch = a.watch.then_some(a.interval);
             cmd::status::run(&config, a.job, a.json, watch).await

@@ -56,21 +56,73 @@ async fn enqueue_validates_then_queues() {
     let file = fx.dir.path().join("sel.json");
     std::fs::write(&file, sel).expect("write");
     let at_file = format!("@{}", file.display());
-    let out = run(
-        &[
+    let second = |extra: &[&str]| {
+        let algo = fx.algo_id.to_string();
+        let mut args = vec![
             "enqueue",
             "--scope",
             "hashes",
             "--algo",
-            &fx.algo_id.to_string(),
+            &algo,
             "--selection",
             &at_file,
             "--at",
             "2030-01-01T00:00:00Z",
-        ],
-        &env,
+        ];
+        args.extend_from_slice(extra);
+        run(&args, &env)
+    };
+    // The same items as the pending job: refused, naming it, nothing queued.
+    let out = second(&[]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!(
+            "job {id} (pending) already covers some of these hashes items"
+        )) && stderr(&out).trim_end().lines().count() == 1,
+        "{}",
+        stderr(&out)
     );
+    let out = second(&["--allow-overlap"]);
     assert!(out.status.success(), "{}", stderr(&out));
+    // Finished jobs overlap nothing; id windows that do not meet do not
+    // overlap; one inside another's does.
+    let c = fx.db.client().await;
+    c.batch_execute("UPDATE pq_migration_jobs SET status = 'cancelled'")
+        .await
+        .expect("cancel both");
+    let windowed = |sel: &str| {
+        run(
+            &[
+                "enqueue",
+                "--scope",
+                "hashes",
+                "--algo",
+                "hmac-sha3-256",
+                "--selection",
+                sel,
+            ],
+            &env,
+        )
+    };
+    for sel in [
+        r#"{"table":"users","column":"email_hash","id_to":500}"#,
+        r#"{"table":"users","column":"email_hash","id_from":501}"#,
+    ] {
+        let out = windowed(sel);
+        assert!(out.status.success(), "{sel}: {}", stderr(&out));
+    }
+    let out = windowed(r#"{"table":"users","column":"email_hash","id_from":400,"id_to":450}"#);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("already covers"), "{}", stderr(&out));
+    let pending: i64 = c
+        .query_one(
+            "SELECT count(*) FROM pq_migration_jobs WHERE status = 'pending'",
+            &[],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(pending, 2, "the two disjoint windows");
 
     let bad: &[(&[&str], &str)] = &[
         (
@@ -151,7 +203,10 @@ async fn enqueue_validates_then_queues() {
         .await
         .expect("count")
         .get(0);
-    assert_eq!(n, 2, "nothing queued on bad input");
+    assert_eq!(n, 4, "nothing queued on bad input");
+    c.batch_execute("UPDATE pq_migration_jobs SET status = 'cancelled'")
+        .await
+        .expect("cancel all");
 
     // Without a keyring the database checks still run, and a note says the
     // key is checked later.

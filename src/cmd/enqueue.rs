@@ -115,6 +115,54 @@ pub async fn resolve(
     Ok((job, spec))
 }
 
+/// Two jobs over the same items would walk them twice (the second finding
+/// them done, or re-wrapping what the first just wrapped): a pending or
+/// running job of the same scope, writing the same table (and column, for
+/// hashes), whose id window meets this one's, is named and the new job
+/// refused unless `--allow-overlap`. Other filters (versions, formats,
+/// dates) are not compared: two jobs differing only there are refused too.
+async fn refuse_overlap(client: &tokio_postgres::Client, job: &NewJob) -> anyhow::Result<()> {
+    let sel = job.selection.as_ref();
+    let text = |k: &str| {
+        sel.and_then(|s| s.get(k))
+            .and_then(|v| v.as_str())
+            .map(str::to_owned)
+    };
+    let int = |k: &str| {
+        sel.and_then(|s| s.get(k))
+            .and_then(serde_json::Value::as_i64)
+    };
+    let (mut from, mut to) = (
+        int("id_from").unwrap_or(i64::MIN),
+        int("id_to").unwrap_or(i64::MAX),
+    );
+    if let Some(ids) = sel.and_then(|s| s.get("ids")).and_then(|v| v.as_array()) {
+        let ids: Vec<i64> = ids.iter().filter_map(serde_json::Value::as_i64).collect();
+        from = from.max(ids.iter().copied().min().unwrap_or(from));
+        to = to.min(ids.iter().copied().max().unwrap_or(to));
+    }
+    let (table, column) = match job.scope.as_str() {
+        "hashes" => (text("table"), text("column")),
+        _ => (None, None),
+    };
+    if let Some((id, status)) = jobs::jobs_overlapping(
+        client,
+        &job.scope,
+        table.as_deref(),
+        column.as_deref(),
+        from,
+        to,
+    )
+    .await?
+    {
+        return Err(usage(format!(
+            "job {id} ({status}) already covers some of these {} items; wait for it, cancel it, narrow id_from/id_to, or pass --allow-overlap",
+            job.scope
+        )));
+    }
+    Ok(())
+}
+
 /// A job the daemon would fail: a usage error naming why.
 pub fn would_fail(e: JobError) -> anyhow::Error {
     match e {
@@ -124,7 +172,7 @@ pub fn would_fail(e: JobError) -> anyhow::Error {
 }
 
 /// Resolve names to ids, validate as the daemon will, insert.
-pub async fn run(config: &Config, args: &JobRequest) -> anyhow::Result<()> {
+pub async fn run(config: &Config, args: &JobRequest, allow_overlap: bool) -> anyhow::Result<()> {
     let client = &super::connect(config).await?;
     let (job, spec) = resolve(client, args).await?;
     // The daemon's own checks, on a job that is not in the table yet.
@@ -138,6 +186,9 @@ pub async fn run(config: &Config, args: &JobRequest) -> anyhow::Result<()> {
         None => spec.scope.validate(client, &spec).await.map(|_| false),
     };
     let keys_checked = checked.map_err(would_fail)?;
+    if !allow_overlap {
+        refuse_overlap(client, &job).await?;
+    }
     let id = jobs::job_insert(client, &job).await?;
     println!("{id}");
     if !keys_checked {

@@ -516,6 +516,39 @@ pub async fn job_resume(
 
 /// Run an operator action (`$1` job id, `$2` who; one row back when it
 /// applied), else say why not: no such job, or its status.
+/// A pending or running job of `scope` (writing `table`.`column`, for
+/// hashes) whose id window meets `from..=to`: (id, status). A window is
+/// `selection.id_from`/`id_to` (numbers; absent: unbounded).
+pub async fn jobs_overlapping(
+    c: &impl GenericClient,
+    scope: &str,
+    table: Option<&str>,
+    column: Option<&str>,
+    from: i64,
+    to: i64,
+) -> Result<Option<(i64, String)>, tokio_postgres::Error> {
+    let bound = |k: &str, default: &str| {
+        format!(
+            "CASE WHEN jsonb_typeof(selection->'{k}') = 'number' \
+               THEN (selection->>'{k}')::numeric ELSE {default} END"
+        )
+    };
+    let sql = format!(
+        "SELECT id, status FROM pq_migration_jobs \
+         WHERE status IN ('pending', 'running') AND scope = $1 \
+           AND ($2::text IS NULL OR selection->>'table' = $2) \
+           AND ($3::text IS NULL OR selection->>'column' = $3) \
+           AND {} <= $5::bigint AND {} >= $4::bigint \
+         ORDER BY id LIMIT 1",
+        bound("id_from", "-9223372036854775808"),
+        bound("id_to", "9223372036854775807"),
+    );
+    let row = c
+        .query_opt(&sql, &[&scope, &table, &column, &from, &to])
+        .await?;
+    Ok(row.map(|r| (r.get(0), r.get(1))))
+}
+
 /// What `pqmig set` changes on a pending or running job.
 #[derive(Debug, Clone, Default)]
 pub struct JobChange {
