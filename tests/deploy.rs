@@ -209,6 +209,8 @@ fn systemd_unit_keeps_the_daemon_contract() {
         ("CapabilityBoundingSet", ""),
         ("NoNewPrivileges", "yes"),
         ("ProtectSystem", "strict"),
+        ("MemoryMax", "1G"),
+        ("TasksMax", "512"),
     ] {
         assert_eq!(unit_setting(&unit, key), [value], "{key}=");
     }
@@ -440,6 +442,7 @@ fn kubernetes_core_manifests_pass_strict_schema_validation() {
                 "deploy/kubernetes/configmap.yaml",
                 "deploy/kubernetes/secret.example.yaml",
                 "deploy/kubernetes/service.yaml",
+                "deploy/kubernetes/networkpolicy.yaml",
             ],
         );
         assert_success(&out, &format!("kubernetes-validate for {version}"));
@@ -460,6 +463,7 @@ const MANIFESTS: &[&str] = &[
     "deploy/kubernetes/service.yaml",
     "deploy/kubernetes/servicemonitor.yaml",
     "deploy/kubernetes/keda-scaledobject.yaml",
+    "deploy/kubernetes/networkpolicy.yaml",
 ];
 
 fn env_value<'a>(container: &'a Value, name: &str) -> &'a Value {
@@ -550,6 +554,33 @@ fn kubernetes_manifests_are_wired_together() {
     ));
     let pdb = find_kind(&docs, "PodDisruptionBudget");
     assert!(selects(&pdb["spec"]["selector"]["matchLabels"], pod_labels));
+    // The NetworkPolicy covers these pods: in on the metrics port only,
+    // out to PostgreSQL and DNS only.
+    let policy = find_kind(&docs, "NetworkPolicy");
+    assert!(selects(
+        &policy["spec"]["podSelector"]["matchLabels"],
+        pod_labels
+    ));
+    assert_eq!(
+        policy["spec"]["policyTypes"],
+        serde_json::json!(["Ingress", "Egress"])
+    );
+    assert_eq!(policy["spec"]["ingress"][0]["ports"][0]["port"], "metrics");
+    let egress_ports: Vec<&Value> = policy["spec"]["egress"]
+        .as_array()
+        .expect("egress")
+        .iter()
+        .flat_map(|e| e["ports"].as_array().expect("ports"))
+        .map(|p| &p["port"])
+        .collect();
+    assert_eq!(
+        egress_ports,
+        [
+            &serde_json::json!(5432),
+            &serde_json::json!(53),
+            &serde_json::json!(53)
+        ]
+    );
 
     // KEDA scales this Deployment on the job queue, one target per worker slot.
     let scaled = find_kind(&docs, "ScaledObject");
