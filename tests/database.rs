@@ -235,6 +235,11 @@ async fn daemon_over_tls_with_a_password_file_never_prints_it() {
         "the redacted configuration is logged at start-up:\n{captured}"
     );
     assert!(
+        captured.contains("\"worker.lease\":\"")
+            && captured.contains("\"database.sslmode\":\"verify-full\""),
+        "one field per key, not a Debug dump:\n{captured}"
+    );
+    assert!(
         !captured.contains(&cluster.app_password),
         "the password reached a log line"
     );

@@ -257,6 +257,51 @@ pub fn jitter(d: Duration, frac: f64) -> Duration {
 /// Run the daemon until `shutdown` is cancelled, then drain: in-flight
 /// batches get `shutdown_timeout` to commit, their jobs go back to
 /// `pending` without using up an attempt. The caller has checked the schema.
+/// The effective configuration, one field per key (JSON logs keep them
+/// apart). The URL is redacted (its password as ***), a password from a
+/// file shows as ***, the keyring by path.
+fn log_config(c: &Config) {
+    let d = &c.database;
+    let w = &c.worker;
+    let t = &c.throttle;
+    let m = &c.maintenance;
+    let secs = |x: Option<Duration>| x.map(|x| humantime::format_duration(x).to_string());
+    let dur = |x: Duration| humantime::format_duration(x).to_string();
+    tracing::info!(
+        config_file = ?c.file,
+        database.url = d.url.as_ref().map(|u| u.to_string()),
+        database.password = d.password.as_ref().map(|_| "***"),
+        database.sslmode = %d.sslmode,
+        database.sslrootcert = d.sslrootcert.is_some(),
+        database.pool_size = d.pool_size.get(),
+        database.connect_timeout = %dur(d.connect_timeout),
+        database.statement_timeout = secs(d.statement_timeout),
+        database.lock_timeout = secs(d.lock_timeout),
+        database.idle_in_transaction_timeout = secs(d.idle_in_transaction_timeout),
+        worker.concurrency = w.concurrency.get(),
+        worker.poll_interval = %dur(w.poll_interval),
+        worker.heartbeat_interval = %dur(w.heartbeat_interval),
+        worker.lease = %dur(w.lease),
+        worker.max_attempts = w.max_attempts.get(),
+        worker.retry_backoff = %dur(w.retry_backoff),
+        worker.retry_backoff_max = %dur(w.retry_backoff_max),
+        worker.shutdown_timeout = %dur(w.shutdown_timeout),
+        worker.batch_target = %dur(w.batch_target),
+        worker.range_items = w.range_items,
+        throttle.max_replication_lag_bytes = t.max_replication_lag_bytes,
+        throttle.max_transaction_age = secs(t.max_transaction_age),
+        throttle.max_wal_bytes_per_second = t.max_wal_bytes_per_second,
+        throttle.max_items_per_second = t.max_items_per_second,
+        throttle.check_interval = %dur(t.check_interval),
+        inventory.interval = %dur(m.inventory_interval),
+        maintenance.retention = %dur(m.retention),
+        maintenance.interval = %dur(m.interval),
+        metrics.listen = %c.metrics_listen,
+        keys.keyring = ?c.keyring,
+        "effective configuration"
+    );
+}
+
 pub async fn run(
     config: &Config,
     services: Services,
@@ -265,8 +310,7 @@ pub async fn run(
     let shared = Arc::new(Shared::new(config, &services, shutdown.clone()));
     let http = services.http;
     let addr = http.local_addr()?;
-    // Secrets print as *** (DatabaseUrl, Secret); certificates by path.
-    tracing::info!(config = ?config, "effective configuration");
+    log_config(config);
     if let Some(host) = crate::db::unverified_remote_host(&config.database) {
         tracing::warn!(%host, sslmode = %config.database.sslmode, "the database server's certificate is not verified; use sslmode=verify-full with sslrootcert");
     }
