@@ -124,7 +124,10 @@ async fn heartbeat(
         let renewed = async {
             let client = shared.client().await?;
             let ours = match held {
-                Held::Job(l) => jobs::job_heartbeat(&**client, l).await?,
+                Held::Job(l) => {
+                    jobs::job_heartbeat(&**client, l).await?
+                        || jobs::job_started_or_ended(&**client, l.job_id).await?
+                }
                 Held::Range(r) => match ranges::range_heartbeat(&**client, r).await? {
                     Renewed::Held => true,
                     Renewed::Paused => {
