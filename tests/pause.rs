@@ -95,7 +95,7 @@ async fn a_pause_of_the_table_stops_every_walk_after_its_batch_and_unpause_finis
     let out = cli(&fx, &["status"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(
-        stdout(&out).contains("PAUSED  jobs writing users since"),
+        stdout(&out).contains("PAUSED  jobs writing table users since"),
         "{}",
         stdout(&out)
     );

@@ -122,29 +122,27 @@ pub async fn resolve(
 /// refused unless `--allow-overlap`. Other filters (versions, formats,
 /// dates) are not compared: two jobs differing only there are refused too.
 async fn refuse_overlap(client: &tokio_postgres::Client, job: &NewJob) -> anyhow::Result<()> {
+    use crate::selection;
+    // The selection was validated above: these parse.
     let sel = job.selection.as_ref();
-    let text = |k: &str| {
-        sel.and_then(|s| s.get(k))
-            .and_then(|v| v.as_str())
-            .map(str::to_owned)
+    let parsed = |e: selection::SelectionError| usage(e.to_string());
+    let (common, table, column) = match job.scope.as_str() {
+        "hashes" => {
+            let h = selection::parse_hashes(sel).map_err(parsed)?;
+            (h.common, Some(h.table), Some(h.column))
+        }
+        "wrappers" => (
+            selection::parse_wrappers(sel).map_err(parsed)?.common,
+            None,
+            None,
+        ),
+        _ => (
+            selection::parse_signatures(sel).map_err(parsed)?.common,
+            None,
+            None,
+        ),
     };
-    let int = |k: &str| {
-        sel.and_then(|s| s.get(k))
-            .and_then(serde_json::Value::as_i64)
-    };
-    let (mut from, mut to) = (
-        int("id_from").unwrap_or(i64::MIN),
-        int("id_to").unwrap_or(i64::MAX),
-    );
-    if let Some(ids) = sel.and_then(|s| s.get("ids")).and_then(|v| v.as_array()) {
-        let ids: Vec<i64> = ids.iter().filter_map(serde_json::Value::as_i64).collect();
-        from = from.max(ids.iter().copied().min().unwrap_or(from));
-        to = to.min(ids.iter().copied().max().unwrap_or(to));
-    }
-    let (table, column) = match job.scope.as_str() {
-        "hashes" => (text("table"), text("column")),
-        _ => (None, None),
-    };
+    let (from, to) = common.id_window();
     if let Some((id, status)) = jobs::jobs_overlapping(
         client,
         &job.scope,

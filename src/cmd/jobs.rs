@@ -14,10 +14,7 @@ pub enum Action {
 
 pub async fn run(config: &Config, job: i64, action: Action) -> anyhow::Result<()> {
     let client = super::connect(config).await?;
-    let who = format!(
-        "cli:{}",
-        std::env::var("USER").unwrap_or_else(|_| "unknown".into())
-    );
+    let who = super::who();
     let outcome = match action {
         Action::Cancel => jobs::job_cancel(&client, job, &who).await?,
         Action::Resume => jobs::job_resume(&client, job, &who).await?,
@@ -68,10 +65,7 @@ pub async fn set(
         return Err(UsageError("nothing to change: give --max-rate or --priority".into()).into());
     }
     let client = super::connect(config).await?;
-    let who = format!(
-        "cli:{}",
-        std::env::var("USER").unwrap_or_else(|_| "unknown".into())
-    );
+    let who = super::who();
     let change = JobChange { max_rate, priority };
     match jobs::job_set(&client, job, &who, &change).await? {
         JobAction::Done => {

@@ -47,6 +47,14 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
 }
 
 /// A connection for a command, refused on a schema older than this build.
+/// Who an operator command is recorded as in job events and pauses.
+pub fn who() -> String {
+    format!(
+        "cli:{}",
+        std::env::var("USER").unwrap_or_else(|_| "unknown".into())
+    )
+}
+
 pub async fn connect(config: &Config) -> anyhow::Result<tokio_postgres::Client> {
     let client = db::connect(&config.database).await?;
     db::migrate::check_current(&client).await?;

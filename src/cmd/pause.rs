@@ -16,6 +16,16 @@ pub struct Target {
     pub table: Option<String>,
 }
 
+/// What a pause covers, in words: `every job`, `hashes jobs writing table users`.
+pub fn describe(scope: Option<&str>, table: Option<&str>) -> String {
+    match (scope, table) {
+        (None, None) => "every job".to_owned(),
+        (Some(s), None) => format!("{s} jobs"),
+        (None, Some(t)) => format!("jobs writing table {t}"),
+        (Some(s), Some(t)) => format!("{s} jobs writing table {t}"),
+    }
+}
+
 /// When a pause lifts by itself: at an RFC 3339 time, or after a duration.
 #[derive(Debug, Clone, Default)]
 pub struct Until {
@@ -41,12 +51,7 @@ impl Target {
     }
 
     fn describe(&self) -> String {
-        match (&self.scope, &self.table) {
-            (None, None) => "every job".to_owned(),
-            (Some(s), None) => format!("{s} jobs"),
-            (None, Some(t)) => format!("jobs writing table {t}"),
-            (Some(s), Some(t)) => format!("{s} jobs writing table {t}"),
-        }
+        describe(self.scope.as_deref(), self.table.as_deref())
     }
 
     fn flags(&self) -> String {
@@ -83,19 +88,12 @@ fn until_time(u: &Until) -> anyhow::Result<Option<String>> {
     Ok(Some(at.format(&Rfc3339)?))
 }
 
-fn who() -> String {
-    format!(
-        "cli:{}",
-        std::env::var("USER").unwrap_or_else(|_| "unknown".into())
-    )
-}
-
 /// `pqmig pause [--scope S] [--table T] [--until TIME | --for DURATION]`.
 pub async fn pause(config: &Config, target: &Target, until: &Until) -> anyhow::Result<()> {
     let (scope, table) = target.checked()?;
     let until = until_time(until)?;
     let client = super::connect(config).await?;
-    match pauses::pause_add(&client, scope, table, until.as_deref(), &who()).await? {
+    match pauses::pause_add(&client, scope, table, until.as_deref(), &super::who()).await? {
         Ok(()) => {
             let lift = until.map_or_else(
                 || format!("until `pqmig unpause{}`", target.flags()),

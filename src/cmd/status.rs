@@ -107,12 +107,7 @@ pub fn short_duration(secs: f64) -> String {
 /// Operator pauses in force, one line each, above the job table.
 fn print_pauses(paused: &[crate::db::pauses::Pause]) {
     for p in paused {
-        let what = match (&p.scope, &p.table) {
-            (None, None) => "every job".to_owned(),
-            (Some(s), None) => format!("{s} jobs"),
-            (None, Some(t)) => format!("jobs writing {t}"),
-            (Some(s), Some(t)) => format!("{s} jobs writing {t}"),
-        };
+        let what = super::pause::describe(p.scope.as_deref(), p.table.as_deref());
         let until = p
             .until
             .as_deref()
