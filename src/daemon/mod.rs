@@ -267,8 +267,9 @@ fn log_config(c: &Config) {
     let m = &c.maintenance;
     let secs = |x: Option<Duration>| x.map(|x| humantime::format_duration(x).to_string());
     let dur = |x: Duration| humantime::format_duration(x).to_string();
+    let path = |p: &Option<std::path::PathBuf>| p.as_ref().map(|p| p.display().to_string());
     tracing::info!(
-        config_file = ?c.file,
+        config_file = path(&c.file),
         database.url = d.url.as_ref().map(|u| u.to_string()),
         database.password = d.password.as_ref().map(|_| "***"),
         database.sslmode = %d.sslmode,
@@ -297,7 +298,7 @@ fn log_config(c: &Config) {
         maintenance.retention = %dur(m.retention),
         maintenance.interval = %dur(m.interval),
         metrics.listen = %c.metrics_listen,
-        keys.keyring = ?c.keyring,
+        keys.keyring = path(&c.keyring),
         "effective configuration"
     );
 }
