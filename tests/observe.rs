@@ -254,7 +254,7 @@ async fn exposure_inventory_moves_from_legacy_to_backups() {
     let (unknown, backup, after) = hashes_exposed(&c).await;
     assert_eq!(unknown, 0, "{after:?}");
     assert_eq!(backup, 120, "backups still hold the classical hashes");
-    c.execute("DELETE FROM pq_migration_backups WHERE job_id = $1", &[&id])
+    c.batch_execute(&format!("DROP TABLE pq_migration_backups_hashes_{id}"))
         .await
         .expect("purge");
     let (_, _, purged) = hashes_exposed(&c).await;

@@ -56,7 +56,8 @@ async fn plan_a_wrappers_job_measures_growth_and_writes_nothing() {
     assert_eq!(w.snapshot().await, before, "plan wrote nothing");
     assert_eq!(w.scalar("SELECT count(*) FROM pq_migration_jobs").await, 0);
     assert_eq!(
-        w.scalar("SELECT count(*) FROM pq_migration_backups").await,
+        w.scalar("SELECT count(*) FROM pq_migration_backups_all")
+            .await,
         0
     );
     // the human form says the same

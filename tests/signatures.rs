@@ -386,7 +386,7 @@ async fn a_batch_wider_than_one_statement_countersigns_every_item_once() {
     );
     let recorded = w
         .scalar(&format!(
-            "SELECT count(DISTINCT item_id) FROM pq_migration_backups WHERE job_id = {id}"
+            "SELECT count(DISTINCT item_id) FROM pq_migration_backups_all WHERE job_id = {id}"
         ))
         .await;
     assert_eq!(recorded, N as i64);

@@ -4,6 +4,7 @@
 mod support;
 
 mod aftercare;
+mod backups;
 mod cli;
 mod config;
 mod database;

@@ -8,7 +8,7 @@ use tokio_postgres::Client;
 
 use super::UsageError;
 use crate::config::Config;
-use crate::db::{jobs, status as dbs, wrappers as dbw};
+use crate::db::{backups, jobs, status as dbs};
 use crate::job::Purpose;
 use crate::scope::{Aftercare, ScopeContext};
 
@@ -113,8 +113,8 @@ pub async fn verify(config: &Config, job_id: i64) -> anyhow::Result<()> {
     }
     // Backups and nothing checked: every item changed since (or the
     // checks looked in the wrong place). That is no verification.
-    let backups = dbw::backups_count(&client, job_id).await?;
-    if report.checked == 0 && backups > 0 {
+    if report.checked == 0 && backups::exist(&client, job_id).await? {
+        let backups = backups::count(&client, job_id).await?;
         return Err(anyhow::anyhow!(
             "job {job_id}: it has {backups} backups but none of its items could be checked (all changed since the job?): not verified"
         ));
@@ -142,16 +142,15 @@ pub async fn rollback(config: &Config, job_id: i64) -> anyhow::Result<()> {
         .into());
     }
     let scope = aftercare(config, &client, job_id, false).await?;
-    let (mut restored, mut seen, mut after) = (0i64, 0i64, i64::MIN);
-    loop {
+    let (mut restored, mut seen, mut at) = (0i64, 0i64, Some(backups::Cursor::START));
+    while let Some(here) = at {
         let tx = client.transaction().await?;
         let page = scope
-            .rollback_page(&tx, job_id, after, PAGE)
+            .rollback_page(&tx, job_id, here, PAGE)
             .await
             .map_err(|e| anyhow::anyhow!("job {job_id}: {e}"))?;
         tx.commit().await?;
-        let Some(last) = page.last else { break };
-        after = last;
+        at = page.next;
         restored += page.restored;
         seen += page.seen;
     }
@@ -205,19 +204,42 @@ pub async fn purge_backups(config: &Config, job_id: i64) -> anyhow::Result<()> {
         ))
         .into());
     }
-    let total = dbw::backups_count(&client, job_id).await?;
+    // Backups from before V7, one row each: deleted in chunks.
     let (mut deleted, mut shown) = (0i64, std::time::Instant::now());
     loop {
-        let n = dbw::backups_purge_chunk(&client, job_id, PURGE_CHUNK).await? as i64;
+        let n = backups::legacy_purge_chunk(&client, job_id, PURGE_CHUNK).await? as i64;
         deleted += n;
         if n < PURGE_CHUNK {
             break;
         }
         if shown.elapsed() >= std::time::Duration::from_secs(1) {
-            println!("job {job_id}: deleted {deleted} of {total} backups so far");
+            println!("job {job_id}: deleted {deleted} old-format backups so far");
             shown = std::time::Instant::now();
         }
     }
-    println!("job {job_id}: deleted {deleted} backups");
+    // The job's partition: detached and dropped whatever its size.
+    let started = std::time::Instant::now();
+    let mut dropped = None;
+    for scope in crate::job::ScopeKind::ALL {
+        let rows = backups::purge_partition(&client, scope, job_id)
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "job {job_id}: dropping {}: {e} (run purge-backups again to finish)",
+                    backups::partition(scope, job_id)
+                )
+            })?;
+        if let Some(rows) = rows {
+            dropped = Some((backups::partition(scope, job_id), rows));
+        }
+    }
+    match dropped {
+        None => println!("job {job_id}: deleted {deleted} backups"),
+        Some((name, rows)) => println!(
+            "job {job_id}: deleted {} backups ({rows} by dropping {name}, in {:.2} s)",
+            deleted + rows,
+            started.elapsed().as_secs_f64()
+        ),
+    }
     Ok(())
 }

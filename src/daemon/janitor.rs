@@ -32,7 +32,17 @@ impl Janitor {
         }
         let lock = Locked(Some(client));
         let mut deleted = Deleted::default();
-        let result = self.delete_expired(&lock, &mut deleted).await;
+        let mut result = self.delete_expired(&lock, &mut deleted).await;
+        if result.is_ok() {
+            match crate::db::backups::drop_orphans(lock.client()).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(
+                    partitions = n,
+                    "dropped the empty backup partitions of deleted jobs"
+                ),
+                Err(e) => result = Err(e),
+            }
+        }
         lock.release().await;
         if deleted.jobs > 0 {
             tracing::info!(

@@ -33,9 +33,6 @@ pub struct HashUpdates {
 
 /// The statements of one job, built once from validated identifiers.
 pub struct HashStatements {
-    table: String,
-    column: String,
-    version_column: String,
     from: String,
     id: String,
     hash: String,
@@ -72,9 +69,6 @@ impl HashStatements {
             filter.push(format!("{ver} = $?::text"), v.to_owned());
         }
         HashStatements {
-            table: table.to_owned(),
-            column: column.to_owned(),
-            version_column: version_column.to_owned(),
             // Qualified: the checks looked in current_schema(), so the
             // statements must not resolve the name through search_path.
             from: format!("{}.{}", quote_ident(schema), quote_ident(table)),
@@ -174,7 +168,7 @@ impl HashStatements {
     }
 
     /// Compare-and-set update of a batch, writing each replaced row's old
-    /// values to `pq_migration_backups` in the same statement. Returns the
+    /// values to the job's backup partition in the same statement. Returns the
     /// ids actually updated; the others changed since they were read.
     pub async fn hashes_update_batch(
         &self,
@@ -187,17 +181,23 @@ impl HashStatements {
             return Ok(Vec::new());
         }
         let (from, id, hash, ver) = (&self.from, &self.id, &self.hash, &self.ver);
+        // Backups go to the job's partition, created when the job started.
+        let backup_cte = if backup {
+            format!(
+                ", bk AS (INSERT INTO {} (job_id, item_id, hash, version) \
+                          SELECT $6::bigint, upd.id, upd.old_h, upd.old_v FROM upd)",
+                super::backups::partition(crate::job::ScopeKind::Hashes, job_id)
+            )
+        } else {
+            String::new()
+        };
         let sql = format!(
             "WITH v AS (SELECT * FROM unnest($1::bigint[], $2::bytea[], $3::text[], $4::bytea[], $5::text[]) \
                           AS v(id, old_h, old_v, new_h, new_v)), \
              upd AS (UPDATE {from} t SET {hash} = v.new_h, {ver} = v.new_v FROM v \
                      WHERE t.{id} = v.id AND t.{hash} = v.old_h AND t.{ver} = v.old_v \
-                     RETURNING v.id, v.old_h, v.old_v), \
-             bk AS (INSERT INTO pq_migration_backups (job_id, item_table, item_id, data) \
-                    SELECT $6, $7, upd.id::text, jsonb_build_object('column', $8::text, \
-                           'value_hex', encode(upd.old_h, 'hex'), 'version_column', $9::text, 'version', upd.old_v) \
-                    FROM upd WHERE $10) \
-             SELECT id FROM upd"
+                     RETURNING v.id, v.old_h, v.old_v){backup_cte} \
+             SELECT id FROM upd WHERE $6::bigint IS NOT NULL"
         );
         // In statements of about STATEMENT_BYTES (see super::STATEMENT_BYTES).
         let weight = |i: usize| {
@@ -218,10 +218,6 @@ impl HashStatements {
                         &&u.new_hashes[r.clone()],
                         &&u.new_versions[r.clone()],
                         &job_id,
-                        &self.table,
-                        &self.column,
-                        &self.version_column,
-                        &backup,
                     ],
                 )
                 .await?;
@@ -234,36 +230,46 @@ impl HashStatements {
 /// A backed-up previous value of a hashes job.
 #[derive(Debug, Clone)]
 pub struct HashBackup {
-    pub backup_id: i64,
     pub item_id: i64,
     pub old_hash: Vec<u8>,
     pub old_version: String,
 }
 
+/// How a hashes job's backups are read (see [`super::backups`]).
+fn backup_statements(compact: fn(&str, &str) -> String) -> super::backups::Statements<'static> {
+    super::backups::Statements {
+        scope: crate::job::ScopeKind::Hashes,
+        legacy: "SELECT id, item_id::bigint, decode(data->>'value_hex', 'hex'), data->>'version' \
+                 FROM pq_migration_backups WHERE job_id = $1 AND id > $2 ORDER BY id LIMIT $3",
+        compact,
+        rows_per_block: 80,
+    }
+}
+
 impl HashStatements {
-    /// The job's backups after backup id `after`, in backup id order.
+    /// About `n` of the job's backups from `at` on, and where to go on
+    /// from (`None`: none left).
     pub async fn hashes_backups(
         &self,
         c: &impl GenericClient,
         job_id: i64,
-        after: i64,
+        at: super::backups::Cursor,
         n: i64,
-    ) -> Result<Vec<HashBackup>, tokio_postgres::Error> {
-        let rows = c
-            .query(
-                "SELECT id, item_id::bigint, decode(data->>'value_hex', 'hex'), data->>'version'                  FROM pq_migration_backups WHERE job_id = $1 AND item_table = $2 AND id > $3                  ORDER BY id LIMIT $4",
-                &[&job_id, &self.table, &after, &n],
-            )
-            .await?;
-        Ok(rows
+    ) -> Result<(Vec<HashBackup>, Option<super::backups::Cursor>), tokio_postgres::Error> {
+        let compact = |part: &str, range: &str| {
+            format!("SELECT 0::bigint, item_id, hash, version FROM {part} WHERE {range}")
+        };
+        let page = super::backups::page(c, &backup_statements(compact), job_id, at, n).await?;
+        let backups = page
+            .rows
             .iter()
             .map(|r| HashBackup {
-                backup_id: r.get(0),
                 item_id: r.get(1),
                 old_hash: r.get(2),
                 old_version: r.get(3),
             })
-            .collect())
+            .collect();
+        Ok((backups, page.next))
     }
 
     /// The rows with these ids as they are now (no selection filters).
@@ -289,15 +295,19 @@ impl HashStatements {
     pub async fn hashes_rollback(
         &self,
         c: &impl GenericClient,
-        backup_ids: &[i64],
+        backups: &[HashBackup],
         profile: &str,
     ) -> Result<Vec<i64>, tokio_postgres::Error> {
         let (from, id, hash, ver) = (&self.from, &self.id, &self.hash, &self.ver);
         let sql = format!(
-            "WITH b AS (SELECT item_id::bigint AS id, decode(data->>'value_hex', 'hex') AS h,                                data->>'version' AS v                         FROM pq_migration_backups WHERE id = ANY($1::bigint[]))              UPDATE {from} t SET {hash} = b.h, {ver} = b.v FROM b              WHERE t.{id} = b.id AND t.{ver} = $2 || '/' || b.v RETURNING t.{id}::bigint"
+            "UPDATE {from} t SET {hash} = b.h, {ver} = b.v \
+             FROM unnest($1::bigint[], $2::bytea[], $3::text[]) AS b(id, h, v) \
+             WHERE t.{id} = b.id AND t.{ver} = $4 || '/' || b.v RETURNING t.{id}::bigint"
         );
-        let ids = backup_ids.to_vec();
-        let rows = c.query(&sql, &[&ids, &profile]).await?;
+        let ids: Vec<i64> = backups.iter().map(|b| b.item_id).collect();
+        let hashes: Vec<&[u8]> = backups.iter().map(|b| &b.old_hash[..]).collect();
+        let versions: Vec<&str> = backups.iter().map(|b| &b.old_version[..]).collect();
+        let rows = c.query(&sql, &[&ids, &hashes, &versions, &profile]).await?;
         Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 }

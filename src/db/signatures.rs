@@ -249,7 +249,7 @@ pub async fn signing_key_import(
 
 /// Insert countersignatures; rows that exist already (another job got
 /// there first) are left alone. Each inserted row is recorded in
-/// `pq_migration_backups` (item = source id, data = the new row's id), so
+/// the job's backup partition (item = source id, with the new row's id), so
 /// `verify` and `rollback` find exactly what the job wrote. Returns the
 /// source ids whose countersignature was inserted.
 pub async fn signatures_insert_batch(
@@ -269,11 +269,11 @@ pub async fn signatures_insert_batch(
             + n.signatures[i].len()
             + n.payload_hashes[i].len()
     };
-    let mut done: Vec<i64> = Vec::with_capacity(n.source_ids.len());
-    for r in super::statement_chunks(n.source_ids.len(), weight) {
-        let rows = tx
-            .query(
-                "WITH v AS ( \
+    // Every countersignature is recorded (verify and rollback find what
+    // the job wrote through it), in the job's partition.
+    let part = super::backups::partition(crate::job::ScopeKind::Signatures, job_id);
+    let sql = format!(
+        "WITH v AS ( \
                    SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bigint[], \
                                         $6::bytea[], $7::bytea[], $8::bigint[], $11::jsonb[]) \
                      AS v(src, st, pk, ctx, key, sig, ph, ha, extra) \
@@ -284,12 +284,19 @@ pub async fn signatures_insert_batch(
                    ON CONFLICT (subject_table, subject_pk, context, algo_id) DO NOTHING \
                    RETURNING id, subject_table, subject_pk, context \
                  ), bk AS ( \
-                   INSERT INTO pq_migration_backups (job_id, item_table, item_id, data) \
-                   SELECT $10::bigint, 'signatures', v.src::text, jsonb_build_object('countersignature_id', ins.id) || v.extra \
+                   INSERT INTO {part} (job_id, item_id, countersignature_id, duplicate_sources) \
+                   SELECT $10::bigint, v.src, ins.id, \
+                          (SELECT array_agg(d::bigint) FROM jsonb_array_elements_text(v.extra->'duplicate_sources') d) \
                    FROM ins JOIN v ON v.st = ins.subject_table AND v.pk = ins.subject_pk AND v.ctx = ins.context \
                  ) \
                  SELECT v.src FROM ins JOIN v ON v.st = ins.subject_table AND v.pk = ins.subject_pk \
-                                            AND v.ctx = ins.context",
+                                            AND v.ctx = ins.context"
+    );
+    let mut done: Vec<i64> = Vec::with_capacity(n.source_ids.len());
+    for r in super::statement_chunks(n.source_ids.len(), weight) {
+        let rows = tx
+            .query(
+                &sql,
                 &[
                     &&n.source_ids[r.clone()],
                     &&n.subject_tables[r.clone()],
@@ -313,7 +320,6 @@ pub async fn signatures_insert_batch(
 /// A countersignature a job wrote, with its signer's public key.
 #[derive(Debug, Clone)]
 pub struct Countersignature {
-    pub backup_id: i64,
     pub id: i64,
     pub algo_id: i64,
     pub context: String,
@@ -322,23 +328,38 @@ pub struct Countersignature {
     pub public_key: Option<Vec<u8>>,
 }
 
-/// The countersignatures a job recorded, after backup id `after`; rows
-/// deleted since are not returned.
+/// About `n` of the countersignature ids a job recorded from `at` on, and
+/// where to go on from (see [`super::backups`]).
+async fn recorded(
+    c: &impl GenericClient,
+    job_id: i64,
+    at: super::backups::Cursor,
+    n: i64,
+) -> Result<(Vec<i64>, Option<super::backups::Cursor>), Error> {
+    let compact = |part: &str, range: &str| {
+        format!("SELECT 0::bigint, countersignature_id FROM {part} WHERE {range}")
+    };
+    let s = super::backups::Statements {
+        scope: crate::job::ScopeKind::Signatures,
+        legacy: "SELECT id, (data->>'countersignature_id')::bigint FROM pq_migration_backups \
+                 WHERE job_id = $1 AND item_table = 'signatures' AND id > $2 ORDER BY id LIMIT $3",
+        compact,
+        rows_per_block: 100,
+    };
+    let page = super::backups::page(c, &s, job_id, at, n).await?;
+    Ok((page.rows.iter().map(|r| r.get(1)).collect(), page.next))
+}
+
+/// About `n` of the countersignatures a job recorded from `at` on, where
+/// to go on from, and how many were recorded (rows deleted since are not
+/// returned).
 pub async fn countersignatures_of_job(
     c: &impl GenericClient,
     job_id: i64,
-    after: i64,
+    at: super::backups::Cursor,
     n: i64,
-) -> Result<(Vec<Countersignature>, Option<i64>, i64), Error> {
-    let backups = c
-        .query(
-            "SELECT id, (data->>'countersignature_id')::bigint FROM pq_migration_backups \
-             WHERE job_id = $1 AND item_table = 'signatures' AND id > $2 ORDER BY id LIMIT $3",
-            &[&job_id, &after, &n],
-        )
-        .await?;
-    let last = backups.last().map(|r| r.get::<_, i64>(0));
-    let ids: Vec<i64> = backups.iter().map(|r| r.get(1)).collect();
+) -> Result<(Vec<Countersignature>, Option<super::backups::Cursor>, i64), Error> {
+    let (ids, next) = recorded(c, job_id, at, n).await?;
     let rows = c
         .query(
             "SELECT s.id, s.algo_id, s.context::text, s.signature, s.payload_hash, k.public_key \
@@ -349,52 +370,34 @@ pub async fn countersignatures_of_job(
         .await?;
     let found = rows
         .iter()
-        .map(|r| {
-            let id: i64 = r.get(0);
-            let backup_id = backups
-                .iter()
-                .find(|b| b.get::<_, i64>(1) == id)
-                .map(|b| b.get(0))
-                .unwrap_or(0);
-            Countersignature {
-                backup_id,
-                id,
-                algo_id: r.get(1),
-                context: r.get(2),
-                signature: r.get(3),
-                payload_hash: r.get(4),
-                public_key: r.get(5),
-            }
+        .map(|r| Countersignature {
+            id: r.get(0),
+            algo_id: r.get(1),
+            context: r.get(2),
+            signature: r.get(3),
+            payload_hash: r.get(4),
+            public_key: r.get(5),
         })
         .collect();
-    Ok((found, last, backups.len() as i64))
+    Ok((found, next, ids.len() as i64))
 }
 
-/// Delete the countersignatures recorded in these backups; how many.
+/// Delete about `n` of the countersignatures a job recorded, from `at` on:
+/// (deleted, recorded, where to go on from).
 pub async fn countersignatures_delete(
     tx: &impl GenericClient,
     job_id: i64,
-    after: i64,
+    at: super::backups::Cursor,
     n: i64,
-) -> Result<(i64, i64, Option<i64>), Error> {
-    let backups = tx
-        .query(
-            "SELECT id, (data->>'countersignature_id')::bigint FROM pq_migration_backups \
-             WHERE job_id = $1 AND item_table = 'signatures' AND id > $2 ORDER BY id LIMIT $3",
-            &[&job_id, &after, &n],
-        )
-        .await?;
-    let Some(last) = backups.last().map(|r| r.get::<_, i64>(0)) else {
-        return Ok((0, 0, None));
-    };
-    let ids: Vec<i64> = backups.iter().map(|r| r.get(1)).collect();
+) -> Result<(i64, i64, Option<super::backups::Cursor>), Error> {
+    let (ids, next) = recorded(tx, job_id, at, n).await?;
     let deleted = tx
         .execute(
             "DELETE FROM signatures WHERE id = ANY($1::bigint[])",
             &[&ids],
         )
         .await?;
-    Ok((deleted as i64, backups.len() as i64, Some(last)))
+    Ok((deleted as i64, ids.len() as i64, next))
 }
 
 /// Ids of the sig algorithms that are not PQ (the default `from_algos`).

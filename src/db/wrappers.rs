@@ -313,17 +313,28 @@ pub async fn wrappers_update_batch(
             + u.new_wrap1[i].len()
             + 2 * super::JSON_WEIGHT
     };
-    let mut done: Vec<i64> = Vec::with_capacity(u.ids.len());
-    for r in super::statement_chunks(u.ids.len(), weight) {
-        let rows = tx
-            .query(
-                "WITH u AS ( \
+    // Backups go to the job's partition, created when the job started.
+    let backup_cte = if backup {
+        format!(
+            ", bk AS ( \
+               INSERT INTO {} (job_id, item_id, wrap_version, rotated_at, dek_wrap1, dek_wrap2, \
+                               crypto_suite, layers) \
+               SELECT $8::bigint, cur.id, cur.wrap_version, cur.rotated_at, cur.dek_wrap1, \
+                      cur.dek_wrap2, cur.crypto_suite, cur.layers_json FROM cur \
+             )",
+            super::backups::partition(crate::job::ScopeKind::Wrappers, job_id)
+        )
+    } else {
+        String::new()
+    };
+    let sql = format!(
+        "WITH u AS ( \
                    SELECT * FROM unnest($1::bigint[], $2::int[], $3::bytea[], $4::bytea[], \
                                         $5::jsonb[], $6::bytea[], $7::jsonb[]) \
                      AS u(id, old_version, old1, old2, old_suite, new1, new_suite) \
                  ), cur AS ( \
-                   SELECT w.id, to_jsonb(w) AS row_json, \
-                          (SELECT COALESCE(jsonb_agg(to_jsonb(l) ORDER BY l.layer_no), '[]'::jsonb) \
+                   SELECT w.id, w.wrap_version, w.rotated_at, w.dek_wrap1, w.dek_wrap2, w.crypto_suite, \
+                          (SELECT jsonb_agg(to_jsonb(l) ORDER BY l.layer_no) \
                              FROM key_wrapper_layers l WHERE l.key_wrapper_id = w.id) AS layers_json \
                    FROM key_wrappers w JOIN u ON u.id = w.id \
                    WHERE w.wrap_version = u.old_version \
@@ -331,18 +342,19 @@ pub async fn wrappers_update_batch(
                      AND w.dek_wrap2 IS NOT DISTINCT FROM u.old2 \
                      AND w.crypto_suite IS NOT DISTINCT FROM u.old_suite \
                    FOR UPDATE OF w \
-                 ), bk AS ( \
-                   INSERT INTO pq_migration_backups (job_id, item_table, item_id, data) \
-                   SELECT $8::bigint, 'key_wrappers', cur.id::text, \
-                          jsonb_build_object('row', cur.row_json, 'layers', cur.layers_json) \
-                   FROM cur WHERE $9::boolean \
-                 ) \
+                 ){backup_cte} \
                  UPDATE key_wrappers w \
                     SET dek_wrap1 = u.new1, dek_wrap2 = ''::bytea, crypto_suite = u.new_suite, \
                         wrap_version = w.wrap_version + 1, rotated_at = now() \
                    FROM u, cur \
-                  WHERE w.id = cur.id AND u.id = cur.id \
-                 RETURNING w.id",
+                  WHERE w.id = cur.id AND u.id = cur.id AND $8::bigint IS NOT NULL \
+                 RETURNING w.id"
+    );
+    let mut done: Vec<i64> = Vec::with_capacity(u.ids.len());
+    for r in super::statement_chunks(u.ids.len(), weight) {
+        let rows = tx
+            .query(
+                &sql,
                 &[
                     &&u.ids[r.clone()],
                     &&u.old_versions[r.clone()],
@@ -352,7 +364,6 @@ pub async fn wrappers_update_batch(
                     &&u.new_wrap1[r.clone()],
                     &&u.new_suites[r.clone()],
                     &job_id,
-                    &backup,
                 ],
             )
             .await?;
@@ -435,26 +446,43 @@ pub async fn wrappers_by_ids(
     with_layers(c, rows.iter().map(wrapper_from).collect()).await
 }
 
-/// Up to `n` backed-up previous rows of a job's wrappers, after backup id
-/// `after`, in backup id order: (backup id, the row as it was).
-pub async fn wrapper_backups_after(
+/// How a wrappers job's backups are read (see [`super::backups`]): the
+/// wrapper's id, uuid and KEK references (not changed by a re-wrap: from
+/// the row as it is now for compact backups), the replaced columns and the
+/// layers as they were.
+fn backup_statements(compact: fn(&str, &str) -> String) -> super::backups::Statements<'static> {
+    super::backups::Statements {
+        scope: crate::job::ScopeKind::Wrappers,
+        legacy: "SELECT b.id, r.id, r.wrapper_uuid::text, r.kms1_key_id, r.kms2_key_id, \
+                        r.dek_wrap1, r.dek_wrap2, r.crypto_suite, r.wrap_version, b.data->'layers' \
+                 FROM pq_migration_backups b, \
+                      jsonb_populate_record(NULL::key_wrappers, b.data->'row') r \
+                 WHERE b.job_id = $1::bigint AND b.item_table = 'key_wrappers' AND b.id > $2::bigint \
+                 ORDER BY b.id LIMIT $3::bigint",
+        compact,
+        rows_per_block: 20,
+    }
+}
+
+fn compact_backups(part: &str, range: &str) -> String {
+    format!(
+        "SELECT 0::bigint, b.item_id, COALESCE(w.wrapper_uuid::text, ''), w.kms1_key_id, w.kms2_key_id, \
+                b.dek_wrap1, b.dek_wrap2, b.crypto_suite, b.wrap_version, b.layers \
+         FROM (SELECT * FROM {part} WHERE {range}) b LEFT JOIN key_wrappers w ON w.id = b.item_id"
+    )
+}
+
+/// About `n` backed-up previous rows of a job's wrappers from `at` on, and
+/// where to go on from (`None`: none left).
+pub async fn wrapper_backups(
     c: &impl GenericClient,
     job_id: i64,
-    after: i64,
+    at: super::backups::Cursor,
     n: i64,
-) -> Result<Vec<(i64, WrapperRow)>, Error> {
-    let rows = c
-        .query(
-            "SELECT b.id, r.id, r.wrapper_uuid::text, r.kms1_key_id, r.kms2_key_id, \
-                    r.dek_wrap1, r.dek_wrap2, r.crypto_suite, r.wrap_version, b.data->'layers' \
-             FROM pq_migration_backups b, \
-                  jsonb_populate_record(NULL::key_wrappers, b.data->'row') r \
-             WHERE b.job_id = $1::bigint AND b.item_table = 'key_wrappers' AND b.id > $2::bigint \
-             ORDER BY b.id LIMIT $3::bigint",
-            &[&job_id, &after, &n],
-        )
-        .await?;
-    Ok(rows
+) -> Result<(Vec<WrapperRow>, Option<super::backups::Cursor>), Error> {
+    let page = super::backups::page(c, &backup_statements(compact_backups), job_id, at, n).await?;
+    let rows = page
+        .rows
         .iter()
         .map(|r| {
             let layers: Vec<LayerRow> = r
@@ -471,7 +499,7 @@ pub async fn wrapper_backups_after(
                     stored_bytes: 0,
                 })
                 .collect();
-            let row = WrapperRow {
+            WrapperRow {
                 id: r.get(1),
                 uuid: r.get::<_, String>(2).trim_end().to_owned(),
                 kms1: r.get(3),
@@ -481,10 +509,10 @@ pub async fn wrapper_backups_after(
                 suite: r.get(7),
                 wrap_version: r.get(8),
                 layers,
-            };
-            (r.get::<_, i64>(0), row)
+            }
         })
-        .collect())
+        .collect();
+    Ok((rows, page.next))
 }
 
 /// bytea as `to_jsonb` writes it: `\x` then hex.
@@ -499,41 +527,61 @@ fn pg_hex(s: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
-/// Restore up to `n` backed-up wrappers of a job (ids after `after`)
-/// whose current crypto_suite still names the job, with their layers
-/// exactly as they were. Returns (restored ids, backups looked at, last
-/// backup id seen).
+/// Restore about `n` backed-up wrappers of a job from `at` on whose
+/// current crypto_suite still names the job, with their layers exactly as
+/// they were. Returns (restored ids, backups looked at, where to go on
+/// from).
 pub async fn wrappers_rollback_batch(
     tx: &impl GenericClient,
     job_id: i64,
-    after: i64,
+    at: super::backups::Cursor,
     n: i64,
-) -> Result<(Vec<i64>, i64, Option<i64>), Error> {
-    let seen = tx
-        .query(
-            "SELECT id FROM pq_migration_backups WHERE job_id = $1::bigint \
-             AND item_table = 'key_wrappers' AND id > $2::bigint ORDER BY id LIMIT $3::bigint",
-            &[&job_id, &after, &n],
-        )
-        .await?;
-    let backup_ids: Vec<i64> = seen.iter().map(|r| r.get(0)).collect();
-    let Some(&last) = backup_ids.last() else {
-        return Ok((Vec::new(), 0, None));
+) -> Result<(Vec<i64>, i64, Option<super::backups::Cursor>), Error> {
+    use super::backups::Read;
+    // Only the positions: the restore reads the backups in SQL.
+    let ids_only = |part: &str, range: &str| format!("SELECT 0::bigint FROM {part} WHERE {range}");
+    let mut s = backup_statements(ids_only);
+    s.legacy = "SELECT id FROM pq_migration_backups WHERE job_id = $1::bigint \
+                AND item_table = 'key_wrappers' AND id > $2::bigint ORDER BY id LIMIT $3::bigint";
+    let page = super::backups::page(tx, &s, job_id, at, n).await?;
+    let seen = page.rows.len() as i64;
+    // The backups read, as rows of (id, wrap_version, rotated_at, dek_wrap1,
+    // dek_wrap2, crypto_suite, layers as a JSON array), from $1 and $2.
+    let backups = match &page.read {
+        Read::Nothing => return Ok((Vec::new(), 0, None)),
+        Read::Legacy(_) => "SELECT (r).id, (r).wrap_version, (r).rotated_at, (r).dek_wrap1, \
+                                   (r).dek_wrap2, (r).crypto_suite, data->'layers' AS layers \
+                            FROM (SELECT jsonb_populate_record(NULL::key_wrappers, data->'row') AS r, data \
+                                  FROM pq_migration_backups WHERE id = ANY($1::bigint[]) \
+                                    AND $2::bigint IS NOT NULL) b"
+            .to_owned(),
+        Read::Blocks { .. } => format!(
+            "SELECT item_id AS id, wrap_version, rotated_at, dek_wrap1, dek_wrap2, crypto_suite, layers \
+             FROM {} WHERE {}",
+            super::backups::partition(crate::job::ScopeKind::Wrappers, job_id),
+            super::backups::tid_range(1, 2)
+        ),
+    };
+    let (a, b): (
+        &(dyn tokio_postgres::types::ToSql + Sync),
+        &(dyn tokio_postgres::types::ToSql + Sync),
+    ) = match &page.read {
+        Read::Legacy(ids) => (ids, &0i64),
+        Read::Blocks { from, to } => (from, to),
+        Read::Nothing => unreachable!("returned above"),
     };
     let restored = tx
         .query(
-            "WITH b AS ( \
-               SELECT jsonb_populate_record(NULL::key_wrappers, data->'row') AS old \
-               FROM pq_migration_backups WHERE id = ANY($1::bigint[]) \
-             ) \
-             UPDATE key_wrappers w \
-                SET dek_wrap1 = (b.old).dek_wrap1, dek_wrap2 = (b.old).dek_wrap2, \
-                    crypto_suite = (b.old).crypto_suite, wrap_version = (b.old).wrap_version, \
-                    rotated_at = (b.old).rotated_at \
-               FROM b \
-              WHERE w.id = (b.old).id AND w.crypto_suite->'job_id' = to_jsonb($2::bigint) \
-             RETURNING w.id",
-            &[&backup_ids, &job_id],
+            &format!(
+                "WITH b AS ({backups}) \
+                 UPDATE key_wrappers w \
+                    SET dek_wrap1 = b.dek_wrap1, dek_wrap2 = b.dek_wrap2, crypto_suite = b.crypto_suite, \
+                        wrap_version = b.wrap_version, rotated_at = b.rotated_at \
+                   FROM b \
+                  WHERE w.id = b.id AND w.crypto_suite->'job_id' = to_jsonb($3::bigint) \
+                 RETURNING w.id"
+            ),
+            &[a, b, &job_id],
         )
         .await?;
     let ids: Vec<i64> = restored.iter().map(|r| r.get(0)).collect();
@@ -544,39 +592,14 @@ pub async fn wrappers_rollback_batch(
         )
         .await?;
         tx.execute(
-            "INSERT INTO key_wrapper_layers \
-             SELECT (jsonb_populate_recordset(NULL::key_wrapper_layers, b.data->'layers')).* \
-             FROM pq_migration_backups b \
-             WHERE b.id = ANY($1::bigint[]) AND b.item_id::bigint = ANY($2::bigint[])",
-            &[&backup_ids, &ids],
+            &format!(
+                "INSERT INTO key_wrapper_layers \
+                 SELECT (jsonb_populate_recordset(NULL::key_wrapper_layers, b.layers)).* \
+                 FROM ({backups}) b WHERE b.id = ANY($3::bigint[]) AND b.layers IS NOT NULL"
+            ),
+            &[a, b, &ids],
         )
         .await?;
     }
-    Ok((ids, backup_ids.len() as i64, Some(last)))
-}
-
-/// How many backups a job has.
-pub async fn backups_count(c: &impl GenericClient, job_id: i64) -> Result<i64, Error> {
-    Ok(c.query_one(
-        "SELECT count(*) FROM pq_migration_backups WHERE job_id = $1::bigint",
-        &[&job_id],
-    )
-    .await?
-    .get(0))
-}
-
-/// Delete up to `n` of a job's backups in one statement (its own
-/// transaction); how many. Called until it deletes fewer than `n`, so a
-/// job of a hundred million items never becomes one giant DELETE.
-pub async fn backups_purge_chunk(
-    c: &impl GenericClient,
-    job_id: i64,
-    n: i64,
-) -> Result<u64, Error> {
-    c.execute(
-        "DELETE FROM pq_migration_backups WHERE id IN \
-           (SELECT id FROM pq_migration_backups WHERE job_id = $1::bigint LIMIT $2::bigint)",
-        &[&job_id, &n],
-    )
-    .await
+    Ok((ids, seen, page.next))
 }

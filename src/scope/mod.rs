@@ -321,13 +321,13 @@ pub trait Aftercare: Send + Sync {
         c: &'a Client,
         job_id: i64,
     ) -> BoxFuture<'a, Result<VerifyReport, JobError>>;
-    /// Restore up to `n` backups after backup id `after`, in the caller's
+    /// Restore about `n` backups from `at` on, in the caller's
     /// transaction.
     fn rollback_page<'a>(
         &'a self,
         tx: &'a Transaction<'_>,
         job_id: i64,
-        after: i64,
+        at: crate::db::backups::Cursor,
         n: i64,
     ) -> BoxFuture<'a, Result<RollbackPage, JobError>>;
 }
@@ -352,6 +352,6 @@ pub struct RollbackPage {
     pub restored: i64,
     /// Backups looked at.
     pub seen: i64,
-    /// The last backup id seen (`None`: no backups left).
-    pub last: Option<i64>,
+    /// Where the next page starts (`None`: no backups left).
+    pub next: Option<crate::db::backups::Cursor>,
 }

@@ -23,7 +23,7 @@ async fn hashes_job_migrates_every_row_once_and_is_idempotent() {
     let c = fx.db.client().await;
     let backups: i64 = c
         .query_one(
-            "SELECT count(*) FROM pq_migration_backups WHERE job_id = $1",
+            "SELECT count(*) FROM pq_migration_backups_all WHERE job_id = $1",
             &[&id],
         )
         .await
@@ -32,7 +32,7 @@ async fn hashes_job_migrates_every_row_once_and_is_idempotent() {
     assert_eq!(backups, 500, "one backup per migrated row");
     let sample: serde_json::Value = c
         .query_one(
-            "SELECT data FROM pq_migration_backups WHERE job_id = $1 AND item_id = '7'",
+            "SELECT data FROM pq_migration_backups_all WHERE job_id = $1 AND item_id = '7'",
             &[&id],
         )
         .await
@@ -98,7 +98,7 @@ async fn a_batch_wider_than_one_statement_is_written_whole() {
         .client()
         .await
         .query_one(
-            "SELECT count(DISTINCT item_id) FROM pq_migration_backups WHERE job_id = $1",
+            "SELECT count(DISTINCT item_id) FROM pq_migration_backups_all WHERE job_id = $1",
             &[&id],
         )
         .await
@@ -496,6 +496,9 @@ async fn concurrent_application_write_is_not_lost() {
     };
     let spec = job.spec.as_ref().expect("a readable job");
     let h = spec.scope.prepare(&c, spec, &ctx).await.expect("prepare");
+    pqmig::db::backups::ensure_partition(&c, spec.scope, id)
+        .await
+        .expect("backup partition");
     let rows = h.fetch(&c, i64::MIN, i64::MAX, 10).await.expect("fetch");
     assert_eq!(rows.len, 10);
     let computed = h.compute(rows).await.expect("compute");

@@ -375,7 +375,7 @@ async fn a_permanent_database_error_fails_the_job_with_its_message() {
         .db
         .client()
         .await
-        .query_one("SELECT count(*) FROM pq_migration_backups", &[])
+        .query_one("SELECT count(*) FROM pq_migration_backups_all", &[])
         .await
         .expect("count")
         .get(0);

@@ -157,7 +157,7 @@ impl Mixed {
         let mut counts = Vec::new();
         for sql in [
             "SELECT count(*) FROM signatures",
-            "SELECT count(*) FROM pq_migration_backups",
+            "SELECT count(*) FROM pq_migration_backups_all",
             "SELECT COALESCE(sum(processed_count + failed_count), 0)::bigint FROM pq_migration_jobs",
         ] {
             counts.push(c.query_one(sql, &[]).await.expect(sql).get(0));
@@ -181,7 +181,7 @@ impl Mixed {
             // signatures), so nothing was counted twice or lost.
             let backups = self
                 .count(
-                    "SELECT count(DISTINCT item_id) FROM pq_migration_backups WHERE job_id = $1",
+                    "SELECT count(DISTINCT item_id) FROM pq_migration_backups_all WHERE job_id = $1",
                     q.id,
                 )
                 .await;

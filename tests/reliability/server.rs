@@ -206,7 +206,7 @@ async fn a_server_outage_mid_run_is_ridden_out() {
     let once: i64 = c
         .query_one(
             "SELECT (SELECT count(*) FROM key_wrappers WHERE wrap_version = 2) \
-                  + (SELECT count(*) FROM pq_migration_backups)",
+                  + (SELECT count(*) FROM pq_migration_backups_all)",
             &[],
         )
         .await

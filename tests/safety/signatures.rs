@@ -15,7 +15,7 @@ use crate::support::{b64, unb64};
 async fn countersigned_sources(w: &SigFx, job: i64) -> Vec<(i64, Value)> {
     let c = w.fx.db.client().await;
     c.query(
-        "SELECT item_id::bigint, data FROM pq_migration_backups WHERE job_id = $1 ORDER BY item_id::bigint",
+        "SELECT item_id::bigint, data FROM pq_migration_backups_all WHERE job_id = $1 ORDER BY item_id::bigint",
         &[&job],
     )
     .await

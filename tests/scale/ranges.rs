@@ -73,7 +73,7 @@ async fn sigkill_of_range_holders_loses_nothing_and_progress_uses_no_attempt() {
     assert_eq!(fx.exact_rows("'v1'").await, (ROWS, ROWS));
     let backups: i64 = c
         .query_one(
-            "SELECT count(*) FROM pq_migration_backups WHERE job_id = $1",
+            "SELECT count(*) FROM pq_migration_backups_all WHERE job_id = $1",
             &[&id],
         )
         .await

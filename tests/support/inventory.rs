@@ -117,7 +117,7 @@ pub async fn oracle(c: &Client) -> Tally {
     for r in c
         .query(
             "SELECT CASE WHEN item_table = 'key_wrappers' THEN 'wrappers' ELSE 'hashes' END, count(*) \
-             FROM pq_migration_backups WHERE item_table <> 'signatures' GROUP BY 1",
+             FROM pq_migration_backups_all WHERE item_table <> 'signatures' GROUP BY 1",
             &[],
         )
         .await

@@ -27,7 +27,7 @@ async fn wrappers_job_rewraps_both_formats_once_and_pyca_opens_the_result() {
     );
     assert_eq!(
         w.scalar(&format!(
-            "SELECT count(*) FROM pq_migration_backups WHERE job_id = {id}"
+            "SELECT count(*) FROM pq_migration_backups_all WHERE job_id = {id}"
         ))
         .await,
         240
@@ -151,7 +151,8 @@ async fn unsatisfiable_jobs_fail_before_touching_any_wrapper() {
     daemon.stop().await;
     assert_eq!(w.snapshot().await, before);
     assert_eq!(
-        w.scalar("SELECT count(*) FROM pq_migration_backups").await,
+        w.scalar("SELECT count(*) FROM pq_migration_backups_all")
+            .await,
         0
     );
 }
@@ -353,14 +354,14 @@ async fn policy_to_policy_rewrap_verify_rollback_and_purge() {
     assert!(crate::support::stdout(&out).contains("deleted 60 backups"));
     assert_eq!(
         w.scalar(&format!(
-            "SELECT count(*) FROM pq_migration_backups WHERE job_id = {first}"
+            "SELECT count(*) FROM pq_migration_backups_all WHERE job_id = {first}"
         ))
         .await,
         0
     );
     assert_eq!(
         w.scalar(&format!(
-            "SELECT count(*) FROM pq_migration_backups WHERE job_id = {job2}"
+            "SELECT count(*) FROM pq_migration_backups_all WHERE job_id = {job2}"
         ))
         .await,
         60
@@ -390,7 +391,8 @@ async fn two_daemons_migrate_ten_thousand_wrappers_with_every_dek_intact() {
     w.assert_every_dek_intact().await;
     assert_eq!(w.scalar("SELECT count(*) FROM key_wrappers WHERE wrap_version = 2 AND crypto_suite->>'format' = 'pqmig-wrap-v1'").await, 10_000);
     assert_eq!(
-        w.scalar("SELECT count(*) FROM pq_migration_backups").await,
+        w.scalar("SELECT count(*) FROM pq_migration_backups_all")
+            .await,
         10_000
     );
     for name in ["a", "b"] {
@@ -460,6 +462,9 @@ async fn a_concurrent_rotation_by_the_application_is_not_lost() {
         .unwrap();
 
     let mut conn = w.fx.db.client().await;
+    pqmig::db::backups::ensure_partition(&conn, pqmig::job::ScopeKind::Wrappers, id)
+        .await
+        .expect("backup partition");
     let tx = conn.transaction().await.unwrap();
     let (counts, failures) = prepared.write(&tx, id, computed).await.expect("write");
     tx.commit().await.unwrap();
@@ -480,7 +485,7 @@ async fn a_concurrent_rotation_by_the_application_is_not_lost() {
     // the backup holds the app's version, the one actually replaced
     let backup: Vec<u8> = c
         .query_one(
-            "SELECT r.dek_wrap1 FROM pq_migration_backups b, jsonb_populate_record(NULL::key_wrappers, b.data->'row') r WHERE b.item_id = $1::bigint::text",
+            "SELECT r.dek_wrap1 FROM pq_migration_backups_all b, jsonb_populate_record(NULL::key_wrappers, b.data->'row') r WHERE b.item_id = $1::bigint::text",
             &[&w0],
         )
         .await

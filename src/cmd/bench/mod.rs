@@ -336,6 +336,10 @@ async fn baselines(
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
 
+    if db::backups::needed(spec.scope, prepared.common()) {
+        db::backups::ensure_partition(&*client, spec.scope, id).await?;
+    }
+
     // Crypto: fetch everything first (untimed), then compute (timed).
     let mut batches = Vec::new();
     let mut after = i64::MIN;

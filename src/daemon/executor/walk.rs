@@ -22,8 +22,8 @@ use tokio_util::task::AbortOnDropHandle;
 
 use super::{BATCH_RETRIES, Held, Shared, backoff, fail, release};
 use crate::daemon::governor::Brake;
-use crate::db::jobs;
 use crate::db::ranges::{self, ClaimedRange, RangeLease};
+use crate::db::{backups, jobs};
 use crate::metrics::Metrics;
 use crate::scope::{BatchCounts, JobError, Prepared};
 use crate::selection::Common;
@@ -199,6 +199,14 @@ pub(super) async fn work(
         .await?,
     );
     let common = scope.common().clone();
+    // The job's start created it; a start by an older pqmig did not.
+    if backups::needed(spec.scope, &common) {
+        retrying(shared, lost, "backup partition", || async {
+            let client = shared.pool.get().await?;
+            Ok(backups::ensure_partition(&**client, spec.scope, lease.job_id).await?)
+        })
+        .await?;
+    }
     let mut progress = Progress::from_cursor(range.cursor.as_ref());
     progress.after_id = progress.after_id.max(range.lo);
     let batch = common.batch_size.unwrap_or(FIRST_BATCH);

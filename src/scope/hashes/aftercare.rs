@@ -8,6 +8,7 @@ use tokio_postgres::{Client, GenericClient, Transaction};
 
 use super::HashesJob;
 use crate::crypto::onion::Onion;
+use crate::db::backups::Cursor;
 use crate::db::hashes::HashStatements;
 use crate::job::JobSpec;
 use crate::scope::{BoxFuture, JobError, RollbackPage, ScopeContext, VerifyReport, fatal};
@@ -58,11 +59,10 @@ impl HashesAftercare {
             changed_note: "rows changed since the job (another version now)",
             ..VerifyReport::default()
         };
-        let mut after = i64::MIN;
-        loop {
-            let backups = self.stmts.hashes_backups(c, job_id, after, 1000).await?;
-            let Some(last) = backups.last() else { break };
-            after = last.backup_id;
+        let mut at = Some(Cursor::START);
+        while let Some(here) = at {
+            let (backups, next) = self.stmts.hashes_backups(c, job_id, here, 1000).await?;
+            at = next;
             let ids: Vec<i64> = backups.iter().map(|b| b.item_id).collect();
             let now = self.stmts.hashes_current(c, &ids).await?;
             for b in &backups {
@@ -96,25 +96,24 @@ impl HashesAftercare {
         Ok(report)
     }
 
-    /// Restore up to `n` backups after backup id `after` where the row
-    /// still carries the version the job gave it.
+    /// Restore about `n` backups from `at` on where the row still carries
+    /// the version the job gave it.
     async fn rollback(
         &self,
         c: &impl GenericClient,
         job_id: i64,
-        after: i64,
+        at: Cursor,
         n: i64,
     ) -> Result<RollbackPage, JobError> {
-        let backups = self.stmts.hashes_backups(c, job_id, after, n).await?;
-        let Some(last) = backups.last().map(|b| b.backup_id) else {
-            return Ok(RollbackPage::default());
-        };
-        let ids: Vec<i64> = backups.iter().map(|b| b.backup_id).collect();
-        let restored = self.stmts.hashes_rollback(c, &ids, &self.profile).await?;
+        let (backups, next) = self.stmts.hashes_backups(c, job_id, at, n).await?;
+        let restored = self
+            .stmts
+            .hashes_rollback(c, &backups, &self.profile)
+            .await?;
         Ok(RollbackPage {
             restored: restored.len() as i64,
             seen: backups.len() as i64,
-            last: Some(last),
+            next,
         })
     }
 }
@@ -132,9 +131,9 @@ impl crate::scope::Aftercare for HashesAftercare {
         &'a self,
         tx: &'a Transaction<'_>,
         job_id: i64,
-        after: i64,
+        at: Cursor,
         n: i64,
     ) -> BoxFuture<'a, Result<RollbackPage, JobError>> {
-        Box::pin(self.rollback(tx, job_id, after, n))
+        Box::pin(self.rollback(tx, job_id, at, n))
     }
 }

@@ -7,6 +7,7 @@ use tokio_postgres::{Client, GenericClient, Transaction};
 
 use super::keys::sig_alg_of;
 use crate::crypto::sig::{self, SigAlg};
+use crate::db::backups::Cursor;
 use crate::db::signatures as dbs;
 use crate::scope::{BoxFuture, JobError, RollbackPage, VerifyReport};
 
@@ -20,12 +21,11 @@ async fn verify_job(
     c: &impl GenericClient,
     job_id: i64,
 ) -> Result<(i64, i64, Vec<(i64, String)>), JobError> {
-    let (mut after, mut checked, mut gone, mut bad) = (i64::MIN, 0i64, 0i64, Vec::new());
+    let (mut at, mut checked, mut gone, mut bad) = (Some(Cursor::START), 0i64, 0i64, Vec::new());
     let mut algos: HashMap<i64, Option<SigAlg>> = HashMap::new();
-    loop {
-        let (rows, last, seen) = dbs::countersignatures_of_job(c, job_id, after, 500).await?;
-        let Some(last) = last else { break };
-        after = last;
+    while let Some(here) = at {
+        let (rows, next, seen) = dbs::countersignatures_of_job(c, job_id, here, 500).await?;
+        at = next;
         gone += seen - rows.len() as i64;
         for r in rows {
             if let std::collections::hash_map::Entry::Vacant(e) = algos.entry(r.algo_id) {
@@ -68,16 +68,15 @@ impl crate::scope::Aftercare for Aftercare {
         &'a self,
         tx: &'a Transaction<'_>,
         job_id: i64,
-        after: i64,
+        at: Cursor,
         n: i64,
     ) -> BoxFuture<'a, Result<RollbackPage, JobError>> {
         Box::pin(async move {
-            let (restored, seen, last) =
-                dbs::countersignatures_delete(tx, job_id, after, n).await?;
+            let (restored, seen, next) = dbs::countersignatures_delete(tx, job_id, at, n).await?;
             Ok(RollbackPage {
                 restored,
                 seen,
-                last,
+                next,
             })
         })
     }

@@ -7,6 +7,7 @@ use tokio_postgres::{Client, GenericClient, Transaction};
 
 use super::keys::{SourceKeys, format_of, suite_job};
 use crate::crypto::wrap;
+use crate::db::backups;
 use crate::db::wrappers::{self as dbw, WrapperRow};
 use crate::keys::LocalKeyring;
 use crate::scope::{BoxFuture, JobError, RollbackPage, ScopeContext, VerifyReport, fatal};
@@ -46,7 +47,7 @@ async fn verify_job(
 ) -> Result<(i64, i64, Vec<(i64, String)>), JobError> {
     let keys = Arc::new(SourceKeys::new(keyring));
     let (mut checked, mut changed, mut bad) = (0i64, 0i64, Vec::new());
-    if dbw::backups_count(c, job_id).await? == 0 {
+    if !backups::exist(c, job_id).await? {
         let mut after = i64::MIN;
         loop {
             let rows = dbw::wrappers_of_job(c, job_id, after, page).await?;
@@ -64,21 +65,18 @@ async fn verify_job(
         }
         return Ok((checked, changed, bad));
     }
-    let mut after = i64::MIN;
-    loop {
-        let backups = dbw::wrapper_backups_after(c, job_id, after, page).await?;
-        let Some(last) = backups.last().map(|(b, _)| *b) else {
-            break;
-        };
-        after = last;
-        let ids: Vec<i64> = backups.iter().map(|(_, old)| old.id).collect();
+    let mut at = Some(backups::Cursor::START);
+    while let Some(here) = at {
+        let (backups, next) = dbw::wrapper_backups(c, job_id, here, page).await?;
+        at = next;
+        let ids: Vec<i64> = backups.iter().map(|old| old.id).collect();
         let now = dbw::wrappers_by_ids(c, &ids).await?;
-        let all: Vec<&WrapperRow> = now.iter().chain(backups.iter().map(|(_, b)| b)).collect();
+        let all: Vec<&WrapperRow> = now.iter().chain(backups.iter()).collect();
         keys.resolve(c, &all).await?;
         let k = Arc::clone(&keys);
         let (p_checked, p_changed, p_bad) = tokio::task::spawn_blocking(move || {
             let (mut checked, mut changed, mut bad) = (0i64, 0i64, Vec::new());
-            for (_, old) in &backups {
+            for old in &backups {
                 let Some(row) = now.iter().find(|r| r.id == old.id) else {
                     changed += 1;
                     continue;
@@ -137,15 +135,15 @@ impl crate::scope::Aftercare for WrappersAftercare {
         &'a self,
         tx: &'a Transaction<'_>,
         job_id: i64,
-        after: i64,
+        at: backups::Cursor,
         n: i64,
     ) -> BoxFuture<'a, Result<RollbackPage, JobError>> {
         Box::pin(async move {
-            let (ids, seen, last) = dbw::wrappers_rollback_batch(tx, job_id, after, n).await?;
+            let (ids, seen, next) = dbw::wrappers_rollback_batch(tx, job_id, at, n).await?;
             Ok(RollbackPage {
                 restored: ids.len() as i64,
                 seen,
-                last,
+                next,
             })
         })
     }

@@ -1,0 +1,313 @@
+//! Where a job's backups live, and walking them.
+//!
+//! Since V7 a job's backups are one partition of its scope's compact table,
+//! `pq_migration_backups_<scope>_<job id>` (typed columns, no index): created
+//! and attached when the job starts ([`ensure_partition`]), written by each
+//! batch in the statement that replaces the values, read in heap-block order
+//! with TID range scans ([`page`]) and detached and dropped by
+//! `purge-backups` ([`purge_partition`]). Backups written before V7 stay in
+//! `pq_migration_backups` (one JSONB row each), and every walk reads those
+//! first ([`Cursor::Legacy`]) and then the partition ([`Cursor::Blocks`]),
+//! so a job from before the upgrade, or one that ran across it, is rolled
+//! back, verified and purged exactly as before.
+
+use tokio_postgres::{Client, Error, GenericClient, Row, types::ToSql};
+
+use crate::job::ScopeKind;
+
+/// The partitioned table of a scope's compact backups.
+pub fn parent(scope: ScopeKind) -> &'static str {
+    match scope {
+        ScopeKind::Hashes => "pq_migration_backups_hashes",
+        ScopeKind::Wrappers => "pq_migration_backups_wrappers",
+        ScopeKind::Signatures => "pq_migration_backups_signatures",
+    }
+}
+
+/// The partition holding one job's compact backups.
+pub fn partition(scope: ScopeKind, job_id: i64) -> String {
+    format!("{}_{job_id}", parent(scope))
+}
+
+/// Whether a job writes backups: a signatures job always records what it
+/// inserted (verify and rollback find its countersignatures that way), the
+/// others unless `"backup": false`; a dry run writes nothing.
+pub fn needed(scope: ScopeKind, common: &crate::selection::Common) -> bool {
+    !common.dry_run && (common.backup || scope == ScopeKind::Signatures)
+}
+
+/// Whether the job's partition exists and is attached.
+async fn attached(c: &impl GenericClient, scope: ScopeKind, job_id: i64) -> Result<bool, Error> {
+    Ok(c.query_one(
+        "SELECT EXISTS (SELECT 1 FROM pg_inherits \
+                        WHERE inhrelid = to_regclass($1) AND inhparent = to_regclass($2))",
+        &[&partition(scope, job_id), &parent(scope)],
+    )
+    .await?
+    .get(0))
+}
+
+/// Create and attach the job's partition unless it is there: once per job
+/// start, before its first batch. ATTACH takes only a SHARE UPDATE
+/// EXCLUSIVE lock on the parent, so batches of other jobs writing their
+/// partitions never wait for it; replicas starting the same job at once
+/// are serialised by an advisory lock on the partition's name. One
+/// statement (its own transaction): a table left detached by an
+/// interrupted purge is attached again with its rows (they are the job's).
+pub async fn ensure_partition(
+    c: &impl GenericClient,
+    scope: ScopeKind,
+    job_id: i64,
+) -> Result<(), Error> {
+    if attached(c, scope, job_id).await? {
+        return Ok(());
+    }
+    let (name, parent) = (partition(scope, job_id), parent(scope));
+    c.batch_execute(&format!(
+        "DO $$ BEGIN \
+           PERFORM set_config('lock_timeout', '10s', true); \
+           PERFORM pg_advisory_xact_lock(hashtextextended('{name}', 0)); \
+           IF NOT EXISTS (SELECT 1 FROM pg_inherits \
+                          WHERE inhrelid = to_regclass('{name}') AND inhparent = to_regclass('{parent}')) THEN \
+             CREATE TABLE IF NOT EXISTS {name} (LIKE {parent}); \
+             ALTER TABLE {parent} ATTACH PARTITION {name} FOR VALUES IN ({job_id}); \
+           END IF; \
+         END $$"
+    ))
+    .await
+}
+
+/// Where a walk over a job's backups stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cursor {
+    /// In `pq_migration_backups`, after this backup id.
+    Legacy(i64),
+    /// In the job's partition, from this heap block on.
+    Blocks(i64),
+}
+
+impl Cursor {
+    pub const START: Cursor = Cursor::Legacy(i64::MIN);
+}
+
+/// What one [`page`] read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Read {
+    /// These legacy backup ids.
+    Legacy(Vec<i64>),
+    /// The partition's heap blocks `from..to`.
+    Blocks { from: i64, to: i64 },
+    /// Nothing: the walk is over.
+    Nothing,
+}
+
+/// One page of a walk: the rows, what was read, and where to go on from
+/// (`None`: the walk is over).
+pub struct Page {
+    pub rows: Vec<Row>,
+    pub read: Read,
+    pub next: Option<Cursor>,
+}
+
+/// The two statements a scope reads its backups with, returning the same
+/// columns: `legacy` reads `pq_migration_backups` with $1 job id, $2 after
+/// backup id, $3 rows, its first column the backup id, in backup id order;
+/// `compact(partition, tid_range)` reads the partition with the predicate
+/// `tid_range` over heap blocks $1..$2, its first column anything.
+pub struct Statements<'a> {
+    pub scope: ScopeKind,
+    pub legacy: &'a str,
+    pub compact: fn(&str, &str) -> String,
+    /// Partition rows per heap block, about: a page of `n` rows reads
+    /// `n / rows_per_block` blocks.
+    pub rows_per_block: i64,
+}
+
+/// The predicate selecting heap blocks `$a..$b` of a table by TID range
+/// (a TID Range Scan: no index needed).
+pub fn tid_range(a: usize, b: usize) -> String {
+    format!(
+        "ctid >= ('(' || ${a}::bigint || ',0)')::tid AND ctid < ('(' || ${b}::bigint || ',0)')::tid"
+    )
+}
+
+/// The partition's size in heap blocks; `None` when the job has none.
+pub async fn partition_blocks(
+    c: &impl GenericClient,
+    scope: ScopeKind,
+    job_id: i64,
+) -> Result<Option<i64>, Error> {
+    Ok(c.query_one(
+        "SELECT pg_relation_size(to_regclass($1)) / current_setting('block_size')::bigint",
+        &[&partition(scope, job_id)],
+    )
+    .await?
+    .get(0))
+}
+
+/// Read about `n` backups of the job from `at` on.
+pub async fn page(
+    c: &impl GenericClient,
+    s: &Statements<'_>,
+    job_id: i64,
+    at: Cursor,
+    n: i64,
+) -> Result<Page, Error> {
+    let mut at = at;
+    if let Cursor::Legacy(after) = at {
+        let rows = c.query(s.legacy, &[&job_id, &after, &n]).await?;
+        if let Some(last) = rows.last().map(|r| r.get::<_, i64>(0)) {
+            let ids = rows.iter().map(|r| r.get(0)).collect();
+            return Ok(Page {
+                rows,
+                read: Read::Legacy(ids),
+                next: Some(Cursor::Legacy(last)),
+            });
+        }
+        at = Cursor::Blocks(0);
+    }
+    let Cursor::Blocks(from) = at else {
+        unreachable!("legacy handled above")
+    };
+    let blocks = partition_blocks(c, s.scope, job_id).await?.unwrap_or(0);
+    if from >= blocks {
+        return Ok(Page {
+            rows: Vec::new(),
+            read: Read::Nothing,
+            next: None,
+        });
+    }
+    let to = (from + (n / s.rows_per_block).max(1)).min(blocks);
+    let sql = (s.compact)(&partition(s.scope, job_id), &tid_range(1, 2));
+    let params: [&(dyn ToSql + Sync); 2] = [&from, &to];
+    let rows = c.query(&sql, &params).await?;
+    Ok(Page {
+        rows,
+        read: Read::Blocks { from, to },
+        next: Some(Cursor::Blocks(to)),
+    })
+}
+
+/// Whether the job has any backup, old or compact.
+pub async fn exist(c: &impl GenericClient, job_id: i64) -> Result<bool, Error> {
+    Ok(c.query_one(
+        "SELECT EXISTS (SELECT 1 FROM pq_migration_backups_all WHERE job_id = $1::bigint)",
+        &[&job_id],
+    )
+    .await?
+    .get(0))
+}
+
+/// How many backups the job has, old and compact (a full count: for
+/// messages, not for every batch).
+pub async fn count(c: &impl GenericClient, job_id: i64) -> Result<i64, Error> {
+    Ok(c.query_one(
+        "SELECT count(*) FROM pq_migration_backups_all WHERE job_id = $1::bigint",
+        &[&job_id],
+    )
+    .await?
+    .get(0))
+}
+
+/// Delete up to `n` of a job's old backups in one statement (its own
+/// transaction); how many. Called until it deletes fewer than `n`, so an
+/// old job of a hundred million items never becomes one giant DELETE.
+pub async fn legacy_purge_chunk(c: &impl GenericClient, job_id: i64, n: i64) -> Result<u64, Error> {
+    c.execute(
+        "DELETE FROM pq_migration_backups WHERE id IN \
+           (SELECT id FROM pq_migration_backups WHERE job_id = $1::bigint LIMIT $2::bigint)",
+        &[&job_id, &n],
+    )
+    .await
+}
+
+/// Detach and drop the job's partition of `scope`, whatever its size;
+/// the rows it held (counted first: one sequential read, no write), or
+/// `None` when there was none. The detach is `CONCURRENTLY` (no lock that stops other
+/// jobs' batches); one interrupted earlier is finished first.
+pub async fn purge_partition(
+    c: &Client,
+    scope: ScopeKind,
+    job_id: i64,
+) -> Result<Option<i64>, Error> {
+    let (name, parent) = (partition(scope, job_id), parent(scope));
+    let Some(row) = c
+        .query_opt(
+            "SELECT (SELECT i.inhdetachpending FROM pg_inherits i WHERE i.inhrelid = c.oid) \
+             FROM pg_class c WHERE c.oid = to_regclass($1)",
+            &[&name],
+        )
+        .await?
+    else {
+        return Ok(None);
+    };
+    let rows: i64 = c
+        .query_one(&format!("SELECT count(*) FROM {name}"), &[])
+        .await?
+        .get(0);
+    match row.get::<_, Option<bool>>(0) {
+        Some(true) => {
+            c.batch_execute(&format!(
+                "ALTER TABLE {parent} DETACH PARTITION {name} FINALIZE"
+            ))
+            .await?
+        }
+        Some(false) => {
+            c.batch_execute(&format!(
+                "ALTER TABLE {parent} DETACH PARTITION {name} CONCURRENTLY"
+            ))
+            .await?
+        }
+        None => {}
+    }
+    c.batch_execute(&format!("DROP TABLE IF EXISTS {name}"))
+        .await?;
+    Ok(Some(rows))
+}
+
+/// Drop the empty partitions of jobs that no longer exist (the janitor
+/// deleted them: a job with backups is never deleted); how many. A
+/// partition with rows is kept and named in a warning: its job was
+/// deleted by hand, and only an operator may decide its backups go.
+pub async fn drop_orphans(c: &Client) -> Result<u64, Error> {
+    let orphans = c
+        .query(
+            "SELECT ch.relname::text, pa.relname::text, \
+                    substring(ch.relname::text FROM length(pa.relname::text) + 2)::bigint \
+             FROM pg_inherits i JOIN pg_class ch ON ch.oid = i.inhrelid \
+             JOIN pg_class pa ON pa.oid = i.inhparent \
+             WHERE pa.oid IN (to_regclass($1), to_regclass($2), to_regclass($3)) \
+               AND NOT EXISTS (SELECT 1 FROM pq_migration_jobs j \
+                               WHERE ch.relname::text = pa.relname::text || '_' || j.id)",
+            &[
+                &parent(ScopeKind::Hashes),
+                &parent(ScopeKind::Wrappers),
+                &parent(ScopeKind::Signatures),
+            ],
+        )
+        .await?;
+    let mut dropped = 0;
+    for o in orphans {
+        let (name, job_id): (String, i64) = (o.get(0), o.get(2));
+        let empty: bool = c
+            .query_one(&format!("SELECT NOT EXISTS (SELECT 1 FROM {name})"), &[])
+            .await?
+            .get(0);
+        if !empty {
+            tracing::warn!(
+                partition = %name,
+                job_id,
+                "backups of a job that no longer exists: kept; drop the table by hand once they are not needed"
+            );
+            continue;
+        }
+        let scope = ScopeKind::ALL
+            .into_iter()
+            .find(|s| parent(*s) == o.get::<_, String>(1))
+            .expect("one of the three parents");
+        if purge_partition(c, scope, job_id).await?.is_some() {
+            dropped += 1;
+        }
+    }
+    Ok(dropped)
+}
