@@ -69,3 +69,61 @@ CREATE OR REPLACE VIEW pq_migration_backups_all AS
                      ELSE jsonb_build_object('duplicate_sources', to_jsonb(b.duplicate_sources)) END,
            NULL::timestamptz
     FROM pq_migration_backups_signatures b;
+
+-- The daemon's role needs no DDL right for this: it creates a job's
+-- partition and drops it through these two functions, which run as the
+-- owner of the tables (the role that ran `pqmig migrate`), with a fixed
+-- search_path, and take only a scope name and a job id. Grant EXECUTE to
+-- pqmig's role (README, "Database role"); all reads and writes go through
+-- the parent tables, so no grant is needed per partition.
+CREATE OR REPLACE FUNCTION pqmig_backup_partition(scope TEXT, job BIGINT) RETURNS VOID
+LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
+DECLARE
+    parent TEXT := 'pq_migration_backups_' || scope;
+    part TEXT := 'pq_migration_backups_' || scope || '_' || job;
+BEGIN
+    IF scope IS NULL OR scope NOT IN ('hashes', 'wrappers', 'signatures') OR job IS NULL THEN
+        RAISE EXCEPTION 'pqmig_backup_partition: no scope %', scope;
+    END IF;
+    -- Replicas starting the same job at once: one creates, the others wait.
+    PERFORM pg_advisory_xact_lock(hashtextextended(part, 0));
+    PERFORM set_config('lock_timeout', '10s', true);
+    IF NOT EXISTS (SELECT 1 FROM pg_inherits
+                   WHERE inhrelid = to_regclass(part) AND inhparent = to_regclass(parent)) THEN
+        -- A table left detached is attached again with its rows (the job's).
+        EXECUTE format('CREATE TABLE IF NOT EXISTS %I (LIKE %I)', part, parent);
+        -- SHARE UPDATE EXCLUSIVE on the parent: other jobs' batches go on.
+        EXECUTE format('ALTER TABLE %I ATTACH PARTITION %I FOR VALUES IN (%s)', parent, part, job);
+    END IF;
+END $$;
+
+-- Drop a job's partition whatever its size; returns its rows (NULL: it had
+-- none). Refused unless the job is done or gone: the checks that it was
+-- verified are `purge-backups`'s, this one holds whoever calls. DROP takes
+-- an ACCESS EXCLUSIVE lock on the parent for an instant (other jobs'
+-- batches wait for it), bounded by a 10 s lock_timeout.
+CREATE OR REPLACE FUNCTION pqmig_drop_backup_partition(scope TEXT, job BIGINT) RETURNS BIGINT
+LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
+DECLARE
+    part TEXT := 'pq_migration_backups_' || scope || '_' || job;
+    status TEXT;
+    n BIGINT;
+BEGIN
+    IF scope IS NULL OR scope NOT IN ('hashes', 'wrappers', 'signatures') OR job IS NULL THEN
+        RAISE EXCEPTION 'pqmig_drop_backup_partition: no scope %', scope;
+    END IF;
+    IF to_regclass(part) IS NULL THEN
+        RETURN NULL;
+    END IF;
+    SELECT j.status INTO status FROM pq_migration_jobs j WHERE j.id = job;
+    IF FOUND AND status <> 'done' THEN
+        RAISE EXCEPTION 'job % is %: only the backups of a done job are dropped', job, status;
+    END IF;
+    EXECUTE format('SELECT count(*) FROM %I', part) INTO n;
+    PERFORM set_config('lock_timeout', '10s', true);
+    EXECUTE format('DROP TABLE %I', part);
+    RETURN n;
+END $$;
+
+REVOKE ALL ON FUNCTION pqmig_backup_partition(TEXT, BIGINT) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pqmig_drop_backup_partition(TEXT, BIGINT) FROM PUBLIC;

@@ -4,14 +4,17 @@
 //! `pq_migration_backups_<scope>_<job id>` (typed columns, no index): created
 //! and attached when the job starts ([`ensure_partition`]), written by each
 //! batch in the statement that replaces the values, read in heap-block order
-//! with TID range scans ([`page`]) and detached and dropped by
-//! `purge-backups` ([`purge_partition`]). Backups written before V7 stay in
+//! with TID range scans ([`page`]) and dropped whole by `purge-backups`
+//! ([`purge_partition`]). Creating and dropping go through V7's two
+//! SECURITY DEFINER functions, so the daemon's role needs no DDL right;
+//! every read and write names the parent table with the job's id (the
+//! planner prunes to the one partition), so it needs no grant per partition. Backups written before V7 stay in
 //! `pq_migration_backups` (one JSONB row each), and every walk reads those
 //! first ([`Cursor::Legacy`]) and then the partition ([`Cursor::Blocks`]),
 //! so a job from before the upgrade, or one that ran across it, is rolled
 //! back, verified and purged exactly as before.
 
-use tokio_postgres::{Client, Error, GenericClient, Row, types::ToSql};
+use tokio_postgres::{Error, GenericClient, Row, types::ToSql};
 
 use crate::job::ScopeKind;
 
@@ -48,12 +51,10 @@ async fn attached(c: &impl GenericClient, scope: ScopeKind, job_id: i64) -> Resu
 }
 
 /// Create and attach the job's partition unless it is there: once per job
-/// start, before its first batch. ATTACH takes only a SHARE UPDATE
-/// EXCLUSIVE lock on the parent, so batches of other jobs writing their
-/// partitions never wait for it; replicas starting the same job at once
-/// are serialised by an advisory lock on the partition's name. One
-/// statement (its own transaction): a table left detached by an
-/// interrupted purge is attached again with its rows (they are the job's).
+/// start, before its first batch (V7's `pqmig_backup_partition`: ATTACH
+/// takes only a SHARE UPDATE EXCLUSIVE lock on the parent, so other jobs'
+/// batches never wait for it; replicas starting the same job at once are
+/// serialised).
 pub async fn ensure_partition(
     c: &impl GenericClient,
     scope: ScopeKind,
@@ -62,19 +63,17 @@ pub async fn ensure_partition(
     if attached(c, scope, job_id).await? {
         return Ok(());
     }
-    let (name, parent) = (partition(scope, job_id), parent(scope));
-    c.batch_execute(&format!(
-        "DO $$ BEGIN \
-           PERFORM set_config('lock_timeout', '10s', true); \
-           PERFORM pg_advisory_xact_lock(hashtextextended('{name}', 0)); \
-           IF NOT EXISTS (SELECT 1 FROM pg_inherits \
-                          WHERE inhrelid = to_regclass('{name}') AND inhparent = to_regclass('{parent}')) THEN \
-             CREATE TABLE IF NOT EXISTS {name} (LIKE {parent}); \
-             ALTER TABLE {parent} ATTACH PARTITION {name} FOR VALUES IN ({job_id}); \
-           END IF; \
-         END $$"
-    ))
-    .await
+    c.execute(
+        "SELECT pqmig_backup_partition($1, $2)",
+        &[&scope.as_str(), &job_id],
+    )
+    .await?;
+    Ok(())
+}
+
+/// The rows of the job's compact backups: `FROM` this, `WHERE` [`of_job`].
+pub fn of_job(job_id: i64) -> String {
+    format!("job_id = {job_id}")
 }
 
 /// Where a walk over a job's backups stands.
@@ -112,8 +111,9 @@ pub struct Page {
 /// The two statements a scope reads its backups with, returning the same
 /// columns: `legacy` reads `pq_migration_backups` with $1 job id, $2 after
 /// backup id, $3 rows, its first column the backup id, in backup id order;
-/// `compact(partition, tid_range)` reads the partition with the predicate
-/// `tid_range` over heap blocks $1..$2, its first column anything.
+/// `compact(table, predicate)` reads `table` (the scope's parent) with
+/// `predicate` (the job's rows in heap blocks $1..$2), its first column
+/// anything.
 pub struct Statements<'a> {
     pub scope: ScopeKind,
     pub legacy: &'a str,
@@ -129,6 +129,11 @@ pub fn tid_range(a: usize, b: usize) -> String {
     format!(
         "ctid >= ('(' || ${a}::bigint || ',0)')::tid AND ctid < ('(' || ${b}::bigint || ',0)')::tid"
     )
+}
+
+/// The job's compact backups in heap blocks $1..$2 of its partition.
+pub fn blocks_of_job(job_id: i64) -> String {
+    format!("{} AND {}", of_job(job_id), tid_range(1, 2))
 }
 
 /// The partition's size in heap blocks; `None` when the job has none.
@@ -178,7 +183,7 @@ pub async fn page(
         });
     }
     let to = (from + (n / s.rows_per_block).max(1)).min(blocks);
-    let sql = (s.compact)(&partition(s.scope, job_id), &tid_range(1, 2));
+    let sql = (s.compact)(parent(s.scope), &blocks_of_job(job_id));
     let params: [&(dyn ToSql + Sync); 2] = [&from, &to];
     let rows = c.query(&sql, &params).await?;
     Ok(Page {
@@ -221,55 +226,27 @@ pub async fn legacy_purge_chunk(c: &impl GenericClient, job_id: i64, n: i64) -> 
     .await
 }
 
-/// Detach and drop the job's partition of `scope`, whatever its size;
-/// the rows it held (counted first: one sequential read, no write), or
-/// `None` when there was none. The detach is `CONCURRENTLY` (no lock that stops other
-/// jobs' batches); one interrupted earlier is finished first.
+/// Drop the job's partition of `scope` whatever its size (V7's
+/// `pqmig_drop_backup_partition`, which refuses unless the job is done or
+/// gone); the rows it held, or `None` when there was none.
 pub async fn purge_partition(
-    c: &Client,
+    c: &impl GenericClient,
     scope: ScopeKind,
     job_id: i64,
 ) -> Result<Option<i64>, Error> {
-    let (name, parent) = (partition(scope, job_id), parent(scope));
-    let Some(row) = c
-        .query_opt(
-            "SELECT (SELECT i.inhdetachpending FROM pg_inherits i WHERE i.inhrelid = c.oid) \
-             FROM pg_class c WHERE c.oid = to_regclass($1)",
-            &[&name],
-        )
-        .await?
-    else {
-        return Ok(None);
-    };
-    let rows: i64 = c
-        .query_one(&format!("SELECT count(*) FROM {name}"), &[])
-        .await?
-        .get(0);
-    match row.get::<_, Option<bool>>(0) {
-        Some(true) => {
-            c.batch_execute(&format!(
-                "ALTER TABLE {parent} DETACH PARTITION {name} FINALIZE"
-            ))
-            .await?
-        }
-        Some(false) => {
-            c.batch_execute(&format!(
-                "ALTER TABLE {parent} DETACH PARTITION {name} CONCURRENTLY"
-            ))
-            .await?
-        }
-        None => {}
-    }
-    c.batch_execute(&format!("DROP TABLE IF EXISTS {name}"))
-        .await?;
-    Ok(Some(rows))
+    Ok(c.query_one(
+        "SELECT pqmig_drop_backup_partition($1, $2)",
+        &[&scope.as_str(), &job_id],
+    )
+    .await?
+    .get(0))
 }
 
 /// Drop the empty partitions of jobs that no longer exist (the janitor
 /// deleted them: a job with backups is never deleted); how many. A
 /// partition with rows is kept and named in a warning: its job was
 /// deleted by hand, and only an operator may decide its backups go.
-pub async fn drop_orphans(c: &Client) -> Result<u64, Error> {
+pub async fn drop_orphans(c: &impl GenericClient) -> Result<u64, Error> {
     let orphans = c
         .query(
             "SELECT ch.relname::text, pa.relname::text, \
@@ -289,8 +266,15 @@ pub async fn drop_orphans(c: &Client) -> Result<u64, Error> {
     let mut dropped = 0;
     for o in orphans {
         let (name, job_id): (String, i64) = (o.get(0), o.get(2));
+        let parent_name: String = o.get(1);
         let empty: bool = c
-            .query_one(&format!("SELECT NOT EXISTS (SELECT 1 FROM {name})"), &[])
+            .query_one(
+                &format!(
+                    "SELECT NOT EXISTS (SELECT 1 FROM {parent_name} WHERE {})",
+                    of_job(job_id)
+                ),
+                &[],
+            )
             .await?
             .get(0);
         if !empty {
@@ -303,7 +287,7 @@ pub async fn drop_orphans(c: &Client) -> Result<u64, Error> {
         }
         let scope = ScopeKind::ALL
             .into_iter()
-            .find(|s| parent(*s) == o.get::<_, String>(1))
+            .find(|s| parent(*s) == parent_name)
             .expect("one of the three parents");
         if purge_partition(c, scope, job_id).await?.is_some() {
             dropped += 1;

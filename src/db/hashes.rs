@@ -181,12 +181,13 @@ impl HashStatements {
             return Ok(Vec::new());
         }
         let (from, id, hash, ver) = (&self.from, &self.id, &self.hash, &self.ver);
-        // Backups go to the job's partition, created when the job started.
+        // Backups go to the job's partition (through the parent), created
+        // when the job started.
         let backup_cte = if backup {
             format!(
                 ", bk AS (INSERT INTO {} (job_id, item_id, hash, version) \
                           SELECT $6::bigint, upd.id, upd.old_h, upd.old_v FROM upd)",
-                super::backups::partition(crate::job::ScopeKind::Hashes, job_id)
+                super::backups::parent(crate::job::ScopeKind::Hashes)
             )
         } else {
             String::new()

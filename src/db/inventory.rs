@@ -185,16 +185,19 @@ pub async fn inventory_count(
     // Compact backups: every partition of the wrappers and hashes tables
     // (a signatures job's only name the rows it inserted).
     for scope in [ScopeKind::Wrappers, ScopeKind::Hashes] {
+        let parent = backups::parent(scope);
         let parts = c
             .query(
-                "SELECT i.inhrelid::regclass::text FROM pg_inherits i \
-                 WHERE i.inhparent = to_regclass($1) ORDER BY 1",
-                &[&backups::parent(scope)],
+                "SELECT i.inhrelid::regclass::text, \
+                        substring(ch.relname::text FROM length($1::text) + 2)::bigint \
+                 FROM pg_inherits i JOIN pg_class ch ON ch.oid = i.inhrelid \
+                 WHERE i.inhparent = to_regclass($1) ORDER BY 2",
+                &[&parent],
             )
             .await?;
         walk.statements += 1;
         for p in parts {
-            walk.blocks(c, scope.as_str(), &p.get::<_, String>(0))
+            walk.blocks(c, scope, &p.get::<_, String>(0), p.get(1))
                 .await?;
         }
     }
@@ -299,8 +302,9 @@ impl Walk {
     async fn blocks(
         &mut self,
         c: &impl GenericClient,
-        scope: &str,
+        scope: ScopeKind,
         part: &str,
+        job_id: i64,
     ) -> Result<(), tokio_postgres::Error> {
         let total: i64 = c
             .query_one(
@@ -312,8 +316,9 @@ impl Walk {
         self.statements += 1;
         let statement = c
             .prepare(&format!(
-                "SELECT count(*) FROM {part} WHERE {}",
-                backups::tid_range(1, 2)
+                "SELECT count(*) FROM {} WHERE {}",
+                backups::parent(scope),
+                backups::blocks_of_job(job_id)
             ))
             .await?;
         let mut from = 0i64;
@@ -330,7 +335,7 @@ impl Walk {
             self.statements += 1;
             *self
                 .tally
-                .entry(("vulnerable".into(), scope.into(), "backup".into()))
+                .entry(("vulnerable".into(), scope.as_str().into(), "backup".into()))
                 .or_default() += n;
             from = to;
         }

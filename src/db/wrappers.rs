@@ -313,7 +313,8 @@ pub async fn wrappers_update_batch(
             + u.new_wrap1[i].len()
             + 2 * super::JSON_WEIGHT
     };
-    // Backups go to the job's partition, created when the job started.
+    // Backups go to the job's partition (through the parent), created
+    // when the job started.
     let backup_cte = if backup {
         format!(
             ", bk AS ( \
@@ -322,7 +323,7 @@ pub async fn wrappers_update_batch(
                SELECT $8::bigint, cur.id, cur.wrap_version, cur.rotated_at, cur.dek_wrap1, \
                       cur.dek_wrap2, cur.crypto_suite, cur.layers_json FROM cur \
              )",
-            super::backups::partition(crate::job::ScopeKind::Wrappers, job_id)
+            super::backups::parent(crate::job::ScopeKind::Wrappers)
         )
     } else {
         String::new()
@@ -558,8 +559,8 @@ pub async fn wrappers_rollback_batch(
         Read::Blocks { .. } => format!(
             "SELECT item_id AS id, wrap_version, rotated_at, dek_wrap1, dek_wrap2, crypto_suite, layers \
              FROM {} WHERE {}",
-            super::backups::partition(crate::job::ScopeKind::Wrappers, job_id),
-            super::backups::tid_range(1, 2)
+            super::backups::parent(crate::job::ScopeKind::Wrappers),
+            super::backups::blocks_of_job(job_id)
         ),
     };
     let (a, b): (

@@ -84,6 +84,155 @@ pub async fn run(config: &Config, a: &BenchOptions) -> anyhow::Result<()> {
     result
 }
 
+/// One job of the bench, run by the real daemon to its end.
+struct JobRun {
+    processed: i64,
+    secs: f64,
+    status: String,
+    /// WAL the server wrote while it ran (`pg_current_wal_lsn()` before
+    /// and after), per item.
+    wal_per_item: f64,
+    id: i64,
+}
+
+impl JobRun {
+    fn rate(&self) -> f64 {
+        self.processed as f64 / self.secs
+    }
+}
+
+/// The WAL position now, as text.
+async fn wal_lsn(c: &tokio_postgres::Client) -> anyhow::Result<String> {
+    Ok(c.query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await?
+        .get(0))
+}
+
+/// Bytes of WAL since `lsn`.
+async fn wal_since(c: &tokio_postgres::Client, lsn: &str) -> anyhow::Result<f64> {
+    Ok(c.query_one(
+        "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1::text::pg_lsn)::float8",
+        &[&lsn],
+    )
+    .await?
+    .get(0))
+}
+
+/// Run `job` through a daemon of its own until it ends.
+async fn run_job(
+    cfg: &Config,
+    client: &tokio_postgres::Client,
+    job: &db::jobs::NewJob,
+) -> anyhow::Result<JobRun> {
+    let services = crate::daemon::Services::from_config(cfg).await?;
+    let token = CancellationToken::new();
+    let lsn = wal_lsn(client).await?;
+    let started = Instant::now();
+    let id = db::jobs::job_insert(client, job).await?;
+    let daemon = {
+        let (cfg, token) = (cfg.clone(), token.clone());
+        tokio::spawn(async move { crate::daemon::run(&cfg, services, token).await })
+    };
+    let (status, processed) = loop {
+        let j = dbd::jobs_summary(client).await?;
+        let j = j.iter().find(|j| j.0 == id).expect("the bench job");
+        if !matches!(j.2.as_str(), "pending" | "running") {
+            break (j.2.clone(), j.3);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let secs = started.elapsed().as_secs_f64();
+    let wal = wal_since(client, &lsn).await?;
+    token.cancel();
+    daemon.await??;
+    Ok(JobRun {
+        processed,
+        secs,
+        status,
+        wal_per_item: wal / processed.max(1) as f64,
+        id,
+    })
+}
+
+/// The in-database alternative a DBA would write instead of pqmig (#23's
+/// reference): a PL/pgSQL procedure re-hashing ids `from..=to` with
+/// pgcrypto's HMAC-SHA3-256 in 10k-row `UPDATE`s with a `COMMIT` each, no
+/// backups, no verify, the pepper passed in SQL. The same values pqmig
+/// writes (HMAC over the old hash, version `pepper-v2/<old>`).
+async fn pgcrypto_reference(
+    client: &tokio_postgres::Client,
+    pepper: &[u8],
+    from: i64,
+    to: i64,
+) -> anyhow::Result<JobRun> {
+    client
+        .batch_execute(
+            "CREATE EXTENSION IF NOT EXISTS pgcrypto; \
+             CREATE OR REPLACE PROCEDURE pqmig_bench_rehash(pepper bytea, lo bigint, hi bigint) \
+             LANGUAGE plpgsql AS $$ \
+             DECLARE a bigint := lo; \
+             BEGIN \
+               WHILE a <= hi LOOP \
+                 UPDATE users SET email_hash = hmac(email_hash, pepper, 'sha3-256'), \
+                                  email_hash_key_version = 'pepper-v2/' || email_hash_key_version \
+                  WHERE id >= a AND id < LEAST(a + 10000, hi + 1) \
+                    AND email_hash_key_version NOT LIKE 'pepper-v2/%'; \
+                 COMMIT; \
+                 a := a + 10000; \
+               END LOOP; \
+             END $$",
+        )
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!("the pgcrypto reference needs CREATE EXTENSION pgcrypto: {e}")
+        })?;
+    let lsn = wal_lsn(client).await?;
+    let started = Instant::now();
+    client
+        .execute(
+            "CALL pqmig_bench_rehash($1, $2, $3)",
+            &[&pepper, &from, &to],
+        )
+        .await?;
+    let secs = started.elapsed().as_secs_f64();
+    let wal = wal_since(client, &lsn).await?;
+    let processed: i64 = client
+        .query_one(
+            "SELECT count(*) FROM users WHERE id BETWEEN $1 AND $2 \
+               AND email_hash_key_version LIKE 'pepper-v2/%'",
+            &[&from, &to],
+        )
+        .await?
+        .get(0);
+    Ok(JobRun {
+        processed,
+        secs,
+        status: "done".into(),
+        wal_per_item: wal / processed.max(1) as f64,
+        id: 0,
+    })
+}
+
+/// The same job restricted to the ids `from..=to`, with or without backups.
+fn job_over(job: &db::jobs::NewJob, from: i64, to: i64, backup: bool) -> db::jobs::NewJob {
+    let mut sel = job
+        .selection
+        .clone()
+        .unwrap_or_else(|| serde_json::json!({}));
+    sel["id_from"] = serde_json::json!(from);
+    sel["id_to"] = serde_json::json!(to);
+    if !backup {
+        sel["backup"] = serde_json::json!(false);
+    }
+    db::jobs::NewJob {
+        scope: job.scope.clone(),
+        target_policy_id: job.target_policy_id,
+        target_algo_id: job.target_algo_id,
+        selection: Some(sel),
+        ..Default::default()
+    }
+}
+
 async fn run_in(
     config: &Config,
     scratch: &Scratch,
@@ -98,27 +247,38 @@ async fn run_in(
     let mut keys = SampleKeys::default();
     let n = a.items as usize;
     let t = Instant::now();
-    // Twice the items: the first half for the baselines, the second for
-    // the job, so all three see the same table and the same data.
-    let (mut job, first_half_last) = match a.scope.as_str() {
+    // Equal segments of the same data: the baselines, the job with
+    // backups, the job without, and (hashes) the in-database reference.
+    let parts = if a.scope == "hashes" { 4 } else { 3 };
+    let mut pepper = None;
+    // (the job, the last id of each segment)
+    let (job, ends) = match a.scope.as_str() {
         "wrappers" => {
-            let seed =
-                crate::sample::seed_wrappers(&client, &mut keys, "", 2 * n, kem, layers, "bench")
-                    .await?;
+            let seed = crate::sample::seed_wrappers(
+                &client,
+                &mut keys,
+                "",
+                parts * n,
+                kem,
+                layers,
+                "bench",
+            )
+            .await?;
             // `defined` takes min(max_layers, keys): exactly `layers`.
             let job = db::jobs::NewJob {
                 scope: "wrappers".into(),
                 target_policy_id: Some(seed.policy_id),
                 ..Default::default()
             };
-            (job, seed.deks[n - 1].0)
+            let ends: Vec<i64> = (1..=parts).map(|k| seed.deks[k * n - 1].0).collect();
+            (job, ends)
         }
         "signatures" => {
             let seed = crate::sample::seed_signatures(
                 &client,
                 &mut keys,
                 "",
-                2 * n,
+                parts * n,
                 false,
                 sig_alg,
                 "bench",
@@ -129,12 +289,15 @@ async fn run_in(
                 target_algo_id: Some(seed.target_algo_id),
                 ..Default::default()
             };
-            let mid = dbd::signatures_nth_id(&client, n as i64 - 1).await?;
-            (job, mid)
+            let mut ends = Vec::new();
+            for k in 1..=parts {
+                ends.push(dbd::signatures_nth_id(&client, (k * n) as i64 - 1).await?);
+            }
+            (job, ends)
         }
         _ => {
-            keys.generate("local:pepper-v2", "HMAC-SHA3-256", 32);
-            dbd::hashes_seed(&client, 2 * n as i64, "local:pepper-v2").await?;
+            pepper = Some(keys.generate("local:pepper-v2", "HMAC-SHA3-256", 32));
+            dbd::hashes_seed(&client, (parts * n) as i64, "local:pepper-v2").await?;
             let algo = db::algorithms::algorithm_by_alias(&client, "HMAC-SHA3-256")
                 .await?
                 .ok_or_else(|| anyhow::anyhow!("alias HMAC-SHA3-256 missing"))?;
@@ -144,7 +307,8 @@ async fn run_in(
                 selection: Some(serde_json::json!({"table": "users", "column": "email_hash"})),
                 ..Default::default()
             };
-            (job, n as i64)
+            let ends = (1..=parts).map(|k| (k * n) as i64).collect();
+            (job, ends)
         }
     };
     keys.write(&keyring)?;
@@ -152,64 +316,68 @@ async fn run_in(
     settle(&client).await?;
     eprintln!(
         "seeded {} {} items in {:.1} s",
-        2 * n,
+        parts * n,
         a.scope,
         t.elapsed().as_secs_f64()
     );
 
-    let baseline_job = db::jobs::NewJob {
-        scope: job.scope.clone(),
-        target_policy_id: job.target_policy_id,
-        target_algo_id: job.target_algo_id,
-        selection: job.selection.clone(),
-        ..Default::default()
-    };
-    let mut sel = job
-        .selection
-        .take()
-        .unwrap_or_else(|| serde_json::json!({}));
-    sel["id_from"] = serde_json::json!(first_half_last + 1);
-    job.selection = Some(sel);
-
-    let services = crate::daemon::Services::from_config(&cfg).await?;
-    let pool = services.pool.clone();
-    let token = CancellationToken::new();
     // Start the peak-RSS count afresh: the job's, not seeding's (Linux
     // resets VmHWM when 5 is written to clear_refs).
     let _ = std::fs::write("/proc/self/clear_refs", "5");
     let rss_before = peak_rss_kib();
-    let started = Instant::now();
-    let id = db::jobs::job_insert(&client, &job).await?;
-    let daemon = {
-        let (cfg, token) = (cfg.clone(), token.clone());
-        tokio::spawn(async move { crate::daemon::run(&cfg, services, token).await })
-    };
-    let (status, processed) = loop {
-        let j = dbd::jobs_summary(&client).await?;
-        let j = j.iter().find(|j| j.0 == id).expect("the bench job");
-        if !matches!(j.2.as_str(), "pending" | "running") {
-            break (j.2.clone(), j.3);
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    let secs = started.elapsed().as_secs_f64();
-    token.cancel();
-    daemon.await??;
+    let with = run_job(&cfg, &client, &job_over(&job, ends[0] + 1, ends[1], true)).await?;
     let rss_job = peak_rss_kib();
-    let opened = pool.status().size;
     settle(&client).await?;
-    // The baselines after the job, so its peak RSS is its own.
-    let base = baselines(&cfg, &mut client, &baseline_job, first_half_last).await?;
+    let without = run_job(&cfg, &client, &job_over(&job, ends[1] + 1, ends[2], false)).await?;
+    settle(&client).await?;
+    let reference = match (ends.get(3), &pepper) {
+        (Some(&last), Some(pepper)) => {
+            let r = pgcrypto_reference(&client, pepper, ends[2] + 1, last).await?;
+            settle(&client).await?;
+            Some(r)
+        }
+        _ => None,
+    };
+    // The baselines after the jobs, so their peak RSS is their own.
+    let base = baselines(&cfg, &mut client, &job, ends[0]).await?;
     let what = match a.scope.as_str() {
         "wrappers" => format!("wrappers, {layers} {} layer(s)", kem.alias()),
         "signatures" => format!("signatures, Ed25519/ECDSA -> {}", sig_alg.alias()),
         _ => "hashes, HMAC-SHA3-256".into(),
     };
-    let rate = processed as f64 / secs;
+    let rate = with.rate();
     let ceiling = 1.0 / (1.0 / base.crypto + 1.0 / base.db);
-    let sizes = dbd::job_batch_sizes(&client, id).await?;
-    println!("{what}, {processed} items:");
-    println!("  pqmig job          {rate:>9.0} items/s  ({secs:.2} s, {status})");
+    let sizes = dbd::job_batch_sizes(&client, with.id).await?;
+    println!("{what}, {} items per job:", with.processed);
+    println!(
+        "  pqmig job          {rate:>9.0} items/s  ({:.2} s, {}; with backups; WAL {:.0} B/item)",
+        with.secs, with.status, with.wal_per_item
+    );
+    println!(
+        "  without backups    {:>9.0} items/s  ({:.2} s, {}; WAL {:.0} B/item)",
+        without.rate(),
+        without.secs,
+        without.status,
+        without.wal_per_item
+    );
+    println!(
+        "  backups cost       {:>8.1} %  of items/s; WAL {:.2}x without",
+        100.0 * (1.0 - rate / without.rate()),
+        with.wal_per_item / without.wal_per_item
+    );
+    if let Some(r) = &reference {
+        println!(
+            "  pgcrypto procedure {:>9.0} items/s  ({:.2} s; PL/pgSQL, 10k-row UPDATE + COMMIT, no backups; WAL {:.0} B/item)",
+            r.rate(),
+            r.secs,
+            r.wal_per_item
+        );
+        println!(
+            "  vs the procedure   {:>9.2}  with backups; {:.2} without",
+            rate / r.rate(),
+            without.rate() / r.rate()
+        );
+    }
     println!(
         "  crypto only        {:>9.0} items/s  (same computation, no database)",
         base.crypto
@@ -232,9 +400,10 @@ async fn run_in(
         rss_job.unwrap_or(0) / 1024,
         rss_before.unwrap_or(0) / 1024
     );
-    println!("  pool connections   {opened:>9}  (open when the job ended)");
-    if status != "done" {
-        anyhow::bail!("the bench job ended {status}");
+    for r in [&with, &without] {
+        if r.status != "done" {
+            anyhow::bail!("a bench job ended {}", r.status);
+        }
     }
     Ok(())
 }
