@@ -275,3 +275,78 @@ async fn a_jobs_backups_are_one_partition_that_purge_drops() {
         stdout(&out)
     );
 }
+
+/// The two functions the daemon's role creates and drops partitions with
+/// take nothing but a known scope and a job id, and never drop the
+/// backups of a job that is not done.
+#[tokio::test]
+async fn the_partition_functions_refuse_bad_input_and_unfinished_jobs() {
+    let fx = Fixture::new(0).await;
+    let c = fx.db.client().await;
+    let id = fx.enqueue(json!({})).await;
+    c.execute("SELECT pqmig_backup_partition('hashes', $1)", &[&id])
+        .await
+        .expect("create");
+    c.execute(
+        "INSERT INTO pq_migration_backups_hashes (job_id, item_id, hash, version) VALUES ($1, 1, '\\x00', 'v1')",
+        &[&id],
+    )
+    .await
+    .expect("a backup");
+    let err = c
+        .query(
+            "SELECT * FROM pqmig_drop_backup_partition('hashes', $1)",
+            &[&id],
+        )
+        .await
+        .expect_err("a pending job's backups stay");
+    assert!(
+        err.as_db_error()
+            .is_some_and(|e| e.message().contains("is pending")),
+        "{err:?}"
+    );
+    for bad in ["users; DROP TABLE users", "HASHES", ""] {
+        for f in ["pqmig_backup_partition", "pqmig_drop_backup_partition"] {
+            let err = c
+                .query(&format!("SELECT * FROM {f}($1, $2)"), &[&bad, &id])
+                .await
+                .expect_err(bad);
+            assert!(
+                err.as_db_error()
+                    .is_some_and(|e| e.message().contains("no scope")),
+                "{f}({bad:?}): {err:?}"
+            );
+        }
+    }
+    assert_eq!(
+        scalar(
+            &c,
+            &format!("SELECT count(*) FROM pq_migration_backups_hashes_{id}")
+        )
+        .await,
+        1
+    );
+    c.execute(
+        "UPDATE pq_migration_jobs SET status = 'done' WHERE id = $1",
+        &[&id],
+    )
+    .await
+    .expect("done");
+    let r = c
+        .query_one(
+            "SELECT * FROM pqmig_drop_backup_partition('hashes', $1)",
+            &[&id],
+        )
+        .await
+        .expect("dropped");
+    assert_eq!((r.get::<_, i64>(0), r.get::<_, bool>(1)), (1, true));
+    assert!(
+        c.query(
+            "SELECT * FROM pqmig_drop_backup_partition('hashes', $1)",
+            &[&id]
+        )
+        .await
+        .expect("again")
+        .is_empty()
+    );
+}

@@ -235,9 +235,11 @@ pub async fn purge_backups(config: &Config, job_id: i64) -> anyhow::Result<()> {
     }
     match dropped {
         None => println!("job {job_id}: deleted {deleted} backups"),
-        Some((name, rows)) => println!(
-            "job {job_id}: deleted {} backups ({rows} by dropping {name}, in {:.2} s)",
-            deleted + rows,
+        Some((name, d)) => println!(
+            "job {job_id}: deleted {}{} backups ({} by dropping {name}, in {:.2} s)",
+            if d.exact { "" } else { "about " },
+            deleted + d.backups,
+            d.backups,
             started.elapsed().as_secs_f64()
         ),
     }

@@ -6,9 +6,10 @@
 //! batch in the statement that replaces the values, read in heap-block order
 //! with TID range scans ([`page`]) and dropped whole by `purge-backups`
 //! ([`purge_partition`]). Creating and dropping go through V7's two
-//! SECURITY DEFINER functions, so the daemon's role needs no DDL right;
-//! every read and write names the parent table with the job's id (the
-//! planner prunes to the one partition), so it needs no grant per partition. Backups written before V7 stay in
+//! SECURITY DEFINER functions, so the daemon's role needs no DDL right.
+//! Batches insert into the partition itself (the creating function grants
+//! on it what the parent grants); reads name the parent with the job's id
+//! (the planner prunes to the one partition). Backups written before V7 stay in
 //! `pq_migration_backups` (one JSONB row each), and every walk reads those
 //! first ([`Cursor::Legacy`]) and then the partition ([`Cursor::Blocks`]),
 //! so a job from before the upgrade, or one that ran across it, is rolled
@@ -226,20 +227,31 @@ pub async fn legacy_purge_chunk(c: &impl GenericClient, job_id: i64, n: i64) -> 
     .await
 }
 
+/// What dropping a job's partition removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dropped {
+    pub backups: i64,
+    /// Counted (a partition under 256 MiB), else the statistics' estimate.
+    pub exact: bool,
+}
+
 /// Drop the job's partition of `scope` whatever its size (V7's
 /// `pqmig_drop_backup_partition`, which refuses unless the job is done or
-/// gone); the rows it held, or `None` when there was none.
+/// gone); `None` when there was none.
 pub async fn purge_partition(
     c: &impl GenericClient,
     scope: ScopeKind,
     job_id: i64,
-) -> Result<Option<i64>, Error> {
-    Ok(c.query_one(
-        "SELECT pqmig_drop_backup_partition($1, $2)",
+) -> Result<Option<Dropped>, Error> {
+    Ok(c.query_opt(
+        "SELECT backups, exact FROM pqmig_drop_backup_partition($1, $2)",
         &[&scope.as_str(), &job_id],
     )
     .await?
-    .get(0))
+    .map(|r| Dropped {
+        backups: r.get(0),
+        exact: r.get(1),
+    }))
 }
 
 /// Drop the empty partitions of jobs that no longer exist (the janitor

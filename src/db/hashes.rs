@@ -187,7 +187,7 @@ impl HashStatements {
             format!(
                 ", bk AS (INSERT INTO {} (job_id, item_id, hash, version) \
                           SELECT $6::bigint, upd.id, upd.old_h, upd.old_v FROM upd)",
-                super::backups::parent(crate::job::ScopeKind::Hashes)
+                super::backups::partition(crate::job::ScopeKind::Hashes, job_id)
             )
         } else {
             String::new()

@@ -271,7 +271,7 @@ pub async fn signatures_insert_batch(
     };
     // Every countersignature is recorded (verify and rollback find what
     // the job wrote through it), in the job's partition.
-    let part = super::backups::parent(crate::job::ScopeKind::Signatures);
+    let part = super::backups::partition(crate::job::ScopeKind::Signatures, job_id);
     let sql = format!(
         "WITH v AS ( \
                    SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bigint[], \

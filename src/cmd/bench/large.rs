@@ -25,7 +25,8 @@ use tokio_util::sync::CancellationToken;
 use super::{peak_rss_kib, settle};
 use crate::cmd::demo::{Scratch, private_dir};
 use crate::config::Config;
-use crate::db::{self, sample as dbd};
+use crate::db::{self, backups, sample as dbd};
+use crate::job::ScopeKind;
 use crate::metrics::Metrics;
 use crate::sample::SampleKeys;
 
@@ -97,6 +98,9 @@ pub async fn run(
     let no_backup = bench.jobs(1, &[q(3)], false).await?;
     let rss = peak_rss_kib();
     let longest = watch.stop().await;
+    // purge-backups: the first job's partition, then one of `items` rows.
+    let purge_one = bench.purge(one.ids[0]).await?;
+    let purge_all = bench.purge(bench.backed_up_job(items).await?).await?;
 
     let slots = bench.cfg.worker.concurrency.get();
     println!("large table: hashes, HMAC-SHA3-256, {items} rows, {slots} worker slots per replica");
@@ -142,6 +146,15 @@ pub async fn run(
         one.wal_per_item(),
         no_backup.wal_per_item()
     );
+    for (secs, d) in [purge_one, purge_all] {
+        println!(
+            "  {:<22} {:>9.3} s  (a done job's {}{} backups: its partition dropped)",
+            "purge-backups",
+            secs,
+            if d.exact { "" } else { "about " },
+            d.backups
+        );
+    }
     println!(
         "  {:<22} {:>9} MiB  (before the runs {} MiB)",
         "peak RSS",
@@ -178,6 +191,7 @@ struct Run {
     shares: Vec<f64>,
     /// The status of a job that did not end `done`.
     not_done: Option<String>,
+    ids: Vec<i64>,
 }
 
 impl Run {
@@ -243,6 +257,41 @@ impl Bench {
         Ok((secs, n))
     }
 
+    /// Seconds `purge-backups` takes to drop the done job's partition,
+    /// and what it dropped.
+    async fn purge(&self, job_id: i64) -> anyhow::Result<(f64, backups::Dropped)> {
+        let started = Instant::now();
+        let dropped = backups::purge_partition(&self.client, ScopeKind::Hashes, job_id)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("job {job_id} has no backup partition"))?;
+        Ok((started.elapsed().as_secs_f64(), dropped))
+    }
+
+    /// A done hashes job whose partition holds `n` backups, written by the
+    /// server (a job that large would take the bench an hour to run).
+    async fn backed_up_job(&self, n: i64) -> anyhow::Result<i64> {
+        let id = db::jobs::job_insert(&self.client, &self.job(None, true, false)).await?;
+        self.client
+            .execute(
+                "UPDATE pq_migration_jobs SET status = 'done', finished_at = now() WHERE id = $1",
+                &[&id],
+            )
+            .await?;
+        backups::ensure_partition(&self.client, ScopeKind::Hashes, id).await?;
+        self.client
+            .execute(
+                &format!(
+                    "INSERT INTO {} (job_id, item_id, hash, version) \
+                     SELECT $1, i, sha256(int8send(i)), 'sha256-v1' FROM generate_series(1, $2::bigint) i",
+                    backups::partition(ScopeKind::Hashes, id)
+                ),
+                &[&id, &n],
+            )
+            .await?;
+        settle(&self.client).await?;
+        Ok(id)
+    }
+
     /// Run one job per id window on `replicas` replicas until every job
     /// has ended.
     async fn jobs(
@@ -281,6 +330,7 @@ impl Bench {
             wal_bytes,
             shares,
             not_done,
+            ids,
         })
     }
 }

@@ -101,23 +101,6 @@ impl JobRun {
     }
 }
 
-/// The WAL position now, as text.
-async fn wal_lsn(c: &tokio_postgres::Client) -> anyhow::Result<String> {
-    Ok(c.query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await?
-        .get(0))
-}
-
-/// Bytes of WAL since `lsn`.
-async fn wal_since(c: &tokio_postgres::Client, lsn: &str) -> anyhow::Result<f64> {
-    Ok(c.query_one(
-        "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1::text::pg_lsn)::float8",
-        &[&lsn],
-    )
-    .await?
-    .get(0))
-}
-
 /// Run `job` through a daemon of its own until it ends.
 async fn run_job(
     cfg: &Config,
@@ -126,7 +109,7 @@ async fn run_job(
 ) -> anyhow::Result<JobRun> {
     let services = crate::daemon::Services::from_config(cfg).await?;
     let token = CancellationToken::new();
-    let lsn = wal_lsn(client).await?;
+    let wal0 = dbd::wal_position(client).await?;
     let started = Instant::now();
     let id = db::jobs::job_insert(client, job).await?;
     let daemon = {
@@ -142,7 +125,7 @@ async fn run_job(
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let secs = started.elapsed().as_secs_f64();
-    let wal = wal_since(client, &lsn).await?;
+    let wal = (dbd::wal_position(client).await? - wal0) as f64;
     token.cancel();
     daemon.await??;
     Ok(JobRun {
@@ -186,7 +169,7 @@ async fn pgcrypto_reference(
         .map_err(|e| {
             anyhow::anyhow!("the pgcrypto reference needs CREATE EXTENSION pgcrypto: {e}")
         })?;
-    let lsn = wal_lsn(client).await?;
+    let wal0 = dbd::wal_position(client).await?;
     let started = Instant::now();
     client
         .execute(
@@ -195,7 +178,7 @@ async fn pgcrypto_reference(
         )
         .await?;
     let secs = started.elapsed().as_secs_f64();
-    let wal = wal_since(client, &lsn).await?;
+    let wal = (dbd::wal_position(client).await? - wal0) as f64;
     let processed: i64 = client
         .query_one(
             "SELECT count(*) FROM users WHERE id BETWEEN $1 AND $2 \
