@@ -350,3 +350,28 @@ async fn the_partition_functions_refuse_bad_input_and_unfinished_jobs() {
         .is_empty()
     );
 }
+
+/// `pqmig bench` runs the same job with and without backups and, for
+/// hashes, the pgcrypto procedure a DBA would write, on equal slices of
+/// one table; every run must cover its slice (the numbers themselves are
+/// the bench's business, not a test's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_compares_backups_on_off_and_the_pgcrypto_procedure() {
+    let admin = crate::support::admin_url();
+    let out = run(
+        &["bench", "--scope", "hashes", "--items", "3000"],
+        &[("DATABASE_URL", admin.as_str())],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let o = stdout(&out);
+    for want in [
+        "3000 items per job",
+        "with backups; WAL",
+        "without backups",
+        "backups cost",
+        "pgcrypto procedure",
+        "vs the procedure",
+    ] {
+        assert!(o.contains(want), "{want:?} missing:\n{o}");
+    }
+}

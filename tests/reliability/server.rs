@@ -245,6 +245,17 @@ async fn connections_exhausted_by_another_client_only_pause_the_work() {
         ))
         .await
         .expect("role");
+    // README's grants for the backup partitions (the predefined roles do
+    // not cover functions)
+    m.w.fx
+        .db
+        .client()
+        .await
+        .batch_execute(&format!(
+            "GRANT EXECUTE ON FUNCTION pqmig_backup_partition(TEXT, BIGINT) TO \"{role}\""
+        ))
+        .await
+        .expect("grant");
     let url = m.w.fx.db.url.replacen("postgres@", &format!("{role}@"), 1);
     assert_ne!(url, m.w.fx.db.url);
     let config = m.w.fx.dir.path().join("backoff.toml");
@@ -318,6 +329,15 @@ async fn connections_exhausted_by_another_client_only_pause_the_work() {
     r.stop();
     let log = m.w.fx.log("a");
     assert!(log.contains("too many connections for role"), "{log}");
+    m.w.fx
+        .db
+        .client()
+        .await
+        .batch_execute(&format!(
+            "REVOKE EXECUTE ON FUNCTION pqmig_backup_partition(TEXT, BIGINT) FROM \"{role}\""
+        ))
+        .await
+        .expect("revoke");
     admin
         .batch_execute(&format!("DROP ROLE \"{role}\""))
         .await
