@@ -41,6 +41,11 @@ pub struct Metrics {
     pub throttled_seconds: prometheus::CounterVec,
     pub throttle_active: IntGaugeVec,
     pub maintenance_deleted_jobs: IntCounter,
+    pub job_duration: HistogramVec,
+    pub job_wait: HistogramVec,
+    pub batch_retries: IntCounterVec,
+    pub heartbeat_failures: IntCounter,
+    pub items_remaining: IntGaugeVec,
 }
 
 /// The failure kind label of an item error code.
@@ -195,6 +200,48 @@ impl Metrics {
                 )
                 .expect("valid metric"),
             ),
+            job_duration: reg(
+                r,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "pqmig_job_duration_seconds",
+                        "From a job's first claim to its end, for the jobs this process ended, by how they ended.",
+                    )
+                    .buckets(vec![1.0, 10.0, 60.0, 300.0, 900.0, 3600.0, 4.0 * 3600.0, 12.0 * 3600.0, 86400.0, 7.0 * 86400.0]),
+                    &["scope", "status"],
+                )
+                .expect("valid metric"),
+            ),
+            job_wait: reg(
+                r,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "pqmig_job_wait_seconds",
+                        "From when a job was due (queued, re-queued or its scheduled_at) to its claim by this process.",
+                    )
+                    .buckets(vec![0.01, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 1800.0, 3600.0]),
+                    &["scope"],
+                )
+                .expect("valid metric"),
+            ),
+            batch_retries: cv(
+                "pqmig_batch_retries_total",
+                "Statements of a job retried by this process, by reason: too_slow (a server timeout, retried smaller) or transient (connection, serialization, deadlock: retried after a backoff).",
+                &["reason"],
+            ),
+            heartbeat_failures: reg(
+                r,
+                IntCounter::new(
+                    "pqmig_heartbeat_failures_total",
+                    "Lease renewals that failed to reach the database (the lease is still held until it expires).",
+                )
+                .expect("valid metric"),
+            ),
+            items_remaining: gv(
+                "pqmig_items_remaining",
+                "Items still to walk in pending and running jobs, by scope, from their (estimated) totals (sampled).",
+                &["scope"],
+            ),
             registry,
         };
         let build = IntGaugeVec::new(
@@ -214,6 +261,11 @@ impl Metrics {
             m.items_processed.with_label_values(&[scope]);
             m.batch_duration.with_label_values(&[scope]);
             m.jobs_running.with_label_values(&[scope]);
+            m.job_wait.with_label_values(&[scope]);
+            m.items_remaining.with_label_values(&[scope]);
+            for status in ["done", "failed"] {
+                m.job_duration.with_label_values(&[scope, status]);
+            }
             for status in FINISH_STATUSES {
                 m.jobs_finished.with_label_values(&[scope, status]);
             }
@@ -223,6 +275,9 @@ impl Metrics {
         }
         for status in QUEUE_STATUSES {
             m.queue_jobs.with_label_values(&[status]);
+        }
+        for reason in ["too_slow", "transient"] {
+            m.batch_retries.with_label_values(&[reason]);
         }
         for state in ["busy", "free"] {
             m.worker_slots.with_label_values(&[state]);

@@ -40,10 +40,17 @@ const METRICS: &[&str] = &[
     "pqmig_throttled_seconds_total",
     "pqmig_throttle_active",
     "pqmig_maintenance_deleted_jobs_total",
+    "pqmig_job_duration_seconds",
+    "pqmig_job_wait_seconds",
+    "pqmig_batch_retries_total",
+    "pqmig_heartbeat_failures_total",
+    "pqmig_items_remaining",
 ];
 const HISTOGRAMS: &[&str] = &[
     "pqmig_batch_duration_seconds",
     "pqmig_claim_duration_seconds",
+    "pqmig_job_duration_seconds",
+    "pqmig_job_wait_seconds",
 ];
 
 /// The image `deploy/image/build` tags by default.

@@ -111,6 +111,26 @@ async fn metrics_count_the_work_and_pass_promtool() {
         sample(&text, r#"pqmig_jobs_running{scope="hashes"}"#),
         Some(0.0)
     );
+    for series in [
+        r#"pqmig_job_duration_seconds_count{scope="hashes",status="done"}"#,
+        r#"pqmig_job_wait_seconds_count{scope="hashes"}"#,
+    ] {
+        assert_eq!(sample(&text, series), Some(1.0), "{series}");
+    }
+    assert_eq!(
+        sample(
+            &text,
+            r#"pqmig_job_duration_seconds_count{scope="hashes",status="failed"}"#
+        ),
+        Some(0.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            r#"pqmig_job_duration_seconds_bucket{scope="hashes",status="done",le="+Inf"}"#
+        ),
+        Some(1.0)
+    );
     assert_eq!(
         sample(&text, r#"pqmig_worker_slots{state="free"}"#),
         Some(4.0)
@@ -500,5 +520,35 @@ async fn inventory_command_splits_vulnerable_and_protected() {
     assert!(
         text.contains("hashes") && text.contains("EXPOSED"),
         "{text}"
+    );
+}
+
+/// `pqmig_items_remaining` is sampled from the queue: each pending or
+/// running job's total less what it walked (never below 0), by scope;
+/// finished jobs and jobs without a total count nothing.
+#[tokio::test]
+async fn items_remaining_are_sampled_from_the_jobs_totals() {
+    let fx = Fixture::new(0).await;
+    let c = fx.db.client().await;
+    c.batch_execute(
+        "INSERT INTO pq_migration_jobs (scope, status, total_count, processed_count, failed_count) VALUES \
+           ('hashes', 'pending', 100, 30, 5), ('hashes', 'running', 10, 20, 0), \
+           ('hashes', 'done', 1000, 0, 0), ('wrappers', 'running', 50, 8, 2), \
+           ('signatures', 'pending', NULL, 0, 0)",
+    )
+    .await
+    .expect("jobs");
+    let q = pqmig::db::inventory::queue_sample(&c)
+        .await
+        .expect("sample");
+    let mut remaining = q.remaining.clone();
+    remaining.sort();
+    assert_eq!(
+        remaining,
+        [
+            ("hashes".to_string(), 65),
+            ("signatures".to_string(), 0),
+            ("wrappers".to_string(), 40)
+        ]
     );
 }

@@ -62,6 +62,11 @@ impl Producer {
                 .jobs_claimed
                 .with_label_values(&[scope])
                 .inc();
+            shared
+                .metrics
+                .job_wait
+                .with_label_values(&[scope])
+                .observe(job.waited);
             let work = executor::Work::Start(job);
             self.tracker
                 .spawn(executor::run(Arc::clone(shared), work, permit));

@@ -176,17 +176,26 @@ impl Sampler {
         crate::db::local_statement_timeout(&tx, Duration::from_secs(3)).await?;
         let schema_ok = migrate::check_current(&*tx).await.is_ok();
         shared.health.schema_ok.store(schema_ok, Ordering::Relaxed);
-        let (by_status, age) = inventory::queue_sample(&*tx).await?;
+        let q = inventory::queue_sample(&*tx).await?;
         tx.commit().await?;
         let m = &shared.metrics;
         for status in crate::metrics::QUEUE_STATUSES {
-            let n = by_status
+            let n = q
+                .by_status
                 .iter()
                 .find(|(s, _)| s == status)
                 .map_or(0, |(_, n)| *n);
             m.queue_jobs.with_label_values(&[status]).set(n);
         }
-        m.queue_oldest_pending_age.set(age);
+        m.queue_oldest_pending_age.set(q.oldest_pending_age);
+        for scope in crate::metrics::SCOPES {
+            let n = q
+                .remaining
+                .iter()
+                .find(|(s, _)| s == scope)
+                .map_or(0, |(_, n)| *n);
+            m.items_remaining.with_label_values(&[scope]).set(n);
+        }
         Ok(())
     }
 

@@ -14,10 +14,22 @@ use super::backups;
 use super::hashes::quote_ident;
 use crate::job::ScopeKind;
 
-/// Jobs by status, and the age in seconds of the oldest due pending job.
-pub async fn queue_sample(
-    c: &impl GenericClient,
-) -> Result<(Vec<(String, i64)>, f64), tokio_postgres::Error> {
+/// What the sampler reads of the queue.
+#[derive(Debug, Default)]
+pub struct QueueSample {
+    /// Jobs by status.
+    pub by_status: Vec<(String, i64)>,
+    /// Age in seconds of the oldest due pending job.
+    pub oldest_pending_age: f64,
+    /// Items still to walk in pending and running jobs, by scope.
+    pub remaining: Vec<(String, i64)>,
+}
+
+/// Jobs by status, the age in seconds of the oldest due pending job, and
+/// the items left in pending and running jobs by scope (a job's total, an
+/// estimate until its ranges are counted, less what it walked; a job not
+/// started yet has no total and counts 0).
+pub async fn queue_sample(c: &impl GenericClient) -> Result<QueueSample, tokio_postgres::Error> {
     let rows = c
         .query(
             "SELECT status, count(*) FROM pq_migration_jobs GROUP BY status",
@@ -35,7 +47,21 @@ pub async fn queue_sample(
         )
         .await?
         .get(0);
-    Ok((by_status, age.max(0.0)))
+    let remaining = c
+        .query(
+            "SELECT scope, sum(GREATEST(COALESCE(total_count, 0) - processed_count - failed_count, 0))::bigint \
+             FROM pq_migration_jobs WHERE status IN ('pending', 'running') GROUP BY scope",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    Ok(QueueSample {
+        by_status,
+        oldest_pending_age: age.max(0.0),
+        remaining,
+    })
 }
 
 /// Ids per counting statement. A slice is a range of at most this many

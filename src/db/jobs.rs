@@ -35,6 +35,9 @@ pub struct ClaimedJob {
     pub total_count: Option<i64>,
     /// How many ranges the job was split into (`None`: not yet).
     pub ranges: Option<i32>,
+    /// Seconds from when it was due (queued, re-queued or its
+    /// scheduled_at) to this claim.
+    pub waited: f64,
 }
 
 /// The claim query. Its WHERE and ORDER BY match `idx_pq_mig_claim` exactly
@@ -58,6 +61,8 @@ pub async fn job_claim(
 ) -> Result<Vec<ClaimedJob>, tokio_postgres::Error> {
     let sql = format!(
         "WITH c AS ({CLAIM_SELECT}), \
+         w AS (SELECT j.id, extract(epoch FROM now() - GREATEST(j.scheduled_at, j.updated_at))::float8 AS wait \
+               FROM pq_migration_jobs j JOIN c ON c.id = j.id), \
          u AS (UPDATE pq_migration_jobs j SET status = 'running', \
                  started_at = COALESCE(j.started_at, now()), attempts = j.attempts + 1, \
                  locked_by = $2, lease_token = gen_random_uuid(), heartbeat_at = now(), \
@@ -68,7 +73,7 @@ pub async fn job_claim(
                  j.result, j.ranges), \
          e AS (INSERT INTO pq_migration_job_events (job_id, event, worker, detail) \
                SELECT id, 'claimed', $2, jsonb_build_object('attempt', attempts) FROM u) \
-         SELECT * FROM u ORDER BY id"
+         SELECT u.*, w.wait FROM u JOIN w ON w.id = u.id ORDER BY u.id"
     );
     let rows = c.query(&sql, &[&limit, &worker]).await?;
     Ok(rows
@@ -96,9 +101,24 @@ pub async fn job_claim(
                 failed_count: r.get(9),
                 total_count: r.get(10),
                 ranges: r.get(12),
+                waited: r.get::<_, Option<f64>>(13).unwrap_or(0.0).max(0.0),
             }
         })
         .collect())
+}
+
+/// Seconds from a finished job's first claim to its end.
+pub async fn job_duration(
+    c: &impl GenericClient,
+    id: i64,
+) -> Result<Option<f64>, tokio_postgres::Error> {
+    Ok(c.query_opt(
+        "SELECT extract(epoch FROM finished_at - started_at)::float8 FROM pq_migration_jobs \
+         WHERE id = $1 AND finished_at IS NOT NULL AND started_at IS NOT NULL",
+        &[&id],
+    )
+    .await?
+    .and_then(|r| r.get(0)))
 }
 
 /// A stored selection, or why it cannot be read: PostgreSQL accepts JSON

@@ -150,6 +150,7 @@ async fn heartbeat(
             // The fence on the next write decides; keep trying meanwhile.
             Err(e) => {
                 shared.db_trouble(&e);
+                shared.metrics.heartbeat_failures.inc();
                 tracing::warn!(job_id = held.job_id(), error = %e, "heartbeat failed")
             }
         }
@@ -175,11 +176,31 @@ pub async fn run(shared: Arc<Shared>, work: Work, _permit: OwnedSemaphorePermit)
         _ = guard.lost.cancelled() => Err(JobError::LeaseLost),
     };
     if let Some(status) = end(&shared, held, attempts, outcome).await {
+        // The duration first: whoever sees the job counted sees it too.
+        if matches!(status, "done" | "failed") {
+            observe_duration(&shared, held.job_id(), label, status).await;
+        }
         shared
             .metrics
             .jobs_finished
             .with_label_values(&[label, status])
             .inc();
+    }
+}
+
+/// `pqmig_job_duration_seconds` of a job this process ended (best effort:
+/// a database error only costs the observation).
+async fn observe_duration(shared: &Shared, job_id: i64, label: &str, status: &str) {
+    let secs = match shared.pool.get().await {
+        Ok(client) => jobs::job_duration(&**client, job_id).await.ok().flatten(),
+        Err(_) => None,
+    };
+    if let Some(secs) = secs {
+        shared
+            .metrics
+            .job_duration
+            .with_label_values(&[label, status])
+            .observe(secs);
     }
 }
 

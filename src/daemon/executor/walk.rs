@@ -154,6 +154,11 @@ where
             // The caller has halved its batch: try again at once, as often
             // as halving still gets somewhere.
             Err(JobError::TooSlow(msg)) if shrunk < SLOW_RETRIES => {
+                shared
+                    .metrics
+                    .batch_retries
+                    .with_label_values(&["too_slow"])
+                    .inc();
                 tracing::warn!(error = %msg, "{what} hit a server timeout; retrying smaller");
                 shrunk += 1;
                 if lost.is_cancelled() {
@@ -162,6 +167,11 @@ where
             }
             Err(JobError::TooSlow(msg)) => return Err(JobError::Transient(msg)),
             Err(JobError::Transient(msg)) if attempt < BATCH_RETRIES => {
+                shared
+                    .metrics
+                    .batch_retries
+                    .with_label_values(&["transient"])
+                    .inc();
                 let wait = backoff(shared, attempt);
                 tracing::warn!(error = %msg, retry_in = ?wait, "{what} failed; retrying");
                 attempt += 1;
