@@ -55,6 +55,7 @@ fn defaults_match_the_spec() {
     assert_eq!(c.worker.retry_backoff_max, Duration::from_secs(3600));
     assert_eq!(c.worker.shutdown_timeout, Duration::from_secs(25));
     assert_eq!(c.worker.batch_target, Duration::from_secs(1));
+    assert_eq!(c.worker.stall_timeout, Duration::from_secs(600));
     assert_eq!(c.metrics_listen.to_string(), "127.0.0.1:9464");
     assert_eq!(
         c.log_format, None,
@@ -170,6 +171,19 @@ fn zero_duration_and_out_of_range_numbers_are_rejected() {
         msg.contains("worker.max_attempts") && msg.contains("PQMIG_MAX_ATTEMPTS"),
         "{msg}"
     );
+}
+
+#[test]
+fn stall_timeout_must_outlast_two_batches() {
+    let env = [("PQMIG_STALL_TIMEOUT", "3s"), ("PQMIG_BATCH_TARGET", "2s")];
+    let msg = err(load(None, &env, FlagOverrides::default()));
+    assert!(
+        msg.contains("worker.stall_timeout") && msg.contains("worker.batch_target"),
+        "{msg}"
+    );
+    let env = [("PQMIG_STALL_TIMEOUT", "4s"), ("PQMIG_BATCH_TARGET", "2s")];
+    let c = load(None, &env, FlagOverrides::default()).expect("twice is enough");
+    assert_eq!(c.worker.stall_timeout, Duration::from_secs(4));
 }
 
 #[test]
@@ -302,7 +316,7 @@ fn example_config_documents_every_key_with_its_default() {
         .iter()
         .map(|k| k.name.to_owned())
         .collect();
-    assert_eq!(expected.len(), 34);
+    assert_eq!(expected.len(), 35);
     documented.sort();
     expected.sort();
     assert_eq!(documented, expected);

@@ -104,6 +104,9 @@ pub const KEYS: &[Key] = &[
     // Kubernetes sends SIGKILL 30 s after SIGTERM by default.
     key("worker.shutdown_timeout", &["PQMIG_SHUTDOWN_TIMEOUT"], Text).default("25s"),
     key("worker.batch_target", &["PQMIG_BATCH_TARGET"], Text).default("1s"),
+    // A walk that commits no batch for this long (its throttle, pace and
+    // pause waits not counted) gives its range back.
+    key("worker.stall_timeout", &["PQMIG_STALL_TIMEOUT"], Text).default("10m"),
     // A job is split into id ranges of about this many (estimated) items,
     // which any replica claims.
     key("worker.range_items", &["PQMIG_RANGE_ITEMS"], Int).default("100000"),

@@ -86,6 +86,9 @@ pub struct WorkerConfig {
     pub retry_backoff_max: Duration,
     pub shutdown_timeout: Duration,
     pub batch_target: Duration,
+    /// A walk that commits no batch for this long (throttle, pace and pause
+    /// waits not counted) releases its range as stalled.
+    pub stall_timeout: Duration,
     /// Estimated items per range when a job is split.
     pub range_items: i64,
 }
@@ -427,6 +430,7 @@ impl Values<'_> {
             retry_backoff_max: d("worker.retry_backoff_max")?,
             shutdown_timeout: d("worker.shutdown_timeout")?,
             batch_target: d("worker.batch_target")?,
+            stall_timeout: d("worker.stall_timeout")?,
             range_items: self.int_in("worker.range_items", 100_000, 1_000_000_000)?,
         };
         // A lease renewed less than twice per period expires on one slow heartbeat.
@@ -437,6 +441,16 @@ impl Values<'_> {
                     "{} must be at least twice worker.heartbeat_interval ({})",
                     humantime::format_duration(worker.lease),
                     humantime::format_duration(worker.heartbeat_interval)
+                ),
+            ));
+        }
+        if worker.stall_timeout < worker.batch_target * 2 {
+            return Err(self.invalid(
+                "worker.stall_timeout",
+                format!(
+                    "{} must be at least twice worker.batch_target ({})",
+                    humantime::format_duration(worker.stall_timeout),
+                    humantime::format_duration(worker.batch_target)
                 ),
             ));
         }

@@ -288,6 +288,7 @@ fn log_config(c: &Config) {
         worker.retry_backoff_max = %dur(w.retry_backoff_max),
         worker.shutdown_timeout = %dur(w.shutdown_timeout),
         worker.batch_target = %dur(w.batch_target),
+        worker.stall_timeout = %dur(w.stall_timeout),
         worker.range_items = w.range_items,
         throttle.max_replication_lag_bytes = t.max_replication_lag_bytes,
         throttle.max_transaction_age = secs(t.max_transaction_age),

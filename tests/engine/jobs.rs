@@ -551,3 +551,38 @@ async fn concurrent_application_write_is_not_lost() {
         &crate::support::hashes::expected_hash(&crate::support::hashes::legacy_hash(5))
     );
 }
+
+/// A batch stuck behind a row lock the application holds, its heartbeat
+/// fine: after `worker.stall_timeout` its range is given back as stalled
+/// (an attempt used, the uncommitted batch dropped), and the job finishes
+/// once the lock goes, every row migrated once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_batch_gives_its_range_back_and_the_job_goes_on() {
+    use std::time::Duration;
+    let fx = Fixture::new(20).await;
+    let mut app = fx.db.client().await;
+    let lock = app.transaction().await.expect("tx");
+    lock.execute("SELECT 1 FROM users WHERE id = 5 FOR UPDATE", &[])
+        .await
+        .expect("lock");
+    let mut config = crate::support::daemon::config(&fx, &[]);
+    // the batch waits on the lock, not on a timeout of the server
+    config.database.lock_timeout = None;
+    config.worker.stall_timeout = Duration::from_secs(2);
+    config.worker.batch_target = Duration::from_millis(500);
+    config.worker.retry_backoff = Duration::from_millis(200);
+    config.worker.retry_backoff_max = Duration::from_millis(400);
+    let daemon = InProcess::start_with(config).await;
+    let id = fx.enqueue(json!({})).await;
+    crate::support::wait_until(30, "a stalled release", || async {
+        fx.event_log(id).await.contains("stalled")
+    })
+    .await;
+    let j = fx.job(id).await;
+    assert_eq!((j.status.as_str(), j.processed), ("running", 0), "{j:?}");
+    lock.rollback().await.expect("unlock");
+    let j = fx.wait_job(id, 30, terminal).await;
+    assert_eq!(j.status, "done", "{j:?}\n{}", fx.event_log(id).await);
+    daemon.stop().await;
+    fx.assert_all_migrated_once().await;
+}

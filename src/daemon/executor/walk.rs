@@ -325,7 +325,12 @@ impl Walk<'_> {
             self.wait_for_health().await?;
             let Some(n) = self.next_size(0) else { break };
             let t0 = Instant::now();
-            let committed = match self.next_batch(n).await? {
+            let stall = self.shared.worker.stall_timeout;
+            let batch = match tokio::time::timeout(stall, self.next_batch(n)).await {
+                Ok(batch) => batch?,
+                Err(_) => return Ok(Some(self.stalled().await)),
+            };
+            let committed = match batch {
                 None => break,
                 Some(Batch::AlreadyCommitted(stored)) => {
                     tracing::warn!(
@@ -351,6 +356,22 @@ impl Walk<'_> {
             self.pace(committed.counts.walked()).await;
         }
         self.finish().await
+    }
+
+    /// No batch committed within `worker.stall_timeout`: whatever wedged
+    /// (a computation, a statement waiting on a lock) is dropped with its
+    /// uncommitted transaction, and the range goes back using an attempt,
+    /// so one that stalls every time ends failed after `max_attempts`.
+    async fn stalled(&mut self) -> &'static str {
+        self.ahead = None;
+        tracing::warn!(
+            job_id = self.lease.job_id,
+            range = self.lease.range_no,
+            stall_timeout = %humantime::format_duration(self.shared.worker.stall_timeout),
+            "stalled: no batch committed within worker.stall_timeout; range given back"
+        );
+        release(self.shared, Held::Range(self.lease), false, None, "stalled").await;
+        "released"
     }
 
     /// The job's failures over all its ranges, past `max_failures`, fail it.
