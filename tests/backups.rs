@@ -375,3 +375,71 @@ async fn bench_compares_backups_on_off_and_the_pgcrypto_procedure() {
         assert!(o.contains(want), "{want:?} missing:\n{o}");
     }
 }
+
+/// The drop function runs as the tables' owner: a caller's temporary
+/// table named like the jobs table cannot make a pending job look done.
+#[tokio::test]
+async fn the_drop_function_cannot_be_fooled_by_a_temporary_jobs_table() {
+    let fx = Fixture::new(0).await;
+    let c = fx.db.client().await;
+    let id = fx.enqueue(json!({})).await;
+    c.execute("SELECT pqmig_backup_partition('hashes', $1)", &[&id])
+        .await
+        .expect("create");
+    c.execute(
+        "INSERT INTO pq_migration_backups_hashes (job_id, item_id, hash, version) VALUES ($1, 1, '\\x00', 'v1')",
+        &[&id],
+    )
+    .await
+    .expect("a backup");
+    let role = format!("pqmig_spoof_{}", fx.db.name);
+    let admin = crate::support::connect(&crate::support::admin_url()).await;
+    admin
+        .batch_execute(&format!("CREATE ROLE \"{role}\" LOGIN"))
+        .await
+        .expect("role");
+    c.batch_execute(&format!(
+        "GRANT EXECUTE ON FUNCTION pqmig_drop_backup_partition(TEXT, BIGINT) TO \"{role}\""
+    ))
+    .await
+    .expect("grant");
+    let url = fx.db.url.replacen("postgres@", &format!("{role}@"), 1);
+    assert_ne!(url, fx.db.url);
+    let r = crate::support::connect(&url).await;
+    r.batch_execute(&format!(
+        "CREATE TEMP TABLE pq_migration_jobs (id BIGINT, status TEXT); \
+         INSERT INTO pq_migration_jobs VALUES ({id}, 'done')"
+    ))
+    .await
+    .expect("temp table");
+    let err = r
+        .query(
+            "SELECT * FROM pqmig_drop_backup_partition('hashes', $1)",
+            &[&id],
+        )
+        .await
+        .expect_err("still pending");
+    assert!(
+        err.as_db_error()
+            .is_some_and(|e| e.message().contains("is pending")),
+        "{err:?}"
+    );
+    drop(r);
+    assert_eq!(
+        scalar(
+            &c,
+            &format!("SELECT count(*) FROM pq_migration_backups_hashes_{id}")
+        )
+        .await,
+        1
+    );
+    c.batch_execute(&format!(
+        "REVOKE EXECUTE ON FUNCTION pqmig_drop_backup_partition(TEXT, BIGINT) FROM \"{role}\""
+    ))
+    .await
+    .expect("revoke");
+    admin
+        .batch_execute(&format!("DROP ROLE \"{role}\""))
+        .await
+        .expect("drop role");
+}

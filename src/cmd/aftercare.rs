@@ -217,7 +217,7 @@ pub async fn purge_backups(config: &Config, job_id: i64) -> anyhow::Result<()> {
             shown = std::time::Instant::now();
         }
     }
-    // The job's partition: detached and dropped whatever its size.
+    // The job's partition: dropped whole whatever its size.
     let started = std::time::Instant::now();
     let mut dropped = None;
     for scope in crate::job::ScopeKind::ALL {

@@ -32,16 +32,23 @@ impl Janitor {
         }
         let lock = Locked(Some(client));
         let mut deleted = Deleted::default();
-        let mut result = self.delete_expired(&lock, &mut deleted).await;
+        // Empty backup partitions of expired jobs first: a job with a
+        // partition is never deleted.
+        let retention = self.shared.maintenance.retention;
+        let mut result =
+            match crate::db::backups::drop_empty_partitions(lock.client(), retention).await {
+                Ok(0) => Ok(()),
+                Ok(n) => {
+                    tracing::info!(
+                        partitions = n,
+                        "dropped the empty backup partitions of expired jobs"
+                    );
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            };
         if result.is_ok() {
-            match crate::db::backups::drop_orphans(lock.client()).await {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(
-                    partitions = n,
-                    "dropped the empty backup partitions of deleted jobs"
-                ),
-                Err(e) => result = Err(e),
-            }
+            result = self.delete_expired(&lock, &mut deleted).await;
         }
         lock.release().await;
         if deleted.jobs > 0 {

@@ -175,7 +175,18 @@ pub async fn page(
     let Cursor::Blocks(from) = at else {
         unreachable!("legacy handled above")
     };
-    let blocks = partition_blocks(c, s.scope, job_id).await?.unwrap_or(0);
+    let blocks = match partition_blocks(c, s.scope, job_id).await? {
+        Some(blocks) => blocks,
+        // Read in part, then gone: a purge ran meanwhile. Say so rather
+        // than report a walk of half the backups as whole.
+        None if from > 0 => {
+            // The server's own error names the partition that went.
+            let sql = format!("SELECT 1 FROM {} LIMIT 0", partition(s.scope, job_id));
+            c.query(&sql, &[]).await?;
+            0
+        }
+        None => 0,
+    };
     if from >= blocks {
         return Ok(Page {
             rows: Vec::new(),
@@ -254,31 +265,38 @@ pub async fn purge_partition(
     }))
 }
 
-/// Drop the empty partitions of jobs that no longer exist (the janitor
-/// deleted them: a job with backups is never deleted); how many. A
-/// partition with rows is kept and named in a warning: its job was
-/// deleted by hand, and only an operator may decide its backups go.
-pub async fn drop_orphans(c: &impl GenericClient) -> Result<u64, Error> {
-    let orphans = c
+/// Drop the empty partitions of jobs that are gone, or finished more than
+/// `retention` ago (a job that migrated nothing): the janitor, before it
+/// deletes such jobs (it keeps every job that has a partition); how many.
+/// A partition with rows stays whatever its job (a trigger keeps a job
+/// with backups from being deleted); one whose job is gone is named in a
+/// warning: only an operator may decide its backups go.
+pub async fn drop_empty_partitions(
+    c: &impl GenericClient,
+    retention: std::time::Duration,
+) -> Result<u64, Error> {
+    let candidates = c
         .query(
-            "SELECT ch.relname::text, pa.relname::text, \
-                    substring(ch.relname::text FROM length(pa.relname::text) + 2)::bigint \
+            "SELECT pa.relname::text, p.job_id, j.id IS NULL \
              FROM pg_inherits i JOIN pg_class ch ON ch.oid = i.inhrelid \
              JOIN pg_class pa ON pa.oid = i.inhparent \
+             CROSS JOIN LATERAL (SELECT substring(ch.relname::text FROM length(pa.relname::text) + 2) AS suffix) s \
+             CROSS JOIN LATERAL (SELECT s.suffix::bigint AS job_id WHERE s.suffix ~ '^[0-9]{1,18}$') p \
+             LEFT JOIN pq_migration_jobs j ON j.id = p.job_id \
              WHERE pa.oid IN (to_regclass($1), to_regclass($2), to_regclass($3)) \
-               AND NOT EXISTS (SELECT 1 FROM pq_migration_jobs j \
-                               WHERE ch.relname::text = pa.relname::text || '_' || j.id)",
+               AND (j.id IS NULL OR (j.status IN ('done', 'failed', 'cancelled') \
+                    AND j.finished_at < now() - $4::float8 * interval '1 second'))",
             &[
                 &parent(ScopeKind::Hashes),
                 &parent(ScopeKind::Wrappers),
                 &parent(ScopeKind::Signatures),
+                &retention.as_secs_f64(),
             ],
         )
         .await?;
     let mut dropped = 0;
-    for o in orphans {
-        let (name, job_id): (String, i64) = (o.get(0), o.get(2));
-        let parent_name: String = o.get(1);
+    for row in candidates {
+        let (parent_name, job_id, gone): (String, i64, bool) = (row.get(0), row.get(1), row.get(2));
         let empty: bool = c
             .query_one(
                 &format!(
@@ -290,11 +308,13 @@ pub async fn drop_orphans(c: &impl GenericClient) -> Result<u64, Error> {
             .await?
             .get(0);
         if !empty {
-            tracing::warn!(
-                partition = %name,
-                job_id,
-                "backups of a job that no longer exists: kept; drop the table by hand once they are not needed"
-            );
+            if gone {
+                tracing::warn!(
+                    partition = %format!("{parent_name}_{job_id}"),
+                    job_id,
+                    "backups of a job that no longer exists: kept; drop the table by hand once they are not needed"
+                );
+            }
             continue;
         }
         let scope = ScopeKind::ALL

@@ -52,10 +52,11 @@ impl std::ops::AddAssign for Deleted {
 /// database clock, with their events, item errors and ranges; returns what
 /// went and the highest job id deleted (the next call's `after_id`).
 ///
-/// A job with backups (old rows or compact ones) is never deleted: they
-/// are the only way back until `purge-backups` (and the old table's
-/// foreign key would delete them with it); an empty partition left by a
-/// deleted job is dropped afterwards ([`super::backups::drop_orphans`]). A job without `finished_at` (a status set by hand)
+/// A job with backups is never deleted: they are the only way back until
+/// `purge-backups` (and the old table's foreign key would delete them with
+/// it). One with a backup partition is kept too (one index probe per
+/// candidate, never a read of the backups): the janitor drops the empty
+/// partitions of expired jobs first ([`super::backups::drop_empty_partitions`]). A job without `finished_at` (a status set by hand)
 /// is kept too. The rows are locked (`FOR UPDATE SKIP LOCKED`), so a
 /// `resume` or a backup written meanwhile waits for this statement and
 /// then finds the job gone, or the job is skipped and its new state kept.
@@ -73,7 +74,10 @@ pub async fn jobs_delete_expired(
                  WHERE j.id > $2 \
                    AND j.status IN ('done', 'failed', 'cancelled') \
                    AND j.finished_at < now() - $1::float8 * interval '1 second' \
-                   AND NOT EXISTS (SELECT 1 FROM pq_migration_backups_all b WHERE b.job_id = j.id) \
+                   AND NOT EXISTS (SELECT 1 FROM pq_migration_backups b WHERE b.job_id = j.id) \
+                   AND to_regclass('pq_migration_backups_hashes_' || j.id) IS NULL \
+                   AND to_regclass('pq_migration_backups_wrappers_' || j.id) IS NULL \
+                   AND to_regclass('pq_migration_backups_signatures_' || j.id) IS NULL \
                  ORDER BY j.id LIMIT $3 FOR UPDATE SKIP LOCKED), \
              ev AS (DELETE FROM pq_migration_job_events e USING d WHERE e.job_id = d.id RETURNING 1), \
              ie AS (DELETE FROM pq_migration_item_errors e USING d WHERE e.job_id = d.id RETURNING 1), \

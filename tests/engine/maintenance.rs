@@ -307,36 +307,40 @@ async fn a_round_dropped_midway_does_not_keep_the_lock() {
     );
 }
 
-/// Compact backups: a job whose partition holds rows stays; one whose
-/// partition is empty goes, and its partition with it; a partition with
-/// rows whose job was deleted by hand is kept.
+/// Compact backups: a job whose partition holds rows stays; an expired
+/// one whose partition is empty goes, and its partition with it; deleting
+/// a job with backups by hand is refused by the database.
 #[tokio::test]
 async fn a_partition_with_backups_keeps_its_job_and_empty_ones_go_with_theirs() {
     use pqmig::db::backups::{ensure_partition, partition};
     use pqmig::job::ScopeKind;
     let fx = Fixture::new(0).await;
     let c = fx.db.client().await;
-    let (full, empty, by_hand) = (
+    let (full, empty, recent) = (
         job(&c, "done", Some(40.0), false).await,
         job(&c, "done", Some(40.0), false).await,
-        job(&c, "done", Some(1.0), false).await,
+        job(&c, "failed", Some(1.0), false).await,
     );
-    for id in [full, empty, by_hand] {
+    for id in [full, empty, recent] {
         ensure_partition(&c, ScopeKind::Hashes, id)
             .await
             .expect("partition");
     }
-    for id in [full, by_hand] {
-        c.execute(
-            "INSERT INTO pq_migration_backups_hashes (job_id, item_id, hash, version) VALUES ($1, 7, '\\x00', 'v1')",
-            &[&id],
-        )
+    c.execute(
+        "INSERT INTO pq_migration_backups_hashes (job_id, item_id, hash, version) VALUES ($1, 7, '\\x00', 'v1')",
+        &[&full],
+    )
+    .await
+    .expect("backup");
+    let err = c
+        .execute("DELETE FROM pq_migration_jobs WHERE id = $1", &[&full])
         .await
-        .expect("backup");
-    }
-    c.execute("DELETE FROM pq_migration_jobs WHERE id = $1", &[&by_hand])
-        .await
-        .expect("deleted by hand");
+        .expect_err("a job with backups cannot be deleted by hand");
+    assert!(
+        err.as_db_error()
+            .is_some_and(|e| e.message().contains("has backups")),
+        "{err:?}"
+    );
     let exists = async |id: i64| -> bool {
         c.query_one(
             "SELECT to_regclass($1) IS NOT NULL",
@@ -349,12 +353,15 @@ async fn a_partition_with_backups_keeps_its_job_and_empty_ones_go_with_theirs() 
     let janitor = janitor(&fx).await;
     let deleted = janitor.run_once().await.expect("round").expect("lock");
     assert_eq!(deleted.jobs, 1);
-    assert_eq!(rows(&c, "pq_migration_jobs", "id", &[full]).await, 1);
+    assert_eq!(
+        rows(&c, "pq_migration_jobs", "id", &[full, recent]).await,
+        2
+    );
     assert_eq!(rows(&c, "pq_migration_jobs", "id", &[empty]).await, 0);
     assert!(exists(full).await);
     assert!(
         !exists(empty).await,
         "the empty partition went with its job"
     );
-    assert!(exists(by_hand).await, "backups are never dropped unasked");
+    assert!(exists(recent).await, "not expired yet");
 }
