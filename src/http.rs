@@ -82,6 +82,7 @@ struct AppState {
 pub fn router(metrics: Arc<Metrics>, health: Arc<Health>) -> Router {
     Router::new()
         .route("/metrics", get(metrics_handler))
+        .route("/livez", get(livez))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(AppState { metrics, health })
@@ -92,6 +93,12 @@ async fn metrics_handler(State(s): State<AppState>) -> impl IntoResponse {
         [(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)],
         s.metrics.render(),
     )
+}
+
+/// The process answers: nothing else (no database, no claim loop), so a
+/// liveness probe on it never restarts pqmig for an outage elsewhere.
+async fn livez() -> impl IntoResponse {
+    (StatusCode::OK, "ok\n")
 }
 
 async fn healthz(State(s): State<AppState>) -> impl IntoResponse {

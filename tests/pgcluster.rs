@@ -330,6 +330,16 @@ impl Cluster {
         self.pg_ctl(&["start"]).expect("start the TLS cluster");
     }
 
+    /// `pg_ctl stop`: down until [`Cluster::start_again`].
+    pub fn stop(&self) {
+        self.pg_ctl(&["stop"]).expect("stop the TLS cluster");
+    }
+
+    /// `pg_ctl start` after [`Cluster::stop`].
+    pub fn start_again(&self) {
+        self.pg_ctl(&["start"]).expect("start the TLS cluster");
+    }
+
     /// A superuser connection to `db` over the Unix socket.
     pub async fn admin_to(&self, db: &str) -> Client {
         let (client, conn) = self

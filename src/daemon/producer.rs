@@ -12,6 +12,11 @@ use tokio_util::task::TaskTracker;
 use super::{ServiceError, Shared, executor, jitter};
 use crate::db::{jobs, ranges};
 
+/// How long a claim (or its backoff) may wait on the database and still
+/// count as a live loop: longer than any connect, pool wait or statement
+/// timeout pqmig sets by default.
+const WAITING_ALIVE: Duration = Duration::from_secs(120);
+
 pub struct Producer {
     pub shared: Arc<Shared>,
     /// One permit per worker slot (`worker.concurrency`).
@@ -93,6 +98,28 @@ impl Producer {
         Ok(n)
     }
 
+    /// Await `work` (a claim, which waits on the database, or a backoff
+    /// after one failed) while telling liveness the loop is alive every
+    /// poll interval: a database outage is not a wedged loop, and must not
+    /// withhold systemd's watchdog ping. Connecting, the pool's wait and
+    /// every statement are bounded by timeouts, so past [`WAITING_ALIVE`]
+    /// the loop is stuck after all and the ticks stop.
+    async fn ticking<T>(&self, work: impl std::future::Future<Output = T>) -> T {
+        let started = tokio::time::Instant::now();
+        let poll = self.shared.worker.poll_interval;
+        tokio::pin!(work);
+        loop {
+            tokio::select! {
+                r = &mut work => return r,
+                _ = tokio::time::sleep(poll) => {
+                    if started.elapsed() < WAITING_ALIVE {
+                        self.shared.health.tick();
+                    }
+                }
+            }
+        }
+    }
+
     /// Claim until `shutdown`: wait for a free slot, fill every free slot,
     /// then sleep until a NOTIFY or the jittered poll interval.
     pub async fn run(self, shutdown: CancellationToken) {
@@ -112,7 +139,8 @@ impl Producer {
                 permits.push(p);
             }
             let wanted = permits.len();
-            match self.claim(permits).await {
+            let claimed = self.ticking(self.claim(permits)).await;
+            match claimed {
                 Ok(n) => {
                     backoff = Duration::from_millis(100);
                     // Every free slot got work: more may be due right now.
@@ -123,7 +151,7 @@ impl Producer {
                 Err(e) => {
                     tracing::warn!(error = %e, retry_in = ?backoff, "claim failed");
                     tokio::select! {
-                        _ = tokio::time::sleep(jitter(backoff, 0.2)) => {}
+                        _ = self.ticking(tokio::time::sleep(jitter(backoff, 0.2))) => {}
                         _ = shutdown.cancelled() => return,
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(10));

@@ -343,3 +343,130 @@ async fn connections_exhausted_by_another_client_only_pause_the_work() {
         .await
         .expect("drop role");
 }
+
+/// `pqmig run` started while its database is down (the suite's TLS
+/// cluster, stopped): it neither exits nor crash-loops; /livez answers 200
+/// and /readyz 503 naming the database, one log line per attempt with
+/// backoff; once the server is up it starts and finishes the queued job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_started_without_its_database_waits_then_works() {
+    use crate::pgcluster;
+    let (cluster, _guard) = pgcluster::exclusive().await;
+    let db = cluster.database().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pw = cluster.password_file(dir.path());
+    let ca = cluster.ca.display().to_string();
+    let url = cluster.url(
+        "127.0.0.1",
+        &db,
+        &format!("sslmode=verify-full&sslrootcert={ca}"),
+    );
+    let keyring = dir.path().join("keyring.json");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("a free port")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let metrics = format!("127.0.0.1:{port}");
+    let (pw_path, keyring_path) = (pw.display().to_string(), keyring.display().to_string());
+    let env: Vec<(&str, &str)> = vec![
+        ("DATABASE_URL", url.as_str()),
+        ("PQMIG_DATABASE_PASSWORD_FILE", pw_path.as_str()),
+        ("PQMIG_KEYRING", keyring_path.as_str()),
+        ("PQMIG_POLL_INTERVAL", "200ms"),
+        ("PQMIG_LOG_FORMAT", "json"),
+        ("PQMIG_METRICS_ADDR", metrics.as_str()),
+    ];
+    let out = crate::support::run(&["migrate"], &env);
+    assert!(out.status.success(), "{}", crate::support::stderr(&out));
+    let c = cluster.admin_to(&db).await;
+    let mut keys = SampleKeys::default();
+    keys.generate("local:pepper-v2", "HMAC-SHA3-256", 32);
+    keys.write(&keyring).expect("keyring");
+    pqmig::db::sample::hashes_seed(&c, 50, "local:pepper-v2")
+        .await
+        .expect("users");
+    let hmac: i64 = c
+        .query_one(
+            "SELECT algo_id FROM crypto_standard_aliases WHERE alias = 'HMAC-SHA3-256'",
+            &[],
+        )
+        .await
+        .expect("alias")
+        .get(0);
+    let id = enqueue(
+        &c,
+        "hashes",
+        None,
+        Some(hmac),
+        &json!({"table": "users", "column": "email_hash"}),
+    )
+    .await;
+    drop(c);
+
+    // Started again whatever happens, for the tests after this one.
+    struct Down(&'static pgcluster::Cluster, bool);
+    impl Drop for Down {
+        fn drop(&mut self) {
+            if self.1 {
+                self.0.start_again();
+            }
+        }
+    }
+    cluster.stop();
+    let mut down = Down(cluster, true);
+    let log = dir.path().join("run.log");
+    let mut r = Replicas(vec![
+        crate::support::pqmig(&["run"], &env)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log"))
+            .spawn()
+            .expect("spawn pqmig run"),
+    ]);
+    let addr: std::net::SocketAddr = metrics.parse().expect("addr");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "nothing listens on {addr}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Several attempts with growing waits (1 s, 2 s, ...), the process up.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(
+        r.0[0].try_wait().expect("wait").is_none(),
+        "pqmig run exited"
+    );
+    let (code, _) = crate::observe::http_get(addr, "/livez").await;
+    assert_eq!(code, 200);
+    let (code, body) = crate::observe::http_get(addr, "/readyz").await;
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("\"database\""), "{body}");
+    let text = std::fs::read_to_string(&log).expect("log");
+    let attempts = text
+        .lines()
+        .filter(|l| l.contains("waiting for the database"))
+        .count();
+    assert!((2..=4).contains(&attempts), "{attempts} attempts:\n{text}");
+
+    cluster.start_again();
+    down.1 = false;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let c = cluster.admin_to(&db).await;
+        let status: String = c
+            .query_one("SELECT status FROM pq_migration_jobs WHERE id = $1", &[&id])
+            .await
+            .expect("job")
+            .get(0);
+        if status == "done" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "job {id} is {status}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (code, body) = crate::observe::http_get(addr, "/readyz").await;
+    assert_eq!(code, 200, "{body}");
+    r.stop();
+}
