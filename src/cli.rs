@@ -48,7 +48,7 @@ pub enum Command {
     /// Run the worker daemon: claim jobs from pq_migration_jobs and migrate their items.
     Run(RunArgs),
     /// Apply pending schema migrations (safe to run from several replicas at once).
-    Migrate,
+    Migrate(MigrateArgs),
     /// Queue a migration job and print its id.
     Enqueue(EnqueueArgs),
     /// Show jobs, their progress, rate and ETA.
@@ -125,6 +125,14 @@ pub struct PauseArgs {
     /// Lift the pause by itself after this duration (e.g. 2h)
     #[arg(long = "for", id = "for_")]
     pub for_: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// Print the SQL of the pending migrations for a DBA to review or run,
+    /// and apply nothing.
+    #[arg(long)]
+    pub print_ddl: bool,
 }
 
 #[derive(Debug, Args)]
@@ -334,7 +342,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
     let config = load_config(&cli)?;
     telemetry::init(&config);
     match cli.command {
-        Command::Migrate => cmd::run::migrate(&config).await,
+        Command::Migrate(a) => cmd::run::migrate(&config, a.print_ddl).await,
         Command::Run(_) => cmd::run::run(&config).await,
         Command::Enqueue(a) => cmd::enqueue::run(&config, &a.spec.into(), a.allow_overlap).await,
         Command::Status(a) => {

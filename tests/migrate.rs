@@ -7,7 +7,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use tokio_postgres::{AsyncMessage, NoTls, error::SqlState};
 
-use crate::support::{TestDb, pqmig, stderr};
+use crate::support::{TestDb, pqmig, run, stderr, stdout};
 use pqmig::db::migrate;
 
 const HOST_SEED: &str = include_str!("fixtures/host_seed.sql");
@@ -455,4 +455,73 @@ async fn a_job_inserted_with_plain_sql_sends_a_notification() {
             .expect("channel open");
         assert_eq!(got.1, expected.to_string());
     }
+}
+
+/// `pqmig migrate` on a busy host: `--print-ddl` shows the pending SQL and
+/// applies nothing; a migration whose table is locked by a long
+/// transaction waits `database.lock_timeout`, is rolled back, says so and
+/// tries again, and applies once the transaction ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_waits_a_bounded_time_for_a_busy_table_and_tries_again() {
+    let db = TestDb::migrated().await;
+    let c = db.client().await;
+    let latest = pqmig::db::migrate::latest_version();
+    c.execute(
+        "DELETE FROM pqmig_schema_history WHERE version = $1",
+        &[&latest],
+    )
+    .await
+    .expect("forget the last migration");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("pqmig.toml");
+    std::fs::write(&config, "[database]\nlock_timeout = \"500ms\"\n").expect("config");
+    let config = config.display().to_string();
+    let env = [
+        ("DATABASE_URL", db.url.as_str()),
+        ("PQMIG_CONFIG", config.as_str()),
+    ];
+    let out = run(&["migrate", "--print-ddl"], &env);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let sql = stdout(&out);
+    assert!(sql.contains(&format!("-- V{latest}__")), "{sql}");
+    assert!(sql.contains("CREATE TABLE IF NOT EXISTS"), "{sql}");
+    assert_eq!(
+        pqmig::db::migrate::current_version(&c)
+            .await
+            .expect("version"),
+        Some(latest - 1),
+        "--print-ddl applies nothing"
+    );
+
+    // What an application's UPDATE holds, in a transaction left open.
+    let mut app = db.client().await;
+    let tx = app.transaction().await.expect("tx");
+    tx.batch_execute("LOCK TABLE pq_migration_jobs IN ROW EXCLUSIVE MODE")
+        .await
+        .expect("lock");
+    let child = pqmig(&["migrate"], &env)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn migrate");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    tx.rollback().await.expect("the transaction ends");
+    let out = child.wait_with_output().expect("migrate");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("waited 500ms for a table lock") && err.contains("trying again"),
+        "{err}"
+    );
+    assert!(
+        stdout(&out).contains(&format!("applied V{latest}__")),
+        "{}",
+        stdout(&out)
+    );
+    assert_eq!(
+        pqmig::db::migrate::current_version(&c)
+            .await
+            .expect("version"),
+        Some(latest)
+    );
 }

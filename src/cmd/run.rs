@@ -129,10 +129,62 @@ fn watch_signals(shutdown: CancellationToken) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `pqmig migrate`: apply what is missing, say what was applied.
-pub async fn migrate(config: &Config) -> anyhow::Result<()> {
+/// Tries of `pqmig migrate` when a statement waits too long for a table
+/// lock (each waits `database.lock_timeout`, 10 s by default).
+const MIGRATE_TRIES: u32 = 6;
+
+/// `pqmig migrate`: apply what is missing, say what was applied. Every
+/// statement waits at most `database.lock_timeout` (default 10 s) for a
+/// table lock, so a busy host table never queues the application's
+/// queries behind a migration; one that times out is rolled back whole and
+/// tried again after 2 s, 4 s, … up to [`MIGRATE_TRIES`] times.
+/// `print_ddl`: print the pending migrations' SQL instead.
+pub async fn migrate(config: &Config, print_ddl: bool) -> anyhow::Result<()> {
     let mut client = db::connect(&config.database).await?;
-    let applied = db::migrate::apply(&mut client).await?;
+    if print_ddl {
+        let pending = db::migrate::pending(&client).await?;
+        if pending.is_empty() {
+            println!("-- the schema is up to date: nothing to apply");
+        }
+        for (version, name, sql) in pending {
+            println!("-- V{version}__{name} (refinery runs each file in one transaction,");
+            println!("-- then records it in {})", db::migrate::HISTORY_TABLE);
+            println!("{}", sql.trim_end());
+            println!();
+        }
+        return Ok(());
+    }
+    let wait = config
+        .database
+        .lock_timeout
+        .unwrap_or(Duration::from_secs(10));
+    let mut applied = Vec::new();
+    let mut attempt = 1;
+    loop {
+        match db::migrate::apply_bounded(&mut client, Some(wait)).await {
+            Ok(a) => {
+                applied.extend(a);
+                break;
+            }
+            Err(db::migrate::MigrateError::Busy(why)) if attempt < MIGRATE_TRIES => {
+                let retry = Duration::from_secs(1 << attempt);
+                eprintln!(
+                    "pqmig: a migration waited {} for a table lock and was rolled back; trying again in {} ({attempt} of {MIGRATE_TRIES}): {why}",
+                    humantime::format_duration(wait),
+                    humantime::format_duration(retry)
+                );
+                tokio::time::sleep(retry).await;
+                attempt += 1;
+            }
+            Err(db::migrate::MigrateError::Busy(why)) => {
+                return Err(anyhow::anyhow!(
+                    "migration gave up after {MIGRATE_TRIES} tries, each waiting {} for a table lock: a long transaction holds it (see pg_stat_activity); run again when it has ended ({why})",
+                    humantime::format_duration(wait)
+                ));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
     let version = db::migrate::current_version(&client).await?.unwrap_or(0);
     if applied.is_empty() {
         println!("schema is up to date (version {version})");

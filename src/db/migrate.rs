@@ -22,6 +22,9 @@ pub enum MigrateError {
     Postgres(#[from] tokio_postgres::Error),
     #[error("migration failed: {0}")]
     Refinery(#[from] refinery::Error),
+    /// A statement waited longer than the lock wait for a table lock.
+    #[error("migration waited too long for a table lock (the table is busy): {0}")]
+    Busy(String),
     #[error(
         "database schema is at version {found}, this pqmig needs {needed}: run `pqmig migrate` first"
     )]
@@ -51,8 +54,20 @@ pub struct Applied {
 
 /// Apply every pending migration. Safe to call from several processes at
 /// once: the first takes the lock and migrates, the others wait for it and
-/// then find nothing left to do.
+/// then find nothing left to do. Waits forever for nothing else: see
+/// [`apply_bounded`].
 pub async fn apply(client: &mut Client) -> Result<Vec<Applied>, MigrateError> {
+    apply_bounded(client, None).await
+}
+
+/// [`apply`], each statement waiting at most `lock_wait` for a table lock
+/// (`None`: no limit): a migration that times out is rolled back whole
+/// (one transaction per file) and reported as [`MigrateError::Busy`], the
+/// ones before it stay applied, and running again resumes.
+pub async fn apply_bounded(
+    client: &mut Client,
+    lock_wait: Option<std::time::Duration>,
+) -> Result<Vec<Applied>, MigrateError> {
     // The daemon's session timeouts are for its short statements: an index
     // build on a large host table, or waiting for another replica's
     // migration (the advisory lock), may take longer.
@@ -62,6 +77,11 @@ pub async fn apply(client: &mut Client) -> Result<Vec<Applied>, MigrateError> {
     client
         .execute("SELECT pg_advisory_lock($1)", &[&MIGRATE_LOCK_KEY])
         .await?;
+    if let Some(wait) = lock_wait {
+        client
+            .batch_execute(&format!("SET lock_timeout = {}", wait.as_millis().max(1)))
+            .await?;
+    }
     let result = embedded::migrations::runner()
         .set_migration_table_name(HISTORY_TABLE)
         .run_async(client)
@@ -70,13 +90,42 @@ pub async fn apply(client: &mut Client) -> Result<Vec<Applied>, MigrateError> {
     let _ = client
         .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATE_LOCK_KEY])
         .await;
-    let report = result?;
+    let report = result.map_err(|e| {
+        let busy = std::error::Error::source(&e)
+            .and_then(|s| s.downcast_ref::<tokio_postgres::Error>())
+            .and_then(|e| e.code())
+            .is_some_and(|c| *c == tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE)
+            || e.to_string().contains("lock timeout");
+        if busy {
+            MigrateError::Busy(e.to_string())
+        } else {
+            MigrateError::Refinery(e)
+        }
+    })?;
     Ok(report
         .applied_migrations()
         .iter()
         .map(|m| Applied {
             version: m.version(),
             name: m.name().to_owned(),
+        })
+        .collect())
+}
+
+/// The migrations not applied yet: (version, name, SQL), in order, for
+/// `pqmig migrate --print-ddl`.
+pub async fn pending(client: &Client) -> Result<Vec<(i32, String, String)>, MigrateError> {
+    let current = current_version(client).await?.unwrap_or(0);
+    Ok(embedded::migrations::runner()
+        .get_migrations()
+        .iter()
+        .filter(|m| m.version() > current)
+        .map(|m| {
+            (
+                m.version(),
+                m.name().to_owned(),
+                m.sql().unwrap_or_default().to_owned(),
+            )
         })
         .collect())
 }
