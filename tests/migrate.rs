@@ -504,7 +504,29 @@ async fn migrate_waits_a_bounded_time_for_a_busy_table_and_tries_again() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("spawn migrate");
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // Hold the lock until migrate has been seen waiting for it, and a
+    // lock_timeout longer, so its first try surely timed out.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let waiting: i64 = c
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .await
+            .expect("activity")
+            .get(0);
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "migrate never waited for the lock"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1000)).await;
     tx.rollback().await.expect("the transaction ends");
     let out = child.wait_with_output().expect("migrate");
     assert!(out.status.success(), "{}", stderr(&out));
