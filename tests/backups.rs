@@ -276,13 +276,9 @@ async fn a_jobs_backups_are_one_partition_that_purge_drops() {
     );
 }
 
-/// The two functions the daemon's role creates and drops partitions with
-/// take nothing but a known scope and a job id, and never drop the
-/// backups of a job that is not done.
-#[tokio::test]
-async fn the_partition_functions_refuse_bad_input_and_unfinished_jobs() {
-    let fx = Fixture::new(0).await;
-    let c = fx.db.client().await;
+/// A pending hashes job whose partition (made by the function the daemon
+/// uses) holds one backup.
+async fn pending_job_with_a_backup(fx: &Fixture, c: &Client) -> i64 {
     let id = fx.enqueue(json!({})).await;
     c.execute("SELECT pqmig_backup_partition('hashes', $1)", &[&id])
         .await
@@ -293,6 +289,17 @@ async fn the_partition_functions_refuse_bad_input_and_unfinished_jobs() {
     )
     .await
     .expect("a backup");
+    id
+}
+
+/// The two functions the daemon's role creates and drops partitions with
+/// take nothing but a known scope and a job id, and never drop the
+/// backups of a job that is not done.
+#[tokio::test]
+async fn the_partition_functions_refuse_bad_input_and_unfinished_jobs() {
+    let fx = Fixture::new(0).await;
+    let c = fx.db.client().await;
+    let id = pending_job_with_a_backup(&fx, &c).await;
     let err = c
         .query(
             "SELECT * FROM pqmig_drop_backup_partition('hashes', $1)",
@@ -382,16 +389,7 @@ async fn bench_compares_backups_on_off_and_the_pgcrypto_procedure() {
 async fn the_drop_function_cannot_be_fooled_by_a_temporary_jobs_table() {
     let fx = Fixture::new(0).await;
     let c = fx.db.client().await;
-    let id = fx.enqueue(json!({})).await;
-    c.execute("SELECT pqmig_backup_partition('hashes', $1)", &[&id])
-        .await
-        .expect("create");
-    c.execute(
-        "INSERT INTO pq_migration_backups_hashes (job_id, item_id, hash, version) VALUES ($1, 1, '\\x00', 'v1')",
-        &[&id],
-    )
-    .await
-    .expect("a backup");
+    let id = pending_job_with_a_backup(&fx, &c).await;
     let role = format!("pqmig_spoof_{}", fx.db.name);
     let admin = crate::support::connect(&crate::support::admin_url()).await;
     admin

@@ -265,6 +265,27 @@ pub async fn purge_partition(
     }))
 }
 
+/// Every partition of `scope`'s parent: (its name as a regclass text, its
+/// job id). A table attached by hand under another name is left out.
+pub async fn partitions(
+    c: &impl GenericClient,
+    scope: ScopeKind,
+) -> Result<Vec<(String, i64)>, Error> {
+    let parent = parent(scope);
+    Ok(c
+        .query(
+            "SELECT i.inhrelid::regclass::text, s.suffix::bigint \
+             FROM pg_inherits i JOIN pg_class ch ON ch.oid = i.inhrelid \
+             CROSS JOIN LATERAL (SELECT substring(ch.relname::text FROM length($1::text) + 2) AS suffix) s \
+             WHERE i.inhparent = to_regclass($1) AND s.suffix ~ '^[0-9]{1,18}$' ORDER BY 2",
+            &[&parent],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect())
+}
+
 /// Drop the empty partitions of jobs that are gone, or finished more than
 /// `retention` ago (a job that migrated nothing): the janitor, before it
 /// deletes such jobs (it keeps every job that has a partition); how many.
@@ -275,54 +296,46 @@ pub async fn drop_empty_partitions(
     c: &impl GenericClient,
     retention: std::time::Duration,
 ) -> Result<u64, Error> {
-    let candidates = c
-        .query(
-            "SELECT pa.relname::text, p.job_id, j.id IS NULL \
-             FROM pg_inherits i JOIN pg_class ch ON ch.oid = i.inhrelid \
-             JOIN pg_class pa ON pa.oid = i.inhparent \
-             CROSS JOIN LATERAL (SELECT substring(ch.relname::text FROM length(pa.relname::text) + 2) AS suffix) s \
-             CROSS JOIN LATERAL (SELECT s.suffix::bigint AS job_id WHERE s.suffix ~ '^[0-9]{1,18}$') p \
-             LEFT JOIN pq_migration_jobs j ON j.id = p.job_id \
-             WHERE pa.oid IN (to_regclass($1), to_regclass($2), to_regclass($3)) \
-               AND (j.id IS NULL OR (j.status IN ('done', 'failed', 'cancelled') \
-                    AND j.finished_at < now() - $4::float8 * interval '1 second'))",
-            &[
-                &parent(ScopeKind::Hashes),
-                &parent(ScopeKind::Wrappers),
-                &parent(ScopeKind::Signatures),
-                &retention.as_secs_f64(),
-            ],
-        )
-        .await?;
     let mut dropped = 0;
-    for row in candidates {
-        let (parent_name, job_id, gone): (String, i64, bool) = (row.get(0), row.get(1), row.get(2));
-        let empty: bool = c
-            .query_one(
-                &format!(
-                    "SELECT NOT EXISTS (SELECT 1 FROM {parent_name} WHERE {})",
-                    of_job(job_id)
-                ),
-                &[],
+    for scope in ScopeKind::ALL {
+        let parts = partitions(c, scope).await?;
+        let ids: Vec<i64> = parts.iter().map(|(_, id)| *id).collect();
+        // Of those, the jobs gone (true) or finished past the retention.
+        let candidates = c
+            .query(
+                "SELECT p.id, j.id IS NULL FROM unnest($1::bigint[]) AS p(id) \
+                 LEFT JOIN pq_migration_jobs j ON j.id = p.id \
+                 WHERE j.id IS NULL OR (j.status IN ('done', 'failed', 'cancelled') \
+                       AND j.finished_at < now() - $2::float8 * interval '1 second')",
+                &[&ids, &retention.as_secs_f64()],
             )
-            .await?
-            .get(0);
-        if !empty {
-            if gone {
-                tracing::warn!(
-                    partition = %format!("{parent_name}_{job_id}"),
-                    job_id,
-                    "backups of a job that no longer exists: kept; drop the table by hand once they are not needed"
-                );
+            .await?;
+        for row in candidates {
+            let (job_id, gone): (i64, bool) = (row.get(0), row.get(1));
+            let empty: bool = c
+                .query_one(
+                    &format!(
+                        "SELECT NOT EXISTS (SELECT 1 FROM {} WHERE {})",
+                        parent(scope),
+                        of_job(job_id)
+                    ),
+                    &[],
+                )
+                .await?
+                .get(0);
+            if !empty {
+                if gone {
+                    tracing::warn!(
+                        partition = %partition(scope, job_id),
+                        job_id,
+                        "backups of a job that no longer exists: kept; drop the table by hand once they are not needed"
+                    );
+                }
+                continue;
             }
-            continue;
-        }
-        let scope = ScopeKind::ALL
-            .into_iter()
-            .find(|s| parent(*s) == parent_name)
-            .expect("one of the three parents");
-        if purge_partition(c, scope, job_id).await?.is_some() {
-            dropped += 1;
+            if purge_partition(c, scope, job_id).await?.is_some() {
+                dropped += 1;
+            }
         }
     }
     Ok(dropped)

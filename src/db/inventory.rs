@@ -211,20 +211,10 @@ pub async fn inventory_count(
     // Compact backups: every partition of the wrappers and hashes tables
     // (a signatures job's only name the rows it inserted).
     for scope in [ScopeKind::Wrappers, ScopeKind::Hashes] {
-        let parent = backups::parent(scope);
-        let parts = c
-            .query(
-                "SELECT i.inhrelid::regclass::text, \
-                        substring(ch.relname::text FROM length($1::text) + 2)::bigint \
-                 FROM pg_inherits i JOIN pg_class ch ON ch.oid = i.inhrelid \
-                 WHERE i.inhparent = to_regclass($1) ORDER BY 2",
-                &[&parent],
-            )
-            .await?;
+        let parts = backups::partitions(c, scope).await?;
         walk.statements += 1;
-        for p in parts {
-            walk.blocks(c, scope, &p.get::<_, String>(0), p.get(1))
-                .await?;
+        for (part, job_id) in parts {
+            walk.blocks(c, scope, &part, job_id).await?;
         }
     }
 

@@ -13,7 +13,6 @@ use tokio_util::sync::CancellationToken;
 
 use super::Shared;
 use super::walk::{self, Progress, retrying};
-use crate::db::backups;
 use crate::db::jobs::{self, ClaimedJob};
 use crate::db::ranges::{self, NewRange};
 use crate::scope::{JobError, Prepared};
@@ -40,13 +39,7 @@ pub(super) async fn run(
         spec.scope.prepare(&client, spec, &shared.scope).await
     })
     .await?;
-    if backups::needed(spec.scope, scope.common()) {
-        retrying(shared, lost, "backup partition", || async {
-            let client = shared.pool.get().await?;
-            Ok(backups::ensure_partition(&**client, spec.scope, lease.job_id).await?)
-        })
-        .await?;
-    }
+    walk::ensure_backups(shared, lost, spec.scope, scope.common(), lease.job_id).await?;
     if let Some(pin) = scope.pin_to_record() {
         let client = shared.pool.get().await?;
         if !jobs::job_result_pin(&**client, lease, &pin).await? {

@@ -137,6 +137,25 @@ struct Ahead {
 }
 
 /// Run `f` until it succeeds, retrying transient errors with backoff.
+/// The job's backup partition exists (created unless it is), when the
+/// job writes backups, retried like a batch.
+pub(super) async fn ensure_backups(
+    shared: &Shared,
+    lost: &CancellationToken,
+    scope: crate::job::ScopeKind,
+    common: &Common,
+    job_id: i64,
+) -> Result<(), JobError> {
+    if !backups::needed(scope, common) {
+        return Ok(());
+    }
+    retrying(shared, lost, "backup partition", || async {
+        let client = shared.pool.get().await?;
+        Ok(backups::ensure_partition(&**client, scope, job_id).await?)
+    })
+    .await
+}
+
 pub(super) async fn retrying<T, F, Fut>(
     shared: &Shared,
     lost: &CancellationToken,
@@ -210,13 +229,7 @@ pub(super) async fn work(
     );
     let common = scope.common().clone();
     // The job's start created it; a start by an older pqmig did not.
-    if backups::needed(spec.scope, &common) {
-        retrying(shared, lost, "backup partition", || async {
-            let client = shared.pool.get().await?;
-            Ok(backups::ensure_partition(&**client, spec.scope, lease.job_id).await?)
-        })
-        .await?;
-    }
+    ensure_backups(shared, lost, spec.scope, &common, lease.job_id).await?;
     let mut progress = Progress::from_cursor(range.cursor.as_ref());
     progress.after_id = progress.after_id.max(range.lo);
     let batch = common.batch_size.unwrap_or(FIRST_BATCH);
