@@ -133,8 +133,29 @@ async fn sigterm_drains_and_releases_without_using_an_attempt() {
         .count() as i64;
     assert_eq!(migrated, j.processed, "no half batch");
     assert_eq!(j.processed % 50, 0, "whole batches only");
-    let released = fx.events(id, "released").await;
-    assert_eq!(released, 1);
+    // Exactly one release for the shutdown. A load-induced transient
+    // error earlier may add a release of its own (and a later claim whose
+    // progress committed resets the attempts), so the others are not
+    // counted here; the whole log is printed when the count is wrong.
+    let shutdown_releases: i64 = fx
+        .db
+        .client()
+        .await
+        .query_one(
+            "SELECT count(*) FROM pq_migration_job_events \
+             WHERE job_id = $1 AND event = 'released' AND detail->>'reason' = 'shutdown'",
+            &[&id],
+        )
+        .await
+        .expect("release events")
+        .get(0);
+    assert_eq!(
+        shutdown_releases,
+        1,
+        "one release for the shutdown:\n{}\ndaemon log:\n{}",
+        fx.event_log(id).await,
+        fx.log("d")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
