@@ -100,8 +100,8 @@ fn file_then_environment_then_flags() {
     assert_eq!(c.log_format, Some(LogFormat::Text));
     assert_eq!(
         c.database.pool_size.get(),
-        12,
-        "pool defaults to concurrency + 4"
+        19,
+        "pool defaults to 2 × concurrency + 3 (batch and read-ahead per walk)"
     );
 }
 

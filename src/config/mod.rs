@@ -207,12 +207,14 @@ impl Config {
         let credentials_dir = credentials(&mut raw, env);
         let v = Values { raw: &raw };
         let worker = v.worker()?;
-        // Every worker holds one connection while it writes a batch; the
-        // claim loop, the heartbeats and the rescuer share a few more.
+        // Every walk holds up to two connections (the batch it writes and
+        // the read ahead of the next); the rescuer, the governor, the
+        // sampler and the janitor share three more. Claims and heartbeats
+        // have a connection of their own, outside the pool.
         let database = database::validate(
             v.database(credentials_dir),
             &v,
-            worker.concurrency.get() as i64 + 4,
+            2 * worker.concurrency.get() as i64 + 3,
             worker.batch_target,
         )?;
         let listen = v.text("metrics.listen").unwrap_or_default();

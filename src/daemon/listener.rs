@@ -1,6 +1,6 @@
 //! LISTEN pqmig_jobs on a dedicated connection. A notification wakes the
-//! producer, and nudges the heartbeat of a job this process runs (it was
-//! cancelled or reclaimed). It is only a hint: the jittered poll is the
+//! producer, and makes the lease keeper renew now when it names a job this
+//! process runs (it may have been cancelled or reclaimed). It is only a hint: the jittered poll is the
 //! truth, so a lost connection costs latency, never correctness.
 
 use std::sync::Arc;
@@ -71,8 +71,8 @@ impl Listener {
                     Some(Ok(AsyncMessage::Notification(n))) => {
                         if let Ok(id) = n.payload().parse::<i64>() {
                             let running = shared.running.lock().expect("registry");
-                            for (_, nudge) in running.values().filter(|(h, _)| h.job_id() == id) {
-                                nudge.notify_one();
+                            if running.values().any(|(h, _)| h.job_id() == id) {
+                                shared.renew_now.notify_one();
                             }
                         }
                         self.wake.notify_one();

@@ -5,8 +5,9 @@
 //!
 //! - [`producer`]: claim loop (permit first, then claim at most the free
 //!   slots: pending jobs to start, then pending ranges to walk).
-//! - [`executor`]: one piece of work under its lease and heartbeat:
-//!   starting a job (split into id ranges) or walking one range.
+//! - [`executor`]: one piece of work under its lease: starting a job
+//!   (split into id ranges) or walking one range.
+//! - [`leases`]: every lease of the process renewed in one statement.
 //! - [`rescuer`]: expired leases back to `pending`, or `failed` at max_attempts.
 //! - [`governor`]: database health and the items budget, for every walk.
 //! - [`listener`]: LISTEN pqmig_jobs with reconnect; a hint, the poll is the truth.
@@ -28,6 +29,7 @@
 pub mod executor;
 pub mod governor;
 pub mod janitor;
+pub mod leases;
 pub mod listener;
 pub mod producer;
 pub mod rescuer;
@@ -55,7 +57,63 @@ use crate::scope::ScopeContext;
 
 /// What this process's worker slots hold, by (job id, range; -1 for a job
 /// being started).
-pub type Registry = HashMap<(i64, i32), (Held, Arc<Notify>)>;
+pub type Registry = HashMap<(i64, i32), (Held, Signals)>;
+
+/// What the lease keeper tells a holder.
+#[derive(Debug, Clone, Default)]
+pub struct Signals {
+    /// Cancelled when the lease is found gone.
+    pub lost: CancellationToken,
+    /// Cancelled when a pause covers the range's job.
+    pub paused: CancellationToken,
+}
+
+/// A dedicated connection outside the pool, for the claims and the lease
+/// renewals: a pool held by slow batches cannot hold them up. Opened on
+/// first use and again after it was lost; one statement at a time.
+pub struct Control {
+    db: crate::config::DatabaseConfig,
+    application_name: String,
+    client: tokio::sync::Mutex<Option<tokio_postgres::Client>>,
+}
+
+impl Control {
+    pub fn new(db: &crate::config::DatabaseConfig, worker_id: &str) -> Control {
+        Control {
+            db: db.clone(),
+            application_name: format!("{} {worker_id} control", crate::db::APPLICATION_NAME),
+            client: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// The connection, (re)opened if there is none or it was closed.
+    pub async fn get(&self) -> Result<ControlClient<'_>, ServiceError> {
+        let mut slot = self.client.lock().await;
+        if slot.as_ref().is_none_or(|c| c.is_closed()) {
+            *slot = None;
+            let (client, connection) = crate::db::connect_raw(&self.db, &self.application_name)
+                .await
+                .map_err(|e| ServiceError::Connect(format!("{e:#}")))?;
+            tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::debug!(error = %e, "control connection ended");
+                }
+            });
+            *slot = Some(client);
+        }
+        Ok(ControlClient(slot))
+    }
+}
+
+/// The control connection, held for one use.
+pub struct ControlClient<'a>(tokio::sync::MutexGuard<'a, Option<tokio_postgres::Client>>);
+
+impl std::ops::Deref for ControlClient<'_> {
+    type Target = tokio_postgres::Client;
+    fn deref(&self) -> &tokio_postgres::Client {
+        self.0.as_ref().expect("opened by Control::get")
+    }
+}
 
 /// What every task of the daemon shares. Passed in, never global.
 pub struct Shared {
@@ -67,10 +125,13 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
     /// What this process's worker slots hold, by (job id, range; -1 for a
-    /// job being started): its lease and a nudge that makes its heartbeat
-    /// check the lease now (a NOTIFY for a job we run means it was
-    /// cancelled or reclaimed).
+    /// job being started): its lease and what the lease keeper tells it.
     pub running: Mutex<Registry>,
+    /// Makes the lease keeper renew now (a NOTIFY for a job we run means it
+    /// may have been cancelled or reclaimed).
+    pub renew_now: Notify,
+    /// The claims' and renewals' own connection.
+    pub control: Control,
     /// Stop claiming; in-flight batches commit, then jobs are released.
     pub shutdown: CancellationToken,
     pub throttle: ThrottleConfig,
@@ -97,6 +158,8 @@ impl Shared {
             metrics: Arc::clone(&services.metrics),
             health: Arc::clone(&services.health),
             running: Mutex::new(HashMap::new()),
+            renew_now: Notify::new(),
+            control: Control::new(&config.database, &services.worker_id),
             shutdown,
             throttle: config.throttle.clone(),
             statement_timeout: config.database.statement_timeout,
@@ -151,6 +214,16 @@ impl Held {
         match self {
             Held::Job(l) => l.token,
             Held::Range(r) => r.token,
+        }
+    }
+
+    /// The lease as the keeper renews it.
+    fn lease(&self) -> crate::db::leases::Held {
+        let (job_id, range_no) = self.key();
+        crate::db::leases::Held {
+            job_id,
+            range_no,
+            token: self.token(),
         }
     }
 
@@ -329,6 +402,10 @@ pub async fn run(
         wake: Arc::clone(&wake),
     };
     let listener = tokio::spawn(listener.run(background.clone()));
+    let keeper = leases::Keeper {
+        shared: Arc::clone(&shared),
+    };
+    let keeper = tokio::spawn(keeper.run(background.clone()));
     let rescuer = rescuer::Rescuer {
         shared: Arc::clone(&shared),
     };
@@ -381,16 +458,20 @@ pub async fn run(
             .values()
             .map(|(h, _)| *h)
             .collect();
-        if let Ok(client) = shared.pool.get().await {
+        // On the control connection: the pool may be held by the batches
+        // that overran.
+        if let Ok(client) = shared.control.get().await {
             for h in held {
                 let _ = h
-                    .release(&**client, &shared.worker_id, "shutdown timeout")
+                    .release(&*client, &shared.worker_id, "shutdown timeout")
                     .await;
             }
         }
     }
     background.cancel();
-    let _ = tokio::join!(listener, rescuer, sampler, governor, janitor, watchdog);
+    let _ = tokio::join!(
+        listener, keeper, rescuer, sampler, governor, janitor, watchdog
+    );
     http_stop.cancel();
     let _ = server.await;
     tracing::info!("pqmig daemon stopped");

@@ -53,9 +53,11 @@ impl Producer {
             return Ok(0);
         }
         let shared = &self.shared;
-        let client = shared.client().await?;
+        // The control connection: a pool held by slow batches cannot hold
+        // the claims up.
+        let client = shared.control.get().await?;
         let timer = shared.metrics.claim_duration.start_timer();
-        let claimed = jobs::job_claim(&**client, permits.len() as i64, &shared.worker_id).await;
+        let claimed = jobs::job_claim(&*client, permits.len() as i64, &shared.worker_id).await;
         let claimed = claimed?;
         let mut n = claimed.len();
         for job in claimed {
@@ -78,7 +80,7 @@ impl Producer {
         }
         if !permits.is_empty() {
             let claimed =
-                ranges::ranges_claim(&**client, permits.len() as i64, &shared.worker_id).await;
+                ranges::ranges_claim(&*client, permits.len() as i64, &shared.worker_id).await;
             let claimed = claimed?;
             n += claimed.len();
             for range in claimed {

@@ -160,38 +160,6 @@ pub async fn jobs_listen(c: &tokio_postgres::Client) -> Result<(), tokio_postgre
     c.batch_execute("LISTEN pqmig_jobs").await
 }
 
-/// Renew the lease. `false`: the job is no longer ours.
-pub async fn job_heartbeat(
-    c: &impl GenericClient,
-    lease: Lease,
-) -> Result<bool, tokio_postgres::Error> {
-    let n = c
-        .execute(
-            "UPDATE pq_migration_jobs SET heartbeat_at = now() \
-             WHERE id = $1 AND lease_token = $2 AND status = 'running'",
-            &[&lease.job_id, &lease.token],
-        )
-        .await?;
-    Ok(n == 1)
-}
-
-/// Whether a job being started no longer needs its lease: it was split
-/// (its ranges go on) or ended once every range was done. A start whose
-/// heartbeat comes after its own last commit must not count as lost; a
-/// start that did not make that commit fails at its own fenced write.
-pub async fn job_started_or_ended(
-    c: &impl GenericClient,
-    job_id: i64,
-) -> Result<bool, tokio_postgres::Error> {
-    Ok(c.query_opt(
-        "SELECT 1 FROM pq_migration_jobs WHERE id = $1 AND ranges IS NOT NULL \
-               AND lease_token IS NULL AND status IN ('running', 'done')",
-        &[&job_id],
-    )
-    .await?
-    .is_some())
-}
-
 /// Record how many items the selection matches (once, on first claim).
 pub async fn job_set_total(
     c: &impl GenericClient,

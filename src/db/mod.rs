@@ -21,6 +21,7 @@ pub mod health;
 pub mod inventory;
 pub mod jobs;
 pub mod kms;
+pub mod leases;
 pub mod lock;
 pub mod maintenance;
 pub mod migrate;

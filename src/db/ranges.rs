@@ -160,49 +160,6 @@ pub async fn ranges_claim(
 const FENCE: &str = "job_id = $1 AND range_no = $2 AND lease_token = $3 AND status = 'running' \
      AND EXISTS (SELECT 1 FROM pq_migration_jobs j WHERE j.id = $1 AND j.status = 'running')";
 
-/// Renew the lease, and say whether a pause now covers its job.
-pub async fn range_heartbeat(
-    c: &impl GenericClient,
-    lease: RangeLease,
-) -> Result<Renewed, tokio_postgres::Error> {
-    let sql = format!(
-        "UPDATE pq_migration_ranges SET heartbeat_at = now() WHERE {FENCE} \
-         RETURNING (SELECT {PAUSED} FROM pq_migration_jobs j WHERE j.id = $1)"
-    );
-    let row = c
-        .query_opt(&sql, &[&lease.job_id, &lease.range_no, &lease.token])
-        .await?;
-    Ok(match row {
-        None => Renewed::Lost,
-        Some(r) if r.get::<_, Option<bool>>(0) == Some(true) => Renewed::Paused,
-        Some(_) => Renewed::Held,
-    })
-}
-
-/// A range's heartbeat: still ours, ours but its job is paused (the walk
-/// gives it back after its batch), or no longer ours.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Renewed {
-    Held,
-    Paused,
-    Lost,
-}
-
-/// Whether the range is done (by whoever walked it): nothing is left to
-/// write in it, so its walker's lease has nothing more to protect while
-/// it ends the job (which the job row's lock fences).
-pub async fn range_is_done(
-    c: &impl GenericClient,
-    lease: RangeLease,
-) -> Result<bool, tokio_postgres::Error> {
-    Ok(c.query_opt(
-        "SELECT 1 FROM pq_migration_ranges WHERE job_id = $1 AND range_no = $2 AND status = 'done'",
-        &[&lease.job_id, &lease.range_no],
-    )
-    .await?
-    .is_some())
-}
-
 /// Say why the range's walker waits (`None`: it no longer does).
 pub async fn range_throttled(
     c: &impl GenericClient,

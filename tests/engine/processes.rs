@@ -402,3 +402,81 @@ async fn a_permanent_database_error_fails_the_job_with_its_message() {
         .get(0);
     assert_eq!(backups, 0, "the failed batch rolled back whole");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_hold_while_batches_hold_every_pooled_connection() {
+    let fx = Fixture::new(3000).await;
+    let config = fx.dir.path().join("pqmig.toml");
+    // Two walks and two pooled connections: a walk blocked on the table
+    // holds its connection, so both are gone until the lock goes.
+    std::fs::write(
+        &config,
+        "[worker]\nconcurrency = 2\nrange_items = 500\n\
+         [database]\npool_size = 2\nstatement_timeout = \"60s\"\n",
+    )
+    .expect("config");
+    let c = fx.db.client().await;
+    c.batch_execute("ANALYZE users").await.expect("analyze");
+    let mut daemon = fx.spawn_daemon("d", &[("PQMIG_CONFIG", config.to_str().expect("utf-8"))]);
+    let id = slow_job(&fx, 1000).await;
+    wait_until(30, "two ranges walking", || async {
+        let n: i64 = c
+            .query_one(
+                "SELECT count(*) FROM pq_migration_ranges WHERE job_id = $1 AND status = 'running'",
+                &[&id],
+            )
+            .await
+            .expect("ranges")
+            .get(0);
+        n == 2
+    })
+    .await;
+    let mut blocker = fx.db.client().await;
+    let tx = blocker.transaction().await.expect("begin");
+    tx.batch_execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+        .await
+        .expect("lock users");
+    // Three leases (1.5 s each, renewed every 250 ms) with the pool held:
+    // every running range's heartbeat stays younger than a lease.
+    for _ in 0..18 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let stale: Vec<(i32, f64)> = c
+            .query(
+                "SELECT range_no, extract(epoch FROM now() - heartbeat_at)::float8 \
+                 FROM pq_migration_ranges WHERE job_id = $1 AND status = 'running' \
+                   AND heartbeat_at < now() - interval '1200 ms'",
+                &[&id],
+            )
+            .await
+            .expect("heartbeats")
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        assert!(
+            stale.is_empty(),
+            "leases near expiry while the pool is busy (range, age s): {stale:?}\n{}",
+            fx.log("d")
+        );
+    }
+    let waiting: i64 = c
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 \
+               AND application_name LIKE 'pqmig %' AND wait_event_type = 'Lock'",
+            &[&fx.db.name],
+        )
+        .await
+        .expect("activity")
+        .get(0);
+    assert!(waiting >= 1, "the walks were blocked on the table");
+    tx.rollback().await.expect("unlock");
+    let j = fx.wait_job(id, 60, terminal).await;
+    assert_eq!(
+        (j.status.as_str(), j.processed, j.failed),
+        ("done", 3000, 0),
+        "{j:?}\n{}",
+        fx.log("d")
+    );
+    fx.assert_all_migrated_once().await;
+    assert_eq!(fx.events(id, "reclaimed").await, 0, "no lease was lost");
+    terminate(&mut daemon);
+}

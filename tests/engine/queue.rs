@@ -5,8 +5,116 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
+use pqmig::db::leases::{self, Renewal};
+
 use crate::support::hashes::{Fixture, terminal};
 use crate::support::{InProcess, wait_until};
+
+/// Renew one job lease alone.
+async fn renew(c: &tokio_postgres::Client, lease: pqmig::db::jobs::Lease) -> Renewal {
+    let held = leases::Held {
+        job_id: lease.job_id,
+        range_no: -1,
+        token: lease.token,
+    };
+    leases::leases_renew(c, &[held]).await.expect("renew")[0]
+}
+
+#[tokio::test]
+async fn one_statement_renews_every_lease_and_never_waits_on_a_locked_row() {
+    let fx = Fixture::new(0).await;
+    let c = fx.db.client().await;
+    let id = fx.enqueue(json!({})).await;
+    c.execute(
+        "UPDATE pq_migration_jobs SET status = 'running', ranges = 4 WHERE id = $1",
+        &[&id],
+    )
+    .await
+    .expect("job running");
+    let token = |n: i32| uuid::Uuid::from_u128(0x1000 + n as u128);
+    for (n, status) in [(0, "running"), (1, "running"), (2, "done"), (3, "running")] {
+        c.execute(
+            "INSERT INTO pq_migration_ranges (job_id, range_no, lo, hi, status, lease_token, heartbeat_at) \
+             VALUES ($1, $2, $2 * 10, $2 * 10 + 10, $3, $4, now() - interval '1 hour')",
+            &[&id, &n, &status, &token(n)],
+        )
+        .await
+        .expect("range");
+    }
+    let mut held: Vec<leases::Held> = (0..4)
+        .map(|n| leases::Held {
+            job_id: id,
+            range_no: n,
+            token: token(n),
+        })
+        .collect();
+    // Range 3 was reclaimed by someone else meanwhile.
+    held[3].token = uuid::Uuid::from_u128(0xdead);
+    // Range 1's row is locked by a transaction (a batch committing): the
+    // renewal must not wait for it (a wait would hit this lock_timeout).
+    let mut other = fx.db.client().await;
+    let tx = other.transaction().await.expect("begin");
+    tx.execute(
+        "SELECT 1 FROM pq_migration_ranges WHERE job_id = $1 AND range_no = 1 FOR UPDATE",
+        &[&id],
+    )
+    .await
+    .expect("lock range 1");
+    c.batch_execute("SET lock_timeout = '2s'")
+        .await
+        .expect("lock_timeout");
+    let got = leases::leases_renew(&c, &held).await.expect("renew");
+    assert_eq!(
+        got,
+        [
+            Renewal::Held,
+            Renewal::Held,
+            Renewal::Finished,
+            Renewal::Lost
+        ]
+    );
+    tx.rollback().await.expect("rollback");
+    let fresh: Vec<bool> = c
+        .query(
+            "SELECT heartbeat_at > now() - interval '1 minute' FROM pq_migration_ranges \
+             WHERE job_id = $1 ORDER BY range_no",
+            &[&id],
+        )
+        .await
+        .expect("heartbeats")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        fresh,
+        [true, false, false, false],
+        "only the free, held row is written"
+    );
+    // A pause over the job's scope reaches its walkers through the renewal,
+    // renewed or not.
+    c.execute(
+        "INSERT INTO pq_migration_pauses (scope, paused_by) VALUES ('hashes', 'test')",
+        &[],
+    )
+    .await
+    .expect("pause");
+    let tx = other.transaction().await.expect("begin");
+    tx.execute(
+        "SELECT 1 FROM pq_migration_ranges WHERE job_id = $1 AND range_no = 1 FOR UPDATE",
+        &[&id],
+    )
+    .await
+    .expect("lock range 1");
+    let got = leases::leases_renew(&c, &held[..2]).await.expect("renew");
+    assert_eq!(got, [Renewal::Paused, Renewal::Paused]);
+    tx.rollback().await.expect("rollback");
+    assert!(
+        leases::leases_renew(&c, &[])
+            .await
+            .expect("renew none")
+            .is_empty()
+    );
+}
 
 #[tokio::test]
 async fn claim_query_uses_the_partial_index() {
@@ -174,7 +282,7 @@ async fn fenced_writes_with_a_stale_lease_change_nothing() {
     let claimed = jobs::job_claim(&c, 5, "w1").await.expect("claim");
     assert_eq!(claimed.len(), 1);
     let stale = claimed[0].lease;
-    assert!(jobs::job_heartbeat(&c, stale).await.expect("heartbeat"));
+    assert_eq!(renew(&c, stale).await, Renewal::Held);
 
     // Reclaimed elsewhere: the lease expires and another worker claims it.
     c.execute(
@@ -191,7 +299,7 @@ async fn fenced_writes_with_a_stale_lease_change_nothing() {
     assert_ne!(fresh[0].lease.token, stale.token);
 
     let cursor = json!({"after_id": 10});
-    assert!(!jobs::job_heartbeat(&c, stale).await.expect("heartbeat"));
+    assert_eq!(renew(&c, stale).await, Renewal::Lost);
     assert_eq!(
         jobs::job_progress(&c, stale, 10, 1, &cursor, None)
             .await
@@ -236,7 +344,7 @@ async fn fenced_writes_with_a_stale_lease_change_nothing() {
         jobs::job_cancel(&c, id, "test").await.expect("cancel"),
         jobs::JobAction::Done
     );
-    assert!(!jobs::job_heartbeat(&c, lease).await.expect("heartbeat"));
+    assert_eq!(renew(&c, lease).await, Renewal::Lost);
     assert_eq!(
         jobs::job_progress(&c, lease, 1, 0, &cursor, Some(&cursor))
             .await

@@ -1,8 +1,8 @@
 //! One worker slot's work, in two kinds: starting a job ([`start`]:
 //! validate it, pin what it runs with, split it into id ranges) and
 //! walking one of its ranges ([`walk`]). This module owns what both share:
-//! the lease (a guard that registers the work, runs its heartbeat and
-//! undoes both on every exit path) and how the work ends for this process.
+//! the lease (a guard that registers the work with the lease keeper and
+//! unregisters it on every exit path) and how the work ends for this process.
 
 mod start;
 mod walk;
@@ -11,13 +11,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
-use tokio::sync::{Notify, OwnedSemaphorePermit};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::AbortOnDropHandle;
 
-use super::{Held, ServiceError, Shared, jitter};
+use super::{Held, ServiceError, Shared, Signals, jitter};
 use crate::db::jobs::{self, ClaimedJob};
-use crate::db::ranges::{self, ClaimedRange, Renewed};
+use crate::db::ranges::{self, ClaimedRange};
 use crate::metrics::Metrics;
 use crate::scope::JobError;
 
@@ -41,26 +40,24 @@ pub(super) fn slot_gauges(shared: &Shared, busy: usize) {
 }
 
 /// The hold of one worker slot on its lease: registered with the process
-/// (so a NOTIFY can nudge its heartbeat, and the gauges count it), its
-/// heartbeat running. Dropping it, on whatever path, stops the heartbeat
-/// and unregisters the work.
+/// (the lease keeper renews it, and the gauges count it). Dropping it, on
+/// whatever path, unregisters the work.
 struct LeaseGuard {
     shared: Arc<Shared>,
     held: Held,
     scope: &'static str,
-    /// Cancelled when the heartbeat finds the lease gone.
+    /// Cancelled when the keeper finds the lease gone.
     lost: CancellationToken,
-    /// Cancelled when the heartbeat finds the range's job paused.
+    /// Cancelled when the keeper finds the range's job paused.
     paused: CancellationToken,
-    _heartbeat: AbortOnDropHandle<()>,
 }
 
 impl LeaseGuard {
     fn start(shared: &Arc<Shared>, held: Held, scope: &'static str) -> LeaseGuard {
-        let nudge = Arc::new(Notify::new());
+        let signals = Signals::default();
         {
             let mut running = shared.running.lock().expect("registry");
-            running.insert(held.key(), (held, Arc::clone(&nudge)));
+            running.insert(held.key(), (held, signals.clone()));
             slot_gauges(shared, running.len());
         }
         shared
@@ -68,21 +65,12 @@ impl LeaseGuard {
             .jobs_running
             .with_label_values(&[scope])
             .inc();
-        let (lost, paused) = (CancellationToken::new(), CancellationToken::new());
-        let heartbeat = tokio::spawn(heartbeat(
-            Arc::clone(shared),
-            held,
-            nudge,
-            lost.clone(),
-            paused.clone(),
-        ));
         LeaseGuard {
             shared: Arc::clone(shared),
             held,
             scope,
-            lost,
-            paused,
-            _heartbeat: AbortOnDropHandle::new(heartbeat),
+            lost: signals.lost,
+            paused: signals.paused,
         }
     }
 }
@@ -105,55 +93,6 @@ impl Drop for LeaseGuard {
             .jobs_running
             .with_label_values(&[self.scope])
             .dec();
-    }
-}
-
-/// Renew the lease every heartbeat interval, or at once when nudged.
-async fn heartbeat(
-    shared: Arc<Shared>,
-    held: Held,
-    nudge: Arc<Notify>,
-    lost: CancellationToken,
-    paused: CancellationToken,
-) {
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(shared.worker.heartbeat_interval) => {}
-            _ = nudge.notified() => {}
-        }
-        let renewed = async {
-            let client = shared.client().await?;
-            let ours = match held {
-                Held::Job(l) => {
-                    jobs::job_heartbeat(&**client, l).await?
-                        || jobs::job_started_or_ended(&**client, l.job_id).await?
-                }
-                Held::Range(r) => match ranges::range_heartbeat(&**client, r).await? {
-                    Renewed::Held => true,
-                    Renewed::Paused => {
-                        paused.cancel();
-                        true
-                    }
-                    // A range done is not lost: its walker goes on to end the job.
-                    Renewed::Lost => ranges::range_is_done(&**client, r).await?,
-                },
-            };
-            Ok::<_, ServiceError>(ours)
-        }
-        .await;
-        match renewed {
-            Ok(true) => {}
-            Ok(false) => {
-                lost.cancel();
-                return;
-            }
-            // The fence on the next write decides; keep trying meanwhile.
-            Err(e) => {
-                shared.db_trouble(&e);
-                shared.metrics.heartbeat_failures.inc();
-                tracing::warn!(job_id = held.job_id(), error = %e, "heartbeat failed")
-            }
-        }
     }
 }
 
