@@ -299,6 +299,7 @@ fn log_config(c: &Config) {
         maintenance.retention = %dur(m.retention),
         maintenance.interval = %dur(m.interval),
         metrics.listen = %c.metrics_listen,
+        console.listen = %c.console_listen,
         keys.keyring = path(&c.keyring),
         "effective configuration"
     );
