@@ -10,7 +10,8 @@
 //!   validated [`config::Config`]. [`telemetry`]: logging setup.
 //! - [`daemon`]: the worker daemon's services — producer (claim), executor
 //!   (one job: its lease, then its batch walk), rescuer, listener, sampler,
-//!   janitor (retention), watchdog — and [`http`] / [`metrics`] for what it exports.
+//!   janitor (retention), watchdog — and [`http`] / [`metrics`] for what it
+//!   exports; [`console`]: the read-only web console it serves.
 //! - [`job`]: a job's definition ([`job::JobSpec`], [`job::ScopeKind`]);
 //!   [`selection`]: its JSONB selection, parsed strictly.
 //! - [`scope`]: what a job does to its items, one folder per scope behind
@@ -23,6 +24,7 @@
 pub mod cli;
 pub mod cmd;
 pub mod config;
+pub mod console;
 pub mod crypto;
 pub mod daemon;
 pub mod db;

@@ -7,6 +7,7 @@ mod aftercare;
 mod backups;
 mod cli;
 mod config;
+mod console;
 mod database;
 mod demo;
 mod deploy;

@@ -16,15 +16,7 @@ pub struct Target {
     pub table: Option<String>,
 }
 
-/// What a pause covers, in words: `every job`, `hashes jobs writing table users`.
-pub fn describe(scope: Option<&str>, table: Option<&str>) -> String {
-    match (scope, table) {
-        (None, None) => "every job".to_owned(),
-        (Some(s), None) => format!("{s} jobs"),
-        (None, Some(t)) => format!("jobs writing table {t}"),
-        (Some(s), Some(t)) => format!("{s} jobs writing table {t}"),
-    }
-}
+pub use crate::db::pauses::describe;
 
 /// When a pause lifts by itself: at an RFC 3339 time, or after a duration.
 #[derive(Debug, Clone, Default)]

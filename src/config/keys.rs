@@ -156,6 +156,9 @@ pub const KEYS: &[Key] = &[
     key("metrics.listen", &["PQMIG_METRICS_ADDR"], Text)
         .flag("--metrics-addr")
         .default("127.0.0.1:9464"),
+    // The read-only web console: unset serves it on metrics.listen, an
+    // address on a listener of its own, "off" nowhere.
+    key("console.listen", &["PQMIG_CONSOLE_ADDR"], Text),
     key("keys.keyring", &["PQMIG_KEYRING"], Text).flag("--keyring"),
     key("log.format", &["PQMIG_LOG_FORMAT"], Text)
         .flag("--log-format")

@@ -129,6 +129,27 @@ impl Default for WorkerConfig {
     }
 }
 
+/// Where the web console is served (`console.listen`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConsoleListen {
+    /// Beside /metrics, on `metrics.listen` (unset or empty).
+    Metrics,
+    /// On a listener of its own.
+    Own(SocketAddr),
+    /// Not served (`off`).
+    Off,
+}
+
+impl std::fmt::Display for ConsoleListen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConsoleListen::Metrics => f.write_str("metrics.listen"),
+            ConsoleListen::Own(addr) => write!(f, "{addr}"),
+            ConsoleListen::Off => f.write_str("off"),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     /// The file that was read, if any.
@@ -138,6 +159,7 @@ pub struct Config {
     pub throttle: ThrottleConfig,
     pub maintenance: MaintenanceConfig,
     pub metrics_listen: SocketAddr,
+    pub console_listen: ConsoleListen,
     pub keyring: Option<PathBuf>,
     /// `None`: text on a terminal, JSON otherwise (decided by the caller).
     pub log_format: Option<LogFormat>,
@@ -224,6 +246,7 @@ impl Config {
                 format!("{listen:?} is not an address:port ({e})"),
             )
         })?;
+        let console_listen = v.console_listen(metrics_listen)?;
         let log_format = match v.text("log.format").as_deref().map(str::trim) {
             None | Some("auto") => None,
             Some("text") => Some(LogFormat::Text),
@@ -251,6 +274,7 @@ impl Config {
             throttle,
             maintenance,
             metrics_listen,
+            console_listen,
             keyring: v.text("keys.keyring").map(PathBuf::from),
             log_format,
             log_level,
@@ -396,6 +420,33 @@ impl Values<'_> {
             return Err(self.invalid(key, format!("{n} is out of range 0..={max} (0: off)")));
         }
         Ok((n > 0).then_some(n))
+    }
+
+    /// `console.listen`: unset or empty, `off`, or an address other than
+    /// `metrics.listen` (whose listener already serves the console).
+    fn console_listen(&self, metrics: SocketAddr) -> Result<ConsoleListen, ConfigError> {
+        const KEY: &str = "console.listen";
+        let text = self.text(KEY).unwrap_or_default();
+        match text.trim() {
+            "" => Ok(ConsoleListen::Metrics),
+            "off" => Ok(ConsoleListen::Off),
+            addr => {
+                let addr = addr.parse::<SocketAddr>().map_err(|e| {
+                    self.invalid(
+                        KEY,
+                        format!("{text:?} is not an address:port or \"off\" ({e})"),
+                    )
+                })?;
+                // Port 0 (tests) binds two different ports.
+                if addr == metrics && addr.port() != 0 {
+                    return Err(self.invalid(
+                        KEY,
+                        format!("{addr} is metrics.listen; leave console.listen unset to serve the console there"),
+                    ));
+                }
+                Ok(ConsoleListen::Own(addr))
+            }
+        }
     }
 
     fn throttle(&self) -> Result<ThrottleConfig, ConfigError> {

@@ -48,7 +48,7 @@ use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Config, MaintenanceConfig, ThrottleConfig, WorkerConfig};
+use crate::config::{Config, ConsoleListen, MaintenanceConfig, ThrottleConfig, WorkerConfig};
 use crate::db::jobs::{self, Lease};
 use crate::db::ranges::RangeLease;
 use crate::http::Health;
@@ -280,8 +280,11 @@ pub struct Services {
     pub scope: ScopeContext,
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
-    /// Where /metrics, /healthz and /readyz are served.
+    /// Where /metrics, /healthz and /readyz are served (and the console,
+    /// unless it has a listener of its own or is off).
     pub http: TcpListener,
+    /// The console's own listener (`console.listen` set to an address).
+    pub console: Option<TcpListener>,
     /// `locked_by` of the jobs this process claims; its connections show
     /// `pqmig <worker_id>` as application_name.
     pub worker_id: String,
@@ -299,6 +302,13 @@ impl Services {
                     config.metrics_listen
                 )
             })?;
+        let console =
+            match config.console_listen {
+                ConsoleListen::Own(addr) => Some(TcpListener::bind(addr).await.map_err(|e| {
+                    anyhow::anyhow!("console.listen: cannot listen on {addr}: {e}")
+                })?),
+                ConsoleListen::Metrics | ConsoleListen::Off => None,
+            };
         let worker_id = worker_id();
         let application_name = format!("{} {worker_id}", crate::db::APPLICATION_NAME);
         Ok(Services {
@@ -309,6 +319,7 @@ impl Services {
             metrics: Arc::new(Metrics::new()),
             health: Arc::new(Health::new(config.worker.poll_interval)),
             http,
+            console,
             worker_id,
         })
     }
@@ -372,6 +383,7 @@ fn log_config(c: &Config) {
         maintenance.retention = %dur(m.retention),
         maintenance.interval = %dur(m.interval),
         metrics.listen = %c.metrics_listen,
+        console.listen = %c.console_listen,
         keys.keyring = path(&c.keyring),
         "effective configuration"
     );
@@ -390,12 +402,22 @@ pub async fn run(
         tracing::warn!(%host, sslmode = %config.database.sslmode, "the database server's certificate is not verified; use sslmode=verify-full with sslrootcert");
     }
     tracing::info!(worker = %shared.worker_id, concurrency = shared.worker.concurrency.get(), %addr, "pqmig daemon started");
+    if let Some(console) = &services.console {
+        tracing::info!(addr = %console.local_addr()?, "web console listening");
+    }
 
     let wake = Arc::new(Notify::new());
     let background = CancellationToken::new();
     let http_stop = CancellationToken::new();
-    let app = crate::http::router(Arc::clone(&shared.metrics), Arc::clone(&shared.health));
+    let mut app = crate::http::router(Arc::clone(&shared.metrics), Arc::clone(&shared.health));
+    if config.console_listen == ConsoleListen::Metrics {
+        app = app.merge(crate::console::router(Arc::clone(&shared)));
+    }
     let server = tokio::spawn(crate::http::serve(http, app, http_stop.clone()));
+    let console = services.console.map(|listener| {
+        let app = crate::console::router(Arc::clone(&shared));
+        tokio::spawn(crate::http::serve(listener, app, http_stop.clone()))
+    });
     let listener = listener::Listener {
         db: config.database.clone(),
         shared: Arc::clone(&shared),
@@ -474,6 +496,9 @@ pub async fn run(
     );
     http_stop.cancel();
     let _ = server.await;
+    if let Some(console) = console {
+        let _ = console.await;
+    }
     tracing::info!("pqmig daemon stopped");
     Ok(())
 }

@@ -537,3 +537,51 @@ pub async fn inventory_latest(
         inventory: Inventory::from_tally(tally),
     }))
 }
+
+/// One snapshot of the history: items still exposed per scope.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistoryPoint {
+    /// RFC 3339, UTC, whole seconds.
+    pub sampled_at: String,
+    pub sampled_at_unix: f64,
+    /// (scope, exposed items, backups included), in scope order.
+    pub exposed: Vec<(String, i64)>,
+}
+
+/// The exposed items of every kept snapshot, per scope, oldest first (the
+/// console's chart).
+pub async fn inventory_history(
+    c: &impl GenericClient,
+) -> Result<Vec<HistoryPoint>, tokio_postgres::Error> {
+    let rows = c
+        .query(
+            "SELECT to_char(sampled_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), \
+                    extract(epoch FROM sampled_at)::float8, scope, sum(items)::bigint \
+             FROM pq_migration_inventory WHERE kind = 'vulnerable' \
+             GROUP BY sampled_at, scope ORDER BY sampled_at, scope",
+            &[],
+        )
+        .await?;
+    let mut points: Vec<HistoryPoint> = Vec::new();
+    for r in &rows {
+        let at: String = r.get(0);
+        if points.last().is_none_or(|p| p.sampled_at != at) {
+            points.push(HistoryPoint {
+                sampled_at: at,
+                sampled_at_unix: r.get(1),
+                exposed: Vec::new(),
+            });
+        }
+        let point = points.last_mut().expect("pushed above");
+        point.exposed.push((r.get(2), r.get(3)));
+    }
+    for p in &mut points {
+        p.exposed.sort_by_key(|(scope, _)| {
+            crate::metrics::SCOPES
+                .iter()
+                .position(|s| s == scope)
+                .unwrap_or(usize::MAX)
+        });
+    }
+    Ok(points)
+}

@@ -33,6 +33,33 @@ pub struct Pause {
     pub paused_by: Option<String>,
 }
 
+/// What a pause covers, in words: `every job`, `hashes jobs writing table users`.
+pub fn describe(scope: Option<&str>, table: Option<&str>) -> String {
+    match (scope, table) {
+        (None, None) => "every job".to_owned(),
+        (Some(s), None) => format!("{s} jobs"),
+        (None, Some(t)) => format!("jobs writing table {t}"),
+        (Some(s), Some(t)) => format!("{s} jobs writing table {t}"),
+    }
+}
+
+/// Which of the jobs `ids` a pause in force covers.
+pub async fn jobs_paused(
+    c: &impl GenericClient,
+    ids: &[i64],
+) -> Result<Vec<i64>, tokio_postgres::Error> {
+    let rows = c
+        .query(
+            concat!(
+                "SELECT j.id FROM pq_migration_jobs j WHERE j.id = ANY($1) AND ",
+                paused_sql!()
+            ),
+            &[&ids],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
 /// Pause the target; `Err` with the existing pause when one in force
 /// already covers exactly that target. A lapsed one is replaced.
 pub async fn pause_add(

@@ -11,6 +11,8 @@ pub struct InProcess {
     handle: Option<tokio::task::JoinHandle<()>>,
     /// Where its /metrics, /healthz and /readyz answer.
     pub addr: std::net::SocketAddr,
+    /// The web console's own listener, when `console.listen` names one.
+    pub console: Option<std::net::SocketAddr>,
 }
 
 /// A replica's configuration for `fx` (its daemon environment plus `extra`).
@@ -39,6 +41,10 @@ impl InProcess {
             .await
             .expect("services");
         let addr = services.http.local_addr().expect("bound");
+        let console = services
+            .console
+            .as_ref()
+            .map(|l| l.local_addr().expect("bound"));
         let token = CancellationToken::new();
         let t = token.clone();
         let handle = tokio::spawn(async move {
@@ -50,6 +56,7 @@ impl InProcess {
             token,
             handle: Some(handle),
             addr,
+            console,
         }
     }
 
