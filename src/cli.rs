@@ -55,8 +55,8 @@ pub enum Command {
     Status(StatusArgs),
     /// Cancel a pending or running job (progress is kept).
     Cancel(JobArg),
-    /// Re-queue a failed or cancelled job from where it stopped.
-    Resume(JobArg),
+    /// Re-queue a failed or cancelled job from where it stopped (--retry-failed: walk its failed items again too).
+    Resume(ResumeArgs),
     /// Change a pending or running job: its max_rate (read again within a second) or priority.
     Set(SetArgs),
     /// Pause jobs (all, a scope's, a table's): no new claims, running walks give their ranges back after their batch.
@@ -225,6 +225,16 @@ pub struct JobArg {
 }
 
 #[derive(Debug, Args)]
+pub struct ResumeArgs {
+    /// Job id
+    pub job: i64,
+    /// Also walk the job's failed items (pq_migration_item_errors) again;
+    /// those that now succeed no longer count as failed
+    #[arg(long)]
+    pub retry_failed: bool,
+}
+
+#[derive(Debug, Args)]
 pub struct JsonArg {
     /// Machine-readable output
     #[arg(long)]
@@ -350,6 +360,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
             cmd::status::run(&config, a.job, a.json, watch).await
         }
         Command::Cancel(a) => cmd::jobs::run(&config, a.job, cmd::jobs::Action::Cancel).await,
+        Command::Resume(a) if a.retry_failed => cmd::jobs::retry_failed(&config, a.job).await,
         Command::Resume(a) => cmd::jobs::run(&config, a.job, cmd::jobs::Action::Resume).await,
         Command::Set(a) => cmd::jobs::set(&config, a.job, a.max_rate.as_deref(), a.priority).await,
         Command::Pause(a) => {

@@ -1,9 +1,9 @@
-//! `pqmig cancel JOB`, `pqmig resume JOB` and `pqmig set JOB`, confirming
+//! `pqmig cancel JOB`, `pqmig resume JOB [--retry-failed]` and `pqmig set JOB`, confirming
 //! what they did.
 
 use super::UsageError;
 use crate::config::Config;
-use crate::db::jobs::{self, JobAction, JobChange};
+use crate::db::jobs::{self, JobAction, JobChange, RetryOutcome};
 
 /// What an operator does to a job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,6 +36,37 @@ pub async fn run(config: &Config, job: i64, action: Action) -> anyhow::Result<()
         JobAction::NotFound => Err(UsageError(format!("no job with id {job}")).into()),
         JobAction::WrongStatus(status) => Err(UsageError(format!(
             "job {job} is {status}; only {allowed} jobs can be {verb}ed"
+        ))
+        .into()),
+    }
+}
+
+/// `pqmig resume JOB --retry-failed`.
+pub async fn retry_failed(config: &Config, job: i64) -> anyhow::Result<()> {
+    let mut client = super::connect(config).await?;
+    let who = super::who();
+    match jobs::job_retry_failed(&mut client, job, &who).await? {
+        RetryOutcome::Retried(r) => {
+            println!(
+                "job {job} re-queued; it walks its {} failed item{} again, then continues from its cursor",
+                r.items,
+                if r.items == 1 { "" } else { "s" }
+            );
+            if r.left > 0 {
+                println!(
+                    "{} more failed items stay failed; run resume --retry-failed again after this run",
+                    r.left
+                );
+            }
+            Ok(())
+        }
+        RetryOutcome::NotFound => Err(UsageError(format!("no job with id {job}")).into()),
+        RetryOutcome::WrongStatus(status) => Err(UsageError(format!(
+            "job {job} is {status}; only failed or cancelled jobs can be resumed"
+        ))
+        .into()),
+        RetryOutcome::NothingFailed => Err(UsageError(format!(
+            "job {job} has no failed items to retry; resume it without --retry-failed"
         ))
         .into()),
     }

@@ -519,6 +519,65 @@ pub async fn job_resume(
     .await
 }
 
+/// What `resume --retry-failed` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RetryOutcome {
+    /// Re-queued to walk these failed items again.
+    Retried(super::ranges::Retry),
+    NotFound,
+    WrongStatus(String),
+    /// The job has no failed item to retry.
+    NothingFailed,
+}
+
+/// Re-queue a failed or cancelled job to walk its failed items again (and
+/// whatever its ranges had left), in one transaction: nothing changes when
+/// it cannot. See [`super::ranges::ranges_retry_failed`].
+pub async fn job_retry_failed(
+    c: &mut tokio_postgres::Client,
+    id: i64,
+    who: &str,
+) -> Result<RetryOutcome, tokio_postgres::Error> {
+    let tx = c.transaction().await?;
+    let row = tx
+        .query_opt(
+            "SELECT status, ranges IS NOT NULL FROM pq_migration_jobs WHERE id = $1 FOR UPDATE",
+            &[&id],
+        )
+        .await?;
+    let Some(row) = row else {
+        return Ok(RetryOutcome::NotFound);
+    };
+    let status: String = row.get(0);
+    if status != "failed" && status != "cancelled" {
+        return Ok(RetryOutcome::WrongStatus(status));
+    }
+    // Items fail only in the walk of a range: a job never split has none.
+    if !row.get::<_, bool>(1) {
+        return Ok(RetryOutcome::NothingFailed);
+    }
+    let retry = super::ranges::ranges_retry_failed(&tx, id).await?;
+    if retry.items == 0 {
+        return Ok(RetryOutcome::NothingFailed);
+    }
+    tx.execute(
+        "WITH t AS (SELECT COALESCE(sum(failed_count), 0)::bigint AS f \
+                    FROM pq_migration_ranges WHERE job_id = $1), \
+         u AS (UPDATE pq_migration_jobs SET status = 'pending', attempts = 0, error = NULL, \
+                 finished_at = NULL, scheduled_at = NULL, updated_at = now(), \
+                 failed_count = (SELECT f FROM t), \
+                 result = result - 'verified' - 'rolled_back' \
+               WHERE id = $1 RETURNING id) \
+         INSERT INTO pq_migration_job_events (job_id, event, worker, detail) \
+         SELECT id, 'resumed', $2, jsonb_build_object('retry_failed', $3::bigint, 'failed_left', $4::bigint) \
+         FROM u",
+        &[&id, &who, &retry.items, &retry.left],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(RetryOutcome::Retried(retry))
+}
+
 /// Run an operator action (`$1` job id, `$2` who; one row back when it
 /// applied), else say why not: no such job, or its status.
 /// A pending or running job of `scope` (writing `table`.`column`, for

@@ -75,6 +75,19 @@ pub async fn ranges_create(
     .await
 }
 
+/// A retry range's selection: the job's, narrowed to the ids it retries
+/// (all of them within the job's selection when they failed).
+fn retry_only(selection: Option<Value>, only_ids: Option<Vec<i64>>) -> Option<Value> {
+    let Some(ids) = only_ids else {
+        return selection;
+    };
+    let mut sel = selection.unwrap_or_else(|| Value::Object(Default::default()));
+    if let Value::Object(m) = &mut sel {
+        m.insert("ids".into(), Value::from(ids));
+    }
+    Some(sel)
+}
+
 /// Every range of the job that is not done goes back to `pending`, its
 /// lease cleared and its attempts reset (a job resumed or restarted).
 pub async fn ranges_reset(
@@ -114,10 +127,10 @@ pub async fn ranges_claim(
                  updated_at = now() \
                FROM c WHERE r.job_id = c.job_id AND r.range_no = c.range_no \
                RETURNING r.job_id, r.range_no, r.lease_token, r.lo, r.hi, r.attempts, r.cursor, \
-                 r.processed_count, r.failed_count, r.estimated_count) \
+                 r.processed_count, r.failed_count, r.estimated_count, r.only_ids) \
              SELECT u.job_id, u.range_no, u.lease_token, u.lo, u.hi, u.attempts, u.cursor, \
                     u.processed_count, u.failed_count, u.estimated_count, \
-                    j.scope, j.target_policy_id, j.target_algo_id, j.selection, j.result \
+                    j.scope, j.target_policy_id, j.target_algo_id, j.selection, j.result, u.only_ids \
              FROM u JOIN pq_migration_jobs j ON j.id = u.job_id ORDER BY u.job_id, u.range_no"
             ),
             &[&limit, &worker],
@@ -139,7 +152,7 @@ pub async fn ranges_claim(
                     &scope,
                     r.get(11),
                     r.get(12),
-                    super::jobs::selection_at(r, 13),
+                    super::jobs::selection_at(r, 13).map(|sel| retry_only(sel, r.get(15))),
                     super::jobs::json_at(r, 14, "result"),
                     Purpose::Run,
                 ),
@@ -526,4 +539,152 @@ pub async fn ranges_running(c: &impl GenericClient) -> Result<i64, tokio_postgre
     )
     .await?
     .get(0))
+}
+
+/// Most failed ids one `resume --retry-failed` takes (the lowest); the
+/// rest stay failed for the next.
+pub const RETRY_MAX: i64 = 1_000_000;
+
+/// What `resume --retry-failed` set up: items to walk again, failed items
+/// left for another retry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retry {
+    pub items: i64,
+    pub left: i64,
+}
+
+/// Set up a walk of the job's failed items again, in the caller's
+/// transaction (which holds the job row): take each failure off the range
+/// that counted it (the last range whose ids include it: a retry range
+/// counts the failures of its own walk), add retry ranges of at most
+/// [`crate::selection::MAX_IDS`] ids each, and delete those items' error
+/// rows. An item that fails again is counted and recorded by its retry.
+pub async fn ranges_retry_failed(
+    c: &impl GenericClient,
+    job_id: i64,
+) -> Result<Retry, tokio_postgres::Error> {
+    let failed: Vec<(String, i64)> = c
+        .query(
+            "SELECT item_id, item_id::bigint FROM pq_migration_item_errors \
+             WHERE job_id = $1 AND item_id ~ '^-?[0-9]{1,18}$' ORDER BY 2 LIMIT $2",
+            &[&job_id, &RETRY_MAX],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let all: i64 = c
+        .query_one(
+            "SELECT count(*) FROM pq_migration_item_errors WHERE job_id = $1",
+            &[&job_id],
+        )
+        .await?
+        .get(0);
+    if failed.is_empty() {
+        return Ok(Retry {
+            items: 0,
+            left: all,
+        });
+    }
+    let ranges: Vec<(i32, i64, i64, Option<Vec<i64>>)> = c
+        .query(
+            "SELECT range_no, lo, hi, only_ids FROM pq_migration_ranges WHERE job_id = $1",
+            &[&job_id],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    let ids: Vec<i64> = failed.iter().map(|(_, id)| *id).collect();
+    let counted = failures_by_range(&ranges, &ids);
+    let (nos, ns): (Vec<i32>, Vec<i64>) = counted.into_iter().unzip();
+    c.execute(
+        "UPDATE pq_migration_ranges r SET failed_count = greatest(r.failed_count - x.n, 0), \
+           updated_at = now() \
+         FROM unnest($2::int[], $3::bigint[]) AS x(range_no, n) \
+         WHERE r.job_id = $1 AND r.range_no = x.range_no",
+        &[&job_id, &nos, &ns],
+    )
+    .await?;
+    let next = ranges.iter().map(|r| r.0).max().map_or(0, |n| n + 1);
+    for (k, chunk) in ids.chunks(crate::selection::MAX_IDS).enumerate() {
+        let lo = chunk[0].saturating_sub(1);
+        let hi = chunk[chunk.len() - 1];
+        c.execute(
+            "INSERT INTO pq_migration_ranges (job_id, range_no, lo, hi, estimated_count, only_ids) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+            &[
+                &job_id,
+                &(next + k as i32),
+                &lo,
+                &hi.max(lo + 1),
+                &(chunk.len() as i64),
+                &chunk,
+            ],
+        )
+        .await?;
+    }
+    let texts: Vec<&str> = failed.iter().map(|(t, _)| t.as_str()).collect();
+    c.execute(
+        "DELETE FROM pq_migration_item_errors WHERE job_id = $1 AND item_id = ANY($2::text[])",
+        &[&job_id, &texts],
+    )
+    .await?;
+    Ok(Retry {
+        items: ids.len() as i64,
+        left: all - ids.len() as i64,
+    })
+}
+
+/// How many of the failed `ids` each range counted: the last range
+/// (highest number) whose ids include it, a retry range's being its
+/// `only_ids`.
+fn failures_by_range(ranges: &[(i32, i64, i64, Option<Vec<i64>>)], ids: &[i64]) -> Vec<(i32, i64)> {
+    let mut owner: std::collections::HashMap<i64, i32> = std::collections::HashMap::new();
+    let mut plain: Vec<(i64, i64, i32)> = Vec::new();
+    for (no, lo, hi, only) in ranges {
+        match only {
+            Some(only) => {
+                for id in only {
+                    let o = owner.entry(*id).or_insert(*no);
+                    *o = (*o).max(*no);
+                }
+            }
+            None => plain.push((*lo, *hi, *no)),
+        }
+    }
+    plain.sort_unstable();
+    let mut counts: std::collections::BTreeMap<i32, i64> = std::collections::BTreeMap::new();
+    for id in ids {
+        let no = owner.get(id).copied().or_else(|| {
+            // The plain ranges do not overlap: the one with the last lo below id.
+            let i = plain.partition_point(|(lo, _, _)| lo < id);
+            i.checked_sub(1)
+                .map(|i| plain[i])
+                .filter(|(_, hi, _)| id <= hi)
+                .map(|(_, _, no)| no)
+        });
+        if let Some(no) = no {
+            *counts.entry(no).or_default() += 1;
+        }
+    }
+    counts.into_iter().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::failures_by_range;
+
+    #[test]
+    fn a_failure_belongs_to_the_last_range_that_walked_it() {
+        let ranges = vec![
+            (0, 0, 100, None),
+            (1, 100, 200, None),
+            (2, 4, 150, Some(vec![5, 150])),
+        ];
+        // 5 and 150 were retried once (range 2); 7 and 101 were not; 100
+        // is range 0's last id; 999 is in no range.
+        let got = failures_by_range(&ranges, &[5, 7, 100, 101, 150, 999]);
+        assert_eq!(got, vec![(0, 2), (1, 1), (2, 2)]);
+    }
 }

@@ -4,7 +4,7 @@
 use serde_json::json;
 
 use crate::support::hashes::{Fixture, PROFILE, terminal};
-use crate::support::{InProcess, hex};
+use crate::support::{InProcess, hex, run};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hashes_job_migrates_every_row_once_and_is_idempotent() {
@@ -585,4 +585,147 @@ async fn a_stalled_batch_gives_its_range_back_and_the_job_goes_on() {
     assert_eq!(j.status, "done", "{j:?}\n{}", fx.event_log(id).await);
     daemon.stop().await;
     fx.assert_all_migrated_once().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_retry_failed_walks_exactly_the_failed_items_again() {
+    let fx = Fixture::new(200).await;
+    let c = fx.db.client().await;
+    c.batch_execute(
+        "UPDATE users SET email_hash_key_version = NULL WHERE id IN (10, 120); \
+         UPDATE users SET email_hash_key_version = repeat('x', 60) WHERE id = 30; \
+         ANALYZE users;",
+    )
+    .await
+    .expect("damage three rows");
+    let daemon = InProcess::start(&fx, &[("PQMIG_RANGE_ITEMS", "50")]).await;
+    let id = fx.enqueue(json!({"batch_size": 25})).await;
+    let j = fx.wait_job(id, 30, terminal).await;
+    assert_eq!(
+        (j.status.as_str(), j.processed, j.failed),
+        ("failed", 197, 3),
+        "{j:?}"
+    );
+    let split = ranges_of(&c, id).await;
+    assert!(split > 1, "the job was split ({split} ranges)");
+    assert_eq!(errors_of(&c, id).await, ["10", "30", "120"]);
+
+    let env = [("DATABASE_URL", fx.db.url.as_str())];
+    // Bad input changes nothing.
+    for (args, says) in [
+        (
+            vec!["resume", "999999", "--retry-failed"],
+            "no job with id 999999",
+        ),
+        (vec!["resume", "x", "--retry-failed"], "invalid value"),
+    ] {
+        let out = run(&args, &env);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+    assert_eq!(fx.job(id).await.status, "failed");
+
+    // The cause fixed for two of them: those migrate, the third fails again.
+    c.execute(
+        "UPDATE users SET email_hash_key_version = 'v1' WHERE id IN (10, 120)",
+        &[],
+    )
+    .await
+    .expect("fix two");
+    let out = run(&["resume", &id.to_string(), "--retry-failed"], &env);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains("walks its 3 failed items again"), "{said}");
+    let j = fx.wait_job(id, 30, terminal).await;
+    assert_eq!(
+        (j.status.as_str(), j.processed, j.failed, j.error.as_deref()),
+        ("failed", 199, 1, Some("1 items failed")),
+        "{j:?}\n{}",
+        fx.event_log(id).await
+    );
+    assert_eq!(
+        errors_of(&c, id).await,
+        ["30"],
+        "only the item still failing is recorded"
+    );
+    assert_eq!(ranges_of(&c, id).await, split + 1, "one retry range");
+    let walked: i64 = c
+        .query_one(
+            "SELECT processed_count + failed_count FROM pq_migration_ranges \
+             WHERE job_id = $1 AND only_ids IS NOT NULL",
+            &[&id],
+        )
+        .await
+        .expect("retry range")
+        .get(0);
+    assert_eq!(
+        walked, 3,
+        "the retry walked the three failed items, nothing else"
+    );
+
+    // Fixed too: the job ends done with every item migrated exactly once.
+    c.execute(
+        "UPDATE users SET email_hash_key_version = 'v1' WHERE id = 30",
+        &[],
+    )
+    .await
+    .expect("fix the third");
+    let out = run(&["resume", &id.to_string(), "--retry-failed"], &env);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j = fx.wait_job(id, 30, |j| j.status == "done").await;
+    assert_eq!((j.processed, j.failed), (200, 0), "{j:?}");
+    assert!(errors_of(&c, id).await.is_empty());
+    fx.assert_all_migrated_once().await;
+
+    // Nothing left to retry, or the wrong status: exit 2, nothing changed.
+    let out = run(&["resume", &id.to_string(), "--retry-failed"], &env);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains(&format!("job {id} is done")), "{err}");
+    let other = fx.enqueue(json!({"id_to": 5})).await;
+    let j = fx.wait_job(other, 30, terminal).await;
+    assert_eq!(j.status, "done");
+    c.execute(
+        "UPDATE pq_migration_jobs SET status = 'cancelled' WHERE id = $1",
+        &[&other],
+    )
+    .await
+    .expect("as if cancelled");
+    let out = run(&["resume", &other.to_string(), "--retry-failed"], &env);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("has no failed items to retry"), "{err}");
+    assert_eq!(fx.job(other).await.status, "cancelled");
+    daemon.stop().await;
+}
+
+async fn ranges_of(c: &tokio_postgres::Client, id: i64) -> i64 {
+    c.query_one(
+        "SELECT count(*) FROM pq_migration_ranges WHERE job_id = $1",
+        &[&id],
+    )
+    .await
+    .expect("ranges")
+    .get(0)
+}
+
+async fn errors_of(c: &tokio_postgres::Client, id: i64) -> Vec<String> {
+    c.query(
+        "SELECT item_id FROM pq_migration_item_errors WHERE job_id = $1 ORDER BY item_id::int",
+        &[&id],
+    )
+    .await
+    .expect("errors")
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
 }
