@@ -551,3 +551,108 @@ async fn migrate_waits_a_bounded_time_for_a_busy_table_and_tries_again() {
         Some(latest)
     );
 }
+
+/// A host whose `key_wrappers` exists without the unique constraint V2
+/// adds: `pqmig migrate` builds the index CONCURRENTLY first, outside the
+/// migration's transaction (so the host's writes go on), and V2 then adds
+/// no constraint; duplicates fail with one line naming the table and
+/// columns, leaving no invalid index and the schema as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unique_indexes_on_existing_host_tables_are_built_concurrently() {
+    let db = TestDb::migrated().await;
+    let c = db.client().await;
+    c.batch_execute(
+        "ALTER TABLE key_wrappers DROP CONSTRAINT uq_key_wrappers_uuid; \
+         INSERT INTO key_wrappers (wrapper_uuid) \
+           SELECT gen_random_uuid()::text FROM generate_series(1, 1000); \
+         INSERT INTO key_wrappers (wrapper_uuid) VALUES \
+           ('00000000-0000-0000-0000-000000000001'), ('00000000-0000-0000-0000-000000000001'); \
+         DELETE FROM pqmig_schema_history WHERE version >= 2",
+    )
+    .await
+    .expect("a host table without the constraint, and V2 not applied");
+    let env = [("DATABASE_URL", db.url.as_str())];
+
+    let out = run(&["migrate", "--print-ddl"], &env);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let ddl = stdout(&out);
+    assert!(
+        ddl.contains(
+            "CREATE UNIQUE INDEX CONCURRENTLY \"uq_key_wrappers_uuid\" ON \"key_wrappers\" (\"wrapper_uuid\");"
+        ),
+        "{ddl}"
+    );
+    assert!(
+        !ddl.contains("ON \"signatures\""),
+        "a table that has its constraint needs no build: {ddl}"
+    );
+
+    // Duplicates: one line naming the table and columns; nothing left behind.
+    let out = run(&["migrate"], &env);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    let err = stderr(&out);
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("pqmig: "))
+        .unwrap_or_default();
+    assert!(
+        line.contains("key_wrappers: cannot add UNIQUE (wrapper_uuid): the table holds duplicates")
+            && line.contains("00000000-0000-0000-0000-000000000001"),
+        "{err}"
+    );
+    let invalid: i64 = c
+        .query_one(
+            "SELECT count(*) FROM pg_index WHERE indrelid = 'key_wrappers'::regclass AND NOT indisvalid",
+            &[],
+        )
+        .await
+        .expect("indexes")
+        .get(0);
+    assert_eq!(invalid, 0, "no invalid index left behind");
+    assert_eq!(
+        pqmig::db::migrate::current_version(&c)
+            .await
+            .expect("version"),
+        Some(1)
+    );
+
+    c.execute(
+        "DELETE FROM key_wrappers WHERE id = (SELECT max(id) FROM key_wrappers)",
+        &[],
+    )
+    .await
+    .expect("the duplicate removed");
+    let out = run(&["migrate"], &env);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (index, constraint): (bool, bool) = {
+        let r = c
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid \
+                   WHERE i.indrelid = 'key_wrappers'::regclass AND ic.relname = 'uq_key_wrappers_uuid' \
+                     AND i.indisunique AND i.indisvalid), \
+                 EXISTS (SELECT 1 FROM pg_constraint WHERE conname = 'uq_key_wrappers_uuid')",
+                &[],
+            )
+            .await
+            .expect("catalog");
+        (r.get(0), r.get(1))
+    };
+    assert!(index, "the unique index was built");
+    assert!(
+        !constraint,
+        "built concurrently beforehand: V2 found it and added no constraint in its transaction"
+    );
+    assert_eq!(
+        pqmig::db::migrate::current_version(&c)
+            .await
+            .expect("version"),
+        Some(pqmig::db::migrate::latest_version())
+    );
+    let dup = c
+        .execute(
+            "INSERT INTO key_wrappers (wrapper_uuid) VALUES ('00000000-0000-0000-0000-000000000001')",
+            &[],
+        )
+        .await;
+    assert!(dup.is_err(), "the index enforces uniqueness");
+}

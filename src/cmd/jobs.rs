@@ -48,7 +48,7 @@ pub async fn retry_failed(config: &Config, job: i64) -> anyhow::Result<()> {
     match jobs::job_retry_failed(&mut client, job, &who).await? {
         RetryOutcome::Retried(r) => {
             println!(
-                "job {job} re-queued; it walks its {} failed item{} again, then continues from its cursor",
+                "job {job} re-queued; it continues from its cursors and walks its {} failed item{} again",
                 r.items,
                 if r.items == 1 { "" } else { "s" }
             );
@@ -63,6 +63,10 @@ pub async fn retry_failed(config: &Config, job: i64) -> anyhow::Result<()> {
         RetryOutcome::NotFound => Err(UsageError(format!("no job with id {job}")).into()),
         RetryOutcome::WrongStatus(status) => Err(UsageError(format!(
             "job {job} is {status}; only failed or cancelled jobs can be resumed"
+        ))
+        .into()),
+        RetryOutcome::LimitUnfinished => Err(UsageError(format!(
+            "job {job} has a selection limit and was stopped before it reached it; its failed items count toward the limit, so they can be retried only once the job has walked to its end (resume it without --retry-failed)"
         ))
         .into()),
         RetryOutcome::NothingFailed => Err(UsageError(format!(

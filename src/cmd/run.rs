@@ -138,10 +138,24 @@ const MIGRATE_TRIES: u32 = 6;
 /// table lock, so a busy host table never queues the application's
 /// queries behind a migration; one that times out is rolled back whole and
 /// tried again after 2 s, 4 s, … up to [`MIGRATE_TRIES`] times.
-/// `print_ddl`: print the pending migrations' SQL instead.
+/// Unique indexes a migration would add to an existing host table are
+/// built `CONCURRENTLY` first (see [`db::migrate::unique_builds`]).
+/// `print_ddl`: print the pending SQL instead, those builds first.
 pub async fn migrate(config: &Config, print_ddl: bool) -> anyhow::Result<()> {
     let mut client = db::connect(&config.database).await?;
     if print_ddl {
+        let builds = db::migrate::unique_builds(&client).await?;
+        if !builds.is_empty() {
+            println!("-- Unique indexes on existing host tables, built first, each statement");
+            println!("-- on its own outside a transaction (CONCURRENTLY: writes go on); the");
+            println!("-- migrations below then find them and add no constraint.");
+            for b in &builds {
+                for sql in b.statements() {
+                    println!("{sql};");
+                }
+            }
+            println!();
+        }
         let pending = db::migrate::pending(&client).await?;
         if pending.is_empty() {
             println!("-- the schema is up to date: nothing to apply");

@@ -1,6 +1,6 @@
 //! The lease keeper: every heartbeat interval (or at once when nudged by a
 //! NOTIFY for work we hold) it renews every lease of this process in one
-//! statement on the control connection, outside the batch pool, so a pool
+//! statement on a connection of its own, outside the batch pool, so a pool
 //! drained by slow batches cannot cost a lease. A lease found gone cancels
 //! its holder's `lost` token; a pause covering a range's job cancels its
 //! `paused` token (the walk gives the range back after its batch).
@@ -36,6 +36,13 @@ impl Keeper {
         }
     }
 
+    /// How long one renewal may take: half a lease, so the next round
+    /// still renews in time; at least a heartbeat interval.
+    fn limit(&self) -> std::time::Duration {
+        let w = &self.shared.worker;
+        (w.lease / 2).max(w.heartbeat_interval)
+    }
+
     /// One renewal of every lease held now; how many were renewed or are
     /// otherwise still ours.
     pub async fn run_once(&self) -> Result<usize, ServiceError> {
@@ -51,10 +58,10 @@ impl Keeper {
             return Ok(0);
         }
         let keys: Vec<leases::Held> = held.iter().map(|(h, _)| h.lease()).collect();
-        let renewed = {
-            let control = shared.control.get().await?;
-            leases::leases_renew(&*control, &keys).await?
-        };
+        let renewed = shared
+            .renewals
+            .run(self.limit(), async |c| leases::leases_renew(c, &keys).await)
+            .await?;
         let mut ours = 0;
         for ((h, signals), renewal) in held.iter().zip(renewed) {
             match renewal {

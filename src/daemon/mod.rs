@@ -68,9 +68,10 @@ pub struct Signals {
     pub paused: CancellationToken,
 }
 
-/// A dedicated connection outside the pool, for the claims and the lease
-/// renewals: a pool held by slow batches cannot hold them up. Opened on
-/// first use and again after it was lost; one statement at a time.
+/// A dedicated connection outside the pool (one for the claims, one for
+/// the lease renewals): a pool held by slow batches cannot hold them up.
+/// Opened on first use and again after it was lost or left a use
+/// unanswered; one use at a time, each bounded in time.
 pub struct Control {
     db: crate::config::DatabaseConfig,
     application_name: String,
@@ -78,40 +79,53 @@ pub struct Control {
 }
 
 impl Control {
-    pub fn new(db: &crate::config::DatabaseConfig, worker_id: &str) -> Control {
+    /// `purpose` ends its `application_name`: `pqmig <worker id> <purpose>`.
+    pub fn new(db: &crate::config::DatabaseConfig, worker_id: &str, purpose: &str) -> Control {
         Control {
             db: db.clone(),
-            application_name: format!("{} {worker_id} control", crate::db::APPLICATION_NAME),
+            application_name: format!("{} {worker_id} {purpose}", crate::db::APPLICATION_NAME),
             client: tokio::sync::Mutex::new(None),
         }
     }
 
-    /// The connection, (re)opened if there is none or it was closed.
-    pub async fn get(&self) -> Result<ControlClient<'_>, ServiceError> {
-        let mut slot = self.client.lock().await;
-        if slot.as_ref().is_none_or(|c| c.is_closed()) {
-            *slot = None;
-            let (client, connection) = crate::db::connect_raw(&self.db, &self.application_name)
-                .await
-                .map_err(|e| ServiceError::Connect(format!("{e:#}")))?;
-            tokio::spawn(async move {
-                if let Err(e) = connection.await {
-                    tracing::debug!(error = %e, "control connection ended");
-                }
-            });
-            *slot = Some(client);
+    /// Run `f` on the connection, (re)opened if there is none or it was
+    /// closed. Opening and `f` together get `limit`: past it the
+    /// connection is dropped (a peer gone silent, a proxy that never
+    /// answers) and the next use opens a new one.
+    pub async fn run<T>(
+        &self,
+        limit: Duration,
+        f: impl AsyncFnOnce(&tokio_postgres::Client) -> Result<T, tokio_postgres::Error>,
+    ) -> Result<T, ServiceError> {
+        let used = tokio::time::timeout(limit, async {
+            let mut slot = self.client.lock().await;
+            if slot.as_ref().is_none_or(|c| c.is_closed()) {
+                *slot = None;
+                let (client, connection) = crate::db::connect_raw(&self.db, &self.application_name)
+                    .await
+                    .map_err(|e| ServiceError::Connect(format!("{e:#}")))?;
+                tokio::spawn(async move {
+                    if let Err(e) = connection.await {
+                        tracing::debug!(error = %e, "control connection ended");
+                    }
+                });
+                *slot = Some(client);
+            }
+            let client = slot.as_ref().expect("opened above");
+            Ok::<_, ServiceError>(f(client).await?)
+        })
+        .await;
+        match used {
+            Ok(r) => r,
+            Err(_) => {
+                *self.client.lock().await = None;
+                Err(ServiceError::Connect(format!(
+                    "no answer on the {} connection within {}; it is opened again",
+                    self.application_name,
+                    humantime::format_duration(limit)
+                )))
+            }
         }
-        Ok(ControlClient(slot))
-    }
-}
-
-/// The control connection, held for one use.
-pub struct ControlClient<'a>(tokio::sync::MutexGuard<'a, Option<tokio_postgres::Client>>);
-
-impl std::ops::Deref for ControlClient<'_> {
-    type Target = tokio_postgres::Client;
-    fn deref(&self) -> &tokio_postgres::Client {
-        self.0.as_ref().expect("opened by Control::get")
     }
 }
 
@@ -130,8 +144,10 @@ pub struct Shared {
     /// Makes the lease keeper renew now (a NOTIFY for a job we run means it
     /// may have been cancelled or reclaimed).
     pub renew_now: Notify,
-    /// The claims' and renewals' own connection.
-    pub control: Control,
+    /// The claims' own connection.
+    pub claims: Control,
+    /// The lease renewals' own connection.
+    pub renewals: Control,
     /// Stop claiming; in-flight batches commit, then jobs are released.
     pub shutdown: CancellationToken,
     pub throttle: ThrottleConfig,
@@ -159,7 +175,8 @@ impl Shared {
             health: Arc::clone(&services.health),
             running: Mutex::new(HashMap::new()),
             renew_now: Notify::new(),
-            control: Control::new(&config.database, &services.worker_id),
+            claims: Control::new(&config.database, &services.worker_id, "claims"),
+            renewals: Control::new(&config.database, &services.worker_id, "leases"),
             shutdown,
             throttle: config.throttle.clone(),
             statement_timeout: config.database.statement_timeout,
@@ -480,15 +497,18 @@ pub async fn run(
             .values()
             .map(|(h, _)| *h)
             .collect();
-        // On the control connection: the pool may be held by the batches
+        // On the claims' connection: the pool may be held by the batches
         // that overran.
-        if let Ok(client) = shared.control.get().await {
-            for h in held {
-                let _ = h
-                    .release(&*client, &shared.worker_id, "shutdown timeout")
-                    .await;
-            }
-        }
+        let _ = shared
+            .claims
+            .run(shared.worker.lease, async |c| {
+                for h in held {
+                    // Each on its own: one that fails leaves the others to go.
+                    let _ = h.release(c, &shared.worker_id, "shutdown timeout").await;
+                }
+                Ok(())
+            })
+            .await;
     }
     background.cancel();
     let _ = tokio::join!(

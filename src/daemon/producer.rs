@@ -53,12 +53,16 @@ impl Producer {
             return Ok(0);
         }
         let shared = &self.shared;
-        // The control connection: a pool held by slow batches cannot hold
+        // A connection of its own: a pool held by slow batches cannot hold
         // the claims up.
-        let client = shared.control.get().await?;
+        let limit = shared.worker.lease;
+        let w = &shared.worker_id;
         let timer = shared.metrics.claim_duration.start_timer();
-        let claimed = jobs::job_claim(&*client, permits.len() as i64, &shared.worker_id).await;
-        let claimed = claimed?;
+        let wanted = permits.len() as i64;
+        let claimed = shared
+            .claims
+            .run(limit, async |c| jobs::job_claim(c, wanted, w).await)
+            .await?;
         let mut n = claimed.len();
         for job in claimed {
             let permit = permits.pop().expect("one permit per claimed job");
@@ -79,9 +83,11 @@ impl Producer {
                 .spawn(executor::run(Arc::clone(shared), work, permit));
         }
         if !permits.is_empty() {
-            let claimed =
-                ranges::ranges_claim(&*client, permits.len() as i64, &shared.worker_id).await;
-            let claimed = claimed?;
+            let wanted = permits.len() as i64;
+            let claimed = shared
+                .claims
+                .run(limit, async |c| ranges::ranges_claim(c, wanted, w).await)
+                .await?;
             n += claimed.len();
             for range in claimed {
                 let permit = permits.pop().expect("one permit per claimed range");

@@ -528,6 +528,10 @@ pub enum RetryOutcome {
     WrongStatus(String),
     /// The job has no failed item to retry.
     NothingFailed,
+    /// A job with a `limit` whose range was not walked to its end: its
+    /// limit counts the failures, so taking them off would let the walk
+    /// go past it.
+    LimitUnfinished,
 }
 
 /// Re-queue a failed or cancelled job to walk its failed items again (and
@@ -541,7 +545,10 @@ pub async fn job_retry_failed(
     let tx = c.transaction().await?;
     let row = tx
         .query_opt(
-            "SELECT status, ranges IS NOT NULL FROM pq_migration_jobs WHERE id = $1 FOR UPDATE",
+            "SELECT status, ranges IS NOT NULL, \
+               selection ? 'limit' AND EXISTS (SELECT 1 FROM pq_migration_ranges r \
+                 WHERE r.job_id = j.id AND r.status <> 'done') \
+             FROM pq_migration_jobs j WHERE id = $1 FOR UPDATE",
             &[&id],
         )
         .await?;
@@ -555,6 +562,9 @@ pub async fn job_retry_failed(
     // Items fail only in the walk of a range: a job never split has none.
     if !row.get::<_, bool>(1) {
         return Ok(RetryOutcome::NothingFailed);
+    }
+    if row.get::<_, Option<bool>>(2) == Some(true) {
+        return Ok(RetryOutcome::LimitUnfinished);
     }
     let retry = super::ranges::ranges_retry_failed(&tx, id).await?;
     if retry.items == 0 {

@@ -2,7 +2,9 @@
 //! starting and the ranges it walks. Rows another transaction has locked
 //! right now (our own batch committing, an operator's cancel) are skipped,
 //! never waited on, so the renewal cannot deadlock with a statement that
-//! locks several of them in another order; their state is read instead.
+//! locks several of them in another order; their state is read instead (a
+//! batch's commit renews its range itself). `FOR NO KEY UPDATE`, as the
+//! UPDATE needs: a foreign key check's share lock does not make it skip.
 
 use tokio_postgres::GenericClient;
 use uuid::Uuid;
@@ -36,14 +38,14 @@ pub enum Renewal {
 const RENEW: &str = concat!(
     "WITH h AS (SELECT * FROM unnest($1::bigint[], $2::int[], $3::uuid[]) AS h(job_id, range_no, token)), \
      lj AS (SELECT j.id FROM pq_migration_jobs j JOIN h ON h.range_no = -1 AND j.id = h.job_id \
-            WHERE j.lease_token = h.token AND j.status = 'running' FOR UPDATE OF j SKIP LOCKED), \
+            WHERE j.lease_token = h.token AND j.status = 'running' FOR NO KEY UPDATE OF j SKIP LOCKED), \
      uj AS (UPDATE pq_migration_jobs j SET heartbeat_at = now() FROM lj WHERE j.id = lj.id \
             RETURNING j.id AS job_id, -1 AS range_no, false AS paused), \
      lr AS (SELECT r.job_id, r.range_no FROM pq_migration_ranges r \
             JOIN h ON h.range_no >= 0 AND r.job_id = h.job_id AND r.range_no = h.range_no \
             WHERE r.lease_token = h.token AND r.status = 'running' \
               AND EXISTS (SELECT 1 FROM pq_migration_jobs j WHERE j.id = r.job_id AND j.status = 'running') \
-            FOR UPDATE OF r SKIP LOCKED), \
+            FOR NO KEY UPDATE OF r SKIP LOCKED), \
      ur AS (UPDATE pq_migration_ranges r SET heartbeat_at = now() FROM lr \
             WHERE r.job_id = lr.job_id AND r.range_no = lr.range_no \
             RETURNING r.job_id, r.range_no, \

@@ -192,7 +192,10 @@ pub async fn range_throttled(
 /// Add a batch's counts and move the cursor, fenced, also on the cursor
 /// the batch started from (an earlier try whose reply was lost must not
 /// count twice). A claim that commits progress has not failed: its
-/// attempts go back to zero.
+/// attempts go back to zero. It renews the lease too (the lease keeper
+/// skips a row our batch has locked while it commits), with the clock, not
+/// `now()`: the batch's transaction may have begun long before, waiting on
+/// the host's locks, and a lease must never move back.
 pub async fn range_progress(
     c: &impl GenericClient,
     lease: RangeLease,
@@ -203,7 +206,8 @@ pub async fn range_progress(
 ) -> Result<Option<(i64, i64)>, tokio_postgres::Error> {
     let sql = format!(
         "UPDATE pq_migration_ranges SET processed_count = processed_count + $4, \
-           failed_count = failed_count + $5, cursor = $6, attempts = 0, updated_at = now() \
+           failed_count = failed_count + $5, cursor = $6, attempts = 0, updated_at = now(), \
+           heartbeat_at = greatest(heartbeat_at, clock_timestamp()) \
          WHERE {FENCE} AND cursor IS NOT DISTINCT FROM $7 \
          RETURNING processed_count, failed_count"
     );
@@ -565,8 +569,10 @@ pub async fn ranges_retry_failed(
 ) -> Result<Retry, tokio_postgres::Error> {
     let failed: Vec<(String, i64)> = c
         .query(
-            "SELECT item_id, item_id::bigint FROM pq_migration_item_errors \
-             WHERE job_id = $1 AND item_id ~ '^-?[0-9]{1,18}$' ORDER BY 2 LIMIT $2",
+            "SELECT item_id, n::bigint FROM ( \
+               SELECT item_id, CASE WHEN item_id ~ '^-?[0-9]{1,19}$' THEN item_id::numeric END AS n \
+               FROM pq_migration_item_errors WHERE job_id = $1) e \
+             WHERE n BETWEEN -9223372036854775808 AND 9223372036854775807 ORDER BY n LIMIT $2",
             &[&job_id, &RETRY_MAX],
         )
         .await?
@@ -657,12 +663,15 @@ fn failures_by_range(ranges: &[(i32, i64, i64, Option<Vec<i64>>)], ids: &[i64]) 
     let mut counts: std::collections::BTreeMap<i32, i64> = std::collections::BTreeMap::new();
     for id in ids {
         let no = owner.get(id).copied().or_else(|| {
-            // The plain ranges do not overlap: the one with the last lo below id.
+            // The plain ranges do not overlap: the one with the last lo below
+            // id. An id at or below the first range's lo failed in a walk
+            // from before the job was split, whose counts that range carries.
             let i = plain.partition_point(|(lo, _, _)| lo < id);
-            i.checked_sub(1)
-                .map(|i| plain[i])
-                .filter(|(_, hi, _)| id <= hi)
-                .map(|(_, _, no)| no)
+            match i.checked_sub(1) {
+                Some(i) => Some(plain[i]).filter(|(_, hi, _)| id <= hi),
+                None => plain.first().copied(),
+            }
+            .map(|(_, _, no)| no)
         });
         if let Some(no) = no {
             *counts.entry(no).or_default() += 1;
@@ -683,8 +692,9 @@ mod tests {
             (2, 4, 150, Some(vec![5, 150])),
         ];
         // 5 and 150 were retried once (range 2); 7 and 101 were not; 100
-        // is range 0's last id; 999 is in no range.
-        let got = failures_by_range(&ranges, &[5, 7, 100, 101, 150, 999]);
-        assert_eq!(got, vec![(0, 2), (1, 1), (2, 2)]);
+        // is range 0's last id; 999 is in no range; -3 failed before the
+        // job was split, counted by its first range.
+        let got = failures_by_range(&ranges, &[-3, 5, 7, 100, 101, 150, 999]);
+        assert_eq!(got, vec![(0, 3), (1, 1), (2, 2)]);
     }
 }

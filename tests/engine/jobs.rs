@@ -705,6 +705,26 @@ async fn resume_retry_failed_walks_exactly_the_failed_items_again() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("has no failed items to retry"), "{err}");
     assert_eq!(fx.job(other).await.status, "cancelled");
+
+    // A job with a limit stopped short of it: its failures count toward
+    // the limit, so they are not taken off while its range is unfinished.
+    let limited = fx.enqueue(json!({"limit": 10, "batch_size": 2})).await;
+    let j = fx.wait_job(limited, 30, terminal).await;
+    assert_eq!(j.status, "done");
+    c.batch_execute(&format!(
+        "UPDATE pq_migration_jobs SET status = 'cancelled' WHERE id = {limited}; \
+         UPDATE pq_migration_ranges SET status = 'pending', failed_count = 1 WHERE job_id = {limited}; \
+         INSERT INTO pq_migration_item_errors (job_id, item_id, error_code, message) \
+           VALUES ({limited}, '3', 'data', 'as if it failed')"
+    ))
+    .await
+    .expect("as if cancelled with a failure");
+    let out = run(&["resume", &limited.to_string(), "--retry-failed"], &env);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("has a selection limit"), "{err}");
+    assert_eq!(errors_of(&c, limited).await, ["3"], "nothing changed");
+    assert_eq!(fx.job(limited).await.status, "cancelled");
     daemon.stop().await;
 }
 

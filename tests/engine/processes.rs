@@ -477,6 +477,12 @@ async fn leases_hold_while_batches_hold_every_pooled_connection() {
         fx.log("d")
     );
     fx.assert_all_migrated_once().await;
-    assert_eq!(fx.events(id, "reclaimed").await, 0, "no lease was lost");
+    assert_eq!(
+        fx.events(id, "reclaimed").await,
+        0,
+        "no lease was lost:\n{}\n{}",
+        fx.event_log(id).await,
+        fx.log("d")
+    );
     terminate(&mut daemon);
 }

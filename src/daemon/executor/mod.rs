@@ -57,7 +57,11 @@ impl LeaseGuard {
         let signals = Signals::default();
         {
             let mut running = shared.running.lock().expect("registry");
-            running.insert(held.key(), (held, signals.clone()));
+            // This process claimed the work again after its lease expired:
+            // the earlier claim's holder, if still at it, has lost it.
+            if let Some((_, earlier)) = running.insert(held.key(), (held, signals.clone())) {
+                earlier.lost.cancel();
+            }
             slot_gauges(shared, running.len());
         }
         shared
