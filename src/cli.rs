@@ -76,6 +76,9 @@ pub enum Command {
     /// Manage keys of the local key provider.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// The tamper-evident audit trail: `audit verify [JOB]` checks the events' hash chains.
+    #[command(subcommand)]
+    Audit(AuditCommand),
     /// Create a scratch database with sample data, migrate it end to end and show the result.
     Demo(DemoArgs),
     /// Measure items/s of a scope on a seeded scratch database.
@@ -252,6 +255,18 @@ pub struct InventoryArgs {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Recompute the job events' hash chains and name the first broken link (exit 1).
+    Verify(AuditVerifyArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AuditVerifyArgs {
+    /// Job id (default: every job)
+    pub job: Option<i64>,
+}
+
+#[derive(Debug, Subcommand)]
 pub enum KeysCommand {
     /// Create keys in the keyring file (mode 0600).
     Generate(KeysGenerateArgs),
@@ -376,6 +391,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Rollback(a) => cmd::aftercare::rollback(&config, a.job).await,
         Command::PurgeBackups(a) => cmd::aftercare::purge_backups(&config, a.job).await,
         Command::Inventory(a) => cmd::inventory::run(&config, a.json, a.exact).await,
+        Command::Audit(AuditCommand::Verify(a)) => cmd::audit::verify(&config, a.job).await,
         Command::Keys(KeysCommand::Generate(a)) => {
             let key = cmd::keys::NewKey {
                 algorithm: a.algorithm,

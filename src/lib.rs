@@ -36,3 +36,8 @@ pub mod sample;
 pub mod scope;
 pub mod selection;
 pub mod telemetry;
+
+/// Lower-case hex, as logs, fingerprints and the audit chain print bytes.
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}

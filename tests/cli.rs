@@ -10,6 +10,7 @@ const SUBCOMMANDS: &[&str] = &[
     "status",
     "cancel",
     "resume",
+    "audit",
     "set",
     "pause",
     "unpause",

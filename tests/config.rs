@@ -348,7 +348,7 @@ fn database_defaults() {
     assert_eq!(d.statement_timeout, Some(Duration::from_secs(60)));
     assert_eq!(d.lock_timeout, Some(Duration::from_secs(10)));
     assert_eq!(d.idle_in_transaction_timeout, Some(Duration::from_secs(60)));
-    assert_eq!(d.pool_size.get(), 8, "concurrency 4 + 4");
+    assert_eq!(d.pool_size.get(), 11, "2 × concurrency 4 + 3");
 }
 
 #[test]

@@ -4,6 +4,7 @@
 mod support;
 
 mod aftercare;
+mod audit;
 mod backups;
 mod cli;
 mod config;

@@ -13,6 +13,7 @@
 //! `options` come after them and win.
 
 pub mod algorithms;
+pub mod audit;
 pub mod backups;
 
 pub mod filter;

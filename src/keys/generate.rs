@@ -33,15 +33,11 @@ impl Generated {
                 self.key_ref,
                 self.algorithm,
                 pk.len(),
-                hex(&Sha256::digest(pk))
+                crate::hex(&Sha256::digest(pk))
             ),
             None => format!("{} ({})", self.key_ref, self.algorithm),
         }
     }
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// Add a key `key_ref` of `algorithm` to the keyring at `path` (created
