@@ -252,6 +252,9 @@ pub struct InventoryArgs {
     /// Count now instead of printing the daemon's latest snapshot
     #[arg(long)]
     pub exact: bool,
+    /// Also list what is deprecated or disallowed by NIST IR 8547 on this date (YYYY-MM-DD)
+    #[arg(long, value_name = "DATE")]
+    pub as_of: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -390,7 +393,9 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Verify(a) => cmd::aftercare::verify(&config, a.job).await,
         Command::Rollback(a) => cmd::aftercare::rollback(&config, a.job).await,
         Command::PurgeBackups(a) => cmd::aftercare::purge_backups(&config, a.job).await,
-        Command::Inventory(a) => cmd::inventory::run(&config, a.json, a.exact).await,
+        Command::Inventory(a) => {
+            cmd::inventory::run(&config, a.json, a.exact, a.as_of.as_deref()).await
+        }
         Command::Audit(AuditCommand::Verify(a)) => cmd::audit::verify(&config, a.job).await,
         Command::Keys(KeysCommand::Generate(a)) => {
             let key = cmd::keys::NewKey {

@@ -19,6 +19,7 @@
 //! - [`crypto`]: the SPEC §5 formats over maintained crates; [`keys`]: key
 //!   providers (the local keyring file) and signing keys.
 //! - [`db`]: connections, the pool, schema migrations; all SQL lives here.
+//! - [`deadlines`]: NIST IR 8547's transition dates per algorithm.
 //! - [`sample`]: legacy sample data for demo, bench and tests.
 
 pub mod cli;
@@ -28,6 +29,7 @@ pub mod console;
 pub mod crypto;
 pub mod daemon;
 pub mod db;
+pub mod deadlines;
 pub mod http;
 pub mod job;
 pub mod keys;

@@ -411,3 +411,71 @@ async fn inventory_prints_the_snapshot_or_counts_exactly() {
         "{text}"
     );
 }
+
+/// NIST IR 8547 deadlines per line; `--as-of` lists what is non-compliant
+/// on that date.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inventory_shows_nist_deadlines_and_what_is_non_compliant_as_of_a_date() {
+    let w = crate::support::wrappers::WrapFx::new(40, pqmig::crypto::kem::Kem::MlKem768, 1).await;
+    let url = w.fx.db.url.as_str();
+    let doc = inventory_json(url, &["--exact", "--as-of", "2036-01-01"]);
+    assert_eq!(doc["as_of"], "2036-01-01", "{doc}");
+    assert!(
+        doc["deadline_source"]
+            .as_str()
+            .is_some_and(|s| s.contains("IR 8547"))
+    );
+    let rows = doc["vulnerable"].as_array().expect("rows");
+    let row = |alg: &str| {
+        rows.iter()
+            .find(|r| r["scope"] == "wrappers" && r["algorithm"] == alg)
+            .unwrap_or_else(|| panic!("no wrappers {alg} row: {doc}"))
+            .clone()
+    };
+    let x = row("X25519");
+    assert_eq!(
+        x["deadline"],
+        serde_json::json!({"transition": "deadline", "deprecated_after": null, "disallowed_after": 2035})
+    );
+    assert_eq!(x["standing_as_of"], "disallowed");
+    let aes = row("AES-256-GCM");
+    assert_eq!(aes["deadline"]["transition"], "none");
+    assert_eq!(aes["standing_as_of"], "acceptable");
+    // Ordered by deadline: the X25519 row comes before the AES row.
+    let pos = |alg: &str| {
+        rows.iter()
+            .position(|r| r["algorithm"] == alg)
+            .expect("row")
+    };
+    assert!(pos("X25519") < pos("AES-256-GCM"), "{doc}");
+    let x_items = x["items"].as_i64().expect("items");
+    assert!(x_items > 0);
+
+    let env = [("DATABASE_URL", url)];
+    let text = stdout(&run(
+        &["inventory", "--exact", "--as-of", "2036-01-01"],
+        &env,
+    ));
+    assert!(text.contains("disallowed after 2035"), "{text}");
+    assert!(text.contains("as of 2036-01-01, non-compliant"), "{text}");
+    let line = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("disallowed") && l.contains("X25519"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(line.ends_with(&x_items.to_string()), "{line}");
+    let text = stdout(&run(
+        &["inventory", "--exact", "--as-of", "2035-12-31"],
+        &env,
+    ));
+    assert!(
+        text.contains("as of 2035-12-31: nothing counted is deprecated or disallowed"),
+        "{text}"
+    );
+    let out = run(&["inventory", "--as-of", "2036-13-01"], &env);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("--as-of: \"2036-13-01\" is not a date (YYYY-MM-DD)"),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -7,8 +7,18 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use crate::db::inventory::{self, Inventory};
+use crate::deadlines;
 
-pub async fn run(config: &crate::config::Config, json: bool, exact: bool) -> anyhow::Result<()> {
+pub async fn run(
+    config: &crate::config::Config,
+    json: bool,
+    exact: bool,
+    as_of: Option<&str>,
+) -> anyhow::Result<()> {
+    let as_of = as_of
+        .map(deadlines::parse_date)
+        .transpose()
+        .map_err(super::UsageError)?;
     let client = &super::connect(config).await?;
     let snapshot = if exact {
         None
@@ -31,14 +41,46 @@ pub async fn run(config: &crate::config::Config, json: bool, exact: bool) -> any
             (counted.inventory, now, 0.0, true)
         }
     };
+    let mut inv = inv;
+    for lines in [&mut inv.vulnerable, &mut inv.protected] {
+        lines.sort_by_key(|l| {
+            (
+                deadlines::transition(&l.algorithm).order(),
+                l.scope.clone(),
+                l.algorithm.clone(),
+            )
+        });
+    }
     if json {
-        let doc = serde_json::json!({
+        let rows = |lines: &[inventory::Exposed]| -> Vec<serde_json::Value> {
+            lines
+                .iter()
+                .map(|l| {
+                    let t = deadlines::transition(&l.algorithm);
+                    let mut row = serde_json::json!({
+                        "scope": l.scope,
+                        "algorithm": l.algorithm,
+                        "items": l.items,
+                        "deadline": t,
+                    });
+                    if let Some(d) = as_of {
+                        row["standing_as_of"] = serde_json::json!(t.standing(d));
+                    }
+                    row
+                })
+                .collect()
+        };
+        let mut doc = serde_json::json!({
             "exact": counted_now,
             "sampled_at": sampled_at,
             "age_seconds": age.round(),
-            "vulnerable": inv.vulnerable,
-            "protected": inv.protected,
+            "deadline_source": deadlines::SOURCE,
+            "vulnerable": rows(&inv.vulnerable),
+            "protected": rows(&inv.protected),
         });
+        if let Some(d) = as_of {
+            doc["as_of"] = serde_json::json!(d.to_string());
+        }
         println!("{}", serde_json::to_string_pretty(&doc)?);
         return Ok(());
     }
@@ -55,7 +97,46 @@ pub async fn run(config: &crate::config::Config, json: bool, exact: bool) -> any
         );
     }
     print_lines(&inv);
+    if let Some(d) = as_of {
+        print_as_of(&inv, d);
+    }
     Ok(())
+}
+
+/// What is deprecated or disallowed on `date`, worst first.
+fn print_as_of(inv: &Inventory, date: time::Date) {
+    let mut late: Vec<(deadlines::Standing, &inventory::Exposed)> = inv
+        .vulnerable
+        .iter()
+        .chain(&inv.protected)
+        .filter(|l| l.items > 0)
+        .map(|l| (deadlines::transition(&l.algorithm).standing(date), l))
+        .filter(|(s, _)| {
+            matches!(
+                s,
+                deadlines::Standing::Deprecated | deadlines::Standing::Disallowed
+            )
+        })
+        .collect();
+    late.sort_by_key(|(s, l)| (*s != deadlines::Standing::Disallowed, l.scope.clone()));
+    if late.is_empty() {
+        println!(
+            "as of {date}: nothing counted is deprecated or disallowed ({})",
+            deadlines::SOURCE
+        );
+        return;
+    }
+    println!("as of {date}, non-compliant ({}):", deadlines::SOURCE);
+    for (standing, l) in late {
+        let word = match standing {
+            deadlines::Standing::Disallowed => "disallowed",
+            _ => "deprecated",
+        };
+        println!(
+            "    {word:<10} {:<10} {:<18} {:>10}",
+            l.scope, l.algorithm, l.items
+        );
+    }
 }
 
 fn print_lines(inv: &Inventory) {
@@ -75,7 +156,11 @@ fn print_lines(inv: &Inventory) {
             ("protected", &inv.protected),
         ] {
             for l in lines.iter().filter(|l| l.scope == *scope) {
-                println!("    {kind:<10} {:<18} {:>10}", l.algorithm, l.items);
+                let deadline = deadlines::transition(&l.algorithm).describe();
+                println!(
+                    "    {kind:<10} {:<18} {:>10}   {deadline}",
+                    l.algorithm, l.items
+                );
             }
         }
     }
