@@ -93,16 +93,7 @@ fn progress(j: &JobView) -> String {
     }
 }
 
-/// `90s` → `1m30s`: short and readable.
-pub fn short_duration(secs: f64) -> String {
-    let s = secs.max(0.0).round() as u64;
-    match s {
-        0..=59 => format!("{s}s"),
-        60..=3599 => format!("{}m{:02}s", s / 60, s % 60),
-        3600..=86_399 => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
-        _ => format!("{}d{:02}h", s / 86_400, (s % 86_400) / 3600),
-    }
-}
+pub use crate::short_duration;
 
 /// Operator pauses in force, one line each, above the job table.
 fn print_pauses(paused: &[crate::db::pauses::Pause]) {

@@ -44,16 +44,7 @@ pub fn clip(s: &str, max: usize) -> String {
     }
 }
 
-/// `90` → `1m30s`, as `pqmig status` prints durations.
-pub fn duration(secs: f64) -> String {
-    let s = secs.max(0.0).round() as u64;
-    match s {
-        0..=59 => format!("{s}s"),
-        60..=3599 => format!("{}m{:02}s", s / 60, s % 60),
-        3600..=86_399 => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
-        _ => format!("{}d{:02}h", s / 86_400, (s % 86_400) / 3600),
-    }
-}
+pub use crate::short_duration as duration;
 
 /// `1234567` → `1 234 567` (thin spaces keep columns readable).
 pub fn count(n: i64) -> String {
