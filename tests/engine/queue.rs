@@ -20,6 +20,23 @@ async fn renew(c: &tokio_postgres::Client, lease: pqmig::db::jobs::Lease) -> Ren
     leases::leases_renew(c, &[held]).await.expect("renew")[0]
 }
 
+/// A transaction holding the row lock of range `no` of `job`, as a batch
+/// committing its progress does.
+async fn lock_range(
+    c: &mut tokio_postgres::Client,
+    job: i64,
+    no: i32,
+) -> tokio_postgres::Transaction<'_> {
+    let tx = c.transaction().await.expect("begin");
+    tx.execute(
+        "SELECT 1 FROM pq_migration_ranges WHERE job_id = $1 AND range_no = $2 FOR UPDATE",
+        &[&job, &no],
+    )
+    .await
+    .expect("lock the range");
+    tx
+}
+
 #[tokio::test]
 async fn one_statement_renews_every_lease_and_never_waits_on_a_locked_row() {
     let fx = Fixture::new(0).await;
@@ -53,13 +70,7 @@ async fn one_statement_renews_every_lease_and_never_waits_on_a_locked_row() {
     // Range 1's row is locked by a transaction (a batch committing): the
     // renewal must not wait for it (a wait would hit this lock_timeout).
     let mut other = fx.db.client().await;
-    let tx = other.transaction().await.expect("begin");
-    tx.execute(
-        "SELECT 1 FROM pq_migration_ranges WHERE job_id = $1 AND range_no = 1 FOR UPDATE",
-        &[&id],
-    )
-    .await
-    .expect("lock range 1");
+    let tx = lock_range(&mut other, id, 1).await;
     c.batch_execute("SET lock_timeout = '2s'")
         .await
         .expect("lock_timeout");
@@ -98,13 +109,7 @@ async fn one_statement_renews_every_lease_and_never_waits_on_a_locked_row() {
     )
     .await
     .expect("pause");
-    let tx = other.transaction().await.expect("begin");
-    tx.execute(
-        "SELECT 1 FROM pq_migration_ranges WHERE job_id = $1 AND range_no = 1 FOR UPDATE",
-        &[&id],
-    )
-    .await
-    .expect("lock range 1");
+    let tx = lock_range(&mut other, id, 1).await;
     let got = leases::leases_renew(&c, &held[..2]).await.expect("renew");
     assert_eq!(got, [Renewal::Paused, Renewal::Paused]);
     tx.rollback().await.expect("rollback");
