@@ -79,6 +79,8 @@ pub enum Command {
     /// The tamper-evident audit trail: `audit verify [JOB]` checks the events' hash chains.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Signed job attestations: `attest JOB` writes one; `attest verify FILE` and `attest prove FILE ITEM` check them.
+    Attest(AttestArgs),
     /// Create a scratch database with sample data, migrate it end to end and show the result.
     Demo(DemoArgs),
     /// Measure items/s of a scope on a seeded scratch database.
@@ -246,15 +248,50 @@ pub struct JsonArg {
 
 #[derive(Debug, Args)]
 pub struct InventoryArgs {
-    /// Machine-readable output
-    #[arg(long)]
+    /// Machine-readable output (the same as --format json)
+    #[arg(long, conflicts_with = "format")]
     pub json: bool,
+    /// text, json, or cyclonedx (a CycloneDX 1.6 CBOM)
+    #[arg(long, value_name = "FORMAT")]
+    pub format: Option<String>,
+    /// The CBOM's serialNumber (urn:uuid:...); derived from its content by default
+    #[arg(long, value_name = "URN")]
+    pub serial: Option<String>,
     /// Count now instead of printing the daemon's latest snapshot
     #[arg(long)]
     pub exact: bool,
     /// Also list what is deprecated or disallowed by NIST IR 8547 on this date (YYYY-MM-DD)
     #[arg(long, value_name = "DATE")]
     pub as_of: Option<String>,
+}
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct AttestArgs {
+    /// Job id (a done job)
+    #[arg(required = true)]
+    pub job: Option<i64>,
+    /// Where the envelope goes (default pqmig-job-JOB.dsse.json); its leaves go to FILE.leaves
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Option<AttestCommand>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AttestCommand {
+    /// Check an attestation's signatures and the database against it (exit 1 naming each difference).
+    Verify {
+        /// The envelope (FILE.leaves beside it is used when present)
+        file: PathBuf,
+    },
+    /// Print the Merkle inclusion proof of an item (exit 1, with its neighbours' proofs, when it is not in).
+    Prove {
+        /// The envelope
+        file: PathBuf,
+        /// Item id
+        item: i64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -394,8 +431,29 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Rollback(a) => cmd::aftercare::rollback(&config, a.job).await,
         Command::PurgeBackups(a) => cmd::aftercare::purge_backups(&config, a.job).await,
         Command::Inventory(a) => {
-            cmd::inventory::run(&config, a.json, a.exact, a.as_of.as_deref()).await
+            let format = match (a.json, a.format.as_deref()) {
+                (true, _) => cmd::inventory::Format::Json,
+                (false, None) => cmd::inventory::Format::Text,
+                (false, Some(f)) => f.parse().map_err(cmd::usage)?,
+            };
+            let opts = cmd::inventory::Options {
+                format,
+                exact: a.exact,
+                as_of: a.as_of,
+                serial: a.serial,
+            };
+            cmd::inventory::run(&config, &opts).await
         }
+        Command::Attest(a) => match a.command {
+            Some(AttestCommand::Verify { file }) => cmd::attest::verify(&config, &file).await,
+            Some(AttestCommand::Prove { file, item }) => {
+                cmd::attest::prove(&config, &file, item).await
+            }
+            None => {
+                let job = a.job.ok_or_else(|| cmd::usage("attest: give a job id"))?;
+                cmd::attest::attest(&config, job, a.out).await
+            }
+        },
         Command::Audit(AuditCommand::Verify(a)) => cmd::audit::verify(&config, a.job).await,
         Command::Keys(KeysCommand::Generate(a)) => {
             let key = cmd::keys::NewKey {

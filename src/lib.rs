@@ -30,6 +30,7 @@ pub mod crypto;
 pub mod daemon;
 pub mod db;
 pub mod deadlines;
+pub mod evidence;
 pub mod http;
 pub mod job;
 pub mod keys;

@@ -11,6 +11,7 @@ const SUBCOMMANDS: &[&str] = &[
     "cancel",
     "resume",
     "audit",
+    "attest",
     "set",
     "pause",
     "unpause",

@@ -14,6 +14,7 @@ mod demo;
 mod deploy;
 mod engine;
 mod enqueue;
+mod evidence;
 mod image;
 mod inventory;
 mod keyring;

@@ -126,6 +126,12 @@ pub async fn verify(config: &Config, job_id: i64) -> anyhow::Result<()> {
         "job {job_id}: {} items verified, all open to the same key material",
         report.checked
     );
+    if let (Some(dir), "done") = (config.attest_dir.as_deref(), j.status.as_str()) {
+        match super::attest::attest_into(&client, config.keyring.as_deref(), dir, job_id).await {
+            Ok(path) => println!("job {job_id}: attestation written to {}", path.display()),
+            Err(e) => eprintln!("pqmig: job {job_id}: attestation not written: {e}"),
+        }
+    }
     Ok(())
 }
 

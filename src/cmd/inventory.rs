@@ -9,16 +9,53 @@ use time::format_description::well_known::Rfc3339;
 use crate::db::inventory::{self, Inventory};
 use crate::deadlines;
 
-pub async fn run(
-    config: &crate::config::Config,
-    json: bool,
-    exact: bool,
-    as_of: Option<&str>,
-) -> anyhow::Result<()> {
-    let as_of = as_of
+/// How `pqmig inventory` prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Text,
+    Json,
+    /// A CycloneDX 1.6 CBOM ([`crate::evidence::cbom`]).
+    CycloneDx,
+}
+
+impl std::str::FromStr for Format {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Format, String> {
+        match s {
+            "text" => Ok(Format::Text),
+            "json" => Ok(Format::Json),
+            "cyclonedx" => Ok(Format::CycloneDx),
+            _ => Err(format!("--format {s:?}: expected text, json or cyclonedx")),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub format: Format,
+    pub exact: bool,
+    pub as_of: Option<String>,
+    pub serial: Option<String>,
+}
+
+pub async fn run(config: &crate::config::Config, opts: &Options) -> anyhow::Result<()> {
+    let as_of = opts
+        .as_of
+        .as_deref()
         .map(deadlines::parse_date)
         .transpose()
         .map_err(super::UsageError)?;
+    if let Some(s) = &opts.serial {
+        let ok = s
+            .strip_prefix("urn:uuid:")
+            .is_some_and(|u| uuid::Uuid::try_parse(u).is_ok() && u.len() == 36);
+        if opts.format != Format::CycloneDx || !ok {
+            return Err(super::usage(format!(
+                "--serial {s:?}: expected urn:uuid:<uuid> with --format cyclonedx"
+            )));
+        }
+    }
+    let exact = opts.exact;
     let client = &super::connect(config).await?;
     let snapshot = if exact {
         None
@@ -51,6 +88,17 @@ pub async fn run(
             )
         });
     }
+    if opts.format == Format::CycloneDx {
+        let counts = Counts {
+            inventory: &inv,
+            sampled_at: &sampled_at,
+            exact: counted_now,
+        };
+        let doc = cbom(client, &counts, as_of, opts.serial.as_deref()).await?;
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+        return Ok(());
+    }
+    let json = opts.format == Format::Json;
     if json {
         let rows = |lines: &[inventory::Exposed]| -> Vec<serde_json::Value> {
             lines
@@ -101,6 +149,43 @@ pub async fn run(
         print_as_of(&inv, d);
     }
     Ok(())
+}
+
+/// An inventory and when it was counted.
+pub struct Counts<'a> {
+    pub inventory: &'a Inventory,
+    /// RFC 3339.
+    pub sampled_at: &'a str,
+    /// Counted now rather than read from the daemon's snapshot.
+    pub exact: bool,
+}
+
+/// The CycloneDX CBOM of these counts, with the database's keys and the
+/// tables each scope covers.
+pub async fn cbom(
+    client: &tokio_postgres::Client,
+    counts: &Counts<'_>,
+    as_of: Option<time::Date>,
+    serial: Option<&str>,
+) -> anyhow::Result<serde_json::Value> {
+    let database: String = client
+        .query_one("SELECT current_database()::text", &[])
+        .await?
+        .get(0);
+    let keys = crate::db::evidence::key_material(client).await?;
+    let data = crate::db::evidence::protected_data(client).await?;
+    Ok(crate::evidence::cbom::document(
+        &crate::evidence::cbom::Input {
+            database: &database,
+            inventory: counts.inventory,
+            sampled_at: counts.sampled_at,
+            exact: counts.exact,
+            keys: &keys,
+            data: &data,
+            as_of,
+            serial,
+        },
+    ))
 }
 
 /// What is deprecated or disallowed on `date`, worst first.

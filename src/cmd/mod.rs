@@ -12,6 +12,7 @@
 //! - [`demo`], [`bench`]: end to end on a scratch database.
 
 pub mod aftercare;
+pub mod attest;
 pub mod audit;
 pub mod bench;
 pub mod demo;

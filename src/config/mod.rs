@@ -161,6 +161,10 @@ pub struct Config {
     pub metrics_listen: SocketAddr,
     pub console_listen: ConsoleListen,
     pub keyring: Option<PathBuf>,
+    /// `evidence.attest_dir`: where a job's attestation is written when it
+    /// ends `done` and when `pqmig verify` passes (README "Evidence for
+    /// auditors").
+    pub attest_dir: Option<PathBuf>,
     /// `None`: text on a terminal, JSON otherwise (decided by the caller).
     pub log_format: Option<LogFormat>,
     pub log_level: String,
@@ -276,6 +280,7 @@ impl Config {
             metrics_listen,
             console_listen,
             keyring: v.text("keys.keyring").map(PathBuf::from),
+            attest_dir: v.attest_dir()?,
             log_format,
             log_level,
         })
@@ -420,6 +425,24 @@ impl Values<'_> {
             return Err(self.invalid(key, format!("{n} is out of range 0..={max} (0: off)")));
         }
         Ok((n > 0).then_some(n))
+    }
+
+    /// `evidence.attest_dir`: unset, or an existing directory.
+    fn attest_dir(&self) -> Result<Option<PathBuf>, ConfigError> {
+        const KEY: &str = "evidence.attest_dir";
+        let Some(dir) = self.text(KEY).filter(|d| !d.trim().is_empty()) else {
+            return Ok(None);
+        };
+        let path = PathBuf::from(&dir);
+        if !path.is_dir() {
+            return Err(self.invalid(
+                KEY,
+                format!(
+                    "{dir:?} is not an existing directory (create it, writable by pqmig's user)"
+                ),
+            ));
+        }
+        Ok(Some(path))
     }
 
     /// `console.listen`: unset or empty, `off`, or an address other than

@@ -159,6 +159,8 @@ pub struct Shared {
     /// the rescuer reclaims nothing for one lease after it (a holder cut
     /// off as long as we were gets to heartbeat first).
     pub db_trouble: Mutex<Option<Instant>>,
+    /// `evidence.attest_dir`: attest each job this process ends `done`.
+    pub attest_dir: Option<std::path::PathBuf>,
 }
 
 impl Shared {
@@ -182,6 +184,7 @@ impl Shared {
             statement_timeout: config.database.statement_timeout,
             brake: tokio::sync::watch::Sender::new(governor::Brake::default()),
             db_trouble: Mutex::new(None),
+            attest_dir: config.attest_dir.clone(),
         }
     }
 
@@ -402,6 +405,7 @@ fn log_config(c: &Config) {
         metrics.listen = %c.metrics_listen,
         console.listen = %c.console_listen,
         keys.keyring = path(&c.keyring),
+        evidence.attest_dir = path(&c.attest_dir),
         "effective configuration"
     );
 }

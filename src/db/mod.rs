@@ -15,6 +15,7 @@
 pub mod algorithms;
 pub mod audit;
 pub mod backups;
+pub mod evidence;
 
 pub mod filter;
 pub mod hashes;

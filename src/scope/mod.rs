@@ -330,6 +330,14 @@ pub trait Aftercare: Send + Sync {
         at: crate::db::backups::Cursor,
         n: i64,
     ) -> BoxFuture<'a, Result<RollbackPage, JobError>>;
+    /// Every item whose stored value is still the one the job wrote, as
+    /// (item id, [`crate::evidence::value_hash`] of that value), in id
+    /// order: the leaves of a job attestation.
+    fn leaves<'a>(
+        &'a self,
+        c: &'a Client,
+        job_id: i64,
+    ) -> BoxFuture<'a, Result<Vec<crate::evidence::Leaf>, JobError>>;
 }
 
 /// What a verify found.

@@ -128,6 +128,29 @@ pub async fn run(shared: Arc<Shared>, work: Work, _permit: OwnedSemaphorePermit)
             .jobs_finished
             .with_label_values(&[label, status])
             .inc();
+        if status == "done" && shared.attest_dir.is_some() {
+            // Off the worker slot: a large job's leaves take a while.
+            tokio::spawn(attest(Arc::clone(&shared), held.job_id()));
+        }
+    }
+}
+
+/// The completion hook: write the attestation of a job this process ended
+/// `done` to `evidence.attest_dir`. A failure is logged, never the job's.
+async fn attest(shared: Arc<Shared>, job_id: i64) {
+    let Some(dir) = shared.attest_dir.as_deref() else {
+        return;
+    };
+    let written = match shared.pool.get().await {
+        Ok(client) => {
+            crate::cmd::attest::attest_into(&client, shared.scope.keyring.as_deref(), dir, job_id)
+                .await
+        }
+        Err(e) => Err(e.to_string()),
+    };
+    match written {
+        Ok(path) => tracing::info!(job_id, path = %path.display(), "attestation written"),
+        Err(e) => tracing::warn!(job_id, "attestation not written: {e}"),
     }
 }
 

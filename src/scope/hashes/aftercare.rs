@@ -136,4 +136,43 @@ impl crate::scope::Aftercare for HashesAftercare {
     ) -> BoxFuture<'a, Result<RollbackPage, JobError>> {
         Box::pin(self.rollback(tx, job_id, at, n))
     }
+
+    /// The backed-up rows that still carry the version the job gave them:
+    /// value = the hash, then the version text.
+    fn leaves<'a>(
+        &'a self,
+        c: &'a Client,
+        job_id: i64,
+    ) -> BoxFuture<'a, Result<Vec<crate::evidence::Leaf>, JobError>> {
+        Box::pin(async move {
+            if !self.backup {
+                return Err(fatal(
+                    "it ran with backup off: no record names the rows it rewrote",
+                ));
+            }
+            let (mut out, mut at) = (Vec::new(), Some(Cursor::START));
+            while let Some(here) = at {
+                let (backups, next) = self.stmts.hashes_backups(c, job_id, here, 1000).await?;
+                at = next;
+                let ids: Vec<i64> = backups.iter().map(|b| b.item_id).collect();
+                let now = self.stmts.hashes_current(c, &ids).await?;
+                for b in &backups {
+                    let ours = format!("{}/{}", self.profile, b.old_version);
+                    let Some(row) = now.iter().find(|r| r.id == b.item_id) else {
+                        continue;
+                    };
+                    if row.version.as_deref() == Some(ours.as_str()) {
+                        let hash = row.hash.as_deref().unwrap_or_default();
+                        out.push((
+                            row.id,
+                            crate::evidence::value_hash(&[hash, ours.as_bytes()]),
+                        ));
+                    }
+                }
+            }
+            out.sort_unstable_by_key(|l| l.0);
+            out.dedup_by_key(|l| l.0);
+            Ok(out)
+        })
+    }
 }

@@ -80,4 +80,27 @@ impl crate::scope::Aftercare for Aftercare {
             })
         })
     }
+
+    /// The countersignature rows the job recorded and that still exist:
+    /// value = the `signature` column.
+    fn leaves<'a>(
+        &'a self,
+        c: &'a Client,
+        job_id: i64,
+    ) -> BoxFuture<'a, Result<Vec<crate::evidence::Leaf>, JobError>> {
+        Box::pin(async move {
+            let (mut out, mut at) = (Vec::new(), Some(Cursor::START));
+            while let Some(here) = at {
+                let (rows, next, _) = dbs::countersignatures_of_job(c, job_id, here, 1000).await?;
+                at = next;
+                out.extend(
+                    rows.iter()
+                        .map(|r| (r.id, crate::evidence::value_hash(&[&r.signature]))),
+                );
+            }
+            out.sort_unstable_by_key(|l| l.0);
+            out.dedup_by_key(|l| l.0);
+            Ok(out)
+        })
+    }
 }

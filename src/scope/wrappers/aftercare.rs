@@ -147,4 +147,43 @@ impl crate::scope::Aftercare for WrappersAftercare {
             })
         })
     }
+
+    /// The wrappers still as the job wrote them (`crypto_suite.job_id`):
+    /// value = dek_wrap1, the canonical crypto_suite JSON, then each
+    /// layer's KEM ciphertext in layer order.
+    fn leaves<'a>(
+        &'a self,
+        c: &'a Client,
+        job_id: i64,
+    ) -> BoxFuture<'a, Result<Vec<crate::evidence::Leaf>, JobError>> {
+        Box::pin(async move {
+            let (mut out, mut after) = (Vec::new(), i64::MIN);
+            loop {
+                let rows = dbw::wrappers_of_job(c, job_id, after, 1000).await?;
+                let Some(last) = rows.last().map(|r| r.id) else {
+                    return Ok(out);
+                };
+                after = last;
+                for row in &rows {
+                    out.push((row.id, wrapper_value(row)));
+                }
+            }
+        })
+    }
+}
+
+fn wrapper_value(row: &WrapperRow) -> crate::evidence::merkle::Hash {
+    let suite = row.suite.as_ref().map(wrap::canonical_json);
+    let mut fields: Vec<&[u8]> = vec![
+        row.wrap1.as_deref().unwrap_or_default(),
+        suite.as_deref().unwrap_or_default(),
+    ];
+    let mut layers: Vec<_> = row.layers.iter().collect();
+    layers.sort_by_key(|l| l.layer_no);
+    fields.extend(
+        layers
+            .iter()
+            .map(|l| l.ciphertext.as_deref().unwrap_or_default()),
+    );
+    crate::evidence::value_hash(&fields)
 }
