@@ -64,6 +64,7 @@ async fn demo_runs_end_to_end_and_its_summary_matches_the_database() {
         .iter()
         .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect();
+    let evidence = evidence_checked(&c, &text, &url_for(&admin, &name)).await;
     drop(c);
     let _ = connect(&admin)
         .await
@@ -104,9 +105,95 @@ async fn demo_runs_end_to_end_and_its_summary_matches_the_database() {
         "{text}"
     );
     let after = text.split("exposure inventory after").nth(1).unwrap();
+    let after = after.split("evidence for auditors").next().unwrap();
     assert!(
         after.contains(&format!("wrappers   backup         {n:>8} items")),
         "{text}"
     );
     assert!(!after.contains("signatures"), "{text}");
+    let _ = std::fs::remove_dir_all(evidence);
+}
+
+/// The evidence the demo printed: a valid CBOM, an attestation per job
+/// that `pqmig attest verify` accepts, and the wrappers job's Merkle root
+/// rebuilt by Python from the rows (dek_wrap1, canonical crypto_suite
+/// JSON, the layers' ciphertexts).
+async fn evidence_checked(c: &tokio_postgres::Client, text: &str, url: &str) -> std::path::PathBuf {
+    use crate::support::{b64, python};
+    let dir = text
+        .lines()
+        .find_map(|l| l.strip_prefix("evidence for auditors in "))
+        .and_then(|l| l.strip_suffix(':'))
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| panic!("the demo names its evidence directory:\n{text}"));
+    let cbom = std::fs::read_to_string(dir.join("cbom.cdx.json")).expect("the CBOM");
+    assert_eq!(
+        python::run("evidence_check.py", &["cbom"], &cbom).trim(),
+        "valid"
+    );
+    let ids: Vec<i64> = c
+        .query("SELECT id FROM pq_migration_jobs ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for id in &ids {
+        let file = dir.join(format!("pqmig-job-{id}.dsse.json"));
+        let out = run(
+            &["attest", "verify", &file.display().to_string()],
+            &[("DATABASE_URL", url)],
+        );
+        assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    }
+    let wrappers_job: i64 = c
+        .query_one(
+            "SELECT id FROM pq_migration_jobs WHERE scope = 'wrappers'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let rows = c
+        .query(
+            "SELECT w.id, w.dek_wrap1, w.crypto_suite::text, \
+                    (SELECT array_agg(l.kem_ciphertext ORDER BY l.layer_no) FROM key_wrapper_layers l WHERE l.key_wrapper_id = w.id) \
+             FROM key_wrappers w ORDER BY w.id",
+            &[],
+        )
+        .await
+        .unwrap();
+    let leaves: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|r| {
+            let mut fields = vec![b64(&r.get::<_, Vec<u8>>(1))];
+            let suite: serde_json::Value = serde_json::from_str(&r.get::<_, String>(2)).unwrap();
+            fields.push(format!("json:{suite}"));
+            fields.extend(r.get::<_, Vec<Vec<u8>>>(3).iter().map(|ct| b64(ct)));
+            serde_json::json!({"id": r.get::<_, i64>(0), "fields": fields})
+        })
+        .collect();
+    let pk: Vec<u8> = c
+        .query_one(
+            "SELECT public_key FROM signing_keys WHERE scope = 'attestation'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let keyid = {
+        use sha2::Digest;
+        format!("sha256:{}", crate::support::hex(&sha2::Sha256::digest(&pk)))
+    };
+    let envelope: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(dir.join(format!("pqmig-job-{wrappers_job}.dsse.json"))).unwrap(),
+    )
+    .unwrap();
+    let check = serde_json::json!({
+        "envelope": envelope,
+        "keys": {keyid: {"alg": "ML-DSA-65", "pk": b64(&pk)}},
+        "leaves": leaves,
+    });
+    python::run("evidence_check.py", &["dsse"], &check.to_string());
+    dir
 }

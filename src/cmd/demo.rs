@@ -148,6 +148,26 @@ async fn run_in(config: &Config, scratch: &Scratch) -> anyhow::Result<()> {
         t.elapsed().as_secs_f64()
     );
     keys.write(&keyring)?;
+    // An attestation key (ML-DSA-65, sealed under the signing key's KEK):
+    // the daemon attests each job that ends done into `evidence`.
+    let kek: i64 = client
+        .query_one(
+            "SELECT kms_key_id FROM signing_keys WHERE name = 'pq-sign-demo'",
+            &[],
+        )
+        .await?
+        .get(0);
+    crate::keys::signing::create_signing_key(
+        &client,
+        &crate::keys::LocalKeyring::load(&keyring)?,
+        "ML-DSA-65",
+        "demo-attestation",
+        &kek.to_string(),
+        Some("attestation"),
+    )
+    .await?;
+    let evidence = evidence_dir()?;
+    cfg.attest_dir = Some(evidence.clone());
     cfg.keyring = Some(keyring);
 
     println!("\nexposure inventory before:");
@@ -238,6 +258,64 @@ async fn run_in(config: &Config, scratch: &Scratch) -> anyhow::Result<()> {
     if jobs.iter().any(|j| j.2 != "done") {
         anyhow::bail!("not every demo job ended done");
     }
+    write_evidence(&client, &evidence, &jobs).await
+}
+
+/// A new directory for the demo's evidence, kept after it:
+/// `$TMPDIR/pqmig-demo-evidence-<pid>`.
+fn evidence_dir() -> std::io::Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!("pqmig-demo-evidence-{}", std::process::id()));
+    std::fs::DirBuilder::new().mode(0o755).create(&dir)?;
+    Ok(dir)
+}
+
+/// The CBOM of the database after the jobs, and the attestations the
+/// daemon wrote for them (waited for: it writes them off the job's slot).
+async fn write_evidence(
+    client: &tokio_postgres::Client,
+    dir: &std::path::Path,
+    jobs: &[dbd::JobSummary],
+) -> anyhow::Result<()> {
+    let counted = inventory::inventory_count(client, inventory::SLICE_IDS).await?;
+    let now = db::evidence::now(client).await?;
+    let counts = super::inventory::Counts {
+        inventory: &counted.inventory,
+        sampled_at: &now,
+        exact: true,
+    };
+    let cbom = super::inventory::cbom(client, &counts, None, None).await?;
+    let cbom_path = dir.join("cbom.cdx.json");
+    std::fs::write(&cbom_path, serde_json::to_string_pretty(&cbom)? + "\n")?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let files: Vec<_> = jobs
+        .iter()
+        .map(|j| dir.join(format!("pqmig-job-{}.dsse.json", j.0)))
+        .collect();
+    while !files.iter().all(|f| f.exists()) {
+        if Instant::now() > deadline {
+            anyhow::bail!(
+                "the daemon did not write every job's attestation to {} within a minute (see its log)",
+                dir.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!("\nevidence for auditors in {}:", dir.display());
+    println!(
+        "  {}  CycloneDX 1.6 CBOM of the database after the jobs",
+        cbom_path.display()
+    );
+    for (j, f) in jobs.iter().zip(&files) {
+        println!(
+            "  {}  job {} ({}): signed attestation (ML-DSA-65), leaves beside it",
+            f.display(),
+            j.0,
+            j.1
+        );
+    }
+    println!(
+        "  check one with `pqmig attest verify FILE` against the demo database (run the demo with --keep)"
+    );
     Ok(())
 }
 
