@@ -284,6 +284,9 @@ pub enum AttestCommand {
     Verify {
         /// The envelope (FILE.leaves beside it is used when present)
         file: PathBuf,
+        /// Accept only signatures by this key id (sha256:HEX of the public key, pinned outside the database); repeatable
+        #[arg(long = "trusted-key", value_name = "KEYID")]
+        trusted: Vec<String>,
     },
     /// Print the Merkle inclusion proof of an item (exit 1, with its neighbours' proofs, when it is not in).
     Prove {
@@ -291,6 +294,9 @@ pub enum AttestCommand {
         file: PathBuf,
         /// Item id
         item: i64,
+        /// Accept only signatures by this key id (sha256:HEX); repeatable
+        #[arg(long = "trusted-key", value_name = "KEYID")]
+        trusted: Vec<String>,
     },
 }
 
@@ -445,10 +451,14 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
             cmd::inventory::run(&config, &opts).await
         }
         Command::Attest(a) => match a.command {
-            Some(AttestCommand::Verify { file }) => cmd::attest::verify(&config, &file).await,
-            Some(AttestCommand::Prove { file, item }) => {
-                cmd::attest::prove(&config, &file, item).await
+            Some(AttestCommand::Verify { file, trusted }) => {
+                cmd::attest::verify(&config, &file, &trusted).await
             }
+            Some(AttestCommand::Prove {
+                file,
+                item,
+                trusted,
+            }) => cmd::attest::prove(&config, &file, item, &trusted).await,
             None => {
                 let job = a.job.ok_or_else(|| cmd::usage("attest: give a job id"))?;
                 cmd::attest::attest(&config, job, a.out).await

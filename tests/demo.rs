@@ -138,8 +138,19 @@ async fn evidence_checked(c: &tokio_postgres::Client, text: &str, url: &str) -> 
         .iter()
         .map(|r| r.get(0))
         .collect();
+    let attestation = |id: i64| {
+        std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| {
+                let name = p.file_name().unwrap().to_string_lossy().into_owned();
+                name.starts_with(&format!("pqmig-job-{id}-")) && name.ends_with(".dsse.json")
+            })
+            .unwrap_or_else(|| panic!("no attestation of job {id} in {}", dir.display()))
+    };
     for id in &ids {
-        let file = dir.join(format!("pqmig-job-{id}.dsse.json"));
+        let file = attestation(*id);
         let out = run(
             &["attest", "verify", &file.display().to_string()],
             &[("DATABASE_URL", url)],
@@ -156,20 +167,34 @@ async fn evidence_checked(c: &tokio_postgres::Client, text: &str, url: &str) -> 
         .get(0);
     let rows = c
         .query(
-            "SELECT w.id, w.dek_wrap1, w.crypto_suite::text, \
+            "SELECT w.id, w.dek_wrap1, w.dek_wrap2, w.kms1_key_id, w.kms2_key_id, w.wrap_version, \
+                    w.crypto_suite::text, \
+                    (SELECT array_agg(l.kms_key_id::text ORDER BY l.layer_no) FROM key_wrapper_layers l WHERE l.key_wrapper_id = w.id), \
                     (SELECT array_agg(l.kem_ciphertext ORDER BY l.layer_no) FROM key_wrapper_layers l WHERE l.key_wrapper_id = w.id) \
              FROM key_wrappers w ORDER BY w.id",
             &[],
         )
         .await
         .unwrap();
+    let num = |n: Option<i64>| format!("text:{}", n.map(|n| n.to_string()).unwrap_or_default());
     let leaves: Vec<serde_json::Value> = rows
         .iter()
         .map(|r| {
-            let mut fields = vec![b64(&r.get::<_, Vec<u8>>(1))];
-            let suite: serde_json::Value = serde_json::from_str(&r.get::<_, String>(2)).unwrap();
-            fields.push(format!("json:{suite}"));
-            fields.extend(r.get::<_, Vec<Vec<u8>>>(3).iter().map(|ct| b64(ct)));
+            let suite: serde_json::Value = serde_json::from_str(&r.get::<_, String>(6)).unwrap();
+            let mut fields = vec![
+                b64(&r.get::<_, Vec<u8>>(1)),
+                b64(&r.get::<_, Option<Vec<u8>>>(2).unwrap_or_default()),
+                num(r.get(3)),
+                num(r.get(4)),
+                format!("text:{}", r.get::<_, i32>(5)),
+                format!("json:{suite}"),
+            ];
+            let keys: Vec<String> = r.get(7);
+            let cts: Vec<Vec<u8>> = r.get(8);
+            for (k, ct) in keys.iter().zip(&cts) {
+                fields.push(format!("text:{k}"));
+                fields.push(b64(ct));
+            }
             serde_json::json!({"id": r.get::<_, i64>(0), "fields": fields})
         })
         .collect();
@@ -185,10 +210,8 @@ async fn evidence_checked(c: &tokio_postgres::Client, text: &str, url: &str) -> 
         use sha2::Digest;
         format!("sha256:{}", crate::support::hex(&sha2::Sha256::digest(&pk)))
     };
-    let envelope: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(dir.join(format!("pqmig-job-{wrappers_job}.dsse.json"))).unwrap(),
-    )
-    .unwrap();
+    let envelope: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(attestation(wrappers_job)).unwrap()).unwrap();
     let check = serde_json::json!({
         "envelope": envelope,
         "keys": {keyid: {"alg": "ML-DSA-65", "pk": b64(&pk)}},

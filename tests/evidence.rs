@@ -79,6 +79,18 @@ async fn public_keys(w: &SigFx) -> Value {
     Value::Object(keys)
 }
 
+/// The attestation the hook wrote for `job` in `dir` (`pqmig-job-N-<time>.dsse.json`).
+fn hook_file(dir: &Path, job: i64) -> Option<std::path::PathBuf> {
+    std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            name.starts_with(&format!("pqmig-job-{job}-")) && name.ends_with(".dsse.json")
+        })
+}
+
 fn read_json(path: &Path) -> Value {
     serde_json::from_slice(
         &std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
@@ -116,13 +128,14 @@ async fn attestations_are_signed_provable_and_catch_any_change() {
         "{:?}",
         j.error
     );
-    let file = dir.path().join(format!("pqmig-job-{id}.dsse.json"));
+    let path = dir.path().to_owned();
     crate::support::wait_until(30, "the attestation file", || {
-        let file = file.clone();
-        async move { file.exists() }
+        let path = path.clone();
+        async move { hook_file(&path, id).is_some() }
     })
     .await;
     daemon.stop().await;
+    let file = hook_file(dir.path(), id).unwrap();
     let file_arg = file.display().to_string();
 
     // pyca verifies both signatures from the PAE bytes, and Python
@@ -136,7 +149,9 @@ async fn attestations_are_signed_provable_and_catch_any_change() {
     );
     let leaves = countersignature_leaves(&w).await;
     assert_eq!(leaves.len(), 24);
-    let check = json!({"envelope": envelope, "keys": public_keys(&w).await, "leaves": leaves});
+    let leaves_file = std::fs::read(format!("{}.leaves", file.display())).unwrap();
+    let check = json!({"envelope": envelope, "keys": public_keys(&w).await, "leaves": leaves,
+                       "leaves_file": b64(&leaves_file)});
     let said: Value = serde_json::from_str(&evidence_check("dsse", &check.to_string())).unwrap();
     assert_eq!(said["signed_by"], json!(["ML-DSA-65", "Ed25519"]), "{said}");
 
@@ -152,6 +167,11 @@ async fn attestations_are_signed_provable_and_catch_any_change() {
     assert_eq!(p["job"]["counts"]["migrated"], 24, "{p}");
     assert_eq!(p["items"]["count"], 24);
     assert_eq!(p["items"]["root"], said["root"]);
+    assert_eq!(p["items"]["missing"], 0);
+    assert_eq!(
+        statement["subject"][0]["name"],
+        format!("pqmig-job-{id}.leaves")
+    );
     assert_eq!(p["verify"]["before_write"], true);
     let head: (i64, Vec<u8>) = c
         .query_one(
@@ -200,6 +220,64 @@ async fn attestations_are_signed_provable_and_catch_any_change() {
     let out = w.cli(&["attest", "prove", &file_arg, &item.to_string()]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(evidence_check("proof", &stdout(&out)).trim(), "included");
+    let proof: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(
+        proof["root"], said["root"],
+        "the proof leads to the signed root"
+    );
+
+    // Only pinned keys, when pinned; a leaves file that is not the subject
+    // is refused.
+    let keys = public_keys(&w).await;
+    let pq_key = keys
+        .as_object()
+        .unwrap()
+        .iter()
+        .find(|(_, k)| k["alg"] == "ML-DSA-65")
+        .map(|(id, _)| id.clone())
+        .unwrap();
+    let out = w.cli(&["attest", "verify", &file_arg, "--trusted-key", &pq_key]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "the Ed25519 signature is not by a pinned key"
+    );
+    assert!(
+        stderr(&out).contains("not one of the trusted keys given"),
+        "{}",
+        stderr(&out)
+    );
+    let ed_key = keys
+        .as_object()
+        .unwrap()
+        .keys()
+        .find(|k| **k != pq_key)
+        .unwrap()
+        .clone();
+    let out = w.cli(&[
+        "attest",
+        "verify",
+        &file_arg,
+        "--trusted-key",
+        &pq_key,
+        "--trusted-key",
+        &ed_key,
+    ]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert!(stdout(&out).contains("(trusted keys)"), "{}", stdout(&out));
+    let leaves_path = format!("{file_arg}.leaves");
+    let mut altered = leaves_file.clone();
+    let last = altered.len() - 1;
+    altered[last] ^= 1;
+    std::fs::write(&leaves_path, &altered).unwrap();
+    let out = w.cli(&["attest", "verify", &file_arg]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("the leaves file was altered"),
+        "{}",
+        stderr(&out)
+    );
+    std::fs::write(&leaves_path, &leaves_file).unwrap();
     let source: i64 = w.scalar("SELECT min(id) FROM signatures").await;
     let out = w.cli(&["attest", "prove", &file_arg, &source.to_string()]);
     assert_eq!(out.status.code(), Some(1));
@@ -269,6 +347,21 @@ async fn attestations_are_signed_provable_and_catch_any_change() {
         "{}",
         stdout(&out)
     );
+
+    // A signing key marked compromised proves nothing.
+    c.execute(
+        "UPDATE signing_keys SET status = 'compromised' WHERE name = 'attest-ed'",
+        &[],
+    )
+    .await
+    .unwrap();
+    let out = w.cli(&["attest", "verify", &file_arg]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("signing key \"attest-ed\" is marked compromised"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -329,7 +422,7 @@ async fn verify_attests_and_a_hashes_job_is_attested_from_its_backups() {
     assert!(out.status.success(), "{}", stderr(&out));
     let out = crate::support::run(&["verify", &id.to_string()], &env);
     assert!(out.status.success(), "{}", stderr(&out));
-    let file = dir.path().join(format!("pqmig-job-{id}.dsse.json"));
+    let file = hook_file(dir.path(), id).expect("verify wrote the attestation");
     assert!(
         stdout(&out).contains(&format!("attestation written to {}", file.display())),
         "{}",
@@ -368,7 +461,9 @@ async fn verify_attests_and_a_hashes_job_is_attested_from_its_backups() {
         use sha2::Digest;
         json!({format!("sha256:{}", crate::support::hex(&sha2::Sha256::digest(&pk))): {"alg": "ML-DSA-65", "pk": b64(&pk)}})
     };
-    let check = json!({"envelope": read_json(&file), "keys": keys, "leaves": leaves});
+    let leaves_file = std::fs::read(format!("{}.leaves", file.display())).unwrap();
+    let check = json!({"envelope": read_json(&file), "keys": keys, "leaves": leaves,
+                       "leaves_file": b64(&leaves_file)});
     evidence_check("dsse", &check.to_string());
 
     // Purged backups: the items can no longer be listed, so no new
@@ -421,6 +516,13 @@ async fn inventory_exports_a_valid_deterministic_cyclonedx_cbom() {
         &env,
     ));
     assert_eq!(text, again, "the same database gives the same document");
+    // Counted now: another timestamp, the same content and serial.
+    let serial_of = |args: &[&str]| -> Value {
+        let doc: Value = serde_json::from_str(&stdout(&crate::support::run(args, &env))).unwrap();
+        doc["serialNumber"].clone()
+    };
+    let exact = ["inventory", "--format", "cyclonedx", "--exact"];
+    assert_eq!(serial_of(&exact), serial_of(&exact));
     let doc: Value = serde_json::from_str(&text).unwrap();
     assert!(
         doc["serialNumber"]

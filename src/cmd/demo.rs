@@ -261,6 +261,19 @@ async fn run_in(config: &Config, scratch: &Scratch) -> anyhow::Result<()> {
     write_evidence(&client, &evidence, &jobs).await
 }
 
+/// The attestation the daemon wrote for `job` in `dir`, if it is there.
+fn attestation_of(dir: &std::path::Path, job: i64) -> std::io::Result<Option<std::path::PathBuf>> {
+    let prefix = format!("pqmig-job-{job}-");
+    for entry in std::fs::read_dir(dir)? {
+        let name = entry?.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(&prefix) && name.ends_with(".dsse.json") {
+            return Ok(Some(dir.join(&*name)));
+        }
+    }
+    Ok(None)
+}
+
 /// A new directory for the demo's evidence, kept after it:
 /// `$TMPDIR/pqmig-demo-evidence-<pid>`.
 fn evidence_dir() -> std::io::Result<std::path::PathBuf> {
@@ -287,11 +300,14 @@ async fn write_evidence(
     let cbom_path = dir.join("cbom.cdx.json");
     std::fs::write(&cbom_path, serde_json::to_string_pretty(&cbom)? + "\n")?;
     let deadline = Instant::now() + Duration::from_secs(60);
-    let files: Vec<_> = jobs
-        .iter()
-        .map(|j| dir.join(format!("pqmig-job-{}.dsse.json", j.0)))
-        .collect();
-    while !files.iter().all(|f| f.exists()) {
+    let files = loop {
+        let files: Vec<Option<std::path::PathBuf>> = jobs
+            .iter()
+            .map(|j| attestation_of(dir, j.0))
+            .collect::<std::io::Result<_>>()?;
+        if files.iter().all(Option::is_some) {
+            break files.into_iter().flatten().collect::<Vec<_>>();
+        }
         if Instant::now() > deadline {
             anyhow::bail!(
                 "the daemon did not write every job's attestation to {} within a minute (see its log)",
@@ -299,7 +315,7 @@ async fn write_evidence(
             );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    };
     println!("\nevidence for auditors in {}:", dir.display());
     println!(
         "  {}  CycloneDX 1.6 CBOM of the database after the jobs",

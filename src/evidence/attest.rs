@@ -6,9 +6,10 @@
 //! in a DSSE envelope signed with ML-DSA-65 (and Ed25519 when such a key
 //! exists) by `signing_keys` rows of scope `attestation`.
 //!
-//! Beside the envelope a `.leaves` file keeps the leaves themselves, so an
-//! item can be proven in or out, and a changed database compared item by
-//! item, after the rows moved on.
+//! The Statement's subject is the `.leaves` file written beside the
+//! envelope (its SHA-256): the leaves themselves, so an item can be proven
+//! in or out, and a changed database compared item by item, after the rows
+//! moved on. The predicate carries the Merkle root over the same leaves.
 
 use std::path::{Path, PathBuf};
 
@@ -46,11 +47,34 @@ fn refused(msg: impl Into<String>) -> AttestError {
     AttestError::Refused(msg.into())
 }
 
-/// An envelope and the leaves its root covers.
+/// An envelope and the leaves file it names as its subject.
 pub struct Attestation {
     pub envelope: Envelope,
-    pub leaves: Vec<Leaf>,
+    /// The `.leaves` file's bytes.
+    pub leaves_file: Vec<u8>,
+    pub count: usize,
     pub root: Hash,
+    /// The database clock when it was made, `YYYYMMDDTHHMMSSZ` (file names).
+    pub stamp: String,
+}
+
+/// What the leaves of a job make: the `.leaves` file and the Merkle root,
+/// in one pass (the root in O(log n) memory).
+pub fn leaves_file(leaves: &[Leaf]) -> (Vec<u8>, Hash) {
+    let mut raw = Vec::with_capacity(LEAVES_MAGIC.len() + 40 * leaves.len());
+    raw.extend_from_slice(LEAVES_MAGIC);
+    let mut tree = merkle::Builder::default();
+    for (id, v) in leaves {
+        let leaf = merkle::leaf(*id, v);
+        raw.extend_from_slice(&leaf);
+        tree.push(merkle::leaf_hash(&leaf));
+    }
+    (raw, tree.root())
+}
+
+/// The subject name of job `id`'s leaves file.
+fn subject_name(job_id: i64) -> String {
+    format!("pqmig-job-{job_id}.leaves")
 }
 
 /// The job as the predicate records it (and as verify compares it).
@@ -132,8 +156,23 @@ pub async fn current_leaves(c: &Client, job: &AttestedJob) -> Result<Vec<Leaf>, 
 }
 
 /// Make the attestation of a `done` job, signed by the active attestation
-/// keys (an ML-DSA-65 one is required).
+/// keys (an ML-DSA-65 one is required). Everything it records is read in
+/// one `REPEATABLE READ` snapshot, so it describes one state of the
+/// database.
 pub async fn attest(
+    c: &Client,
+    keyring: Option<&Path>,
+    job_id: i64,
+) -> Result<Attestation, AttestError> {
+    c.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .await?;
+    let made = attest_in_snapshot(c, keyring, job_id).await;
+    c.batch_execute(if made.is_ok() { "COMMIT" } else { "ROLLBACK" })
+        .await?;
+    made
+}
+
+async fn attest_in_snapshot(
     c: &Client,
     keyring: Option<&Path>,
     job_id: i64,
@@ -161,10 +200,13 @@ pub async fn attest(
     let migrated = job_facts(&job)["counts"]["migrated"].as_i64().unwrap_or(0);
     if leaves.is_empty() && migrated > 0 {
         return Err(refused(format!(
-            "job {job_id} migrated {migrated} items but none can be listed now (its backups were purged, or every item changed since): attest before `pqmig purge-backups` (evidence.attest_dir does it at verify)"
+            "job {job_id} migrated {migrated} items but none can be listed now (its backups were purged, or every item changed since): attest before `pqmig purge-backups` (evidence.attest_dir does it when the job ends)"
         )));
     }
-    let root = merkle::root(&leaf_hashes(&leaves));
+    let count = leaves.len();
+    let (file, root) = tokio::task::spawn_blocking(move || leaves_file(&leaves))
+        .await
+        .map_err(|e| AttestError::Failed(format!("hashing the leaves: {e}")))?;
     let head = dbe::chain_head(c, job_id).await?;
     let attested_at = dbe::now(c).await?;
     let keys: Vec<Value> = signers
@@ -181,8 +223,8 @@ pub async fn attest(
     let statement = json!({
         "_type": STATEMENT_TYPE,
         "subject": [{
-            "name": format!("pqmig-job-{job_id}-items"),
-            "digest": {"sha256": crate::hex(&root)},
+            "name": subject_name(job_id),
+            "digest": {"sha256": crate::hex(&Sha256::digest(&file))},
         }],
         "predicateType": PREDICATE_TYPE,
         "predicate": {
@@ -191,8 +233,12 @@ pub async fn attest(
             "audit_chain": head.as_ref().map(|(n, h)| json!({"chain_no": n, "head": crate::hex(h)})),
             "items": {
                 "tree": "RFC 9162 SHA-256",
-                "leaf": "item id (8 bytes, big-endian) || SHA-256(stored value)",
-                "count": leaves.len(),
+                "leaf": "item id (8 bytes, big-endian two's complement) || SHA-256(stored value)",
+                "order": "ascending item id (signed 64-bit), each id once",
+                "count": count,
+                // Migrated items no longer as the job left them (changed
+                // or re-migrated since): not covered.
+                "missing": (migrated - count as i64).max(0),
                 "root": crate::hex(&root),
             },
             "attested_at": attested_at,
@@ -212,10 +258,18 @@ pub async fn attest(
             sig: dsse::encode_sig(&sig),
         });
     }
+    let stamp: String = attested_at
+        .chars()
+        .take(19)
+        .filter(|c| c.is_ascii_digit() || *c == 'T')
+        .collect::<String>()
+        + "Z";
     Ok(Attestation {
         envelope,
-        leaves,
+        leaves_file: file,
+        count,
         root,
+        stamp,
     })
 }
 
@@ -256,28 +310,31 @@ async fn signers(
 }
 
 /// Write the envelope to `path` and its leaves beside it (`path.leaves`),
-/// each through a temporary file renamed into place.
+/// each through a temporary file of its own, synced, then renamed into
+/// place: a reader sees a whole file or none.
 pub fn write(att: &Attestation, path: &Path) -> std::io::Result<PathBuf> {
     let leaves_path = leaves_path(path);
-    let mut raw = Vec::with_capacity(LEAVES_MAGIC.len() + 40 * att.leaves.len());
-    raw.extend_from_slice(LEAVES_MAGIC);
-    for (id, v) in &att.leaves {
-        raw.extend_from_slice(&merkle::leaf(*id, v));
-    }
     let mut json = serde_json::to_vec_pretty(&att.envelope).map_err(std::io::Error::other)?;
     json.push(b'\n');
-    replace(&leaves_path, &raw)?;
+    replace(&leaves_path, &att.leaves_file)?;
     replace(path, &json)?;
     Ok(leaves_path)
 }
 
 fn replace(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
+    tmp.push(format!(".{:016x}.tmp", rand::random::<u64>()));
     let tmp = PathBuf::from(tmp);
-    std::fs::write(&tmp, bytes)?;
-    std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, path)
+    let written = (|| {
+        let mut f = std::fs::File::create_new(&tmp)?;
+        std::io::Write::write_all(&mut f, bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
 }
 
 pub fn leaves_path(path: &Path) -> PathBuf {
@@ -286,9 +343,10 @@ pub fn leaves_path(path: &Path) -> PathBuf {
     PathBuf::from(p)
 }
 
-/// Read a `.leaves` file.
-pub fn read_leaves(path: &Path) -> Result<Vec<Leaf>, String> {
+/// Read a `.leaves` file: its leaves, and the SHA-256 of its bytes.
+pub fn read_leaves(path: &Path) -> Result<(Vec<Leaf>, Hash), String> {
     let raw = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let digest: Hash = Sha256::digest(&raw).into();
     let body = raw
         .strip_prefix(LEAVES_MAGIC)
         .ok_or_else(|| format!("{}: not a pqmig leaves file", path.display()))?;
@@ -298,14 +356,15 @@ pub fn read_leaves(path: &Path) -> Result<Vec<Leaf>, String> {
             path.display()
         ));
     }
-    Ok(body
+    let leaves = body
         .chunks_exact(40)
         .map(|c| {
             let id = i64::from_be_bytes(c[..8].try_into().expect("8 bytes"));
             let v: Hash = c[8..].try_into().expect("32 bytes");
             (id, v)
         })
-        .collect())
+        .collect();
+    Ok((leaves, digest))
 }
 
 /// An envelope read back: its statement, and which signatures verify.
@@ -315,13 +374,20 @@ pub struct Opened {
     pub signed_by: Vec<(String, String)>,
 }
 
-/// Check the envelope's signatures against the attestation keys in the
-/// database (matched by key id = SHA-256 of the public key). Every
-/// signature must verify, one of them with ML-DSA-65, and no signing key
-/// may be `compromised`.
-pub async fn open(c: &Client, envelope: &Envelope) -> Result<Opened, AttestError> {
+/// Check the envelope's signatures. The keys are this database's
+/// `signing_keys` of scope `attestation`, matched by key id (`sha256:` and
+/// the hex SHA-256 of the public key); with `trusted` key ids (pinned by
+/// whoever checks, from outside the database) every signature must be by
+/// one of them. Every signature must verify, one with ML-DSA-65, and no
+/// row holding a signing public key may be `compromised`.
+pub async fn open(
+    c: &Client,
+    envelope: &Envelope,
+    trusted: &[String],
+) -> Result<Opened, AttestError> {
+    let failed = |m: String| AttestError::Failed(m);
     if envelope.payload_type != dsse::IN_TOTO {
-        return Err(AttestError::Failed(format!(
+        return Err(failed(format!(
             "payloadType is {:?}, not {:?}",
             envelope.payload_type,
             dsse::IN_TOTO
@@ -332,31 +398,36 @@ pub async fn open(c: &Client, envelope: &Envelope) -> Result<Opened, AttestError
     let keys = dbe::attestation_keys(c).await?;
     let mut signed_by = Vec::new();
     for s in &envelope.signatures {
-        let key = keys
+        if !trusted.is_empty() && !trusted.contains(&s.keyid) {
+            return Err(failed(format!(
+                "signature by {}: not one of the trusted keys given",
+                s.keyid
+            )));
+        }
+        let rows: Vec<_> = keys
             .iter()
-            .find(|k| key_id(&k.row.public_key) == s.keyid)
-            .ok_or_else(|| {
-                AttestError::Failed(format!(
-                    "signature by {}: no signing key of scope 'attestation' in this database has that key id",
-                    s.keyid
-                ))
-            })?;
+            .filter(|k| key_id(&k.row.public_key) == s.keyid)
+            .collect();
+        if let Some(bad) = rows.iter().find(|k| k.row.status == "compromised") {
+            return Err(failed(format!(
+                "signing key {:?} is marked compromised: its signatures prove nothing",
+                bad.row.name
+            )));
+        }
+        let key = rows.first().ok_or_else(|| {
+            failed(format!(
+                "signature by {}: no signing key of scope 'attestation' in this database has that key id",
+                s.keyid
+            ))
+        })?;
         let alg = key
             .algorithm
             .as_deref()
             .and_then(SigAlg::from_alias)
-            .ok_or_else(|| {
-                AttestError::Failed(format!("signing key {:?}: unknown algorithm", key.row.name))
-            })?;
-        if key.row.status == "compromised" {
-            return Err(AttestError::Failed(format!(
-                "signing key {:?} is marked compromised: its signatures prove nothing",
-                key.row.name
-            )));
-        }
+            .ok_or_else(|| failed(format!("signing key {:?}: unknown algorithm", key.row.name)))?;
         let raw = dsse::decode_sig(&s.sig).map_err(AttestError::Failed)?;
         if !sig::verify(alg, &key.row.public_key, &signed, b"", &raw) {
-            return Err(AttestError::Failed(format!(
+            return Err(failed(format!(
                 "the {} signature by key {:?} does not verify: the envelope was altered or signed by another key",
                 alg.alias(),
                 key.row.name
@@ -365,14 +436,14 @@ pub async fn open(c: &Client, envelope: &Envelope) -> Result<Opened, AttestError
         signed_by.push((key.row.name.clone(), alg.alias().to_owned()));
     }
     if !signed_by.iter().any(|(_, a)| a == SigAlg::MlDsa65.alias()) {
-        return Err(AttestError::Failed(
+        return Err(failed(
             "no ML-DSA-65 signature: an attestation must carry one".into(),
         ));
     }
-    let statement: Value = serde_json::from_slice(&body)
-        .map_err(|e| AttestError::Failed(format!("payload is not JSON: {e}")))?;
+    let statement: Value =
+        serde_json::from_slice(&body).map_err(|e| failed(format!("payload is not JSON: {e}")))?;
     if statement["_type"] != STATEMENT_TYPE || statement["predicateType"] != PREDICATE_TYPE {
-        return Err(AttestError::Failed(format!(
+        return Err(failed(format!(
             "not a pqmig job attestation (_type {}, predicateType {})",
             statement["_type"], statement["predicateType"]
         )));

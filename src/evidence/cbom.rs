@@ -78,11 +78,7 @@ pub fn algorithm_info(label: &str) -> Option<AlgorithmInfo> {
             5,
             "2.16.840.1.101.3.4.4.3",
         ),
-        "X-WING" => AlgorithmInfo {
-            primitive: "kem",
-            parameter_set: Some("ML-KEM-768+X25519"),
-            ..a("kem", None, KEM, Some(128), 3, "1.3.6.1.4.1.62253.25722")
-        },
+        "X-WING" => a("kem", None, KEM, Some(128), 3, "1.3.6.1.4.1.62253.25722"),
         "ML-DSA-44" => a(
             "signature",
             Some("44"),
@@ -180,12 +176,14 @@ pub fn algorithm_info(label: &str) -> Option<AlgorithmInfo> {
             4,
             "2.16.840.1.101.3.4.2.2",
         ),
+        // Collision search on a 512-bit hash is at least as hard as AES-256
+        // key search (category 5); on SHA-256 / SHA-384 it is category 2 / 4.
         "SHA-512" => a(
             "hash",
             Some("512"),
             HASH,
             Some(256),
-            4,
+            5,
             "2.16.840.1.101.3.4.2.3",
         ),
         "SHA3-256" => a(
@@ -201,7 +199,7 @@ pub fn algorithm_info(label: &str) -> Option<AlgorithmInfo> {
             Some("512"),
             HASH,
             Some(256),
-            4,
+            5,
             "2.16.840.1.101.3.4.2.10",
         ),
         // Keyed with 256-bit peppers: key search is the attack (category 5).
@@ -242,6 +240,42 @@ pub fn algorithm_info(label: &str) -> Option<AlgorithmInfo> {
     Some(info)
 }
 
+/// The labels [`algorithm_info`] knows, in their seeded spelling.
+const KNOWN: &[&str] = &[
+    "ML-KEM-512",
+    "ML-KEM-768",
+    "ML-KEM-1024",
+    "X-Wing",
+    "ML-DSA-44",
+    "ML-DSA-65",
+    "ML-DSA-87",
+    "SLH-DSA-SHA2-128s",
+    "SLH-DSA-SHA2-128f",
+    "Ed25519",
+    "X25519",
+    "ECDSA-P256",
+    "AES-256-GCM",
+    "AES-128-GCM",
+    "SHA-256",
+    "SHA-384",
+    "SHA-512",
+    "SHA3-256",
+    "SHA3-512",
+    "HMAC-SHA-256",
+    "HMAC-SHA-512",
+    "HMAC-SHA3-256",
+    "HMAC-SHA3-512",
+];
+
+/// A label in its seeded spelling when pqmig knows it (`kms_keys.algorithm`
+/// is free text: `aes-256-gcm` and `AES-256-GCM` are one algorithm).
+pub fn canonical(label: &str) -> String {
+    KNOWN
+        .iter()
+        .find(|k| k.eq_ignore_ascii_case(label))
+        .map_or_else(|| label.to_owned(), |k| (*k).to_owned())
+}
+
 /// What the CBOM is made of.
 pub struct Input<'a> {
     pub database: &'a str,
@@ -267,29 +301,54 @@ fn algorithm_ref(label: &str) -> String {
 
 /// The CycloneDX document.
 pub fn document(input: &Input<'_>) -> Value {
-    let inv = input.inventory;
-    let lines = || {
-        inv.vulnerable
-            .iter()
-            .map(|l| ("vulnerable", l))
-            .chain(inv.protected.iter().map(|l| ("protected", l)))
-    };
-    // Every algorithm a line counts or a key uses; "backup" is a kind of
-    // copy, not an algorithm (it shows on the data components).
-    let mut labels: BTreeSet<String> = lines()
+    // The lines in a fixed order (whatever order the caller has them in),
+    // each algorithm under its canonical label.
+    let mut all: Vec<(&str, crate::db::inventory::Exposed)> = input
+        .inventory
+        .vulnerable
+        .iter()
+        .map(|l| ("vulnerable", l))
+        .chain(input.inventory.protected.iter().map(|l| ("protected", l)))
+        .map(|(kind, l)| {
+            let mut l = l.clone();
+            l.algorithm = canonical(&l.algorithm);
+            (kind, l)
+        })
+        .collect();
+    all.sort_by(|a, b| (a.0, &a.1.scope, &a.1.algorithm).cmp(&(b.0, &b.1.scope, &b.1.algorithm)));
+    let lines = || all.iter().map(|(kind, l)| (*kind, l));
+    // Every algorithm a line counts or a key uses, earliest deadline
+    // first; "backup" is a kind of copy, not an algorithm (it shows on the
+    // data components).
+    let mut labels: Vec<String> = lines()
         .filter(|(_, l)| l.algorithm != "backup")
         .map(|(_, l)| l.algorithm.clone())
+        .chain(
+            input
+                .keys
+                .iter()
+                .filter_map(|k| k.algorithm.as_deref().map(canonical)),
+        )
+        .collect::<BTreeSet<String>>()
+        .into_iter()
         .collect();
-    labels.extend(input.keys.iter().filter_map(|k| k.algorithm.clone()));
+    labels.sort_by_key(|l| (deadlines::transition(l).order(), l.clone()));
 
     let mut components = Vec::new();
     for label in &labels {
         components.push(algorithm_component(label, input, &mut lines()));
     }
-    for k in input.keys {
-        components.push(key_component(k));
-    }
     let mut dependencies = Vec::new();
+    for k in input.keys {
+        let (component, uses) = key_component(k);
+        if let Some(alg) = uses {
+            dependencies.push(json!({
+                "ref": component["bom-ref"],
+                "dependsOn": [algorithm_ref(&alg)],
+            }));
+        }
+        components.push(component);
+    }
     for scope in crate::metrics::SCOPES {
         let (component, uses) = data_component(scope, input, &mut lines());
         components.push(component);
@@ -332,15 +391,21 @@ pub fn document(input: &Input<'_>) -> Value {
     });
     let serial = match input.serial {
         Some(s) => s.to_owned(),
-        None => derived_serial(&doc),
+        None => {
+            // Of the content, not of when it was counted: the same
+            // database state gives the same serial however often counted.
+            let mut content = doc.clone();
+            content["metadata"]["timestamp"] = Value::Null;
+            derived_serial(&content)
+        }
     };
     doc["serialNumber"] = json!(serial);
     doc
 }
 
 /// `urn:uuid:` of a UUID (version 8, RFC 9562) made of the first 16 bytes
-/// of SHA-256 over the canonical document without its serial: the same
-/// database state always gives the same serial.
+/// of SHA-256 over the canonical document without its serial and
+/// timestamp: the same database state always gives the same serial.
 fn derived_serial(doc: &Value) -> String {
     let digest = Sha256::digest(crate::crypto::wrap::canonical_json(doc));
     let mut b = [0u8; 16];
@@ -422,8 +487,10 @@ fn algorithm_component<'a>(
     })
 }
 
-fn key_component(k: &KeyMaterial) -> Value {
-    let info = k.algorithm.as_deref().and_then(algorithm_info);
+/// A key's component, and the (canonical) algorithm it uses.
+fn key_component(k: &KeyMaterial) -> (Value, Option<String>) {
+    let algorithm = k.algorithm.as_deref().map(canonical);
+    let info = algorithm.as_deref().and_then(algorithm_info);
     let material = match info.map(|i| i.primitive) {
         Some("ae" | "mac" | "block-cipher") => "secret-key",
         Some(_) => "private-key",
@@ -440,7 +507,7 @@ fn key_component(k: &KeyMaterial) -> Value {
     if state != "unknown-state" {
         rel["state"] = json!(state);
     }
-    if let Some(a) = &k.algorithm {
+    if let Some(a) = &algorithm {
         rel["algorithmRef"] = json!(algorithm_ref(a));
     }
     if let Some(c) = &k.created_at {
@@ -464,7 +531,7 @@ fn key_component(k: &KeyMaterial) -> Value {
     if let Some(s) = &k.scope {
         props.push(prop("pqmig:scope", s));
     }
-    json!({
+    let component = json!({
         "type": "cryptographic-asset",
         "bom-ref": format!("crypto/key/{}/{}", k.table, k.id),
         "name": k.name,
@@ -473,7 +540,8 @@ fn key_component(k: &KeyMaterial) -> Value {
             "relatedCryptoMaterialProperties": rel,
         },
         "properties": props,
-    })
+    });
+    (component, algorithm)
 }
 
 /// A scope's data, and the algorithms its items use now.

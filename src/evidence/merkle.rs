@@ -52,6 +52,38 @@ pub fn root(leaves: &[Hash]) -> Hash {
     }
 }
 
+/// The tree hash of leaves pushed one at a time, in O(log n) memory: the
+/// complete subtrees so far, largest first (the binary digits of n), which
+/// [`Builder::root`] joins right to left exactly as RFC 9162 splits.
+#[derive(Debug, Default)]
+pub struct Builder {
+    stack: Vec<(u64, Hash)>,
+}
+
+impl Builder {
+    pub fn push(&mut self, leaf_hash: Hash) {
+        let mut node = (1u64, leaf_hash);
+        while let Some(&(size, left)) = self.stack.last()
+            && size == node.0
+        {
+            self.stack.pop();
+            node = (size * 2, node_hash(&left, &node.1));
+        }
+        self.stack.push(node);
+    }
+
+    pub fn root(&self) -> Hash {
+        let mut nodes = self.stack.iter().rev();
+        let Some(&(_, mut acc)) = nodes.next() else {
+            return Sha256::digest([]).into();
+        };
+        for (_, left) in nodes {
+            acc = node_hash(left, &acc);
+        }
+        acc
+    }
+}
+
 /// The inclusion proof of leaf `m` (RFC 9162 §2.1.3.1), bottom up.
 pub fn proof(leaves: &[Hash], m: usize) -> Vec<Hash> {
     assert!(m < leaves.len(), "leaf {m} of {}", leaves.len());
@@ -143,6 +175,17 @@ mod tests {
             hex(&root(&[])),
             "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
         );
+    }
+
+    #[test]
+    fn the_streaming_root_is_the_tree_hash_at_every_size() {
+        let hashes: Vec<Hash> = (0u16..300).map(|i| leaf_hash(&i.to_be_bytes())).collect();
+        let mut b = Builder::default();
+        assert_eq!(b.root(), root(&[]));
+        for n in 1..=hashes.len() {
+            b.push(hashes[n - 1]);
+            assert_eq!(b.root(), root(&hashes[..n]), "{n} leaves");
+        }
     }
 
     #[test]

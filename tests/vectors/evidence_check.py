@@ -3,13 +3,16 @@
 from the published formats and not from pqmig's code.
 
     evidence_check.py dsse    stdin: {"envelope": {...}, "keys": {"<keyid>": {"alg", "pk"}},
-                                      "leaves": [{"id", "fields": [b64 | "json:" JSON]}...]}
+                                      "leaves": [{"id", "fields": [b64 | "text:" | "json:" JSON]}...],
+                                      "leaves_file": b64 (optional)}
         Verifies every DSSE signature over PAE(payloadType, payload) with
         pyca/cryptography (ML-DSA-65, Ed25519; keyid = "sha256:" + hex of
         SHA-256(public key)), then rebuilds the RFC 9162 Merkle root from the
         items' stored values (value hash = SHA-256 of each field as 4-byte
         big-endian length || bytes; leaf = id as 8-byte big-endian || value
-        hash) and compares it with the Statement's subject digest.
+        hash) and compares it with the predicate's root; with "leaves_file"
+        (base64 of the .leaves file) also checks that the subject digest is
+        its SHA-256.
         stdout: {"signed_by": [alg...], "root": hex}
     evidence_check.py proof   stdin: a `pqmig attest prove` JSON proof
         Checks the inclusion path (RFC 9162 §2.1.3.2).
@@ -74,8 +77,11 @@ def verify_sig(alg, pk, sig, data):
 
 
 def field(f):
-    """A leaf field: base64 bytes, or "json:" and a JSON value, taken in
-    its canonical form (keys sorted at every depth, no whitespace)."""
+    """A leaf field: base64 bytes, "text:" and UTF-8 text, or "json:" and
+    a JSON value, taken in its canonical form (keys sorted at every depth,
+    no whitespace)."""
+    if f.startswith("text:"):
+        return f[5:].encode()
     if f.startswith("json:"):
         value = json.loads(f[5:])
         return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
@@ -97,12 +103,17 @@ def dsse(doc):
         signed_by.append(key["alg"])
     statement = json.loads(body)
     assert statement["_type"] == "https://in-toto.io/Statement/v1", statement["_type"]
+    if "leaves_file" in doc:
+        digest = hashlib.sha256(b64d(doc["leaves_file"])).hexdigest()
+        subject = statement["subject"][0]["digest"]["sha256"]
+        if digest != subject:
+            raise SystemExit(f"the leaves file's SHA-256 {digest} is not the subject's {subject}")
     leaves = sorted(
         (item["id"], value_hash([field(f) for f in item["fields"]])) for item in doc["leaves"]
     )
     hashes = [leaf_hash(i.to_bytes(8, "big", signed=True) + v) for i, v in leaves]
     got = root(hashes).hex()
-    want = statement["subject"][0]["digest"]["sha256"]
+    want = statement["predicate"]["items"]["root"]
     if got != want:
         raise SystemExit(f"Merkle root {got} is not the attested {want}")
     print(json.dumps({"signed_by": signed_by, "root": got}))

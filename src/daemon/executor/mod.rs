@@ -138,7 +138,13 @@ pub async fn run(shared: Arc<Shared>, work: Work, _permit: OwnedSemaphorePermit)
 /// The completion hook: write the attestation of a job this process ended
 /// `done` to `evidence.attest_dir`. A failure is logged, never the job's.
 async fn attest(shared: Arc<Shared>, job_id: i64) {
+    // One at a time per process: a large job's leaves take memory (about
+    // 80 bytes an item) and a pooled connection while they are listed.
+    static ONE: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
     let Some(dir) = shared.attest_dir.as_deref() else {
+        return;
+    };
+    let Ok(_turn) = ONE.acquire().await else {
         return;
     };
     let written = match shared.pool.get().await {

@@ -155,10 +155,16 @@ impl crate::scope::Aftercare for HashesAftercare {
                 let (backups, next) = self.stmts.hashes_backups(c, job_id, here, 1000).await?;
                 at = next;
                 let ids: Vec<i64> = backups.iter().map(|b| b.item_id).collect();
-                let now = self.stmts.hashes_current(c, &ids).await?;
+                let now: std::collections::HashMap<i64, _> = self
+                    .stmts
+                    .hashes_current(c, &ids)
+                    .await?
+                    .into_iter()
+                    .map(|r| (r.id, r))
+                    .collect();
                 for b in &backups {
                     let ours = format!("{}/{}", self.profile, b.old_version);
-                    let Some(row) = now.iter().find(|r| r.id == b.item_id) else {
+                    let Some(row) = now.get(&b.item_id) else {
                         continue;
                     };
                     if row.version.as_deref() == Some(ours.as_str()) {

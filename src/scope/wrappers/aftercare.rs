@@ -149,8 +149,10 @@ impl crate::scope::Aftercare for WrappersAftercare {
     }
 
     /// The wrappers still as the job wrote them (`crypto_suite.job_id`):
-    /// value = dek_wrap1, the canonical crypto_suite JSON, then each
-    /// layer's KEM ciphertext in layer order.
+    /// value = dek_wrap1, dek_wrap2, kms1_key_id, kms2_key_id,
+    /// wrap_version, the canonical crypto_suite JSON, then per layer (in
+    /// layer order) its kms_key_id and KEM ciphertext; numbers in decimal,
+    /// NULL as nothing.
     fn leaves<'a>(
         &'a self,
         c: &'a Client,
@@ -173,17 +175,23 @@ impl crate::scope::Aftercare for WrappersAftercare {
 }
 
 fn wrapper_value(row: &WrapperRow) -> crate::evidence::merkle::Hash {
+    let num = |n: Option<i64>| n.map(|n| n.to_string()).unwrap_or_default();
     let suite = row.suite.as_ref().map(wrap::canonical_json);
-    let mut fields: Vec<&[u8]> = vec![
-        row.wrap1.as_deref().unwrap_or_default(),
-        suite.as_deref().unwrap_or_default(),
-    ];
     let mut layers: Vec<_> = row.layers.iter().collect();
     layers.sort_by_key(|l| l.layer_no);
-    fields.extend(
-        layers
-            .iter()
-            .map(|l| l.ciphertext.as_deref().unwrap_or_default()),
-    );
+    let text = [num(row.kms1), num(row.kms2), row.wrap_version.to_string()];
+    let layer_keys: Vec<String> = layers.iter().map(|l| num(l.kms_key_id)).collect();
+    let mut fields: Vec<&[u8]> = vec![
+        row.wrap1.as_deref().unwrap_or_default(),
+        row.wrap2.as_deref().unwrap_or_default(),
+        text[0].as_bytes(),
+        text[1].as_bytes(),
+        text[2].as_bytes(),
+        suite.as_deref().unwrap_or_default(),
+    ];
+    for (l, key) in layers.iter().zip(&layer_keys) {
+        fields.push(key.as_bytes());
+        fields.push(l.ciphertext.as_deref().unwrap_or_default());
+    }
     crate::evidence::value_hash(&fields)
 }
