@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use zeroize::Zeroizing;
 
 pub use generate::{Generated, add_key};
-pub use local::LocalKeyring;
+pub use local::{LocalKeyring, check_private};
 
 /// Resolves key references to secrets. Implementations are shared between
 /// worker threads, hence `Send + Sync`.
