@@ -211,6 +211,7 @@ fn systemd_unit_keeps_the_daemon_contract() {
         ("Restart", "on-failure"),
         ("RestartPreventExitStatus", "2"),
         ("KillSignal", "SIGTERM"),
+        ("ExecReload", "/bin/kill -HUP $MAINPID"),
         ("User", "pqmig"),
         ("Group", "pqmig"),
         ("CapabilityBoundingSet", ""),

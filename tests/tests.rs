@@ -17,6 +17,7 @@ mod enqueue;
 mod image;
 mod inventory;
 mod keyring;
+mod keyring_use;
 mod migrate;
 mod observe;
 mod onion;

@@ -15,6 +15,7 @@ use base64::engine::general_purpose::STANDARD;
 use serde::Deserialize;
 use zeroize::Zeroizing;
 
+use super::source::Stamp;
 use super::{KeyError, KeyProvider, KeySecret};
 
 /// A keyring is a handful of keys; anything larger is the wrong file.
@@ -85,12 +86,22 @@ pub struct LocalKeyring {
 impl LocalKeyring {
     /// Check the file's owner and mode, then read and validate every key.
     pub fn load(path: &Path) -> Result<LocalKeyring, KeyError> {
+        Self::load_stamped(path).map(|(keys, _)| keys)
+    }
+
+    /// [`LocalKeyring::load`], with the identity of the file read.
+    pub(super) fn load_stamped(path: &Path) -> Result<(LocalKeyring, Stamp), KeyError> {
         let err = |reason: String| KeyError::Keyring {
             path: path.to_path_buf(),
             reason,
         };
         // Checked on the open descriptor, so the file judged is the file read.
-        let mut file = File::open(path).map_err(|e| err(format!("cannot open: {e}")))?;
+        let mut file = File::open(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => KeyError::Missing {
+                path: path.to_path_buf(),
+            },
+            _ => err(format!("cannot open: {e}")),
+        })?;
         let meta = file
             .metadata()
             .map_err(|e| err(format!("cannot stat: {e}")))?;
@@ -134,10 +145,20 @@ impl LocalKeyring {
                 )));
             }
         }
-        Ok(LocalKeyring {
+        let keyring = LocalKeyring {
             path: path.to_path_buf(),
             keys,
-        })
+        };
+        Ok((keyring, Stamp::of(&meta)))
+    }
+
+    /// How many keys it holds.
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
     }
 
     /// The file this keyring was loaded from.
