@@ -1,16 +1,17 @@
-//! The keyring in use (SPEC §4): a keyring that changes under a running
-//! daemon — read again without a restart, a bad new file refused with the
-//! old keys kept, a missing file a transient error, SIGHUP a reload.
+//! The keyring in use (SPEC §4): `pqmig keys list` / `keys check` against
+//! `kms_keys`, and a keyring that changes under a running daemon — read
+//! again without a restart, a bad new file refused with the old keys kept,
+//! a missing file a transient error, SIGHUP a reload.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
 
-use pqmig::keys::{KeyProvider, Keyring};
-use serde_json::json;
+use pqmig::keys::{KeyProvider, Keyring, LocalKeyring};
+use serde_json::{Value, json};
 
 use crate::support::hashes::{Fixture, PEPPER, assert_absent, signal, terminate};
-use crate::support::{b64, wait_until};
+use crate::support::{TestDb, b64, run, stderr, stdout, wait_until};
 
 /// Replace the file at `path` as `pqmig keys generate` and kubelet do: a
 /// new file renamed over the old one.
@@ -26,6 +27,179 @@ fn pepper_doc(key_ref: &str) -> String {
         {"ref": key_ref, "algorithm": "HMAC-SHA3-256", "secret": b64(&PEPPER)}
     ]})
     .to_string()
+}
+
+fn keys(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut a = vec!["keys"];
+    a.extend_from_slice(args);
+    run(&a, env)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyring_keys_list_and_check_name_what_cannot_be_used() {
+    let db = TestDb::migrated().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("keyring.json");
+    let env = [
+        ("DATABASE_URL", db.url.as_str()),
+        ("PQMIG_KEYRING", path.to_str().expect("utf-8")),
+    ];
+    for (alg, key_ref) in [
+        ("AES-256-GCM", "local:kek"),
+        ("X25519", "local:ecies"),
+        ("ML-KEM-768", "local:pq-a"),
+        ("X-Wing", "local:hyb"),
+    ] {
+        let out = keys(
+            &[
+                "generate",
+                "--algorithm",
+                alg,
+                "--ref",
+                key_ref,
+                "--register",
+            ],
+            &env,
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let out = keys(
+        &[
+            "generate",
+            "--algorithm",
+            "HMAC-SHA3-256",
+            "--ref",
+            "local:pep",
+        ],
+        &env,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    // Registered but not in the keyring; a pepper row; a retired key of a
+    // provider this build lacks.
+    let c = db.client().await;
+    c.batch_execute(
+        "INSERT INTO kms_keys (provider_id, external_key_ref, purpose, algorithm) \
+           SELECT id, 'local:gone', 'wrap', 'AES-256-GCM' FROM kms_providers WHERE provider = 'local'; \
+         INSERT INTO kms_keys (provider_id, external_key_ref, purpose, algorithm) \
+           SELECT id, 'local:pep', 'encrypt', 'HMAC-SHA3-256' FROM kms_providers WHERE provider = 'local'; \
+         INSERT INTO kms_providers (name, provider, location) VALUES ('prod kms', 'aws', 'eu-west-1'); \
+         INSERT INTO kms_keys (provider_id, external_key_ref, purpose, algorithm, status) \
+           SELECT id, 'arn:aws:kms:eu-west-1:1:key/x', 'wrap', 'AES-256-GCM', 'retired' \
+           FROM kms_providers WHERE provider = 'aws';",
+    )
+    .await
+    .expect("rows");
+    let gone: i64 = c
+        .query_one(
+            "SELECT id FROM kms_keys WHERE external_key_ref = 'local:gone'",
+            &[],
+        )
+        .await
+        .expect("id")
+        .get(0);
+    let secrets = || -> Vec<Vec<u8>> {
+        let ring = LocalKeyring::load(&path).expect("keyring");
+        ring.entries().map(|(_, s)| s.bytes.to_vec()).collect()
+    };
+
+    let out = keys(&["list"], &env);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    for want in [
+        "local:kek",
+        "usable: open/unseal",
+        "usable: decapsulate",
+        "usable: hmac",
+        "local (local keyring)",
+        "not usable: key \"local:gone\" is not in the keyring",
+        "aws (prod kms)",
+        "retired",
+        "not usable: provider aws is not supported yet",
+    ] {
+        assert!(text.contains(want), "{want:?} not in:\n{text}");
+    }
+    assert_eq!(
+        text.lines().count(),
+        1 + 7,
+        "a header and one line per row:\n{text}"
+    );
+    let out = keys(&["list", "--json"], &env);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let doc: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let rows = doc["keys"].as_array().expect("keys");
+    assert_eq!(rows.len(), 7);
+    let row = |r: &str| {
+        rows.iter()
+            .find(|k| k["external_key_ref"] == r)
+            .unwrap_or_else(|| panic!("{r} in {doc}"))
+    };
+    assert_eq!(row("local:pq-a")["usable"], true);
+    assert_eq!(row("local:pq-a")["detail"], "usable: decapsulate");
+    assert_eq!(row("local:gone")["usable"], false);
+    assert_eq!(row("local:gone")["id"], gone);
+    assert_eq!(row("arn:aws:kms:eu-west-1:1:key/x")["provider"], "aws");
+    assert_eq!(
+        row("arn:aws:kms:eu-west-1:1:key/x")["provider_enabled"],
+        true
+    );
+    let listed = format!("{text}{}{}", stdout(&out), stderr(&out));
+    assert_absent(&listed, &secrets());
+
+    let out = keys(&["check"], &env);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    let err = stderr(&out);
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(
+        err.contains(&format!("kms_keys {gone} \"local:gone\""))
+            && err.contains("not in the keyring"),
+        "{err}"
+    );
+    let text = stdout(&out);
+    assert!(
+        text.contains("encapsulated to its public key and decapsulated"),
+        "{text}"
+    );
+    assert_absent(&format!("{text}{err}"), &secrets());
+
+    // The fix: the key put in the keyring.
+    let out = keys(
+        &[
+            "generate",
+            "--algorithm",
+            "AES-256-GCM",
+            "--ref",
+            "local:gone",
+        ],
+        &env,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = keys(&["check"], &env);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    let text = stdout(&out);
+    // One line per active row (the retired aws key is not checked).
+    assert_eq!(text.lines().count(), 6, "{text}");
+    assert!(text.lines().all(|l| l.starts_with("ok ")), "{text}");
+    for want in [
+        "sealed and opened a test string",
+        "sealed to its public key and opened",
+        "computed an HMAC",
+        "public key 1184 bytes, SHA-256 ",
+    ] {
+        assert!(text.contains(want), "{want:?} not in:\n{text}");
+    }
+    assert_absent(&format!("{text}{}", stderr(&out)), &secrets());
+
+    // An active key of an unsupported provider fails the check.
+    c.batch_execute("UPDATE kms_keys SET status = 'active' WHERE external_key_ref LIKE 'arn:%'")
+        .await
+        .expect("activate");
+    let out = keys(&["check"], &env);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("provider aws is not supported yet"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 /// The keyring a daemon holds, driven directly: a changed file is read

@@ -2,6 +2,7 @@
 //! bytes. This release ships the `local` keyring file; Vault, AWS and GCP
 //! providers implement the same [`KeyProvider`] trait.
 
+pub mod check;
 pub mod document;
 mod generate;
 mod local;
