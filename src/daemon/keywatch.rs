@@ -23,8 +23,12 @@ pub struct KeyWatch {
 impl KeyWatch {
     pub async fn run(self, token: CancellationToken) {
         // Said at start, not only by the first job that needs it.
-        if let Err(e) = self.keyring.current() {
-            tracing::warn!(error = %e, "the keyring cannot be used yet; jobs that need it wait (missing) or fail");
+        let path = self.keyring.path().display();
+        match self.keyring.current() {
+            Ok(keys) => tracing::info!(keyring = %path, keys = keys.len(), "keyring loaded"),
+            Err(e) => {
+                tracing::warn!(error = %e, "the keyring cannot be used yet; jobs that need it wait (missing) or fail")
+            }
         }
         loop {
             tokio::select! {

@@ -111,10 +111,11 @@ impl Keyring {
                 let keys = Arc::new(keys);
                 let before = state.loaded.replace((at, Arc::clone(&keys)));
                 state.refused = None;
+                // A first load is no news (one-shot commands load once).
                 if before.is_some() || forced {
                     tracing::info!(keyring = %path, keys = keys.len(), "keyring reloaded");
                 } else {
-                    tracing::info!(keyring = %path, keys = keys.len(), "keyring loaded");
+                    tracing::debug!(keyring = %path, keys = keys.len(), "keyring loaded");
                 }
                 Ok(keys)
             }
