@@ -17,19 +17,23 @@ const PROBE: &[u8] = b"pqmig keys check";
 /// Why a row's key cannot be used here, or (Ok) what it can be used for.
 pub fn usable(keyring: Option<&LocalKeyring>, key: &KmsKey) -> Result<&'static str, String> {
     let secret = secret_of(keyring, key)?;
-    Ok(uses(&secret.algorithm))
+    uses(&secret.algorithm).ok_or_else(|| unused(&secret.algorithm))
 }
 
 /// What a key of `algorithm` is used for by the scopes.
-fn uses(algorithm: &str) -> &'static str {
+fn uses(algorithm: &str) -> Option<&'static str> {
     match algorithm {
         // Legacy wraps, and the KEK of sealed signing keys.
-        "AES-256-GCM" => "open/unseal",
-        "X25519" => "open",
-        a if Kem::from_alias(a).is_some() => "decapsulate",
-        a if a.starts_with("HMAC-") => "hmac",
-        _ => "none (not a kms_keys algorithm)",
+        "AES-256-GCM" => Some("open/unseal"),
+        "X25519" => Some("open"),
+        a if Kem::from_alias(a).is_some() => Some("decapsulate"),
+        a if a.starts_with("HMAC-") => Some("hmac"),
+        _ => None,
     }
+}
+
+fn unused(algorithm: &str) -> String {
+    format!("a {algorithm} key has no use as a kms_keys row")
 }
 
 /// The row's secret from the keyring, checked against what the row says.
@@ -107,7 +111,7 @@ pub fn try_key(keyring: Option<&LocalKeyring>, key: &KmsKey) -> Result<String, S
             }
             Ok("computed an HMAC of a test string".into())
         }
-        other => Err(format!("a {other} key has no use as a kms_keys row")),
+        other => Err(unused(other)),
     }
 }
 
