@@ -200,6 +200,22 @@ async fn keyring_keys_list_and_check_name_what_cannot_be_used() {
         "{}",
         stderr(&out)
     );
+
+    // A keyring that does not load: said once, with the fix.
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let out = keys(&["check"], &env);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains("run chmod 600"), "{err}");
+    assert!(
+        stdout(&out).contains("the keyring does not load"),
+        "{}",
+        stdout(&out)
+    );
+    let out = keys(&["list"], &env);
+    assert!(out.status.success());
+    assert!(stderr(&out).contains("run chmod 600"), "{}", stderr(&out));
 }
 
 /// The keyring a daemon holds, driven directly: a changed file is read

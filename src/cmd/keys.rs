@@ -95,6 +95,9 @@ pub async fn signing(config: &Config, a: &NewSigningKey) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A row's reason when the keyring itself does not load.
+const KEYRING_BAD: &str = "the keyring does not load";
+
 /// The keyring for `keys list` / `keys check`: `Err` says why it cannot be
 /// used (then no key is usable), never a secret.
 fn keyring_of(config: &Config) -> Result<crate::keys::LocalKeyring, String> {
@@ -114,8 +117,9 @@ pub async fn list(config: &Config, json: bool) -> anyhow::Result<()> {
     let keyring = keyring_of(config);
     let ring = keyring.as_ref().ok();
     let usability = |k: &db::kms::KmsKey| match (&keyring, k.provider.as_str()) {
-        // Only the local provider needs the file.
-        (Err(why), "local") if k.provider_enabled => Err(why.clone()),
+        // Only the local provider needs the file; why it does not load is
+        // said once, above the table.
+        (Err(_), "local") if k.provider_enabled => Err(KEYRING_BAD.to_owned()),
         _ => usable(ring, k).map(|u| format!("usable: {u}")),
     };
     if json {
@@ -192,13 +196,14 @@ pub async fn check(config: &Config) -> anyhow::Result<()> {
     for (k, _) in rows.iter().filter(|(k, _)| k.status == "active") {
         checked += 1;
         let outcome = match (&keyring, k.provider.as_str()) {
-            (Err(why), "local") if k.provider_enabled => Err(why.clone()),
-            (ring, _) => try_key(ring.as_ref().ok(), k),
+            // The full reason once, in the error that ends the command.
+            (Err(why), "local") if k.provider_enabled => Err((KEYRING_BAD.to_owned(), why.clone())),
+            (ring, _) => try_key(ring.as_ref().ok(), k).map_err(|e| (e.clone(), e)),
         };
         match outcome {
             Ok(done) => println!("ok      kms_keys {} {:?}: {done}", k.id, k.key_ref),
-            Err(why) => {
-                println!("FAILED  kms_keys {} {:?}: {why}", k.id, k.key_ref);
+            Err((short, why)) => {
+                println!("FAILED  kms_keys {} {:?}: {short}", k.id, k.key_ref);
                 first_failure.get_or_insert(format!("kms_keys {} {:?}: {why}", k.id, k.key_ref));
             }
         }

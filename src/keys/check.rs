@@ -33,7 +33,7 @@ fn uses(algorithm: &str) -> Option<&'static str> {
 }
 
 fn unused(algorithm: &str) -> String {
-    format!("a {algorithm} key has no use as a kms_keys row")
+    format!("{algorithm} keys have no use as kms_keys rows")
 }
 
 /// The row's secret from the keyring, checked against what the row says.
