@@ -318,6 +318,10 @@ pub enum KeysCommand {
     Generate(KeysGenerateArgs),
     /// Create a signing key (a signing_keys row, private key sealed under a KEK).
     Signing(KeysSigningArgs),
+    /// Every kms_keys row, its provider, and whether this process can use it (no secrets).
+    List(JsonArg),
+    /// Use every active kms_keys row's key once, harmlessly; exits 1 naming the first that fails.
+    Check,
 }
 
 #[derive(Debug, Args)]
@@ -482,6 +486,8 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
             };
             cmd::keys::signing(&config, &key).await
         }
+        Command::Keys(KeysCommand::List(a)) => cmd::keys::list(&config, a.json).await,
+        Command::Keys(KeysCommand::Check) => cmd::keys::check(&config).await,
         Command::Demo(a) => cmd::demo::run(&config, &cmd::demo::DemoOptions { keep: a.keep }).await,
         Command::Bench(a) => {
             let opts = cmd::bench::BenchOptions {

@@ -211,6 +211,7 @@ fn systemd_unit_keeps_the_daemon_contract() {
         ("Restart", "on-failure"),
         ("RestartPreventExitStatus", "2"),
         ("KillSignal", "SIGTERM"),
+        ("ExecReload", "/bin/kill -HUP $MAINPID"),
         ("User", "pqmig"),
         ("Group", "pqmig"),
         ("CapabilityBoundingSet", ""),
@@ -511,6 +512,36 @@ fn kubernetes_manifests_are_wired_together() {
         assert_eq!(container[probe]["httpGet"]["path"], path, "{probe}");
         assert_eq!(container[probe]["httpGet"]["port"], "metrics", "{probe}");
     }
+
+    // The keyring Secret is mounted as is (root, group fsGroup, 0440: the
+    // rule pqmig shares with PostgreSQL's ssl_key_file accepts it), where
+    // PQMIG_KEYRING points, without subPath so a rotation reaches it.
+    let pod = &deployment["spec"]["template"]["spec"];
+    assert!(pod.get("initContainers").is_none(), "no keyring copy");
+    let keyring = env_value(container, "PQMIG_KEYRING")["value"]
+        .as_str()
+        .expect("PQMIG_KEYRING");
+    let mount = container["volumeMounts"]
+        .as_array()
+        .expect("volumeMounts")
+        .iter()
+        .find(|m| keyring.starts_with(&format!("{}/", str_at(m, "/mountPath"))))
+        .expect("a mount holding the keyring");
+    assert!(mount.get("subPath").is_none(), "{mount}");
+    assert_eq!(mount["readOnly"], true);
+    let volume = pod["volumes"]
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .find(|v| v["name"] == mount["name"])
+        .expect("the keyring volume");
+    assert_eq!(volume["secret"]["defaultMode"], 0o440, "{volume}");
+    assert!(
+        pod["securityContext"]["fsGroup"].is_u64(),
+        "group read needs fsGroup"
+    );
+    let file = keyring.rsplit('/').next().expect("file name");
+    assert_eq!(volume["secret"]["items"][0]["path"], file);
 
     // The drain (shutdown_timeout of the ConfigMap's pqmig.toml) ends
     // before Kubernetes kills the pod.

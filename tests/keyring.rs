@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use pqmig::keys::{KeyError, KeyProvider, LocalKeyring};
+use pqmig::keys::{KeyError, KeyProvider, LocalKeyring, check_private};
 use serde_json::{Value, json};
 
 const AES: [u8; 32] = [0x11; 32];
@@ -247,4 +247,49 @@ fn keyring_owned_by_another_user_is_refused() {
         .to_string();
     assert!(err.contains(&format!("owned by uid {other}")), "{err}");
     assert!(err.contains("chown"), "{err}");
+}
+
+/// PostgreSQL's `ssl_key_file` rule, on (mode, owner, euid) directly so
+/// every case runs whatever user the tests run as.
+#[test]
+fn permission_rule_is_postgresqls() {
+    let path = Path::new("/etc/pqmig/keys/keyring.json");
+    let (me, other) = (10001, 10002);
+    let check = |mode: u32, owner: u32, euid: u32| check_private(path, mode, owner, euid);
+    // Owned by pqmig's user: 0600 or stricter.
+    for mode in [0o600, 0o400, 0o700, 0o100600] {
+        assert_eq!(check(mode, me, me), Ok(()), "{mode:o} own");
+    }
+    for mode in [0o640, 0o660, 0o604, 0o644, 0o610, 0o601] {
+        let err = check(mode, me, me).expect_err("own file with group/other bits");
+        assert!(err.contains("chmod 600"), "{err}");
+        assert!(err.contains(&format!("{:04o}", mode & 0o7777)), "{err}");
+    }
+    // Owned by root: group read allowed (a Kubernetes Secret volume).
+    for mode in [0o640, 0o440, 0o600, 0o400, 0o100440] {
+        assert_eq!(check(mode, 0, me), Ok(()), "{mode:o} root");
+    }
+    for mode in [0o660, 0o604, 0o644, 0o650, 0o641, 0o620] {
+        let err = check(mode, 0, me).expect_err("root file with group write or other bits");
+        assert!(err.contains("chmod 640"), "{err}");
+        assert!(err.contains("owned by root"), "{err}");
+    }
+    // pqmig running as root owns a root-owned file: 0600, as PostgreSQL.
+    assert!(check(0o640, 0, 0).is_err());
+    assert_eq!(check(0o600, 0, 0), Ok(()));
+    // Anyone else's file, however strict its mode.
+    for mode in [0o600, 0o400, 0o640] {
+        let err = check(mode, other, me).expect_err("foreign owner");
+        assert!(err.contains(&format!("owned by uid {other}")), "{err}");
+        assert!(err.contains(&format!("chown {me}")), "{err}");
+    }
+    for err in [
+        check(0o660, 0, me),
+        check(0o644, me, me),
+        check(0o600, other, me),
+    ] {
+        let err = err.expect_err("refused");
+        assert!(!err.contains('\n'), "one line: {err}");
+        assert!(err.contains(&path.display().to_string()), "{err}");
+    }
 }

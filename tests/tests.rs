@@ -18,6 +18,7 @@ mod evidence;
 mod image;
 mod inventory;
 mod keyring;
+mod keyring_use;
 mod migrate;
 mod observe;
 mod onion;

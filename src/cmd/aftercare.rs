@@ -56,9 +56,7 @@ async fn aftercare(
         ))
         .into());
     }
-    let ctx = ScopeContext {
-        keyring: config.keyring.clone(),
-    };
+    let ctx = ScopeContext::new(config.keyring.clone());
     spec.scope
         .aftercare(client, &spec, &ctx, keys)
         .await

@@ -176,9 +176,7 @@ pub async fn run(config: &Config, args: &JobRequest, allow_overlap: bool) -> any
     // The daemon's own checks, on a job that is not in the table yet.
     let checked = match &config.keyring {
         Some(path) => {
-            let ctx = ScopeContext {
-                keyring: Some(path.clone()),
-            };
+            let ctx = ScopeContext::new(Some(path.clone()));
             spec.scope.prepare(client, &spec, &ctx).await.map(|_| true)
         }
         None => spec.scope.validate(client, &spec).await.map(|_| false),

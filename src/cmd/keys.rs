@@ -1,6 +1,7 @@
 //! `pqmig keys generate` (a key in the keyring file, optionally registered
 //! as a `kms_keys` row) and `pqmig keys signing` (a `signing_keys` row
-//! sealed under a KEK, SPEC §4).
+//! sealed under a KEK, SPEC §4), `pqmig keys list` and `pqmig keys check`
+//! (what each kms_keys row is, and whether this process can use it).
 
 use super::UsageError;
 use crate::config::Config;
@@ -91,5 +92,127 @@ pub async fn signing(config: &Config, a: &NewSigningKey) -> anyhow::Result<()> {
         made.public_key.len(),
         made.kms_key_id
     );
+    Ok(())
+}
+
+/// A row's reason when the keyring itself does not load.
+const KEYRING_BAD: &str = "the keyring does not load";
+
+/// The keyring for `keys list` / `keys check`: `Err` says why it cannot be
+/// used (then no key is usable), never a secret.
+fn keyring_of(config: &Config) -> Result<crate::keys::LocalKeyring, String> {
+    let path = config
+        .keyring
+        .as_ref()
+        .ok_or("no keyring path: set keys.keyring, PQMIG_KEYRING or --keyring")?;
+    crate::keys::LocalKeyring::load(path).map_err(|e| e.to_string())
+}
+
+/// `keys list`: every kms_keys row with its provider, and whether this
+/// process can use it.
+pub async fn list(config: &Config, json: bool) -> anyhow::Result<()> {
+    use crate::keys::check::usable;
+    let client = super::connect(config).await?;
+    let rows = db::kms::kms_keys_all(&client).await?;
+    let keyring = keyring_of(config);
+    let ring = keyring.as_ref().ok();
+    let usability = |k: &db::kms::KmsKey| match (&keyring, k.provider.as_str()) {
+        // Only the local provider needs the file; why it does not load is
+        // said once, above the table.
+        (Err(_), "local") if k.provider_enabled => Err(KEYRING_BAD.to_owned()),
+        _ => usable(ring, k).map(|u| format!("usable: {u}")),
+    };
+    if json {
+        let keys: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|(k, provider_name)| {
+                let u = usability(k);
+                serde_json::json!({
+                    "id": k.id,
+                    "external_key_ref": k.key_ref,
+                    "algorithm": k.algorithm,
+                    "purpose": k.purpose,
+                    "status": k.status,
+                    "provider": k.provider,
+                    "provider_name": provider_name,
+                    "provider_enabled": k.provider_enabled,
+                    "usable": u.is_ok(),
+                    "detail": match u { Ok(s) | Err(s) => s },
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "keyring": config.keyring.as_ref().map(|p| p.display().to_string()),
+                "keyring_error": keyring.as_ref().err(),
+                "keys": keys,
+            }))?
+        );
+        return Ok(());
+    }
+    if let Err(why) = &keyring {
+        eprintln!("pqmig: {why}");
+    }
+    if rows.is_empty() {
+        println!("no kms_keys rows");
+        return Ok(());
+    }
+    println!(
+        "{:>4}  {:<24} {:<13} {:<7} {:<8} {:<22} USE",
+        "ID", "REF", "ALGORITHM", "PURPOSE", "STATUS", "PROVIDER"
+    );
+    for (k, provider_name) in &rows {
+        let provider = match k.provider_enabled {
+            true => format!("{} ({provider_name})", k.provider),
+            false => format!("{} ({provider_name}, disabled)", k.provider),
+        };
+        let u = match usability(k) {
+            Ok(s) => s,
+            Err(s) => format!("not usable: {s}"),
+        };
+        println!(
+            "{:>4}  {:<24} {:<13} {:<7} {:<8} {:<22} {u}",
+            k.id,
+            k.key_ref,
+            k.algorithm.as_deref().unwrap_or("-"),
+            k.purpose,
+            k.status,
+            provider
+        );
+    }
+    Ok(())
+}
+
+/// `keys check`: each active kms_keys row's key used once, one line each;
+/// an error naming the first that failed.
+pub async fn check(config: &Config) -> anyhow::Result<()> {
+    use crate::keys::check::try_key;
+    let client = super::connect(config).await?;
+    let rows = db::kms::kms_keys_all(&client).await?;
+    let keyring = keyring_of(config);
+    let mut first_failure = None;
+    let mut checked = 0;
+    for (k, _) in rows.iter().filter(|(k, _)| k.status == "active") {
+        checked += 1;
+        let outcome = match (&keyring, k.provider.as_str()) {
+            // The full reason once, in the error that ends the command.
+            (Err(why), "local") if k.provider_enabled => Err((KEYRING_BAD.to_owned(), why.clone())),
+            (ring, _) => try_key(ring.as_ref().ok(), k).map_err(|e| (e.clone(), e)),
+        };
+        match outcome {
+            Ok(done) => println!("ok      kms_keys {} {:?}: {done}", k.id, k.key_ref),
+            Err((short, why)) => {
+                println!("FAILED  kms_keys {} {:?}: {short}", k.id, k.key_ref);
+                first_failure.get_or_insert(format!("kms_keys {} {:?}: {why}", k.id, k.key_ref));
+            }
+        }
+    }
+    if let Some(failure) = first_failure {
+        anyhow::bail!("key check failed: {failure}");
+    }
+    if checked == 0 {
+        println!("no active kms_keys rows");
+    }
     Ok(())
 }

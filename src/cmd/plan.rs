@@ -48,9 +48,7 @@ pub async fn run(config: &Config, args: &JobRequest, json: bool) -> anyhow::Resu
                 .into(),
         )
     })?;
-    let ctx = ScopeContext {
-        keyring: Some(keyring),
-    };
+    let ctx = ScopeContext::new(Some(keyring));
     let job = spec
         .scope
         .prepare(client, &spec, &ctx)

@@ -11,11 +11,11 @@ use crate::db;
 
 /// The daemon: wait for the database (a schema to migrate exits 1), then claim
 /// and work jobs until SIGTERM/SIGINT (drain); a second signal exits at
-/// once.
+/// once. SIGHUP reads the keyring again.
 pub async fn run(config: &Config) -> anyhow::Result<()> {
     let services = crate::daemon::Services::from_config(config).await?;
     let shutdown = CancellationToken::new();
-    watch_signals(shutdown.clone())?;
+    watch_signals(shutdown.clone(), services.scope.keyring.clone())?;
     let Some(services) = wait_for_database(config, services, &shutdown).await? else {
         return Ok(());
     };
@@ -107,15 +107,28 @@ async fn wait_for_database(
 }
 
 /// First SIGTERM/SIGINT: drain. Second: exit now (open transactions roll
-/// back when the connections drop).
-fn watch_signals(shutdown: CancellationToken) -> anyhow::Result<()> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
+/// back when the connections drop). SIGHUP: read the keyring now (the
+/// keyring logs `keyring reloaded`, or why the file was refused).
+fn watch_signals(
+    shutdown: CancellationToken,
+    keyring: Option<Arc<crate::keys::Keyring>>,
+) -> anyhow::Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])?;
     std::thread::Builder::new()
         .name("pqmig-signals".into())
         .spawn(move || {
             let mut seen = 0;
             for sig in signals.forever() {
+                if sig == SIGHUP {
+                    match &keyring {
+                        Some(k) => {
+                            let _ = k.reload();
+                        }
+                        None => tracing::info!("SIGHUP: no keyring configured, nothing to reload"),
+                    }
+                    continue;
+                }
                 seen += 1;
                 if seen == 1 {
                     tracing::info!(signal = sig, "shutting down: finishing in-flight batches");

@@ -14,6 +14,7 @@
 //! - [`sampler`]: queue depth, pool and exposure gauges at a bounded rate;
 //!   one replica at a time counts the exposure inventory for all.
 //! - [`janitor`]: one replica at a time deletes finished jobs past the retention.
+//! - [`keywatch`]: the keyring file read again when it changes.
 //! - [`watchdog`]: systemd's WATCHDOG=1 while the claim loop ticks.
 //!
 //! Each long-running service is a struct with `run(self, token)` around
@@ -29,6 +30,7 @@
 pub mod executor;
 pub mod governor;
 pub mod janitor;
+pub mod keywatch;
 pub mod leases;
 pub mod listener;
 pub mod producer;
@@ -333,9 +335,7 @@ impl Services {
         let application_name = format!("{} {worker_id}", crate::db::APPLICATION_NAME);
         Ok(Services {
             pool: crate::db::pool(&config.database, &application_name)?,
-            scope: ScopeContext {
-                keyring: config.keyring.clone(),
-            },
+            scope: ScopeContext::new(config.keyring.clone()),
             metrics: Arc::new(Metrics::new()),
             health: Arc::new(Health::new(config.worker.poll_interval)),
             http,
@@ -461,6 +461,13 @@ pub async fn run(
         shared: Arc::clone(&shared),
     };
     let janitor = tokio::spawn(janitor.run(background.clone()));
+    let keywatch = shared.scope.keyring.clone().map(|keyring| {
+        let watch = keywatch::KeyWatch {
+            keyring,
+            every: keywatch::EVERY,
+        };
+        tokio::spawn(watch.run(background.clone()))
+    });
 
     shared.health.tick();
     executor::slot_gauges(&shared, 0);
@@ -518,6 +525,9 @@ pub async fn run(
     let _ = tokio::join!(
         listener, keeper, rescuer, sampler, governor, janitor, watchdog
     );
+    if let Some(keywatch) = keywatch {
+        let _ = keywatch.await;
+    }
     http_stop.cancel();
     let _ = server.await;
     if let Some(console) = console {

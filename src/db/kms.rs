@@ -53,6 +53,19 @@ pub async fn kms_keys_by_id(c: &impl GenericClient, ids: &[i64]) -> Result<Vec<K
         .collect())
 }
 
+/// Every key with its provider row's name, in id order (`pqmig keys list`).
+pub async fn kms_keys_all(c: &impl GenericClient) -> Result<Vec<(KmsKey, String)>, Error> {
+    let sql = format!(
+        "SELECT {KEY_COLUMNS}, p.name FROM kms_keys k JOIN kms_providers p ON p.id = k.provider_id \
+         ORDER BY k.id"
+    );
+    Ok(c.query(&sql, &[])
+        .await?
+        .iter()
+        .map(|r| (kms_key_from(r), r.get(7)))
+        .collect())
+}
+
 /// Every key attached to a policy, whatever its state, most preferred
 /// first: higher priority, then higher weight, then lower id. The caller
 /// decides which are usable, so it can say why one is not.

@@ -1,6 +1,7 @@
 //! The `local` key provider: a JSON keyring file (SPEC §4), refused unless
-//! it is private to pqmig's user, and validated whole at load time so a bad
-//! key fails start-up rather than a job halfway through.
+//! it is private to pqmig's user (or root-owned and at most group-readable,
+//! as a Kubernetes Secret volume mounts it), and validated whole at load
+//! time so a bad key fails the load rather than a job halfway through.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -14,6 +15,7 @@ use base64::engine::general_purpose::STANDARD;
 use serde::Deserialize;
 use zeroize::Zeroizing;
 
+use super::source::Stamp;
 use super::{KeyError, KeyProvider, KeySecret};
 
 /// A keyring is a handful of keys; anything larger is the wrong file.
@@ -84,12 +86,22 @@ pub struct LocalKeyring {
 impl LocalKeyring {
     /// Check the file's owner and mode, then read and validate every key.
     pub fn load(path: &Path) -> Result<LocalKeyring, KeyError> {
+        Self::load_stamped(path).map(|(keys, _)| keys)
+    }
+
+    /// [`LocalKeyring::load`], with the identity of the file read.
+    pub(super) fn load_stamped(path: &Path) -> Result<(LocalKeyring, Stamp), KeyError> {
         let err = |reason: String| KeyError::Keyring {
             path: path.to_path_buf(),
             reason,
         };
         // Checked on the open descriptor, so the file judged is the file read.
-        let mut file = File::open(path).map_err(|e| err(format!("cannot open: {e}")))?;
+        let mut file = File::open(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => KeyError::Missing {
+                path: path.to_path_buf(),
+            },
+            _ => err(format!("cannot open: {e}")),
+        })?;
         let meta = file
             .metadata()
             .map_err(|e| err(format!("cannot stat: {e}")))?;
@@ -133,10 +145,20 @@ impl LocalKeyring {
                 )));
             }
         }
-        Ok(LocalKeyring {
+        let keyring = LocalKeyring {
             path: path.to_path_buf(),
             keys,
-        })
+        };
+        Ok((keyring, Stamp::of(&meta)))
+    }
+
+    /// How many keys it holds.
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
     }
 
     /// The file this keyring was loaded from.
@@ -191,23 +213,33 @@ impl fmt::Debug for LocalKeyring {
     }
 }
 
-/// Refuse a keyring that someone other than pqmig's user could read or
-/// replace: the fix is named, since an operator meets this at start-up.
-fn check_private(path: &Path, mode: u32, owner: u32, euid: u32) -> Result<(), String> {
-    if mode & 0o077 != 0 {
-        return Err(format!(
-            "is accessible by group or others (mode {:04o}): run chmod 600 {}",
-            mode & 0o7777,
-            path.display()
-        ));
+/// PostgreSQL's rule for `ssl_key_file`: owned by pqmig's user with no
+/// group or other bits (0600 or stricter), or owned by root with at most
+/// group read (0640 or stricter), as a Kubernetes Secret volume mounts it
+/// (root, group fsGroup). The fix is named: an operator meets this at
+/// start-up. Public so the rule can be tested without root.
+pub fn check_private(path: &Path, mode: u32, owner: u32, euid: u32) -> Result<(), String> {
+    let shown = mode & 0o7777;
+    let path = path.display();
+    if owner == euid {
+        if mode & 0o077 != 0 {
+            return Err(format!(
+                "is accessible by group or others (mode {shown:04o}); a keyring owned by pqmig's user must be 0600 or stricter: run chmod 600 {path}"
+            ));
+        }
+        return Ok(());
     }
-    if owner != euid {
-        return Err(format!(
-            "is owned by uid {owner}, not by pqmig's user (uid {euid}): run chown {euid} {} or run pqmig as uid {owner}",
-            path.display()
-        ));
+    if owner == 0 {
+        if mode & 0o037 != 0 {
+            return Err(format!(
+                "is owned by root with mode {shown:04o}; a root-owned keyring may be group-readable but no more (0640 or stricter): run chmod 640 {path} (on Kubernetes: defaultMode 0440)"
+            ));
+        }
+        return Ok(());
     }
-    Ok(())
+    Err(format!(
+        "is owned by uid {owner}, neither pqmig's user (uid {euid}) nor root: run chown {euid} {path} and chmod 600 {path}, or run pqmig as uid {owner}"
+    ))
 }
 
 fn decode_entry(entry: &RawEntry) -> Result<KeySecret, String> {

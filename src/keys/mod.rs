@@ -2,10 +2,12 @@
 //! bytes. This release ships the `local` keyring file; Vault, AWS and GCP
 //! providers implement the same [`KeyProvider`] trait.
 
+pub mod check;
 pub mod document;
 mod generate;
 mod local;
 pub mod signing;
+mod source;
 
 use std::fmt;
 use std::path::PathBuf;
@@ -13,7 +15,8 @@ use std::path::PathBuf;
 use zeroize::Zeroizing;
 
 pub use generate::{Generated, add_key};
-pub use local::LocalKeyring;
+pub use local::{LocalKeyring, check_private};
+pub use source::Keyring;
 
 /// Resolves key references to secrets. Implementations are shared between
 /// worker threads, hence `Send + Sync`.
@@ -65,6 +68,10 @@ pub enum KeyError {
     NotFound { key_ref: String },
     #[error("keyring {}: {reason}", path.display())]
     Keyring { path: PathBuf, reason: String },
+    /// No file at the path (or a dangling link): an operator's mistake, or
+    /// a Kubernetes Secret volume in the middle of a swap.
+    #[error("keyring {}: no such file", path.display())]
+    Missing { path: PathBuf },
     #[error(
         "key {key_ref:?} belongs to provider {provider:?}, which this pqmig build does not implement (only \"local\")"
     )]
@@ -75,6 +82,13 @@ pub enum KeyError {
         expected: String,
         found: String,
     },
+}
+
+impl KeyError {
+    /// Worth retrying: the file may be back in a moment.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, KeyError::Missing { .. })
+    }
 }
 
 /// The secret of a `kms_keys` row for `algorithm`, through the provider its

@@ -24,6 +24,7 @@ pub mod wrappers;
 
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use serde_json::Value;
 use tokio_postgres::{Client, Transaction};
@@ -33,6 +34,7 @@ pub use prepared::{Computed, Prepared, Rows};
 
 use crate::job::JobSpec;
 pub use crate::job::ScopeKind;
+use crate::keys::{Keyring, LocalKeyring};
 use crate::selection::Common;
 
 impl ScopeKind {
@@ -43,6 +45,7 @@ impl ScopeKind {
         spec: &JobSpec,
         ctx: &ScopeContext,
     ) -> Result<Prepared, JobError> {
+        ctx.settle().await;
         Ok(match self {
             ScopeKind::Hashes => Prepared::new(hashes::HashesJob::prepare(c, spec, ctx).await?),
             ScopeKind::Wrappers => {
@@ -79,6 +82,9 @@ impl ScopeKind {
         ctx: &ScopeContext,
         keys: bool,
     ) -> Result<Box<dyn Aftercare>, JobError> {
+        if keys {
+            ctx.settle().await;
+        }
         Ok(match self {
             ScopeKind::Hashes => Box::new(hashes::aftercare(c, spec, ctx, keys).await?),
             ScopeKind::Wrappers => Box::new(wrappers::aftercare(ctx, keys)?),
@@ -181,19 +187,51 @@ pub(crate) fn total_len<T: AsRef<[u8]>>(values: &[T]) -> i64 {
     values.iter().map(|v| v.as_ref().len() as i64).sum()
 }
 
+/// How long [`ScopeContext::settle`] waits for a missing keyring file;
+/// past it the job's transient-error retries take over.
+pub const KEYRING_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// What a scope needs from the process around it.
 #[derive(Debug, Clone, Default)]
 pub struct ScopeContext {
-    pub keyring: Option<PathBuf>,
+    /// Shared by every job of a daemon, so a changed file is read once.
+    pub keyring: Option<Arc<Keyring>>,
 }
 
 impl ScopeContext {
-    /// The keyring path, or a fatal error saying what it was needed for.
-    pub(crate) fn keyring(&self, what: &str) -> Result<&PathBuf, JobError> {
-        self.keyring.as_ref().ok_or_else(|| {
+    /// The keyring at `path` (keys.keyring), read when first needed.
+    pub fn new(path: Option<PathBuf>) -> ScopeContext {
+        ScopeContext {
+            keyring: path.map(|p| Arc::new(Keyring::new(p))),
+        }
+    }
+
+    /// Give a missing keyring file a moment to appear before work that
+    /// may need it: a Secret volume between two versions, a file being
+    /// put in place. Only while no keys were loaded yet (after that the
+    /// keys loaded before are used); polled, at most [`KEYRING_GRACE`].
+    pub async fn settle(&self) {
+        let Some(keyring) = &self.keyring else {
+            return;
+        };
+        let deadline = tokio::time::Instant::now() + KEYRING_GRACE;
+        while keyring.missing() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The keys, or why not: a missing file is transient (a Secret being
+    /// swapped), any other problem or no keyring configured is fatal and
+    /// says what the keys were needed for.
+    pub(crate) fn keys(&self, what: &str) -> Result<Arc<LocalKeyring>, JobError> {
+        let keyring = self.keyring.as_ref().ok_or_else(|| {
             fatal(format!(
                 "no keyring configured (keys.keyring or PQMIG_KEYRING) to {what}"
             ))
+        })?;
+        keyring.current().map_err(|e| match e.is_transient() {
+            true => JobError::Transient(e.to_string()),
+            false => fatal(e.to_string()),
         })
     }
 }

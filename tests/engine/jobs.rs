@@ -491,9 +491,7 @@ async fn concurrent_application_write_is_not_lost() {
         .expect("claim")
         .remove(0);
     assert_eq!(job.lease.job_id, id);
-    let ctx = ScopeContext {
-        keyring: Some(fx.keyring.clone()),
-    };
+    let ctx = ScopeContext::new(Some(fx.keyring.clone()));
     let spec = job.spec.as_ref().expect("a readable job");
     let h = spec.scope.prepare(&c, spec, &ctx).await.expect("prepare");
     pqmig::db::backups::ensure_partition(&c, spec.scope, id)

@@ -423,9 +423,7 @@ async fn a_concurrent_rotation_by_the_application_is_not_lost() {
         .unwrap()
         .remove(0);
     assert_eq!(job.lease.job_id, id);
-    let ctx = ScopeContext {
-        keyring: Some(w.fx.keyring.clone()),
-    };
+    let ctx = ScopeContext::new(Some(w.fx.keyring.clone()));
     let spec = job.spec.as_ref().expect("a readable job");
     let prepared = spec.scope.prepare(&c, spec, &ctx).await.expect("prepare");
     let rows = prepared

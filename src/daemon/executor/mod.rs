@@ -149,7 +149,12 @@ async fn attest(shared: Arc<Shared>, job_id: i64) {
     };
     let written = match shared.pool.get().await {
         Ok(client) => {
-            crate::cmd::attest::attest_into(&client, shared.scope.keyring.as_deref(), dir, job_id)
+            crate::cmd::attest::attest_into(
+                &client,
+                shared.scope.keyring.as_ref().map(|k| k.path()),
+                dir,
+                job_id,
+            )
                 .await
         }
         Err(e) => Err(e.to_string()),

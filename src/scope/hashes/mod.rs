@@ -25,7 +25,7 @@ use super::{
 use crate::crypto::onion::{HmacHash, Onion};
 use crate::db::hashes::{self as dbh, HashRow, HashStatements, HashUpdates};
 use crate::job::JobSpec;
-use crate::keys::{KeyProvider, LocalKeyring};
+use crate::keys::KeyProvider;
 use crate::selection::{self, Common};
 
 pub struct HashesJob {
@@ -202,8 +202,7 @@ impl Checked {
     /// problem is reported only for a job that is otherwise valid.
     pub fn onion(&self, ctx: &ScopeContext) -> Result<Onion, JobError> {
         let (pin, hash) = (&self.pin, self.hash);
-        let path = ctx.keyring("read the pepper from")?;
-        let keyring = LocalKeyring::load(path).map_err(|e| fatal(e.to_string()))?;
+        let keyring = ctx.keys("read the pepper from")?;
         let key_ref = &pin.key_ref;
         let secret = keyring.secret(key_ref).map_err(|e| fatal(e.to_string()))?;
         // Exactly the target's HMAC: a pepper declared for another hash

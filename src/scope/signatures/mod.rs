@@ -31,7 +31,6 @@ use super::{
 use crate::crypto::sig::SigAlg;
 use crate::db::signatures::{self as dbs, SignatureFilter, SignatureRow, SigningKeyRow};
 use crate::job::JobSpec;
-use crate::keys::LocalKeyring;
 use crate::selection::{self, Common};
 
 /// A signatures job checked against the database, its keys not loaded.
@@ -173,10 +172,7 @@ impl Checked {
         c: &impl GenericClient,
         ctx: &ScopeContext,
     ) -> Result<SignaturesJob, JobError> {
-        let path = ctx.keyring.as_ref().ok_or_else(|| {
-            fatal("no keyring configured (keys.keyring or PQMIG_KEYRING) to unseal the signing key")
-        })?;
-        let keyring = LocalKeyring::load(path).map_err(|e| fatal(e.to_string()))?;
+        let keyring = ctx.keys("unseal the signing key")?;
         let mut keys = Vec::with_capacity(self.keys.len());
         for k in &self.keys {
             let signer = load_signing_key(c, &keyring, k, self.target)

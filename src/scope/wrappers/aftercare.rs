@@ -20,12 +20,7 @@ pub struct WrappersAftercare {
 /// `keys`: load the keyring (verify); rollback needs none.
 pub fn aftercare(ctx: &ScopeContext, keys: bool) -> Result<WrappersAftercare, JobError> {
     let keyring = match keys {
-        true => {
-            let path = ctx.keyring("open the wraps with")?;
-            Some(Arc::new(
-                LocalKeyring::load(path).map_err(|e| fatal(e.to_string()))?,
-            ))
-        }
+        true => Some(ctx.keys("open the wraps with")?),
         false => None,
     };
     Ok(WrappersAftercare { keyring })

@@ -33,7 +33,6 @@ use crate::crypto::wrap;
 use crate::db::kms;
 use crate::db::wrappers::{self as dbw, Policy, WrapperFilter, WrapperRow, WrapperUpdates};
 use crate::job::JobSpec;
-use crate::keys::LocalKeyring;
 use crate::selection::{self, Common};
 
 /// A wrappers job checked against the database, its keys not loaded.
@@ -239,10 +238,7 @@ impl Checked {
     /// The layer keys, last: a keyring problem is reported only for a job
     /// that is otherwise valid.
     pub fn load_keys(self, job_id: i64, ctx: &ScopeContext) -> Result<WrappersJob, JobError> {
-        let path = ctx.keyring.as_ref().ok_or_else(|| {
-            fatal("no keyring configured (keys.keyring or PQMIG_KEYRING) to read the wrapping keys from")
-        })?;
-        let keyring = Arc::new(LocalKeyring::load(path).map_err(|e| fatal(e.to_string()))?);
+        let keyring = ctx.keys("read the wrapping keys from")?;
         let mut layer_keys = Vec::with_capacity(self.candidates.len());
         for c in &self.candidates {
             let secret =

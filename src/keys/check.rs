@@ -1,0 +1,125 @@
+//! What this process can do with a `kms_keys` row (`pqmig keys list`), and
+//! a harmless operation with each key to prove it (`pqmig keys check`):
+//! seal and open a fixed string, encapsulate to the key and decapsulate,
+//! or an HMAC. Only descriptions and public-key fingerprints come out.
+
+use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
+
+use super::{KeyProvider, KeySecret, LocalKeyring};
+use crate::crypto::kem::{Kem, KemKeyPair};
+use crate::crypto::onion::{HmacHash, Onion};
+use crate::crypto::{aead, wrap};
+use crate::db::kms::KmsKey;
+
+const PROBE: &[u8] = b"pqmig keys check";
+
+/// Why a row's key cannot be used here, or (Ok) what it can be used for.
+pub fn usable(keyring: Option<&LocalKeyring>, key: &KmsKey) -> Result<&'static str, String> {
+    let secret = secret_of(keyring, key)?;
+    uses(&secret.algorithm).ok_or_else(|| unused(&secret.algorithm))
+}
+
+/// What a key of `algorithm` is used for by the scopes.
+fn uses(algorithm: &str) -> Option<&'static str> {
+    match algorithm {
+        // Legacy wraps, and the KEK of sealed signing keys.
+        "AES-256-GCM" => Some("open/unseal"),
+        "X25519" => Some("open"),
+        a if Kem::from_alias(a).is_some() => Some("decapsulate"),
+        a if a.starts_with("HMAC-") => Some("hmac"),
+        _ => None,
+    }
+}
+
+fn unused(algorithm: &str) -> String {
+    format!("{algorithm} keys have no use as kms_keys rows")
+}
+
+/// The row's secret from the keyring, checked against what the row says.
+fn secret_of(keyring: Option<&LocalKeyring>, key: &KmsKey) -> Result<KeySecret, String> {
+    if key.provider != "local" {
+        return Err(format!("provider {} is not supported yet", key.provider));
+    }
+    if !key.provider_enabled {
+        return Err("its kms_providers row is disabled".into());
+    }
+    let keyring = keyring.ok_or("no keyring loaded")?;
+    let secret = match &key.algorithm {
+        Some(a) => keyring.secret_for(&key.key_ref, a),
+        None => keyring.secret(&key.key_ref),
+    };
+    secret.map_err(|e| e.to_string())
+}
+
+/// Use the row's key once, harmlessly: what was done, or why it failed.
+pub fn try_key(keyring: Option<&LocalKeyring>, key: &KmsKey) -> Result<String, String> {
+    let secret = secret_of(keyring, key)?;
+    let alg = secret.algorithm.as_str();
+    let fixed = |b: &[u8]| -> Result<Zeroizing<[u8; 32]>, String> {
+        let arr: [u8; 32] = b
+            .try_into()
+            .map_err(|_| format!("{alg} secret is {} bytes, expected 32", b.len()))?;
+        Ok(Zeroizing::new(arr))
+    };
+    match alg {
+        "AES-256-GCM" => {
+            let k = fixed(&secret.bytes)?;
+            let sealed = aead::seal(&k, PROBE, b"pqmig-keys-check");
+            let opened = aead::open(&k, &sealed, b"pqmig-keys-check").map_err(|e| e.to_string())?;
+            if opened.as_slice() != PROBE {
+                return Err("AES-256-GCM seal and open disagree".into());
+            }
+            Ok("sealed and opened a test string".into())
+        }
+        "X25519" => {
+            let k = fixed(&secret.bytes)?;
+            let public = wrap::x25519_public(&k);
+            let sealed = wrap::seal_legacy_x25519(&public, "pqmig-keys-check", PROBE);
+            let opened = wrap::open_legacy_x25519(&k, "pqmig-keys-check", &sealed)
+                .map_err(|e| e.to_string())?;
+            if opened.as_slice() != PROBE {
+                return Err("X25519 seal and open disagree".into());
+            }
+            Ok(format!(
+                "sealed to its public key and opened; {}",
+                fingerprint(&public)
+            ))
+        }
+        a if Kem::from_alias(a).is_some() => {
+            let kem = Kem::from_alias(a).expect("matched");
+            let pair = KemKeyPair::from_seed(kem, &secret.bytes).map_err(|e| e.to_string())?;
+            let (ct, shared) = pair.encapsulate();
+            let back = pair.decapsulate(&ct).map_err(|e| e.to_string())?;
+            if *back != *shared {
+                return Err(format!(
+                    "{a} decapsulation does not give the encapsulated secret"
+                ));
+            }
+            Ok(format!(
+                "encapsulated to its public key and decapsulated; {}",
+                fingerprint(pair.public_key())
+            ))
+        }
+        a if a.starts_with("HMAC-") => {
+            let hash = HmacHash::from_alias(a).ok_or_else(|| format!("unknown HMAC {a}"))?;
+            let onion = Onion::new(hash, secret.bytes.clone(), None, "pqmig-keys-check")
+                .map_err(|e| e.to_string())?;
+            let mac = onion.rehash(PROBE);
+            if mac.len() != hash.output_len() {
+                return Err(format!("{a} gave {} bytes", mac.len()));
+            }
+            Ok("computed an HMAC of a test string".into())
+        }
+        other => Err(unused(other)),
+    }
+}
+
+/// `public key N bytes, SHA-256 hex` (public, safe to print).
+fn fingerprint(public: &[u8]) -> String {
+    format!(
+        "public key {} bytes, SHA-256 {}",
+        public.len(),
+        crate::hex(&Sha256::digest(public))
+    )
+}
