@@ -45,6 +45,7 @@ pub async fn seed_signatures(
     let made = crate::keys::signing::create_signing_key(
         c,
         &*keys,
+        None,
         target.alias(),
         key_name,
         &kek_ref,

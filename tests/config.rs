@@ -306,7 +306,11 @@ fn example_config_documents_every_key_with_its_default() {
             section = name.to_owned();
         } else if let Some((lhs, _)) = line.trim_start_matches('#').split_once('=') {
             let name = lhs.trim();
-            if !name.is_empty() && name.chars().all(|c| c.is_ascii_lowercase() || c == '_') {
+            if !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            {
                 documented.push(format!("{section}.{name}"));
             }
         }
@@ -316,7 +320,7 @@ fn example_config_documents_every_key_with_its_default() {
         .iter()
         .map(|k| k.name.to_owned())
         .collect();
-    assert_eq!(expected.len(), 37);
+    assert_eq!(expected.len(), 39);
     documented.sort();
     expected.sort();
     assert_eq!(documented, expected);
@@ -650,4 +654,35 @@ fn a_malformed_key_value_string_is_not_echoed() {
     ));
     assert!(msg.contains("database.url"), "{msg}");
     assert!(!msg.contains("half"), "{msg}");
+}
+
+#[test]
+fn the_pkcs11_provider_needs_its_module_and_pin_file_together() {
+    let none = load(None, &[], FlagOverrides::default()).expect("valid");
+    assert_eq!(none.pkcs11, None);
+    let module = ("PQMIG_PKCS11_MODULE", "/usr/lib/softhsm/libsofthsm2.so");
+    let said = err(load(None, &[module], FlagOverrides::default()));
+    assert!(said.starts_with("keys.pkcs11_pin_file: missing"), "{said}");
+    let said = err(load(
+        None,
+        &[("PQMIG_PKCS11_PIN_FILE", "/run/pin")],
+        FlagOverrides::default(),
+    ));
+    assert!(said.starts_with("keys.pkcs11_module: missing"), "{said}");
+    // A relative PIN file is a systemd credential.
+    let creds = tempfile::tempdir().unwrap();
+    let dir = creds.path().display().to_string();
+    let c = load(
+        None,
+        &[
+            module,
+            ("PQMIG_PKCS11_PIN_FILE", "pkcs11-pin"),
+            ("CREDENTIALS_DIRECTORY", dir.as_str()),
+        ],
+        FlagOverrides::default(),
+    )
+    .expect("valid");
+    let p = c.pkcs11.expect("pkcs11 settings");
+    assert_eq!(p.pin_file, creds.path().join("pkcs11-pin"));
+    assert_eq!(p.module.display().to_string(), module.1);
 }

@@ -24,6 +24,7 @@ mod observe;
 mod onion;
 mod pause;
 mod pgcluster;
+mod pkcs11;
 mod plan;
 mod reliability;
 mod safety;

@@ -56,7 +56,7 @@ async fn aftercare(
         ))
         .into());
     }
-    let ctx = ScopeContext::new(config.keyring.clone());
+    let ctx = ScopeContext::of(config);
     spec.scope
         .aftercare(client, &spec, &ctx, keys)
         .await
@@ -125,7 +125,8 @@ pub async fn verify(config: &Config, job_id: i64) -> anyhow::Result<()> {
         report.checked
     );
     if let (Some(dir), "done") = (config.attest_dir.as_deref(), j.status.as_str()) {
-        match super::attest::attest_into(&client, config.keyring.as_deref(), dir, job_id).await {
+        let keys = ScopeContext::of(config);
+        match super::attest::attest_into(&client, &keys, dir, job_id).await {
             Ok(path) => println!("job {job_id}: attestation written to {}", path.display()),
             Err(e) => eprintln!("pqmig: job {job_id}: attestation not written: {e}"),
         }

@@ -35,7 +35,7 @@ async fn write(att: Attestation, path: PathBuf) -> Result<(Attestation, PathBuf)
 /// `pqmig-job-JOB.dsse.json`), its leaves beside it.
 pub async fn attest(config: &Config, job_id: i64, out: Option<PathBuf>) -> anyhow::Result<()> {
     let client = super::connect(config).await?;
-    let att = attest::attest(&client, config.keyring.as_deref(), job_id)
+    let att = attest::attest(&client, &crate::scope::ScopeContext::of(config), job_id)
         .await
         .map_err(from_attest)?;
     let path = out.unwrap_or_else(|| PathBuf::from(format!("pqmig-job-{job_id}.dsse.json")));
@@ -64,11 +64,11 @@ pub async fn attest(config: &Config, job_id: i64, out: Option<PathBuf>) -> anyho
 /// earlier one); a failure is the caller's to log, never the job's.
 pub async fn attest_into(
     client: &tokio_postgres::Client,
-    keyring: Option<&Path>,
+    keys: &crate::scope::ScopeContext,
     dir: &Path,
     job_id: i64,
 ) -> Result<PathBuf, String> {
-    let att = attest::attest(client, keyring, job_id)
+    let att = attest::attest(client, keys, job_id)
         .await
         .map_err(|e| e.to_string())?;
     let path = dir.join(format!("pqmig-job-{job_id}-{}.dsse.json", att.stamp));

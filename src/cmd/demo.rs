@@ -160,6 +160,7 @@ async fn run_in(config: &Config, scratch: &Scratch) -> anyhow::Result<()> {
     crate::keys::signing::create_signing_key(
         &client,
         &crate::keys::LocalKeyring::load(&keyring)?,
+        None,
         "ML-DSA-65",
         "demo-attestation",
         &kek.to_string(),

@@ -69,6 +69,7 @@ pub async fn signing(config: &Config, a: &NewSigningKey) -> anyhow::Result<()> {
     let made = create_signing_key(
         &client,
         &keyring,
+        config.pkcs11.as_ref(),
         &a.algorithm,
         &a.name,
         &a.kek,
@@ -120,7 +121,7 @@ pub async fn list(config: &Config, json: bool) -> anyhow::Result<()> {
         // Only the local provider needs the file; why it does not load is
         // said once, above the table.
         (Err(_), "local") if k.provider_enabled => Err(KEYRING_BAD.to_owned()),
-        _ => usable(ring, k).map(|u| format!("usable: {u}")),
+        _ => usable(ring, config.pkcs11.as_ref(), k).map(|u| format!("usable: {u}")),
     };
     if json {
         let keys: Vec<serde_json::Value> = rows
@@ -198,7 +199,9 @@ pub async fn check(config: &Config) -> anyhow::Result<()> {
         let outcome = match (&keyring, k.provider.as_str()) {
             // The full reason once, in the error that ends the command.
             (Err(why), "local") if k.provider_enabled => Err((KEYRING_BAD.to_owned(), why.clone())),
-            (ring, _) => try_key(ring.as_ref().ok(), k).map_err(|e| (e.clone(), e)),
+            (ring, _) => {
+                try_key(ring.as_ref().ok(), config.pkcs11.as_ref(), k).map_err(|e| (e.clone(), e))
+            }
         };
         match outcome {
             Ok(done) => println!("ok      kms_keys {} {:?}: {done}", k.id, k.key_ref),

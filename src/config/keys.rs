@@ -160,6 +160,8 @@ pub const KEYS: &[Key] = &[
     // address on a listener of its own, "off" nowhere.
     key("console.listen", &["PQMIG_CONSOLE_ADDR"], Text),
     key("keys.keyring", &["PQMIG_KEYRING"], Text).flag("--keyring"),
+    key("keys.pkcs11_module", &["PQMIG_PKCS11_MODULE"], Text),
+    key("keys.pkcs11_pin_file", &["PQMIG_PKCS11_PIN_FILE"], Text),
     key("evidence.attest_dir", &["PQMIG_ATTEST_DIR"], Text),
     key("log.format", &["PQMIG_LOG_FORMAT"], Text)
         .flag("--log-format")

@@ -161,6 +161,9 @@ pub struct Config {
     pub metrics_listen: SocketAddr,
     pub console_listen: ConsoleListen,
     pub keyring: Option<PathBuf>,
+    /// `keys.pkcs11_module` and `keys.pkcs11_pin_file`: the PKCS#11 module
+    /// and user PIN of the `pkcs11` key provider (both, or neither).
+    pub pkcs11: Option<crate::keys::pkcs11::Pkcs11Settings>,
     /// `evidence.attest_dir`: where a job's attestation is written when it
     /// ends `done` and when `pqmig verify` passes (README "Evidence for
     /// auditors").
@@ -232,6 +235,7 @@ impl Config {
         raw.merge(RawConfig::from_flags(&sources.flags.values()));
         let credentials_dir = credentials(&mut raw, env);
         let v = Values { raw: &raw };
+        let pkcs11 = v.pkcs11(credentials_dir.as_deref())?;
         let worker = v.worker()?;
         // Every walk holds up to two connections (the batch it writes and
         // the read ahead of the next); the rescuer, the governor, the
@@ -280,6 +284,7 @@ impl Config {
             metrics_listen,
             console_listen,
             keyring: v.text("keys.keyring").map(PathBuf::from),
+            pkcs11,
             attest_dir: v.attest_dir()?,
             log_format,
             log_level,
@@ -425,6 +430,43 @@ impl Values<'_> {
             return Err(self.invalid(key, format!("{n} is out of range 0..={max} (0: off)")));
         }
         Ok((n > 0).then_some(n))
+    }
+
+    /// `keys.pkcs11_module` and `keys.pkcs11_pin_file`, both or neither;
+    /// a relative PIN file is taken from `$CREDENTIALS_DIRECTORY` (systemd
+    /// `LoadCredential=`) when there is one.
+    fn pkcs11(
+        &self,
+        credentials_dir: Option<&Path>,
+    ) -> Result<Option<crate::keys::pkcs11::Pkcs11Settings>, ConfigError> {
+        let module = self
+            .text("keys.pkcs11_module")
+            .filter(|t| !t.trim().is_empty());
+        let pin = self
+            .text("keys.pkcs11_pin_file")
+            .filter(|t| !t.trim().is_empty());
+        match (module, pin) {
+            (None, None) => Ok(None),
+            (Some(_), None) => Err(ConfigError::Missing {
+                key: "keys.pkcs11_pin_file",
+                hint: "keys.pkcs11_module is set: name the file holding the token's user PIN",
+            }),
+            (None, Some(_)) => Err(ConfigError::Missing {
+                key: "keys.pkcs11_module",
+                hint: "keys.pkcs11_pin_file is set: name the PKCS#11 module (.so) of the HSM",
+            }),
+            (Some(module), Some(pin)) => {
+                let pin = PathBuf::from(pin);
+                let pin_file = match credentials_dir {
+                    Some(dir) if pin.is_relative() => dir.join(pin),
+                    _ => pin,
+                };
+                Ok(Some(crate::keys::pkcs11::Pkcs11Settings {
+                    module: PathBuf::from(module),
+                    pin_file,
+                }))
+            }
+        }
     }
 
     /// `evidence.attest_dir`: unset, or an existing directory.

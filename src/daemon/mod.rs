@@ -335,7 +335,7 @@ impl Services {
         let application_name = format!("{} {worker_id}", crate::db::APPLICATION_NAME);
         Ok(Services {
             pool: crate::db::pool(&config.database, &application_name)?,
-            scope: ScopeContext::new(config.keyring.clone()),
+            scope: ScopeContext::of(config),
             metrics: Arc::new(Metrics::new()),
             health: Arc::new(Health::new(config.worker.poll_interval)),
             http,
@@ -405,6 +405,8 @@ fn log_config(c: &Config) {
         metrics.listen = %c.metrics_listen,
         console.listen = %c.console_listen,
         keys.keyring = path(&c.keyring),
+        keys.pkcs11_module = c.pkcs11.as_ref().map(|p| p.module.display().to_string()),
+        keys.pkcs11_pin_file = c.pkcs11.as_ref().map(|p| p.pin_file.display().to_string()),
         evidence.attest_dir = path(&c.attest_dir),
         "effective configuration"
     );

@@ -15,6 +15,8 @@ pub struct KmsKey {
     pub purpose: String,
     pub algorithm: Option<String>,
     pub status: String,
+    /// `kms_providers.location`: for `pkcs11`, the token's label.
+    pub location: Option<String>,
 }
 
 /// A policy's key with its ordering columns.
@@ -26,7 +28,10 @@ pub struct PolicyKey {
 }
 
 const KEY_COLUMNS: &str = "k.id, k.external_key_ref, p.provider, p.is_enabled, k.purpose, \
-                           k.algorithm::text, k.status";
+                           k.algorithm::text, k.status, p.location::text";
+
+/// How many columns [`KEY_COLUMNS`] selects: a query's own columns follow.
+const KEY_COLUMN_COUNT: usize = 8;
 
 fn kms_key_from(row: &Row) -> KmsKey {
     KmsKey {
@@ -37,6 +42,7 @@ fn kms_key_from(row: &Row) -> KmsKey {
         purpose: row.get(4),
         algorithm: row.get(5),
         status: row.get(6),
+        location: row.get(7),
     }
 }
 
@@ -62,7 +68,7 @@ pub async fn kms_keys_all(c: &impl GenericClient) -> Result<Vec<(KmsKey, String)
     Ok(c.query(&sql, &[])
         .await?
         .iter()
-        .map(|r| (kms_key_from(r), r.get(7)))
+        .map(|r| (kms_key_from(r), r.get(KEY_COLUMN_COUNT)))
         .collect())
 }
 
@@ -83,8 +89,8 @@ pub async fn policy_keys(c: &impl GenericClient, policy_id: i64) -> Result<Vec<P
         .iter()
         .map(|r| PolicyKey {
             key: kms_key_from(r),
-            weight: r.get(7),
-            priority: r.get(8),
+            weight: r.get(KEY_COLUMN_COUNT),
+            priority: r.get(KEY_COLUMN_COUNT + 1),
         })
         .collect())
 }

@@ -23,7 +23,6 @@ use super::merkle::{self, Hash};
 use crate::crypto::sig::{self, SigAlg};
 use crate::db::evidence::{self as dbe, AttestedJob};
 use crate::job::Purpose;
-use crate::keys::LocalKeyring;
 use crate::scope::ScopeContext;
 
 pub const STATEMENT_TYPE: &str = "https://in-toto.io/Statement/v1";
@@ -140,7 +139,7 @@ pub async fn current_leaves(c: &Client, job: &AttestedJob) -> Result<Vec<Leaf>, 
         .await?
         .ok_or_else(|| refused(format!("no job with id {}", job.id)))?
         .map_err(|e| refused(format!("job {}: {e}", job.id)))?;
-    let ctx = ScopeContext { keyring: None };
+    let ctx = ScopeContext::default();
     let aftercare = spec
         .scope
         .aftercare(c, &spec, &ctx, false)
@@ -161,12 +160,12 @@ pub async fn current_leaves(c: &Client, job: &AttestedJob) -> Result<Vec<Leaf>, 
 /// database.
 pub async fn attest(
     c: &Client,
-    keyring: Option<&Path>,
+    keys: &ScopeContext,
     job_id: i64,
 ) -> Result<Attestation, AttestError> {
     c.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         .await?;
-    let made = attest_in_snapshot(c, keyring, job_id).await;
+    let made = attest_in_snapshot(c, keys, job_id).await;
     c.batch_execute(if made.is_ok() { "COMMIT" } else { "ROLLBACK" })
         .await?;
     made
@@ -174,7 +173,7 @@ pub async fn attest(
 
 async fn attest_in_snapshot(
     c: &Client,
-    keyring: Option<&Path>,
+    keys: &ScopeContext,
     job_id: i64,
 ) -> Result<Attestation, AttestError> {
     let job = dbe::attested_job(c, job_id)
@@ -195,7 +194,7 @@ async fn attest_in_snapshot(
             "job {job_id} was rolled back: what it wrote is undone, there is nothing to attest"
         )));
     }
-    let signers = signers(c, keyring).await?;
+    let signers = signers(c, keys).await?;
     let leaves = current_leaves(c, &job).await?;
     let migrated = job_facts(&job)["counts"]["migrated"].as_i64().unwrap_or(0);
     if leaves.is_empty() && migrated > 0 {
@@ -277,7 +276,7 @@ async fn attest_in_snapshot(
 /// the newest Ed25519 one if any.
 async fn signers(
     c: &Client,
-    keyring: Option<&Path>,
+    ctx: &ScopeContext,
 ) -> Result<Vec<(String, sig::Signer)>, AttestError> {
     let keys = dbe::attestation_keys(c).await?;
     let pick = |alg: SigAlg| {
@@ -289,21 +288,24 @@ async fn signers(
             "no active ML-DSA-65 signing key with scope 'attestation': create one with `pqmig keys signing --algorithm ML-DSA-65 --name NAME --kek KEK --scope attestation`",
         ));
     };
-    let path = keyring.ok_or_else(|| {
-        refused(
-            "no keyring configured (keys.keyring or PQMIG_KEYRING) to unseal the attestation key",
-        )
-    })?;
-    let keyring = LocalKeyring::load(path).map_err(|e| refused(e.to_string()))?;
+    let keyring = ctx
+        .keys("unseal the attestation key")
+        .map_err(|e| refused(e.to_string()))?;
     let mut out = Vec::new();
     for (k, alg) in [
         (Some(pq), SigAlg::MlDsa65),
         (pick(SigAlg::Ed25519), SigAlg::Ed25519),
     ] {
         let Some(k) = k else { continue };
-        let signer = crate::scope::signatures::keys::load_signing_key(c, &keyring, &k.row, alg)
-            .await
-            .map_err(refused)?;
+        let signer = crate::scope::signatures::keys::load_signing_key(
+            c,
+            &keyring,
+            ctx.pkcs11.as_ref(),
+            &k.row,
+            alg,
+        )
+        .await
+        .map_err(refused)?;
         out.push((k.row.name.clone(), signer));
     }
     Ok(out)

@@ -6,6 +6,7 @@
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
+use super::pkcs11::Pkcs11Settings;
 use super::{KeyProvider, KeySecret, LocalKeyring};
 use crate::crypto::kem::{Kem, KemKeyPair};
 use crate::crypto::onion::{HmacHash, Onion};
@@ -14,8 +15,42 @@ use crate::db::kms::KmsKey;
 
 const PROBE: &[u8] = b"pqmig keys check";
 
+/// A `pkcs11` row's token and key, found (the token logged in, the key
+/// checked): the module, the token label.
+fn hsm_of(
+    pkcs11: Option<&Pkcs11Settings>,
+    key: &KmsKey,
+) -> Result<(std::sync::Arc<super::pkcs11::Hsm>, String), String> {
+    if !key.provider_enabled {
+        return Err("its kms_providers row is disabled".into());
+    }
+    let settings = pkcs11.ok_or("keys.pkcs11_module and keys.pkcs11_pin_file are not set")?;
+    let algorithm = key.algorithm.as_deref().unwrap_or("AES-256-GCM");
+    if !algorithm.eq_ignore_ascii_case("AES-256-GCM") {
+        return Err(format!(
+            "the pkcs11 provider uses AES-256-GCM keys; {algorithm} is not supported by it yet"
+        ));
+    }
+    let token = key
+        .location
+        .clone()
+        .ok_or("its pkcs11 kms_providers row names no token (location)")?;
+    let hsm = super::pkcs11::open(settings).map_err(|e| e.to_string())?;
+    let t = hsm.token(&token).map_err(|e| e.to_string())?;
+    hsm.aes_key(&t, &key.key_ref).map_err(|e| e.to_string())?;
+    Ok((hsm, token))
+}
+
 /// Why a row's key cannot be used here, or (Ok) what it can be used for.
-pub fn usable(keyring: Option<&LocalKeyring>, key: &KmsKey) -> Result<&'static str, String> {
+pub fn usable(
+    keyring: Option<&LocalKeyring>,
+    pkcs11: Option<&Pkcs11Settings>,
+    key: &KmsKey,
+) -> Result<&'static str, String> {
+    if key.provider == "pkcs11" {
+        hsm_of(pkcs11, key)?;
+        return Ok("open/unseal (in its token)");
+    }
     let secret = secret_of(keyring, key)?;
     uses(&secret.algorithm).ok_or_else(|| unused(&secret.algorithm))
 }
@@ -53,7 +88,27 @@ fn secret_of(keyring: Option<&LocalKeyring>, key: &KmsKey) -> Result<KeySecret, 
 }
 
 /// Use the row's key once, harmlessly: what was done, or why it failed.
-pub fn try_key(keyring: Option<&LocalKeyring>, key: &KmsKey) -> Result<String, String> {
+pub fn try_key(
+    keyring: Option<&LocalKeyring>,
+    pkcs11: Option<&Pkcs11Settings>,
+    key: &KmsKey,
+) -> Result<String, String> {
+    if key.provider == "pkcs11" {
+        let (hsm, token) = hsm_of(pkcs11, key)?;
+        let aad = b"pqmig-keys-check";
+        let sealed = hsm
+            .aes_gcm_seal(&token, &key.key_ref, PROBE, aad)
+            .map_err(|e| e.to_string())?;
+        let opened = hsm
+            .aes_gcm_open(&token, &key.key_ref, &sealed, aad)
+            .map_err(|e| e.to_string())?;
+        if opened.as_slice() != PROBE {
+            return Err("AES-256-GCM seal and open in the token disagree".into());
+        }
+        return Ok(format!(
+            "sealed and opened a test string in token {token:?}"
+        ));
+    }
     let secret = secret_of(keyring, key)?;
     let alg = secret.algorithm.as_str();
     let fixed = |b: &[u8]| -> Result<Zeroizing<[u8; 32]>, String> {

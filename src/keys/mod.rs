@@ -6,6 +6,7 @@ pub mod check;
 pub mod document;
 mod generate;
 mod local;
+pub mod pkcs11;
 pub mod signing;
 mod source;
 

@@ -50,9 +50,11 @@ async fn kek_row(c: &impl GenericClient, kek: &str) -> Result<kms::KmsKey, Signi
 }
 
 /// Create the key and its row.
+#[allow(clippy::too_many_arguments)]
 pub async fn create_signing_key(
     c: &impl GenericClient,
     keyring: &dyn KeyProvider,
+    pkcs11: Option<&super::pkcs11::Pkcs11Settings>,
     algorithm: &str,
     name: &str,
     kek: &str,
@@ -83,16 +85,35 @@ pub async fn create_signing_key(
             kek_row.id, kek_row.status
         )));
     }
-    let secret = super::kms_secret(keyring, &kek_row, "AES-256-GCM")
-        .map_err(|e| SigningKeyError::Usage(format!("--kek: {e}")))?;
-    let kek_bytes = zeroize::Zeroizing::new(
-        <[u8; 32]>::try_from(&secret.bytes[..])
-            .map_err(|_| SigningKeyError::Usage("--kek: not a 32-byte key".into()))?,
-    );
     let seed = sig::generate_seed(alg);
     let signer =
         Signer::from_seed(alg, &seed).map_err(|e| SigningKeyError::Usage(e.to_string()))?;
-    let sealed = crate::crypto::aead::seal(&kek_bytes, &seed, &signing_key_aad(name));
+    let aad = signing_key_aad(name);
+    let sealed = if kek_row.provider == "pkcs11" {
+        // Sealed in the HSM: its KEK never leaves the token.
+        let settings = pkcs11.ok_or_else(|| {
+            SigningKeyError::Usage(
+                "--kek is held by provider pkcs11: set keys.pkcs11_module and keys.pkcs11_pin_file"
+                    .into(),
+            )
+        })?;
+        let token = kek_row.location.as_deref().ok_or_else(|| {
+            SigningKeyError::Usage(
+                "--kek: its pkcs11 provider row names no token (location)".into(),
+            )
+        })?;
+        super::pkcs11::open(settings)
+            .and_then(|hsm| hsm.aes_gcm_seal(token, &kek_row.key_ref, &seed, &aad))
+            .map_err(|e| SigningKeyError::Usage(format!("--kek: {e}")))?
+    } else {
+        let secret = super::kms_secret(keyring, &kek_row, "AES-256-GCM")
+            .map_err(|e| SigningKeyError::Usage(format!("--kek: {e}")))?;
+        let kek_bytes = zeroize::Zeroizing::new(
+            <[u8; 32]>::try_from(&secret.bytes[..])
+                .map_err(|_| SigningKeyError::Usage("--kek: not a 32-byte key".into()))?,
+        );
+        crate::crypto::aead::seal(&kek_bytes, &seed, &aad)
+    };
     let id = dbs::signing_key_insert(
         c,
         algo_id,

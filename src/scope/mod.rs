@@ -196,6 +196,8 @@ pub const KEYRING_GRACE: std::time::Duration = std::time::Duration::from_secs(3)
 pub struct ScopeContext {
     /// Shared by every job of a daemon, so a changed file is read once.
     pub keyring: Option<Arc<Keyring>>,
+    /// `keys.pkcs11_*`: the HSM that holds keys of provider `pkcs11`.
+    pub pkcs11: Option<crate::keys::pkcs11::Pkcs11Settings>,
 }
 
 impl ScopeContext {
@@ -203,6 +205,15 @@ impl ScopeContext {
     pub fn new(path: Option<PathBuf>) -> ScopeContext {
         ScopeContext {
             keyring: path.map(|p| Arc::new(Keyring::new(p))),
+            pkcs11: None,
+        }
+    }
+
+    /// The keyring and the HSM a configuration names.
+    pub fn of(config: &crate::config::Config) -> ScopeContext {
+        ScopeContext {
+            pkcs11: config.pkcs11.clone(),
+            ..ScopeContext::new(config.keyring.clone())
         }
     }
 

@@ -15,6 +15,7 @@ pub mod hashes;
 pub mod inventory;
 pub mod python;
 pub mod signatures;
+pub mod softhsm;
 pub mod standby;
 pub mod wrappers;
 

@@ -486,7 +486,7 @@ async fn baselines(
         .into_iter()
         .find(|j| j.lease.job_id == id)
         .ok_or_else(|| anyhow::anyhow!("could not claim the baseline job"))?;
-    let ctx = crate::scope::ScopeContext::new(cfg.keyring.clone());
+    let ctx = crate::scope::ScopeContext::of(cfg);
     let spec = claimed
         .spec
         .as_ref()

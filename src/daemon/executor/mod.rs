@@ -148,15 +148,7 @@ async fn attest(shared: Arc<Shared>, job_id: i64) {
         return;
     };
     let written = match shared.pool.get().await {
-        Ok(client) => {
-            crate::cmd::attest::attest_into(
-                &client,
-                shared.scope.keyring.as_ref().map(|k| k.path()),
-                dir,
-                job_id,
-            )
-                .await
-        }
+        Ok(client) => crate::cmd::attest::attest_into(&client, &shared.scope, dir, job_id).await,
         Err(e) => Err(e.to_string()),
     };
     match written {

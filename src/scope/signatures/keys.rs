@@ -42,6 +42,7 @@ pub enum SourceKey {
 pub async fn load_signing_key(
     c: &impl GenericClient,
     keyring: &LocalKeyring,
+    pkcs11: Option<&crate::keys::pkcs11::Pkcs11Settings>,
     k: &SigningKeyRow,
     alg: SigAlg,
 ) -> Result<Signer, String> {
@@ -61,13 +62,39 @@ pub async fn load_signing_key(
                 k.name
             )
         })?;
-    let kek = crate::keys::kms_secret(keyring, &kek_row, "AES-256-GCM")
-        .map_err(|e| format!("signing key {:?}: {e}", k.name))?;
-    let kek = zeroize::Zeroizing::new(
-        <[u8; 32]>::try_from(&kek.bytes[..]).map_err(|_| "KEK size".to_owned())?,
-    );
-    let seed = crate::crypto::aead::open(&kek, sealed, &signing_key_aad(&k.name))
-        .map_err(|_| format!("signing key {:?}: private_key_enc does not open with its KEK (wrong key or tampered)", k.name))?;
+    let aad = signing_key_aad(&k.name);
+    let seed = if kek_row.provider == "pkcs11" {
+        // The KEK stays in the HSM, which opens the sealed seed.
+        let settings = pkcs11.ok_or_else(|| {
+            format!(
+                "signing key {:?}: its KEK is held by provider pkcs11: set keys.pkcs11_module and keys.pkcs11_pin_file",
+                k.name
+            )
+        })?;
+        let token = kek_row.location.as_deref().ok_or_else(|| {
+            format!(
+                "signing key {:?}: its KEK's pkcs11 provider names no token",
+                k.name
+            )
+        })?;
+        crate::keys::pkcs11::open(settings)
+            .and_then(|hsm| hsm.aes_gcm_open(token, &kek_row.key_ref, sealed, &aad))
+            .map_err(|e| match e {
+                crate::keys::pkcs11::HsmError::Authentication(_) => format!(
+                    "signing key {:?}: private_key_enc does not open with its KEK (wrong key or tampered)",
+                    k.name
+                ),
+                other => format!("signing key {:?}: {other}", k.name),
+            })?
+    } else {
+        let kek = crate::keys::kms_secret(keyring, &kek_row, "AES-256-GCM")
+            .map_err(|e| format!("signing key {:?}: {e}", k.name))?;
+        let kek = zeroize::Zeroizing::new(
+            <[u8; 32]>::try_from(&kek.bytes[..]).map_err(|_| "KEK size".to_owned())?,
+        );
+        crate::crypto::aead::open(&kek, sealed, &aad)
+            .map_err(|_| format!("signing key {:?}: private_key_enc does not open with its KEK (wrong key or tampered)", k.name))?
+    };
     let signer =
         Signer::from_seed(alg, &seed).map_err(|e| format!("signing key {:?}: {e}", k.name))?;
     if signer.public_key() != k.public_key.as_slice() {

@@ -15,6 +15,7 @@ use crate::scope::{BoxFuture, JobError, RollbackPage, ScopeContext, VerifyReport
 /// A finished wrappers job: the keyring to open its wraps with (verify).
 pub struct WrappersAftercare {
     keyring: Option<Arc<LocalKeyring>>,
+    pkcs11: Option<crate::keys::pkcs11::Pkcs11Settings>,
 }
 
 /// `keys`: load the keyring (verify); rollback needs none.
@@ -23,7 +24,10 @@ pub fn aftercare(ctx: &ScopeContext, keys: bool) -> Result<WrappersAftercare, Jo
         true => Some(ctx.keys("open the wraps with")?),
         false => None,
     };
-    Ok(WrappersAftercare { keyring })
+    Ok(WrappersAftercare {
+        keyring,
+        pkcs11: ctx.pkcs11.clone(),
+    })
 }
 
 /// `pqmig verify` of a wrappers job: (checked, changed since, mismatches).
@@ -36,11 +40,11 @@ pub fn aftercare(ctx: &ScopeContext, keys: bool) -> Result<WrappersAftercare, Jo
 /// the job wrote must open.
 async fn verify_job(
     c: &impl GenericClient,
-    keyring: Arc<LocalKeyring>,
+    keys: SourceKeys,
     job_id: i64,
     page: i64,
 ) -> Result<(i64, i64, Vec<(i64, String)>), JobError> {
-    let keys = Arc::new(SourceKeys::new(keyring));
+    let keys = Arc::new(keys);
     let (mut checked, mut changed, mut bad) = (0i64, 0i64, Vec::new());
     if !backups::exist(c, job_id).await? {
         let mut after = i64::MIN;
@@ -114,7 +118,8 @@ impl crate::scope::Aftercare for WrappersAftercare {
                 .keyring
                 .clone()
                 .ok_or_else(|| fatal("verify needs the keyring"))?;
-            let (checked, changed, mismatches) = verify_job(c, keyring, job_id, 500).await?;
+            let keys = SourceKeys::new(keyring).with_pkcs11(self.pkcs11.clone());
+            let (checked, changed, mismatches) = verify_job(c, keys, job_id, 500).await?;
             Ok(VerifyReport {
                 checked,
                 changed,

@@ -16,6 +16,7 @@ use crate::crypto::suite;
 use crate::crypto::wrap::{self, WrapError};
 use crate::db::kms::{self, KmsKey};
 use crate::db::wrappers::{self as dbw, WrapperRow};
+use crate::keys::pkcs11::{self, Hsm, HsmError, Pkcs11Settings};
 use crate::keys::{KeyProvider, LocalKeyring};
 use crate::scope::{JobError, fatal};
 
@@ -24,16 +25,80 @@ pub enum SourceKey {
     Aes(Zeroizing<[u8; 32]>),
     X25519(Zeroizing<[u8; 32]>),
     Kem(KemKeyPair),
+    /// An AES-256-GCM KEK held by an HSM (provider `pkcs11`), which opens
+    /// the wrap itself: the key never leaves the token.
+    Hsm {
+        hsm: Arc<Hsm>,
+        token: String,
+        key: String,
+    },
 }
 
-/// Resolve the secret of a `kms_keys` row into a usable key.
-fn source_key(keyring: &dyn KeyProvider, key: &KmsKey) -> Result<SourceKey, String> {
-    if key.provider != "local" {
-        return Err(format!(
-            "key {} ({:?}) belongs to provider {:?}, which this build does not implement",
-            key.id, key.key_ref, key.provider
-        ));
+/// The item failure code of a provider that is down: never recorded; a
+/// batch with one is a transient error of the job (released, retried).
+pub(super) const UNAVAILABLE: &str = "provider-unavailable";
+
+/// Why a key cannot be used: for its items (`Err`), or for now (the
+/// provider is down: the job's transient error).
+enum Unusable {
+    Key(String),
+    ForNow(String),
+}
+
+/// A `pkcs11` key: its token and label checked now, so a missing one is
+/// said once per key.
+fn hsm_key(settings: Option<&Pkcs11Settings>, key: &KmsKey) -> Result<SourceKey, Unusable> {
+    let settings = settings.ok_or_else(|| {
+        Unusable::Key(format!(
+            "key {} ({:?}) is held by provider pkcs11: set keys.pkcs11_module and keys.pkcs11_pin_file",
+            key.id, key.key_ref
+        ))
+    })?;
+    let algorithm = key.algorithm.as_deref().unwrap_or("AES-256-GCM");
+    if !algorithm.eq_ignore_ascii_case("AES-256-GCM") {
+        return Err(Unusable::Key(format!(
+            "key {} ({:?}): the pkcs11 provider opens AES-256-GCM wraps; {algorithm} is not supported by it yet",
+            key.id, key.key_ref
+        )));
     }
+    let token = key.location.clone().ok_or_else(|| {
+        Unusable::Key(format!(
+            "key {} ({:?}): its pkcs11 kms_providers row names no token (location)",
+            key.id, key.key_ref
+        ))
+    })?;
+    let problem = |e: HsmError| match e {
+        HsmError::Unavailable(m) => Unusable::ForNow(m),
+        other => Unusable::Key(other.to_string()),
+    };
+    let hsm = pkcs11::open(settings).map_err(problem)?;
+    let t = hsm.token(&token).map_err(problem)?;
+    hsm.aes_key(&t, &key.key_ref).map_err(problem)?;
+    Ok(SourceKey::Hsm {
+        hsm,
+        token,
+        key: key.key_ref.clone(),
+    })
+}
+
+/// Resolve a `kms_keys` row into a usable key: the local keyring's secret,
+/// or the HSM that holds it.
+fn source_key(
+    keyring: &dyn KeyProvider,
+    pkcs11_settings: Option<&Pkcs11Settings>,
+    key: &KmsKey,
+) -> Result<SourceKey, Unusable> {
+    match key.provider.as_str() {
+        "local" => local_key(keyring, key).map_err(Unusable::Key),
+        "pkcs11" => hsm_key(pkcs11_settings, key),
+        other => Err(Unusable::Key(format!(
+            "key {} ({:?}): provider {other} is not supported yet",
+            key.id, key.key_ref
+        ))),
+    }
+}
+
+fn local_key(keyring: &dyn KeyProvider, key: &KmsKey) -> Result<SourceKey, String> {
     let secret = keyring.secret(&key.key_ref).map_err(|e| e.to_string())?;
     let fixed = |b: &[u8]| -> Zeroizing<[u8; 32]> {
         let mut k = Zeroizing::new([0u8; 32]);
@@ -60,6 +125,8 @@ fn source_key(keyring: &dyn KeyProvider, key: &KmsKey) -> Result<SourceKey, Stri
 /// failure of the items that need it).
 pub struct SourceKeys {
     keyring: Arc<LocalKeyring>,
+    /// `keys.pkcs11_*`, for keys held by an HSM.
+    pkcs11: Option<Pkcs11Settings>,
     keys: Mutex<HashMap<i64, Arc<Result<SourceKey, String>>>>,
     /// Policies named by `pqmig-wrap-v1` wrappers, by id.
     policies: Mutex<HashMap<PolicyKey, Arc<PolicyAad>>>,
@@ -101,6 +168,16 @@ type PolicyAad = Result<(String, Value), String>;
 /// (`crypto_suite.policy_id`, `crypto_suite.job_id`) of a v1 wrap.
 type PolicyKey = (i64, Option<i64>);
 
+/// Why a wrap did not open.
+enum Opened {
+    /// Its tag failed: tampered, or the wrong key.
+    Tag,
+    /// The key cannot be used for it (set up wrong).
+    Unusable(String),
+    /// The provider is down.
+    ForNow(String),
+}
+
 /// An item failure: (code, message).
 pub(super) type Failure = (&'static str, String);
 
@@ -108,10 +185,17 @@ impl SourceKeys {
     pub fn new(keyring: Arc<LocalKeyring>) -> SourceKeys {
         SourceKeys {
             keyring,
+            pkcs11: None,
             keys: Mutex::new(HashMap::new()),
             policies: Mutex::new(HashMap::new()),
             kem_algos: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Keys of provider `pkcs11` are opened through this module and PIN.
+    pub fn with_pkcs11(mut self, settings: Option<Pkcs11Settings>) -> SourceKeys {
+        self.pkcs11 = settings;
+        self
     }
 
     /// Look up (once) the keys these wrappers are opened with, and for
@@ -176,20 +260,25 @@ impl SourceKeys {
         wanted.dedup();
         let found = kms::kms_keys_by_id(c, &wanted).await?;
         let keyring = Arc::clone(&self.keyring);
+        let settings = self.pkcs11.clone();
         let resolved = tokio::task::spawn_blocking(move || {
-            wanted
-                .into_iter()
-                .map(|id| {
-                    let key = match found.iter().find(|k| k.id == id) {
-                        Some(k) => source_key(&*keyring, k),
-                        None => Err(format!("kms_keys row {id} does not exist")),
-                    };
-                    (id, Arc::new(key))
-                })
-                .collect::<Vec<_>>()
+            let mut out = Vec::with_capacity(wanted.len());
+            for id in wanted {
+                let key = match found.iter().find(|k| k.id == id) {
+                    Some(k) => source_key(&*keyring, settings.as_ref(), k),
+                    None => Err(Unusable::Key(format!("kms_keys row {id} does not exist"))),
+                };
+                match key {
+                    Ok(k) => out.push((id, Arc::new(Ok(k)))),
+                    Err(Unusable::Key(why)) => out.push((id, Arc::new(Err(why)))),
+                    Err(Unusable::ForNow(why)) => return Err(why),
+                }
+            }
+            Ok(out)
         })
         .await
-        .map_err(|e| fatal(format!("key resolution panicked: {e}")))?;
+        .map_err(|e| fatal(format!("key resolution panicked: {e}")))?
+        .map_err(JobError::Transient)?;
         self.keys.lock().expect("key cache").extend(resolved);
         Ok(())
     }
@@ -228,8 +317,17 @@ impl SourceKeys {
         let uuid = wrap::canonical_uuid(&row.uuid).map_err(|e| ("data", e))?;
         let open = |k: &SourceKey, sealed: &[u8]| {
             let try_one = |u: &str| match k {
-                SourceKey::Aes(k) => wrap::open_legacy_aes(k, u, sealed),
-                SourceKey::X25519(k) => wrap::open_legacy_x25519(k, u, sealed),
+                SourceKey::Aes(k) => wrap::open_legacy_aes(k, u, sealed).map_err(|_| Opened::Tag),
+                SourceKey::X25519(k) => {
+                    wrap::open_legacy_x25519(k, u, sealed).map_err(|_| Opened::Tag)
+                }
+                SourceKey::Hsm { hsm, token, key } => hsm
+                    .aes_gcm_open(token, key, sealed, u.as_bytes())
+                    .map_err(|e| match e {
+                        HsmError::Authentication(_) => Opened::Tag,
+                        HsmError::Unavailable(m) => Opened::ForNow(m),
+                        HsmError::Config(m) => Opened::Unusable(m),
+                    }),
                 SourceKey::Kem(_) => unreachable!("matched against the format below"),
             };
             try_one(&uuid).or_else(|e| {
@@ -257,7 +355,7 @@ impl SourceKeys {
                     unchecked.push(format!("dek_wrap{slot}: {e}"));
                     continue;
                 }
-                (Ok(k @ SourceKey::Aes(_)), wrap::FORMAT_LEGACY_AES)
+                (Ok(k @ (SourceKey::Aes(_) | SourceKey::Hsm { .. })), wrap::FORMAT_LEGACY_AES)
                 | (Ok(k @ SourceKey::X25519(_)), wrap::FORMAT_LEGACY_X25519) => open(k, sealed),
                 (Ok(_), _) => {
                     unchecked.push(format!(
@@ -268,7 +366,9 @@ impl SourceKeys {
             };
             match result {
                 Ok(dek) => opened.push(dek),
-                Err(_) => failed.push(slot),
+                Err(Opened::Tag) => failed.push(slot),
+                Err(Opened::Unusable(m)) => unchecked.push(format!("dek_wrap{slot}: {m}")),
+                Err(Opened::ForNow(m)) => return Err((UNAVAILABLE, m)),
             }
         }
         if !failed.is_empty() {

@@ -269,7 +269,7 @@ impl Checked {
                 kem_algo_id: self.kem_algo_id,
                 template: self.template,
                 layer_keys,
-                source: SourceKeys::new(keyring),
+                source: SourceKeys::new(keyring).with_pkcs11(ctx.pkcs11.clone()),
             }),
             sel: self.sel,
         })
@@ -341,8 +341,11 @@ impl Scope for WrappersJob {
     }
 
     /// Split across the cores on blocking threads.
+    /// A wrap its key provider could not open for now (an HSM that is
+    /// down) makes the whole batch a transient error: nothing is written,
+    /// the job is released and tried again.
     async fn compute(&self, rows: Vec<WrapperRow>) -> Result<Computed, JobError> {
-        super::compute_parallel(
+        let c = super::compute_parallel(
             &self.plan,
             rows,
             8,
@@ -350,7 +353,14 @@ impl Scope for WrappersJob {
             Plan::compute,
             compute::merge,
         )
-        .await
+        .await?;
+        if let Some(f) = c.failures.iter().find(|f| f.code == keys::UNAVAILABLE) {
+            return Err(JobError::Transient(format!(
+                "wrapper {}: {}",
+                f.item_id, f.message
+            )));
+        }
+        Ok(c)
     }
 
     fn outcome(c: &Computed) -> Outcome {

@@ -1,0 +1,356 @@
+//! The `pkcs11` key provider: keys that live in an HSM (any PKCS#11
+//! module: an on-premises HSM, CloudHSM, Cloud HSM; tested against
+//! SoftHSM2) and never leave it. pqmig asks the token to do the operation:
+//! AES-256-GCM decryption (`CKM_AES_GCM`) opens `legacy-aes-gcm` wraps and
+//! unseals signing keys.
+//!
+//! A `kms_providers` row with provider `pkcs11` names the token by its
+//! label in `location`; its `kms_keys` rows name a secret key object by
+//! its `CKA_LABEL` in `external_key_ref`. The module and the user PIN come
+//! from the configuration (`keys.pkcs11_module`, `keys.pkcs11_pin_file`),
+//! never from the database. The module is loaded and initialised once per
+//! process; each token is logged in once, and its sessions are pooled: a
+//! session is taken per operation and given back, so there are as many as
+//! operations run at once (the crypto threads), no more.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::error::{Error as P11Error, RvError};
+use cryptoki::mechanism::{Mechanism, MechanismType, aead::GcmParams};
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::{Session, UserType};
+use cryptoki::slot::Slot;
+use cryptoki::types::AuthPin;
+use zeroize::Zeroizing;
+
+/// `keys.pkcs11_module` and `keys.pkcs11_pin_file`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pkcs11Settings {
+    pub module: PathBuf,
+    pub pin_file: PathBuf,
+}
+
+/// Why an operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HsmError {
+    /// The ciphertext does not open under the key (its tag fails): the
+    /// data's fault, not the token's.
+    #[error("does not open under {0} (authentication failed)")]
+    Authentication(String),
+    /// Set up wrong: no such token, key or mechanism, a wrong PIN. The job
+    /// fails before any item with this message.
+    #[error("{0}")]
+    Config(String),
+    /// The token or its connection failed: try again later.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// The loaded module, its tokens by label.
+pub struct Hsm {
+    ctx: Pkcs11,
+    module: PathBuf,
+    pin_file: PathBuf,
+    tokens: Mutex<HashMap<String, Arc<Token>>>,
+}
+
+/// A logged-in token: its slot, pooled sessions, key handles by label.
+pub struct Token {
+    label: String,
+    slot: Slot,
+    sessions: Mutex<Vec<Session>>,
+    keys: Mutex<HashMap<String, ObjectHandle>>,
+    mechanisms: Vec<MechanismType>,
+}
+
+/// The process's module (PKCS#11 allows one `C_Initialize` per process).
+static HSM: OnceLock<Mutex<Option<Arc<Hsm>>>> = OnceLock::new();
+
+/// The module these settings name, loaded and initialised on first use.
+pub fn open(settings: &Pkcs11Settings) -> Result<Arc<Hsm>, HsmError> {
+    let mut slot = HSM.get_or_init(|| Mutex::new(None)).lock().expect("hsm");
+    if let Some(hsm) = &*slot {
+        if hsm.module != settings.module {
+            return Err(HsmError::Config(format!(
+                "keys.pkcs11_module: this process already loaded {}; one module per process",
+                hsm.module.display()
+            )));
+        }
+        return Ok(Arc::clone(hsm));
+    }
+    let module = &settings.module;
+    let ctx = Pkcs11::new(module).map_err(|e| {
+        HsmError::Config(format!(
+            "keys.pkcs11_module: cannot load {}: {e}",
+            module.display()
+        ))
+    })?;
+    match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+        Ok(()) | Err(P11Error::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
+        Err(e) => {
+            return Err(HsmError::Config(format!(
+                "keys.pkcs11_module: {} did not initialise: {e}",
+                module.display()
+            )));
+        }
+    }
+    let hsm = Arc::new(Hsm {
+        ctx,
+        module: module.clone(),
+        pin_file: settings.pin_file.clone(),
+        tokens: Mutex::new(HashMap::new()),
+    });
+    *slot = Some(Arc::clone(&hsm));
+    Ok(hsm)
+}
+
+/// Errors of the token or the link to it, as opposed to the request's.
+fn unavailable(rv: RvError) -> bool {
+    matches!(
+        rv,
+        RvError::DeviceError
+            | RvError::DeviceMemory
+            | RvError::DeviceRemoved
+            | RvError::TokenNotPresent
+            | RvError::TokenNotRecognized
+            | RvError::SessionClosed
+            | RvError::SessionHandleInvalid
+            | RvError::SessionCount
+            | RvError::HostMemory
+            | RvError::FunctionCanceled
+            | RvError::UserNotLoggedIn
+    )
+}
+
+fn classify(what: String, e: P11Error) -> HsmError {
+    match e {
+        P11Error::Pkcs11(rv, _) if unavailable(rv) => HsmError::Unavailable(format!("{what}: {e}")),
+        _ => HsmError::Config(format!("{what}: {e}")),
+    }
+}
+
+impl Hsm {
+    fn read_pin(&self) -> Result<AuthPin, HsmError> {
+        let raw = Zeroizing::new(std::fs::read_to_string(&self.pin_file).map_err(|e| {
+            HsmError::Config(format!(
+                "keys.pkcs11_pin_file {}: {e}",
+                self.pin_file.display()
+            ))
+        })?);
+        let pin = raw.trim_end_matches(['\n', '\r']);
+        if pin.is_empty() {
+            return Err(HsmError::Config(format!(
+                "keys.pkcs11_pin_file {}: empty",
+                self.pin_file.display()
+            )));
+        }
+        Ok(AuthPin::new(pin.into()))
+    }
+
+    /// The token labelled `label`, logged in (once).
+    pub fn token(&self, label: &str) -> Result<Arc<Token>, HsmError> {
+        if let Some(t) = self.tokens.lock().expect("tokens").get(label) {
+            return Ok(Arc::clone(t));
+        }
+        let slots = self
+            .ctx
+            .get_slots_with_token()
+            .map_err(|e| classify("listing the PKCS#11 slots".into(), e))?;
+        let slot = slots
+            .into_iter()
+            .find(|s| {
+                self.ctx
+                    .get_token_info(*s)
+                    .is_ok_and(|i| i.label().trim_end() == label)
+            })
+            .ok_or_else(|| {
+                HsmError::Config(format!(
+                    "no token labelled {label:?} in {}",
+                    self.module.display()
+                ))
+            })?;
+        let mechanisms = self
+            .ctx
+            .get_mechanism_list(slot)
+            .map_err(|e| classify(format!("token {label:?}: listing its mechanisms"), e))?;
+        let session = self
+            .ctx
+            .open_ro_session(slot)
+            .map_err(|e| classify(format!("token {label:?}: opening a session"), e))?;
+        match session.login(UserType::User, Some(&self.read_pin()?)) {
+            Ok(()) | Err(P11Error::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
+            Err(P11Error::Pkcs11(RvError::PinIncorrect | RvError::PinInvalid, _)) => {
+                return Err(HsmError::Config(format!(
+                    "token {label:?}: the PIN in {} is wrong",
+                    self.pin_file.display()
+                )));
+            }
+            Err(e) => return Err(classify(format!("token {label:?}: login"), e)),
+        }
+        let token = Arc::new(Token {
+            label: label.to_owned(),
+            slot,
+            sessions: Mutex::new(vec![session]),
+            keys: Mutex::new(HashMap::new()),
+            mechanisms,
+        });
+        self.tokens
+            .lock()
+            .expect("tokens")
+            .insert(label.to_owned(), Arc::clone(&token));
+        Ok(token)
+    }
+
+    /// A session of `token`: a pooled one, or a new one.
+    fn session(&self, token: &Token) -> Result<Session, HsmError> {
+        if let Some(s) = token.sessions.lock().expect("sessions").pop() {
+            return Ok(s);
+        }
+        self.ctx
+            .open_ro_session(token.slot)
+            .map_err(|e| classify(format!("token {:?}: opening a session", token.label), e))
+    }
+
+    /// Run `f` on a session of `token` (`Err`: no session could be had);
+    /// the session goes back to the pool unless the token said it is gone.
+    fn with_session<T>(
+        &self,
+        token: &Token,
+        f: impl FnOnce(&Session) -> Result<T, P11Error>,
+    ) -> Result<Result<T, P11Error>, HsmError> {
+        let session = self.session(token)?;
+        let out = f(&session);
+        let broken = matches!(&out, Err(P11Error::Pkcs11(rv, _)) if unavailable(*rv));
+        if !broken {
+            token.sessions.lock().expect("sessions").push(session);
+        }
+        Ok(out)
+    }
+
+    /// The AES-256 secret key labelled `key` in `token`, checked: it can
+    /// decrypt, the token does `CKM_AES_GCM`, and its value cannot be
+    /// read out (sensitive or not extractable).
+    pub fn aes_key(&self, token: &Token, key: &str) -> Result<ObjectHandle, HsmError> {
+        if let Some(h) = token.keys.lock().expect("keys").get(key) {
+            return Ok(*h);
+        }
+        let what = format!("token {:?} key {key:?}", token.label);
+        if !token.mechanisms.contains(&MechanismType::AES_GCM) {
+            return Err(HsmError::Config(format!(
+                "token {:?} does not support CKM_AES_GCM, which opening with {key:?} needs",
+                token.label
+            )));
+        }
+        let found = self
+            .with_session(token, |s| {
+                s.find_objects(&[
+                    Attribute::Class(ObjectClass::SECRET_KEY),
+                    Attribute::Label(key.as_bytes().to_vec()),
+                ])
+            })?
+            .map_err(|e| classify(what.clone(), e))?;
+        let handle = match found[..] {
+            [h] => h,
+            [] => {
+                return Err(HsmError::Config(format!(
+                    "{what}: no secret key with that label"
+                )));
+            }
+            _ => {
+                return Err(HsmError::Config(format!(
+                    "{what}: {} secret keys carry that label",
+                    found.len()
+                )));
+            }
+        };
+        let attrs = self
+            .with_session(token, |s| {
+                s.get_attributes(
+                    handle,
+                    &[
+                        AttributeType::KeyType,
+                        AttributeType::ValueLen,
+                        AttributeType::Decrypt,
+                    ],
+                )
+            })?
+            .map_err(|e| classify(what.clone(), e))?;
+        for a in &attrs {
+            let ok = match a {
+                Attribute::KeyType(t) => *t == KeyType::AES,
+                Attribute::ValueLen(n) => u64::from(*n) == 32,
+                Attribute::Decrypt(d) => *d,
+                _ => true,
+            };
+            if !ok {
+                return Err(HsmError::Config(format!(
+                    "{what}: not an AES-256 key that may decrypt ({a:?})"
+                )));
+            }
+        }
+        token
+            .keys
+            .lock()
+            .expect("keys")
+            .insert(key.to_owned(), handle);
+        Ok(handle)
+    }
+
+    /// nonce(12) || AES-256-GCM(key, nonce, plain, aad), sealed in the
+    /// token with a fresh random nonce (sealing a signing key).
+    pub fn aes_gcm_seal(
+        &self,
+        token: &str,
+        key: &str,
+        plain: &[u8],
+        aad: &[u8],
+    ) -> Result<Vec<u8>, HsmError> {
+        let token = self.token(token)?;
+        let handle = self.aes_key(&token, key)?;
+        let what = format!("token {:?} key {key:?}", token.label);
+        let nonce: [u8; 12] = rand::random();
+        let mut iv = nonce;
+        let sealed = self
+            .with_session(&token, |s| {
+                let params = GcmParams::new(&mut iv, aad, 128.into())?;
+                s.encrypt(&Mechanism::AesGcm(params), handle, plain)
+            })?
+            .map_err(|e| classify(format!("{what}: encrypting"), e))?;
+        Ok([&nonce[..], &sealed].concat())
+    }
+
+    /// nonce(12) || AES-256-GCM ciphertext || tag(16), opened in the token.
+    pub fn aes_gcm_open(
+        &self,
+        token: &str,
+        key: &str,
+        sealed: &[u8],
+        aad: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, HsmError> {
+        let token = self.token(token)?;
+        let handle = self.aes_key(&token, key)?;
+        let what = format!("token {:?} key {key:?}", token.label);
+        if sealed.len() < 12 + 16 {
+            return Err(HsmError::Authentication(what));
+        }
+        let (nonce, body) = sealed.split_at(12);
+        let mut iv = [0u8; 12];
+        iv.copy_from_slice(nonce);
+        let out = self.with_session(&token, |s| {
+            let params = GcmParams::new(&mut iv, aad, 128.into())?;
+            s.decrypt(&Mechanism::AesGcm(params), handle, body)
+        })?;
+        match out {
+            Ok(plain) => Ok(Zeroizing::new(plain)),
+            Err(P11Error::Pkcs11(rv, _)) if unavailable(rv) => {
+                Err(HsmError::Unavailable(format!("{what}: {rv}")))
+            }
+            // A failed tag: CKR_ENCRYPTED_DATA_INVALID by the standard,
+            // CKR_GENERAL_ERROR from SoftHSM.
+            Err(_) => Err(HsmError::Authentication(what)),
+        }
+    }
+}

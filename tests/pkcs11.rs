@@ -1,0 +1,210 @@
+//! The `pkcs11` key provider against a real HSM (SoftHSM2): legacy
+//! `legacy-aes-gcm` wraps whose KEK was made in the token, and never left
+//! it, are opened there and re-wrapped; a signing key sealed under such a
+//! KEK is unsealed there; a tampered wrap is an integrity failure, a key
+//! the token does not have a data failure naming it.
+
+use serde_json::json;
+
+use crate::support::hashes::terminal;
+use crate::support::softhsm::{MODULE, Token};
+use crate::support::wrappers::WrapFx;
+use crate::support::{InProcess, stderr, stdout};
+
+/// A `kms_providers` row for the token and a `kms_keys` row for its key.
+async fn register(c: &tokio_postgres::Client, token: &str, key: &str) -> i64 {
+    let provider: i64 = c
+        .query_one(
+            "INSERT INTO kms_providers (name, provider, location) VALUES ($1, 'pkcs11', $2) RETURNING id",
+            &[&format!("hsm-{token}"), &token],
+        )
+        .await
+        .expect("a pkcs11 provider (migration V10)")
+        .get(0);
+    c.query_one(
+        "INSERT INTO kms_keys (provider_id, external_key_ref, purpose, algorithm) \
+         VALUES ($1, $2, 'wrap', 'AES-256-GCM') RETURNING id",
+        &[&provider, &key],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legacy_wraps_under_an_hsm_kek_are_opened_in_the_token_and_rewrapped() {
+    let w = WrapFx::new(4, pqmig::crypto::kem::Kem::MlKem768, 1).await;
+    let c = w.fx.db.client().await;
+    let token = Token::new(&format!(
+        "t{}",
+        &w.fx.db.name[w.fx.db.name.len().saturating_sub(20)..]
+    ));
+    let kek = token.aes_key("kek-hsm");
+    assert_eq!(
+        token.readable_value(kek),
+        None,
+        "the KEK cannot be read out of the token"
+    );
+    let kek_id = register(&c, &token.label, "kek-hsm").await;
+    let missing_id = register(&c, &format!("{}x", token.label), "kek-nowhere").await;
+
+    // Wrappers sealed in the token (legacy-aes-gcm: aad = uuid); one
+    // tampered, one under a key no token has.
+    let mut deks = Vec::new();
+    for i in 0..7 {
+        let uuid = uuid::Uuid::new_v4().to_string();
+        let dek: [u8; 32] = rand::random();
+        let mut wrap = token.seal(kek, rand::random(), uuid.as_bytes(), &dek);
+        let key = if i == 6 { missing_id } else { kek_id };
+        if i == 5 {
+            let last = wrap.len() - 1;
+            wrap[last] ^= 1;
+        }
+        let id: i64 = c
+            .query_one(
+                "INSERT INTO key_wrappers (wrapper_uuid, kms1_key_id, dek_wrap1) VALUES ($1, $2, $3) RETURNING id",
+                &[&uuid, &key, &wrap],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        deks.push((id, dek));
+    }
+
+    let pin = token.pin_file.display().to_string();
+    let env = [
+        ("PQMIG_PKCS11_MODULE", MODULE),
+        ("PQMIG_PKCS11_PIN_FILE", pin.as_str()),
+    ];
+    let daemon = InProcess::start(&w.fx, &env).await;
+    let job = w
+        .enqueue(
+            w.seed.policy_id,
+            json!({"batch_size": 5, "max_failures": 5}),
+        )
+        .await;
+    let j = w.fx.wait_job(job, 60, terminal).await;
+    daemon.stop().await;
+    assert_eq!(j.status, "failed", "{:?}", j.error);
+    assert_eq!(j.error.as_deref(), Some("2 items failed"));
+    assert_eq!(
+        (j.processed, j.failed),
+        (9, 2),
+        "4 seeded + 5 from the HSM; 2 failed"
+    );
+    let errors: Vec<(i64, String, String)> = c
+        .query(
+            "SELECT item_id::bigint, error_code, message FROM pq_migration_item_errors WHERE job_id = $1 ORDER BY item_id::bigint",
+            &[&job],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert_eq!(
+        (errors[0].0, errors[0].1.as_str()),
+        (deks[5].0, "integrity"),
+        "{errors:?}"
+    );
+    assert_eq!(
+        (errors[1].0, errors[1].1.as_str()),
+        (deks[6].0, "data"),
+        "{errors:?}"
+    );
+    assert!(
+        errors[1].2.contains("no token labelled") && errors[1].2.contains("x\""),
+        "{errors:?}"
+    );
+    // pyca opens the new wraps to the DEKs sealed in the token.
+    w.assert_pyca_opens(&deks[..5]).await;
+
+    // A signing key sealed under the token's KEK signs attestations: the
+    // token seals it, and unseals it for `attest` (of a done job: the
+    // broken wrappers gone, a second job finds every item migrated).
+    c.execute(
+        "DELETE FROM key_wrappers WHERE id = ANY($1)",
+        &[&vec![deks[5].0, deks[6].0]],
+    )
+    .await
+    .unwrap();
+    let daemon = InProcess::start(&w.fx, &env).await;
+    let job = w.enqueue(w.seed.policy_id, json!({})).await;
+    let j = w.fx.wait_job(job, 60, terminal).await;
+    daemon.stop().await;
+    assert_eq!(j.status, "done", "{:?}", j.error);
+    let kek_arg = kek_id.to_string();
+    let cli_env = |args: &[&str]| {
+        let keyring = w.fx.keyring.display().to_string();
+        crate::support::run(
+            args,
+            &[
+                ("DATABASE_URL", w.fx.db.url.as_str()),
+                ("PQMIG_KEYRING", keyring.as_str()),
+                ("PQMIG_PKCS11_MODULE", MODULE),
+                ("PQMIG_PKCS11_PIN_FILE", pin.as_str()),
+            ],
+        )
+    };
+    let out = cli_env(&[
+        "keys",
+        "signing",
+        "--algorithm",
+        "ML-DSA-65",
+        "--name",
+        "hsm-attest",
+        "--kek",
+        &kek_arg,
+        "--scope",
+        "attestation",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a.dsse.json").display().to_string();
+    let out = cli_env(&["attest", &job.to_string(), "--out", &file]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = cli_env(&["attest", "verify", &file]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert!(
+        stdout(&out).contains("ML-DSA-65 key \"hsm-attest\""),
+        "{}",
+        stdout(&out)
+    );
+
+    // The operator's view: the HSM key is used in its token; the key of a
+    // token that does not exist is named.
+    let out = cli_env(&["keys", "list"]);
+    let listed = stdout(&out);
+    let line = |id: i64| {
+        listed
+            .lines()
+            .find(|l| l.trim_start().starts_with(&format!("{id} ")))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert!(
+        line(kek_id).contains("usable: open/unseal (in its token)"),
+        "{listed}"
+    );
+    assert!(
+        line(missing_id).contains("not usable: no token labelled"),
+        "{listed}"
+    );
+    let out = cli_env(&["keys", "check"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stdout(&out).contains(&format!(
+            "ok      kms_keys {kek_id} \"kek-hsm\": sealed and opened a test string in token"
+        )),
+        "{}",
+        stdout(&out)
+    );
+    assert!(
+        stderr(&out).contains(&format!(
+            "kms_keys {missing_id} \"kek-nowhere\": no token labelled"
+        )),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -1,0 +1,155 @@
+//! A SoftHSM2 token of a test's own (`.ci/setup` installs SoftHSM2; tokens
+//! live in its default token directory), with an AES-256 key generated in
+//! it that cannot be read out, and that key's AES-GCM encryption for
+//! making legacy wraps. The token is deleted when the guard drops.
+//!
+//! PKCS#11 allows one `C_Initialize` per process: this module's context is
+//! process-wide and never finalised, and pqmig's provider, loaded in the
+//! same process by an in-process daemon, finds the module initialised.
+
+use std::sync::OnceLock;
+
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::mechanism::{Mechanism, aead::GcmParams};
+use cryptoki::object::{Attribute, AttributeType, ObjectHandle};
+use cryptoki::session::{Session, UserType};
+use cryptoki::slot::Slot;
+use cryptoki::types::AuthPin;
+
+pub const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+pub const PIN: &str = "user-1234";
+const SO_PIN: &str = "so-123456";
+
+fn context() -> &'static Pkcs11 {
+    static CTX: OnceLock<Pkcs11> = OnceLock::new();
+    CTX.get_or_init(|| {
+        let ctx = Pkcs11::new(MODULE).expect("SoftHSM2's module (bash .ci/setup installs it)");
+        match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+            Ok(()) => {}
+            Err(cryptoki::error::Error::Pkcs11(
+                cryptoki::error::RvError::CryptokiAlreadyInitialized,
+                _,
+            )) => {}
+            Err(e) => panic!("C_Initialize: {e}"),
+        }
+        ctx
+    })
+}
+
+/// A token of a test's own, logged in.
+pub struct Token {
+    pub label: String,
+    session: Session,
+    /// A file holding the user PIN (mode 0600), for `keys.pkcs11_pin_file`.
+    pub pin_file: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Token {
+    /// Initialise a free slot's token as `label` (at most 32 bytes).
+    pub fn new(label: &str) -> Token {
+        static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let ctx = context();
+        let slot = {
+            // Two tests must not take the same free slot.
+            let _one = INIT.lock().unwrap();
+            let free = free_slot(ctx);
+            ctx.init_token(free, &AuthPin::new(SO_PIN.into()), label)
+                .expect("init token");
+            let s = ctx.open_rw_session(free).expect("session");
+            s.login(UserType::So, Some(&AuthPin::new(SO_PIN.into())))
+                .expect("SO login");
+            s.init_pin(&AuthPin::new(PIN.into())).expect("init pin");
+            s.logout().expect("logout");
+            slot_of(ctx, label)
+        };
+        let session = ctx.open_rw_session(slot).expect("session");
+        match session.login(UserType::User, Some(&AuthPin::new(PIN.into()))) {
+            Ok(())
+            | Err(cryptoki::error::Error::Pkcs11(
+                cryptoki::error::RvError::UserAlreadyLoggedIn,
+                _,
+            )) => {}
+            Err(e) => panic!("user login: {e}"),
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let pin_file = dir.path().join("pkcs11-pin");
+        std::fs::write(&pin_file, format!("{PIN}\n")).unwrap();
+        Token {
+            label: label.to_owned(),
+            session,
+            pin_file,
+            _dir: dir,
+        }
+    }
+
+    /// A new AES-256 key labelled `label`, made in the token: sensitive,
+    /// not extractable.
+    pub fn aes_key(&self, label: &str) -> ObjectHandle {
+        self.session
+            .generate_key(
+                &Mechanism::AesKeyGen,
+                &[
+                    Attribute::Token(true),
+                    Attribute::Private(true),
+                    Attribute::ValueLen(32.into()),
+                    Attribute::Label(label.as_bytes().to_vec()),
+                    Attribute::Encrypt(true),
+                    Attribute::Decrypt(true),
+                    Attribute::Sensitive(true),
+                    Attribute::Extractable(false),
+                ],
+            )
+            .expect("generate an AES key in the token")
+    }
+
+    /// nonce || AES-256-GCM(key, nonce, plain, aad), computed in the token.
+    pub fn seal(&self, key: ObjectHandle, nonce: [u8; 12], aad: &[u8], plain: &[u8]) -> Vec<u8> {
+        let mut iv = nonce;
+        let params = GcmParams::new(&mut iv, aad, 128.into()).unwrap();
+        let ct = self
+            .session
+            .encrypt(&Mechanism::AesGcm(params), key, plain)
+            .expect("encrypt in the token");
+        [&nonce[..], &ct].concat()
+    }
+
+    /// The key's value as the token gives it out: nothing, for these keys.
+    pub fn readable_value(&self, key: ObjectHandle) -> Option<Vec<u8>> {
+        self.session
+            .get_attributes(key, &[AttributeType::Value])
+            .ok()?
+            .into_iter()
+            .find_map(|a| match a {
+                Attribute::Value(v) => Some(v),
+                _ => None,
+            })
+    }
+}
+
+impl Drop for Token {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("softhsm2-util")
+            .args(["--delete-token", "--token", &self.label])
+            .output();
+    }
+}
+
+fn free_slot(ctx: &Pkcs11) -> Slot {
+    ctx.get_all_slots()
+        .expect("slots")
+        .into_iter()
+        .find(|s| ctx.get_token_info(*s).is_ok_and(|i| !i.token_initialized()))
+        .expect("SoftHSM2 always offers a free slot")
+}
+
+fn slot_of(ctx: &Pkcs11, label: &str) -> Slot {
+    ctx.get_slots_with_token()
+        .expect("slots")
+        .into_iter()
+        .find(|s| {
+            ctx.get_token_info(*s)
+                .is_ok_and(|i| i.label().trim_end() == label)
+        })
+        .expect("the token just made")
+}
