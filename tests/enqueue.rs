@@ -229,3 +229,44 @@ async fn enqueue_validates_then_queues() {
         stderr(&out)
     );
 }
+
+#[tokio::test]
+async fn a_keyring_that_is_not_there_is_the_callers_to_fix() {
+    let fx = Fixture::new(1).await;
+    let missing = fx.dir.path().join("no-such-keyring.json");
+    let missing = missing.display().to_string();
+    let env = [
+        ("DATABASE_URL", fx.db.url.as_str()),
+        ("PQMIG_KEYRING", missing.as_str()),
+    ];
+    let sel = r#"{"table":"users","column":"email_hash"}"#;
+    let out = run(
+        &[
+            "enqueue",
+            "--scope",
+            "hashes",
+            "--algo",
+            "hmac-sha3-256",
+            "--selection",
+            sel,
+        ],
+        &env,
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!(
+            "the job would fail: keyring {missing}: no such file"
+        )),
+        "{}",
+        stderr(&out)
+    );
+    let queued: i64 = fx
+        .db
+        .client()
+        .await
+        .query_one("SELECT count(*) FROM pq_migration_jobs", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(queued, 0, "nothing queued");
+}

@@ -175,8 +175,16 @@ pub async fn run(config: &Config, args: &JobRequest, allow_overlap: bool) -> any
     let (job, spec) = resolve(client, args).await?;
     // The daemon's own checks, on a job that is not in the table yet.
     let checked = match &config.keyring {
-        Some(path) => {
-            let ctx = ScopeContext::new(Some(path.clone()));
+        // A file not there is the caller's to fix, not something to wait
+        // for as a replica would.
+        Some(path) if !path.exists() => {
+            return Err(usage(format!(
+                "the job would fail: keyring {}: no such file (keys.keyring / PQMIG_KEYRING)",
+                path.display()
+            )));
+        }
+        Some(_) => {
+            let ctx = ScopeContext::of(config);
             spec.scope.prepare(client, &spec, &ctx).await.map(|_| true)
         }
         None => spec.scope.validate(client, &spec).await.map(|_| false),

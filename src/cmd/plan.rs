@@ -42,13 +42,14 @@ pub struct PlanReport {
 pub async fn run(config: &Config, args: &JobRequest, json: bool) -> anyhow::Result<()> {
     let client = &super::connect(config).await?;
     let (_, spec) = super::enqueue::resolve(client, args).await?;
-    let keyring = config.keyring.clone().ok_or_else(|| {
-        UsageError(
+    if config.keyring.is_none() {
+        return Err(UsageError(
             "plan runs the job's crypto on a sample and needs the keyring (keys.keyring or PQMIG_KEYRING)"
                 .into(),
         )
-    })?;
-    let ctx = ScopeContext::new(Some(keyring));
+        .into());
+    }
+    let ctx = ScopeContext::of(config);
     let job = spec
         .scope
         .prepare(client, &spec, &ctx)
