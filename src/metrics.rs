@@ -46,6 +46,7 @@ pub struct Metrics {
     pub batch_retries: IntCounterVec,
     pub heartbeat_failures: IntCounter,
     pub items_remaining: IntGaugeVec,
+    pub attestations: IntCounterVec,
 }
 
 /// The failure kind label of an item error code.
@@ -237,6 +238,11 @@ impl Metrics {
                 )
                 .expect("valid metric"),
             ),
+            attestations: cv(
+                "pqmig_attestations_total",
+                "Job attestations this process wrote to evidence.attest_dir when a job ended done (result written), or could not (failed: see the log).",
+                &["result"],
+            ),
             items_remaining: gv(
                 "pqmig_items_remaining",
                 "Items still to walk in pending and running jobs, by scope, from their (estimated) totals (sampled).",
@@ -281,6 +287,9 @@ impl Metrics {
         }
         for state in ["busy", "free"] {
             m.worker_slots.with_label_values(&[state]);
+        }
+        for result in ["written", "failed"] {
+            m.attestations.with_label_values(&[result]);
         }
         for state in ["idle", "in_use", "max"] {
             m.db_pool_connections.with_label_values(&[state]);

@@ -45,6 +45,7 @@ const METRICS: &[&str] = &[
     "pqmig_batch_retries_total",
     "pqmig_heartbeat_failures_total",
     "pqmig_items_remaining",
+    "pqmig_attestations_total",
 ];
 const HISTOGRAMS: &[&str] = &[
     "pqmig_batch_duration_seconds",

@@ -134,6 +134,18 @@ async fn attestations_are_signed_provable_and_catch_any_change() {
         async move { hook_file(&path, id).is_some() }
     })
     .await;
+    let written = "pqmig_attestations_total{result=\"written\"}";
+    crate::support::wait_until(10, "the attestation counted", || {
+        let d = &daemon;
+        async move { d.metric(written).await == 1.0 }
+    })
+    .await;
+    assert_eq!(
+        daemon
+            .metric("pqmig_attestations_total{result=\"failed\"}")
+            .await,
+        0.0
+    );
     daemon.stop().await;
     let file = hook_file(dir.path(), id).unwrap();
     let file_arg = file.display().to_string();

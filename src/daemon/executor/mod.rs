@@ -151,10 +151,21 @@ async fn attest(shared: Arc<Shared>, job_id: i64) {
         Ok(client) => crate::cmd::attest::attest_into(&client, &shared.scope, dir, job_id).await,
         Err(e) => Err(e.to_string()),
     };
-    match written {
-        Ok(path) => tracing::info!(job_id, path = %path.display(), "attestation written"),
-        Err(e) => tracing::warn!(job_id, "attestation not written: {e}"),
-    }
+    let result = match written {
+        Ok(path) => {
+            tracing::info!(job_id, path = %path.display(), "attestation written");
+            "written"
+        }
+        Err(e) => {
+            tracing::warn!(job_id, "attestation not written: {e}");
+            "failed"
+        }
+    };
+    shared
+        .metrics
+        .attestations
+        .with_label_values(&[result])
+        .inc();
 }
 
 /// `pqmig_job_duration_seconds` of a job this process ended (best effort:
