@@ -1,6 +1,8 @@
-//! Key providers (SPEC §4): resolve a `kms_keys.external_key_ref` to secret
-//! bytes. This release ships the `local` keyring file; Vault, AWS and GCP
-//! providers implement the same [`KeyProvider`] trait.
+//! Key providers (SPEC §4): what a `kms_keys.external_key_ref` names. The
+//! `local` keyring file resolves it to secret bytes ([`KeyProvider`]); the
+//! `pkcs11` provider ([`pkcs11`]) keeps the key in an HSM and does the
+//! AES-GCM there. Other providers are not supported yet (README "Key
+//! providers" has the matrix).
 
 pub mod check;
 pub mod document;
@@ -74,7 +76,7 @@ pub enum KeyError {
     #[error("keyring {}: no such file", path.display())]
     Missing { path: PathBuf },
     #[error(
-        "key {key_ref:?} belongs to provider {provider:?}, which this pqmig build does not implement (only \"local\")"
+        "key {key_ref:?}: provider {provider} is not supported yet (SPEC §4; README \"Key providers\")"
     )]
     UnsupportedProvider { key_ref: String, provider: String },
     #[error("key {key_ref:?} is a {found} key, expected {expected}")]
