@@ -656,3 +656,54 @@ async fn unique_indexes_on_existing_host_tables_are_built_concurrently() {
         .await;
     assert!(dup.is_err(), "the index enforces uniqueness");
 }
+
+/// V10 widens the provider CHECK for `pkcs11`, also where a host had its
+/// own CHECK of V2's five providers under another name (which V2 kept).
+#[tokio::test]
+async fn v10_lets_kms_providers_name_pkcs11_whatever_the_old_check_was_called() {
+    let db = TestDb::migrated().await;
+    let c = db.client().await;
+    c.batch_execute(
+        "ALTER TABLE kms_providers DROP CONSTRAINT ck_kms_prov_provider; \
+         ALTER TABLE kms_providers ADD CONSTRAINT kms_providers_provider_check \
+             CHECK (provider IN ('gcp', 'aws', 'azure', 'vault', 'local')); \
+         DELETE FROM pqmig_schema_history WHERE version >= 10;",
+    )
+    .await
+    .expect("a host's own CHECK, V10 not applied");
+    let insert =
+        "INSERT INTO kms_providers (name, provider, location) VALUES ('hsm', 'pkcs11', 't')";
+    assert!(
+        c.execute(insert, &[]).await.is_err(),
+        "the old CHECK refuses pkcs11"
+    );
+    let out = run(&["migrate"], &[("DATABASE_URL", db.url.as_str())]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    c.execute(insert, &[])
+        .await
+        .expect("pkcs11 is a provider now");
+    let bad = c
+        .execute(
+            "INSERT INTO kms_providers (name, provider) VALUES ('x', 'floppy')",
+            &[],
+        )
+        .await;
+    assert!(bad.is_err(), "other names are still refused");
+    let checks: Vec<String> = c
+        .query(
+            "SELECT conname::text FROM pg_constraint WHERE conrelid = 'kms_providers'::regclass AND contype = 'c'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(checks, vec!["ck_kms_prov_provider".to_owned()]);
+    // Again: a no-op.
+    c.execute("DELETE FROM pqmig_schema_history WHERE version >= 10", &[])
+        .await
+        .unwrap();
+    let out = run(&["migrate"], &[("DATABASE_URL", db.url.as_str())]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}

@@ -71,6 +71,7 @@ async fn legacy_wraps_under_an_hsm_kek_are_opened_in_the_token_and_rewrapped() {
         deks.push((id, dek));
     }
 
+    token.logout();
     let pin = token.pin_file.display().to_string();
     let env = [
         ("PQMIG_PKCS11_MODULE", MODULE),

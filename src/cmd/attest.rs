@@ -107,15 +107,32 @@ fn attested_leaves(file: &Path, statement: &Value) -> anyhow::Result<Option<Vec<
     Ok(Some(leaves))
 }
 
-/// `pqmig attest verify FILE [--trusted-key KEYID]...`: the signatures,
-/// then the database against what was attested; exit 1 naming every
-/// difference.
-pub async fn verify(config: &Config, file: &Path, trusted: &[String]) -> anyhow::Result<()> {
+/// A connection, and the envelope in `file` with its signatures checked.
+async fn open(
+    config: &Config,
+    file: &Path,
+    trusted: &[String],
+) -> anyhow::Result<(tokio_postgres::Client, attest::Opened)> {
     let client = super::connect(config).await?;
     let envelope = read_envelope(file)?;
     let opened = attest::open(&client, &envelope, trusted)
         .await
         .map_err(from_attest)?;
+    Ok((client, opened))
+}
+
+/// The attested job as the database holds it now.
+async fn job_now(client: &tokio_postgres::Client, job_id: i64) -> anyhow::Result<dbe::AttestedJob> {
+    dbe::attested_job(client, job_id)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("job {job_id} is not in this database"))
+}
+
+/// `pqmig attest verify FILE [--trusted-key KEYID]...`: the signatures,
+/// then the database against what was attested; exit 1 naming every
+/// difference.
+pub async fn verify(config: &Config, file: &Path, trusted: &[String]) -> anyhow::Result<()> {
+    let (client, opened) = open(config, file, trusted).await?;
     let st = &opened.statement;
     let p = &st["predicate"];
     let job_id = p["job"]["id"]
@@ -134,9 +151,7 @@ pub async fn verify(config: &Config, file: &Path, trusted: &[String]) -> anyhow:
     println!("signatures verify: {}{pinned}", signers.join(", "));
 
     let mut diffs = Vec::new();
-    let job = dbe::attested_job(&client, job_id)
-        .await?
-        .ok_or_else(|| anyhow::anyhow!("job {job_id} is not in this database"))?;
+    let job = job_now(&client, job_id).await?;
     attest::differences("job", &p["job"], &attest::job_facts(&job), &mut diffs);
 
     // The chain must still hold, through the attested head.
@@ -220,11 +235,7 @@ pub async fn prove(
     item: i64,
     trusted: &[String],
 ) -> anyhow::Result<()> {
-    let client = super::connect(config).await?;
-    let envelope = read_envelope(file)?;
-    let opened = attest::open(&client, &envelope, trusted)
-        .await
-        .map_err(from_attest)?;
+    let (client, opened) = open(config, file, trusted).await?;
     let st = &opened.statement;
     let root = st["predicate"]["items"]["root"]
         .as_str()
@@ -234,9 +245,7 @@ pub async fn prove(
         Some(l) => l,
         None => {
             let job_id = st["predicate"]["job"]["id"].as_i64().unwrap_or(0);
-            let job = dbe::attested_job(&client, job_id)
-                .await?
-                .ok_or_else(|| anyhow::anyhow!("job {job_id} is not in this database"))?;
+            let job = job_now(&client, job_id).await?;
             let now = attest::current_leaves(&client, &job)
                 .await
                 .map_err(from_attest)?;

@@ -305,7 +305,7 @@ async fn signers(
             alg,
         )
         .await
-        .map_err(refused)?;
+        .map_err(|e| refused(e.to_string()))?;
         out.push((k.row.name.clone(), signer));
     }
     Ok(out)

@@ -61,6 +61,10 @@ pub struct Hsm {
 pub struct Token {
     label: String,
     slot: Slot,
+    /// The session the login was made on, never used for operations: the
+    /// login lasts while one session of the token is open, so dropping a
+    /// broken operation session never logs the process out.
+    _login: Mutex<Session>,
     sessions: Mutex<Vec<Session>>,
     keys: Mutex<HashMap<String, ObjectHandle>>,
     mechanisms: Vec<MechanismType>,
@@ -122,6 +126,8 @@ fn unavailable(rv: RvError) -> bool {
             | RvError::HostMemory
             | RvError::FunctionCanceled
             | RvError::UserNotLoggedIn
+            | RvError::KeyHandleInvalid
+            | RvError::ObjectHandleInvalid
     )
 }
 
@@ -193,7 +199,8 @@ impl Hsm {
         let token = Arc::new(Token {
             label: label.to_owned(),
             slot,
-            sessions: Mutex::new(vec![session]),
+            _login: Mutex::new(session),
+            sessions: Mutex::new(Vec::new()),
             keys: Mutex::new(HashMap::new()),
             mechanisms,
         });
@@ -202,6 +209,19 @@ impl Hsm {
             .expect("tokens")
             .insert(label.to_owned(), Arc::clone(&token));
         Ok(token)
+    }
+
+    /// Drop what is known of a token that failed as a device: the next
+    /// operation finds its slot, logs in and looks its keys up again (a
+    /// token removed and put back, a network HSM that reconnected).
+    fn forget(&self, token: &Token) {
+        let mut tokens = self.tokens.lock().expect("tokens");
+        if tokens
+            .get(&token.label)
+            .is_some_and(|t| std::ptr::eq(&**t, token))
+        {
+            tokens.remove(&token.label);
+        }
     }
 
     /// A session of `token`: a pooled one, or a new one.
@@ -266,29 +286,34 @@ impl Hsm {
                 )));
             }
         };
+        let wanted = [
+            AttributeType::KeyType,
+            AttributeType::ValueLen,
+            AttributeType::Decrypt,
+            AttributeType::Sensitive,
+            AttributeType::Extractable,
+        ];
         let attrs = self
-            .with_session(token, |s| {
-                s.get_attributes(
-                    handle,
-                    &[
-                        AttributeType::KeyType,
-                        AttributeType::ValueLen,
-                        AttributeType::Decrypt,
-                    ],
-                )
-            })?
+            .with_session(token, |s| s.get_attributes(handle, &wanted))?
             .map_err(|e| classify(what.clone(), e))?;
+        if attrs.len() != wanted.len() {
+            return Err(HsmError::Config(format!(
+                "{what}: the token did not say what kind of key it is ({} of {} attributes)",
+                attrs.len(),
+                wanted.len()
+            )));
+        }
         for a in &attrs {
-            let ok = match a {
-                Attribute::KeyType(t) => *t == KeyType::AES,
-                Attribute::ValueLen(n) => u64::from(*n) == 32,
-                Attribute::Decrypt(d) => *d,
-                _ => true,
+            let (ok, why) = match a {
+                Attribute::KeyType(t) => (*t == KeyType::AES, "not an AES key"),
+                Attribute::ValueLen(n) => (u64::from(*n) == 32, "not 256 bits"),
+                Attribute::Decrypt(d) => (*d, "not allowed to decrypt (CKA_DECRYPT)"),
+                Attribute::Sensitive(v) => (*v, "not sensitive: its value could be read out"),
+                Attribute::Extractable(x) => (!*x, "extractable: it could leave the token"),
+                _ => (true, ""),
             };
             if !ok {
-                return Err(HsmError::Config(format!(
-                    "{what}: not an AES-256 key that may decrypt ({a:?})"
-                )));
+                return Err(HsmError::Config(format!("{what}: {why}")));
             }
         }
         token
@@ -311,15 +336,20 @@ impl Hsm {
         let token = self.token(token)?;
         let handle = self.aes_key(&token, key)?;
         let what = format!("token {:?} key {key:?}", token.label);
-        let nonce: [u8; 12] = rand::random();
-        let mut iv = nonce;
+        // A token in FIPS mode chooses the IV itself and writes it back.
+        let mut iv: [u8; 12] = rand::random();
         let sealed = self
             .with_session(&token, |s| {
                 let params = GcmParams::new(&mut iv, aad, 128.into())?;
                 s.encrypt(&Mechanism::AesGcm(params), handle, plain)
             })?
-            .map_err(|e| classify(format!("{what}: encrypting"), e))?;
-        Ok([&nonce[..], &sealed].concat())
+            .map_err(|e| {
+                if matches!(&e, P11Error::Pkcs11(rv, _) if unavailable(*rv)) {
+                    self.forget(&token);
+                }
+                classify(format!("{what}: encrypting"), e)
+            })?;
+        Ok([&iv[..], &sealed].concat())
     }
 
     /// nonce(12) || AES-256-GCM ciphertext || tag(16), opened in the token.
@@ -345,12 +375,35 @@ impl Hsm {
         })?;
         match out {
             Ok(plain) => Ok(Zeroizing::new(plain)),
-            Err(P11Error::Pkcs11(rv, _)) if unavailable(rv) => {
-                Err(HsmError::Unavailable(format!("{what}: {rv}")))
+            // A failed tag, as the standard says it.
+            Err(P11Error::Pkcs11(
+                RvError::EncryptedDataInvalid | RvError::EncryptedDataLenRange,
+                _,
+            )) => Err(HsmError::Authentication(what)),
+            // SoftHSM says CKR_GENERAL_ERROR for a failed tag; so might a
+            // failing device. A test string that seals and opens with the
+            // same key tells them apart.
+            Err(P11Error::Pkcs11(RvError::GeneralError, _)) if self.probe(&token, handle) => {
+                Err(HsmError::Authentication(what))
             }
-            // A failed tag: CKR_ENCRYPTED_DATA_INVALID by the standard,
-            // CKR_GENERAL_ERROR from SoftHSM.
-            Err(_) => Err(HsmError::Authentication(what)),
+            // Anything else is the token's trouble, never the data's.
+            Err(e) => {
+                self.forget(&token);
+                Err(HsmError::Unavailable(format!("{what}: {e}")))
+            }
         }
+    }
+
+    /// Whether the key works: a test string sealed and opened with it.
+    fn probe(&self, token: &Token, handle: ObjectHandle) -> bool {
+        const PROBE: &[u8] = b"pqmig pkcs11 probe";
+        let mut iv: [u8; 12] = rand::random();
+        let out = self.with_session(token, |s| {
+            let params = GcmParams::new(&mut iv, b"", 128.into())?;
+            let sealed = s.encrypt(&Mechanism::AesGcm(params), handle, PROBE)?;
+            let params = GcmParams::new(&mut iv, b"", 128.into())?;
+            s.decrypt(&Mechanism::AesGcm(params), handle, &sealed)
+        });
+        matches!(out, Ok(Ok(plain)) if plain == PROBE)
     }
 }

@@ -114,6 +114,12 @@ impl Token {
         [&nonce[..], &ct].concat()
     }
 
+    /// Log this process out of the token, so that pqmig, in this process
+    /// too, must log in with the PIN from its file.
+    pub fn logout(&self) {
+        self.session.logout().expect("logout");
+    }
+
     /// The key's value as the token gives it out: nothing, for these keys.
     pub fn readable_value(&self, key: ObjectHandle) -> Option<Vec<u8>> {
         self.session

@@ -37,6 +37,31 @@ pub enum SourceKey {
     Unusable(String),
 }
 
+/// Why a signing key could not be unsealed: for good, or for now (the HSM
+/// holding its KEK is down: the job's transient error).
+#[derive(Debug, thiserror::Error)]
+pub enum UnsealError {
+    #[error("{0}")]
+    Fatal(String),
+    #[error("{0}")]
+    ForNow(String),
+}
+
+impl From<String> for UnsealError {
+    fn from(why: String) -> UnsealError {
+        UnsealError::Fatal(why)
+    }
+}
+
+impl From<UnsealError> for crate::scope::JobError {
+    fn from(e: UnsealError) -> crate::scope::JobError {
+        match e {
+            UnsealError::Fatal(why) => crate::scope::fatal(why),
+            UnsealError::ForNow(why) => crate::scope::JobError::Transient(why),
+        }
+    }
+}
+
 /// Decrypt a signing key's private key with its KEK (SPEC §4) and check it
 /// against the stored public key.
 pub async fn load_signing_key(
@@ -45,12 +70,13 @@ pub async fn load_signing_key(
     pkcs11: Option<&crate::keys::pkcs11::Pkcs11Settings>,
     k: &SigningKeyRow,
     alg: SigAlg,
-) -> Result<Signer, String> {
+) -> Result<Signer, UnsealError> {
     let (Some(sealed), Some(kek_id)) = (&k.private_key_enc, k.kms_key_id) else {
         return Err(format!(
             "signing key {:?} has no private_key_enc or kms_key_id",
             k.name
-        ));
+        )
+        .into());
     };
     let kek_row = crate::db::kms::kms_keys_by_id(c, &[kek_id])
         .await
@@ -80,11 +106,14 @@ pub async fn load_signing_key(
         crate::keys::pkcs11::open(settings)
             .and_then(|hsm| hsm.aes_gcm_open(token, &kek_row.key_ref, sealed, &aad))
             .map_err(|e| match e {
-                crate::keys::pkcs11::HsmError::Authentication(_) => format!(
+                crate::keys::pkcs11::HsmError::Authentication(_) => UnsealError::Fatal(format!(
                     "signing key {:?}: private_key_enc does not open with its KEK (wrong key or tampered)",
                     k.name
-                ),
-                other => format!("signing key {:?}: {other}", k.name),
+                )),
+                crate::keys::pkcs11::HsmError::Unavailable(why) => {
+                    UnsealError::ForNow(format!("signing key {:?}: {why}", k.name))
+                }
+                other => UnsealError::Fatal(format!("signing key {:?}: {other}", k.name)),
             })?
     } else {
         let kek = crate::keys::kms_secret(keyring, &kek_row, "AES-256-GCM")
@@ -101,7 +130,8 @@ pub async fn load_signing_key(
         return Err(format!(
             "signing key {:?}: its private key does not match its public_key",
             k.name
-        ));
+        )
+        .into());
     }
     Ok(signer)
 }

@@ -175,9 +175,7 @@ impl Checked {
         let keyring = ctx.keys("unseal the signing key")?;
         let mut keys = Vec::with_capacity(self.keys.len());
         for k in &self.keys {
-            let signer = load_signing_key(c, &keyring, ctx.pkcs11.as_ref(), k, self.target)
-                .await
-                .map_err(fatal)?;
+            let signer = load_signing_key(c, &keyring, ctx.pkcs11.as_ref(), k, self.target).await?;
             keys.push(TargetKey {
                 id: k.id,
                 name: k.name.clone(),

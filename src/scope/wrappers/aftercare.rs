@@ -104,6 +104,13 @@ async fn verify_job(
         changed += p_changed;
         bad.extend(p_bad);
     }
+    // A key provider that was down proves nothing either way: try again.
+    if let Some((id, why)) = bad
+        .iter()
+        .find(|(_, why)| why.contains(super::keys::UNAVAILABLE))
+    {
+        return Err(JobError::Transient(format!("wrapper {id}: {why}")));
+    }
     Ok((checked + bad.len() as i64, changed, bad))
 }
 

@@ -330,12 +330,11 @@ impl SourceKeys {
                     }),
                 SourceKey::Kem(_) => unreachable!("matched against the format below"),
             };
-            try_one(&uuid).or_else(|e| {
-                if row.uuid != uuid {
-                    try_one(&row.uuid)
-                } else {
-                    Err(e)
-                }
+            // The stored spelling only after a failed tag: a provider
+            // that is down, or a key that cannot be used, stays said.
+            try_one(&uuid).or_else(|e| match e {
+                Opened::Tag if row.uuid != uuid => try_one(&row.uuid),
+                e => Err(e),
             })
         };
         let mut opened: Vec<Zeroizing<Vec<u8>>> = Vec::with_capacity(2);
