@@ -198,23 +198,11 @@ async fn evidence_checked(c: &tokio_postgres::Client, text: &str, url: &str) -> 
             serde_json::json!({"id": r.get::<_, i64>(0), "fields": fields})
         })
         .collect();
-    let pk: Vec<u8> = c
-        .query_one(
-            "SELECT public_key FROM signing_keys WHERE scope = 'attestation'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    let keyid = {
-        use sha2::Digest;
-        format!("sha256:{}", crate::support::hex(&sha2::Sha256::digest(&pk)))
-    };
     let envelope: serde_json::Value =
         serde_json::from_slice(&std::fs::read(attestation(wrappers_job)).unwrap()).unwrap();
     let check = serde_json::json!({
         "envelope": envelope,
-        "keys": {keyid: {"alg": "ML-DSA-65", "pk": b64(&pk)}},
+        "keys": crate::evidence::public_keys(c).await,
         "leaves": leaves,
     });
     python::run("evidence_check.py", &["dsse"], &check.to_string());

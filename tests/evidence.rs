@@ -58,8 +58,7 @@ async fn countersignature_leaves(w: &SigFx) -> Vec<Value> {
 }
 
 /// The attestation keys' public keys by key id, for the Python check.
-async fn public_keys(w: &SigFx) -> Value {
-    let c = w.fx.db.client().await;
+pub(crate) async fn public_keys(c: &tokio_postgres::Client) -> Value {
     let rows = c
         .query(
             "SELECT k.public_key, a.alias::text FROM signing_keys k \
@@ -162,7 +161,7 @@ async fn attestations_are_signed_provable_and_catch_any_change() {
     let leaves = countersignature_leaves(&w).await;
     assert_eq!(leaves.len(), 24);
     let leaves_file = std::fs::read(format!("{}.leaves", file.display())).unwrap();
-    let check = json!({"envelope": envelope, "keys": public_keys(&w).await, "leaves": leaves,
+    let check = json!({"envelope": envelope, "keys": public_keys(&c).await, "leaves": leaves,
                        "leaves_file": b64(&leaves_file)});
     let said: Value = serde_json::from_str(&evidence_check("dsse", &check.to_string())).unwrap();
     assert_eq!(said["signed_by"], json!(["ML-DSA-65", "Ed25519"]), "{said}");
@@ -202,7 +201,7 @@ async fn attestations_are_signed_provable_and_catch_any_change() {
     st["predicate"]["job"]["counts"]["failed"] = json!(0);
     st["predicate"]["items"]["count"] = json!(23);
     forged["payload"] = json!(b64(&serde_json::to_vec(&st).unwrap()));
-    let check = json!({"envelope": forged, "keys": public_keys(&w).await, "leaves": leaves});
+    let check = json!({"envelope": forged, "keys": public_keys(&c).await, "leaves": leaves});
     assert!(!python::succeeds(
         "evidence_check.py",
         &["dsse"],
@@ -240,7 +239,7 @@ async fn attestations_are_signed_provable_and_catch_any_change() {
 
     // Only pinned keys, when pinned; a leaves file that is not the subject
     // is refused.
-    let keys = public_keys(&w).await;
+    let keys = public_keys(&c).await;
     let pq_key = keys
         .as_object()
         .unwrap()
@@ -461,18 +460,7 @@ async fn verify_attests_and_a_hashes_job_is_attested_from_its_backups() {
                 b64(&r.get::<_, Vec<u8>>(1)), b64(r.get::<_, String>(2).as_bytes())]})
         })
         .collect();
-    let keys = {
-        let r = c
-            .query_one(
-                "SELECT public_key FROM signing_keys WHERE name = 'attest'",
-                &[],
-            )
-            .await
-            .unwrap();
-        let pk: Vec<u8> = r.get(0);
-        use sha2::Digest;
-        json!({format!("sha256:{}", crate::support::hex(&sha2::Sha256::digest(&pk))): {"alg": "ML-DSA-65", "pk": b64(&pk)}})
-    };
+    let keys = public_keys(&c).await;
     let leaves_file = std::fs::read(format!("{}.leaves", file.display())).unwrap();
     let check = json!({"envelope": read_json(&file), "keys": keys, "leaves": leaves,
                        "leaves_file": b64(&leaves_file)});

@@ -380,8 +380,9 @@ pub trait Aftercare: Send + Sync {
         n: i64,
     ) -> BoxFuture<'a, Result<RollbackPage, JobError>>;
     /// Every item whose stored value is still the one the job wrote, as
-    /// (item id, [`crate::evidence::value_hash`] of that value), in id
-    /// order: the leaves of a job attestation.
+    /// (item id, [`crate::evidence::value_hash`] of that value), in any
+    /// order: the leaves of a job attestation
+    /// ([`crate::evidence::attest::current_leaves`] sorts them by id).
     fn leaves<'a>(
         &'a self,
         c: &'a Client,

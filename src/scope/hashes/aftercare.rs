@@ -176,8 +176,6 @@ impl crate::scope::Aftercare for HashesAftercare {
                     }
                 }
             }
-            out.sort_unstable_by_key(|l| l.0);
-            out.dedup_by_key(|l| l.0);
             Ok(out)
         })
     }

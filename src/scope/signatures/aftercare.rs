@@ -98,8 +98,6 @@ impl crate::scope::Aftercare for Aftercare {
                         .map(|r| (r.id, crate::evidence::value_hash(&[&r.signature]))),
                 );
             }
-            out.sort_unstable_by_key(|l| l.0);
-            out.dedup_by_key(|l| l.0);
             Ok(out)
         })
     }
