@@ -257,6 +257,9 @@ impl Metrics {
         .expect("valid metric");
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         reg(&m.registry, build);
+        let providers = crate::keys::meter::get();
+        reg(&m.registry, providers.requests.clone());
+        reg(&m.registry, providers.seconds.clone());
         let process = prometheus::process_collector::ProcessCollector::for_self();
         m.registry
             .register(Box::new(process))

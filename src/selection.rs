@@ -119,7 +119,12 @@ const SIGNATURES_KEYS: &[&str] = &[
 
 /// The values `key_wrappers.status` and `crypto_suite.format` can take.
 const WRAPPER_STATUSES: &[&str] = &["active", "rotated", "retired", "invalid"];
-const WRAPPER_FORMATS: &[&str] = &["legacy-aes-gcm", "legacy-x25519", "pqmig-wrap-v1"];
+const WRAPPER_FORMATS: &[&str] = &[
+    "legacy-aes-gcm",
+    "legacy-x25519",
+    "legacy-aws-kms",
+    "pqmig-wrap-v1",
+];
 
 const HASHES_KEYS: &[&str] = &[
     "table",

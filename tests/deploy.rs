@@ -46,12 +46,15 @@ const METRICS: &[&str] = &[
     "pqmig_heartbeat_failures_total",
     "pqmig_items_remaining",
     "pqmig_attestations_total",
+    "pqmig_key_provider_requests_total",
+    "pqmig_key_provider_request_seconds",
 ];
 const HISTOGRAMS: &[&str] = &[
     "pqmig_batch_duration_seconds",
     "pqmig_claim_duration_seconds",
     "pqmig_job_duration_seconds",
     "pqmig_job_wait_seconds",
+    "pqmig_key_provider_request_seconds",
 ];
 
 /// The image `deploy/image/build` tags by default.

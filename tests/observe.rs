@@ -42,7 +42,7 @@ fn sample(text: &str, series: &str) -> Option<f64> {
     })
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .expect("bind")
         .local_addr()

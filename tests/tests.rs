@@ -5,6 +5,7 @@ mod support;
 
 mod aftercare;
 mod audit;
+mod aws;
 mod backups;
 mod cli;
 mod config;

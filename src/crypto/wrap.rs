@@ -14,6 +14,12 @@ use super::kem::{self, Kem, KemKeyPair};
 pub const FORMAT_V1: &str = "pqmig-wrap-v1";
 pub const FORMAT_LEGACY_AES: &str = "legacy-aes-gcm";
 pub const FORMAT_LEGACY_X25519: &str = "legacy-x25519";
+/// A DEK AWS KMS encrypted (`Encrypt` or `GenerateDataKey`): the
+/// ciphertext blob as KMS returned it, opened by KMS `Decrypt` with the
+/// encryption context [`AWS_KMS_CONTEXT_KEY`] = uuid (SPEC §5.1).
+pub const FORMAT_LEGACY_AWS_KMS: &str = "legacy-aws-kms";
+/// The encryption-context key of a `legacy-aws-kms` wrap.
+pub const AWS_KMS_CONTEXT_KEY: &str = "pqmig:wrapper_uuid";
 pub const DEK_LEN: usize = 32;
 const LEGACY_X25519_INFO: &[u8] = b"pqmig-legacy-x25519";
 

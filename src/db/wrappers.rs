@@ -27,6 +27,28 @@ pub struct WrapperRow {
     pub suite: Option<Value>,
     pub wrap_version: i32,
     pub layers: Vec<LayerRow>,
+    /// What a remote key provider (AWS KMS) made of `dek_wrap1` and
+    /// `dek_wrap2`, asked for a whole batch at once before the rows are
+    /// computed; `None` where it was not asked. Not read from the table.
+    pub remote: [Option<RemoteOpen>; 2],
+}
+
+/// A legacy wrap a remote key provider opened, or whose tag it refused.
+#[derive(Clone)]
+pub enum RemoteOpen {
+    Dek(zeroize::Zeroizing<Vec<u8>>),
+    /// It does not open under the key and context (tampered, another
+    /// row's, another key's).
+    Tag,
+}
+
+impl std::fmt::Debug for RemoteOpen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RemoteOpen::Dek(_) => f.write_str("Dek(<redacted>)"),
+            RemoteOpen::Tag => f.write_str("Tag"),
+        }
+    }
 }
 
 /// One `key_wrapper_layers` row as stored.
@@ -148,6 +170,7 @@ fn wrapper_from(r: &Row) -> WrapperRow {
         suite: r.get(6),
         wrap_version: r.get(7),
         layers: Vec::new(),
+        remote: [None, None],
     }
 }
 
@@ -510,6 +533,7 @@ pub async fn wrapper_backups(
                 suite: r.get(7),
                 wrap_version: r.get(8),
                 layers,
+                remote: [None, None],
             }
         })
         .collect();

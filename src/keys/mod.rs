@@ -4,10 +4,12 @@
 //! AES-GCM there. Other providers are not supported yet (README "Key
 //! providers" has the matrix).
 
+pub mod aws;
 pub mod check;
 pub mod document;
 mod generate;
 mod local;
+pub mod meter;
 pub mod pkcs11;
 pub mod signing;
 mod source;

@@ -333,6 +333,21 @@ impl Hsm {
         plain: &[u8],
         aad: &[u8],
     ) -> Result<Vec<u8>, HsmError> {
+        metered("encrypt", || self.seal(token, key, plain, aad))
+    }
+
+    /// nonce(12) || AES-256-GCM ciphertext || tag(16), opened in the token.
+    pub fn aes_gcm_open(
+        &self,
+        token: &str,
+        key: &str,
+        sealed: &[u8],
+        aad: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, HsmError> {
+        metered("decrypt", || self.open(token, key, sealed, aad))
+    }
+
+    fn seal(&self, token: &str, key: &str, plain: &[u8], aad: &[u8]) -> Result<Vec<u8>, HsmError> {
         let token = self.token(token)?;
         let handle = self.aes_key(&token, key)?;
         let what = format!("token {:?} key {key:?}", token.label);
@@ -352,8 +367,7 @@ impl Hsm {
         Ok([&iv[..], &sealed].concat())
     }
 
-    /// nonce(12) || AES-256-GCM ciphertext || tag(16), opened in the token.
-    pub fn aes_gcm_open(
+    fn open(
         &self,
         token: &str,
         key: &str,
@@ -406,4 +420,18 @@ impl Hsm {
         });
         matches!(out, Ok(Ok(plain)) if plain == PROBE)
     }
+}
+
+/// Count and time one operation (login and key lookup included).
+fn metered<T>(operation: &str, f: impl FnOnce() -> Result<T, HsmError>) -> Result<T, HsmError> {
+    let started = std::time::Instant::now();
+    let out = f();
+    let outcome = match &out {
+        Ok(_) => "ok",
+        Err(HsmError::Authentication(_)) => "integrity",
+        Err(HsmError::Config(_)) => "refused",
+        Err(HsmError::Unavailable(_)) => "unavailable",
+    };
+    super::meter::observe("pkcs11", operation, outcome, started.elapsed());
+    out
 }

@@ -13,6 +13,7 @@ pub mod daemon;
 pub mod db;
 pub mod hashes;
 pub mod inventory;
+pub mod kms;
 pub mod python;
 pub mod signatures;
 pub mod softhsm;

@@ -49,12 +49,13 @@ async fn verify_job(
     if !backups::exist(c, job_id).await? {
         let mut after = i64::MIN;
         loop {
-            let rows = dbw::wrappers_of_job(c, job_id, after, page).await?;
+            let mut rows = dbw::wrappers_of_job(c, job_id, after, page).await?;
             let Some(last) = rows.last().map(|r| r.id) else {
                 break;
             };
             after = last;
             keys.resolve(c, &rows.iter().collect::<Vec<_>>()).await?;
+            keys.open_remote(&mut rows).await?;
             for row in &rows {
                 checked += 1;
                 if let Err((code, why)) = keys.recover(row) {
@@ -66,12 +67,14 @@ async fn verify_job(
     }
     let mut at = Some(backups::Cursor::START);
     while let Some(here) = at {
-        let (backups, next) = dbw::wrapper_backups(c, job_id, here, page).await?;
+        let (mut backups, next) = dbw::wrapper_backups(c, job_id, here, page).await?;
         at = next;
         let ids: Vec<i64> = backups.iter().map(|old| old.id).collect();
         let now = dbw::wrappers_by_ids(c, &ids).await?;
         let all: Vec<&WrapperRow> = now.iter().chain(backups.iter()).collect();
         keys.resolve(c, &all).await?;
+        // The backed-up wraps of AWS KMS keys (the current ones are ours).
+        keys.open_remote(&mut backups).await?;
         let k = Arc::clone(&keys);
         let (p_checked, p_changed, p_bad) = tokio::task::spawn_blocking(move || {
             let (mut checked, mut changed, mut bad) = (0i64, 0i64, Vec::new());

@@ -15,7 +15,8 @@ use crate::crypto::kem::{Kem, KemKeyPair};
 use crate::crypto::suite;
 use crate::crypto::wrap::{self, WrapError};
 use crate::db::kms::{self, KmsKey};
-use crate::db::wrappers::{self as dbw, WrapperRow};
+use crate::db::wrappers::{self as dbw, RemoteOpen, WrapperRow};
+use crate::keys::aws::{self, Kms, KmsError};
 use crate::keys::pkcs11::{self, Hsm, HsmError, Pkcs11Settings};
 use crate::keys::{KeyProvider, LocalKeyring};
 use crate::scope::{JobError, fatal};
@@ -31,6 +32,12 @@ pub enum SourceKey {
         hsm: Arc<Hsm>,
         token: String,
         key: String,
+    },
+    /// A key in AWS KMS (provider `aws`), which decrypts `legacy-aws-kms`
+    /// wraps itself, a batch's at once ([`SourceKeys::open_remote`]).
+    Aws {
+        kms: Arc<Kms>,
+        key_id: String,
     },
 }
 
@@ -91,6 +98,7 @@ fn source_key(
     match key.provider.as_str() {
         "local" => local_key(keyring, key).map_err(Unusable::Key),
         "pkcs11" => hsm_key(pkcs11_settings, key),
+        "aws" => unreachable!("aws keys are resolved before, on the async threads"),
         other => Err(Unusable::Key(format!(
             "key {} ({:?}): provider {other} is not supported yet",
             key.id, key.key_ref
@@ -127,6 +135,8 @@ pub struct SourceKeys {
     keyring: Arc<LocalKeyring>,
     /// `keys.pkcs11_*`, for keys held by an HSM.
     pkcs11: Option<Pkcs11Settings>,
+    /// AWS KMS clients, by region.
+    aws: aws::Clients,
     keys: Mutex<HashMap<i64, Arc<Result<SourceKey, String>>>>,
     /// Policies named by `pqmig-wrap-v1` wrappers, by id.
     policies: Mutex<HashMap<PolicyKey, Arc<PolicyAad>>>,
@@ -186,6 +196,7 @@ impl SourceKeys {
         SourceKeys {
             keyring,
             pkcs11: None,
+            aws: aws::Clients::default(),
             keys: Mutex::new(HashMap::new()),
             policies: Mutex::new(HashMap::new()),
             kem_algos: std::sync::OnceLock::new(),
@@ -259,6 +270,24 @@ impl SourceKeys {
         wanted.sort_unstable();
         wanted.dedup();
         let found = kms::kms_keys_by_id(c, &wanted).await?;
+        // AWS KMS keys: a client of their region; KMS checks the key itself
+        // when asked to decrypt.
+        let mut remote = Vec::new();
+        for k in found.iter().filter(|k| k.provider == "aws") {
+            let key = match &k.location {
+                Some(region) if !region.trim().is_empty() => Ok(SourceKey::Aws {
+                    kms: self.aws.get(region.trim()).await,
+                    key_id: k.key_ref.clone(),
+                }),
+                _ => Err(format!(
+                    "key {} ({:?}): its aws kms_providers row names no region (location)",
+                    k.id, k.key_ref
+                )),
+            };
+            remote.push((k.id, Arc::new(key)));
+        }
+        wanted.retain(|id| !remote.iter().any(|(r, _)| r == id));
+        self.keys.lock().expect("key cache").extend(remote);
         let keyring = Arc::clone(&self.keyring);
         let settings = self.pkcs11.clone();
         let resolved = tokio::task::spawn_blocking(move || {
@@ -283,6 +312,83 @@ impl SourceKeys {
         Ok(())
     }
 
+    /// Ask AWS KMS to open every `legacy-aws-kms` wrap of these rows (keys
+    /// resolved before), [`aws::CONCURRENCY`] requests at a time, and keep
+    /// each answer with its row for [`SourceKeys::recover`]. KMS refusing
+    /// (access denied, key disabled or missing) fails the job, naming the
+    /// KMS error code; KMS unreachable, throttling or failing after the
+    /// client's retries is the job's transient error: nothing is written,
+    /// the job is released and tried again.
+    pub async fn open_remote(&self, rows: &mut [WrapperRow]) -> Result<(), JobError> {
+        use futures_util::StreamExt;
+        let mut asks = Vec::new();
+        for (i, row) in rows.iter().enumerate() {
+            if format_of(row) != Ok(wrap::FORMAT_LEGACY_AWS_KMS) {
+                continue;
+            }
+            // A uuid that is no uuid is reported by `recover`.
+            let Ok(uuid) = wrap::canonical_uuid(&row.uuid) else {
+                continue;
+            };
+            for (slot, kid, sealed) in [(0usize, row.kms1, &row.wrap1), (1, row.kms2, &row.wrap2)] {
+                let (Some(kid), Some(blob)) = (kid, sealed.as_ref().filter(|w| !w.is_empty()))
+                else {
+                    continue;
+                };
+                if let Some(key) = self.key(kid)
+                    && let Ok(SourceKey::Aws { kms, key_id }) = &*key
+                {
+                    let stored = (row.uuid != uuid).then(|| row.uuid.clone());
+                    let ask = (
+                        Arc::clone(kms),
+                        key_id.clone(),
+                        blob.clone(),
+                        uuid.clone(),
+                        stored,
+                    );
+                    asks.push((i, slot, kid, ask));
+                }
+            }
+        }
+        if asks.is_empty() {
+            return Ok(());
+        }
+        let answers: Vec<_> = futures_util::stream::iter(asks.into_iter().map(
+            |(i, slot, kid, (kms, key_id, blob, uuid, stored))| async move {
+                let ctx = wrap::AWS_KMS_CONTEXT_KEY;
+                let mut r = kms.decrypt(&key_id, &blob, (ctx, uuid.as_str())).await;
+                // SPEC §5: a context with the uuid as stored (upper case)
+                // is accepted too.
+                if let (Err(KmsError::Integrity { .. }), Some(stored)) = (&r, &stored) {
+                    r = kms.decrypt(&key_id, &blob, (ctx, stored.as_str())).await;
+                }
+                (i, slot, kid, key_id, r)
+            },
+        ))
+        .buffer_unordered(aws::CONCURRENCY)
+        .collect()
+        .await;
+        for (i, slot, kid, key_id, answer) in answers {
+            let row = &mut rows[i];
+            let what = || {
+                format!(
+                    "wrapper {} dek_wrap{} (key {kid}, {key_id:?})",
+                    row.id,
+                    slot + 1
+                )
+            };
+            row.remote[slot] = Some(match answer {
+                Ok(dek) => RemoteOpen::Dek(dek),
+                Err(KmsError::Integrity { .. }) => RemoteOpen::Tag,
+                Err(e @ KmsError::Refused { .. }) => return Err(fatal(format!("{}: {e}", what()))),
+                Err(e @ KmsError::Unavailable(_)) => {
+                    return Err(JobError::Transient(format!("{}: {e}", what())));
+                }
+            });
+        }
+        Ok(())
+    }
+
     fn key(&self, id: i64) -> Option<Arc<Result<SourceKey, String>>> {
         self.keys.lock().expect("key cache").get(&id).cloned()
     }
@@ -291,7 +397,7 @@ impl SourceKeys {
     pub fn recover(&self, row: &WrapperRow) -> Result<Zeroizing<Vec<u8>>, Failure> {
         let format = format_of(row).map_err(|m| ("data", m))?;
         match format {
-            wrap::FORMAT_LEGACY_AES | wrap::FORMAT_LEGACY_X25519 => {
+            wrap::FORMAT_LEGACY_AES | wrap::FORMAT_LEGACY_X25519 | wrap::FORMAT_LEGACY_AWS_KMS => {
                 self.recover_legacy(row, format)
             }
             wrap::FORMAT_V1 => self.recover_v1(row),
@@ -328,7 +434,9 @@ impl SourceKeys {
                         HsmError::Unavailable(m) => Opened::ForNow(m),
                         HsmError::Config(m) => Opened::Unusable(m),
                     }),
-                SourceKey::Kem(_) => unreachable!("matched against the format below"),
+                SourceKey::Kem(_) | SourceKey::Aws { .. } => {
+                    unreachable!("matched against the format below")
+                }
             };
             // The stored spelling only after a failed tag: a provider
             // that is down, or a key that cannot be used, stays said.
@@ -356,6 +464,18 @@ impl SourceKeys {
                 }
                 (Ok(k @ (SourceKey::Aes(_) | SourceKey::Hsm { .. })), wrap::FORMAT_LEGACY_AES)
                 | (Ok(k @ SourceKey::X25519(_)), wrap::FORMAT_LEGACY_X25519) => open(k, sealed),
+                (Ok(SourceKey::Aws { .. }), wrap::FORMAT_LEGACY_AWS_KMS) => {
+                    match &row.remote[usize::from(slot) - 1] {
+                        Some(RemoteOpen::Dek(dek)) if dek.len() == wrap::DEK_LEN => Ok(dek.clone()),
+                        Some(RemoteOpen::Dek(dek)) => Err(Opened::Unusable(format!(
+                            "KMS decrypted it to {} bytes, not a {}-byte DEK",
+                            dek.len(),
+                            wrap::DEK_LEN
+                        ))),
+                        Some(RemoteOpen::Tag) => Err(Opened::Tag),
+                        None => Err(Opened::Unusable("KMS was not asked to open it".into())),
+                    }
+                }
                 (Ok(_), _) => {
                     unchecked.push(format!(
                         "kms{slot}_key_id {kid} is not a key of the {format} format"

@@ -277,13 +277,16 @@ impl Checked {
 }
 
 impl WrappersJob {
+    /// The keys of these rows, and what a remote provider (AWS KMS) makes
+    /// of their wraps, asked for all at once.
     async fn resolve_keys(
         &self,
         c: &impl GenericClient,
-        rows: &[WrapperRow],
+        rows: &mut [WrapperRow],
     ) -> Result<(), JobError> {
-        let rows: Vec<&WrapperRow> = rows.iter().collect();
-        self.plan.source.resolve(c, &rows).await
+        let refs: Vec<&WrapperRow> = rows.iter().collect();
+        self.plan.source.resolve(c, &refs).await?;
+        self.plan.source.open_remote(rows).await
     }
 }
 
@@ -335,8 +338,8 @@ impl Scope for WrappersJob {
         upto: i64,
         n: i64,
     ) -> Result<Vec<WrapperRow>, JobError> {
-        let rows = dbw::wrappers_fetch_batch(c, &self.filter, after, upto, n).await?;
-        self.resolve_keys(c, &rows).await?;
+        let mut rows = dbw::wrappers_fetch_batch(c, &self.filter, after, upto, n).await?;
+        self.resolve_keys(c, &mut rows).await?;
         Ok(rows)
     }
 
@@ -408,8 +411,8 @@ impl super::CasWrite for WrappersJob {
         tx: &impl GenericClient,
         ids: &[i64],
     ) -> Result<(usize, WrapperUpdates, Vec<ItemFailure>, i64), JobError> {
-        let rows = dbw::wrappers_lock_rows(tx, &self.filter, ids).await?;
-        self.resolve_keys(tx, &rows).await?;
+        let mut rows = dbw::wrappers_lock_rows(tx, &self.filter, ids).await?;
+        self.resolve_keys(tx, &mut rows).await?;
         let found = rows.len();
         let plan = Arc::clone(&self.plan);
         let again = tokio::task::spawn_blocking(move || plan.compute(&rows))

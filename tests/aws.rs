@@ -1,0 +1,238 @@
+//! The `aws` key provider against AWS KMS as moto serves it on loopback:
+//! `legacy-aws-kms` wraps (DEKs encrypted by KMS, by boto3, with the
+//! wrapper's uuid as encryption context) are decrypted by KMS and
+//! re-wrapped, and pyca opens the new wraps to the DEKs; throttling and
+//! 5xx are waited out with nothing lost; a wrong context is an item's
+//! `integrity` failure; KMS refusing fails the job, naming its error code.
+
+use std::process::Child;
+
+use serde_json::json;
+
+use crate::support::hashes::{terminal, terminate};
+use crate::support::kms::KmsServer;
+use crate::support::wrappers::WrapFx;
+
+/// An `aws` provider of region us-east-1 and a `kms_keys` row for `arn`.
+async fn register(c: &tokio_postgres::Client, name: &str, arn: &str) -> i64 {
+    let provider: i64 = c
+        .query_one(
+            "INSERT INTO kms_providers (name, provider, location) VALUES ($1, 'aws', 'us-east-1') RETURNING id",
+            &[&name],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    c.query_one(
+        "INSERT INTO kms_keys (provider_id, external_key_ref, purpose, algorithm) \
+         VALUES ($1, $2, 'wrap', 'AES-256-GCM') RETURNING id",
+        &[&provider, &arn],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+/// `n` `legacy-aws-kms` wrappers made by boto3 (those in `wrong_context`
+/// under another uuid's context): (key id, [(wrapper id, DEK)]).
+async fn seed(
+    w: &WrapFx,
+    kms: &KmsServer,
+    n: usize,
+    wrong: &[usize],
+) -> (i64, Vec<(i64, [u8; 32])>) {
+    let c = w.fx.db.client().await;
+    let uuids: Vec<String> = (0..n).map(|_| uuid::Uuid::new_v4().to_string()).collect();
+    let (arn, wraps) = kms.wrap(&uuids, wrong);
+    let key = register(&c, "kms-main", &arn).await;
+    let mut deks = Vec::new();
+    for (uuid, (dek, blob)) in uuids.iter().zip(wraps) {
+        let id: i64 = c
+            .query_one(
+                "INSERT INTO key_wrappers (wrapper_uuid, kms1_key_id, dek_wrap1, crypto_suite) \
+                 VALUES ($1::text::uuid, $2, $3, '{\"format\": \"legacy-aws-kms\"}') RETURNING id",
+                &[uuid, &key, &blob],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        deks.push((id, dek));
+    }
+    (key, deks)
+}
+
+/// A real `pqmig run` reaching `kms` through the SDK's standard variables,
+/// retrying quickly; its metrics on `port`.
+fn daemon(w: &WrapFx, kms: &KmsServer, port: u16) -> Child {
+    let config = w.fx.dir.path().join("pqmig.toml");
+    std::fs::write(
+        &config,
+        "[worker]\nretry_backoff = \"100ms\"\nretry_backoff_max = \"1s\"\n",
+    )
+    .expect("config");
+    let mut env: Vec<(&str, String)> = kms.env();
+    env.push(("PQMIG_CONFIG", config.display().to_string()));
+    env.push(("PQMIG_METRICS_ADDR", format!("127.0.0.1:{port}")));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    w.fx.spawn_daemon("d", &env)
+}
+
+/// One sample of the daemon's /metrics.
+async fn sample(port: u16, series: &str) -> f64 {
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    let (_, text) = crate::observe::http_get(addr, "/metrics").await;
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("no {series} in /metrics:\n{text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legacy_kms_wraps_are_decrypted_by_kms_and_rewrapped_through_throttling_and_5xx() {
+    let w = WrapFx::new(2, pqmig::crypto::kem::Kem::MlKem768, 1).await;
+    let kms = KmsServer::start();
+    let (_, deks) = seed(&w, &kms, 7, &[6]).await;
+    // More throttling and 5xx than the client's own three attempts of
+    // each of the batch's requests absorb: the batch fails as a whole, is
+    // retried after pqmig's backoff, and goes through.
+    kms.fault("Decrypt", 400, "ThrottlingException", 14).await;
+    kms.fault("Decrypt", 503, "KMSInternalException", 14).await;
+
+    let port = crate::observe::free_port();
+    let mut d = daemon(&w, &kms, port);
+    let job = w
+        .enqueue(
+            w.seed.policy_id,
+            json!({"batch_size": 50, "max_failures": 5}),
+        )
+        .await;
+    let j = w.fx.wait_job(job, 90, terminal).await;
+    let unavailable = sample(
+        port,
+        "pqmig_key_provider_requests_total{operation=\"decrypt\",outcome=\"unavailable\",provider=\"aws\"} ",
+    )
+    .await;
+    let ok = sample(
+        port,
+        "pqmig_key_provider_requests_total{operation=\"decrypt\",outcome=\"ok\",provider=\"aws\"} ",
+    )
+    .await;
+    let integrity = sample(
+        port,
+        "pqmig_key_provider_requests_total{operation=\"decrypt\",outcome=\"integrity\",provider=\"aws\"} ",
+    )
+    .await;
+    let timed = sample(
+        port,
+        "pqmig_key_provider_request_seconds_count{operation=\"decrypt\",provider=\"aws\"} ",
+    )
+    .await;
+    terminate(&mut d);
+    let log = w.fx.log("d");
+    assert_eq!(j.status, "failed", "{:?}\n{log}", j.error);
+    assert_eq!(j.error.as_deref(), Some("1 items failed"));
+    assert_eq!(
+        (j.processed, j.failed),
+        (8, 1),
+        "2 local + 7 KMS wrappers, 1 failed"
+    );
+    assert_eq!(kms.faults_left().await, 0, "every injected fault was met");
+    assert!(
+        log.lines().any(|l| l.contains("retrying")
+            && (l.contains("KMS unavailable: ThrottlingException")
+                || l.contains("KMS unavailable: KMSInternalException"))),
+        "the batch was retried, naming KMS's error:\n{log}"
+    );
+    assert!(
+        unavailable >= 1.0 && ok >= 6.0 && integrity >= 1.0,
+        "unavailable {unavailable}, ok {ok}, integrity {integrity}"
+    );
+    assert!(
+        timed >= ok + unavailable + integrity,
+        "every request timed: {timed}"
+    );
+
+    let c = w.fx.db.client().await;
+    let errors: Vec<(i64, String, String)> = c
+        .query(
+            "SELECT item_id::bigint, error_code, message FROM pq_migration_item_errors WHERE job_id = $1",
+            &[&job],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(
+        (errors[0].0, errors[0].1.as_str()),
+        (deks[6].0, "integrity"),
+        "{errors:?}"
+    );
+    assert!(
+        errors[0]
+            .2
+            .contains("legacy-aws-kms: dek_wrap1 does not open"),
+        "{errors:?}"
+    );
+    // The wrong-context wrapper is as it was; pyca opens the new wraps to
+    // the DEKs boto3 had KMS encrypt.
+    let suite: serde_json::Value = c
+        .query_one(
+            "SELECT crypto_suite FROM key_wrappers WHERE id = $1",
+            &[&deks[6].0],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(suite, json!({"format": "legacy-aws-kms"}));
+    w.assert_pyca_opens(&deks[..6]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kms_refusing_fails_the_job_naming_the_code_and_writes_nothing() {
+    let w = WrapFx::new(1, pqmig::crypto::kem::Kem::MlKem768, 1).await;
+    let kms = KmsServer::start();
+    let (key, deks) = seed(&w, &kms, 3, &[]).await;
+    let c = w.fx.db.client().await;
+    let before = w.snapshot().await;
+    let port = crate::observe::free_port();
+    let mut d = daemon(&w, &kms, port);
+
+    // Access denied (what an IAM policy without kms:Decrypt, or with a
+    // context condition the request does not meet, gets).
+    kms.fault("Decrypt", 400, "AccessDeniedException", 1000)
+        .await;
+    let job = w.enqueue(w.seed.policy_id, json!({})).await;
+    let j = w.fx.wait_job(job, 60, terminal).await;
+    assert_eq!(j.status, "failed");
+    let error = j.error.unwrap_or_default();
+    assert!(
+        error.contains("AccessDeniedException")
+            && error.contains(&format!("(key {key}, \"arn:aws:kms:us-east-1:")),
+        "{error}"
+    );
+    assert_eq!(w.snapshot().await, before, "nothing written");
+    let refused = sample(
+        port,
+        "pqmig_key_provider_requests_total{operation=\"decrypt\",outcome=\"refused\",provider=\"aws\"} ",
+    )
+    .await;
+    assert!(refused >= 1.0, "{refused}");
+
+    // A key KMS does not have (deleted, or a wrong ARN): moto's own answer.
+    kms.clear_faults().await;
+    c.execute(
+        "UPDATE kms_keys SET external_key_ref = 'arn:aws:kms:us-east-1:123456789012:key/00000000-0000-4000-8000-000000000000' WHERE id = $1",
+        &[&key],
+    )
+    .await
+    .unwrap();
+    let job = w.enqueue(w.seed.policy_id, json!({})).await;
+    let j = w.fx.wait_job(job, 60, terminal).await;
+    terminate(&mut d);
+    assert_eq!(j.status, "failed");
+    let error = j.error.unwrap_or_default();
+    assert!(error.contains("KMS NotFoundException"), "{error}");
+    assert_eq!(w.snapshot().await, before, "nothing written");
+    assert_eq!(deks.len(), 3);
+}
