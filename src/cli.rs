@@ -382,6 +382,10 @@ pub struct BenchArgs {
     /// Replicas of the large-table mode
     #[arg(long, default_value_t = 3)]
     pub replicas: usize,
+    /// Wrappers: the same job with its legacy wraps in AWS KMS of this
+    /// region (standard credentials and endpoint, e.g. AWS_ENDPOINT_URL_KMS)
+    #[arg(long, value_name = "REGION")]
+    pub kms_region: Option<String>,
 }
 
 impl Cli {
@@ -497,6 +501,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
                 algo: a.algo,
                 large: a.large,
                 replicas: a.replicas,
+                kms_region: a.kms_region,
             };
             cmd::bench::run(&config, &opts).await
         }

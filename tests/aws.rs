@@ -12,6 +12,7 @@ use serde_json::json;
 use crate::support::hashes::{terminal, terminate};
 use crate::support::kms::KmsServer;
 use crate::support::wrappers::WrapFx;
+use crate::support::{stderr, stdout};
 
 /// An `aws` provider of region us-east-1 and a `kms_keys` row for `arn`.
 async fn register(c: &tokio_postgres::Client, name: &str, arn: &str) -> i64 {
@@ -77,6 +78,16 @@ fn daemon(w: &WrapFx, kms: &KmsServer, port: u16) -> Child {
     w.fx.spawn_daemon("d", &env)
 }
 
+/// `pqmig ARGS` reaching `kms`.
+fn cli(w: &WrapFx, kms: &KmsServer, args: &[&str]) -> std::process::Output {
+    let keyring = w.fx.keyring.display().to_string();
+    let mut env: Vec<(&str, String)> = kms.env();
+    env.push(("DATABASE_URL", w.fx.db.url.clone()));
+    env.push(("PQMIG_KEYRING", keyring));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    crate::support::run(args, &env)
+}
+
 /// One sample of the daemon's /metrics.
 async fn sample(port: u16, series: &str) -> f64 {
     let addr = format!("127.0.0.1:{port}").parse().unwrap();
@@ -90,7 +101,7 @@ async fn sample(port: u16, series: &str) -> f64 {
 async fn legacy_kms_wraps_are_decrypted_by_kms_and_rewrapped_through_throttling_and_5xx() {
     let w = WrapFx::new(2, pqmig::crypto::kem::Kem::MlKem768, 1).await;
     let kms = KmsServer::start();
-    let (_, deks) = seed(&w, &kms, 7, &[6]).await;
+    let (key, deks) = seed(&w, &kms, 7, &[6]).await;
     // More throttling and 5xx than the client's own three attempts of
     // each of the batch's requests absorb: the batch fails as a whole, is
     // retried after pqmig's backoff, and goes through.
@@ -186,6 +197,28 @@ async fn legacy_kms_wraps_are_decrypted_by_kms_and_rewrapped_through_throttling_
         .get(0);
     assert_eq!(suite, json!({"format": "legacy-aws-kms"}));
     w.assert_pyca_opens(&deks[..6]).await;
+
+    // The operator's view: the KMS key is listed as usable in KMS, and
+    // `keys check` has KMS encrypt and decrypt a test string with it.
+    let out = cli(&w, &kms, &["keys", "list"]);
+    let listed = stdout(&out);
+    let line = listed
+        .lines()
+        .find(|l| l.trim_start().starts_with(&format!("{key} ")))
+        .unwrap_or_default();
+    assert!(
+        line.contains("aws (kms-main)") && line.contains("usable: open legacy-aws-kms (in AWS KMS"),
+        "{listed}"
+    );
+    let out = cli(&w, &kms, &["keys", "check"]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert!(
+        stdout(&out).contains(&format!("ok      kms_keys {key} \"arn:aws:kms:us-east-1:"))
+            && stdout(&out)
+                .contains("KMS encrypted and decrypted a test string (region us-east-1)"),
+        "{}",
+        stdout(&out)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -234,5 +267,13 @@ async fn kms_refusing_fails_the_job_naming_the_code_and_writes_nothing() {
     let error = j.error.unwrap_or_default();
     assert!(error.contains("KMS NotFoundException"), "{error}");
     assert_eq!(w.snapshot().await, before, "nothing written");
+    let out = cli(&w, &kms, &["keys", "check"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert!(
+        stderr(&out).contains(&format!("kms_keys {key} "))
+            && stderr(&out).contains("Encrypt: KMS NotFoundException"),
+        "{}",
+        stderr(&out)
+    );
     assert_eq!(deks.len(), 3);
 }

@@ -192,6 +192,7 @@ pub async fn check(config: &Config) -> anyhow::Result<()> {
     let client = super::connect(config).await?;
     let rows = db::kms::kms_keys_all(&client).await?;
     let keyring = keyring_of(config);
+    let kms = crate::keys::aws::Clients::default();
     let mut first_failure = None;
     let mut checked = 0;
     for (k, _) in rows.iter().filter(|(k, _)| k.status == "active") {
@@ -199,6 +200,9 @@ pub async fn check(config: &Config) -> anyhow::Result<()> {
         let outcome = match (&keyring, k.provider.as_str()) {
             // The full reason once, in the error that ends the command.
             (Err(why), "local") if k.provider_enabled => Err((KEYRING_BAD.to_owned(), why.clone())),
+            (_, "aws") => crate::keys::check::try_aws(&kms, k)
+                .await
+                .map_err(|e| (e.clone(), e)),
             (ring, _) => {
                 try_key(ring.as_ref().ok(), config.pkcs11.as_ref(), k).map_err(|e| (e.clone(), e))
             }

@@ -224,6 +224,22 @@ impl Kms {
     }
 }
 
+impl Kms {
+    /// A new symmetric encryption key (`CreateKey`): its ARN. For the
+    /// bench's scratch data; pqmig never creates keys in production.
+    pub async fn create_key(&self, description: &str) -> Result<String, KmsError> {
+        self.client
+            .create_key()
+            .description(description)
+            .send()
+            .await
+            .map_err(classify)?
+            .key_metadata
+            .and_then(|m| m.arn)
+            .ok_or_else(|| KmsError::Unavailable("CreateKey returned no key ARN".into()))
+    }
+}
+
 fn observe<T>(operation: &str, out: &Result<T, KmsError>, started: Instant) {
     let outcome = match out {
         Ok(_) => "ok",

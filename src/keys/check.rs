@@ -51,8 +51,51 @@ pub fn usable(
         hsm_of(pkcs11, key)?;
         return Ok("open/unseal (in its token)");
     }
+    if key.provider == "aws" {
+        region_of(key)?;
+        return Ok("open legacy-aws-kms (in AWS KMS; keys check asks it)");
+    }
     let secret = secret_of(keyring, key)?;
     uses(&secret.algorithm).ok_or_else(|| unused(&secret.algorithm))
+}
+
+/// An `aws` row's region (its provider's `location`), the row enabled.
+fn region_of(key: &KmsKey) -> Result<&str, String> {
+    if !key.provider_enabled {
+        return Err("its kms_providers row is disabled".into());
+    }
+    key.location
+        .as_deref()
+        .map(str::trim)
+        .filter(|r| !r.is_empty())
+        .ok_or_else(|| "its aws kms_providers row names no region (location)".into())
+}
+
+/// An `aws` row's key used once: a test string encrypted and decrypted
+/// by KMS, with the context of a `legacy-aws-kms` wrap of the nil uuid (so
+/// a policy conditioned on pqmig's context key allows it; `kms:Encrypt`
+/// is needed too, for this check alone).
+pub async fn try_aws(clients: &super::aws::Clients, key: &KmsKey) -> Result<String, String> {
+    let region = region_of(key)?;
+    let kms = clients.get(region).await;
+    let context = (
+        wrap::AWS_KMS_CONTEXT_KEY,
+        "00000000-0000-0000-0000-000000000000",
+    );
+    let blob = kms
+        .encrypt(&key.key_ref, PROBE, context)
+        .await
+        .map_err(|e| format!("Encrypt: {e}"))?;
+    let back = kms
+        .decrypt(&key.key_ref, &blob, context)
+        .await
+        .map_err(|e| format!("Decrypt: {e}"))?;
+    if back.as_slice() != PROBE {
+        return Err("KMS Encrypt and Decrypt disagree".into());
+    }
+    Ok(format!(
+        "KMS encrypted and decrypted a test string (region {region})"
+    ))
 }
 
 /// What a key of `algorithm` is used for by the scopes.

@@ -87,11 +87,7 @@ impl KmsServer {
     /// `uuids.len()` wrappers' DEKs, each encrypted by KMS under one new key with its
     /// uuid as encryption context (another's for `wrong_context`), by boto3:
     /// (key ARN, [(dek, ciphertext blob)]).
-    pub fn wrap(
-        &self,
-        uuids: &[String],
-        wrong_context: &[usize],
-    ) -> (String, Vec<Wrapped>) {
+    pub fn wrap(&self, uuids: &[String], wrong_context: &[usize]) -> (String, Vec<Wrapped>) {
         let req =
             json!({"endpoint": self.endpoint, "uuids": uuids, "wrong_context": wrong_context});
         let out: Value =

@@ -3,6 +3,7 @@
 //! in-process, and report its throughput and peak memory. `--large`
 //! measures a table of many millions of rows instead ([`large`]).
 
+mod kms;
 mod large;
 
 use std::time::{Duration, Instant};
@@ -38,6 +39,8 @@ pub struct BenchOptions {
     pub large: bool,
     /// Replicas of the large-table mode.
     pub replicas: usize,
+    /// The wrappers job against AWS KMS of this region (`kms.rs`).
+    pub kms_region: Option<String>,
 }
 
 pub async fn run(config: &Config, a: &BenchOptions) -> anyhow::Result<()> {
@@ -78,6 +81,15 @@ pub async fn run(config: &Config, a: &BenchOptions) -> anyhow::Result<()> {
         _ => crate::crypto::sig::SigAlg::MlDsa65,
     };
 
+    if let Some(region) = &a.kms_region {
+        if a.scope != "wrappers" || a.layers.is_some() || a.algo.is_some() {
+            return Err(UsageError(
+                "--kms-region measures the wrappers scope with one ML-KEM-768 layer: drop --layers/--algo, use --scope wrappers".into(),
+            )
+            .into());
+        }
+        return kms::run(config, a, region).await;
+    }
     let scratch = Scratch::create(config, "pqmig_bench").await?;
     let result = run_in(config, &scratch, a, kem, layers as usize, sig_alg).await;
     scratch.drop_database().await;
