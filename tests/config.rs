@@ -320,7 +320,7 @@ fn example_config_documents_every_key_with_its_default() {
         .iter()
         .map(|k| k.name.to_owned())
         .collect();
-    assert_eq!(expected.len(), 39);
+    assert_eq!(expected.len(), 40);
     documented.sort();
     expected.sort();
     assert_eq!(documented, expected);

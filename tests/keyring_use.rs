@@ -82,10 +82,10 @@ async fn keyring_keys_list_and_check_name_what_cannot_be_used() {
            SELECT id, 'local:gone', 'wrap', 'AES-256-GCM' FROM kms_providers WHERE provider = 'local'; \
          INSERT INTO kms_keys (provider_id, external_key_ref, purpose, algorithm) \
            SELECT id, 'local:pep', 'encrypt', 'HMAC-SHA3-256' FROM kms_providers WHERE provider = 'local'; \
-         INSERT INTO kms_providers (name, provider, location) VALUES ('prod kms', 'aws', 'eu-west-1'); \
+         INSERT INTO kms_providers (name, provider, location) VALUES ('prod kms', 'gcp', 'europe-west1'); \
          INSERT INTO kms_keys (provider_id, external_key_ref, purpose, algorithm, status) \
-           SELECT id, 'arn:aws:kms:eu-west-1:1:key/x', 'wrap', 'AES-256-GCM', 'retired' \
-           FROM kms_providers WHERE provider = 'aws';",
+           SELECT id, 'projects/p/locations/eu/keyRings/r/cryptoKeys/x', 'wrap', 'AES-256-GCM', 'retired' \
+           FROM kms_providers WHERE provider = 'gcp';",
     )
     .await
     .expect("rows");
@@ -112,9 +112,9 @@ async fn keyring_keys_list_and_check_name_what_cannot_be_used() {
         "usable: hmac",
         "local (local keyring)",
         "not usable: key \"local:gone\" is not in the keyring",
-        "aws (prod kms)",
+        "gcp (prod kms)",
         "retired",
-        "not usable: provider aws is not supported yet",
+        "not usable: provider gcp is not supported yet",
     ] {
         assert!(text.contains(want), "{want:?} not in:\n{text}");
     }
@@ -137,9 +137,12 @@ async fn keyring_keys_list_and_check_name_what_cannot_be_used() {
     assert_eq!(row("local:pq-a")["detail"], "usable: decapsulate");
     assert_eq!(row("local:gone")["usable"], false);
     assert_eq!(row("local:gone")["id"], gone);
-    assert_eq!(row("arn:aws:kms:eu-west-1:1:key/x")["provider"], "aws");
     assert_eq!(
-        row("arn:aws:kms:eu-west-1:1:key/x")["provider_enabled"],
+        row("projects/p/locations/eu/keyRings/r/cryptoKeys/x")["provider"],
+        "gcp"
+    );
+    assert_eq!(
+        row("projects/p/locations/eu/keyRings/r/cryptoKeys/x")["provider_enabled"],
         true
     );
     let listed = format!("{text}{}{}", stdout(&out), stderr(&out));
@@ -176,7 +179,7 @@ async fn keyring_keys_list_and_check_name_what_cannot_be_used() {
     let out = keys(&["check"], &env);
     assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
     let text = stdout(&out);
-    // One line per active row (the retired aws key is not checked).
+    // One line per active row (the retired gcp key is not checked).
     assert_eq!(text.lines().count(), 6, "{text}");
     assert!(text.lines().all(|l| l.starts_with("ok ")), "{text}");
     for want in [
@@ -190,13 +193,15 @@ async fn keyring_keys_list_and_check_name_what_cannot_be_used() {
     assert_absent(&format!("{text}{}", stderr(&out)), &secrets());
 
     // An active key of an unsupported provider fails the check.
-    c.batch_execute("UPDATE kms_keys SET status = 'active' WHERE external_key_ref LIKE 'arn:%'")
-        .await
-        .expect("activate");
+    c.batch_execute(
+        "UPDATE kms_keys SET status = 'active' WHERE external_key_ref LIKE 'projects/%'",
+    )
+    .await
+    .expect("activate");
     let out = keys(&["check"], &env);
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        stderr(&out).contains("provider aws is not supported yet"),
+        stderr(&out).contains("provider gcp is not supported yet"),
         "{}",
         stderr(&out)
     );

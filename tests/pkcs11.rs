@@ -209,3 +209,85 @@ async fn legacy_wraps_under_an_hsm_kek_are_opened_in_the_token_and_rewrapped() {
         stderr(&out)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_never_has_more_operation_sessions_than_the_cap() {
+    let w = WrapFx::new(1, pqmig::crypto::kem::Kem::MlKem768, 1).await;
+    let c = w.fx.db.client().await;
+    let token = Token::new(&format!(
+        "s{}",
+        &w.fx.db.name[w.fx.db.name.len().saturating_sub(20)..]
+    ));
+    let kek = token.aes_key("kek-cap");
+    let kek_id = register(&c, &token.label, "kek-cap").await;
+    let (mut uuids, mut wraps) = (Vec::new(), Vec::new());
+    for _ in 0..3000 {
+        let uuid = uuid::Uuid::new_v4().to_string();
+        let dek: [u8; 32] = rand::random();
+        wraps.push(token.seal(kek, rand::random(), uuid.as_bytes(), &dek));
+        uuids.push(uuid);
+    }
+    c.execute(
+        "INSERT INTO key_wrappers (wrapper_uuid, kms1_key_id, dek_wrap1) \
+         SELECT u::uuid, $2, w FROM unnest($1::text[], $3::bytea[]) AS t (u, w)",
+        &[&uuids, &kek_id, &wraps],
+    )
+    .await
+    .unwrap();
+    token.logout();
+
+    // Two jobs on two worker slots, each batch computed on a thread per
+    // core: without the cap (keys.pkcs11_sessions = 1) the token would
+    // see several sessions at once.
+    let pin = token.pin_file.display().to_string();
+    let env = [
+        ("PQMIG_PKCS11_MODULE", MODULE),
+        ("PQMIG_PKCS11_PIN_FILE", pin.as_str()),
+        ("PQMIG_CONCURRENCY", "2"),
+        ("PQMIG_PKCS11_SESSIONS", "1"),
+    ];
+    let daemon = InProcess::start(&w.fx, &env).await;
+    let half = uuids.len() as i64 / 2;
+    let ids: Vec<i64> = c
+        .query("SELECT id FROM key_wrappers ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let split = ids[half as usize];
+    let first = w
+        .enqueue(
+            w.seed.policy_id,
+            json!({"batch_size": 200, "id_to": split - 1}),
+        )
+        .await;
+    let second = w
+        .enqueue(
+            w.seed.policy_id,
+            json!({"batch_size": 200, "id_from": split}),
+        )
+        .await;
+    let a = w.fx.wait_job(first, 60, terminal).await;
+    let b = w.fx.wait_job(second, 60, terminal).await;
+    daemon.stop().await;
+    assert_eq!(
+        (a.status.as_str(), b.status.as_str()),
+        ("done", "done"),
+        "{:?} {:?}",
+        a.error,
+        b.error
+    );
+    assert_eq!(a.processed + b.processed, 3001);
+    // SoftHSM does not count sessions (C_GetTokenInfo), so pqmig's own
+    // count of the token's operation sessions says it.
+    let settings = pqmig::keys::pkcs11::Pkcs11Settings::new(MODULE.into(), token.pin_file.clone());
+    let peak = pqmig::keys::pkcs11::open(&settings)
+        .expect("the module the daemon loaded")
+        .session_peak(&token.label)
+        .expect("the daemon used the token");
+    assert_eq!(
+        peak, 1,
+        "operation sessions at once, keys.pkcs11_sessions = 1"
+    );
+}

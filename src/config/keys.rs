@@ -162,6 +162,8 @@ pub const KEYS: &[Key] = &[
     key("keys.keyring", &["PQMIG_KEYRING"], Text).flag("--keyring"),
     key("keys.pkcs11_module", &["PQMIG_PKCS11_MODULE"], Text),
     key("keys.pkcs11_pin_file", &["PQMIG_PKCS11_PIN_FILE"], Text),
+    // Default: worker.concurrency × cores (see keys::pkcs11).
+    key("keys.pkcs11_sessions", &["PQMIG_PKCS11_SESSIONS"], Int),
     key("evidence.attest_dir", &["PQMIG_ATTEST_DIR"], Text),
     key("log.format", &["PQMIG_LOG_FORMAT"], Text)
         .flag("--log-format")

@@ -235,8 +235,18 @@ impl Config {
         raw.merge(RawConfig::from_flags(&sources.flags.values()));
         let credentials_dir = credentials(&mut raw, env);
         let v = Values { raw: &raw };
-        let pkcs11 = v.pkcs11(credentials_dir.as_deref())?;
         let worker = v.worker()?;
+        let pkcs11 = match v.pkcs11(credentials_dir.as_deref())? {
+            Some(p) => {
+                let p = p.with_sessions_for(worker.concurrency.get());
+                let n = v.int_in("keys.pkcs11_sessions", p.max_sessions as i64, 4096)?;
+                Some(crate::keys::pkcs11::Pkcs11Settings {
+                    max_sessions: n as usize,
+                    ..p
+                })
+            }
+            None => None,
+        };
         // Every walk holds up to two connections (the batch it writes and
         // the read ahead of the next); the rescuer, the governor, the
         // sampler and the janitor share three more. Claims and heartbeats
@@ -461,10 +471,10 @@ impl Values<'_> {
                     Some(dir) if pin.is_relative() => dir.join(pin),
                     _ => pin,
                 };
-                Ok(Some(crate::keys::pkcs11::Pkcs11Settings {
-                    module: PathBuf::from(module),
+                Ok(Some(crate::keys::pkcs11::Pkcs11Settings::new(
+                    PathBuf::from(module),
                     pin_file,
-                }))
+                )))
             }
         }
     }

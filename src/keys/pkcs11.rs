@@ -11,7 +11,8 @@
 //! never from the database. The module is loaded and initialised once per
 //! process; each token is logged in once, and its sessions are pooled: a
 //! session is taken per operation and given back, so there are as many as
-//! operations run at once (the crypto threads), no more.
+//! operations run at once (the crypto threads), and never more than
+//! `worker.concurrency` × cores: beyond that an operation waits for one.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -26,11 +27,37 @@ use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
 use zeroize::Zeroizing;
 
-/// `keys.pkcs11_module` and `keys.pkcs11_pin_file`.
+/// `keys.pkcs11_module` and `keys.pkcs11_pin_file`, and how many
+/// operation sessions a token may have open at once.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pkcs11Settings {
     pub module: PathBuf,
     pub pin_file: PathBuf,
+    /// At most this many operations run in one token at once; more wait
+    /// for a session to come back. [`Pkcs11Settings::with_sessions_for`].
+    pub max_sessions: usize,
+}
+
+impl Pkcs11Settings {
+    /// With a session cap for one worker slot.
+    pub fn new(module: PathBuf, pin_file: PathBuf) -> Pkcs11Settings {
+        Pkcs11Settings {
+            module,
+            pin_file,
+            max_sessions: 1,
+        }
+        .with_sessions_for(1)
+    }
+
+    /// Sessions for `workers` worker slots: each job's batch is computed
+    /// on one thread per core, so a token serves at most `workers` ×
+    /// cores operations at once (the read-ahead of a job's next batch
+    /// waits for a session rather than opening one more).
+    pub fn with_sessions_for(mut self, workers: usize) -> Pkcs11Settings {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        self.max_sessions = workers.max(1) * cores;
+        self
+    }
 }
 
 /// Why an operation failed.
@@ -54,6 +81,8 @@ pub struct Hsm {
     ctx: Pkcs11,
     module: PathBuf,
     pin_file: PathBuf,
+    /// Operation sessions per token (the first settings' cap).
+    max_sessions: usize,
     tokens: Mutex<HashMap<String, Arc<Token>>>,
 }
 
@@ -66,6 +95,12 @@ pub struct Token {
     /// broken operation session never logs the process out.
     _login: Mutex<Session>,
     sessions: Mutex<Vec<Session>>,
+    /// Operation sessions open now (pooled or in use), at most
+    /// `max_sessions`; [`Hsm::session`] waits on `returned` at the cap.
+    open: Mutex<usize>,
+    returned: std::sync::Condvar,
+    /// The most operation sessions ever open at once.
+    peak: std::sync::atomic::AtomicUsize,
     keys: Mutex<HashMap<String, ObjectHandle>>,
     mechanisms: Vec<MechanismType>,
 }
@@ -105,6 +140,7 @@ pub fn open(settings: &Pkcs11Settings) -> Result<Arc<Hsm>, HsmError> {
         ctx,
         module: module.clone(),
         pin_file: settings.pin_file.clone(),
+        max_sessions: settings.max_sessions.max(1),
         tokens: Mutex::new(HashMap::new()),
     });
     *slot = Some(Arc::clone(&hsm));
@@ -201,6 +237,9 @@ impl Hsm {
             slot,
             _login: Mutex::new(session),
             sessions: Mutex::new(Vec::new()),
+            open: Mutex::new(0),
+            returned: std::sync::Condvar::new(),
+            peak: std::sync::atomic::AtomicUsize::new(0),
             keys: Mutex::new(HashMap::new()),
             mechanisms,
         });
@@ -224,14 +263,42 @@ impl Hsm {
         }
     }
 
-    /// A session of `token`: a pooled one, or a new one.
+    /// A session of `token`: a pooled one, or a new one while fewer than
+    /// `max_sessions` are open, else the next one given back.
     fn session(&self, token: &Token) -> Result<Session, HsmError> {
-        if let Some(s) = token.sessions.lock().expect("sessions").pop() {
-            return Ok(s);
+        let mut open = token.open.lock().expect("session count");
+        loop {
+            if let Some(s) = token.sessions.lock().expect("sessions").pop() {
+                return Ok(s);
+            }
+            if *open < self.max_sessions {
+                break;
+            }
+            open = token.returned.wait(open).expect("session count");
         }
-        self.ctx
-            .open_ro_session(token.slot)
-            .map_err(|e| classify(format!("token {:?}: opening a session", token.label), e))
+        *open += 1;
+        token
+            .peak
+            .fetch_max(*open, std::sync::atomic::Ordering::Relaxed);
+        drop(open);
+        self.ctx.open_ro_session(token.slot).map_err(|e| {
+            Self::closed(token);
+            classify(format!("token {:?}: opening a session", token.label), e)
+        })
+    }
+
+    /// The most operation sessions the token `label` had open at once in
+    /// this process (`None`: not logged in yet).
+    pub fn session_peak(&self, label: &str) -> Option<usize> {
+        let tokens = self.tokens.lock().expect("tokens");
+        let token = tokens.get(label)?;
+        Some(token.peak.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// One operation session fewer (dropped, or never opened).
+    fn closed(token: &Token) {
+        *token.open.lock().expect("session count") -= 1;
+        token.returned.notify_one();
     }
 
     /// Run `f` on a session of `token` (`Err`: no session could be had);
@@ -244,8 +311,14 @@ impl Hsm {
         let session = self.session(token)?;
         let out = f(&session);
         let broken = matches!(&out, Err(P11Error::Pkcs11(rv, _)) if unavailable(*rv));
-        if !broken {
+        if broken {
+            drop(session);
+            Self::closed(token);
+        } else {
+            // Under the count's lock, so a waiter cannot miss it.
+            let _open = token.open.lock().expect("session count");
             token.sessions.lock().expect("sessions").push(session);
+            token.returned.notify_one();
         }
         Ok(out)
     }
