@@ -219,6 +219,75 @@ async fn legacy_kms_wraps_are_decrypted_by_kms_and_rewrapped_through_throttling_
         "{}",
         stdout(&out)
     );
+
+    // A signing key sealed by KMS (its KEK never leaves KMS) signs the
+    // attestation of a done job (the broken wrapper gone, a second job
+    // finds every item migrated); bound to its name by the context.
+    c.execute("DELETE FROM key_wrappers WHERE id = $1", &[&deks[6].0])
+        .await
+        .unwrap();
+    let mut d = daemon(&w, &kms, crate::observe::free_port());
+    let job = w.enqueue(w.seed.policy_id, json!({})).await;
+    let j = w.fx.wait_job(job, 60, terminal).await;
+    terminate(&mut d);
+    assert_eq!(j.status, "done", "{:?}", j.error);
+    let kek = key.to_string();
+    let out = cli(
+        &w,
+        &kms,
+        &[
+            "keys",
+            "signing",
+            "--algorithm",
+            "ML-DSA-65",
+            "--name",
+            "kms-attest",
+            "--kek",
+            &kek,
+            "--scope",
+            "attestation",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let sealed: Vec<u8> = c
+        .query_one(
+            "SELECT private_key_enc FROM signing_keys WHERE name = 'kms-attest'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        sealed.len() > 32 + 40,
+        "a KMS ciphertext blob: {} bytes",
+        sealed.len()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a.dsse.json").display().to_string();
+    let out = cli(&w, &kms, &["attest", &job.to_string(), "--out", &file]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = cli(&w, &kms, &["attest", "verify", &file]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert!(
+        stdout(&out).contains("ML-DSA-65 key \"kms-attest\""),
+        "{}",
+        stdout(&out)
+    );
+    // Under another name the sealed seed does not open (the context).
+    c.execute(
+        "UPDATE signing_keys SET name = 'kms-other' WHERE name = 'kms-attest'",
+        &[],
+    )
+    .await
+    .unwrap();
+    let out = cli(&w, &kms, &["attest", &job.to_string(), "--out", &file]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out)
+            .contains("signing key \"kms-other\": private_key_enc does not open with its KEK"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -60,6 +60,19 @@ impl KmsError {
     }
 }
 
+/// The encryption-context key a signing key sealed by KMS is bound to its
+/// name with (the `aws` form of SPEC §4's `private_key_enc`).
+pub const SIGNING_KEY_CONTEXT_KEY: &str = "pqmig:signing_key";
+
+/// The region of an `aws` row (its provider's `location`).
+pub fn region_of(key: &crate::db::kms::KmsKey) -> Result<&str, String> {
+    key.location
+        .as_deref()
+        .map(str::trim)
+        .filter(|r| !r.is_empty())
+        .ok_or_else(|| "its aws kms_providers row names no region (location)".into())
+}
+
 /// Codes KMS answers that are worth trying again.
 const TRANSIENT_CODES: &[&str] = &[
     "ThrottlingException",

@@ -64,11 +64,7 @@ fn region_of(key: &KmsKey) -> Result<&str, String> {
     if !key.provider_enabled {
         return Err("its kms_providers row is disabled".into());
     }
-    key.location
-        .as_deref()
-        .map(str::trim)
-        .filter(|r| !r.is_empty())
-        .ok_or_else(|| "its aws kms_providers row names no region (location)".into())
+    super::aws::region_of(key)
 }
 
 /// An `aws` row's key used once: a test string encrypted and decrypted

@@ -1,7 +1,9 @@
 //! `pqmig keys signing`: a new signing key as a `signing_keys` row whose
 //! private key (seed form) is sealed under an AES-256-GCM KEK of the
-//! keyring (SPEC §4): nonce(12) || AES-256-GCM(KEK, nonce, sk, aad =
-//! "pqmig-signing-key:" || name).
+//! keyring or an HSM (SPEC §4): nonce(12) || AES-256-GCM(KEK, nonce, sk,
+//! aad = "pqmig-signing-key:" || name); or, under an AWS KMS key, the
+//! ciphertext blob of KMS `Encrypt` with the encryption context
+//! {"pqmig:signing_key": name}.
 
 use tokio_postgres::GenericClient;
 
@@ -89,7 +91,19 @@ pub async fn create_signing_key(
     let signer =
         Signer::from_seed(alg, &seed).map_err(|e| SigningKeyError::Usage(e.to_string()))?;
     let aad = signing_key_aad(name);
-    let sealed = if kek_row.provider == "pkcs11" {
+    let sealed = if kek_row.provider == "aws" {
+        // Sealed by KMS: its key never leaves KMS.
+        let region = super::aws::region_of(&kek_row)
+            .map_err(|e| SigningKeyError::Usage(format!("--kek: {e}")))?;
+        let kms = super::aws::Clients::default().get(region).await;
+        kms.encrypt(
+            &kek_row.key_ref,
+            &seed,
+            (super::aws::SIGNING_KEY_CONTEXT_KEY, name),
+        )
+        .await
+        .map_err(|e| SigningKeyError::Usage(format!("--kek: {e}")))?
+    } else if kek_row.provider == "pkcs11" {
         // Sealed in the HSM: its KEK never leaves the token.
         let settings = pkcs11.ok_or_else(|| {
             SigningKeyError::Usage(

@@ -89,7 +89,23 @@ pub async fn load_signing_key(
             )
         })?;
     let aad = signing_key_aad(&k.name);
-    let seed = if kek_row.provider == "pkcs11" {
+    let seed = if kek_row.provider == "aws" {
+        // KMS opens the sealed seed; its key never leaves KMS.
+        use crate::keys::aws::{self, KmsError};
+        let region =
+            aws::region_of(&kek_row).map_err(|e| format!("signing key {:?}: {e}", k.name))?;
+        let kms = aws::Clients::default().get(region).await;
+        kms.decrypt(&kek_row.key_ref, sealed, (aws::SIGNING_KEY_CONTEXT_KEY, &k.name))
+            .await
+            .map_err(|e| match e {
+                KmsError::Integrity { .. } => UnsealError::Fatal(format!(
+                    "signing key {:?}: private_key_enc does not open with its KEK (wrong key, another key's name, or tampered)",
+                    k.name
+                )),
+                KmsError::Unavailable(_) => UnsealError::ForNow(format!("signing key {:?}: {e}", k.name)),
+                KmsError::Refused { .. } => UnsealError::Fatal(format!("signing key {:?}: {e}", k.name)),
+            })?
+    } else if kek_row.provider == "pkcs11" {
         // The KEK stays in the HSM, which opens the sealed seed.
         let settings = pkcs11.ok_or_else(|| {
             format!(
