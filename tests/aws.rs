@@ -197,6 +197,15 @@ async fn legacy_kms_wraps_are_decrypted_by_kms_and_rewrapped_through_throttling_
         .get(0);
     assert_eq!(suite, json!({"format": "legacy-aws-kms"}));
     w.assert_pyca_opens(&deks[..6]).await;
+    // `pqmig verify`: each backed-up KMS wrap is opened by KMS again and
+    // must give the DEK the new wrap opens to.
+    let out = cli(&w, &kms, &["verify", &job.to_string()]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert!(
+        stdout(&out).contains("8 items verified"),
+        "{}",
+        stdout(&out)
+    );
 
     // The operator's view: the KMS key is listed as usable in KMS, and
     // `keys check` has KMS encrypt and decrypt a test string with it.
@@ -336,6 +345,32 @@ async fn kms_refusing_fails_the_job_naming_the_code_and_writes_nothing() {
     let error = j.error.unwrap_or_default();
     assert!(error.contains("KMS NotFoundException"), "{error}");
     assert_eq!(w.snapshot().await, before, "nothing written");
+    // No credentials anywhere in the SDK's chain: a refusal naming it,
+    // not an outage to wait out.
+    let (url, keyring) = (w.fx.db.url.clone(), w.fx.keyring.display().to_string());
+    let out = crate::support::run(
+        &["keys", "check"],
+        &[
+            ("DATABASE_URL", url.as_str()),
+            ("PQMIG_KEYRING", keyring.as_str()),
+            ("AWS_ENDPOINT_URL_KMS", kms.endpoint.as_str()),
+            ("AWS_EC2_METADATA_DISABLED", "true"),
+            ("HOME", "/nonexistent"),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    let line = stdout(&out)
+        .lines()
+        .find(|l| l.contains(&format!("kms_keys {key} ")))
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        line.starts_with("FAILED")
+            && line.contains("Encrypt: KMS credentials: ")
+            && line.contains("no credentials found"),
+        "{}",
+        stdout(&out)
+    );
     let out = cli(&w, &kms, &["keys", "check"]);
     assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
     assert!(

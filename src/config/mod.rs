@@ -239,7 +239,8 @@ impl Config {
         let pkcs11 = match v.pkcs11(credentials_dir.as_deref())? {
             Some(p) => {
                 let p = p.with_sessions_for(worker.concurrency.get());
-                let n = v.int_in("keys.pkcs11_sessions", p.max_sessions as i64, 4096)?;
+                let default = (p.max_sessions as i64).min(4096);
+                let n = v.int_in("keys.pkcs11_sessions", default, 4096)?;
                 Some(crate::keys::pkcs11::Pkcs11Settings {
                     max_sessions: n as usize,
                     ..p

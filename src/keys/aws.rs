@@ -21,14 +21,16 @@ use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, Region};
 use aws_sdk_kms::Client;
 use aws_sdk_kms::config::http::HttpResponse;
-use aws_sdk_kms::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_kms::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_kms::primitives::Blob;
 use aws_smithy_http_client::tls;
 use zeroize::Zeroizing;
 
-/// `Decrypt` requests one batch has in flight at most. Each job's batches
-/// run one after another, so a process has at most
-/// `daemon.workers` × this many; measured in README "Key providers".
+/// `Decrypt` requests one batch has in flight at most. A job reads its
+/// next batch while it writes one (and a write that meets a concurrent
+/// change reads those rows again), so a process has at most
+/// 2 × `worker.concurrency` × this many; measured in README "Key
+/// providers".
 pub const CONCURRENCY: usize = 32;
 
 /// How one request failed.
@@ -90,23 +92,56 @@ const TRANSIENT_CODES: &[&str] = &[
     "RequestTimeoutException",
 ];
 
-/// Codes that say the ciphertext is not this key's or context's.
-const INTEGRITY_CODES: &[&str] = &["InvalidCiphertextException", "IncorrectKeyException"];
+/// The code that says the ciphertext does not open under this key and
+/// context: altered, another row's, another context's. (An intact blob of
+/// another key is `IncorrectKeyException`: a key set up wrong, such as an
+/// alias moved to a new key, which fails the job once rather than every
+/// item as tampering.)
+const INTEGRITY_CODES: &[&str] = &["InvalidCiphertextException"];
+
+/// Why `e` happened, its causes joined: one line, without the SDK's debug
+/// dump of the whole error.
+fn causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut next = Some(e);
+    while let Some(err) = next {
+        let text = err.to_string().replace(['\n', '\r'], " ");
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        next = err.source();
+    }
+    parts.join(": ")
+}
+
+/// Credentials that cannot be had however often asked (none configured,
+/// a broken profile): the operator's to fix, not the network's.
+fn credentials_refused(e: &(dyn std::error::Error + 'static)) -> bool {
+    use aws_credential_types::provider::error::CredentialsError;
+    let mut next = Some(e);
+    while let Some(err) = next {
+        if let Some(c) = err.downcast_ref::<CredentialsError>() {
+            return matches!(
+                c,
+                CredentialsError::CredentialsNotLoaded(_)
+                    | CredentialsError::InvalidConfiguration(_)
+            );
+        }
+        next = err.source();
+    }
+    false
+}
 
 fn classify<E>(e: SdkError<E, HttpResponse>) -> KmsError
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
 {
-    let one_line = |e: &SdkError<E, HttpResponse>| {
-        DisplayErrorContext(e)
-            .to_string()
-            .replace(['\n', '\r'], " ")
-    };
     match &e {
         SdkError::ServiceError(s) => {
             let code = e.code().unwrap_or("unknown").to_owned();
             let message = e.message().unwrap_or("").replace(['\n', '\r'], " ");
-            let server_fault = s.raw().status().as_u16() >= 500;
+            let status = s.raw().status().as_u16();
+            let server_fault = status >= 500 || status == 429;
             if INTEGRITY_CODES.contains(&code.as_str()) {
                 KmsError::Integrity { code }
             } else if TRANSIENT_CODES.contains(&code.as_str()) || server_fault {
@@ -117,9 +152,13 @@ where
         }
         SdkError::ConstructionFailure(_) => KmsError::Refused {
             code: "request".into(),
-            message: one_line(&e),
+            message: causes(&e),
         },
-        _ => KmsError::Unavailable(one_line(&e)),
+        _ if credentials_refused(&e) => KmsError::Refused {
+            code: "credentials".into(),
+            message: causes(&e),
+        },
+        _ => KmsError::Unavailable(causes(&e)),
     }
 }
 

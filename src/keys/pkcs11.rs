@@ -81,8 +81,9 @@ pub struct Hsm {
     ctx: Pkcs11,
     module: PathBuf,
     pin_file: PathBuf,
-    /// Operation sessions per token (the first settings' cap).
-    max_sessions: usize,
+    /// Operation sessions per token: the smallest cap any settings this
+    /// process opened the module with asked for.
+    max_sessions: std::sync::atomic::AtomicUsize,
     tokens: Mutex<HashMap<String, Arc<Token>>>,
 }
 
@@ -118,6 +119,12 @@ pub fn open(settings: &Pkcs11Settings) -> Result<Arc<Hsm>, HsmError> {
                 hsm.module.display()
             )));
         }
+        // One process, one cap: the smallest asked for (a test process
+        // runs daemons of several configurations).
+        hsm.max_sessions.fetch_min(
+            settings.max_sessions.max(1),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         return Ok(Arc::clone(hsm));
     }
     let module = &settings.module;
@@ -140,7 +147,7 @@ pub fn open(settings: &Pkcs11Settings) -> Result<Arc<Hsm>, HsmError> {
         ctx,
         module: module.clone(),
         pin_file: settings.pin_file.clone(),
-        max_sessions: settings.max_sessions.max(1),
+        max_sessions: std::sync::atomic::AtomicUsize::new(settings.max_sessions.max(1)),
         tokens: Mutex::new(HashMap::new()),
     });
     *slot = Some(Arc::clone(&hsm));
@@ -271,7 +278,7 @@ impl Hsm {
             if let Some(s) = token.sessions.lock().expect("sessions").pop() {
                 return Ok(s);
             }
-            if *open < self.max_sessions {
+            if *open < self.max_sessions.load(std::sync::atomic::Ordering::Relaxed) {
                 break;
             }
             open = token.returned.wait(open).expect("session count");

@@ -70,11 +70,14 @@ async fn verify_job(
         let (mut backups, next) = dbw::wrapper_backups(c, job_id, here, page).await?;
         at = next;
         let ids: Vec<i64> = backups.iter().map(|old| old.id).collect();
-        let now = dbw::wrappers_by_ids(c, &ids).await?;
+        let mut now = dbw::wrappers_by_ids(c, &ids).await?;
         let all: Vec<&WrapperRow> = now.iter().chain(backups.iter()).collect();
         keys.resolve(c, &all).await?;
-        // The backed-up wraps of AWS KMS keys (the current ones are ours).
+        // Wraps of AWS KMS keys are opened by KMS: the backed-up ones, and
+        // current rows still in a legacy format (rolled back, rewritten by
+        // the application), so they compare like any legacy row.
         keys.open_remote(&mut backups).await?;
+        keys.open_remote(&mut now).await?;
         let k = Arc::clone(&keys);
         let (p_checked, p_changed, p_bad) = tokio::task::spawn_blocking(move || {
             let (mut checked, mut changed, mut bad) = (0i64, 0i64, Vec::new());
