@@ -42,7 +42,27 @@ pub struct Token {
     session: Session,
     /// A file holding the user PIN (mode 0600), for `keys.pkcs11_pin_file`.
     pub pin_file: std::path::PathBuf,
-    _dir: tempfile::TempDir,
+}
+
+/// The one PIN file of the test process (every token has the same PIN):
+/// pqmig loads the module once per process and logs in to each token
+/// with the PIN file of the settings it was first opened with, so a
+/// per-test file would vanish under the other tests' daemons.
+fn pin_file() -> &'static std::path::Path {
+    static FILE: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    FILE.get_or_init(|| {
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("pkcs11-pin");
+        let _ = std::fs::remove_file(&path);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .expect("pin file");
+        std::io::Write::write_all(&mut f, format!("{PIN}\n").as_bytes()).expect("write pin");
+        path
+    })
 }
 
 impl Token {
@@ -72,14 +92,10 @@ impl Token {
             )) => {}
             Err(e) => panic!("user login: {e}"),
         }
-        let dir = tempfile::tempdir().unwrap();
-        let pin_file = dir.path().join("pkcs11-pin");
-        std::fs::write(&pin_file, format!("{PIN}\n")).unwrap();
         Token {
             label: label.to_owned(),
             session,
-            pin_file,
-            _dir: dir,
+            pin_file: pin_file().to_owned(),
         }
     }
 
