@@ -137,16 +137,23 @@ impl Producer {
             self.shared.health.tick();
             // Wake up every poll interval even with all slots busy, so the
             // loop's liveness (readiness, watchdog) stays visible.
+            // Shutdown first: a slot freed by a walk that gave its range
+            // back for the shutdown must not claim that range again (the
+            // range would be released twice, once by a walk of no use).
             let permit = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return,
                 p = Arc::clone(&self.slots).acquire_owned() => p.expect("semaphore never closed"),
                 _ = tokio::time::sleep(poll) => continue,
-                _ = shutdown.cancelled() => return,
             };
             let mut permits = vec![permit];
             while let Ok(p) = Arc::clone(&self.slots).try_acquire_owned() {
                 permits.push(p);
             }
             let wanted = permits.len();
+            if shutdown.is_cancelled() {
+                return;
+            }
             let claimed = self.ticking(self.claim(permits)).await;
             match claimed {
                 Ok(n) => {
@@ -167,9 +174,10 @@ impl Producer {
                 }
             }
             tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return,
                 _ = self.wake.notified() => {}
                 _ = tokio::time::sleep(jitter(poll, 0.2)) => {}
-                _ = shutdown.cancelled() => return,
             }
         }
     }
