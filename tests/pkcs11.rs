@@ -146,6 +146,7 @@ async fn legacy_wraps_under_an_hsm_kek_are_opened_in_the_token_and_rewrapped() {
     daemon.stop().await;
     assert_eq!(j.status, "done", "{:?}", j.error);
     let kek_arg = kek_id.to_string();
+    let conf = crate::support::softhsm::conf();
     let cli_env = |args: &[&str]| {
         let keyring = w.fx.keyring.display().to_string();
         crate::support::run(
@@ -155,6 +156,7 @@ async fn legacy_wraps_under_an_hsm_kek_are_opened_in_the_token_and_rewrapped() {
                 ("PQMIG_KEYRING", keyring.as_str()),
                 ("PQMIG_PKCS11_MODULE", MODULE),
                 ("PQMIG_PKCS11_PIN_FILE", pin.as_str()),
+                ("SOFTHSM2_CONF", conf.as_str()),
             ],
         )
     };

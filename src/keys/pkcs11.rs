@@ -154,6 +154,34 @@ pub fn open(settings: &Pkcs11Settings) -> Result<Arc<Hsm>, HsmError> {
     Ok(hsm)
 }
 
+/// A session taken from a token's count: given back to the pool, or
+/// closed (and its place in the count freed) when dropped, even by a
+/// panic, so the cap can never shrink.
+struct Checkout<'a> {
+    token: &'a Token,
+    session: Option<Session>,
+}
+
+impl Checkout<'_> {
+    fn give_back(&mut self) {
+        if let Some(session) = self.session.take() {
+            // Under the count's lock, so a waiter cannot miss it.
+            let _open = self.token.open.lock().expect("session count");
+            self.token.sessions.lock().expect("sessions").push(session);
+            self.token.returned.notify_one();
+        }
+    }
+}
+
+impl Drop for Checkout<'_> {
+    fn drop(&mut self) {
+        if let Some(session) = self.session.take() {
+            drop(session);
+            Hsm::closed(self.token);
+        }
+    }
+}
+
 /// Errors of the token or the link to it, as opposed to the request's.
 fn unavailable(rv: RvError) -> bool {
     matches!(
@@ -315,18 +343,16 @@ impl Hsm {
         token: &Token,
         f: impl FnOnce(&Session) -> Result<T, P11Error>,
     ) -> Result<Result<T, P11Error>, HsmError> {
-        let session = self.session(token)?;
-        let out = f(&session);
+        let mut held = Checkout {
+            token,
+            session: Some(self.session(token)?),
+        };
+        let out = f(held.session.as_ref().expect("held"));
         let broken = matches!(&out, Err(P11Error::Pkcs11(rv, _)) if unavailable(*rv));
-        if broken {
-            drop(session);
-            Self::closed(token);
-        } else {
-            // Under the count's lock, so a waiter cannot miss it.
-            let _open = token.open.lock().expect("session count");
-            token.sessions.lock().expect("sessions").push(session);
-            token.returned.notify_one();
+        if !broken {
+            held.give_back();
         }
+        // A broken session (or one `f` panicked with) is closed on drop.
         Ok(out)
     }
 

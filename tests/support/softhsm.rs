@@ -1,5 +1,7 @@
 //! A SoftHSM2 token of a test's own (`.ci/setup` installs SoftHSM2; tokens
-//! live in its default token directory), with an AES-256 key generated in
+//! live in a token directory of the test run's own, under `target/`, named
+//! by the `SOFTHSM2_CONF` that `.cargo/config.toml` sets), with an AES-256
+//! key generated in
 //! it that cannot be read out, and that key's AES-GCM encryption for
 //! making legacy wraps. The token is deleted when the guard drops.
 //!
@@ -20,9 +22,34 @@ pub const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
 pub const PIN: &str = "user-1234";
 const SO_PIN: &str = "so-123456";
 
+/// `SOFTHSM2_CONF` as cargo sets it, for the `pqmig` processes a test
+/// starts with a clean environment.
+pub fn conf() -> String {
+    std::env::var("SOFTHSM2_CONF").expect("SOFTHSM2_CONF (set by .cargo/config.toml)")
+}
+
+/// Write the configuration `SOFTHSM2_CONF` names, with an empty token
+/// directory beside it (what an earlier run left is removed).
+fn write_conf() {
+    let conf = std::path::PathBuf::from(conf());
+    let dir = conf.parent().expect("a directory");
+    let tokens = dir.join("tokens");
+    let _ = std::fs::remove_dir_all(&tokens);
+    std::fs::create_dir_all(&tokens).expect("token directory");
+    std::fs::write(
+        &conf,
+        format!(
+            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n",
+            tokens.display()
+        ),
+    )
+    .expect("softhsm2.conf");
+}
+
 fn context() -> &'static Pkcs11 {
     static CTX: OnceLock<Pkcs11> = OnceLock::new();
     CTX.get_or_init(|| {
+        write_conf();
         let ctx = Pkcs11::new(MODULE).expect("SoftHSM2's module (bash .ci/setup installs it)");
         match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
             Ok(()) => {}
