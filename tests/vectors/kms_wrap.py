@@ -11,6 +11,7 @@ import base64
 import json
 import os
 import sys
+import uuid as uuid_mod
 
 import boto3
 
@@ -26,7 +27,10 @@ arn = kms.create_key(KeySpec="SYMMETRIC_DEFAULT", KeyUsage="ENCRYPT_DECRYPT")["K
 wraps = []
 for i, uuid in enumerate(req["uuids"]):
     dek = os.urandom(32)
-    context = {"pqmig:wrapper_uuid": uuid if i not in req["wrong_context"] else "0" + uuid[1:]}
+    # Another row's uuid: a fresh one (changing a character could give
+    # back the same text).
+    other = str(uuid_mod.uuid4())
+    context = {"pqmig:wrapper_uuid": uuid if i not in req["wrong_context"] else other}
     blob = kms.encrypt(KeyId=arn, Plaintext=dek, EncryptionContext=context)["CiphertextBlob"]
     wraps.append({"dek": base64.b64encode(dek).decode(), "blob": base64.b64encode(blob).decode()})
 json.dump({"key_arn": arn, "wraps": wraps}, sys.stdout)
