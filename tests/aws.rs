@@ -163,16 +163,7 @@ async fn legacy_kms_wraps_are_decrypted_by_kms_and_rewrapped_through_throttling_
     );
 
     let c = w.fx.db.client().await;
-    let errors: Vec<(i64, String, String)> = c
-        .query(
-            "SELECT item_id::bigint, error_code, message FROM pq_migration_item_errors WHERE job_id = $1",
-            &[&job],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
-        .collect();
+    let errors = w.fx.item_errors(job).await;
     assert_eq!(errors.len(), 1, "{errors:?}");
     assert_eq!(
         (errors[0].0, errors[0].1.as_str()),

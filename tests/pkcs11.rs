@@ -86,33 +86,14 @@ async fn legacy_wraps_under_an_hsm_kek_are_opened_in_the_token_and_rewrapped() {
         .await;
     let j = w.fx.wait_job(job, 60, terminal).await;
     daemon.stop().await;
-    let failures: Vec<(i64, String, String)> = c
-        .query(
-            "SELECT item_id::bigint, error_code, message FROM pq_migration_item_errors WHERE job_id = $1",
-            &[&job],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
-        .collect();
+    let errors = w.fx.item_errors(job).await;
     assert_eq!(j.status, "failed", "{:?}", j.error);
-    assert_eq!(j.error.as_deref(), Some("2 items failed"), "{failures:?}");
+    assert_eq!(j.error.as_deref(), Some("2 items failed"), "{errors:?}");
     assert_eq!(
         (j.processed, j.failed),
         (9, 2),
         "4 seeded + 5 from the HSM; 2 failed"
     );
-    let errors: Vec<(i64, String, String)> = c
-        .query(
-            "SELECT item_id::bigint, error_code, message FROM pq_migration_item_errors WHERE job_id = $1 ORDER BY item_id::bigint",
-            &[&job],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
-        .collect();
     assert_eq!(errors.len(), 2, "{errors:?}");
     assert_eq!(
         (errors[0].0, errors[0].1.as_str()),

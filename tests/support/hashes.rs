@@ -197,6 +197,23 @@ impl Fixture {
         std::fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default()
     }
 
+    /// A job's item errors, (item id, code, message) in item order.
+    pub async fn item_errors(&self, job: i64) -> Vec<(i64, String, String)> {
+        self.db
+            .client()
+            .await
+            .query(
+                "SELECT item_id::bigint, error_code, message FROM pq_migration_item_errors \
+                 WHERE job_id = $1 ORDER BY item_id::bigint",
+                &[&job],
+            )
+            .await
+            .expect("item errors")
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect()
+    }
+
     pub async fn job(&self, id: i64) -> JobRow {
         let r = self
             .db
