@@ -11,27 +11,12 @@ use serde_json::json;
 
 use crate::support::hashes::{terminal, terminate};
 use crate::support::kms::KmsServer;
-use crate::support::wrappers::WrapFx;
+use crate::support::wrappers::{WrapFx, register_kek};
 use crate::support::{stderr, stdout};
 
 /// An `aws` provider of region us-east-1 and a `kms_keys` row for `arn`.
 async fn register(c: &tokio_postgres::Client, name: &str, arn: &str) -> i64 {
-    let provider: i64 = c
-        .query_one(
-            "INSERT INTO kms_providers (name, provider, location) VALUES ($1, 'aws', 'us-east-1') RETURNING id",
-            &[&name],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    c.query_one(
-        "INSERT INTO kms_keys (provider_id, external_key_ref, purpose, algorithm) \
-         VALUES ($1, $2, 'wrap', 'AES-256-GCM') RETURNING id",
-        &[&provider, &arn],
-    )
-    .await
-    .unwrap()
-    .get(0)
+    register_kek(c, name, "aws", "us-east-1", arn).await
 }
 
 /// `n` `legacy-aws-kms` wrappers made by boto3 (those in `wrong_context`

@@ -8,27 +8,12 @@ use serde_json::json;
 
 use crate::support::hashes::terminal;
 use crate::support::softhsm::{MODULE, Token};
-use crate::support::wrappers::WrapFx;
+use crate::support::wrappers::{WrapFx, register_kek};
 use crate::support::{InProcess, stderr, stdout};
 
 /// A `kms_providers` row for the token and a `kms_keys` row for its key.
 async fn register(c: &tokio_postgres::Client, token: &str, key: &str) -> i64 {
-    let provider: i64 = c
-        .query_one(
-            "INSERT INTO kms_providers (name, provider, location) VALUES ($1, 'pkcs11', $2) RETURNING id",
-            &[&format!("hsm-{token}"), &token],
-        )
-        .await
-        .expect("a pkcs11 provider (migration V10)")
-        .get(0);
-    c.query_one(
-        "INSERT INTO kms_keys (provider_id, external_key_ref, purpose, algorithm) \
-         VALUES ($1, $2, 'wrap', 'AES-256-GCM') RETURNING id",
-        &[&provider, &key],
-    )
-    .await
-    .unwrap()
-    .get(0)
+    register_kek(c, &format!("hsm-{token}"), "pkcs11", token, key).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

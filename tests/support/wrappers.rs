@@ -220,3 +220,30 @@ impl WrapFx {
         id
     }
 }
+
+/// A `kms_providers` row (`provider`, `location`) named `name` and a
+/// `kms_keys` row of it for the AES-256-GCM KEK `key_ref`: the key's id.
+pub async fn register_kek(
+    c: &tokio_postgres::Client,
+    name: &str,
+    provider: &str,
+    location: &str,
+    key_ref: &str,
+) -> i64 {
+    let provider: i64 = c
+        .query_one(
+            "INSERT INTO kms_providers (name, provider, location) VALUES ($1, $2, $3) RETURNING id",
+            &[&name, &provider, &location],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("a {provider} provider: {e}"))
+        .get(0);
+    c.query_one(
+        "INSERT INTO kms_keys (provider_id, external_key_ref, purpose, algorithm) \
+         VALUES ($1, $2, 'wrap', 'AES-256-GCM') RETURNING id",
+        &[&provider, &key_ref],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
