@@ -146,37 +146,32 @@ fn mac_once<M: Mac + Clone>(keyed: &M, data: &[u8], out_len: usize) -> Vec<u8> {
     mac.finalize().into_bytes()[..out_len].to_vec()
 }
 
-/// One hash profile's onion layer, ready to apply to many items.
-pub struct Onion {
+/// One hash profile's layer of the onion, whoever holds its pepper: the
+/// version chain it extends and the length it cuts the HMAC to. A pepper
+/// in a KMS or an HSM computes the HMAC there; [`Onion`] computes it here.
+#[derive(Debug, Clone)]
+pub struct Layer {
     hash: HmacHash,
-    /// Held (zeroized on drop) for the onion's lifetime; the hot path uses
-    /// the keyed state derived from it.
-    pepper: Zeroizing<Vec<u8>>,
     output_len: Option<usize>,
     profile_name: String,
-    keyed: Keyed,
     /// `profile_name + "/"`, built once for `is_migrated` and `new_version`.
     prefix: String,
     out_len: usize,
 }
 
-impl Onion {
-    /// Key the HMAC for `profile_name`. `output_len` (bytes) truncates the
+impl Layer {
+    /// The layer of `profile_name`. `output_len` (bytes) truncates the
     /// output when set and must be 16..=the hash's output length.
     pub fn new(
         hash: HmacHash,
-        pepper: Zeroizing<Vec<u8>>,
         output_len: Option<usize>,
         profile_name: &str,
-    ) -> Result<Onion, OnionError> {
+    ) -> Result<Layer, OnionError> {
         let max = hash.output_len();
         if let Some(len) = output_len
             && !(MIN_OUTPUT_LEN..=max).contains(&len)
         {
             return Err(OnionError::OutputLen { len, hash, max });
-        }
-        if pepper.len() < MIN_PEPPER_LEN {
-            return Err(OnionError::PepperTooShort { len: pepper.len() });
         }
         // A '/' inside a name would make "a/b/v1" read as profile "a" too.
         if profile_name.is_empty() || profile_name.contains('/') {
@@ -184,10 +179,8 @@ impl Onion {
                 name: profile_name.to_owned(),
             });
         }
-        Ok(Onion {
+        Ok(Layer {
             hash,
-            keyed: Keyed::new(hash, &pepper),
-            pepper,
             output_len,
             profile_name: profile_name.to_owned(),
             prefix: format!("{profile_name}/"),
@@ -207,16 +200,10 @@ impl Onion {
         &self.profile_name
     }
 
-    /// HMAC-H(pepper, old_hash), truncated to output_len when set.
-    pub fn rehash(&self, old_hash: &[u8]) -> Vec<u8> {
-        self.keyed.mac(old_hash, self.out_len)
-    }
-
-    /// [`Onion::rehash`] through an HMAC keyed afresh from the pepper, not
-    /// the cached keyed state: what verify-before-write compares against,
-    /// so a corrupted cached state cannot vouch for itself.
-    pub fn rehash_fresh(&self, old_hash: &[u8]) -> Vec<u8> {
-        Keyed::new(self.hash, &self.pepper).mac(old_hash, self.out_len)
+    /// A full HMAC output cut to the profile's output_len (when set).
+    pub fn truncate(&self, mut mac: Vec<u8>) -> Vec<u8> {
+        mac.truncate(self.out_len);
+        mac
     }
 
     /// The version after this layer: `profile_name/old_version`.
@@ -233,16 +220,86 @@ impl Onion {
     }
 }
 
+/// One hash profile's onion layer with its pepper in process, ready to
+/// apply to many items.
+pub struct Onion {
+    layer: Layer,
+    /// Held (zeroized on drop) for the onion's lifetime; the hot path uses
+    /// the keyed state derived from it.
+    pepper: Zeroizing<Vec<u8>>,
+    keyed: Keyed,
+}
+
+impl Onion {
+    /// Key the HMAC for `profile_name`. `output_len` (bytes) truncates the
+    /// output when set and must be 16..=the hash's output length.
+    pub fn new(
+        hash: HmacHash,
+        pepper: Zeroizing<Vec<u8>>,
+        output_len: Option<usize>,
+        profile_name: &str,
+    ) -> Result<Onion, OnionError> {
+        let layer = Layer::new(hash, output_len, profile_name)?;
+        if pepper.len() < MIN_PEPPER_LEN {
+            return Err(OnionError::PepperTooShort { len: pepper.len() });
+        }
+        Ok(Onion {
+            layer,
+            keyed: Keyed::new(hash, &pepper),
+            pepper,
+        })
+    }
+
+    /// The profile's layer: its version chain and output length.
+    pub fn layer(&self) -> &Layer {
+        &self.layer
+    }
+
+    pub fn hash(&self) -> HmacHash {
+        self.layer.hash
+    }
+
+    pub fn output_len(&self) -> Option<usize> {
+        self.layer.output_len
+    }
+
+    pub fn profile_name(&self) -> &str {
+        &self.layer.profile_name
+    }
+
+    /// HMAC-H(pepper, old_hash), truncated to output_len when set.
+    pub fn rehash(&self, old_hash: &[u8]) -> Vec<u8> {
+        self.keyed.mac(old_hash, self.layer.out_len)
+    }
+
+    /// [`Onion::rehash`] through an HMAC keyed afresh from the pepper, not
+    /// the cached keyed state: what verify-before-write compares against,
+    /// so a corrupted cached state cannot vouch for itself.
+    pub fn rehash_fresh(&self, old_hash: &[u8]) -> Vec<u8> {
+        Keyed::new(self.layer.hash, &self.pepper).mac(old_hash, self.layer.out_len)
+    }
+
+    /// The version after this layer: `profile_name/old_version`.
+    pub fn new_version(&self, old_version: &str) -> String {
+        self.layer.new_version(old_version)
+    }
+
+    /// Whether this layer is already the outermost one of `version`.
+    pub fn is_migrated(&self, version: &str) -> bool {
+        self.layer.is_migrated(version)
+    }
+}
+
 impl fmt::Debug for Onion {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Onion")
-            .field("hash", &self.hash)
+            .field("hash", &self.layer.hash)
             .field(
                 "pepper",
                 &format_args!("<redacted {} bytes>", self.pepper.len()),
             )
-            .field("output_len", &self.output_len)
-            .field("profile_name", &self.profile_name)
+            .field("output_len", &self.layer.output_len)
+            .field("profile_name", &self.layer.profile_name)
             .finish()
     }
 }
@@ -252,7 +309,7 @@ impl Onion {
     /// Simulates a corrupted cached HMAC state (a fault in memory): the
     /// hot path keyed with another pepper than the one held.
     pub(crate) fn with_corrupted_cache(mut self, other: &[u8]) -> Onion {
-        self.keyed = Keyed::new(self.hash, other);
+        self.keyed = Keyed::new(self.layer.hash, other);
         self
     }
 }

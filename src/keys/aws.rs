@@ -1,7 +1,9 @@
 //! The `aws` key provider: AWS KMS keys, which never leave KMS. pqmig asks
 //! KMS to decrypt: `legacy-aws-kms` wraps (SPEC §5.1) are opened by
 //! `Decrypt` with the wrapper's uuid as encryption context, a batch's
-//! wraps at most [`CONCURRENCY`] requests at a time.
+//! wraps at most [`CONCURRENCY`] requests at a time; a pepper held as a
+//! KMS HMAC key computes the hashes scope's HMAC with `GenerateMac`
+//! (and verifies it with `VerifyMac`), likewise concurrently.
 //!
 //! A `kms_providers` row with provider `aws` names the region in
 //! `location`; its `kms_keys` rows name a KMS key in `external_key_ref` (a
@@ -23,8 +25,11 @@ use aws_sdk_kms::Client;
 use aws_sdk_kms::config::http::HttpResponse;
 use aws_sdk_kms::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_kms::primitives::Blob;
+use aws_sdk_kms::types::MacAlgorithmSpec;
 use aws_smithy_http_client::tls;
 use zeroize::Zeroizing;
+
+use crate::crypto::onion::HmacHash;
 
 /// `Decrypt` requests one batch has in flight at most. A job reads its
 /// next batch while it writes one (and a write that meets a concurrent
@@ -272,6 +277,84 @@ impl Kms {
                     .ok_or_else(|| KmsError::Unavailable("Encrypt returned no ciphertext".into()))
             });
         observe("encrypt", &out, started);
+        out
+    }
+}
+
+/// The KMS `MacAlgorithm` of an HMAC target: KMS HMAC keys do SHA-2
+/// only (`HMAC_224`…`HMAC_512` key specs).
+pub fn mac_algorithm(hash: HmacHash) -> Option<MacAlgorithmSpec> {
+    match hash {
+        HmacHash::Sha256 => Some(MacAlgorithmSpec::HmacSha256),
+        HmacHash::Sha512 => Some(MacAlgorithmSpec::HmacSha512),
+        HmacHash::Sha3_256 | HmacHash::Sha3_512 => None,
+    }
+}
+
+/// The largest message `GenerateMac` takes.
+pub const MAX_MAC_MESSAGE: usize = 4096;
+
+/// What `VerifyMac` answers for a MAC that does not match.
+const INVALID_MAC_CODE: &str = "KMSInvalidMacException";
+
+impl Kms {
+    /// KMS `GenerateMac` of `message` under the HMAC key `key_id`: the full
+    /// MAC (not truncated).
+    pub async fn generate_mac(
+        &self,
+        key_id: &str,
+        algorithm: MacAlgorithmSpec,
+        message: &[u8],
+    ) -> Result<Vec<u8>, KmsError> {
+        let started = Instant::now();
+        let out = self
+            .client
+            .generate_mac()
+            .key_id(key_id)
+            .mac_algorithm(algorithm)
+            .message(Blob::new(message))
+            .send()
+            .await
+            .map_err(classify)
+            .and_then(|o| {
+                o.mac
+                    .map(Blob::into_inner)
+                    .ok_or_else(|| KmsError::Unavailable("GenerateMac returned no MAC".into()))
+            });
+        observe("mac", &out, started);
+        out
+    }
+
+    /// KMS `VerifyMac`: whether `mac` is the HMAC of `message` under
+    /// `key_id` (KMS says `KMSInvalidMacException` when it is not).
+    pub async fn verify_mac(
+        &self,
+        key_id: &str,
+        algorithm: MacAlgorithmSpec,
+        message: &[u8],
+        mac: &[u8],
+    ) -> Result<bool, KmsError> {
+        let started = Instant::now();
+        let out = match self
+            .client
+            .verify_mac()
+            .key_id(key_id)
+            .mac_algorithm(algorithm)
+            .message(Blob::new(message))
+            .mac(Blob::new(mac))
+            .send()
+            .await
+        {
+            Ok(o) => Ok(o.mac_valid),
+            Err(e) if e.code() == Some(INVALID_MAC_CODE) => Ok(false),
+            Err(e) => Err(classify(e)),
+        };
+        let outcome = match &out {
+            Ok(true) => "ok",
+            Ok(false) => "integrity",
+            Err(e) => e.outcome(),
+        };
+        super::meter::observe("aws", "verify_mac", outcome, started.elapsed());
         out
     }
 }

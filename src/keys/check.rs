@@ -15,8 +15,19 @@ use crate::db::kms::KmsKey;
 
 const PROBE: &[u8] = b"pqmig keys check";
 
+/// The HMAC a row's key is declared for (`None`: not an HMAC key).
+fn hmac_of(key: &KmsKey) -> Result<Option<HmacHash>, String> {
+    match key.algorithm.as_deref() {
+        Some(a) if a.to_ascii_uppercase().starts_with("HMAC-") => HmacHash::from_alias(a)
+            .map(Some)
+            .ok_or_else(|| format!("unknown HMAC {a}")),
+        _ => Ok(None),
+    }
+}
+
 /// A `pkcs11` row's token and key, found (the token logged in, the key
-/// checked): the module, the token label.
+/// checked, as an AES key or as the HMAC key it is declared for): the
+/// module, the token label.
 fn hsm_of(
     pkcs11: Option<&Pkcs11Settings>,
     key: &KmsKey,
@@ -26,9 +37,10 @@ fn hsm_of(
     }
     let settings = pkcs11.ok_or("keys.pkcs11_module and keys.pkcs11_pin_file are not set")?;
     let algorithm = key.algorithm.as_deref().unwrap_or("AES-256-GCM");
-    if !algorithm.eq_ignore_ascii_case("AES-256-GCM") {
+    let hmac = hmac_of(key)?;
+    if hmac.is_none() && !algorithm.eq_ignore_ascii_case("AES-256-GCM") {
         return Err(format!(
-            "the pkcs11 provider uses AES-256-GCM keys; {algorithm} is not supported by it yet"
+            "the pkcs11 provider uses AES-256-GCM and HMAC keys; {algorithm} is not supported by it yet"
         ));
     }
     let token = key
@@ -37,7 +49,11 @@ fn hsm_of(
         .ok_or("its pkcs11 kms_providers row names no token (location)")?;
     let hsm = super::pkcs11::open(settings).map_err(|e| e.to_string())?;
     let t = hsm.token(&token).map_err(|e| e.to_string())?;
-    hsm.aes_key(&t, &key.key_ref).map_err(|e| e.to_string())?;
+    match hmac {
+        Some(hash) => hsm.hmac_key(&t, &key.key_ref, hash).map(drop),
+        None => hsm.aes_key(&t, &key.key_ref).map(drop),
+    }
+    .map_err(|e| e.to_string())?;
     Ok((hsm, token))
 }
 
@@ -49,11 +65,17 @@ pub fn usable(
 ) -> Result<&'static str, String> {
     if key.provider == "pkcs11" {
         hsm_of(pkcs11, key)?;
-        return Ok("open/unseal (in its token)");
+        return Ok(match hmac_of(key)? {
+            Some(_) => "hmac (in its token)",
+            None => "open/unseal (in its token)",
+        });
     }
     if key.provider == "aws" {
         region_of(key)?;
-        return Ok("open legacy-aws-kms (in AWS KMS; keys check asks it)");
+        return Ok(match hmac_of(key)? {
+            Some(_) => "hmac (in AWS KMS; keys check asks it)",
+            None => "open legacy-aws-kms (in AWS KMS; keys check asks it)",
+        });
     }
     let secret = secret_of(keyring, key)?;
     uses(&secret.algorithm).ok_or_else(|| unused(&secret.algorithm))
@@ -74,6 +96,26 @@ fn region_of(key: &KmsKey) -> Result<&str, String> {
 pub async fn try_aws(clients: &super::aws::Clients, key: &KmsKey) -> Result<String, String> {
     let region = region_of(key)?;
     let kms = clients.get(region).await;
+    if let Some(hash) = hmac_of(key)? {
+        // An HMAC key: a MAC of a test string, and KMS verifying it.
+        let algorithm = super::aws::mac_algorithm(hash).ok_or_else(|| {
+            format!("KMS HMAC keys compute HMAC-SHA-256 and HMAC-SHA-512, not {hash}")
+        })?;
+        let mac = kms
+            .generate_mac(&key.key_ref, algorithm.clone(), PROBE)
+            .await
+            .map_err(|e| format!("GenerateMac: {e}"))?;
+        if !kms
+            .verify_mac(&key.key_ref, algorithm, PROBE, &mac)
+            .await
+            .map_err(|e| format!("VerifyMac: {e}"))?
+        {
+            return Err("KMS GenerateMac and VerifyMac disagree".into());
+        }
+        return Ok(format!(
+            "KMS computed and verified an {hash} of a test string (region {region})"
+        ));
+    }
     let context = (
         wrap::AWS_KMS_CONTEXT_KEY,
         "00000000-0000-0000-0000-000000000000",
@@ -134,6 +176,17 @@ pub fn try_key(
 ) -> Result<String, String> {
     if key.provider == "pkcs11" {
         let (hsm, token) = hsm_of(pkcs11, key)?;
+        if let Some(hash) = hmac_of(key)? {
+            let macs = hsm
+                .hmac(&token, &key.key_ref, hash, &[PROBE], true)
+                .map_err(|e| e.to_string())?;
+            return match macs.first() {
+                Some(Some(mac)) if mac.len() == hash.output_len() => Ok(format!(
+                    "computed and verified an {hash} of a test string in token {token:?}"
+                )),
+                _ => Err(format!("{hash} sign and verify in the token disagree")),
+            };
+        }
         let aad = b"pqmig-keys-check";
         let sealed = hsm
             .aes_gcm_seal(&token, &key.key_ref, PROBE, aad)

@@ -12,8 +12,11 @@ use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts};
 /// Providers whose requests are counted (`local` works in-process).
 pub const PROVIDERS: &[&str] = &["aws", "pkcs11"];
 /// What was asked: `decrypt` opens a wrap or unseals a signing key,
-/// `encrypt` seals one (and `keys check`'s probe).
-pub const OPERATIONS: &[&str] = &["decrypt", "encrypt"];
+/// `encrypt` seals one (and `keys check`'s probe), `mac` computes a
+/// pepper's HMAC (aws: one `GenerateMac`; pkcs11: a batch's share, one
+/// session's `C_Sign`s and, with verify, `C_Verify`s), `verify_mac` has
+/// KMS check one (`VerifyMac`; `integrity`: it did not match).
+pub const OPERATIONS: &[&str] = &["decrypt", "encrypt", "mac", "verify_mac"];
 /// `integrity`: the ciphertext did not open (an item's fault);
 /// `refused`: the provider said no (access, a disabled or missing key);
 /// `unavailable`: it could not be reached or asked us to slow down.

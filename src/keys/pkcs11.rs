@@ -27,6 +27,8 @@ use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
 use zeroize::Zeroizing;
 
+use crate::crypto::onion::HmacHash;
+
 /// `keys.pkcs11_module` and `keys.pkcs11_pin_file`, and how many
 /// operation sessions a token may have open at once.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -360,16 +362,73 @@ impl Hsm {
     /// decrypt, the token does `CKM_AES_GCM`, and its value cannot be
     /// read out (sensitive or not extractable).
     pub fn aes_key(&self, token: &Token, key: &str) -> Result<ObjectHandle, HsmError> {
-        if let Some(h) = token.keys.lock().expect("keys").get(key) {
-            return Ok(*h);
-        }
-        let what = format!("token {:?} key {key:?}", token.label);
         if !token.mechanisms.contains(&MechanismType::AES_GCM) {
             return Err(HsmError::Config(format!(
                 "token {:?} does not support CKM_AES_GCM, which opening with {key:?} needs",
                 token.label
             )));
         }
+        self.secret_key(token, key, "aes", AttributeType::Decrypt, |a| match a {
+            Attribute::KeyType(t) => (*t == KeyType::AES, "not an AES key"),
+            Attribute::ValueLen(n) => (u64::from(*n) == 32, "not 256 bits"),
+            Attribute::Decrypt(d) => (*d, "not allowed to decrypt (CKA_DECRYPT)"),
+            _ => (true, ""),
+        })
+    }
+
+    /// The HMAC key labelled `key` in `token` for `hash`, checked: a
+    /// generic secret (or that hash's HMAC key type) of at least 256 bits
+    /// allowed to sign, the token does the mechanism, and its value cannot
+    /// be read out.
+    pub fn hmac_key(
+        &self,
+        token: &Token,
+        key: &str,
+        hash: HmacHash,
+    ) -> Result<ObjectHandle, HsmError> {
+        let (mechanism, own_type) = hmac_mechanism(hash).ok_or_else(|| {
+            HsmError::Config(format!(
+                "the pkcs11 provider computes HMAC-SHA-256 and HMAC-SHA-512 only; {hash} with {key:?} is not supported yet"
+            ))
+        })?;
+        if !token.mechanisms.contains(&mechanism.mechanism_type()) {
+            return Err(HsmError::Config(format!(
+                "token {:?} does not support {}, which {hash} with {key:?} needs",
+                token.label,
+                mechanism.mechanism_type()
+            )));
+        }
+        self.secret_key(token, key, "hmac", AttributeType::Sign, |a| match a {
+            Attribute::KeyType(t) => (
+                *t == KeyType::GENERIC_SECRET || *t == own_type,
+                "not a generic secret or HMAC key",
+            ),
+            Attribute::ValueLen(n) => (
+                u64::from(*n) >= crate::crypto::onion::MIN_PEPPER_LEN as u64,
+                "shorter than 256 bits",
+            ),
+            Attribute::Sign(d) => (*d, "not allowed to sign (CKA_SIGN)"),
+            _ => (true, ""),
+        })
+    }
+
+    /// The one secret key labelled `key` in `token`, its attributes
+    /// (type, length, `usage`, sensitive, extractable) judged by `check`
+    /// and by the rule that its value can never be read out; found once,
+    /// then kept under `kind`.
+    fn secret_key(
+        &self,
+        token: &Token,
+        key: &str,
+        kind: &str,
+        usage: AttributeType,
+        check: impl Fn(&Attribute) -> (bool, &'static str),
+    ) -> Result<ObjectHandle, HsmError> {
+        let cached = format!("{kind}:{key}");
+        if let Some(h) = token.keys.lock().expect("keys").get(&cached) {
+            return Ok(*h);
+        }
+        let what = format!("token {:?} key {key:?}", token.label);
         let found = self
             .with_session(token, |s| {
                 s.find_objects(&[
@@ -395,7 +454,7 @@ impl Hsm {
         let wanted = [
             AttributeType::KeyType,
             AttributeType::ValueLen,
-            AttributeType::Decrypt,
+            usage,
             AttributeType::Sensitive,
             AttributeType::Extractable,
         ];
@@ -411,23 +470,59 @@ impl Hsm {
         }
         for a in &attrs {
             let (ok, why) = match a {
-                Attribute::KeyType(t) => (*t == KeyType::AES, "not an AES key"),
-                Attribute::ValueLen(n) => (u64::from(*n) == 32, "not 256 bits"),
-                Attribute::Decrypt(d) => (*d, "not allowed to decrypt (CKA_DECRYPT)"),
                 Attribute::Sensitive(v) => (*v, "not sensitive: its value could be read out"),
                 Attribute::Extractable(x) => (!*x, "extractable: it could leave the token"),
-                _ => (true, ""),
+                other => check(other),
             };
             if !ok {
                 return Err(HsmError::Config(format!("{what}: {why}")));
             }
         }
-        token
-            .keys
-            .lock()
-            .expect("keys")
-            .insert(key.to_owned(), handle);
+        token.keys.lock().expect("keys").insert(cached, handle);
         Ok(handle)
+    }
+
+    /// HMAC-`hash` of each message under the token's key `key`, computed
+    /// in the token (`C_Sign`), full length; with `verify`, each MAC is
+    /// also checked by the token (`C_Verify`), and `None` stands for one
+    /// that does not verify. One session for the lot.
+    pub fn hmac(
+        &self,
+        token: &str,
+        key: &str,
+        hash: HmacHash,
+        messages: &[&[u8]],
+        verify: bool,
+    ) -> Result<Vec<Option<Vec<u8>>>, HsmError> {
+        metered("mac", || {
+            let token = self.token(token)?;
+            let handle = self.hmac_key(&token, key, hash)?;
+            let (mechanism, _) = hmac_mechanism(hash).expect("checked by hmac_key");
+            let what = format!("token {:?} key {key:?}", token.label);
+            self.with_session(&token, |s| {
+                let mut out = Vec::with_capacity(messages.len());
+                for m in messages {
+                    let mac = s.sign(&mechanism, handle, m)?;
+                    let good = !verify
+                        || match s.verify(&mechanism, handle, m, &mac) {
+                            Ok(()) => true,
+                            Err(P11Error::Pkcs11(
+                                RvError::SignatureInvalid | RvError::SignatureLenRange,
+                                _,
+                            )) => false,
+                            Err(e) => return Err(e),
+                        };
+                    out.push(good.then_some(mac));
+                }
+                Ok(out)
+            })?
+            .map_err(|e| {
+                if matches!(&e, P11Error::Pkcs11(rv, _) if unavailable(*rv)) {
+                    self.forget(&token);
+                }
+                classify(format!("{what}: HMAC"), e)
+            })
+        })
     }
 
     /// nonce(12) || AES-256-GCM(key, nonce, plain, aad), sealed in the
@@ -525,6 +620,16 @@ impl Hsm {
             s.decrypt(&Mechanism::AesGcm(params), handle, &sealed)
         });
         matches!(out, Ok(Ok(plain)) if plain == PROBE)
+    }
+}
+
+/// The token's mechanism for HMAC-`hash`, and the key type of its own
+/// (SHA-3 HMAC has no mechanism in cryptoki yet).
+fn hmac_mechanism(hash: HmacHash) -> Option<(Mechanism<'static>, KeyType)> {
+    match hash {
+        HmacHash::Sha256 => Some((Mechanism::Sha256Hmac, KeyType::SHA256_HMAC)),
+        HmacHash::Sha512 => Some((Mechanism::Sha512Hmac, KeyType::SHA512_HMAC)),
+        HmacHash::Sha3_256 | HmacHash::Sha3_512 => None,
     }
 }
 

@@ -1,0 +1,313 @@
+//! Where a hash profile's pepper lives, and how the HMAC is computed with
+//! it: in process from the local keyring, or by the provider holding the
+//! key (AWS KMS `GenerateMac`, an HSM's `C_Sign`), which never gives it
+//! out. A remote pepper's MACs are asked for a whole batch before the
+//! batch is computed, concurrently (README "Key providers").
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use aws_sdk_kms::types::MacAlgorithmSpec;
+use tokio_postgres::GenericClient;
+
+use super::ProfilePin;
+use crate::crypto::onion::{HmacHash, Layer, Onion};
+use crate::db::kms::{self, KmsKey};
+use crate::keys::KeyProvider;
+use crate::keys::aws::{self, KmsError};
+use crate::keys::pkcs11::{self, Hsm, HsmError};
+use crate::scope::{JobError, ScopeContext, fatal};
+
+/// A new hash, or why the item fails: (error code, message).
+pub type NewHash = Result<Vec<u8>, (&'static str, String)>;
+
+/// A profile's pepper, ready for a job.
+pub enum Pepper {
+    /// In process: a key of the local keyring.
+    Local(Arc<Onion>),
+    /// An HMAC key in AWS KMS.
+    Aws {
+        layer: Layer,
+        kms: Arc<aws::Kms>,
+        key_id: String,
+        algorithm: MacAlgorithmSpec,
+        what: String,
+    },
+    /// An HMAC key in an HSM.
+    Pkcs11 {
+        layer: Layer,
+        hsm: Arc<Hsm>,
+        token: String,
+        key: String,
+        what: String,
+    },
+}
+
+impl std::fmt::Debug for Pepper {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Pepper::Local(onion) => onion.fmt(f),
+            Pepper::Aws { what, .. } | Pepper::Pkcs11 { what, .. } => f.write_str(what),
+        }
+    }
+}
+
+impl Pepper {
+    /// The pepper the pinned profile names, checked before any item: it
+    /// exists, is declared for exactly the target's HMAC, and its provider
+    /// can compute that HMAC (an HSM's key is looked up and its attributes
+    /// checked; KMS is first asked with the first batch).
+    pub async fn load(
+        c: &impl GenericClient,
+        pin: &ProfilePin,
+        hash: HmacHash,
+        ctx: &ScopeContext,
+    ) -> Result<Pepper, JobError> {
+        let output_len = pin.output_len.map(|n| n as usize);
+        let layer = Layer::new(hash, output_len, &pin.name)
+            .map_err(|e| fatal(format!("hash profile {:?}: {e}", pin.name)))?;
+        let Some(id) = pin.kms_key_id else {
+            let key_ref = pin.key_ref.as_deref().unwrap_or_default();
+            return local(ctx, key_ref, hash, layer, pin);
+        };
+        let key = kms::kms_keys_by_id(c, &[id]).await?.pop().ok_or_else(|| {
+            fatal(format!(
+                "hash profile {:?}: params.kms_key_id {id} names no kms_keys row",
+                pin.name
+            ))
+        })?;
+        let what = format!(
+            "hash profile {:?} pepper (kms_keys {id}, {:?})",
+            pin.name, key.key_ref
+        );
+        check_row(&key, hash, &what)?;
+        match key.provider.as_str() {
+            "local" => local(ctx, &key.key_ref, hash, layer, pin),
+            "aws" => {
+                let region = aws::region_of(&key).map_err(|e| fatal(format!("{what}: {e}")))?;
+                let algorithm = aws::mac_algorithm(hash).ok_or_else(|| {
+                    fatal(format!(
+                        "{what}: KMS HMAC keys compute HMAC-SHA-256 and HMAC-SHA-512; {hash} is not supported by the aws provider"
+                    ))
+                })?;
+                let kms = aws::Clients::default().get(region).await;
+                Ok(Pepper::Aws {
+                    layer,
+                    kms,
+                    key_id: key.key_ref,
+                    algorithm,
+                    what,
+                })
+            }
+            "pkcs11" => {
+                let settings = ctx.pkcs11.clone().ok_or_else(|| {
+                    fatal(format!(
+                        "{what}: keys.pkcs11_module and keys.pkcs11_pin_file are not set"
+                    ))
+                })?;
+                let token = key.location.clone().ok_or_else(|| {
+                    fatal(format!(
+                        "{what}: its pkcs11 kms_providers row names no token (location)"
+                    ))
+                })?;
+                let key_ref = key.key_ref.clone();
+                let found = {
+                    let (token, what) = (token.clone(), what.clone());
+                    tokio::task::spawn_blocking(move || {
+                        let hsm = pkcs11::open(&settings)?;
+                        let t = hsm.token(&token)?;
+                        hsm.hmac_key(&t, &key_ref, hash)?;
+                        Ok(hsm)
+                    })
+                    .await
+                    .map_err(|e| fatal(format!("{what}: the key lookup panicked: {e}")))?
+                };
+                let hsm = found.map_err(|e| hsm_error(&what, e))?;
+                Ok(Pepper::Pkcs11 {
+                    layer,
+                    hsm,
+                    token,
+                    key: key.key_ref,
+                    what,
+                })
+            }
+            other => Err(fatal(format!(
+                "{what}: provider {other} is not supported yet (README \"Key providers\")"
+            ))),
+        }
+    }
+
+    /// The profile's layer: its version chain and output length.
+    pub fn layer(&self) -> &Layer {
+        match self {
+            Pepper::Local(onion) => onion.layer(),
+            Pepper::Aws { layer, .. } | Pepper::Pkcs11 { layer, .. } => layer,
+        }
+    }
+
+    /// The new hash of each `(item id, old hash)`, computed by the provider
+    /// that holds the pepper ([`aws::CONCURRENCY`] KMS requests at a time;
+    /// an HSM's on one session per core), cut to the profile's length.
+    /// With `verify` the provider checks each MAC once more (`VerifyMac`,
+    /// `C_Verify`) before it may be written. A refusing provider fails the
+    /// job; an unreachable one is the batch's transient error. Empty for a
+    /// local pepper, which computes in place.
+    pub async fn remote(
+        &self,
+        olds: Vec<(i64, Vec<u8>)>,
+        verify: bool,
+    ) -> Result<HashMap<i64, NewHash>, JobError> {
+        match self {
+            Pepper::Local(_) => Ok(HashMap::new()),
+            Pepper::Aws {
+                layer,
+                kms,
+                key_id,
+                algorithm,
+                what,
+            } => {
+                let asks = olds.into_iter().map(|(id, old)| {
+                    let kms = Arc::clone(kms);
+                    async move {
+                        if old.len() > aws::MAX_MAC_MESSAGE {
+                            let why = format!(
+                                "the stored hash is {} bytes, more than KMS GenerateMac takes ({})",
+                                old.len(),
+                                aws::MAX_MAC_MESSAGE
+                            );
+                            return Ok((id, Err(("data", why))));
+                        }
+                        let mac = kms.generate_mac(key_id, algorithm.clone(), &old).await?;
+                        if verify
+                            && !kms
+                                .verify_mac(key_id, algorithm.clone(), &old, &mac)
+                                .await?
+                        {
+                            return Ok((id, Err(not_verified())));
+                        }
+                        Ok((id, Ok(layer.truncate(mac))))
+                    }
+                });
+                use futures_util::StreamExt;
+                let answers: Vec<Result<(i64, NewHash), KmsError>> =
+                    futures_util::stream::iter(asks)
+                        .buffer_unordered(aws::CONCURRENCY)
+                        .collect()
+                        .await;
+                answers
+                    .into_iter()
+                    .map(|a| a.map_err(|e| kms_error(what, e)))
+                    .collect()
+            }
+            Pepper::Pkcs11 {
+                layer,
+                hsm,
+                token,
+                key,
+                what,
+            } => {
+                let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+                let per = olds.len().div_ceil(cores).max(64);
+                let mut tasks = Vec::new();
+                let mut olds = olds.into_iter().peekable();
+                while olds.peek().is_some() {
+                    let part: Vec<(i64, Vec<u8>)> = olds.by_ref().take(per).collect();
+                    let (hsm, token, key) = (Arc::clone(hsm), token.clone(), key.clone());
+                    let hash = layer.hash();
+                    tasks.push(tokio::task::spawn_blocking(move || {
+                        let messages: Vec<&[u8]> = part.iter().map(|(_, m)| m.as_slice()).collect();
+                        let macs = hsm.hmac(&token, &key, hash, &messages, verify)?;
+                        Ok::<_, HsmError>(
+                            part.into_iter()
+                                .map(|(id, _)| id)
+                                .zip(macs)
+                                .collect::<Vec<_>>(),
+                        )
+                    }));
+                }
+                let mut out = HashMap::new();
+                for t in tasks {
+                    let part = t
+                        .await
+                        .map_err(|e| fatal(format!("{what}: the HMAC panicked: {e}")))?
+                        .map_err(|e| hsm_error(what, e))?;
+                    for (id, mac) in part {
+                        let new = mac.map(|m| layer.truncate(m)).ok_or_else(not_verified);
+                        out.insert(id, new);
+                    }
+                }
+                Ok(out)
+            }
+        }
+    }
+}
+
+fn not_verified() -> (&'static str, String) {
+    (
+        "verify",
+        "the key provider did not verify the new hash it computed; nothing written".into(),
+    )
+}
+
+/// A local pepper: the keyring's key, declared for exactly the target's
+/// HMAC (a pepper declared for another hash would be used under a name it
+/// was not made for).
+fn local(
+    ctx: &ScopeContext,
+    key_ref: &str,
+    hash: HmacHash,
+    layer: Layer,
+    pin: &ProfilePin,
+) -> Result<Pepper, JobError> {
+    let keyring = ctx.keys("read the pepper from")?;
+    let secret = keyring.secret(key_ref).map_err(|e| fatal(e.to_string()))?;
+    if !secret.algorithm.eq_ignore_ascii_case(&hash.alias()) {
+        return Err(fatal(format!(
+            "key {key_ref:?} is declared {}, the profile {:?} of target {} needs an {} pepper",
+            secret.algorithm,
+            pin.name,
+            hash.alias(),
+            hash.alias()
+        )));
+    }
+    let onion = Onion::new(hash, secret.bytes.clone(), layer.output_len(), &pin.name)
+        .map_err(|e| fatal(format!("hash profile {:?}: {e}", pin.name)))?;
+    Ok(Pepper::Local(Arc::new(onion)))
+}
+
+/// A `kms_keys` row usable as the pepper of `hash`: enabled, not
+/// disabled, declared for exactly that HMAC.
+fn check_row(key: &KmsKey, hash: HmacHash, what: &str) -> Result<(), JobError> {
+    if !key.provider_enabled {
+        return Err(fatal(format!("{what}: its kms_providers row is disabled")));
+    }
+    if key.status == "disabled" {
+        return Err(fatal(format!("{what}: the key is disabled")));
+    }
+    match key.algorithm.as_deref() {
+        Some(a) if a.eq_ignore_ascii_case(&hash.alias()) => Ok(()),
+        Some(a) => Err(fatal(format!(
+            "{what}: the key is declared {a}, the target needs an {} pepper",
+            hash.alias()
+        ))),
+        None => Err(fatal(format!(
+            "{what}: the row declares no algorithm; set kms_keys.algorithm to {}",
+            hash.alias()
+        ))),
+    }
+}
+
+fn kms_error(what: &str, e: KmsError) -> JobError {
+    match e {
+        KmsError::Unavailable(_) => JobError::Transient(format!("{what}: {e}")),
+        // A MAC has no ciphertext to fail: any other answer is a refusal.
+        KmsError::Refused { .. } | KmsError::Integrity { .. } => fatal(format!("{what}: {e}")),
+    }
+}
+
+fn hsm_error(what: &str, e: HsmError) -> JobError {
+    match e {
+        HsmError::Unavailable(_) => JobError::Transient(format!("{what}: {e}")),
+        HsmError::Config(_) | HsmError::Authentication(_) => fatal(format!("{what}: {e}")),
+    }
+}
