@@ -9,9 +9,9 @@ use std::process::Child;
 
 use serde_json::json;
 
-use crate::support::hashes::{terminal, terminate};
+use crate::support::hashes::{Fixture, legacy_hash, terminal, terminate};
 use crate::support::kms::KmsServer;
-use crate::support::wrappers::{WrapFx, register_kek};
+use crate::support::wrappers::{WrapFx, register_kek, register_key};
 use crate::support::{stderr, stdout};
 
 /// An `aws` provider of region us-east-1 and a `kms_keys` row for `arn`.
@@ -49,8 +49,8 @@ async fn seed(
 
 /// A real `pqmig run` reaching `kms` through the SDK's standard variables,
 /// retrying quickly; its metrics on `port`.
-fn daemon(w: &WrapFx, kms: &KmsServer, port: u16) -> Child {
-    let config = w.fx.dir.path().join("pqmig.toml");
+fn daemon(fx: &Fixture, kms: &KmsServer, port: u16) -> Child {
+    let config = fx.dir.path().join("pqmig.toml");
     std::fs::write(
         &config,
         "[worker]\nretry_backoff = \"100ms\"\nretry_backoff_max = \"1s\"\n",
@@ -60,14 +60,14 @@ fn daemon(w: &WrapFx, kms: &KmsServer, port: u16) -> Child {
     env.push(("PQMIG_CONFIG", config.display().to_string()));
     env.push(("PQMIG_METRICS_ADDR", format!("127.0.0.1:{port}")));
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    w.fx.spawn_daemon("d", &env)
+    fx.spawn_daemon("d", &env)
 }
 
 /// `pqmig ARGS` reaching `kms`.
-fn cli(w: &WrapFx, kms: &KmsServer, args: &[&str]) -> std::process::Output {
-    let keyring = w.fx.keyring.display().to_string();
+fn cli(fx: &Fixture, kms: &KmsServer, args: &[&str]) -> std::process::Output {
+    let keyring = fx.keyring.display().to_string();
     let mut env: Vec<(&str, String)> = kms.env();
-    env.push(("DATABASE_URL", w.fx.db.url.clone()));
+    env.push(("DATABASE_URL", fx.db.url.clone()));
     env.push(("PQMIG_KEYRING", keyring));
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     crate::support::run(args, &env)
@@ -94,7 +94,7 @@ async fn legacy_kms_wraps_are_decrypted_by_kms_and_rewrapped_through_throttling_
     kms.fault("Decrypt", 503, "KMSInternalException", 14).await;
 
     let port = crate::observe::free_port();
-    let mut d = daemon(&w, &kms, port);
+    let mut d = daemon(&w.fx, &kms, port);
     let job = w
         .enqueue(
             w.seed.policy_id,
@@ -175,7 +175,7 @@ async fn legacy_kms_wraps_are_decrypted_by_kms_and_rewrapped_through_throttling_
     w.assert_pyca_opens(&deks[..6]).await;
     // `pqmig verify`: each backed-up KMS wrap is opened by KMS again and
     // must give the DEK the new wrap opens to.
-    let out = cli(&w, &kms, &["verify", &job.to_string()]);
+    let out = cli(&w.fx, &kms, &["verify", &job.to_string()]);
     assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
     assert!(
         stdout(&out).contains("8 items verified"),
@@ -185,7 +185,7 @@ async fn legacy_kms_wraps_are_decrypted_by_kms_and_rewrapped_through_throttling_
 
     // The operator's view: the KMS key is listed as usable in KMS, and
     // `keys check` has KMS encrypt and decrypt a test string with it.
-    let out = cli(&w, &kms, &["keys", "list"]);
+    let out = cli(&w.fx, &kms, &["keys", "list"]);
     let listed = stdout(&out);
     let line = listed
         .lines()
@@ -195,7 +195,7 @@ async fn legacy_kms_wraps_are_decrypted_by_kms_and_rewrapped_through_throttling_
         line.contains("aws (kms-main)") && line.contains("usable: open legacy-aws-kms (in AWS KMS"),
         "{listed}"
     );
-    let out = cli(&w, &kms, &["keys", "check"]);
+    let out = cli(&w.fx, &kms, &["keys", "check"]);
     assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
     assert!(
         stdout(&out).contains(&format!("ok      kms_keys {key} \"arn:aws:kms:us-east-1:"))
@@ -211,14 +211,14 @@ async fn legacy_kms_wraps_are_decrypted_by_kms_and_rewrapped_through_throttling_
     c.execute("DELETE FROM key_wrappers WHERE id = $1", &[&deks[6].0])
         .await
         .unwrap();
-    let mut d = daemon(&w, &kms, crate::observe::free_port());
+    let mut d = daemon(&w.fx, &kms, crate::observe::free_port());
     let job = w.enqueue(w.seed.policy_id, json!({})).await;
     let j = w.fx.wait_job(job, 60, terminal).await;
     terminate(&mut d);
     assert_eq!(j.status, "done", "{:?}", j.error);
     let kek = key.to_string();
     let out = cli(
-        &w,
+        &w.fx,
         &kms,
         &[
             "keys",
@@ -249,9 +249,9 @@ async fn legacy_kms_wraps_are_decrypted_by_kms_and_rewrapped_through_throttling_
     );
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("a.dsse.json").display().to_string();
-    let out = cli(&w, &kms, &["attest", &job.to_string(), "--out", &file]);
+    let out = cli(&w.fx, &kms, &["attest", &job.to_string(), "--out", &file]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let out = cli(&w, &kms, &["attest", "verify", &file]);
+    let out = cli(&w.fx, &kms, &["attest", "verify", &file]);
     assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
     assert!(
         stdout(&out).contains("ML-DSA-65 key \"kms-attest\""),
@@ -265,7 +265,7 @@ async fn legacy_kms_wraps_are_decrypted_by_kms_and_rewrapped_through_throttling_
     )
     .await
     .unwrap();
-    let out = cli(&w, &kms, &["attest", &job.to_string(), "--out", &file]);
+    let out = cli(&w.fx, &kms, &["attest", &job.to_string(), "--out", &file]);
     assert!(!out.status.success());
     assert!(
         stderr(&out)
@@ -283,7 +283,7 @@ async fn kms_refusing_fails_the_job_naming_the_code_and_writes_nothing() {
     let c = w.fx.db.client().await;
     let before = w.snapshot().await;
     let port = crate::observe::free_port();
-    let mut d = daemon(&w, &kms, port);
+    let mut d = daemon(&w.fx, &kms, port);
 
     // Access denied (what an IAM policy without kms:Decrypt, or with a
     // context condition the request does not meet, gets).
@@ -347,7 +347,7 @@ async fn kms_refusing_fails_the_job_naming_the_code_and_writes_nothing() {
         "{}",
         stdout(&out)
     );
-    let out = cli(&w, &kms, &["keys", "check"]);
+    let out = cli(&w.fx, &kms, &["keys", "check"]);
     assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
     assert!(
         stderr(&out).contains(&format!("kms_keys {key} "))
@@ -356,4 +356,113 @@ async fn kms_refusing_fails_the_job_naming_the_code_and_writes_nothing() {
         stderr(&out)
     );
     assert_eq!(deks.len(), 3);
+}
+
+/// A pepper held as a KMS HMAC key: the hashes scope has KMS compute each
+/// new hash (`GenerateMac`) and check it (`VerifyMac`) before writing, and
+/// the values are those boto3 gets from KMS for the same key. A refusal
+/// fails the job with nothing written; throttling and 5xx are waited out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kms_hmac_pepper_rehashes_through_generate_mac_checked_by_verify_mac() {
+    const N: i64 = 23;
+    const CUT: usize = 24;
+    let fx = Fixture::new(N).await;
+    let kms = KmsServer::start();
+    let olds: Vec<Vec<u8>> = (1..=N).map(legacy_hash).collect();
+    let (arn, macs) = kms.macs(&olds);
+    let c = fx.db.client().await;
+    let key = register_key(&c, "kms-mac", "aws", "us-east-1", &arn, "HMAC-SHA-256").await;
+    let algo = fx
+        .profile(
+            "kms-v3",
+            "HMAC-SHA-256",
+            json!({"kms_key_id": key}),
+            Some(CUT as i16),
+        )
+        .await;
+    let selection = json!({"table": "users", "column": "email_hash", "batch_size": 5});
+
+    let port = crate::observe::free_port();
+    let mut d = daemon(&fx, &kms, port);
+
+    // KMS refuses: the job fails naming KMS's code, nothing is written.
+    kms.fault("GenerateMac", 400, "AccessDeniedException", 1)
+        .await;
+    let refused = fx.enqueue_raw(Some(algo), selection.clone()).await;
+    let j = fx.wait_job(refused, 60, terminal).await;
+    assert_eq!(j.status, "failed", "{:?}", j.error);
+    let error = j.error.unwrap_or_default();
+    assert!(
+        error.contains("AccessDeniedException") && error.contains(&format!("kms_keys {key}")),
+        "{error}"
+    );
+    let before = fx.users().await;
+    assert!(
+        before
+            .iter()
+            .all(|(id, h, v)| *h == legacy_hash(*id) && v == "v1"),
+        "a refused job wrote nothing"
+    );
+
+    // More throttling and 5xx than the client's three attempts of each of
+    // a batch's five requests absorb: the batch is retried and goes through.
+    kms.fault("GenerateMac", 400, "ThrottlingException", 16)
+        .await;
+    kms.fault("VerifyMac", 503, "KMSInternalException", 16)
+        .await;
+    let job = fx.enqueue_raw(Some(algo), selection).await;
+    let j = fx.wait_job(job, 90, terminal).await;
+    let metric = |op: &str, outcome: &str| {
+        format!(
+            "pqmig_key_provider_requests_total{{operation=\"{op}\",outcome=\"{outcome}\",provider=\"aws\"}} "
+        )
+    };
+    let mac_ok = sample(port, &metric("mac", "ok")).await;
+    let mac_unavailable = sample(port, &metric("mac", "unavailable")).await;
+    let mac_refused = sample(port, &metric("mac", "refused")).await;
+    let verified = sample(port, &metric("verify_mac", "ok")).await;
+    let verify_unavailable = sample(port, &metric("verify_mac", "unavailable")).await;
+    terminate(&mut d);
+    assert_eq!(j.status, "done", "{:?}\n{}", j.error, fx.log("d"));
+    assert_eq!((j.processed, j.failed), (N, 0));
+    assert_eq!(kms.faults_left().await, 0, "every injected fault was met");
+    assert!(
+        fx.log("d").contains("ThrottlingException"),
+        "the retried batch's error is logged"
+    );
+    assert!(
+        mac_ok >= N as f64 && verified >= N as f64,
+        "{mac_ok} {verified}"
+    );
+    assert!(mac_unavailable >= 1.0 && verify_unavailable >= 1.0 && mac_refused >= 1.0);
+
+    // Each row holds KMS's MAC of its old hash (as boto3 got it), cut to
+    // the profile's length, under the new version.
+    for (id, hash, version) in fx.users().await {
+        let want = &macs[(id - 1) as usize][..CUT];
+        assert_eq!(hash, want, "row {id}");
+        assert_eq!(version, "kms-v3/v1", "row {id}");
+    }
+
+    // `pqmig verify` has KMS compute each backed-up hash's MAC again.
+    let out = cli(&fx, &kms, &["verify", &job.to_string()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains(&format!("{N} items verified")),
+        "{}",
+        stdout(&out)
+    );
+    let out = cli(&fx, &kms, &["keys", "list"]);
+    assert!(
+        stdout(&out).contains("hmac (in AWS KMS"),
+        "{}",
+        stdout(&out)
+    );
+    let out = cli(&fx, &kms, &["keys", "check"]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert!(
+        stdout(&out).contains("computed and verified an HMAC-SHA-256"),
+        "{}",
+        stdout(&out)
+    );
 }

@@ -7,8 +7,9 @@
 use serde_json::json;
 
 use crate::support::hashes::terminal;
+use crate::support::hashes::{Fixture, legacy_hash};
 use crate::support::softhsm::{MODULE, Token};
-use crate::support::wrappers::{WrapFx, register_kek};
+use crate::support::wrappers::{WrapFx, register_kek, register_key};
 use crate::support::{InProcess, stderr, stdout};
 
 /// A `kms_providers` row for the token and a `kms_keys` row for its key.
@@ -268,4 +269,144 @@ async fn a_token_never_has_more_operation_sessions_than_the_cap() {
         peak, 1,
         "operation sessions at once, keys.pkcs11_sessions = 1"
     );
+}
+
+/// A pepper held in the HSM: the hashes scope has the token compute each
+/// new hash (`CKM_SHA256_HMAC`, checked by `C_Verify`), and the values are
+/// the HMACs the test computes with the value it put in the token; a key
+/// that could leave the token fails the job before any item.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_hsm_hmac_pepper_rehashes_in_the_token() {
+    use hmac::{KeyInit, Mac};
+    const N: i64 = 150;
+    let fx = Fixture::new(N).await;
+    let c = fx.db.client().await;
+    let token = Token::new(&format!(
+        "h{}",
+        &fx.db.name[fx.db.name.len().saturating_sub(20)..]
+    ));
+    let pepper: [u8; 32] = rand::random();
+    let key = token.hmac_key("pepper-hsm", &pepper, false);
+    assert_eq!(
+        token.readable_value(key),
+        None,
+        "the pepper stays in the token"
+    );
+    token.hmac_key("pepper-loose", &pepper, true);
+    let hsm = format!("hsm-{}", token.label);
+    let key_id = register_key(
+        &c,
+        &hsm,
+        "pkcs11",
+        &token.label,
+        "pepper-hsm",
+        "HMAC-SHA-256",
+    )
+    .await;
+    let loose_id: i64 = c
+        .query_one(
+            "INSERT INTO kms_keys (provider_id, external_key_ref, purpose, algorithm) \
+             SELECT provider_id, 'pepper-loose', 'wrap', 'HMAC-SHA-256' FROM kms_keys WHERE id = $1 \
+             RETURNING id",
+            &[&key_id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    token.logout();
+    let pin = token.pin_file.display().to_string();
+    let env = [
+        ("PQMIG_PKCS11_MODULE", MODULE),
+        ("PQMIG_PKCS11_PIN_FILE", pin.as_str()),
+    ];
+    let selection = json!({"table": "users", "column": "email_hash", "batch_size": 40});
+
+    // A pepper that could be read out of the token is refused before any
+    // item, naming the attribute.
+    let loose = fx
+        .profile(
+            "hsm-loose",
+            "HMAC-SHA-256",
+            json!({"kms_key_id": loose_id}),
+            None,
+        )
+        .await;
+    let daemon = InProcess::start(&fx, &env).await;
+    let job = fx.enqueue_raw(Some(loose), selection.clone()).await;
+    let j = fx.wait_job(job, 60, terminal).await;
+    assert_eq!(j.status, "failed");
+    assert!(
+        j.error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("extractable"),
+        "{:?}",
+        j.error
+    );
+    assert_eq!(j.processed, 0);
+    c.execute(
+        "UPDATE hash_profiles SET status = 'deprecated' WHERE name = 'hsm-loose'",
+        &[],
+    )
+    .await
+    .unwrap();
+
+    let algo = fx
+        .profile(
+            "hsm-v3",
+            "HMAC-SHA-256",
+            json!({"kms_key_id": key_id}),
+            None,
+        )
+        .await;
+    assert_eq!(algo, loose);
+    let job = fx.enqueue_raw(Some(algo), selection).await;
+    let j = fx.wait_job(job, 60, terminal).await;
+    daemon.stop().await;
+    assert_eq!(j.status, "done", "{:?}", j.error);
+    assert_eq!((j.processed, j.failed), (N, 0));
+    for (id, hash, version) in fx.users().await {
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&pepper).unwrap();
+        mac.update(&legacy_hash(id));
+        assert_eq!(hash, mac.finalize().into_bytes().to_vec(), "row {id}");
+        assert_eq!(version, "hsm-v3/v1", "row {id}");
+    }
+
+    let conf = crate::support::softhsm::conf();
+    let keyring = fx.keyring.display().to_string();
+    let cli_env = |args: &[&str]| {
+        crate::support::run(
+            args,
+            &[
+                ("DATABASE_URL", fx.db.url.as_str()),
+                ("PQMIG_KEYRING", keyring.as_str()),
+                ("PQMIG_PKCS11_MODULE", MODULE),
+                ("PQMIG_PKCS11_PIN_FILE", pin.as_str()),
+                ("SOFTHSM2_CONF", conf.as_str()),
+            ],
+        )
+    };
+    // `pqmig verify` has the token compute each backed-up hash's HMAC again.
+    let out = cli_env(&["verify", &job.to_string()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains(&format!("{N} items verified")),
+        "{}",
+        stdout(&out)
+    );
+    let out = cli_env(&["keys", "list"]);
+    assert!(
+        stdout(&out).contains("usable: hmac (in its token)"),
+        "{}",
+        stdout(&out)
+    );
+    let out = cli_env(&["keys", "check"]);
+    assert!(
+        stdout(&out).contains(&format!(
+            "ok      kms_keys {key_id} \"pepper-hsm\": computed and verified an HMAC-SHA-256"
+        )),
+        "{}",
+        stdout(&out)
+    );
+    assert!(stderr(&out).contains("extractable"), "{}", stderr(&out));
 }

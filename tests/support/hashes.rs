@@ -131,6 +131,29 @@ impl Fixture {
         (r.get(0), r.get(1))
     }
 
+    /// A new active profile `name` of the HMAC `alias` whose pepper is
+    /// named by `params`, cut to `output_len`: the algorithm's id.
+    pub async fn profile(
+        &self,
+        name: &str,
+        alias: &str,
+        params: Value,
+        output_len: Option<i16>,
+    ) -> i64 {
+        self.db
+            .client()
+            .await
+            .query_one(
+                "INSERT INTO hash_profiles (name, algo_id, output_len, params) \
+                 SELECT $1, algo_id, $3, $4 FROM crypto_standard_aliases WHERE alias = $2 \
+                 RETURNING algo_id",
+                &[&name, &alias, &output_len, &params],
+            )
+            .await
+            .expect("hash profile")
+            .get(0)
+    }
+
     /// Queue a hashes job over users.email_hash with extra selection keys.
     pub async fn enqueue(&self, extra: Value) -> i64 {
         let mut sel = json!({"table": "users", "column": "email_hash"});

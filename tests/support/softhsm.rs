@@ -146,6 +146,27 @@ impl Token {
             .expect("generate an AES key in the token")
     }
 
+    /// A generic secret labelled `label` holding `value`, for HMAC (sign
+    /// and verify): sensitive and, unless `extractable`, never to leave
+    /// the token. The test knows the value, so it can check the token's
+    /// MACs on its own.
+    pub fn hmac_key(&self, label: &str, value: &[u8], extractable: bool) -> ObjectHandle {
+        self.session
+            .create_object(&[
+                Attribute::Class(cryptoki::object::ObjectClass::SECRET_KEY),
+                Attribute::KeyType(cryptoki::object::KeyType::GENERIC_SECRET),
+                Attribute::Token(true),
+                Attribute::Private(true),
+                Attribute::Label(label.as_bytes().to_vec()),
+                Attribute::Value(value.to_vec()),
+                Attribute::Sign(true),
+                Attribute::Verify(true),
+                Attribute::Sensitive(true),
+                Attribute::Extractable(extractable),
+            ])
+            .expect("create an HMAC key in the token")
+    }
+
     /// nonce || AES-256-GCM(key, nonce, plain, aad), computed in the token.
     pub fn seal(&self, key: ObjectHandle, nonce: [u8; 12], aad: &[u8], plain: &[u8]) -> Vec<u8> {
         let mut iv = nonce;

@@ -230,6 +230,18 @@ pub async fn register_kek(
     location: &str,
     key_ref: &str,
 ) -> i64 {
+    register_key(c, name, provider, location, key_ref, "AES-256-GCM").await
+}
+
+/// A `kms_providers` row and a `kms_keys` row of `algorithm` in it.
+pub async fn register_key(
+    c: &tokio_postgres::Client,
+    name: &str,
+    provider: &str,
+    location: &str,
+    key_ref: &str,
+    algorithm: &str,
+) -> i64 {
     let provider: i64 = c
         .query_one(
             "INSERT INTO kms_providers (name, provider, location) VALUES ($1, $2, $3) RETURNING id",
@@ -240,8 +252,8 @@ pub async fn register_kek(
         .get(0);
     c.query_one(
         "INSERT INTO kms_keys (provider_id, external_key_ref, purpose, algorithm) \
-         VALUES ($1, $2, 'wrap', 'AES-256-GCM') RETURNING id",
-        &[&provider, &key_ref],
+         VALUES ($1, $2, 'wrap', $3) RETURNING id",
+        &[&provider, &key_ref, &algorithm],
     )
     .await
     .unwrap()

@@ -6,20 +6,19 @@ use std::sync::Arc;
 
 use tokio_postgres::{Client, GenericClient, Transaction};
 
-use super::HashesJob;
-use crate::crypto::onion::Onion;
+use super::{HashesJob, Pepper};
 use crate::db::backups::Cursor;
 use crate::db::hashes::HashStatements;
 use crate::job::JobSpec;
 use crate::scope::{BoxFuture, JobError, RollbackPage, ScopeContext, VerifyReport, fatal};
 
 /// A finished hashes job: its statements, its profile's name and, for
-/// verify, its onion.
+/// verify, its pepper.
 pub struct HashesAftercare {
     stmts: HashStatements,
     profile: String,
     backup: bool,
-    onion: Option<Arc<Onion>>,
+    pepper: Option<Arc<Pepper>>,
 }
 
 /// A finished job, checked as it ran (see [`super::profile`]); `keys`:
@@ -31,15 +30,15 @@ pub async fn aftercare(
     keys: bool,
 ) -> Result<HashesAftercare, JobError> {
     let checked = HashesJob::check(c, spec).await?;
-    let onion = match keys {
-        true => Some(Arc::new(checked.onion(ctx)?)),
+    let pepper = match keys {
+        true => Some(Arc::new(checked.pepper(c, ctx).await?)),
         false => None,
     };
     Ok(HashesAftercare {
         profile: checked.pin.name,
         backup: checked.sel.common.backup,
         stmts: checked.stmts,
-        onion,
+        pepper,
     })
 }
 
@@ -51,10 +50,11 @@ impl HashesAftercare {
         c: &impl GenericClient,
         job_id: i64,
     ) -> Result<VerifyReport, JobError> {
-        let onion = self
-            .onion
+        let pepper = self
+            .pepper
             .as_ref()
             .ok_or_else(|| fatal("verify needs the job's pepper"))?;
+        let layer = pepper.layer();
         let mut report = VerifyReport {
             changed_note: "rows changed since the job (another version now)",
             ..VerifyReport::default()
@@ -65,17 +65,41 @@ impl HashesAftercare {
             at = next;
             let ids: Vec<i64> = backups.iter().map(|b| b.item_id).collect();
             let now = self.stmts.hashes_current(c, &ids).await?;
+            let ours = |b: &crate::db::hashes::HashBackup| {
+                now.iter().find(|r| {
+                    r.id == b.item_id
+                        && r.version.as_deref() == Some(&layer.new_version(&b.old_version))
+                })
+            };
+            // A pepper in a KMS or HSM: the onions of the page's rows
+            // still as the job left them, asked for at once.
+            let mut remote = pepper
+                .remote(
+                    backups
+                        .iter()
+                        .filter(|b| ours(b).is_some())
+                        .map(|b| (b.item_id, b.old_hash.clone()))
+                        .collect(),
+                    false,
+                )
+                .await?;
             for b in &backups {
-                let Some(row) = now.iter().find(|r| r.id == b.item_id) else {
+                let Some(row) = ours(b) else {
                     report.changed += 1;
                     continue;
                 };
-                if row.version.as_deref() != Some(&onion.new_version(&b.old_version)) {
-                    report.changed += 1;
-                    continue;
-                }
                 report.checked += 1;
-                let want = onion.rehash(&b.old_hash);
+                let want = match &**pepper {
+                    Pepper::Local(onion) => onion.rehash(&b.old_hash),
+                    _ => match remote.remove(&b.item_id) {
+                        Some(Ok(h)) => h,
+                        Some(Err((_, why))) => {
+                            report.mismatches.push((b.item_id, why));
+                            continue;
+                        }
+                        None => Vec::new(),
+                    },
+                };
                 let same = row
                     .hash
                     .as_deref()

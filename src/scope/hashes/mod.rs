@@ -5,9 +5,11 @@
 //! compare-and-set on the old hash and version (see `db::hashes`).
 //!
 //! - [`profile`]: the profile a job runs with, pinned when it starts.
+//! - [`pepper`]: where the profile's pepper lives, and the HMAC with it.
 //! - [`aftercare`]: `verify` and `rollback` of a finished job.
 
 mod aftercare;
+mod pepper;
 mod profile;
 
 use std::sync::Arc;
@@ -15,6 +17,7 @@ use std::sync::Arc;
 use tokio_postgres::{Client, GenericClient, Transaction};
 
 pub use aftercare::{HashesAftercare, aftercare};
+pub use pepper::{NewHash, Pepper};
 pub use profile::ProfilePin;
 use profile::job_profile;
 
@@ -22,16 +25,15 @@ use super::{
     BatchCounts, ItemFailure, JobError, Outcome, Scope, ScopeContext, TargetRule, fatal,
     target_algorithm, total_len,
 };
-use crate::crypto::onion::{HmacHash, Onion};
+use crate::crypto::onion::{HmacHash, Layer, Onion};
 use crate::db::hashes::{self as dbh, HashRow, HashStatements, HashUpdates};
 use crate::job::JobSpec;
-use crate::keys::KeyProvider;
 use crate::selection::{self, Common};
 
 pub struct HashesJob {
     sel: selection::Hashes,
     stmts: HashStatements,
-    onion: Arc<Onion>,
+    pepper: Arc<Pepper>,
     version_max_len: Option<usize>,
     pin: ProfilePin,
 }
@@ -60,7 +62,7 @@ impl HashesJob {
         ctx: &ScopeContext,
     ) -> Result<HashesJob, JobError> {
         let checked = Self::check(c, spec).await?;
-        let onion = checked.onion(ctx)?;
+        let pepper = checked.pepper(c, ctx).await?;
         let Checked {
             sel,
             pin,
@@ -71,7 +73,7 @@ impl HashesJob {
         Ok(HashesJob {
             sel,
             stmts,
-            onion: Arc::new(onion),
+            pepper: Arc::new(pepper),
             version_max_len,
             pin,
         })
@@ -198,39 +200,83 @@ impl HashesJob {
 }
 
 impl Checked {
-    /// The onion of the pinned profile, its pepper loaded last: a keyring
-    /// problem is reported only for a job that is otherwise valid.
-    pub fn onion(&self, ctx: &ScopeContext) -> Result<Onion, JobError> {
-        let (pin, hash) = (&self.pin, self.hash);
-        let keyring = ctx.keys("read the pepper from")?;
-        let key_ref = &pin.key_ref;
-        let secret = keyring.secret(key_ref).map_err(|e| fatal(e.to_string()))?;
-        // Exactly the target's HMAC: a pepper declared for another hash
-        // would be used under a name it was not made for.
-        if !secret.algorithm.eq_ignore_ascii_case(&hash.alias()) {
-            return Err(fatal(format!(
-                "key {key_ref:?} is declared {}, the profile {:?} of target {} needs an {} pepper",
-                secret.algorithm,
-                pin.name,
-                hash.alias(),
-                hash.alias()
-            )));
-        }
-        let output_len = pin.output_len.map(|n| n as usize);
-        Onion::new(hash, secret.bytes.clone(), output_len, &pin.name)
-            .map_err(|e| fatal(format!("hash profile {:?}: {e}", pin.name)))
+    /// The pepper of the pinned profile, loaded last: a key problem is
+    /// reported only for a job that is otherwise valid.
+    pub async fn pepper(
+        &self,
+        c: &impl GenericClient,
+        ctx: &ScopeContext,
+    ) -> Result<Pepper, JobError> {
+        Pepper::load(c, &self.pin, self.hash, ctx).await
     }
 }
 
+/// The old hashes of the rows that need a new one: stored, with a known
+/// chain, not yet under this layer.
+fn pending<'a>(layer: &'a Layer, rows: &'a [HashRow]) -> impl Iterator<Item = &'a HashRow> + 'a {
+    rows.iter()
+        .filter(|r| r.hash.is_some() && r.version.as_deref().is_some_and(|v| !layer.is_migrated(v)))
+}
+
 impl HashesJob {
-    /// CPU part of a batch; run it on a blocking thread. With `verify`
-    /// each new hash is computed again through a freshly keyed HMAC and
-    /// compared in constant time before it may be written (SPEC §6.1).
-    pub fn compute_batch(
+    /// The new values of `rows`, the pepper's HMAC computed where it
+    /// lives: in process on a blocking thread, or by its provider first.
+    async fn compute_rows(&self, rows: Vec<HashRow>) -> Result<Computed, JobError> {
+        let (max, verify) = (self.version_max_len, self.sel.common.verify);
+        if let Pepper::Local(onion) = &*self.pepper {
+            let onion = Arc::clone(onion);
+            return tokio::task::spawn_blocking(move || {
+                Self::compute_local(&onion, max, verify, &rows)
+            })
+            .await
+            .map_err(|e| fatal(format!("hash computation panicked: {e}")));
+        }
+        let layer = self.pepper.layer();
+        let olds = pending(layer, &rows)
+            .map(|r| (r.id, r.hash.clone().unwrap_or_default()))
+            .collect();
+        let mut news = self.pepper.remote(olds, verify).await?;
+        Ok(Self::compute_batch(layer, max, &rows, |row, _| {
+            news.remove(&row.id).unwrap_or_else(|| {
+                Err(("data", "the key provider gave no value for this row".into()))
+            })
+        }))
+    }
+
+    /// [`HashesJob::compute_batch`] with a pepper in process. With
+    /// `verify` each new hash is computed again through a freshly keyed
+    /// HMAC and compared in constant time before it may be written (SPEC
+    /// §6.1).
+    pub fn compute_local(
         onion: &Onion,
         version_max_len: Option<usize>,
         verify: bool,
         rows: &[HashRow],
+    ) -> Computed {
+        Self::compute_batch(onion.layer(), version_max_len, rows, |_, hash| {
+            let new_hash = onion.rehash(hash);
+            if verify
+                && !bool::from(subtle::ConstantTimeEq::ct_eq(
+                    &new_hash[..],
+                    &onion.rehash_fresh(hash)[..],
+                ))
+            {
+                return Err((
+                    "verify",
+                    "the new hash did not recompute to the same value; nothing written".into(),
+                ));
+            }
+            Ok(new_hash)
+        })
+    }
+
+    /// The new values of a batch: `rehash` gives each pending row's new
+    /// hash from its old one, or why the item fails.
+    pub fn compute_batch(
+        layer: &Layer,
+        version_max_len: Option<usize>,
+        rows: &[HashRow],
+        mut rehash: impl FnMut(&HashRow, &[u8]) -> NewHash,
     ) -> Computed {
         let mut out = Computed {
             updates: HashUpdates::default(),
@@ -251,11 +297,11 @@ impl HashesJob {
                 }
                 continue;
             };
-            if onion.is_migrated(version) {
+            if layer.is_migrated(version) {
                 out.skipped += 1;
                 continue;
             }
-            let new_version = onion.new_version(version);
+            let new_version = layer.new_version(version);
             if let Some(max) = version_max_len
                 && new_version.chars().count() > max
             {
@@ -269,21 +315,17 @@ impl HashesJob {
                 });
                 continue;
             }
-            let new_hash = onion.rehash(hash);
-            if verify
-                && !bool::from(subtle::ConstantTimeEq::ct_eq(
-                    &new_hash[..],
-                    &onion.rehash_fresh(hash)[..],
-                ))
-            {
-                out.failures.push(ItemFailure {
-                    item_id: row.id,
-                    code: "verify",
-                    message: "the new hash did not recompute to the same value; nothing written"
-                        .into(),
-                });
-                continue;
-            }
+            let new_hash = match rehash(row, hash) {
+                Ok(h) => h,
+                Err((code, message)) => {
+                    out.failures.push(ItemFailure {
+                        item_id: row.id,
+                        code,
+                        message,
+                    });
+                    continue;
+                }
+            };
             let u = &mut out.updates;
             u.ids.push(row.id);
             u.new_hashes.push(new_hash);
@@ -340,11 +382,7 @@ impl Scope for HashesJob {
     }
 
     async fn compute(&self, rows: Vec<HashRow>) -> Result<Computed, JobError> {
-        let onion = Arc::clone(&self.onion);
-        let (max, verify) = (self.version_max_len, self.sel.common.verify);
-        tokio::task::spawn_blocking(move || Self::compute_batch(&onion, max, verify, &rows))
-            .await
-            .map_err(|e| fatal(format!("hash computation panicked: {e}")))
+        self.compute_rows(rows).await
     }
 
     fn outcome(c: &Computed) -> Outcome {
@@ -413,13 +451,9 @@ impl super::CasWrite for HashesJob {
         ids: &[i64],
     ) -> Result<(usize, HashUpdates, Vec<ItemFailure>, i64), JobError> {
         let rows = self.stmts.hashes_lock_rows(tx, ids).await?;
-        let again = Self::compute_batch(
-            &self.onion,
-            self.version_max_len,
-            self.sel.common.verify,
-            &rows,
-        );
-        Ok((rows.len(), again.updates, again.failures, again.skipped))
+        let n = rows.len();
+        let again = self.compute_rows(rows).await?;
+        Ok((n, again.updates, again.failures, again.skipped))
     }
 }
 
@@ -446,12 +480,12 @@ mod tests {
             hash: Some(vec![1u8; 32]),
             version: Some("v1".into()),
         }];
-        let checked = HashesJob::compute_batch(&onion, None, true, &rows);
+        let checked = HashesJob::compute_local(&onion, None, true, &rows);
         assert_eq!(checked.updates.ids, Vec::<i64>::new());
         assert_eq!(checked.failures.len(), 1);
         assert_eq!(checked.failures[0].code, "verify");
         // without the check the wrong value would have been written
-        let unchecked = HashesJob::compute_batch(&onion, None, false, &rows);
+        let unchecked = HashesJob::compute_local(&onion, None, false, &rows);
         assert_eq!(unchecked.updates.ids, vec![1]);
     }
 }

@@ -15,7 +15,12 @@ use crate::scope::{JobError, fatal};
 pub struct ProfilePin {
     pub id: i64,
     pub name: String,
-    pub key_ref: String,
+    /// The pepper as a key of the local keyring (`params.key_ref`)…
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_ref: Option<String>,
+    /// …or as a `kms_keys` row of any provider (`params.kms_key_id`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kms_key_id: Option<i64>,
     pub output_len: Option<i16>,
     /// Already in the job's `result` (not to be recorded again).
     #[serde(skip)]
@@ -51,18 +56,20 @@ pub(super) async fn job_profile(
         let current = (
             row.name.as_str(),
             row.params.get("key_ref").and_then(|v| v.as_str()),
+            row.params.get("kms_key_id").and_then(|v| v.as_i64()),
             row.output_len,
         );
         if !spec.aftercare()
             && current
                 != (
                     pin.name.as_str(),
-                    Some(pin.key_ref.as_str()),
+                    pin.key_ref.as_deref(),
+                    pin.kms_key_id,
                     pin.output_len,
                 )
         {
             return Err(fatal(format!(
-                "hash profile {:?} (id {}) was changed in place since the job started (name, params.key_ref or output_len): the job stops here; restore the profile, or queue a new job",
+                "hash profile {:?} (id {}) was changed in place since the job started (name, params.key_ref, params.kms_key_id or output_len): the job stops here; restore the profile, or queue a new job",
                 pin.name, pin.id
             )));
         }
@@ -86,21 +93,44 @@ pub(super) async fn job_profile(
             "no active hash_profiles row for target algorithm {label} (id {algo_id})"
         ))
     })?;
-    let key_ref = profile
-        .params
-        .get("key_ref")
-        .and_then(|v| v.as_str())
-        .ok_or_else(|| {
-            fatal(format!(
-                "hash profile {:?} has no params.key_ref naming its pepper",
-                profile.name
-            ))
-        })?;
+    let (key_ref, kms_key_id) = pepper_of(&profile.name, &profile.params)?;
     Ok(ProfilePin {
         id: profile.id,
-        key_ref: key_ref.to_owned(),
+        key_ref,
+        kms_key_id,
         output_len: profile.output_len,
         name: profile.name,
         recorded: false,
     })
+}
+
+/// The pepper a profile's `params` name: `key_ref` (a key of the local
+/// keyring) or `kms_key_id` (a `kms_keys` row, of any provider), exactly
+/// one of them.
+fn pepper_of(
+    name: &str,
+    params: &serde_json::Value,
+) -> Result<(Option<String>, Option<i64>), JobError> {
+    let key_ref = params.get("key_ref");
+    let kms_key_id = params.get("kms_key_id");
+    match (key_ref, kms_key_id) {
+        (Some(r), None) => match r.as_str() {
+            Some(r) if !r.is_empty() => Ok((Some(r.to_owned()), None)),
+            _ => Err(fatal(format!(
+                "hash profile {name:?}: params.key_ref must be a non-empty string"
+            ))),
+        },
+        (None, Some(id)) => match id.as_i64() {
+            Some(id) => Ok((None, Some(id))),
+            None => Err(fatal(format!(
+                "hash profile {name:?}: params.kms_key_id must be the id of a kms_keys row"
+            ))),
+        },
+        (Some(_), Some(_)) => Err(fatal(format!(
+            "hash profile {name:?} names two peppers (params.key_ref and params.kms_key_id); keep one"
+        ))),
+        (None, None) => Err(fatal(format!(
+            "hash profile {name:?} names no pepper: set params.key_ref (a keyring key) or params.kms_key_id (a kms_keys row)"
+        ))),
+    }
 }
