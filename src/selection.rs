@@ -123,6 +123,7 @@ const WRAPPER_FORMATS: &[&str] = &[
     "legacy-aes-gcm",
     "legacy-x25519",
     "legacy-aws-kms",
+    "legacy-vault-transit",
     "pqmig-wrap-v1",
 ];
 

@@ -34,4 +34,5 @@ mod signatures;
 mod slh_dsa_vectors;
 mod standby;
 mod status;
+mod vault;
 mod wrappers;

@@ -193,6 +193,7 @@ pub async fn check(config: &Config) -> anyhow::Result<()> {
     let rows = db::kms::kms_keys_all(&client).await?;
     let keyring = keyring_of(config);
     let kms = crate::keys::aws::Clients::default();
+    let vault = crate::keys::vault::Clients::default();
     let mut first_failure = None;
     let mut checked = 0;
     for (k, _) in rows.iter().filter(|(k, _)| k.status == "active") {
@@ -201,6 +202,9 @@ pub async fn check(config: &Config) -> anyhow::Result<()> {
             // The full reason once, in the error that ends the command.
             (Err(why), "local") if k.provider_enabled => Err((KEYRING_BAD.to_owned(), why.clone())),
             (_, "aws") => crate::keys::check::try_aws(&kms, k)
+                .await
+                .map_err(|e| (e.clone(), e)),
+            (_, "vault") => crate::keys::check::try_vault(&vault, k)
                 .await
                 .map_err(|e| (e.clone(), e)),
             (ring, _) => {

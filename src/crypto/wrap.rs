@@ -20,6 +20,11 @@ pub const FORMAT_LEGACY_X25519: &str = "legacy-x25519";
 pub const FORMAT_LEGACY_AWS_KMS: &str = "legacy-aws-kms";
 /// The encryption-context key of a `legacy-aws-kms` wrap.
 pub const AWS_KMS_CONTEXT_KEY: &str = "pqmig:wrapper_uuid";
+/// A DEK Vault or OpenBao transit encrypted: the ciphertext text
+/// (`vault:vN:<base64>`) as UTF-8 bytes, made by transit `encrypt` of the
+/// DEK under an `aes256-gcm96` key with `associated_data` = uuid; opened
+/// by transit `decrypt` (README "Key providers").
+pub const FORMAT_LEGACY_VAULT: &str = "legacy-vault-transit";
 pub const DEK_LEN: usize = 32;
 const LEGACY_X25519_INFO: &[u8] = b"pqmig-legacy-x25519";
 

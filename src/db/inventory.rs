@@ -240,7 +240,7 @@ const WRAPPERS_SLICE: &str = "\
            CASE WHEN crypto_suite->>'format' = 'pqmig-wrap-v1' THEN COALESCE(crypto_suite->>'kem', 'unknown') \
                 WHEN COALESCE(crypto_suite->>'format', 'legacy-aes-gcm') = 'legacy-aes-gcm' THEN 'AES-256-GCM' \
                 WHEN crypto_suite->>'format' = 'legacy-x25519' THEN 'X25519' \
-                WHEN crypto_suite->>'format' = 'legacy-aws-kms' THEN 'AES-256-GCM' ELSE 'unknown' END, \
+                WHEN crypto_suite->>'format' IN ('legacy-aws-kms', 'legacy-vault-transit') THEN 'AES-256-GCM' ELSE 'unknown' END, \
            count(*) \
     FROM key_wrappers WHERE id >= $1::bigint AND id <= $2::bigint GROUP BY 1, 2, 3";
 

@@ -77,8 +77,60 @@ pub fn usable(
             None => "open legacy-aws-kms (in AWS KMS; keys check asks it)",
         });
     }
+    if key.provider == "vault" {
+        if !key.provider_enabled {
+            return Err("its kms_providers row is disabled".into());
+        }
+        super::vault::base_of(key.location.as_deref().unwrap_or_default())?;
+        return Ok(match hmac_of(key)? {
+            Some(_) => "hmac (in Vault transit; keys check asks it)",
+            None => "open legacy-vault-transit/unseal (in Vault transit; keys check asks it)",
+        });
+    }
     let secret = secret_of(keyring, key)?;
     uses(&secret.algorithm).ok_or_else(|| unused(&secret.algorithm))
+}
+
+/// A `vault` row's key used once: an HMAC key computes and verifies an
+/// HMAC of a test string; another encrypts and decrypts one (with
+/// associated data, as pqmig's wraps and signing keys use it).
+pub async fn try_vault(clients: &super::vault::Clients, key: &KmsKey) -> Result<String, String> {
+    if !key.provider_enabled {
+        return Err("its kms_providers row is disabled".into());
+    }
+    let vault = clients
+        .get(key.location.as_deref().unwrap_or_default())
+        .map_err(|e| e.to_string())?;
+    if let Some(hash) = hmac_of(key)? {
+        let macs = vault
+            .hmac(&key.key_ref, hash, &[PROBE], true)
+            .await
+            .map_err(|e| format!("hmac: {e}"))?;
+        return match macs.into_iter().next() {
+            Some(Ok(Some(mac))) if mac.len() == hash.output_len() => Ok(format!(
+                "Vault transit computed and verified an {hash} of a test string"
+            )),
+            Some(Err(why)) => Err(format!("hmac: {why}")),
+            _ => Err(format!("Vault transit's {hash} and its verify disagree")),
+        };
+    }
+    let aad = b"pqmig-keys-check";
+    let sealed = vault
+        .encrypt(&key.key_ref, PROBE, aad)
+        .await
+        .map_err(|e| format!("encrypt: {e}"))?;
+    match vault
+        .decrypt(&key.key_ref, &[(&sealed, aad)])
+        .await
+        .map_err(|e| format!("decrypt: {e}"))?
+        .pop()
+    {
+        Some(Ok(back)) if back.as_slice() == PROBE => {
+            Ok("Vault transit encrypted and decrypted a test string".into())
+        }
+        Some(Err(why)) => Err(format!("decrypt: {why}")),
+        _ => Err("Vault transit encrypt and decrypt disagree".into()),
+    }
 }
 
 /// An `aws` row's region (its provider's `location`), the row enabled.

@@ -10,12 +10,14 @@ use std::time::Duration;
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts};
 
 /// Providers whose requests are counted (`local` works in-process).
-pub const PROVIDERS: &[&str] = &["aws", "pkcs11"];
+pub const PROVIDERS: &[&str] = &["aws", "pkcs11", "vault"];
 /// What was asked: `decrypt` opens a wrap or unseals a signing key,
 /// `encrypt` seals one (and `keys check`'s probe), `mac` computes a
 /// pepper's HMAC (aws: one `GenerateMac`; pkcs11: a batch's share, one
-/// session's `C_Sign`s and, with verify, `C_Verify`s), `verify_mac` has
-/// KMS check one (`VerifyMac`; `integrity`: it did not match).
+/// session's `C_Sign`s and, with verify, `C_Verify`s; vault: one batch
+/// request), `verify_mac` has KMS (or transit, a batch) check them
+/// (`VerifyMac`; `integrity`: it did not match). A vault request carries
+/// up to [`super::vault::BATCH`] items.
 pub const OPERATIONS: &[&str] = &["decrypt", "encrypt", "mac", "verify_mac"];
 /// `integrity`: the ciphertext did not open (an item's fault);
 /// `refused`: the provider said no (access, a disabled or missing key);
@@ -34,7 +36,7 @@ pub fn get() -> &'static ProviderMetrics {
         let requests = IntCounterVec::new(
             Opts::new(
                 "pqmig_key_provider_requests_total",
-                "Requests to a key provider outside the process (pkcs11: the HSM; aws: AWS KMS), by operation and outcome: ok, integrity (the ciphertext did not open), refused (access denied, key disabled or missing), unavailable (unreachable, throttled, 5xx).",
+                "Requests to a key provider outside the process (pkcs11: the HSM; aws: AWS KMS; vault: Vault/OpenBao transit, one per batch request), by operation and outcome: ok, integrity (the ciphertext did not open), refused (access denied, key disabled or missing), unavailable (unreachable, throttled, 5xx).",
             ),
             &["provider", "operation", "outcome"],
         )

@@ -1,7 +1,8 @@
 //! Key providers (SPEC §4): what a `kms_keys.external_key_ref` names. The
 //! `local` keyring file resolves it to secret bytes ([`KeyProvider`]); the
 //! `pkcs11` provider ([`pkcs11`]) keeps the key in an HSM and does the
-//! AES-GCM there. Other providers are not supported yet (README "Key
+//! AES-GCM and HMAC there; [`aws`] (AWS KMS) and [`vault`] (Vault or
+//! OpenBao transit) likewise in their service. Other providers are not supported yet (README "Key
 //! providers" has the matrix).
 
 pub mod aws;
@@ -13,6 +14,7 @@ pub mod meter;
 pub mod pkcs11;
 pub mod signing;
 mod source;
+pub mod vault;
 
 use std::fmt;
 use std::path::PathBuf;

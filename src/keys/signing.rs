@@ -103,6 +103,15 @@ pub async fn create_signing_key(
         )
         .await
         .map_err(|e| SigningKeyError::Usage(format!("--kek: {e}")))?
+    } else if kek_row.provider == "vault" {
+        // Sealed by Vault transit (the name bound as associated data).
+        let vault = super::vault::Clients::default()
+            .get(kek_row.location.as_deref().unwrap_or_default())
+            .map_err(|e| SigningKeyError::Usage(format!("--kek: {e}")))?;
+        vault
+            .encrypt(&kek_row.key_ref, &seed, &aad)
+            .await
+            .map_err(|e| SigningKeyError::Usage(format!("--kek: {e}")))?
     } else if kek_row.provider == "pkcs11" {
         // Sealed in the HSM: its KEK never leaves the token.
         let settings = pkcs11.ok_or_else(|| {

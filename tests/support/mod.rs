@@ -18,6 +18,7 @@ pub mod python;
 pub mod signatures;
 pub mod softhsm;
 pub mod standby;
+pub mod vault;
 pub mod wrappers;
 
 pub use codec::{b64, hex, unb64, unhex};

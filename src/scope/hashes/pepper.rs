@@ -1,6 +1,7 @@
 //! Where a hash profile's pepper lives, and how the HMAC is computed with
 //! it: in process from the local keyring, or by the provider holding the
-//! key (AWS KMS `GenerateMac`, an HSM's `C_Sign`), which never gives it
+//! key (AWS KMS `GenerateMac`, an HSM's `C_Sign`, Vault transit `hmac`),
+//! which never gives it
 //! out. A remote pepper's MACs are asked for a whole batch before the
 //! batch is computed, concurrently (README "Key providers").
 
@@ -16,6 +17,7 @@ use crate::db::kms::{self, KmsKey};
 use crate::keys::KeyProvider;
 use crate::keys::aws::{self, KmsError};
 use crate::keys::pkcs11::{self, Hsm, HsmError};
+use crate::keys::vault::{self, VaultError};
 use crate::scope::{JobError, ScopeContext, fatal};
 
 /// A new hash, or why the item fails: (error code, message).
@@ -33,6 +35,13 @@ pub enum Pepper {
         algorithm: MacAlgorithmSpec,
         what: String,
     },
+    /// An HMAC key in Vault / OpenBao transit.
+    Vault {
+        layer: Layer,
+        vault: Arc<vault::Vault>,
+        key: String,
+        what: String,
+    },
     /// An HMAC key in an HSM.
     Pkcs11 {
         layer: Layer,
@@ -47,7 +56,9 @@ impl std::fmt::Debug for Pepper {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Pepper::Local(onion) => onion.fmt(f),
-            Pepper::Aws { what, .. } | Pepper::Pkcs11 { what, .. } => f.write_str(what),
+            Pepper::Aws { what, .. } | Pepper::Pkcs11 { what, .. } | Pepper::Vault { what, .. } => {
+                f.write_str(what)
+            }
         }
     }
 }
@@ -131,6 +142,19 @@ impl Pepper {
                     what,
                 })
             }
+            "vault" => {
+                let location = key.location.as_deref().unwrap_or_default();
+                vault::hmac_key(&key.key_ref).map_err(|e| fatal(format!("{what}: {e}")))?;
+                let vault = vault::Clients::default()
+                    .get(location)
+                    .map_err(|e| fatal(format!("{what}: {e}")))?;
+                Ok(Pepper::Vault {
+                    layer,
+                    vault,
+                    key: key.key_ref,
+                    what,
+                })
+            }
             other => Err(fatal(format!(
                 "{what}: provider {other} is not supported yet (README \"Key providers\")"
             ))),
@@ -141,7 +165,9 @@ impl Pepper {
     pub fn layer(&self) -> &Layer {
         match self {
             Pepper::Local(onion) => onion.layer(),
-            Pepper::Aws { layer, .. } | Pepper::Pkcs11 { layer, .. } => layer,
+            Pepper::Aws { layer, .. }
+            | Pepper::Pkcs11 { layer, .. }
+            | Pepper::Vault { layer, .. } => layer,
         }
     }
 
@@ -198,6 +224,30 @@ impl Pepper {
                     .into_iter()
                     .map(|a| a.map_err(|e| kms_error(what, e)))
                     .collect()
+            }
+            Pepper::Vault {
+                layer,
+                vault,
+                key,
+                what,
+            } => {
+                let messages: Vec<&[u8]> = olds.iter().map(|(_, m)| m.as_slice()).collect();
+                let macs = vault
+                    .hmac(key, layer.hash(), &messages, verify)
+                    .await
+                    .map_err(|e| vault_error(what, e))?;
+                Ok(olds
+                    .iter()
+                    .zip(macs)
+                    .map(|((id, _), mac)| {
+                        let new = match mac {
+                            Ok(Some(m)) => Ok(layer.truncate(m)),
+                            Ok(None) => Err(not_verified()),
+                            Err(why) => Err(("data", format!("Vault transit: {why}"))),
+                        };
+                        (*id, new)
+                    })
+                    .collect())
             }
             Pepper::Pkcs11 {
                 layer,
@@ -302,6 +352,13 @@ fn kms_error(what: &str, e: KmsError) -> JobError {
         KmsError::Unavailable(_) => JobError::Transient(format!("{what}: {e}")),
         // A MAC has no ciphertext to fail: any other answer is a refusal.
         KmsError::Refused { .. } | KmsError::Integrity { .. } => fatal(format!("{what}: {e}")),
+    }
+}
+
+fn vault_error(what: &str, e: VaultError) -> JobError {
+    match e {
+        VaultError::Unavailable(_) => JobError::Transient(format!("{what}: {e}")),
+        VaultError::Refused { .. } => fatal(format!("{what}: {e}")),
     }
 }
 

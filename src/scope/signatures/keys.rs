@@ -105,6 +105,34 @@ pub async fn load_signing_key(
                 KmsError::Unavailable(_) => UnsealError::ForNow(format!("signing key {:?}: {e}", k.name)),
                 KmsError::Refused { .. } => UnsealError::Fatal(format!("signing key {:?}: {e}", k.name)),
             })?
+    } else if kek_row.provider == "vault" {
+        // Vault transit opens the sealed seed, the name as associated data.
+        use crate::keys::vault::{self, VaultError};
+        let fail = |e: VaultError| match e {
+            VaultError::Unavailable(_) => {
+                UnsealError::ForNow(format!("signing key {:?}: {e}", k.name))
+            }
+            VaultError::Refused { .. } => {
+                UnsealError::Fatal(format!("signing key {:?}: {e}", k.name))
+            }
+        };
+        let vault = vault::Clients::default()
+            .get(kek_row.location.as_deref().unwrap_or_default())
+            .map_err(fail)?;
+        match vault
+            .decrypt(&kek_row.key_ref, &[(sealed, &aad)])
+            .await
+            .map_err(fail)?
+            .pop()
+        {
+            Some(Ok(seed)) => seed,
+            _ => {
+                return Err(UnsealError::Fatal(format!(
+                    "signing key {:?}: private_key_enc does not open with its KEK (wrong key, another key's name, or tampered)",
+                    k.name
+                )));
+            }
+        }
     } else if kek_row.provider == "pkcs11" {
         // The KEK stays in the HSM, which opens the sealed seed.
         let settings = pkcs11.ok_or_else(|| {

@@ -18,6 +18,7 @@ use crate::db::kms::{self, KmsKey};
 use crate::db::wrappers::{self as dbw, RemoteOpen, WrapperRow};
 use crate::keys::aws::{self, Kms, KmsError};
 use crate::keys::pkcs11::{self, Hsm, HsmError, Pkcs11Settings};
+use crate::keys::vault::{self, Vault, VaultError};
 use crate::keys::{KeyProvider, LocalKeyring};
 use crate::scope::{JobError, fatal};
 
@@ -38,6 +39,13 @@ pub enum SourceKey {
     Aws {
         kms: Arc<Kms>,
         key_id: String,
+    },
+    /// An `aes256-gcm96` key in Vault / OpenBao transit (provider
+    /// `vault`), which decrypts `legacy-vault-transit` wraps itself, a
+    /// batch's in a few requests ([`SourceKeys::open_remote`]).
+    Vault {
+        vault: Arc<Vault>,
+        key: String,
     },
 }
 
@@ -98,7 +106,7 @@ fn source_key(
     match key.provider.as_str() {
         "local" => local_key(keyring, key).map_err(Unusable::Key),
         "pkcs11" => hsm_key(pkcs11_settings, key),
-        "aws" => unreachable!("aws keys are resolved before, on the async threads"),
+        "aws" | "vault" => unreachable!("remote keys are resolved before, on the async threads"),
         other => Err(Unusable::Key(format!(
             "key {} ({:?}): provider {other} is not supported yet",
             key.id, key.key_ref
@@ -137,6 +145,8 @@ pub struct SourceKeys {
     pkcs11: Option<Pkcs11Settings>,
     /// AWS KMS clients, by region.
     aws: aws::Clients,
+    /// Vault clients, by location.
+    vault: vault::Clients,
     keys: Mutex<HashMap<i64, Arc<Result<SourceKey, String>>>>,
     /// Policies named by `pqmig-wrap-v1` wrappers, by id.
     policies: Mutex<HashMap<PolicyKey, Arc<PolicyAad>>>,
@@ -197,6 +207,7 @@ impl SourceKeys {
             keyring,
             pkcs11: None,
             aws: aws::Clients::default(),
+            vault: vault::Clients::default(),
             keys: Mutex::new(HashMap::new()),
             policies: Mutex::new(HashMap::new()),
             kem_algos: std::sync::OnceLock::new(),
@@ -286,6 +297,20 @@ impl SourceKeys {
             };
             remote.push((k.id, Arc::new(key)));
         }
+        // Vault keys: a client of their server and mount; transit checks
+        // the key when asked to decrypt. A token that cannot be read fails
+        // the key's items, like any key that cannot be used.
+        for k in found.iter().filter(|k| k.provider == "vault") {
+            let key = self
+                .vault
+                .get(k.location.as_deref().unwrap_or_default())
+                .map(|vault| SourceKey::Vault {
+                    vault,
+                    key: k.key_ref.clone(),
+                })
+                .map_err(|e| format!("key {} ({:?}): {e}", k.id, k.key_ref));
+            remote.push((k.id, Arc::new(key)));
+        }
         wanted.retain(|id| !remote.iter().any(|(r, _)| r == id));
         self.keys.lock().expect("key cache").extend(remote);
         let keyring = Arc::clone(&self.keyring);
@@ -350,6 +375,7 @@ impl SourceKeys {
                 }
             }
         }
+        self.open_vault(rows).await?;
         if asks.is_empty() {
             return Ok(());
         }
@@ -389,6 +415,61 @@ impl SourceKeys {
         Ok(())
     }
 
+    /// Ask Vault transit to open every `legacy-vault-transit` wrap of these
+    /// rows: per key, one `decrypt` with the wraps as `batch_input`
+    /// ([`vault::BATCH`] per request, [`vault::CONCURRENCY`] at a time),
+    /// the uuid as `associated_data`. An item transit does not open is an
+    /// `integrity` failure; Vault refusing (403, no such key) fails the
+    /// job, Vault down, sealed or rate-limiting is its transient error.
+    async fn open_vault(&self, rows: &mut [WrapperRow]) -> Result<(), JobError> {
+        // (key id) -> [(row index, slot, uuid)]
+        let mut by_key: HashMap<i64, Vec<(usize, usize, String)>> = HashMap::new();
+        for (i, row) in rows.iter().enumerate() {
+            if format_of(row) != Ok(wrap::FORMAT_LEGACY_VAULT) {
+                continue;
+            }
+            let Ok(uuid) = wrap::canonical_uuid(&row.uuid) else {
+                continue;
+            };
+            for (slot, kid, sealed) in [(0usize, row.kms1, &row.wrap1), (1, row.kms2, &row.wrap2)] {
+                let (Some(kid), Some(_)) = (kid, sealed.as_ref().filter(|w| !w.is_empty())) else {
+                    continue;
+                };
+                if let Some(key) = self.key(kid)
+                    && let Ok(SourceKey::Vault { .. }) = &*key
+                {
+                    by_key.entry(kid).or_default().push((i, slot, uuid.clone()));
+                }
+            }
+        }
+        for (kid, asks) in by_key {
+            let key = self.key(kid).expect("matched above");
+            let Ok(SourceKey::Vault { vault, key: name }) = &*key else {
+                continue;
+            };
+            let items: Vec<(&[u8], &[u8])> = asks
+                .iter()
+                .map(|(i, slot, uuid)| {
+                    let row = &rows[*i];
+                    let sealed = if *slot == 0 { &row.wrap1 } else { &row.wrap2 };
+                    (sealed.as_deref().unwrap_or_default(), uuid.as_bytes())
+                })
+                .collect();
+            let what = format!("wrappers' legacy-vault-transit wraps (key {kid}, {name:?})");
+            let answers = vault.decrypt(name, &items).await.map_err(|e| match e {
+                VaultError::Unavailable(_) => JobError::Transient(format!("{what}: {e}")),
+                VaultError::Refused { .. } => fatal(format!("{what}: {e}")),
+            })?;
+            for ((i, slot, _), answer) in asks.into_iter().zip(answers) {
+                rows[i].remote[slot] = Some(match answer {
+                    Ok(dek) => RemoteOpen::Dek(dek),
+                    Err(_) => RemoteOpen::Tag,
+                });
+            }
+        }
+        Ok(())
+    }
+
     fn key(&self, id: i64) -> Option<Arc<Result<SourceKey, String>>> {
         self.keys.lock().expect("key cache").get(&id).cloned()
     }
@@ -397,9 +478,10 @@ impl SourceKeys {
     pub fn recover(&self, row: &WrapperRow) -> Result<Zeroizing<Vec<u8>>, Failure> {
         let format = format_of(row).map_err(|m| ("data", m))?;
         match format {
-            wrap::FORMAT_LEGACY_AES | wrap::FORMAT_LEGACY_X25519 | wrap::FORMAT_LEGACY_AWS_KMS => {
-                self.recover_legacy(row, format)
-            }
+            wrap::FORMAT_LEGACY_AES
+            | wrap::FORMAT_LEGACY_X25519
+            | wrap::FORMAT_LEGACY_AWS_KMS
+            | wrap::FORMAT_LEGACY_VAULT => self.recover_legacy(row, format),
             wrap::FORMAT_V1 => self.recover_v1(row),
             other => Err((
                 "data",
@@ -434,7 +516,7 @@ impl SourceKeys {
                         HsmError::Unavailable(m) => Opened::ForNow(m),
                         HsmError::Config(m) => Opened::Unusable(m),
                     }),
-                SourceKey::Kem(_) | SourceKey::Aws { .. } => {
+                SourceKey::Kem(_) | SourceKey::Aws { .. } | SourceKey::Vault { .. } => {
                     unreachable!("matched against the format below")
                 }
             };
@@ -464,16 +546,19 @@ impl SourceKeys {
                 }
                 (Ok(k @ (SourceKey::Aes(_) | SourceKey::Hsm { .. })), wrap::FORMAT_LEGACY_AES)
                 | (Ok(k @ SourceKey::X25519(_)), wrap::FORMAT_LEGACY_X25519) => open(k, sealed),
-                (Ok(SourceKey::Aws { .. }), wrap::FORMAT_LEGACY_AWS_KMS) => {
+                (Ok(SourceKey::Aws { .. }), wrap::FORMAT_LEGACY_AWS_KMS)
+                | (Ok(SourceKey::Vault { .. }), wrap::FORMAT_LEGACY_VAULT) => {
                     match &row.remote[usize::from(slot) - 1] {
                         Some(RemoteOpen::Dek(dek)) if dek.len() == wrap::DEK_LEN => Ok(dek.clone()),
                         Some(RemoteOpen::Dek(dek)) => Err(Opened::Unusable(format!(
-                            "KMS decrypted it to {} bytes, not a {}-byte DEK",
+                            "the key provider decrypted it to {} bytes, not a {}-byte DEK",
                             dek.len(),
                             wrap::DEK_LEN
                         ))),
                         Some(RemoteOpen::Tag) => Err(Opened::Tag),
-                        None => Err(Opened::Unusable("KMS was not asked to open it".into())),
+                        None => Err(Opened::Unusable(
+                            "the key provider was not asked to open it".into(),
+                        )),
                     }
                 }
                 (Ok(_), _) => {
