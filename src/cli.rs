@@ -386,6 +386,11 @@ pub struct BenchArgs {
     /// region (standard credentials and endpoint, e.g. AWS_ENDPOINT_URL_KMS)
     #[arg(long, value_name = "REGION")]
     pub kms_region: Option<String>,
+    /// Wrappers: the same job with its legacy wraps in Vault / OpenBao
+    /// transit at this location (`http(s)://host:port/mount`; token from
+    /// VAULT_TOKEN)
+    #[arg(long, value_name = "URL")]
+    pub vault_location: Option<String>,
 }
 
 impl Cli {
@@ -502,6 +507,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
                 large: a.large,
                 replicas: a.replicas,
                 kms_region: a.kms_region,
+                vault_location: a.vault_location,
             };
             cmd::bench::run(&config, &opts).await
         }

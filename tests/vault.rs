@@ -241,6 +241,10 @@ async fn a_transit_hmac_pepper_rehashes_and_a_token_without_the_right_fails_the_
         json!({"type": "hmac", "key_size": 32, "exportable": true}),
     );
     let pepper = bao.export_hmac_key("pepper");
+    // Rotated before the job: the key's newest version is 2, and the
+    // profile's `pepper@1` must keep using version 1.
+    let (status, body) = bao.call("POST", "transit/keys/pepper/rotate", json!({}));
+    assert_eq!(status, 200, "{body}");
     let c = fx.db.client().await;
     let key = register_key(
         &c,
@@ -256,7 +260,7 @@ async fn a_transit_hmac_pepper_rehashes_and_a_token_without_the_right_fails_the_
             "vault-v3",
             "HMAC-SHA3-256",
             json!({"kms_key_id": key}),
-            None,
+            Some(20),
         )
         .await;
     c.execute(
@@ -311,7 +315,7 @@ async fn a_transit_hmac_pepper_rehashes_and_a_token_without_the_right_fails_the_
     for (id, hash, version) in fx.users().await {
         let mut mac = hmac::SimpleHmac::<sha3::Sha3_256>::new_from_slice(&pepper).unwrap();
         mac.update(&legacy_hash(id));
-        assert_eq!(hash, mac.finalize().into_bytes().to_vec(), "row {id}");
+        assert_eq!(hash, mac.finalize().into_bytes()[..20].to_vec(), "row {id}");
         assert_eq!(version, "vault-v3/v1", "row {id}");
     }
     let out = cli(&fx, &["verify", &job.to_string()]);
@@ -327,5 +331,21 @@ async fn a_transit_hmac_pepper_rehashes_and_a_token_without_the_right_fails_the_
         stdout(&out).contains("Vault transit computed and verified an HMAC-SHA3-256"),
         "{}",
         stdout(&out)
+    );
+
+    // The row edited to name another version: the job's pepper would be
+    // another, so `verify` refuses, naming what the job started with.
+    c.execute(
+        "UPDATE kms_keys SET external_key_ref = 'pepper@2' WHERE id = $1",
+        &[&key],
+    )
+    .await
+    .unwrap();
+    let out = cli(&fx, &["verify", &job.to_string()]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("changed since the job started") && stderr(&out).contains("pepper@1"),
+        "{}",
+        stderr(&out)
     );
 }

@@ -368,7 +368,7 @@ impl Hsm {
                 token.label
             )));
         }
-        self.secret_key(token, key, "aes", AttributeType::Decrypt, |a| match a {
+        self.secret_key(token, key, "aes", &[AttributeType::Decrypt], |a| match a {
             Attribute::KeyType(t) => (*t == KeyType::AES, "not an AES key"),
             Attribute::ValueLen(n) => (u64::from(*n) == 32, "not 256 bits"),
             Attribute::Decrypt(d) => (*d, "not allowed to decrypt (CKA_DECRYPT)"),
@@ -378,8 +378,8 @@ impl Hsm {
 
     /// The HMAC key labelled `key` in `token` for `hash`, checked: a
     /// generic secret (or that hash's HMAC key type) of at least 256 bits
-    /// allowed to sign, the token does the mechanism, and its value cannot
-    /// be read out.
+    /// allowed to sign and verify, the token does the mechanism, and its
+    /// value cannot be read out.
     pub fn hmac_key(
         &self,
         token: &Token,
@@ -398,7 +398,8 @@ impl Hsm {
                 mechanism.mechanism_type()
             )));
         }
-        self.secret_key(token, key, "hmac", AttributeType::Sign, |a| match a {
+        let usage = [AttributeType::Sign, AttributeType::Verify];
+        self.secret_key(token, key, "hmac", &usage, |a| match a {
             Attribute::KeyType(t) => (
                 *t == KeyType::GENERIC_SECRET || *t == own_type,
                 "not a generic secret or HMAC key",
@@ -408,12 +409,13 @@ impl Hsm {
                 "shorter than 256 bits",
             ),
             Attribute::Sign(d) => (*d, "not allowed to sign (CKA_SIGN)"),
+            Attribute::Verify(d) => (*d, "not allowed to verify (CKA_VERIFY)"),
             _ => (true, ""),
         })
     }
 
     /// The one secret key labelled `key` in `token`, its attributes
-    /// (type, length, `usage`, sensitive, extractable) judged by `check`
+    /// (type, length, the `usage` flags, sensitive, extractable) judged by `check`
     /// and by the rule that its value can never be read out; found once,
     /// then kept under `kind`.
     fn secret_key(
@@ -421,7 +423,7 @@ impl Hsm {
         token: &Token,
         key: &str,
         kind: &str,
-        usage: AttributeType,
+        usage: &[AttributeType],
         check: impl Fn(&Attribute) -> (bool, &'static str),
     ) -> Result<ObjectHandle, HsmError> {
         let cached = format!("{kind}:{key}");
@@ -451,13 +453,13 @@ impl Hsm {
                 )));
             }
         };
-        let wanted = [
+        let mut wanted = vec![
             AttributeType::KeyType,
             AttributeType::ValueLen,
-            usage,
             AttributeType::Sensitive,
             AttributeType::Extractable,
         ];
+        wanted.extend_from_slice(usage);
         let attrs = self
             .with_session(token, |s| s.get_attributes(handle, &wanted))?
             .map_err(|e| classify(what.clone(), e))?;

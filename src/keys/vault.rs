@@ -42,7 +42,7 @@ const PREFIX: &str = "vault:v";
 pub enum VaultError {
     /// Vault refused: permission denied (403), no such key or mount, a
     /// request it cannot serve. Trying again soon changes nothing.
-    #[error("Vault {status}: {message}")]
+    #[error("Vault{}: {message}", status_text(*status))]
     Refused { status: u16, message: String },
     /// Vault could not be reached, is sealed or in standby (503), is
     /// rate-limiting (429) or failed (5xx): the batch is tried again later.
@@ -90,6 +90,40 @@ impl Clients {
     }
 }
 
+/// ` 403` (nothing for a refusal pqmig itself makes: no token, …).
+fn status_text(status: u16) -> String {
+    match status {
+        0 => String::new(),
+        s => format!(" {s}"),
+    }
+}
+
+/// What an item's error in a `decrypt` batch means.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ItemError {
+    /// The ciphertext does not open: a failed tag (another key, another
+    /// associated data, altered) or not a transit ciphertext at all.
+    Integrity,
+    /// The key's policy refuses it (a version below
+    /// `min_decryption_version`, or above the newest): set up wrong, not
+    /// the data's fault.
+    Policy,
+    /// Anything else: the server's trouble.
+    Other,
+}
+
+/// Classify transit's error text for one item.
+pub fn item_error(message: &str) -> ItemError {
+    let m = message.to_ascii_lowercase();
+    if m.contains("disallowed by policy") || m.contains("version is too") {
+        ItemError::Policy
+    } else if m.contains("message authentication failed") || m.starts_with("invalid ciphertext") {
+        ItemError::Integrity
+    } else {
+        ItemError::Other
+    }
+}
+
 fn refused(message: impl Into<String>) -> VaultError {
     VaultError::Refused {
         status: 0,
@@ -99,7 +133,7 @@ fn refused(message: impl Into<String>) -> VaultError {
 
 /// The token, from where Vault's tools look (see the module's docs).
 fn token() -> Result<Zeroizing<String>, VaultError> {
-    if let Ok(t) = std::env::var("VAULT_TOKEN")
+    if let Ok(t) = std::env::var("VAULT_TOKEN").map(Zeroizing::new)
         && !t.trim().is_empty()
     {
         return Ok(Zeroizing::new(t.trim().to_owned()));
@@ -112,7 +146,7 @@ fn token() -> Result<Zeroizing<String>, VaultError> {
         files.push(std::path::PathBuf::from(home).join(".vault-token"));
     }
     for f in &files {
-        match std::fs::read_to_string(f) {
+        match std::fs::read_to_string(f).map(Zeroizing::new) {
             Ok(t) if !t.trim().is_empty() => return Ok(Zeroizing::new(t.trim().to_owned())),
             Ok(_) => {
                 return Err(refused(format!(
@@ -227,6 +261,8 @@ impl Vault {
         let base = base_of(location).map_err(refused)?;
         let http = reqwest::Client::builder()
             .tls_backend_preconfigured(tls()?)
+            // A redirect could carry the token to another host.
+            .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(Duration::from_secs(3))
             .timeout(Duration::from_secs(30))
             .build()
@@ -266,10 +302,13 @@ impl Vault {
             }
             text.replace(['\n', '\r'], " ")
         };
+        let mut token = reqwest::header::HeaderValue::from_str(&self.token)
+            .map_err(|_| refused("the Vault token is not a valid HTTP header value"))?;
+        token.set_sensitive(true);
         let mut req = self
             .http
             .post(format!("{}/{path}", self.base))
-            .header("X-Vault-Token", self.token.as_str())
+            .header("X-Vault-Token", token)
             .header("X-Vault-Request", "true")
             .json(body);
         if let Some(ns) = &self.namespace {
@@ -279,17 +318,35 @@ impl Vault {
             .send()
             .await
             .map_err(|e| VaultError::Unavailable(one_line(&e)))?;
-        let status = resp.status().as_u16();
-        let doc: Value = resp.json().await.unwrap_or(Value::Null);
-        if let Some(data) = doc.get("data").filter(|d| d.get("batch_results").is_some()) {
-            return Ok(data.clone());
+        let status = resp.status();
+        let code = status.as_u16();
+        // The body holds plaintexts (base64): wiped once parsed.
+        let body = Zeroizing::new(
+            resp.bytes()
+                .await
+                .map_err(|e| VaultError::Unavailable(one_line(&e)))?
+                .to_vec(),
+        );
+        let mut doc: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        let server_fault = code == 429 || code >= 500;
+        // A batch answers 200, or 400 when some of its items failed (each
+        // item saying why); a 5xx is the server's trouble even with
+        // results.
+        if matches!(code, 200 | 400)
+            && doc
+                .get("data")
+                .is_some_and(|d| d.get("batch_results").is_some())
+        {
+            return Ok(doc["data"].take());
         }
-        if (200..300).contains(&status) {
-            return Ok(doc.get("data").cloned().unwrap_or(Value::Null));
-        }
-        let message = doc
+        let errors = doc
             .get("errors")
             .and_then(Value::as_array)
+            .filter(|e| !e.is_empty());
+        if status.is_success() && errors.is_none() {
+            return Ok(doc.get_mut("data").map(Value::take).unwrap_or(Value::Null));
+        }
+        let mut message = errors
             .map(|e| {
                 e.iter()
                     .filter_map(Value::as_str)
@@ -300,10 +357,19 @@ impl Vault {
             .split_whitespace()
             .collect::<Vec<_>>()
             .join(" ");
-        if status == 429 || status >= 500 {
-            Err(VaultError::Unavailable(format!("{status}: {message}")))
+        if message.is_empty() {
+            message = status
+                .canonical_reason()
+                .unwrap_or("no error text")
+                .to_owned();
+        }
+        if server_fault {
+            Err(VaultError::Unavailable(format!("{code}: {message}")))
         } else {
-            Err(VaultError::Refused { status, message })
+            Err(VaultError::Refused {
+                status: code,
+                message,
+            })
         }
     }
 
@@ -313,7 +379,7 @@ impl Vault {
             .and_then(Value::as_array)
             .filter(|r| r.len() == sent)
             .ok_or_else(|| {
-                VaultError::Unavailable(format!(
+                refused(format!(
                     "transit answered a batch of {sent} without as many batch_results"
                 ))
             })
@@ -374,6 +440,18 @@ impl Vault {
             .collect())
     }
 
+    /// A new `aes256-gcm96` transit key `name`. For the bench's scratch
+    /// data; pqmig never creates keys in production.
+    pub async fn create_key(&self, name: &str) -> Result<(), VaultError> {
+        self.post(
+            "create",
+            &format!("keys/{name}"),
+            &json!({"type": "aes256-gcm96"}),
+        )
+        .await
+        .map(drop)
+    }
+
     /// Transit `encrypt` of `plain` under `key` with `associated_data`:
     /// the ciphertext text (`vault:vN:…`) as bytes.
     pub async fn encrypt(
@@ -390,7 +468,7 @@ impl Vault {
             .and_then(Value::as_str)
             .filter(|c| c.starts_with(PREFIX))
             .map(|c| c.as_bytes().to_vec())
-            .ok_or_else(|| VaultError::Unavailable("transit encrypt returned no ciphertext".into()))
+            .ok_or_else(|| refused("transit encrypt returned no ciphertext"))
     }
 
     /// HMAC-`hash` of each message under the HMAC key `key_ref` (`name` or
@@ -448,7 +526,7 @@ impl Vault {
                     .ok_or_else(|| "transit returned no hmac".to_owned()),
             })
             .collect();
-        let valid: Vec<bool> = if verify {
+        let valid: Vec<ItemResult<bool>> = if verify {
             let input: Vec<Value> = chunk
                 .iter()
                 .zip(&macs)
@@ -460,18 +538,22 @@ impl Vault {
             let data = self
                 .post("verify_mac", &path, &json!({"batch_input": input}))
                 .await?;
+            // An invalid MAC's item has no `valid` at all.
             Self::results(&data, chunk.len())?
                 .iter()
-                .map(|r| r.get("valid").and_then(Value::as_bool).unwrap_or(false))
+                .map(|r| match r.get("error").and_then(Value::as_str) {
+                    Some(e) if !e.is_empty() => Err(format!("verify: {e}")),
+                    _ => Ok(r.get("valid").and_then(Value::as_bool).unwrap_or(false)),
+                })
                 .collect()
         } else {
-            vec![true; chunk.len()]
+            vec![Ok(true); chunk.len()]
         };
         Ok(macs
             .into_iter()
             .zip(valid)
             .map(|(mac, valid)| {
-                let mac = mac?;
+                let (mac, valid) = (mac?, valid?);
                 match unprefix(&mac) {
                     Some((v, bytes)) if v == version => Ok(valid.then_some(bytes)),
                     Some((v, _)) => Err(format!(
@@ -500,6 +582,23 @@ mod tests {
         );
         assert!(base_of("vault.example:8200").is_err());
         assert!(base_of("https:///transit").is_err());
+    }
+
+    #[test]
+    fn transit_item_errors_are_told_apart() {
+        assert_eq!(
+            item_error("cipher: message authentication failed"),
+            ItemError::Integrity
+        );
+        assert_eq!(
+            item_error("invalid ciphertext: no prefix"),
+            ItemError::Integrity
+        );
+        assert_eq!(
+            item_error("ciphertext or signature version is disallowed by policy (too old)"),
+            ItemError::Policy
+        );
+        assert_eq!(item_error("internal error"), ItemError::Other);
     }
 
     #[test]

@@ -41,6 +41,7 @@ pub struct BenchOptions {
     pub replicas: usize,
     /// The wrappers job against AWS KMS of this region (`kms.rs`).
     pub kms_region: Option<String>,
+    pub vault_location: Option<String>,
 }
 
 pub async fn run(config: &Config, a: &BenchOptions) -> anyhow::Result<()> {
@@ -81,14 +82,25 @@ pub async fn run(config: &Config, a: &BenchOptions) -> anyhow::Result<()> {
         _ => crate::crypto::sig::SigAlg::MlDsa65,
     };
 
-    if let Some(region) = &a.kms_region {
-        if a.scope != "wrappers" || a.layers.is_some() || a.algo.is_some() {
+    let remote = match (&a.kms_region, &a.vault_location) {
+        (Some(_), Some(_)) => {
             return Err(UsageError(
-                "--kms-region measures the wrappers scope with one ML-KEM-768 layer: drop --layers/--algo, use --scope wrappers".into(),
+                "--kms-region and --vault-location: one provider at a time".into(),
             )
             .into());
         }
-        return kms::run(config, a, region).await;
+        (Some(region), None) => Some(kms::Remote::Aws(region)),
+        (None, Some(location)) => Some(kms::Remote::Vault(location)),
+        (None, None) => None,
+    };
+    if let Some(remote) = remote {
+        if a.scope != "wrappers" || a.layers.is_some() || a.algo.is_some() {
+            return Err(UsageError(
+                "--kms-region/--vault-location measure the wrappers scope with one ML-KEM-768 layer: drop --layers/--algo, use --scope wrappers".into(),
+            )
+            .into());
+        }
+        return kms::run(config, a, remote).await;
     }
     let scratch = Scratch::create(config, "pqmig_bench").await?;
     let result = run_in(config, &scratch, a, kem, layers as usize, sig_alg).await;

@@ -29,9 +29,9 @@ pub async fn aftercare(
     ctx: &ScopeContext,
     keys: bool,
 ) -> Result<HashesAftercare, JobError> {
-    let checked = HashesJob::check(c, spec).await?;
+    let mut checked = HashesJob::check(c, spec).await?;
     let pepper = match keys {
-        true => Some(Arc::new(checked.pepper(c, ctx).await?)),
+        true => Some(Arc::new(checked.pepper(c, ctx, false).await?)),
         false => None,
     };
     Ok(HashesAftercare {

@@ -18,8 +18,8 @@ use tokio_postgres::{Client, GenericClient, Transaction};
 
 pub use aftercare::{HashesAftercare, aftercare};
 pub use pepper::{NewHash, Pepper};
-pub use profile::ProfilePin;
 use profile::job_profile;
+pub use profile::{KeyIdentity, ProfilePin};
 
 use super::{
     BatchCounts, ItemFailure, JobError, Outcome, Scope, ScopeContext, TargetRule, fatal,
@@ -61,8 +61,8 @@ impl HashesJob {
         spec: &JobSpec,
         ctx: &ScopeContext,
     ) -> Result<HashesJob, JobError> {
-        let checked = Self::check(c, spec).await?;
-        let pepper = checked.pepper(c, ctx).await?;
+        let mut checked = Self::check(c, spec).await?;
+        let pepper = checked.pepper(c, ctx, true).await?;
         let Checked {
             sel,
             pin,
@@ -201,13 +201,16 @@ impl HashesJob {
 
 impl Checked {
     /// The pepper of the pinned profile, loaded last: a key problem is
-    /// reported only for a job that is otherwise valid.
+    /// reported only for a job that is otherwise valid. `new_hashes`: for
+    /// a job that will compute new hashes (not `verify`), which a retired
+    /// key may not.
     pub async fn pepper(
-        &self,
+        &mut self,
         c: &impl GenericClient,
         ctx: &ScopeContext,
+        new_hashes: bool,
     ) -> Result<Pepper, JobError> {
-        Pepper::load(c, &self.pin, self.hash, ctx).await
+        Pepper::load(c, &mut self.pin, self.hash, ctx, new_hashes).await
     }
 }
 

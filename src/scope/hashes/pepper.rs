@@ -11,7 +11,7 @@ use std::sync::Arc;
 use aws_sdk_kms::types::MacAlgorithmSpec;
 use tokio_postgres::GenericClient;
 
-use super::ProfilePin;
+use super::{KeyIdentity, ProfilePin};
 use crate::crypto::onion::{HmacHash, Layer, Onion};
 use crate::db::kms::{self, KmsKey};
 use crate::keys::KeyProvider;
@@ -70,9 +70,10 @@ impl Pepper {
     /// checked; KMS is first asked with the first batch).
     pub async fn load(
         c: &impl GenericClient,
-        pin: &ProfilePin,
+        pin: &mut ProfilePin,
         hash: HmacHash,
         ctx: &ScopeContext,
+        new_hashes: bool,
     ) -> Result<Pepper, JobError> {
         let output_len = pin.output_len.map(|n| n as usize);
         let layer = Layer::new(hash, output_len, &pin.name)
@@ -91,9 +92,37 @@ impl Pepper {
             "hash profile {:?} pepper (kms_keys {id}, {:?})",
             pin.name, key.key_ref
         );
-        check_row(&key, hash, &what)?;
+        check_row(&key, hash, &what, new_hashes)?;
+        // The key the job started with, or none: the row's reference,
+        // provider or server edited since would change the pepper under
+        // the same profile (half a table under one key, half another).
+        let identity = KeyIdentity {
+            provider: key.provider.clone(),
+            location: key.location.clone(),
+            external_key_ref: key.key_ref.clone(),
+            algorithm: key.algorithm.clone(),
+        };
+        match &pin.kms_key {
+            Some(first) if *first != identity => {
+                return Err(fatal(format!(
+                    "{what}: the kms_keys row was changed since the job started (it named {} {:?} at {:?}); restore it, or queue a new job with a new profile",
+                    first.provider,
+                    first.external_key_ref,
+                    first.location.as_deref().unwrap_or_default()
+                )));
+            }
+            Some(_) => {}
+            None => pin.kms_key = Some(identity),
+        }
         match key.provider.as_str() {
             "local" => local(ctx, &key.key_ref, hash, layer, pin),
+            // An alias can be moved to another key: the pepper would change
+            // under the profile without any row changing.
+            "aws" if key.key_ref.starts_with("alias/") || key.key_ref.contains(":alias/") => {
+                Err(fatal(format!(
+                    "{what}: a pepper must name its KMS key by key ARN or key id, not an alias (an alias can be moved to another key)"
+                )))
+            }
             "aws" => {
                 let region = aws::region_of(&key).map_err(|e| fatal(format!("{what}: {e}")))?;
                 let algorithm = aws::mac_algorithm(hash).ok_or_else(|| {
@@ -211,7 +240,7 @@ impl Pepper {
                         {
                             return Ok((id, Err(not_verified())));
                         }
-                        Ok((id, Ok(layer.truncate(mac))))
+                        Ok((id, cut(layer, mac)))
                     }
                 });
                 use futures_util::StreamExt;
@@ -236,18 +265,23 @@ impl Pepper {
                     .hmac(key, layer.hash(), &messages, verify)
                     .await
                     .map_err(|e| vault_error(what, e))?;
-                Ok(olds
-                    .iter()
-                    .zip(macs)
-                    .map(|((id, _), mac)| {
-                        let new = match mac {
-                            Ok(Some(m)) => Ok(layer.truncate(m)),
-                            Ok(None) => Err(not_verified()),
-                            Err(why) => Err(("data", format!("Vault transit: {why}"))),
-                        };
-                        (*id, new)
-                    })
-                    .collect())
+                let mut out = HashMap::with_capacity(olds.len());
+                for ((id, _), mac) in olds.iter().zip(macs) {
+                    let new = match mac {
+                        Ok(Some(m)) => cut(layer, m),
+                        Ok(None) => Err(not_verified()),
+                        // The key's policy refuses the version: set up
+                        // wrong; anything else is the server's trouble.
+                        Err(why) if vault::item_error(&why) == vault::ItemError::Policy => {
+                            return Err(fatal(format!("{what}: transit refuses it: {why}")));
+                        }
+                        Err(why) => {
+                            return Err(JobError::Transient(format!("{what}: transit: {why}")));
+                        }
+                    };
+                    out.insert(*id, new);
+                }
+                Ok(out)
             }
             Pepper::Pkcs11 {
                 layer,
@@ -282,7 +316,10 @@ impl Pepper {
                         .map_err(|e| fatal(format!("{what}: the HMAC panicked: {e}")))?
                         .map_err(|e| hsm_error(what, e))?;
                     for (id, mac) in part {
-                        let new = mac.map(|m| layer.truncate(m)).ok_or_else(not_verified);
+                        let new = match mac {
+                            Some(m) => cut(layer, m),
+                            None => Err(not_verified()),
+                        };
                         out.insert(id, new);
                     }
                 }
@@ -290,6 +327,24 @@ impl Pepper {
             }
         }
     }
+}
+
+/// A provider's full-length MAC cut to the profile's length; a MAC of
+/// another length (a key of another size, a proxy in the way) fails the
+/// item rather than be stored short.
+fn cut(layer: &Layer, mac: Vec<u8>) -> NewHash {
+    let want = layer.hash().output_len();
+    if mac.len() != want {
+        return Err((
+            "data",
+            format!(
+                "the key provider returned a {}-byte MAC, {} gives {want}",
+                mac.len(),
+                layer.hash()
+            ),
+        ));
+    }
+    Ok(layer.truncate(mac))
 }
 
 fn not_verified() -> (&'static str, String) {
@@ -325,14 +380,22 @@ fn local(
     Ok(Pepper::Local(Arc::new(onion)))
 }
 
-/// A `kms_keys` row usable as the pepper of `hash`: enabled, not
-/// disabled, declared for exactly that HMAC.
-fn check_row(key: &KmsKey, hash: HmacHash, what: &str) -> Result<(), JobError> {
+/// A `kms_keys` row usable as the pepper of `hash`: enabled, active (or,
+/// to verify what a job made, retired), declared for exactly that HMAC.
+fn check_row(key: &KmsKey, hash: HmacHash, what: &str, new_hashes: bool) -> Result<(), JobError> {
     if !key.provider_enabled {
         return Err(fatal(format!("{what}: its kms_providers row is disabled")));
     }
-    if key.status == "disabled" {
-        return Err(fatal(format!("{what}: the key is disabled")));
+    if key.status == "disabled" || (new_hashes && key.status != "active") {
+        return Err(fatal(format!(
+            "{what}: the key is {}{}",
+            key.status,
+            if new_hashes {
+                ", not active: no new hashes are made with it"
+            } else {
+                ""
+            }
+        )));
     }
     match key.algorithm.as_deref() {
         Some(a) if a.eq_ignore_ascii_case(&hash.alias()) => Ok(()),

@@ -18,13 +18,26 @@ pub struct ProfilePin {
     /// The pepper as a key of the local keyring (`params.key_ref`)…
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_ref: Option<String>,
-    /// …or as a `kms_keys` row of any provider (`params.kms_key_id`).
+    /// …or as a `kms_keys` row of any provider (`params.kms_key_id`)…
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kms_key_id: Option<i64>,
+    /// …which names this key, as the job first found it: a row edited
+    /// since (another key, version, server) would change the pepper.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kms_key: Option<KeyIdentity>,
     pub output_len: Option<i16>,
     /// Already in the job's `result` (not to be recorded again).
     #[serde(skip)]
     pub recorded: bool,
+}
+
+/// What a `kms_keys` row names: its provider, where, which key, for what.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct KeyIdentity {
+    pub provider: String,
+    pub location: Option<String>,
+    pub external_key_ref: String,
+    pub algorithm: Option<String>,
 }
 
 /// The job's profile: the pinned one if it has one (which must still exist
@@ -98,6 +111,7 @@ pub(super) async fn job_profile(
         id: profile.id,
         key_ref,
         kms_key_id,
+        kms_key: None,
         output_len: profile.output_len,
         name: profile.name,
         recorded: false,

@@ -447,23 +447,70 @@ impl SourceKeys {
             let Ok(SourceKey::Vault { vault, key: name }) = &*key else {
                 continue;
             };
-            let items: Vec<(&[u8], &[u8])> = asks
-                .iter()
-                .map(|(i, slot, uuid)| {
-                    let row = &rows[*i];
-                    let sealed = if *slot == 0 { &row.wrap1 } else { &row.wrap2 };
-                    (sealed.as_deref().unwrap_or_default(), uuid.as_bytes())
-                })
-                .collect();
             let what = format!("wrappers' legacy-vault-transit wraps (key {kid}, {name:?})");
-            let answers = vault.decrypt(name, &items).await.map_err(|e| match e {
-                VaultError::Unavailable(_) => JobError::Transient(format!("{what}: {e}")),
-                VaultError::Refused { .. } => fatal(format!("{what}: {e}")),
-            })?;
+            let ask = |asks: &[(usize, usize, String)], rows: &[WrapperRow]| {
+                let items: Vec<(Vec<u8>, Vec<u8>)> = asks
+                    .iter()
+                    .map(|(i, slot, aad)| {
+                        let row = &rows[*i];
+                        let sealed = if *slot == 0 { &row.wrap1 } else { &row.wrap2 };
+                        (sealed.clone().unwrap_or_default(), aad.as_bytes().to_vec())
+                    })
+                    .collect();
+                let vault = Arc::clone(vault);
+                let (name, what) = (name.clone(), what.clone());
+                async move {
+                    let refs: Vec<(&[u8], &[u8])> = items
+                        .iter()
+                        .map(|(c, a)| (c.as_slice(), a.as_slice()))
+                        .collect();
+                    vault.decrypt(&name, &refs).await.map_err(|e| match e {
+                        VaultError::Unavailable(_) => JobError::Transient(format!("{what}: {e}")),
+                        VaultError::Refused { .. } => fatal(format!("{what}: {e}")),
+                    })
+                }
+            };
+            let mut answers = ask(&asks, rows).await?;
+            // SPEC §5: associated data with the uuid as stored (upper
+            // case) is accepted too, for the wraps the lowercase one did
+            // not open.
+            let again: Vec<(usize, (usize, usize, String))> = asks
+                .iter()
+                .enumerate()
+                .filter(|(n, (i, _, uuid))| {
+                    matches!(&answers[*n], Err(e) if vault::item_error(e) == vault::ItemError::Integrity)
+                        && rows[*i].uuid != *uuid
+                })
+                .map(|(n, (i, slot, _))| (n, (*i, *slot, rows[*i].uuid.clone())))
+                .collect();
+            if !again.is_empty() {
+                let (at, retry): (Vec<usize>, Vec<_>) = again.into_iter().unzip();
+                for (n, answer) in at.into_iter().zip(ask(&retry, rows).await?) {
+                    if answer.is_ok() {
+                        answers[n] = answer;
+                    }
+                }
+            }
             for ((i, slot, _), answer) in asks.into_iter().zip(answers) {
                 rows[i].remote[slot] = Some(match answer {
                     Ok(dek) => RemoteOpen::Dek(dek),
-                    Err(_) => RemoteOpen::Tag,
+                    Err(e) => match vault::item_error(&e) {
+                        vault::ItemError::Integrity => RemoteOpen::Tag,
+                        vault::ItemError::Policy => {
+                            return Err(fatal(format!(
+                                "{what}: wrapper {} dek_wrap{}: transit refuses it: {e}",
+                                rows[i].id,
+                                slot + 1
+                            )));
+                        }
+                        vault::ItemError::Other => {
+                            return Err(JobError::Transient(format!(
+                                "{what}: wrapper {} dek_wrap{}: {e}",
+                                rows[i].id,
+                                slot + 1
+                            )));
+                        }
+                    },
                 });
             }
         }
