@@ -219,7 +219,8 @@ async fn run_in(
         local.status
     );
     println!(
-        "  {provider_name:<6} provider    {:>9.0} items/s  ({:.2} s, {}; {op})",
+        "  {:<17}  {:>9.0} items/s  ({:.2} s, {}; {op})",
+        format!("{provider_name} provider"),
         remote_run.rate(),
         remote_run.secs,
         remote_run.status,
