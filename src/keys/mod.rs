@@ -11,6 +11,7 @@ pub mod document;
 mod generate;
 mod local;
 pub mod meter;
+pub mod ops;
 pub mod pkcs11;
 pub mod signing;
 mod source;

@@ -90,53 +90,25 @@ pub async fn create_signing_key(
     let seed = sig::generate_seed(alg);
     let signer =
         Signer::from_seed(alg, &seed).map_err(|e| SigningKeyError::Usage(e.to_string()))?;
-    let aad = signing_key_aad(name);
-    let sealed = if kek_row.provider == "aws" {
-        // Sealed by KMS: its key never leaves KMS.
-        let region = super::aws::region_of(&kek_row)
-            .map_err(|e| SigningKeyError::Usage(format!("--kek: {e}")))?;
-        let kms = super::aws::Clients::default().get(region).await;
-        kms.encrypt(
-            &kek_row.key_ref,
-            &seed,
-            (super::aws::SIGNING_KEY_CONTEXT_KEY, name),
-        )
-        .await
-        .map_err(|e| SigningKeyError::Usage(format!("--kek: {e}")))?
-    } else if kek_row.provider == "vault" {
-        // Sealed by Vault transit (the name bound as associated data).
-        let vault = super::vault::Clients::default()
-            .get(kek_row.location.as_deref().unwrap_or_default())
-            .map_err(|e| SigningKeyError::Usage(format!("--kek: {e}")))?;
-        vault
-            .encrypt(&kek_row.key_ref, &seed, &aad)
-            .await
-            .map_err(|e| SigningKeyError::Usage(format!("--kek: {e}")))?
-    } else if kek_row.provider == "pkcs11" {
-        // Sealed in the HSM: its KEK never leaves the token.
-        let settings = pkcs11.ok_or_else(|| {
-            SigningKeyError::Usage(
-                "--kek is held by provider pkcs11: set keys.pkcs11_module and keys.pkcs11_pin_file"
-                    .into(),
-            )
-        })?;
-        let token = kek_row.location.as_deref().ok_or_else(|| {
-            SigningKeyError::Usage(
-                "--kek: its pkcs11 provider row names no token (location)".into(),
-            )
-        })?;
-        super::pkcs11::open(settings)
-            .and_then(|hsm| hsm.aes_gcm_seal(token, &kek_row.key_ref, &seed, &aad))
-            .map_err(|e| SigningKeyError::Usage(format!("--kek: {e}")))?
-    } else {
-        let secret = super::kms_secret(keyring, &kek_row, "AES-256-GCM")
-            .map_err(|e| SigningKeyError::Usage(format!("--kek: {e}")))?;
-        let kek_bytes = zeroize::Zeroizing::new(
-            <[u8; 32]>::try_from(&secret.bytes[..])
-                .map_err(|_| SigningKeyError::Usage("--kek: not a 32-byte key".into()))?,
-        );
-        crate::crypto::aead::seal(&kek_bytes, &seed, &aad)
+    // Sealed by the KEK's provider: a key in an HSM, KMS or Vault never
+    // leaves it.
+    let (aws, vault) = (
+        super::aws::Clients::default(),
+        super::vault::Clients::default(),
+    );
+    let providers = super::ops::Providers {
+        keyring: Some(keyring),
+        pkcs11,
+        aws: &aws,
+        vault: &vault,
     };
+    let kek = super::ops::Key::of(&kek_row, &providers, None)
+        .await
+        .map_err(|e| SigningKeyError::Usage(format!("--kek: {e}")))?;
+    let sealed = kek
+        .seal_signing_key(&seed, name)
+        .await
+        .map_err(|e| SigningKeyError::Usage(format!("--kek: {e}")))?;
     let id = dbs::signing_key_insert(
         c,
         algo_id,

@@ -8,16 +8,15 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use aws_sdk_kms::types::MacAlgorithmSpec;
 use tokio_postgres::GenericClient;
 
 use super::{KeyIdentity, ProfilePin};
 use crate::crypto::onion::{HmacHash, Layer, Onion};
 use crate::db::kms::{self, KmsKey};
 use crate::keys::KeyProvider;
-use crate::keys::aws::{self, KmsError};
-use crate::keys::pkcs11::{self, Hsm, HsmError};
-use crate::keys::vault::{self, VaultError};
+use crate::keys::aws;
+use crate::keys::ops::{Key, OpError, Providers};
+use crate::keys::vault;
 use crate::scope::{JobError, ScopeContext, fatal};
 
 /// A new hash, or why the item fails: (error code, message).
@@ -25,29 +24,14 @@ pub type NewHash = Result<Vec<u8>, (&'static str, String)>;
 
 /// A profile's pepper, ready for a job.
 pub enum Pepper {
-    /// In process: a key of the local keyring.
+    /// In process: a key of the local keyring (the hot path keeps the
+    /// keyed HMAC state).
     Local(Arc<Onion>),
-    /// An HMAC key in AWS KMS.
-    Aws {
+    /// Held by a provider (an HSM, AWS KMS, Vault transit), which computes
+    /// the HMACs.
+    Remote {
         layer: Layer,
-        kms: Arc<aws::Kms>,
-        key_id: String,
-        algorithm: MacAlgorithmSpec,
-        what: String,
-    },
-    /// An HMAC key in Vault / OpenBao transit.
-    Vault {
-        layer: Layer,
-        vault: Arc<vault::Vault>,
-        key: String,
-        what: String,
-    },
-    /// An HMAC key in an HSM.
-    Pkcs11 {
-        layer: Layer,
-        hsm: Arc<Hsm>,
-        token: String,
-        key: String,
+        key: Key,
         what: String,
     },
 }
@@ -56,9 +40,7 @@ impl std::fmt::Debug for Pepper {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Pepper::Local(onion) => onion.fmt(f),
-            Pepper::Aws { what, .. } | Pepper::Pkcs11 { what, .. } | Pepper::Vault { what, .. } => {
-                f.write_str(what)
-            }
+            Pepper::Remote { what, .. } => f.write_str(what),
         }
     }
 }
@@ -115,88 +97,44 @@ impl Pepper {
             None => pin.kms_key = Some(identity),
         }
         match key.provider.as_str() {
-            "local" => local(ctx, &key.key_ref, hash, layer, pin),
+            "local" => return local(ctx, &key.key_ref, hash, layer, pin),
             // An alias can be moved to another key: the pepper would change
             // under the profile without any row changing.
             "aws" if key.key_ref.starts_with("alias/") || key.key_ref.contains(":alias/") => {
-                Err(fatal(format!(
+                return Err(fatal(format!(
                     "{what}: a pepper must name its KMS key by key ARN or key id, not an alias (an alias can be moved to another key)"
-                )))
+                )));
             }
-            "aws" => {
-                let region = aws::region_of(&key).map_err(|e| fatal(format!("{what}: {e}")))?;
-                let algorithm = aws::mac_algorithm(hash).ok_or_else(|| {
-                    fatal(format!(
-                        "{what}: KMS HMAC keys compute HMAC-SHA-256 and HMAC-SHA-512; {hash} is not supported by the aws provider"
-                    ))
-                })?;
-                let kms = aws::Clients::default().get(region).await;
-                Ok(Pepper::Aws {
-                    layer,
-                    kms,
-                    key_id: key.key_ref,
-                    algorithm,
-                    what,
-                })
-            }
-            "pkcs11" => {
-                let settings = ctx.pkcs11.clone().ok_or_else(|| {
-                    fatal(format!(
-                        "{what}: keys.pkcs11_module and keys.pkcs11_pin_file are not set"
-                    ))
-                })?;
-                let token = key.location.clone().ok_or_else(|| {
-                    fatal(format!(
-                        "{what}: its pkcs11 kms_providers row names no token (location)"
-                    ))
-                })?;
-                let key_ref = key.key_ref.clone();
-                let found = {
-                    let (token, what) = (token.clone(), what.clone());
-                    tokio::task::spawn_blocking(move || {
-                        let hsm = pkcs11::open(&settings)?;
-                        let t = hsm.token(&token)?;
-                        hsm.hmac_key(&t, &key_ref, hash)?;
-                        Ok(hsm)
-                    })
-                    .await
-                    .map_err(|e| fatal(format!("{what}: the key lookup panicked: {e}")))?
-                };
-                let hsm = found.map_err(|e| hsm_error(&what, e))?;
-                Ok(Pepper::Pkcs11 {
-                    layer,
-                    hsm,
-                    token,
-                    key: key.key_ref,
-                    what,
-                })
+            "aws" if aws::mac_algorithm(hash).is_none() => {
+                return Err(fatal(format!(
+                    "{what}: KMS HMAC keys compute HMAC-SHA-256 and HMAC-SHA-512; {hash} is not supported by the aws provider"
+                )));
             }
             "vault" => {
-                let location = key.location.as_deref().unwrap_or_default();
                 vault::hmac_key(&key.key_ref).map_err(|e| fatal(format!("{what}: {e}")))?;
-                let vault = vault::Clients::default()
-                    .get(location)
-                    .map_err(|e| fatal(format!("{what}: {e}")))?;
-                Ok(Pepper::Vault {
-                    layer,
-                    vault,
-                    key: key.key_ref,
-                    what,
-                })
             }
-            other => Err(fatal(format!(
-                "{what}: provider {other} is not supported yet (README \"Key providers\")"
-            ))),
+            _ => {}
         }
+        let (aws, vault) = (aws::Clients::default(), vault::Clients::default());
+        let providers = Providers {
+            keyring: None,
+            pkcs11: ctx.pkcs11.as_ref(),
+            aws: &aws,
+            vault: &vault,
+        };
+        let found = Key::of(&key, &providers, Some(hash)).await;
+        Ok(Pepper::Remote {
+            layer,
+            key: found.map_err(|e| op_error(&what, e))?,
+            what,
+        })
     }
 
     /// The profile's layer: its version chain and output length.
     pub fn layer(&self) -> &Layer {
         match self {
             Pepper::Local(onion) => onion.layer(),
-            Pepper::Aws { layer, .. }
-            | Pepper::Pkcs11 { layer, .. }
-            | Pepper::Vault { layer, .. } => layer,
+            Pepper::Remote { layer, .. } => layer,
         }
     }
 
@@ -212,120 +150,26 @@ impl Pepper {
         olds: Vec<(i64, Vec<u8>)>,
         verify: bool,
     ) -> Result<HashMap<i64, NewHash>, JobError> {
-        match self {
-            Pepper::Local(_) => Ok(HashMap::new()),
-            Pepper::Aws {
-                layer,
-                kms,
-                key_id,
-                algorithm,
-                what,
-            } => {
-                let asks = olds.into_iter().map(|(id, old)| {
-                    let kms = Arc::clone(kms);
-                    async move {
-                        if old.len() > aws::MAX_MAC_MESSAGE {
-                            let why = format!(
-                                "the stored hash is {} bytes, more than KMS GenerateMac takes ({})",
-                                old.len(),
-                                aws::MAX_MAC_MESSAGE
-                            );
-                            return Ok((id, Err(("data", why))));
-                        }
-                        let mac = kms.generate_mac(key_id, algorithm.clone(), &old).await?;
-                        if verify
-                            && !kms
-                                .verify_mac(key_id, algorithm.clone(), &old, &mac)
-                                .await?
-                        {
-                            return Ok((id, Err(not_verified())));
-                        }
-                        Ok((id, cut(layer, mac)))
-                    }
-                });
-                use futures_util::StreamExt;
-                let answers: Vec<Result<(i64, NewHash), KmsError>> =
-                    futures_util::stream::iter(asks)
-                        .buffer_unordered(aws::CONCURRENCY)
-                        .collect()
-                        .await;
-                answers
-                    .into_iter()
-                    .map(|a| a.map_err(|e| kms_error(what, e)))
-                    .collect()
-            }
-            Pepper::Vault {
-                layer,
-                vault,
-                key,
-                what,
-            } => {
-                let messages: Vec<&[u8]> = olds.iter().map(|(_, m)| m.as_slice()).collect();
-                let macs = vault
-                    .hmac(key, layer.hash(), &messages, verify)
-                    .await
-                    .map_err(|e| vault_error(what, e))?;
-                let mut out = HashMap::with_capacity(olds.len());
-                for ((id, _), mac) in olds.iter().zip(macs) {
-                    let new = match mac {
-                        Ok(Some(m)) => cut(layer, m),
-                        Ok(None) => Err(not_verified()),
-                        // The key's policy refuses the version: set up
-                        // wrong; anything else is the server's trouble.
-                        Err(why) if vault::item_error(&why) == vault::ItemError::Policy => {
-                            return Err(fatal(format!("{what}: transit refuses it: {why}")));
-                        }
-                        Err(why) => {
-                            return Err(JobError::Transient(format!("{what}: transit: {why}")));
-                        }
-                    };
-                    out.insert(*id, new);
-                }
-                Ok(out)
-            }
-            Pepper::Pkcs11 {
-                layer,
-                hsm,
-                token,
-                key,
-                what,
-            } => {
-                let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-                let per = olds.len().div_ceil(cores).max(64);
-                let mut tasks = Vec::new();
-                let mut olds = olds.into_iter().peekable();
-                while olds.peek().is_some() {
-                    let part: Vec<(i64, Vec<u8>)> = olds.by_ref().take(per).collect();
-                    let (hsm, token, key) = (Arc::clone(hsm), token.clone(), key.clone());
-                    let hash = layer.hash();
-                    tasks.push(tokio::task::spawn_blocking(move || {
-                        let messages: Vec<&[u8]> = part.iter().map(|(_, m)| m.as_slice()).collect();
-                        let macs = hsm.hmac(&token, &key, hash, &messages, verify)?;
-                        Ok::<_, HsmError>(
-                            part.into_iter()
-                                .map(|(id, _)| id)
-                                .zip(macs)
-                                .collect::<Vec<_>>(),
-                        )
-                    }));
-                }
-                let mut out = HashMap::new();
-                for t in tasks {
-                    let part = t
-                        .await
-                        .map_err(|e| fatal(format!("{what}: the HMAC panicked: {e}")))?
-                        .map_err(|e| hsm_error(what, e))?;
-                    for (id, mac) in part {
-                        let new = match mac {
-                            Some(m) => cut(layer, m),
-                            None => Err(not_verified()),
-                        };
-                        out.insert(id, new);
-                    }
-                }
-                Ok(out)
-            }
-        }
+        let Pepper::Remote { layer, key, what } = self else {
+            return Ok(HashMap::new());
+        };
+        let messages: Vec<&[u8]> = olds.iter().map(|(_, m)| m.as_slice()).collect();
+        let macs = key
+            .hmac(layer.hash(), &messages, verify)
+            .await
+            .map_err(|e| op_error(what, e))?;
+        Ok(olds
+            .iter()
+            .zip(macs)
+            .map(|((id, _), mac)| {
+                let new = match mac {
+                    Ok(Some(m)) => cut(layer, m),
+                    Ok(None) => Err(not_verified()),
+                    Err(why) => Err(("data", format!("the key provider: {why}"))),
+                };
+                (*id, new)
+            })
+            .collect())
     }
 }
 
@@ -410,24 +254,9 @@ fn check_row(key: &KmsKey, hash: HmacHash, what: &str, new_hashes: bool) -> Resu
     }
 }
 
-fn kms_error(what: &str, e: KmsError) -> JobError {
+fn op_error(what: &str, e: OpError) -> JobError {
     match e {
-        KmsError::Unavailable(_) => JobError::Transient(format!("{what}: {e}")),
-        // A MAC has no ciphertext to fail: any other answer is a refusal.
-        KmsError::Refused { .. } | KmsError::Integrity { .. } => fatal(format!("{what}: {e}")),
-    }
-}
-
-fn vault_error(what: &str, e: VaultError) -> JobError {
-    match e {
-        VaultError::Unavailable(_) => JobError::Transient(format!("{what}: {e}")),
-        VaultError::Refused { .. } => fatal(format!("{what}: {e}")),
-    }
-}
-
-fn hsm_error(what: &str, e: HsmError) -> JobError {
-    match e {
-        HsmError::Unavailable(_) => JobError::Transient(format!("{what}: {e}")),
-        HsmError::Config(_) | HsmError::Authentication(_) => fatal(format!("{what}: {e}")),
+        OpError::Unavailable(_) => JobError::Transient(format!("{what}: {e}")),
+        OpError::Refused(_) | OpError::Integrity(_) => fatal(format!("{what}: {e}")),
     }
 }

@@ -7,7 +7,7 @@ use tokio_postgres::GenericClient;
 use crate::crypto::sig::{SigAlg, Signer};
 use crate::db::signatures::SigningKeyRow;
 use crate::keys::LocalKeyring;
-use crate::keys::signing::signing_key_aad;
+use crate::keys::ops::{Key, OpError, Providers};
 use crate::scope::JobError;
 
 /// The [`SigAlg`] of a `crypto_algorithms` row, if pqmig implements it.
@@ -88,86 +88,30 @@ pub async fn load_signing_key(
                 k.name
             )
         })?;
-    let aad = signing_key_aad(&k.name);
-    let seed = if kek_row.provider == "aws" {
-        // KMS opens the sealed seed; its key never leaves KMS.
-        use crate::keys::aws::{self, KmsError};
-        let region =
-            aws::region_of(&kek_row).map_err(|e| format!("signing key {:?}: {e}", k.name))?;
-        let kms = aws::Clients::default().get(region).await;
-        kms.decrypt(&kek_row.key_ref, sealed, (aws::SIGNING_KEY_CONTEXT_KEY, &k.name))
-            .await
-            .map_err(|e| match e {
-                KmsError::Integrity { .. } => UnsealError::Fatal(format!(
-                    "signing key {:?}: private_key_enc does not open with its KEK (wrong key, another key's name, or tampered)",
-                    k.name
-                )),
-                KmsError::Unavailable(_) => UnsealError::ForNow(format!("signing key {:?}: {e}", k.name)),
-                KmsError::Refused { .. } => UnsealError::Fatal(format!("signing key {:?}: {e}", k.name)),
-            })?
-    } else if kek_row.provider == "vault" {
-        // Vault transit opens the sealed seed, the name as associated data.
-        use crate::keys::vault::{self, VaultError};
-        let fail = |e: VaultError| match e {
-            VaultError::Unavailable(_) => {
-                UnsealError::ForNow(format!("signing key {:?}: {e}", k.name))
-            }
-            VaultError::Refused { .. } => {
-                UnsealError::Fatal(format!("signing key {:?}: {e}", k.name))
-            }
-        };
-        let vault = vault::Clients::default()
-            .get(kek_row.location.as_deref().unwrap_or_default())
-            .map_err(fail)?;
-        match vault
-            .decrypt(&kek_row.key_ref, &[(sealed, &aad)])
-            .await
-            .map_err(fail)?
-            .pop()
-        {
-            Some(Ok(seed)) => seed,
-            _ => {
-                return Err(UnsealError::Fatal(format!(
-                    "signing key {:?}: private_key_enc does not open with its KEK (wrong key, another key's name, or tampered)",
-                    k.name
-                )));
-            }
-        }
-    } else if kek_row.provider == "pkcs11" {
-        // The KEK stays in the HSM, which opens the sealed seed.
-        let settings = pkcs11.ok_or_else(|| {
-            format!(
-                "signing key {:?}: its KEK is held by provider pkcs11: set keys.pkcs11_module and keys.pkcs11_pin_file",
-                k.name
-            )
-        })?;
-        let token = kek_row.location.as_deref().ok_or_else(|| {
-            format!(
-                "signing key {:?}: its KEK's pkcs11 provider names no token",
-                k.name
-            )
-        })?;
-        crate::keys::pkcs11::open(settings)
-            .and_then(|hsm| hsm.aes_gcm_open(token, &kek_row.key_ref, sealed, &aad))
-            .map_err(|e| match e {
-                crate::keys::pkcs11::HsmError::Authentication(_) => UnsealError::Fatal(format!(
-                    "signing key {:?}: private_key_enc does not open with its KEK (wrong key or tampered)",
-                    k.name
-                )),
-                crate::keys::pkcs11::HsmError::Unavailable(why) => {
-                    UnsealError::ForNow(format!("signing key {:?}: {why}", k.name))
-                }
-                other => UnsealError::Fatal(format!("signing key {:?}: {other}", k.name)),
-            })?
-    } else {
-        let kek = crate::keys::kms_secret(keyring, &kek_row, "AES-256-GCM")
-            .map_err(|e| format!("signing key {:?}: {e}", k.name))?;
-        let kek = zeroize::Zeroizing::new(
-            <[u8; 32]>::try_from(&kek.bytes[..]).map_err(|_| "KEK size".to_owned())?,
-        );
-        crate::crypto::aead::open(&kek, sealed, &aad)
-            .map_err(|_| format!("signing key {:?}: private_key_enc does not open with its KEK (wrong key or tampered)", k.name))?
+    // The KEK's provider opens the sealed seed; a key in an HSM, KMS or
+    // Vault never leaves it.
+    let (aws, vault) = (
+        crate::keys::aws::Clients::default(),
+        crate::keys::vault::Clients::default(),
+    );
+    let providers = Providers {
+        keyring: Some(keyring),
+        pkcs11,
+        aws: &aws,
+        vault: &vault,
     };
+    let name = &k.name;
+    let opened = match Key::of(&kek_row, &providers, None).await {
+        Ok(kek) => kek.unseal_signing_key(sealed, name).await,
+        Err(e) => Err(e),
+    };
+    let seed = opened.map_err(|e| match e {
+        OpError::Integrity(_) => UnsealError::Fatal(format!(
+            "signing key {name:?}: private_key_enc does not open with its KEK (wrong key, another key's name, or tampered)"
+        )),
+        OpError::Refused(why) => UnsealError::Fatal(format!("signing key {name:?}: {why}")),
+        OpError::Unavailable(why) => UnsealError::ForNow(format!("signing key {name:?}: {why}")),
+    })?;
     let signer =
         Signer::from_seed(alg, &seed).map_err(|e| format!("signing key {:?}: {e}", k.name))?;
     if signer.public_key() != k.public_key.as_slice() {
