@@ -73,15 +73,6 @@ fn cli(fx: &Fixture, kms: &KmsServer, args: &[&str]) -> std::process::Output {
     crate::support::run(args, &env)
 }
 
-/// One sample of the daemon's /metrics.
-async fn sample(port: u16, series: &str) -> f64 {
-    let addr = format!("127.0.0.1:{port}").parse().unwrap();
-    let (_, text) = crate::observe::http_get(addr, "/metrics").await;
-    text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or_else(|| panic!("no {series} in /metrics:\n{text}"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn legacy_kms_wraps_are_decrypted_by_kms_and_rewrapped_through_throttling_and_5xx() {
     let w = WrapFx::new(2, pqmig::crypto::kem::Kem::MlKem768, 1).await;
@@ -102,22 +93,20 @@ async fn legacy_kms_wraps_are_decrypted_by_kms_and_rewrapped_through_throttling_
         )
         .await;
     let j = w.fx.wait_job(job, 90, terminal).await;
-    let unavailable = sample(
-        port,
+    let unavailable = crate::observe::scrape(port,
         "pqmig_key_provider_requests_total{operation=\"decrypt\",outcome=\"unavailable\",provider=\"aws\"} ",
     )
     .await;
-    let ok = sample(
+    let ok = crate::observe::scrape(
         port,
         "pqmig_key_provider_requests_total{operation=\"decrypt\",outcome=\"ok\",provider=\"aws\"} ",
     )
     .await;
-    let integrity = sample(
-        port,
+    let integrity = crate::observe::scrape(port,
         "pqmig_key_provider_requests_total{operation=\"decrypt\",outcome=\"integrity\",provider=\"aws\"} ",
     )
     .await;
-    let timed = sample(
+    let timed = crate::observe::scrape(
         port,
         "pqmig_key_provider_request_seconds_count{operation=\"decrypt\",provider=\"aws\"} ",
     )
@@ -299,8 +288,7 @@ async fn kms_refusing_fails_the_job_naming_the_code_and_writes_nothing() {
         "{error}"
     );
     assert_eq!(w.snapshot().await, before, "nothing written");
-    let refused = sample(
-        port,
+    let refused = crate::observe::scrape(port,
         "pqmig_key_provider_requests_total{operation=\"decrypt\",outcome=\"refused\",provider=\"aws\"} ",
     )
     .await;
@@ -417,11 +405,12 @@ async fn a_kms_hmac_pepper_rehashes_through_generate_mac_checked_by_verify_mac()
             "pqmig_key_provider_requests_total{{operation=\"{op}\",outcome=\"{outcome}\",provider=\"aws\"}} "
         )
     };
-    let mac_ok = sample(port, &metric("mac", "ok")).await;
-    let mac_unavailable = sample(port, &metric("mac", "unavailable")).await;
-    let mac_refused = sample(port, &metric("mac", "refused")).await;
-    let verified = sample(port, &metric("verify_mac", "ok")).await;
-    let verify_unavailable = sample(port, &metric("verify_mac", "unavailable")).await;
+    let mac_ok = crate::observe::scrape(port, &metric("mac", "ok")).await;
+    let mac_unavailable = crate::observe::scrape(port, &metric("mac", "unavailable")).await;
+    let mac_refused = crate::observe::scrape(port, &metric("mac", "refused")).await;
+    let verified = crate::observe::scrape(port, &metric("verify_mac", "ok")).await;
+    let verify_unavailable =
+        crate::observe::scrape(port, &metric("verify_mac", "unavailable")).await;
     terminate(&mut d);
     assert_eq!(j.status, "done", "{:?}\n{}", j.error, fx.log("d"));
     assert_eq!((j.processed, j.failed), (N, 0));

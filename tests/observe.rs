@@ -42,6 +42,13 @@ fn sample(text: &str, series: &str) -> Option<f64> {
     })
 }
 
+/// One sample of the /metrics a daemon serves on a loopback `port`.
+pub async fn scrape(port: u16, series: &str) -> f64 {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let (_, text) = http_get(addr, "/metrics").await;
+    sample(&text, series).unwrap_or_else(|| panic!("no {series} in /metrics:\n{text}"))
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .expect("bind")

@@ -49,15 +49,6 @@ fn cli(fx: &Fixture, args: &[&str]) -> std::process::Output {
     )
 }
 
-/// One sample of the daemon's /metrics.
-async fn sample(port: u16, series: &str) -> f64 {
-    let addr = format!("127.0.0.1:{port}").parse().unwrap();
-    let (_, text) = crate::observe::http_get(addr, "/metrics").await;
-    text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or_else(|| panic!("no {series} in /metrics:\n{text}"))
-}
-
 fn requests(operation: &str, outcome: &str) -> String {
     format!(
         "pqmig_key_provider_requests_total{{operation=\"{operation}\",outcome=\"{outcome}\",provider=\"vault\"}} "
@@ -112,8 +103,8 @@ async fn legacy_vault_transit_wraps_are_decrypted_by_transit_through_a_sealed_va
     .await;
     bao.unseal();
     let j = w.fx.wait_job(job, 90, terminal).await;
-    let unavailable = sample(port, &requests("decrypt", "unavailable")).await;
-    let ok = sample(port, &requests("decrypt", "ok")).await;
+    let unavailable = crate::observe::scrape(port, &requests("decrypt", "unavailable")).await;
+    let ok = crate::observe::scrape(port, &requests("decrypt", "ok")).await;
     terminate(&mut d);
     let log = w.fx.log("d");
     assert_eq!(j.status, "failed", "{:?}\n{log}", j.error);
@@ -278,7 +269,7 @@ async fn a_transit_hmac_pepper_rehashes_and_a_token_without_the_right_fails_the_
     let mut d = daemon(&fx, &weak, port, "weak");
     let job = fx.enqueue_raw(Some(algo), selection.clone()).await;
     let j = fx.wait_job(job, 60, terminal).await;
-    let refused = sample(port, &requests("mac", "refused")).await;
+    let refused = crate::observe::scrape(port, &requests("mac", "refused")).await;
     terminate(&mut d);
     assert_eq!(j.status, "failed", "{:?}", j.error);
     let error = j.error.unwrap_or_default();
@@ -301,8 +292,8 @@ async fn a_transit_hmac_pepper_rehashes_and_a_token_without_the_right_fails_the_
     let mut d = daemon(&fx, ROOT, port, "d");
     let job = fx.enqueue_raw(Some(algo), selection).await;
     let j = fx.wait_job(job, 60, terminal).await;
-    let macs = sample(port, &requests("mac", "ok")).await;
-    let verified = sample(port, &requests("verify_mac", "ok")).await;
+    let macs = crate::observe::scrape(port, &requests("mac", "ok")).await;
+    let verified = crate::observe::scrape(port, &requests("verify_mac", "ok")).await;
     terminate(&mut d);
     assert_eq!(j.status, "done", "{:?}\n{}", j.error, fx.log("d"));
     assert_eq!((j.processed, j.failed), (N, 0));
