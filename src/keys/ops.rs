@@ -16,7 +16,7 @@ use zeroize::Zeroizing;
 
 use super::aws::{self, Kms, KmsError};
 use super::pkcs11::{self, Hsm, HsmError, Pkcs11Settings};
-use super::vault::{self, Vault, VaultError};
+use super::vault::{self, ItemResult, Vault, VaultError};
 use super::{KeyProvider, signing::signing_key_aad};
 use crate::crypto::onion::{HmacHash, Onion};
 use crate::db::kms::KmsKey;
@@ -66,9 +66,6 @@ impl From<VaultError> for OpError {
         }
     }
 }
-
-/// One item's answer in a batch: the value, or the provider's reason.
-pub type ItemResult<T> = Result<T, String>;
 
 /// A `kms_keys` row's key, ready for operations.
 pub enum Key {

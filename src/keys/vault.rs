@@ -253,7 +253,8 @@ pub fn hmac_key(key_ref: &str) -> Result<(&str, u32), String> {
     }
 }
 
-/// One item's answer in a batch: the value, or transit's error for it.
+/// One item's answer in a batch: the value, or the provider's reason
+/// (transit's, KMS's, the token's) for it.
 pub type ItemResult<T> = Result<T, String>;
 
 impl Vault {

@@ -64,27 +64,39 @@ impl HashesAftercare {
             let (backups, next) = self.stmts.hashes_backups(c, job_id, here, 1000).await?;
             at = next;
             let ids: Vec<i64> = backups.iter().map(|b| b.item_id).collect();
-            let now = self.stmts.hashes_current(c, &ids).await?;
-            let ours = |b: &crate::db::hashes::HashBackup| {
-                now.iter().find(|r| {
-                    r.id == b.item_id
-                        && r.version.as_deref() == Some(&layer.new_version(&b.old_version))
+            let now: std::collections::HashMap<i64, _> = self
+                .stmts
+                .hashes_current(c, &ids)
+                .await?
+                .into_iter()
+                .map(|r| (r.id, r))
+                .collect();
+            // Each backup's row, where it still carries the version the
+            // job gave it.
+            let ours: Vec<_> = backups
+                .iter()
+                .map(|b| {
+                    let version = layer.new_version(&b.old_version);
+                    now.get(&b.item_id)
+                        .filter(|r| r.version.as_deref() == Some(version.as_str()))
                 })
-            };
-            // A pepper in a KMS or HSM: the onions of the page's rows
-            // still as the job left them, asked for at once.
-            let mut remote = pepper
-                .remote(
-                    backups
+                .collect();
+            // A pepper in a KMS, HSM or Vault: the onions of those rows,
+            // asked for at once.
+            let mut remote = match &**pepper {
+                Pepper::Local(_) => std::collections::HashMap::new(),
+                Pepper::Remote { .. } => {
+                    let olds = backups
                         .iter()
-                        .filter(|b| ours(b).is_some())
-                        .map(|b| (b.item_id, b.old_hash.clone()))
-                        .collect(),
-                    false,
-                )
-                .await?;
-            for b in &backups {
-                let Some(row) = ours(b) else {
+                        .zip(&ours)
+                        .filter(|(_, row)| row.is_some())
+                        .map(|(b, _)| (b.item_id, b.old_hash.clone()))
+                        .collect();
+                    pepper.remote(olds, false).await?
+                }
+            };
+            for (b, row) in backups.iter().zip(ours) {
+                let Some(row) = row else {
                     report.changed += 1;
                     continue;
                 };
