@@ -53,7 +53,7 @@ fn daemon(fx: &Fixture, kms: &KmsServer, port: u16) -> Child {
     let config = fx.dir.path().join("pqmig.toml");
     std::fs::write(
         &config,
-        "[worker]\nretry_backoff = \"100ms\"\nretry_backoff_max = \"1s\"\n",
+        "[worker]\nretry_backoff = \"100ms\"\nretry_backoff_max = \"1s\"\nmax_attempts = 50\n",
     )
     .expect("config");
     let mut env: Vec<(&str, String)> = kms.env();
@@ -349,7 +349,9 @@ async fn kms_refusing_fails_the_job_naming_the_code_and_writes_nothing() {
 /// A pepper held as a KMS HMAC key: the hashes scope has KMS compute each
 /// new hash (`GenerateMac`) and check it (`VerifyMac`) before writing, and
 /// the values are those boto3 gets from KMS for the same key. A refusal
-/// fails the job with nothing written; throttling and 5xx are waited out.
+/// fails the job with nothing written; a MAC KMS does not verify fails
+/// its item (`verify`) and keeps the old hash until `--retry-failed`;
+/// throttling and 5xx are waited out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kms_hmac_pepper_rehashes_through_generate_mac_checked_by_verify_mac() {
     const N: i64 = 23;
@@ -392,13 +394,36 @@ async fn a_kms_hmac_pepper_rehashes_through_generate_mac_checked_by_verify_mac()
         "a refused job wrote nothing"
     );
 
-    // More throttling and 5xx than the client's three attempts of each of
-    // a batch's five requests absorb: the batch is retried and goes through.
-    kms.fault("GenerateMac", 400, "ThrottlingException", 16)
-        .await;
-    kms.fault("VerifyMac", 503, "KMSInternalException", 16)
+    // KMS does not verify two MACs it just computed: those two items fail
+    // `verify` and keep their old hash; the others are written.
+    kms.fault("VerifyMac", 400, "KMSInvalidMacException", 2)
         .await;
     let job = fx.enqueue_raw(Some(algo), selection).await;
+    let j = fx.wait_job(job, 90, terminal).await;
+    assert_eq!(j.status, "failed", "{:?}", j.error);
+    assert_eq!((j.processed, j.failed), (N - 2, 2), "{:?}", j.error);
+    let errors = fx.item_errors(job).await;
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    for (id, code, message) in &errors {
+        assert_eq!(code, "verify", "{message}");
+        assert!(message.contains("did not verify"), "{message}");
+        let (_, hash, version) = fx.users().await[(*id - 1) as usize].clone();
+        assert_eq!(
+            (hash, version.as_str()),
+            (legacy_hash(*id), "v1"),
+            "row {id} kept"
+        );
+    }
+    assert_eq!(kms.faults_left().await, 0);
+
+    // Retried, through more throttling and 5xx than the client's three
+    // attempts of each of the two items' requests absorb: the batch is
+    // retried after pqmig's backoff and goes through.
+    kms.fault("GenerateMac", 400, "ThrottlingException", 7)
+        .await;
+    kms.fault("VerifyMac", 503, "KMSInternalException", 7).await;
+    let out = cli(&fx, &kms, &["resume", &job.to_string(), "--retry-failed"]);
+    assert!(out.status.success(), "{}", stderr(&out));
     let j = fx.wait_job(job, 90, terminal).await;
     let metric = |op: &str, outcome: &str| {
         format!(
@@ -415,9 +440,13 @@ async fn a_kms_hmac_pepper_rehashes_through_generate_mac_checked_by_verify_mac()
     assert_eq!(j.status, "done", "{:?}\n{}", j.error, fx.log("d"));
     assert_eq!((j.processed, j.failed), (N, 0));
     assert_eq!(kms.faults_left().await, 0, "every injected fault was met");
+    // The batch that met them was retried, its error logged (which of the
+    // two codes depends on which request gave up first).
+    let log = fx.log("d");
     assert!(
-        fx.log("d").contains("ThrottlingException"),
-        "the retried batch's error is logged"
+        log.lines().any(|l| l.contains("batch failed; retrying")
+            && (l.contains("ThrottlingException") || l.contains("KMSInternalException"))),
+        "the retried batch's error is logged:\n{log}"
     );
     assert!(
         mac_ok >= N as f64 && verified >= N as f64,
