@@ -2,7 +2,8 @@
 //! `legacy-aes-gcm` wraps whose KEK was made in the token, and never left
 //! it, are opened there and re-wrapped; a signing key sealed under such a
 //! KEK is unsealed there; a tampered wrap is an integrity failure, a key
-//! the token does not have a data failure naming it.
+//! the token does not have a data failure naming it, a token this process
+//! does not have fails the job before any item that needs it.
 
 use serde_json::json;
 
@@ -32,10 +33,19 @@ async fn legacy_wraps_under_an_hsm_kek_are_opened_in_the_token_and_rewrapped() {
         "the KEK cannot be read out of the token"
     );
     let kek_id = register(&c, &token.label, "kek-hsm").await;
-    let missing_id = register(&c, &format!("{}x", token.label), "kek-nowhere").await;
+    let missing_id: i64 = c
+        .query_one(
+            "INSERT INTO kms_keys (provider_id, external_key_ref, purpose, algorithm) \
+             SELECT provider_id, 'kek-nowhere', 'wrap', 'AES-256-GCM' FROM kms_keys WHERE id = $1 \
+             RETURNING id",
+            &[&kek_id],
+        )
+        .await
+        .unwrap()
+        .get(0);
 
     // Wrappers sealed in the token (legacy-aes-gcm: aad = uuid); one
-    // tampered, one under a key no token has.
+    // tampered, one under a key the token does not have.
     let mut deks = Vec::new();
     for i in 0..7 {
         let uuid = uuid::Uuid::new_v4().to_string();
@@ -92,7 +102,8 @@ async fn legacy_wraps_under_an_hsm_kek_are_opened_in_the_token_and_rewrapped() {
         "{errors:?}"
     );
     assert!(
-        errors[1].2.contains("no token labelled") && errors[1].2.contains("x\""),
+        errors[1].2.contains("no secret key with that label")
+            && errors[1].2.contains("kek-nowhere"),
         "{errors:?}"
     );
     // pyca opens the new wraps to the DEKs sealed in the token.
@@ -107,6 +118,48 @@ async fn legacy_wraps_under_an_hsm_kek_are_opened_in_the_token_and_rewrapped() {
     )
     .await
     .unwrap();
+
+    // A wrapper under a token this process does not have: a job whose
+    // selection names its key fails before any item; one that meets it
+    // in a batch fails there, naming the wrapper; nothing is written.
+    let elsewhere = register(&c, &format!("{}x", token.label), "kek-elsewhere").await;
+    let stray: i64 = c
+        .query_one(
+            "INSERT INTO key_wrappers (wrapper_uuid, kms1_key_id, dek_wrap1) VALUES ($1, $2, $3) RETURNING id",
+            &[&uuid::Uuid::new_v4().to_string(), &elsewhere, &vec![7u8; 60]],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let daemon = InProcess::start(&w.fx, &env).await;
+    let named = w
+        .enqueue(w.seed.policy_id, json!({"kms_key_ids": [elsewhere]}))
+        .await;
+    let j = w.fx.wait_job(named, 60, terminal).await;
+    assert_eq!((j.status.as_str(), j.processed, j.failed), ("failed", 0, 0));
+    let error = j.error.unwrap_or_default();
+    for want in [
+        "provider pkcs11",
+        "no token labelled",
+        "kek-elsewhere",
+        "kms_key_ids",
+    ] {
+        assert!(error.contains(want), "{want:?} not in {error}");
+    }
+    let met = w.enqueue(w.seed.policy_id, json!({})).await;
+    let j = w.fx.wait_job(met, 60, terminal).await;
+    daemon.stop().await;
+    assert_eq!((j.status.as_str(), j.processed, j.failed), ("failed", 0, 0));
+    let error = j.error.unwrap_or_default();
+    assert!(
+        error.contains("no token labelled") && error.contains(&format!("wrapper {stray} needs it")),
+        "{error}"
+    );
+    assert!(w.fx.item_errors(met).await.is_empty());
+    c.execute("DELETE FROM key_wrappers WHERE id = $1", &[&stray])
+        .await
+        .unwrap();
+
     let daemon = InProcess::start(&w.fx, &env).await;
     let job = w.enqueue(w.seed.policy_id, json!({})).await;
     let j = w.fx.wait_job(job, 60, terminal).await;
@@ -152,8 +205,8 @@ async fn legacy_wraps_under_an_hsm_kek_are_opened_in_the_token_and_rewrapped() {
         stdout(&out)
     );
 
-    // The operator's view: the HSM key is used in its token; the key of a
-    // token that does not exist is named.
+    // The operator's view: the HSM key is used in its token; a key the
+    // token lacks, and the key of a token that does not exist, are named.
     let out = cli_env(&["keys", "list"]);
     let listed = stdout(&out);
     let line = |id: i64| {
@@ -168,7 +221,12 @@ async fn legacy_wraps_under_an_hsm_kek_are_opened_in_the_token_and_rewrapped() {
         "{listed}"
     );
     assert!(
-        line(missing_id).contains("not usable: no token labelled"),
+        line(missing_id).contains("not usable: token")
+            && line(missing_id).contains("no secret key with that label"),
+        "{listed}"
+    );
+    assert!(
+        line(elsewhere).contains("not usable: no token labelled"),
         "{listed}"
     );
     let out = cli_env(&["keys", "check"]);
@@ -181,9 +239,8 @@ async fn legacy_wraps_under_an_hsm_kek_are_opened_in_the_token_and_rewrapped() {
         stdout(&out)
     );
     assert!(
-        stderr(&out).contains(&format!(
-            "kms_keys {missing_id} \"kek-nowhere\": no token labelled"
-        )),
+        stderr(&out).contains(&format!("kms_keys {missing_id} \"kek-nowhere\": token"))
+            && stderr(&out).contains("no secret key with that label"),
         "{}",
         stderr(&out)
     );
@@ -409,4 +466,109 @@ async fn an_hsm_hmac_pepper_rehashes_in_the_token() {
         stdout(&out)
     );
     assert!(stderr(&out).contains("extractable"), "{}", stderr(&out));
+}
+
+/// An X25519 key pair made in the token: `legacy-x25519` wraps sealed to
+/// its public key are opened by the token's agreement (`CKM_ECDH1_DERIVE`;
+/// the private key never leaves it) and re-wrapped; a wrap whose ephemeral
+/// key was changed is an `integrity` failure; the operator's view and
+/// `keys check` use the key in its token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legacy_x25519_wraps_are_opened_by_an_agreement_in_the_token() {
+    use pqmig::crypto::wrap;
+    let w = WrapFx::new(2, pqmig::crypto::kem::Kem::MlKem768, 1).await;
+    let c = w.fx.db.client().await;
+    let token = Token::new(&format!(
+        "x{}",
+        &w.fx.db.name[w.fx.db.name.len().saturating_sub(20)..]
+    ));
+    let (public, private) = token.x25519_key("ecies-hsm");
+    assert_eq!(
+        token.readable_value(private),
+        None,
+        "the private key cannot be read out of the token"
+    );
+    let key = register_key(
+        &c,
+        &format!("hsm-{}", token.label),
+        "pkcs11",
+        &token.label,
+        "ecies-hsm",
+        "X25519",
+    )
+    .await;
+
+    // Six wraps to the token's public key (one with the uuid in upper
+    // case, as its writer stored it; one whose ephemeral key was changed).
+    let mut deks = Vec::new();
+    for i in 0..6 {
+        let uuid = uuid::Uuid::new_v4().to_string();
+        let stored = if i == 4 { uuid.to_uppercase() } else { uuid };
+        let dek: [u8; 32] = rand::random();
+        let mut sealed = wrap::seal_legacy_x25519(&public, &stored, &dek);
+        if i == 5 {
+            sealed[7] ^= 1;
+        }
+        let id: i64 = c
+            .query_one(
+                "INSERT INTO key_wrappers (wrapper_uuid, kms1_key_id, dek_wrap1, crypto_suite) \
+                 VALUES ($1, $2, $3, '{\"format\": \"legacy-x25519\"}') RETURNING id",
+                &[&stored, &key, &sealed],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        deks.push((id, dek));
+    }
+
+    token.logout();
+    let pin = token.pin_file.display().to_string();
+    let env = [
+        ("PQMIG_PKCS11_MODULE", MODULE),
+        ("PQMIG_PKCS11_PIN_FILE", pin.as_str()),
+    ];
+    let daemon = InProcess::start(&w.fx, &env).await;
+    let job = w.enqueue(w.seed.policy_id, json!({"batch_size": 4})).await;
+    let j = w.fx.wait_job(job, 60, terminal).await;
+    daemon.stop().await;
+    let errors = w.fx.item_errors(job).await;
+    assert_eq!(j.status, "failed", "{:?}", j.error);
+    assert_eq!((j.processed, j.failed), (7, 1), "2 seeded + 5; {errors:?}");
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(
+        (errors[0].0, errors[0].1.as_str()),
+        (deks[5].0, "integrity"),
+        "{errors:?}"
+    );
+    w.assert_pyca_opens(&deks[..5]).await;
+
+    let conf = crate::support::softhsm::conf();
+    let keyring = w.fx.keyring.display().to_string();
+    let cli = |args: &[&str]| {
+        crate::support::run(
+            args,
+            &[
+                ("DATABASE_URL", w.fx.db.url.as_str()),
+                ("PQMIG_KEYRING", keyring.as_str()),
+                ("PQMIG_PKCS11_MODULE", MODULE),
+                ("PQMIG_PKCS11_PIN_FILE", pin.as_str()),
+                ("SOFTHSM2_CONF", conf.as_str()),
+            ],
+        )
+    };
+    let out = cli(&["keys", "list"]);
+    assert!(
+        stdout(&out).contains("usable: open legacy-x25519 (in its token)"),
+        "{}",
+        stdout(&out)
+    );
+    let out = cli(&["keys", "check"]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert!(
+        stdout(&out).contains(&format!(
+            "kms_keys {key} \"ecies-hsm\": sealed to its public key and opened in token"
+        )),
+        "{}",
+        stdout(&out)
+    );
 }

@@ -304,14 +304,32 @@ pub fn open_legacy_x25519(
     uuid: &str,
     wrap: &[u8],
 ) -> Result<Zeroizing<Vec<u8>>, WrapError> {
-    if wrap.len() < 32 + NONCE_LEN + aead::TAG_LEN {
-        return Err(WrapError::Auth);
-    }
-    let eph_pub: [u8; 32] = wrap[..32].try_into().expect("32 bytes");
+    let eph_pub = legacy_x25519_eph(wrap).ok_or(WrapError::Auth)?;
     let sk = x25519_dalek::StaticSecret::from(*secret);
     let recipient_pub = x25519_dalek::PublicKey::from(&sk);
-    let dh = sk.diffie_hellman(&x25519_dalek::PublicKey::from(eph_pub));
-    let k = legacy_x25519_key(&eph_pub, recipient_pub.as_bytes(), dh.as_bytes());
+    let dh = sk.diffie_hellman(&x25519_dalek::PublicKey::from(*eph_pub));
+    open_legacy_x25519_agreed(dh.as_bytes(), recipient_pub.as_bytes(), uuid, wrap)
+}
+
+/// The ephemeral public key of a `legacy-x25519` wrap (`None`: too short
+/// to be one).
+pub fn legacy_x25519_eph(wrap: &[u8]) -> Option<&[u8; 32]> {
+    if wrap.len() < 32 + NONCE_LEN + aead::TAG_LEN {
+        return None;
+    }
+    wrap[..32].try_into().ok()
+}
+
+/// Open a `legacy-x25519` wrap with the X25519 shared secret of its
+/// ephemeral key and the recipient's key, computed elsewhere (an HSM).
+pub fn open_legacy_x25519_agreed(
+    shared: &[u8; 32],
+    recipient_pub: &[u8; 32],
+    uuid: &str,
+    wrap: &[u8],
+) -> Result<Zeroizing<Vec<u8>>, WrapError> {
+    let eph_pub = legacy_x25519_eph(wrap).ok_or(WrapError::Auth)?;
+    let k = legacy_x25519_key(eph_pub, recipient_pub, shared);
     Ok(aead::open(&k, &wrap[32..], uuid.as_bytes())?)
 }
 

@@ -38,9 +38,10 @@ fn hsm_of(
     let settings = pkcs11.ok_or("keys.pkcs11_module and keys.pkcs11_pin_file are not set")?;
     let algorithm = key.algorithm.as_deref().unwrap_or("AES-256-GCM");
     let hmac = hmac_of(key)?;
-    if hmac.is_none() && !algorithm.eq_ignore_ascii_case("AES-256-GCM") {
+    let x25519 = is_x25519(key);
+    if hmac.is_none() && !x25519 && !algorithm.eq_ignore_ascii_case("AES-256-GCM") {
         return Err(format!(
-            "the pkcs11 provider uses AES-256-GCM and HMAC keys; {algorithm} is not supported by it yet"
+            "the pkcs11 provider uses AES-256-GCM, X25519 and HMAC keys; {algorithm} is not supported by it yet"
         ));
     }
     let token = key
@@ -51,10 +52,18 @@ fn hsm_of(
     let t = hsm.token(&token).map_err(|e| e.to_string())?;
     match hmac {
         Some(hash) => hsm.hmac_key(&t, &key.key_ref, hash).map(drop),
+        None if x25519 => hsm.x25519_key(&t, &key.key_ref).map(drop),
         None => hsm.aes_key(&t, &key.key_ref).map(drop),
     }
     .map_err(|e| e.to_string())?;
     Ok((hsm, token))
+}
+
+/// The row is declared an X25519 key.
+fn is_x25519(key: &KmsKey) -> bool {
+    key.algorithm
+        .as_deref()
+        .is_some_and(|a| a.eq_ignore_ascii_case("X25519"))
 }
 
 /// Why a row's key cannot be used here, or (Ok) what it can be used for.
@@ -67,6 +76,7 @@ pub fn usable(
         hsm_of(pkcs11, key)?;
         return Ok(match hmac_of(key)? {
             Some(_) => "hmac (in its token)",
+            None if is_x25519(key) => "open legacy-x25519 (in its token)",
             None => "open/unseal (in its token)",
         });
     }
@@ -238,6 +248,28 @@ pub fn try_key(
                 )),
                 _ => Err(format!("{hash} sign and verify in the token disagree")),
             };
+        }
+        if is_x25519(key) {
+            // A test string sealed to the token's public key, opened by
+            // the token's agreement.
+            let public = hsm
+                .x25519_public(&token, &key.key_ref)
+                .map_err(|e| e.to_string())?;
+            let sealed = wrap::seal_legacy_x25519(&public, "pqmig-keys-check", PROBE);
+            let peer = wrap::legacy_x25519_eph(&sealed).expect("a wrap just made");
+            let (shared, _) = hsm
+                .x25519_agree(&token, &key.key_ref, peer)
+                .map_err(|e| e.to_string())?;
+            let opened =
+                wrap::open_legacy_x25519_agreed(&shared, &public, "pqmig-keys-check", &sealed)
+                    .map_err(|e| format!("X25519 agreement in the token: {e}"))?;
+            if opened.as_slice() != PROBE {
+                return Err("X25519 seal and open in the token disagree".into());
+            }
+            return Ok(format!(
+                "sealed to its public key and opened in token {token:?}; {}",
+                fingerprint(&public)
+            ));
         }
         let aad = b"pqmig-keys-check";
         let sealed = hsm

@@ -2,7 +2,9 @@
 //! module: an on-premises HSM, CloudHSM, Cloud HSM; tested against
 //! SoftHSM2) and never leave it. pqmig asks the token to do the operation:
 //! AES-256-GCM decryption (`CKM_AES_GCM`) opens `legacy-aes-gcm` wraps and
-//! unseals signing keys.
+//! unseals signing keys, X25519 agreement (`CKM_ECDH1_DERIVE`) opens
+//! `legacy-x25519` wraps, HMAC (`CKM_SHA256_HMAC`, `CKM_SHA512_HMAC`)
+//! computes peppered hashes.
 //!
 //! A `kms_providers` row with provider `pkcs11` names the token by its
 //! label in `location`; its `kms_keys` rows name a secret key object by
@@ -25,7 +27,7 @@ use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHan
 use cryptoki::session::{Session, UserType};
 use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
-use zeroize::Zeroizing;
+use zeroize::{Zeroize, Zeroizing};
 
 use crate::crypto::onion::HmacHash;
 
@@ -105,6 +107,8 @@ pub struct Token {
     /// The most operation sessions ever open at once.
     peak: std::sync::atomic::AtomicUsize,
     keys: Mutex<HashMap<String, ObjectHandle>>,
+    /// X25519 keys found, by label: the private key and its public key.
+    x25519: Mutex<HashMap<String, X25519Key>>,
     mechanisms: Vec<MechanismType>,
 }
 
@@ -278,6 +282,7 @@ impl Hsm {
             returned: std::sync::Condvar::new(),
             peak: std::sync::atomic::AtomicUsize::new(0),
             keys: Mutex::new(HashMap::new()),
+            x25519: Mutex::new(HashMap::new()),
             mechanisms,
         });
         self.tokens
@@ -358,17 +363,29 @@ impl Hsm {
         Ok(out)
     }
 
+    /// The token does `CKM_AES_GCM` (opens `legacy-aes-gcm` wraps and
+    /// sealed signing keys).
+    pub fn does_aes_gcm(token: &Token) -> bool {
+        token.mechanisms.contains(&MechanismType::AES_GCM)
+    }
+
+    /// The token does `CKM_ECDH1_DERIVE` (opens `legacy-x25519` wraps).
+    pub fn does_x25519(token: &Token) -> bool {
+        token.mechanisms.contains(&MechanismType::ECDH1_DERIVE)
+    }
+
     /// The AES-256 secret key labelled `key` in `token`, checked: it can
     /// decrypt, the token does `CKM_AES_GCM`, and its value cannot be
     /// read out (sensitive or not extractable).
     pub fn aes_key(&self, token: &Token, key: &str) -> Result<ObjectHandle, HsmError> {
-        if !token.mechanisms.contains(&MechanismType::AES_GCM) {
+        if !Self::does_aes_gcm(token) {
             return Err(HsmError::Config(format!(
                 "token {:?} does not support CKM_AES_GCM, which opening with {key:?} needs",
                 token.label
             )));
         }
-        self.secret_key(token, key, "aes", &[AttributeType::Decrypt], |a| match a {
+        let usage = [AttributeType::ValueLen, AttributeType::Decrypt];
+        self.secret_key(token, key, "aes", &usage, |a| match a {
             Attribute::KeyType(t) => (*t == KeyType::AES, "not an AES key"),
             Attribute::ValueLen(n) => (u64::from(*n) == 32, "not 256 bits"),
             Attribute::Decrypt(d) => (*d, "not allowed to decrypt (CKA_DECRYPT)"),
@@ -398,7 +415,11 @@ impl Hsm {
                 mechanism.mechanism_type()
             )));
         }
-        let usage = [AttributeType::Sign, AttributeType::Verify];
+        let usage = [
+            AttributeType::ValueLen,
+            AttributeType::Sign,
+            AttributeType::Verify,
+        ];
         self.secret_key(token, key, "hmac", &usage, |a| match a {
             Attribute::KeyType(t) => (
                 *t == KeyType::GENERIC_SECRET || *t == own_type,
@@ -415,12 +436,26 @@ impl Hsm {
     }
 
     /// The one secret key labelled `key` in `token`, its attributes
-    /// (type, length, the `usage` flags, sensitive, extractable) judged by `check`
-    /// and by the rule that its value can never be read out; found once,
-    /// then kept under `kind`.
+    /// (type, the `usage` attributes, sensitive, extractable) judged by
+    /// `check` and by the rule that its value can never be read out; found
+    /// once, then kept under `kind`.
     fn secret_key(
         &self,
         token: &Token,
+        key: &str,
+        kind: &str,
+        usage: &[AttributeType],
+        check: impl Fn(&Attribute) -> (bool, &'static str),
+    ) -> Result<ObjectHandle, HsmError> {
+        self.key_object(token, ObjectClass::SECRET_KEY, key, kind, usage, check)
+    }
+
+    /// The one key object of `class` labelled `key` in `token`, judged as
+    /// [`Hsm::secret_key`] says.
+    fn key_object(
+        &self,
+        token: &Token,
+        class: ObjectClass,
         key: &str,
         kind: &str,
         usage: &[AttributeType],
@@ -431,10 +466,15 @@ impl Hsm {
             return Ok(*h);
         }
         let what = format!("token {:?} key {key:?}", token.label);
+        let noun = if class == ObjectClass::PRIVATE_KEY {
+            "private key"
+        } else {
+            "secret key"
+        };
         let found = self
             .with_session(token, |s| {
                 s.find_objects(&[
-                    Attribute::Class(ObjectClass::SECRET_KEY),
+                    Attribute::Class(class),
                     Attribute::Label(key.as_bytes().to_vec()),
                 ])
             })?
@@ -443,19 +483,18 @@ impl Hsm {
             [h] => h,
             [] => {
                 return Err(HsmError::Config(format!(
-                    "{what}: no secret key with that label"
+                    "{what}: no {noun} with that label"
                 )));
             }
             _ => {
                 return Err(HsmError::Config(format!(
-                    "{what}: {} secret keys carry that label",
+                    "{what}: {} {noun}s carry that label",
                     found.len()
                 )));
             }
         };
         let mut wanted = vec![
             AttributeType::KeyType,
-            AttributeType::ValueLen,
             AttributeType::Sensitive,
             AttributeType::Extractable,
         ];
@@ -482,6 +521,122 @@ impl Hsm {
         }
         token.keys.lock().expect("keys").insert(cached, handle);
         Ok(handle)
+    }
+
+    /// The X25519 private key labelled `key` in `token` and its public key
+    /// (the public key object of the same label), checked: an X25519 key
+    /// (`CKK_EC_MONTGOMERY`, or `CKK_EC_EDWARDS` on curve25519 as SoftHSM
+    /// keeps it) allowed to derive, the token does `CKM_ECDH1_DERIVE`, and
+    /// its value cannot be read out.
+    pub fn x25519_key(&self, token: &Token, key: &str) -> Result<X25519Key, HsmError> {
+        if !Self::does_x25519(token) {
+            return Err(HsmError::Config(format!(
+                "token {:?} does not support CKM_ECDH1_DERIVE, which X25519 agreement with {key:?} needs",
+                token.label
+            )));
+        }
+        if let Some(k) = token.x25519.lock().expect("x25519 keys").get(key) {
+            return Ok(*k);
+        }
+        let usage = [AttributeType::EcParams, AttributeType::Derive];
+        let private = self.key_object(
+            token,
+            ObjectClass::PRIVATE_KEY,
+            key,
+            "x25519",
+            &usage,
+            |a| match a {
+                Attribute::KeyType(t) => (
+                    *t == KeyType::EC_MONTGOMERY || *t == KeyType::EC_EDWARDS,
+                    "not an X25519 key (CKK_EC_MONTGOMERY)",
+                ),
+                Attribute::EcParams(p) => (is_x25519_params(p), "not on curve25519 (X25519)"),
+                Attribute::Derive(d) => (*d, "not allowed to derive (CKA_DERIVE)"),
+                _ => (true, ""),
+            },
+        )?;
+        let what = format!("token {:?} key {key:?}", token.label);
+        let public = self
+            .with_session(token, |s| {
+                let found = s.find_objects(&[
+                    Attribute::Class(ObjectClass::PUBLIC_KEY),
+                    Attribute::Label(key.as_bytes().to_vec()),
+                ])?;
+                match found[..] {
+                    [h] => s.get_attributes(h, &[AttributeType::EcPoint]).map(Some),
+                    _ => Ok(None),
+                }
+            })?
+            .map_err(|e| classify(what.clone(), e))?
+            .and_then(|attrs| {
+                attrs.into_iter().find_map(|a| match a {
+                    Attribute::EcPoint(p) => x25519_point(&p),
+                    _ => None,
+                })
+            })
+            .ok_or_else(|| {
+                HsmError::Config(format!(
+                    "{what}: no public key of that label with a 32-byte X25519 CKA_EC_POINT (one public key object must carry the label too)"
+                ))
+            })?;
+        let found = X25519Key { private, public };
+        token
+            .x25519
+            .lock()
+            .expect("x25519 keys")
+            .insert(key.to_owned(), found);
+        Ok(found)
+    }
+
+    /// The public key of the token's X25519 key `key`.
+    pub fn x25519_public(&self, token: &str, key: &str) -> Result<[u8; 32], HsmError> {
+        let token = self.token(token)?;
+        Ok(self.x25519_key(&token, key)?.public)
+    }
+
+    /// X25519(key, `peer`) computed in the token (`C_DeriveKey`,
+    /// `CKM_ECDH1_DERIVE` with no KDF) and the key's public key: the shared
+    /// secret comes out as a session object that is read and destroyed at
+    /// once; the private key stays in the token. A peer point the token
+    /// refuses (a low-order point, whose shared secret is all zeros) while
+    /// the key agrees with a good point is the data's fault
+    /// ([`HsmError::Authentication`]).
+    pub fn x25519_agree(
+        &self,
+        token: &str,
+        key: &str,
+        peer: &[u8; 32],
+    ) -> Result<(Zeroizing<[u8; 32]>, [u8; 32]), HsmError> {
+        metered("decrypt", || {
+            let token = self.token(token)?;
+            let k = self.x25519_key(&token, key)?;
+            let what = format!("token {:?} key {key:?}", token.label);
+            match self.with_session(&token, |s| derive_x25519(s, k.private, peer))? {
+                Ok(shared) => Ok((shared, k.public)),
+                Err(P11Error::Pkcs11(rv, _)) if !unavailable(rv) && self.agrees(&token, k) => {
+                    Err(HsmError::Authentication(format!(
+                        "{what} (the token refuses the wrap's ephemeral key: {rv})"
+                    )))
+                }
+                Err(e) => {
+                    if matches!(&e, P11Error::Pkcs11(rv, _) if unavailable(*rv)) {
+                        self.forget(&token);
+                    }
+                    Err(classify(format!("{what}: X25519 agreement"), e))
+                }
+            }
+        })
+    }
+
+    /// Whether the key agrees with the curve's base point: the key and the
+    /// token work, so a refused peer point is the peer's fault.
+    fn agrees(&self, token: &Token, k: X25519Key) -> bool {
+        let mut base = [0u8; 32];
+        base[0] = 9;
+        matches!(
+            self.with_session(token, |s| derive_x25519(s, k.private, &base)),
+            Ok(Ok(shared)) if *shared == k.public
+        )
     }
 
     /// HMAC-`hash` of each message under the token's key `key`, computed
@@ -623,6 +778,65 @@ impl Hsm {
         });
         matches!(out, Ok(Ok(plain)) if plain == PROBE)
     }
+}
+
+/// An X25519 private key in a token and its public key.
+#[derive(Debug, Clone, Copy)]
+pub struct X25519Key {
+    private: ObjectHandle,
+    pub public: [u8; 32],
+}
+
+/// DER of the curve25519 (X25519) OID 1.3.101.110, and its name as a
+/// PrintableString, the two `CKA_EC_PARAMS` forms PKCS#11 3.0 allows.
+fn is_x25519_params(p: &[u8]) -> bool {
+    const OID: &[u8] = &[0x06, 0x03, 0x2b, 0x65, 0x6e];
+    const NAME: &[u8] = b"\x13\x0acurve25519";
+    p == OID || p == NAME
+}
+
+/// A `CKA_EC_POINT` of X25519: the 32 bytes, raw or as a DER OCTET STRING.
+fn x25519_point(p: &[u8]) -> Option<[u8; 32]> {
+    match p {
+        [0x04, 0x20, rest @ ..] if rest.len() == 32 => rest.try_into().ok(),
+        raw if raw.len() == 32 => raw.try_into().ok(),
+        _ => None,
+    }
+}
+
+/// The raw X25519 shared secret of `private` and `peer`, as a session
+/// object read out and destroyed.
+fn derive_x25519(
+    s: &Session,
+    private: ObjectHandle,
+    peer: &[u8; 32],
+) -> Result<Zeroizing<[u8; 32]>, P11Error> {
+    use cryptoki::mechanism::elliptic_curve::{EcKdf, Ecdh1DeriveParams};
+    let mechanism = Mechanism::Ecdh1Derive(Ecdh1DeriveParams::new(EcKdf::null(), peer));
+    let template = [
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::GENERIC_SECRET),
+        Attribute::ValueLen(32.into()),
+        Attribute::Token(false),
+        Attribute::Sensitive(false),
+        Attribute::Extractable(true),
+    ];
+    let derived = s.derive_key(&mechanism, private, &template)?;
+    let read = s.get_attributes(derived, &[AttributeType::Value]);
+    let destroyed = s.destroy_object(derived);
+    let mut shared = Zeroizing::new([0u8; 32]);
+    for a in read? {
+        if let Attribute::Value(mut v) = a {
+            if v.len() != 32 {
+                v.zeroize();
+                return Err(P11Error::InvalidValue);
+            }
+            shared.copy_from_slice(&v);
+            v.zeroize();
+        }
+    }
+    destroyed?;
+    Ok(shared)
 }
 
 /// The token's mechanism for HMAC-`hash`, and the key type of its own

@@ -167,6 +167,50 @@ impl Token {
             .expect("create an HMAC key in the token")
     }
 
+    /// A new X25519 key pair labelled `label`, made in the token (SoftHSM
+    /// keeps curve25519 keys as `CKK_EC_EDWARDS`, made by
+    /// `CKM_EC_EDWARDS_KEY_PAIR_GEN` on the X25519 OID): the private key
+    /// sensitive, not extractable, allowed to derive. Its public key, and
+    /// the private key's handle.
+    pub fn x25519_key(&self, label: &str) -> ([u8; 32], ObjectHandle) {
+        const X25519_OID: &[u8] = &[0x06, 0x03, 0x2b, 0x65, 0x6e];
+        let (public, private) = self
+            .session
+            .generate_key_pair(
+                &Mechanism::EccEdwardsKeyPairGen,
+                &[
+                    Attribute::Token(true),
+                    Attribute::Label(label.as_bytes().to_vec()),
+                    Attribute::EcParams(X25519_OID.to_vec()),
+                ],
+                &[
+                    Attribute::Token(true),
+                    Attribute::Private(true),
+                    Attribute::Label(label.as_bytes().to_vec()),
+                    Attribute::Derive(true),
+                    Attribute::Sensitive(true),
+                    Attribute::Extractable(false),
+                ],
+            )
+            .expect("generate an X25519 key pair in the token");
+        let point = self
+            .session
+            .get_attributes(public, &[AttributeType::EcPoint])
+            .expect("its public key")
+            .into_iter()
+            .find_map(|a| match a {
+                Attribute::EcPoint(p) => Some(p),
+                _ => None,
+            })
+            .expect("CKA_EC_POINT");
+        // A DER OCTET STRING of the 32 bytes, or the 32 bytes.
+        let raw = match &point[..] {
+            [0x04, 0x20, rest @ ..] if rest.len() == 32 => rest,
+            raw => raw,
+        };
+        (raw.try_into().expect("32 bytes"), private)
+    }
+
     /// nonce || AES-256-GCM(key, nonce, plain, aad), computed in the token.
     pub fn seal(&self, key: ObjectHandle, nonce: [u8; 12], aad: &[u8], plain: &[u8]) -> Vec<u8> {
         let mut iv = nonce;

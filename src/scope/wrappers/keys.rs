@@ -34,6 +34,13 @@ pub enum SourceKey {
         token: String,
         key: String,
     },
+    /// An X25519 key held by an HSM (provider `pkcs11`), which computes
+    /// the agreement of a `legacy-x25519` wrap itself (`CKM_ECDH1_DERIVE`).
+    HsmX25519 {
+        hsm: Arc<Hsm>,
+        token: String,
+        key: String,
+    },
     /// A key in AWS KMS (provider `aws`), which decrypts `legacy-aws-kms`
     /// wraps itself, a batch's at once ([`SourceKeys::open_remote`]).
     Aws {
@@ -53,42 +60,74 @@ pub enum SourceKey {
 /// batch with one is a transient error of the job (released, retried).
 pub(super) const UNAVAILABLE: &str = "provider-unavailable";
 
-/// Why a key cannot be used: for its items (`Err`), or for now (the
-/// provider is down: the job's transient error).
+/// Why a key cannot be used.
 enum Unusable {
+    /// The key itself: gone from the keyring or the token, or of a kind
+    /// that opens no wrapper. The items that need it fail (`data`); the
+    /// job goes on with the others.
     Key(String),
+    /// This process cannot use the key's provider for it: a provider pqmig
+    /// does not support, one not set up here (no module, token, region or
+    /// Vault token), or one without the operation (mechanism). The job
+    /// fails before any item that needs the key is written, naming the
+    /// provider and what is missing: every such item would fail alike.
+    Setup(String),
+    /// The provider is down: the job's transient error.
     ForNow(String),
 }
 
 /// A `pkcs11` key: its token and label checked now, so a missing one is
 /// said once per key.
 fn hsm_key(settings: Option<&Pkcs11Settings>, key: &KmsKey) -> Result<SourceKey, Unusable> {
+    let what = format!("key {} ({:?}) of provider pkcs11", key.id, key.key_ref);
     let settings = settings.ok_or_else(|| {
-        Unusable::Key(format!(
-            "key {} ({:?}) is held by provider pkcs11: set keys.pkcs11_module and keys.pkcs11_pin_file",
-            key.id, key.key_ref
+        Unusable::Setup(format!(
+            "{what}: this process has no PKCS#11 module: set keys.pkcs11_module and keys.pkcs11_pin_file"
         ))
     })?;
     let algorithm = key.algorithm.as_deref().unwrap_or("AES-256-GCM");
-    if !algorithm.eq_ignore_ascii_case("AES-256-GCM") {
-        return Err(Unusable::Key(format!(
-            "key {} ({:?}): the pkcs11 provider opens AES-256-GCM wraps; {algorithm} is not supported by it yet",
-            key.id, key.key_ref
+    let x25519 = algorithm.eq_ignore_ascii_case("X25519");
+    if !x25519 && !algorithm.eq_ignore_ascii_case("AES-256-GCM") {
+        return Err(Unusable::Setup(format!(
+            "{what}: a token opens AES-256-GCM (CKM_AES_GCM) and X25519 (CKM_ECDH1_DERIVE) wraps; {algorithm} (KEM decapsulation) is not supported by the pkcs11 provider yet"
         )));
     }
     let token = key.location.clone().ok_or_else(|| {
-        Unusable::Key(format!(
-            "key {} ({:?}): its pkcs11 kms_providers row names no token (location)",
-            key.id, key.key_ref
+        Unusable::Setup(format!(
+            "{what}: its kms_providers row names no token (location)"
         ))
     })?;
-    let problem = |e: HsmError| match e {
+    let setup = |e: HsmError| match e {
+        HsmError::Unavailable(m) => Unusable::ForNow(m),
+        other => Unusable::Setup(format!("{what}: {other}")),
+    };
+    let hsm = pkcs11::open(settings).map_err(setup)?;
+    let t = hsm.token(&token).map_err(setup)?;
+    if x25519 {
+        if !Hsm::does_x25519(&t) {
+            return Err(Unusable::Setup(format!(
+                "{what}: token {token:?} has no CKM_ECDH1_DERIVE mechanism, which opening its legacy-x25519 wraps needs"
+            )));
+        }
+        hsm.x25519_key(&t, &key.key_ref).map_err(|e| match e {
+            HsmError::Unavailable(m) => Unusable::ForNow(m),
+            other => Unusable::Key(other.to_string()),
+        })?;
+        return Ok(SourceKey::HsmX25519 {
+            hsm,
+            token,
+            key: key.key_ref.clone(),
+        });
+    }
+    if !Hsm::does_aes_gcm(&t) {
+        return Err(Unusable::Setup(format!(
+            "{what}: token {token:?} has no CKM_AES_GCM mechanism, which opening its legacy-aes-gcm wraps needs"
+        )));
+    }
+    hsm.aes_key(&t, &key.key_ref).map_err(|e| match e {
         HsmError::Unavailable(m) => Unusable::ForNow(m),
         other => Unusable::Key(other.to_string()),
-    };
-    let hsm = pkcs11::open(settings).map_err(problem)?;
-    let t = hsm.token(&token).map_err(problem)?;
-    hsm.aes_key(&t, &key.key_ref).map_err(problem)?;
+    })?;
     Ok(SourceKey::Hsm {
         hsm,
         token,
@@ -107,8 +146,8 @@ fn source_key(
         "local" => local_key(keyring, key).map_err(Unusable::Key),
         "pkcs11" => hsm_key(pkcs11_settings, key),
         "aws" | "vault" => unreachable!("remote keys are resolved before, on the async threads"),
-        other => Err(Unusable::Key(format!(
-            "key {} ({:?}): provider {other} is not supported yet",
+        other => Err(Unusable::Setup(format!(
+            "key {} ({:?}): provider {other} is not supported yet (README, Key providers)",
             key.id, key.key_ref
         ))),
     }
@@ -198,6 +237,15 @@ enum Opened {
     ForNow(String),
 }
 
+/// What an HSM's answer means for a wrap.
+fn hsm_opened(e: HsmError) -> Opened {
+    match e {
+        HsmError::Authentication(_) => Opened::Tag,
+        HsmError::Unavailable(m) => Opened::ForNow(m),
+        HsmError::Config(m) => Opened::Unusable(m),
+    }
+}
+
 /// An item failure: (code, message).
 pub(super) type Failure = (&'static str, String);
 
@@ -268,48 +316,87 @@ impl SourceKeys {
                 .insert((id, job), Arc::new(found));
         }
 
-        let mut wanted: Vec<i64> = {
+        let wanted: Vec<i64> = {
             let cache = self.keys.lock().expect("key cache");
             rows.iter()
                 .flat_map(|r| needed_keys(r))
                 .filter(|id| !cache.contains_key(id))
                 .collect()
         };
+        let needed_by = |id: i64| {
+            let row = rows.iter().find(|r| needed_keys(r).any(|k| k == id));
+            format!(
+                "wrapper {} needs it; nothing of its batch was written (set the provider up, then `pqmig resume JOB`)",
+                row.map_or(0, |r| r.id)
+            )
+        };
+        self.resolve_ids(c, wanted, false, &needed_by).await
+    }
+
+    /// When a job starts whose selection names its keys (`kms_key_ids`):
+    /// each must be one this process can open wraps with, else the job
+    /// fails before any item, naming the key, its provider and what is
+    /// missing.
+    pub async fn check_named(&self, c: &impl GenericClient, ids: &[i64]) -> Result<(), JobError> {
+        let named = |_: i64| "the selection names it (kms_key_ids)".to_owned();
+        self.resolve_ids(c, ids.to_vec(), true, &named).await
+    }
+
+    /// Resolve these `kms_keys` rows (once): a key this process cannot use
+    /// its provider for ([`Unusable::Setup`]; with `strict` any unusable
+    /// key) fails the job, `needed_by` saying why it was looked up.
+    async fn resolve_ids(
+        &self,
+        c: &impl GenericClient,
+        mut wanted: Vec<i64>,
+        strict: bool,
+        needed_by: &(dyn Fn(i64) -> String + Sync),
+    ) -> Result<(), JobError> {
         if wanted.is_empty() {
             return Ok(());
         }
         wanted.sort_unstable();
         wanted.dedup();
         let found = kms::kms_keys_by_id(c, &wanted).await?;
+        let fail = |id: i64, why: &str| fatal(format!("{why}: {}", needed_by(id)));
         // AWS KMS keys: a client of their region; KMS checks the key itself
         // when asked to decrypt.
         let mut remote = Vec::new();
         for k in found.iter().filter(|k| k.provider == "aws") {
-            let key = match &k.location {
-                Some(region) if !region.trim().is_empty() => Ok(SourceKey::Aws {
-                    kms: self.aws.get(region.trim()).await,
-                    key_id: k.key_ref.clone(),
-                }),
-                _ => Err(format!(
-                    "key {} ({:?}): its aws kms_providers row names no region (location)",
-                    k.id, k.key_ref
-                )),
+            let region = k.location.as_deref().map(str::trim).unwrap_or_default();
+            if region.is_empty() {
+                return Err(fail(
+                    k.id,
+                    &format!(
+                        "key {} ({:?}) of provider aws: its kms_providers row names no region (location)",
+                        k.id, k.key_ref
+                    ),
+                ));
+            }
+            let key = SourceKey::Aws {
+                kms: self.aws.get(region).await,
+                key_id: k.key_ref.clone(),
             };
-            remote.push((k.id, Arc::new(key)));
+            remote.push((k.id, Arc::new(Ok(key))));
         }
         // Vault keys: a client of their server and mount; transit checks
-        // the key when asked to decrypt. A token that cannot be read fails
-        // the key's items, like any key that cannot be used.
+        // the key when asked to decrypt. A token that cannot be read, or a
+        // location that is no Vault address, is this process's setup.
         for k in found.iter().filter(|k| k.provider == "vault") {
-            let key = self
+            let vault = self
                 .vault
                 .get(k.location.as_deref().unwrap_or_default())
-                .map(|vault| SourceKey::Vault {
-                    vault,
-                    key: k.key_ref.clone(),
-                })
-                .map_err(|e| format!("key {} ({:?}): {e}", k.id, k.key_ref));
-            remote.push((k.id, Arc::new(key)));
+                .map_err(|e| {
+                    fail(
+                        k.id,
+                        &format!("key {} ({:?}) of provider vault: {e}", k.id, k.key_ref),
+                    )
+                })?;
+            let key = SourceKey::Vault {
+                vault,
+                key: k.key_ref.clone(),
+            };
+            remote.push((k.id, Arc::new(Ok(key))));
         }
         wanted.retain(|id| !remote.iter().any(|(r, _)| r == id));
         self.keys.lock().expect("key cache").extend(remote);
@@ -324,15 +411,17 @@ impl SourceKeys {
                 };
                 match key {
                     Ok(k) => out.push((id, Arc::new(Ok(k)))),
-                    Err(Unusable::Key(why)) => out.push((id, Arc::new(Err(why)))),
+                    Err(Unusable::Key(why)) if !strict => out.push((id, Arc::new(Err(why)))),
+                    Err(Unusable::Key(why) | Unusable::Setup(why)) => return Ok(Err((id, why))),
                     Err(Unusable::ForNow(why)) => return Err(why),
                 }
             }
-            Ok(out)
+            Ok(Ok(out))
         })
         .await
         .map_err(|e| fatal(format!("key resolution panicked: {e}")))?
-        .map_err(JobError::Transient)?;
+        .map_err(JobError::Transient)?
+        .map_err(|(id, why)| fail(id, &why))?;
         self.keys.lock().expect("key cache").extend(resolved);
         Ok(())
     }
@@ -558,11 +647,13 @@ impl SourceKeys {
                 }
                 SourceKey::Hsm { hsm, token, key } => hsm
                     .aes_gcm_open(token, key, sealed, u.as_bytes())
-                    .map_err(|e| match e {
-                        HsmError::Authentication(_) => Opened::Tag,
-                        HsmError::Unavailable(m) => Opened::ForNow(m),
-                        HsmError::Config(m) => Opened::Unusable(m),
-                    }),
+                    .map_err(hsm_opened),
+                SourceKey::HsmX25519 { hsm, token, key } => {
+                    let eph = wrap::legacy_x25519_eph(sealed).ok_or(Opened::Tag)?;
+                    let (shared, public) = hsm.x25519_agree(token, key, eph).map_err(hsm_opened)?;
+                    wrap::open_legacy_x25519_agreed(&shared, &public, u, sealed)
+                        .map_err(|_| Opened::Tag)
+                }
                 SourceKey::Kem(_) | SourceKey::Aws { .. } | SourceKey::Vault { .. } => {
                     unreachable!("matched against the format below")
                 }
@@ -592,7 +683,10 @@ impl SourceKeys {
                     continue;
                 }
                 (Ok(k @ (SourceKey::Aes(_) | SourceKey::Hsm { .. })), wrap::FORMAT_LEGACY_AES)
-                | (Ok(k @ SourceKey::X25519(_)), wrap::FORMAT_LEGACY_X25519) => open(k, sealed),
+                | (
+                    Ok(k @ (SourceKey::X25519(_) | SourceKey::HsmX25519 { .. })),
+                    wrap::FORMAT_LEGACY_X25519,
+                ) => open(k, sealed),
                 (Ok(SourceKey::Aws { .. }), wrap::FORMAT_LEGACY_AWS_KMS)
                 | (Ok(SourceKey::Vault { .. }), wrap::FORMAT_LEGACY_VAULT) => {
                     match &row.remote[usize::from(slot) - 1] {

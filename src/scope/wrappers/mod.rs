@@ -63,7 +63,13 @@ impl WrappersJob {
         spec: &JobSpec,
         ctx: &ScopeContext,
     ) -> Result<WrappersJob, JobError> {
-        Self::check(c, spec).await?.load_keys(spec.id, ctx)
+        let job = Self::check(c, spec).await?.load_keys(spec.id, ctx)?;
+        // The keys the selection names, before any item: one this process
+        // cannot open wraps with fails the job now, not item by item.
+        if let Some(ids) = &job.sel.kms_key_ids {
+            job.plan.source.check_named(c, ids).await?;
+        }
+        Ok(job)
     }
 
     /// Every check that needs only the database.
