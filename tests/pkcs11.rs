@@ -7,8 +7,8 @@
 
 use serde_json::json;
 
-use crate::support::hashes::terminal;
 use crate::support::hashes::{Fixture, legacy_hash};
+use crate::support::hashes::{terminal, terminate};
 use crate::support::softhsm::{MODULE, Token};
 use crate::support::wrappers::{WrapFx, register_kek, register_key};
 use crate::support::{InProcess, stderr, stdout};
@@ -571,4 +571,116 @@ async fn legacy_x25519_wraps_are_opened_by_an_agreement_in_the_token() {
         "{}",
         stdout(&out)
     );
+}
+
+/// The token goes away in the middle of a job: `C_Decrypt` and
+/// `C_DeriveKey` answer `CKR_DEVICE_REMOVED` (a module around SoftHSM,
+/// `tests/support/p11_faulty.c`, in a real `pqmig run`). Each batch that
+/// meets it is the job's transient error with nothing of it written;
+/// pqmig forgets the token, finds and logs in to it again, and the job ends
+/// done with every wrap opened, none of them taken for a failed tag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_hsm_outage_is_waited_out_and_nothing_is_lost() {
+    use pqmig::crypto::wrap;
+    let w = WrapFx::new(1, pqmig::crypto::kem::Kem::MlKem768, 1).await;
+    let c = w.fx.db.client().await;
+    let token = Token::new(&format!(
+        "o{}",
+        &w.fx.db.name[w.fx.db.name.len().saturating_sub(20)..]
+    ));
+    let kek = token.aes_key("kek-out");
+    let (public, _) = token.x25519_key("ecies-out");
+    let aes = register(&c, &token.label, "kek-out").await;
+    let x25519: i64 = c
+        .query_one(
+            "INSERT INTO kms_keys (provider_id, external_key_ref, purpose, algorithm) \
+             SELECT provider_id, 'ecies-out', 'wrap', 'X25519' FROM kms_keys WHERE id = $1 \
+             RETURNING id",
+            &[&aes],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    // Eight wraps of each kind, interleaved.
+    let mut deks = Vec::new();
+    for i in 0..16 {
+        let uuid = uuid::Uuid::new_v4().to_string();
+        let dek: [u8; 32] = rand::random();
+        let (key, sealed, suite) = if i % 2 == 0 {
+            let sealed = token.seal(kek, rand::random(), uuid.as_bytes(), &dek);
+            (aes, sealed, json!({"format": "legacy-aes-gcm"}))
+        } else {
+            let sealed = wrap::seal_legacy_x25519(&public, &uuid, &dek);
+            (x25519, sealed, json!({"format": "legacy-x25519"}))
+        };
+        let id: i64 = c
+            .query_one(
+                "INSERT INTO key_wrappers (wrapper_uuid, kms1_key_id, dek_wrap1, crypto_suite) \
+                 VALUES ($1, $2, $3, $4) RETURNING id",
+                &[&uuid, &key, &sealed, &suite],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        deks.push((id, dek));
+    }
+    token.logout();
+
+    let module = crate::support::softhsm::faulty_module(w.fx.dir.path());
+    let faults = w.fx.dir.path().join("faults");
+    let config = w.fx.dir.path().join("pqmig.toml");
+    std::fs::write(
+        &config,
+        "[worker]\nretry_backoff = \"100ms\"\nretry_backoff_max = \"1s\"\nmax_attempts = 50\n",
+    )
+    .unwrap();
+    let (module, faults_path) = (module.display().to_string(), faults.display().to_string());
+    let (pin, config) = (
+        token.pin_file.display().to_string(),
+        config.display().to_string(),
+    );
+    let conf = crate::support::softhsm::conf();
+    let mut d = w.fx.spawn_daemon(
+        "d",
+        &[
+            ("PQMIG_CONFIG", config.as_str()),
+            ("PQMIG_PKCS11_MODULE", module.as_str()),
+            ("PQMIG_PKCS11_PIN_FILE", pin.as_str()),
+            ("P11FAULTY_MODULE", MODULE),
+            ("P11FAULTY_COUNT", faults_path.as_str()),
+            ("SOFTHSM2_CONF", conf.as_str()),
+        ],
+    );
+    // One job per format, the token failing the operation that format
+    // needs: AES-GCM decryption, then X25519 agreement.
+    // (The seeded wrapper is a legacy-aes-gcm one too.)
+    for (format, function, error, items) in [
+        ("legacy-aes-gcm", "C_Decrypt", "Function::Decrypt", 1 + 8),
+        ("legacy-x25519", "C_DeriveKey", "Function::DeriveKey", 8),
+    ] {
+        std::fs::write(&faults, format!("{function} 6\n")).unwrap();
+        let job = w
+            .enqueue(
+                w.seed.policy_id,
+                json!({"batch_size": 4, "formats": [format]}),
+            )
+            .await;
+        let j = w.fx.wait_job(job, 90, terminal).await;
+        let log = w.fx.log("d");
+        assert_eq!(j.status, "done", "{format}: {:?}\n{log}", j.error);
+        assert_eq!((j.processed, j.failed), (items, 0), "{format}\n{log}");
+        assert_eq!(
+            std::fs::read_to_string(&faults).unwrap().trim(),
+            format!("{function} 0"),
+            "every outage was met"
+        );
+        assert!(
+            log.lines().any(|l| l.contains("batch failed; retrying")
+                && l.contains(error)
+                && l.contains("removed from its slot")),
+            "the batch that met the outage was retried, the token's error logged:\n{log}"
+        );
+    }
+    terminate(&mut d);
+    w.assert_pyca_opens(&deks).await;
 }

@@ -249,6 +249,26 @@ impl Drop for Token {
     }
 }
 
+/// `tests/support/p11_faulty.c` built into `dir`: a module that is
+/// SoftHSM but for the outages a test asks for (its doc comment says how).
+pub fn faulty_module(dir: &std::path::Path) -> std::path::PathBuf {
+    let out = dir.join("libp11faulty.so");
+    let status = std::process::Command::new("cc")
+        .args(["-shared", "-fPIC", "-O1", "-Wall", "-Werror"])
+        .arg("-I/usr/include/p11-kit-1")
+        .arg("-o")
+        .arg(&out)
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/support/p11_faulty.c"
+        ))
+        .args(["-ldl", "-lpthread"])
+        .status()
+        .expect("cc (gcc; p11-kit's pkcs11.h from libp11-kit-dev, .ci/setup)");
+    assert!(status.success(), "building p11_faulty.c: {status}");
+    out
+}
+
 fn free_slot(ctx: &Pkcs11) -> Slot {
     ctx.get_all_slots()
         .expect("slots")
