@@ -320,6 +320,15 @@ pub fn legacy_x25519_eph(wrap: &[u8]) -> Option<&[u8; 32]> {
     wrap[..32].try_into().ok()
 }
 
+/// Whether an X25519 public key contributes to an agreement: a low-order
+/// point gives the all-zero shared secret with every (clamped) scalar, so
+/// one fixed scalar tells.
+pub fn x25519_contributory(public: &[u8; 32]) -> bool {
+    x25519_dalek::StaticSecret::from([1u8; 32])
+        .diffie_hellman(&x25519_dalek::PublicKey::from(*public))
+        .was_contributory()
+}
+
 /// Open a `legacy-x25519` wrap with the X25519 shared secret of its
 /// ephemeral key and the recipient's key, computed elsewhere (an HSM).
 pub fn open_legacy_x25519_agreed(

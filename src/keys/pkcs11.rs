@@ -523,11 +523,13 @@ impl Hsm {
         Ok(handle)
     }
 
-    /// The X25519 private key labelled `key` in `token` and its public key
-    /// (the public key object of the same label), checked: an X25519 key
-    /// (`CKK_EC_MONTGOMERY`, or `CKK_EC_EDWARDS` on curve25519 as SoftHSM
-    /// keeps it) allowed to derive, the token does `CKM_ECDH1_DERIVE`, and
-    /// its value cannot be read out.
+    /// The X25519 private key labelled `key` in `token` and its public key,
+    /// checked: an X25519 key (`CKK_EC_MONTGOMERY`, or `CKK_EC_EDWARDS` on
+    /// curve25519 as SoftHSM keeps it) allowed to derive, the token does
+    /// `CKM_ECDH1_DERIVE`, and its value cannot be read out. The public key
+    /// is computed by the token, X25519(key, 9): so it is this key's, and
+    /// the agreement works and gives its secret out, before any wrap is
+    /// tried.
     pub fn x25519_key(&self, token: &Token, key: &str) -> Result<X25519Key, HsmError> {
         if !Self::does_x25519(token) {
             return Err(HsmError::Config(format!(
@@ -556,30 +558,28 @@ impl Hsm {
             },
         )?;
         let what = format!("token {:?} key {key:?}", token.label);
+        let mut base = [0u8; 32];
+        base[0] = 9;
         let public = self
-            .with_session(token, |s| {
-                let found = s.find_objects(&[
-                    Attribute::Class(ObjectClass::PUBLIC_KEY),
-                    Attribute::Label(key.as_bytes().to_vec()),
-                ])?;
-                match found[..] {
-                    [h] => s.get_attributes(h, &[AttributeType::EcPoint]).map(Some),
-                    _ => Ok(None),
+            .with_session(token, |s| derive_x25519(s, private, &base))?
+            .map_err(|e| match e {
+                P11Error::InvalidValue => HsmError::Config(format!(
+                    "{what}: the token does not give out the X25519 shared secret (CKA_VALUE of the derived key), which the wrap's HKDF needs"
+                )),
+                P11Error::Pkcs11(rv, _) if refuses_agreement(rv) => {
+                    HsmError::Config(format!("{what}: X25519 agreement: {e}"))
                 }
-            })?
-            .map_err(|e| classify(what.clone(), e))?
-            .and_then(|attrs| {
-                attrs.into_iter().find_map(|a| match a {
-                    Attribute::EcPoint(p) => x25519_point(&p),
-                    _ => None,
-                })
-            })
-            .ok_or_else(|| {
-                HsmError::Config(format!(
-                    "{what}: no public key of that label with a 32-byte X25519 CKA_EC_POINT (one public key object must carry the label too)"
-                ))
+                // Anything else may be the token failing for now (a
+                // general error, a lost device): tried again later.
+                e => {
+                    self.forget(token);
+                    HsmError::Unavailable(format!("{what}: X25519 agreement: {e}"))
+                }
             })?;
-        let found = X25519Key { private, public };
+        let found = X25519Key {
+            private,
+            public: *public,
+        };
         token
             .x25519
             .lock()
@@ -597,10 +597,9 @@ impl Hsm {
     /// X25519(key, `peer`) computed in the token (`C_DeriveKey`,
     /// `CKM_ECDH1_DERIVE` with no KDF) and the key's public key: the shared
     /// secret comes out as a session object that is read and destroyed at
-    /// once; the private key stays in the token. A peer point the token
-    /// refuses (a low-order point, whose shared secret is all zeros) while
-    /// the key agrees with a good point is the data's fault
-    /// ([`HsmError::Authentication`]).
+    /// once; the private key stays in the token. The caller refuses
+    /// low-order points before (they are the data's fault), so any error
+    /// here is the token's: [`HsmError::Unavailable`], the token forgotten.
     pub fn x25519_agree(
         &self,
         token: &str,
@@ -613,30 +612,14 @@ impl Hsm {
             let what = format!("token {:?} key {key:?}", token.label);
             match self.with_session(&token, |s| derive_x25519(s, k.private, peer))? {
                 Ok(shared) => Ok((shared, k.public)),
-                Err(P11Error::Pkcs11(rv, _)) if !unavailable(rv) && self.agrees(&token, k) => {
-                    Err(HsmError::Authentication(format!(
-                        "{what} (the token refuses the wrap's ephemeral key: {rv})"
-                    )))
-                }
                 Err(e) => {
-                    if matches!(&e, P11Error::Pkcs11(rv, _) if unavailable(*rv)) {
-                        self.forget(&token);
-                    }
-                    Err(classify(format!("{what}: X25519 agreement"), e))
+                    self.forget(&token);
+                    Err(HsmError::Unavailable(format!(
+                        "{what}: X25519 agreement: {e}"
+                    )))
                 }
             }
         })
-    }
-
-    /// Whether the key agrees with the curve's base point: the key and the
-    /// token work, so a refused peer point is the peer's fault.
-    fn agrees(&self, token: &Token, k: X25519Key) -> bool {
-        let mut base = [0u8; 32];
-        base[0] = 9;
-        matches!(
-            self.with_session(token, |s| derive_x25519(s, k.private, &base)),
-            Ok(Ok(shared)) if *shared == k.public
-        )
     }
 
     /// HMAC-`hash` of each message under the token's key `key`, computed
@@ -780,6 +763,22 @@ impl Hsm {
     }
 }
 
+/// The token says this key or template cannot do an X25519 agreement at
+/// all (not that it failed this time).
+fn refuses_agreement(rv: RvError) -> bool {
+    matches!(
+        rv,
+        RvError::KeyTypeInconsistent
+            | RvError::KeyFunctionNotPermitted
+            | RvError::MechanismInvalid
+            | RvError::MechanismParamInvalid
+            | RvError::TemplateIncomplete
+            | RvError::TemplateInconsistent
+            | RvError::AttributeTypeInvalid
+            | RvError::AttributeValueInvalid
+    )
+}
+
 /// An X25519 private key in a token and its public key.
 #[derive(Debug, Clone, Copy)]
 pub struct X25519Key {
@@ -793,15 +792,6 @@ fn is_x25519_params(p: &[u8]) -> bool {
     const OID: &[u8] = &[0x06, 0x03, 0x2b, 0x65, 0x6e];
     const NAME: &[u8] = b"\x13\x0acurve25519";
     p == OID || p == NAME
-}
-
-/// A `CKA_EC_POINT` of X25519: the 32 bytes, raw or as a DER OCTET STRING.
-fn x25519_point(p: &[u8]) -> Option<[u8; 32]> {
-    match p {
-        [0x04, 0x20, rest @ ..] if rest.len() == 32 => rest.try_into().ok(),
-        raw if raw.len() == 32 => raw.try_into().ok(),
-        _ => None,
-    }
 }
 
 /// The raw X25519 shared secret of `private` and `peer`, as a session
@@ -823,19 +813,25 @@ fn derive_x25519(
     ];
     let derived = s.derive_key(&mechanism, private, &template)?;
     let read = s.get_attributes(derived, &[AttributeType::Value]);
+    // Destroyed whatever the read gave.
     let destroyed = s.destroy_object(derived);
     let mut shared = Zeroizing::new([0u8; 32]);
+    let mut found = false;
     for a in read? {
         if let Attribute::Value(mut v) = a {
-            if v.len() != 32 {
-                v.zeroize();
-                return Err(P11Error::InvalidValue);
+            found = v.len() == shared.len();
+            if found {
+                shared.copy_from_slice(&v);
             }
-            shared.copy_from_slice(&v);
             v.zeroize();
         }
     }
     destroyed?;
+    // A token that keeps derived secrets sensitive gives no value (cryptoki
+    // leaves the attribute out): never an all-zero secret.
+    if !found || shared.iter().all(|b| *b == 0) {
+        return Err(P11Error::InvalidValue);
+    }
     Ok(shared)
 }
 

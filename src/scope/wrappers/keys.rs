@@ -87,9 +87,14 @@ fn hsm_key(settings: Option<&Pkcs11Settings>, key: &KmsKey) -> Result<SourceKey,
     })?;
     let algorithm = key.algorithm.as_deref().unwrap_or("AES-256-GCM");
     let x25519 = algorithm.eq_ignore_ascii_case("X25519");
-    if !x25519 && !algorithm.eq_ignore_ascii_case("AES-256-GCM") {
+    if Kem::from_alias(algorithm).is_some() {
         return Err(Unusable::Setup(format!(
-            "{what}: a token opens AES-256-GCM (CKM_AES_GCM) and X25519 (CKM_ECDH1_DERIVE) wraps; {algorithm} (KEM decapsulation) is not supported by the pkcs11 provider yet"
+            "{what}: {algorithm} decapsulation in a token is not supported by the pkcs11 provider yet (a token opens AES-256-GCM and X25519 wraps)"
+        )));
+    }
+    if !x25519 && !algorithm.eq_ignore_ascii_case("AES-256-GCM") {
+        return Err(Unusable::Key(format!(
+            "{what} is a {algorithm} key, which opens no wrapper"
         )));
     }
     let token = key.location.clone().ok_or_else(|| {
@@ -237,6 +242,23 @@ enum Opened {
     ForNow(String),
 }
 
+/// The token's X25519 agreement with a `legacy-x25519` wrap's ephemeral
+/// key, and the key's public key. A wrap too short to hold one, or whose
+/// ephemeral key is a low-order point (no shared secret), is the data's
+/// fault, decided here, so that whatever the token says is the token's.
+fn agree_in_token(
+    hsm: &Hsm,
+    token: &str,
+    key: &str,
+    sealed: &[u8],
+) -> Result<(Zeroizing<[u8; 32]>, [u8; 32]), Opened> {
+    let eph = wrap::legacy_x25519_eph(sealed).ok_or(Opened::Tag)?;
+    if !wrap::x25519_contributory(eph) {
+        return Err(Opened::Tag);
+    }
+    hsm.x25519_agree(token, key, eph).map_err(hsm_opened)
+}
+
 /// What an HSM's answer means for a wrap.
 fn hsm_opened(e: HsmError) -> Opened {
     match e {
@@ -325,10 +347,7 @@ impl SourceKeys {
         };
         let needed_by = |id: i64| {
             let row = rows.iter().find(|r| needed_keys(r).any(|k| k == id));
-            format!(
-                "wrapper {} needs it; nothing of its batch was written (set the provider up, then `pqmig resume JOB`)",
-                row.map_or(0, |r| r.id)
-            )
+            format!("wrapper {} needs it", row.map_or(0, |r| r.id))
         };
         self.resolve_ids(c, wanted, false, &needed_by).await
     }
@@ -640,6 +659,14 @@ impl SourceKeys {
         // the text as stored (upper case) is accepted too.
         let uuid = wrap::canonical_uuid(&row.uuid).map_err(|e| ("data", e))?;
         let open = |k: &SourceKey, sealed: &[u8]| {
+            // A token's X25519 agreement does not depend on the uuid: once
+            // per wrap, before the spellings are tried.
+            let agreed = match k {
+                SourceKey::HsmX25519 { hsm, token, key } => {
+                    Some(agree_in_token(hsm, token, key, sealed)?)
+                }
+                _ => None,
+            };
             let try_one = |u: &str| match k {
                 SourceKey::Aes(k) => wrap::open_legacy_aes(k, u, sealed).map_err(|_| Opened::Tag),
                 SourceKey::X25519(k) => {
@@ -648,10 +675,9 @@ impl SourceKeys {
                 SourceKey::Hsm { hsm, token, key } => hsm
                     .aes_gcm_open(token, key, sealed, u.as_bytes())
                     .map_err(hsm_opened),
-                SourceKey::HsmX25519 { hsm, token, key } => {
-                    let eph = wrap::legacy_x25519_eph(sealed).ok_or(Opened::Tag)?;
-                    let (shared, public) = hsm.x25519_agree(token, key, eph).map_err(hsm_opened)?;
-                    wrap::open_legacy_x25519_agreed(&shared, &public, u, sealed)
+                SourceKey::HsmX25519 { .. } => {
+                    let (shared, public) = agreed.as_ref().expect("agreed above");
+                    wrap::open_legacy_x25519_agreed(shared, public, u, sealed)
                         .map_err(|_| Opened::Tag)
                 }
                 SourceKey::Kem(_) | SourceKey::Aws { .. } | SourceKey::Vault { .. } => {
