@@ -152,7 +152,10 @@ async fn legacy_wraps_under_an_hsm_kek_are_opened_in_the_token_and_rewrapped() {
     assert_eq!((j.status.as_str(), j.processed, j.failed), ("failed", 0, 0));
     let error = j.error.unwrap_or_default();
     assert!(
-        error.contains("no token labelled") && error.contains(&format!("wrapper {stray} needs it")),
+        error.contains("no token labelled")
+            && error.contains(&format!(
+                "wrapper {stray} needs it (found when the job started, before any item)"
+            )),
         "{error}"
     );
     assert!(w.fx.item_errors(met).await.is_empty());
@@ -700,5 +703,96 @@ async fn an_hsm_outage_is_waited_out_and_nothing_is_lost() {
         );
     }
     terminate(&mut d);
+    w.assert_pyca_opens(&deks).await;
+}
+
+/// A wrapper under a token this process does not have, written while a
+/// job runs (so its start could not see it): the batch that meets it
+/// fails the job, naming the wrapper, with nothing of that batch written;
+/// once the wrapper is gone, `pqmig resume` goes on from there to done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_without_its_token_met_mid_job_fails_the_job_at_that_batch() {
+    let w = WrapFx::new(1, pqmig::crypto::kem::Kem::MlKem768, 1).await;
+    let c = w.fx.db.client().await;
+    let token = Token::new(&format!(
+        "m{}",
+        &w.fx.db.name[w.fx.db.name.len().saturating_sub(20)..]
+    ));
+    let kek = token.aes_key("kek-mid");
+    let kek_id = register(&c, &token.label, "kek-mid").await;
+    let elsewhere = register(&c, &format!("{}x", token.label), "kek-gone").await;
+    // Wrappers 1001..=1008 but 1004, which comes later.
+    let mut deks = Vec::new();
+    for id in (1001i64..=1008).filter(|id| *id != 1004) {
+        let uuid = uuid::Uuid::new_v4().to_string();
+        let dek: [u8; 32] = rand::random();
+        let sealed = token.seal(kek, rand::random(), uuid.as_bytes(), &dek);
+        c.execute(
+            "INSERT INTO key_wrappers (id, wrapper_uuid, kms1_key_id, dek_wrap1) VALUES ($1, $2, $3, $4)",
+            &[&id, &uuid, &kek_id, &sealed],
+        )
+        .await
+        .unwrap();
+        deks.push((id, dek));
+    }
+    token.logout();
+    let pin = token.pin_file.display().to_string();
+    let env = [
+        ("PQMIG_PKCS11_MODULE", MODULE),
+        ("PQMIG_PKCS11_PIN_FILE", pin.as_str()),
+    ];
+    let daemon = InProcess::start(&w.fx, &env).await;
+    let job = w
+        .enqueue(
+            w.seed.policy_id,
+            json!({"batch_size": 1, "max_rate": 2, "id_from": 1001}),
+        )
+        .await;
+    w.fx.wait_job(job, 60, |j| j.processed >= 1).await;
+    c.execute(
+        "INSERT INTO key_wrappers (id, wrapper_uuid, kms1_key_id, dek_wrap1) VALUES (1004, $1, $2, $3)",
+        &[&uuid::Uuid::new_v4().to_string(), &elsewhere, &vec![7u8; 60]],
+    )
+    .await
+    .unwrap();
+    let j = w.fx.wait_job(job, 60, terminal).await;
+    let error = j.error.clone().unwrap_or_default();
+    assert_eq!(j.status, "failed", "{error}");
+    assert!(
+        error.contains("no token labelled")
+            && error.contains("wrapper 1004 needs it")
+            && !error.contains("before any item"),
+        "{error}"
+    );
+    assert_eq!(
+        (j.processed, j.failed),
+        (3, 0),
+        "1001..=1003, then 1004 stops it"
+    );
+    let migrated: i64 = c
+        .query_one(
+            "SELECT count(*) FROM key_wrappers WHERE id > 1000 AND crypto_suite->>'format' = 'pqmig-wrap-v1'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(migrated, 3, "nothing after 1003 was written");
+
+    c.execute("DELETE FROM key_wrappers WHERE id = 1004", &[])
+        .await
+        .unwrap();
+    let keyring = w.fx.keyring.display().to_string();
+    let out = crate::support::run(
+        &["resume", &job.to_string()],
+        &[
+            ("DATABASE_URL", w.fx.db.url.as_str()),
+            ("PQMIG_KEYRING", keyring.as_str()),
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let j = w.fx.wait_job(job, 60, |j| j.status == "done").await;
+    daemon.stop().await;
+    assert_eq!((j.processed, j.failed), (7, 0));
     w.assert_pyca_opens(&deks).await;
 }

@@ -259,6 +259,70 @@ pub async fn wrappers_estimate(
     super::explain_rows(c, &sql, &filter.0.params(&[&lo, &hi])).await
 }
 
+/// What [`first_needing`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Probe {
+    /// A selected wrapper, and the key of `keys` it needs.
+    Found { wrapper: i64, key: i64 },
+    /// No selected wrapper needs any of them.
+    None,
+    /// The query ran out of its time.
+    TooSlow,
+}
+
+/// A selected wrapper whose kms1, kms2 or a layer's key is one of `keys`,
+/// looked for in at most `budget` (the statement's own timeout, in a
+/// read-only transaction of its own, rolled back).
+pub async fn first_needing(
+    c: &impl GenericClient,
+    filter: &WrapperFilter,
+    keys: &[i64],
+    budget: std::time::Duration,
+) -> Result<Probe, Error> {
+    let sql = format!(
+        "SELECT w.id, w.kms1_key_id, w.kms2_key_id, \
+                ARRAY(SELECT l.kms_key_id FROM key_wrapper_layers l \
+                      WHERE l.key_wrapper_id = w.id AND l.kms_key_id IS NOT NULL) \
+         FROM key_wrappers w \
+         WHERE (w.kms1_key_id = ANY($1::bigint[]) OR w.kms2_key_id = ANY($1::bigint[]) \
+                OR EXISTS (SELECT 1 FROM key_wrapper_layers l \
+                           WHERE l.key_wrapper_id = w.id AND l.kms_key_id = ANY($1::bigint[]))){} \
+         LIMIT 1",
+        filter.0.clause(2)
+    );
+    let keys = keys.to_vec();
+    c.batch_execute(&format!(
+        "BEGIN READ ONLY; SET LOCAL statement_timeout = {}",
+        budget.as_millis().max(1)
+    ))
+    .await?;
+    let found = c.query_opt(&sql, &filter.0.params(&[&keys])).await;
+    c.batch_execute("ROLLBACK").await?;
+    let row = match found {
+        Ok(row) => row,
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::QUERY_CANCELED) => {
+            return Ok(Probe::TooSlow);
+        }
+        Err(e) => return Err(e),
+    };
+    Ok(match row {
+        None => Probe::None,
+        Some(r) => {
+            let layer_keys: Vec<i64> = r.get(3);
+            let key = [r.get::<_, Option<i64>>(1), r.get(2)]
+                .into_iter()
+                .flatten()
+                .chain(layer_keys)
+                .find(|k| keys.contains(k))
+                .unwrap_or_default();
+            Probe::Found {
+                wrapper: r.get(0),
+                key,
+            }
+        }
+    })
+}
+
 /// Selected wrappers after `after`, counting at most `cap`.
 pub async fn wrappers_count(
     c: &impl GenericClient,

@@ -301,6 +301,14 @@ pub trait Scope: Send + Sync + 'static {
     }
     fn row_id(row: &Self::Row) -> i64;
 
+    /// Checks a daemon makes when it starts (or restarts) the job, after
+    /// `prepare` and before any item: what needs the selection's rows
+    /// (`pqmig enqueue` does not run them). Nothing by default.
+    fn preflight(&self, c: &Client) -> impl Future<Output = Result<(), JobError>> + Send {
+        let _ = c;
+        std::future::ready(Ok(()))
+    }
+
     /// Items after `after` in the selection, at most `cap` (`pqmig plan`;
     /// a job never counts, it estimates).
     fn count(

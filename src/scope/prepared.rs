@@ -33,6 +33,7 @@ trait Erased: Send + Sync {
     fn common(&self) -> &Common;
     fn item_bytes(&self) -> i64;
     fn pin_to_record(&self) -> Option<Value>;
+    fn preflight<'a>(&'a self, c: &'a Client) -> BoxFuture<'a, Result<(), JobError>>;
     fn count<'a>(
         &'a self,
         c: &'a Client,
@@ -81,6 +82,10 @@ impl<S: Scope> Erased for S {
 
     fn pin_to_record(&self) -> Option<Value> {
         Scope::pin_to_record(self)
+    }
+
+    fn preflight<'a>(&'a self, c: &'a Client) -> BoxFuture<'a, Result<(), JobError>> {
+        Box::pin(Scope::preflight(self, c))
     }
 
     fn count<'a>(
@@ -186,6 +191,11 @@ impl Prepared {
     pub fn max_batch(&self) -> i64 {
         const BATCH_BYTES: i64 = 3 << 20;
         (BATCH_BYTES / self.0.item_bytes().max(1)).clamp(100, 10_000)
+    }
+
+    /// See [`Scope::preflight`].
+    pub async fn preflight(&self, c: &Client) -> Result<(), JobError> {
+        self.0.preflight(c).await
     }
 
     /// Items after `after` in the selection, at most `cap`.

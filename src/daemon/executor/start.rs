@@ -39,6 +39,11 @@ pub(super) async fn run(
         spec.scope.prepare(&client, spec, &shared.scope).await
     })
     .await?;
+    retrying(shared, lost, "preflight", || async {
+        let client = shared.pool.get().await?;
+        scope.preflight(&client).await
+    })
+    .await?;
     walk::ensure_backups(shared, lost, spec.scope, scope.common(), lease.job_id).await?;
     if let Some(pin) = scope.pin_to_record() {
         let client = shared.pool.get().await?;

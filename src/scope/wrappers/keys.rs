@@ -77,8 +77,13 @@ enum Unusable {
 }
 
 /// A `pkcs11` key: its token and label checked now, so a missing one is
-/// said once per key.
-fn hsm_key(settings: Option<&Pkcs11Settings>, key: &KmsKey) -> Result<SourceKey, Unusable> {
+/// said once per key (`shallow`: the module, token and mechanism only, not
+/// the key itself).
+fn hsm_key(
+    settings: Option<&Pkcs11Settings>,
+    key: &KmsKey,
+    shallow: bool,
+) -> Result<SourceKey, Unusable> {
     let what = format!("key {} ({:?}) of provider pkcs11", key.id, key.key_ref);
     let settings = settings.ok_or_else(|| {
         Unusable::Setup(format!(
@@ -114,10 +119,12 @@ fn hsm_key(settings: Option<&Pkcs11Settings>, key: &KmsKey) -> Result<SourceKey,
                 "{what}: token {token:?} has no CKM_ECDH1_DERIVE mechanism, which opening its legacy-x25519 wraps needs"
             )));
         }
-        hsm.x25519_key(&t, &key.key_ref).map_err(|e| match e {
-            HsmError::Unavailable(m) => Unusable::ForNow(m),
-            other => Unusable::Key(other.to_string()),
-        })?;
+        if !shallow {
+            hsm.x25519_key(&t, &key.key_ref).map_err(|e| match e {
+                HsmError::Unavailable(m) => Unusable::ForNow(m),
+                other => Unusable::Key(other.to_string()),
+            })?;
+        }
         return Ok(SourceKey::HsmX25519 {
             hsm,
             token,
@@ -129,10 +136,12 @@ fn hsm_key(settings: Option<&Pkcs11Settings>, key: &KmsKey) -> Result<SourceKey,
             "{what}: token {token:?} has no CKM_AES_GCM mechanism, which opening its legacy-aes-gcm wraps needs"
         )));
     }
-    hsm.aes_key(&t, &key.key_ref).map_err(|e| match e {
-        HsmError::Unavailable(m) => Unusable::ForNow(m),
-        other => Unusable::Key(other.to_string()),
-    })?;
+    if !shallow {
+        hsm.aes_key(&t, &key.key_ref).map_err(|e| match e {
+            HsmError::Unavailable(m) => Unusable::ForNow(m),
+            other => Unusable::Key(other.to_string()),
+        })?;
+    }
     Ok(SourceKey::Hsm {
         hsm,
         token,
@@ -146,10 +155,11 @@ fn source_key(
     keyring: &dyn KeyProvider,
     pkcs11_settings: Option<&Pkcs11Settings>,
     key: &KmsKey,
+    shallow: bool,
 ) -> Result<SourceKey, Unusable> {
     match key.provider.as_str() {
         "local" => local_key(keyring, key).map_err(Unusable::Key),
-        "pkcs11" => hsm_key(pkcs11_settings, key),
+        "pkcs11" => hsm_key(pkcs11_settings, key, shallow),
         "aws" | "vault" => unreachable!("remote keys are resolved before, on the async threads"),
         other => Err(Unusable::Setup(format!(
             "key {} ({:?}): provider {other} is not supported yet (README, Key providers)",
@@ -377,72 +387,144 @@ impl SourceKeys {
         wanted.sort_unstable();
         wanted.dedup();
         let found = kms::kms_keys_by_id(c, &wanted).await?;
-        let fail = |id: i64, why: &str| fatal(format!("{why}: {}", needed_by(id)));
-        // AWS KMS keys: a client of their region; KMS checks the key itself
-        // when asked to decrypt.
-        let mut remote = Vec::new();
-        for k in found.iter().filter(|k| k.provider == "aws") {
-            let region = k.location.as_deref().map(str::trim).unwrap_or_default();
-            if region.is_empty() {
-                return Err(fail(
-                    k.id,
-                    &format!(
-                        "key {} ({:?}) of provider aws: its kms_providers row names no region (location)",
-                        k.id, k.key_ref
-                    ),
-                ));
+        let mut usable = Vec::with_capacity(wanted.len());
+        for (id, key) in self.classify(wanted, found, false).await? {
+            match key {
+                Ok(k) => usable.push((id, Arc::new(Ok(k)))),
+                Err(Unusable::Key(why)) if !strict => usable.push((id, Arc::new(Err(why)))),
+                Err(Unusable::Key(why) | Unusable::Setup(why)) => {
+                    return Err(fatal(format!("{why}: {}", needed_by(id))));
+                }
+                Err(Unusable::ForNow(why)) => return Err(JobError::Transient(why)),
             }
-            let key = SourceKey::Aws {
-                kms: self.aws.get(region).await,
-                key_id: k.key_ref.clone(),
-            };
-            remote.push((k.id, Arc::new(Ok(key))));
         }
-        // Vault keys: a client of their server and mount; transit checks
-        // the key when asked to decrypt. A token that cannot be read, or a
-        // location that is no Vault address, is this process's setup.
-        for k in found.iter().filter(|k| k.provider == "vault") {
-            let vault = self
-                .vault
-                .get(k.location.as_deref().unwrap_or_default())
-                .map_err(|e| {
-                    fail(
-                        k.id,
-                        &format!("key {} ({:?}) of provider vault: {e}", k.id, k.key_ref),
-                    )
-                })?;
-            let key = SourceKey::Vault {
-                vault,
-                key: k.key_ref.clone(),
-            };
-            remote.push((k.id, Arc::new(Ok(key))));
+        self.keys.lock().expect("key cache").extend(usable);
+        Ok(())
+    }
+
+    /// When a job starts (in the daemon): every `kms_keys` row this process
+    /// cannot use its provider for ([`Unusable::Setup`]) that a selected
+    /// wrapper needs fails the job before any item. Such rows are few or
+    /// none, so there is usually nothing to look for; when there are, one
+    /// query looks for a selected wrapper that needs one, given at most
+    /// `budget` (a table too large for that is checked batch by batch, as
+    /// ever).
+    pub async fn preflight(
+        &self,
+        c: &impl GenericClient,
+        filter: &dbw::WrapperFilter,
+        budget: std::time::Duration,
+    ) -> Result<(), JobError> {
+        let all: Vec<KmsKey> = kms::kms_keys_all(c)
+            .await?
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        let ids: Vec<i64> = all.iter().map(|k| k.id).collect();
+        // The provider of each (not each key in its token: a key that is
+        // gone fails only its items, found by the batches).
+        let unusable: Vec<(i64, String)> = self
+            .classify(ids, all, true)
+            .await?
+            .into_iter()
+            .filter_map(|(id, key)| match key {
+                Err(Unusable::Setup(why)) => Some((id, why)),
+                // Usable, gone (its items' failure), or a provider down
+                // now (the batches that need it wait).
+                _ => None,
+            })
+            .collect();
+        if unusable.is_empty() {
+            return Ok(());
         }
-        wanted.retain(|id| !remote.iter().any(|(r, _)| r == id));
-        self.keys.lock().expect("key cache").extend(remote);
+        let ids: Vec<i64> = unusable.iter().map(|(id, _)| *id).collect();
+        match dbw::first_needing(c, filter, &ids, budget).await? {
+            dbw::Probe::Found { wrapper, key } => {
+                let why = unusable
+                    .iter()
+                    .find(|(id, _)| *id == key)
+                    .map_or("", |(_, why)| why.as_str());
+                Err(fatal(format!(
+                    "{why}: wrapper {wrapper} needs it (found when the job started, before any item)"
+                )))
+            }
+            dbw::Probe::None => Ok(()),
+            dbw::Probe::TooSlow => {
+                tracing::info!(
+                    keys = ?ids,
+                    "could not tell in time whether the selection needs a key this process cannot use; each batch checks its own"
+                );
+                Ok(())
+            }
+        }
+    }
+
+    /// Each of `wanted` (rows `found`) made ready to open wraps with, or
+    /// why it cannot be.
+    async fn classify(
+        &self,
+        wanted: Vec<i64>,
+        found: Vec<KmsKey>,
+        shallow: bool,
+    ) -> Result<Vec<(i64, Result<SourceKey, Unusable>)>, JobError> {
+        let mut out = Vec::with_capacity(wanted.len());
+        let mut local = Vec::with_capacity(wanted.len());
+        for id in wanted {
+            let Some(k) = found.iter().find(|k| k.id == id) else {
+                let why = format!("kms_keys row {id} does not exist");
+                out.push((id, Err(Unusable::Key(why))));
+                continue;
+            };
+            let what = || format!("key {} ({:?}) of provider {}", k.id, k.key_ref, k.provider);
+            match k.provider.as_str() {
+                // AWS KMS keys: a client of their region; KMS checks the
+                // key itself when asked to decrypt.
+                "aws" => {
+                    let region = k.location.as_deref().map(str::trim).unwrap_or_default();
+                    let key = if region.is_empty() {
+                        Err(Unusable::Setup(format!(
+                            "{}: its kms_providers row names no region (location)",
+                            what()
+                        )))
+                    } else {
+                        Ok(SourceKey::Aws {
+                            kms: self.aws.get(region).await,
+                            key_id: k.key_ref.clone(),
+                        })
+                    };
+                    out.push((id, key));
+                }
+                // Vault keys: a client of their server and mount; transit
+                // checks the key when asked to decrypt. A token that cannot
+                // be read, or a location that is no Vault address, is this
+                // process's setup.
+                "vault" => {
+                    let key = self
+                        .vault
+                        .get(k.location.as_deref().unwrap_or_default())
+                        .map(|vault| SourceKey::Vault {
+                            vault,
+                            key: k.key_ref.clone(),
+                        })
+                        .map_err(|e| Unusable::Setup(format!("{}: {e}", what())));
+                    out.push((id, key));
+                }
+                _ => local.push(k.clone()),
+            }
+        }
+        // The keyring and the HSM, off the async threads.
         let keyring = Arc::clone(&self.keyring);
         let settings = self.pkcs11.clone();
         let resolved = tokio::task::spawn_blocking(move || {
-            let mut out = Vec::with_capacity(wanted.len());
-            for id in wanted {
-                let key = match found.iter().find(|k| k.id == id) {
-                    Some(k) => source_key(&*keyring, settings.as_ref(), k),
-                    None => Err(Unusable::Key(format!("kms_keys row {id} does not exist"))),
-                };
-                match key {
-                    Ok(k) => out.push((id, Arc::new(Ok(k)))),
-                    Err(Unusable::Key(why)) if !strict => out.push((id, Arc::new(Err(why)))),
-                    Err(Unusable::Key(why) | Unusable::Setup(why)) => return Ok(Err((id, why))),
-                    Err(Unusable::ForNow(why)) => return Err(why),
-                }
-            }
-            Ok(Ok(out))
+            local
+                .iter()
+                .map(|k| (k.id, source_key(&*keyring, settings.as_ref(), k, shallow)))
+                .collect::<Vec<_>>()
         })
         .await
-        .map_err(|e| fatal(format!("key resolution panicked: {e}")))?
-        .map_err(JobError::Transient)?
-        .map_err(|(id, why)| fail(id, &why))?;
-        self.keys.lock().expect("key cache").extend(resolved);
-        Ok(())
+        .map_err(|e| fatal(format!("key resolution panicked: {e}")))?;
+        out.extend(resolved);
+        Ok(out)
     }
 
     /// Ask AWS KMS to open every `legacy-aws-kms` wrap of these rows (keys

@@ -49,6 +49,10 @@ pub struct Checked {
     candidates: Vec<kms::PolicyKey>,
 }
 
+/// How long a job's start may look for a selected wrapper that needs a
+/// key this process cannot use ([`SourceKeys::preflight`]).
+const PREFLIGHT_BUDGET: std::time::Duration = std::time::Duration::from_secs(5);
+
 pub struct WrappersJob {
     sel: selection::Wrappers,
     filter: WrapperFilter,
@@ -317,6 +321,19 @@ impl Scope for WrappersJob {
     /// The policy the job wraps under, unless recorded already.
     fn pin_to_record(&self) -> Option<Value> {
         self.pin.as_ref().map(|p| json!({ "policy": p }))
+    }
+
+    /// A source key this process cannot use its provider for fails the
+    /// job before any item, when a selected wrapper needs it (the keys
+    /// `kms_key_ids` names were checked by `prepare`).
+    async fn preflight(&self, c: &Client) -> Result<(), JobError> {
+        if self.sel.kms_key_ids.is_some() {
+            return Ok(());
+        }
+        self.plan
+            .source
+            .preflight(c, &self.filter, PREFLIGHT_BUDGET)
+            .await
     }
 
     fn row_id(row: &WrapperRow) -> i64 {
