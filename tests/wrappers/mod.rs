@@ -5,3 +5,4 @@
 
 mod formats;
 mod jobs;
+mod preflight;
