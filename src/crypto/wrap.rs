@@ -329,6 +329,22 @@ pub fn x25519_contributory(public: &[u8; 32]) -> bool {
         .was_contributory()
 }
 
+/// An X25519 public key (u-coordinate) in canonical form: bit 255 cleared
+/// and reduced mod p = 2^255 - 19, which RFC 7748 does to any input, so
+/// the agreement is the same; a token may refuse the other forms.
+pub fn x25519_canonical(public: &[u8; 32]) -> [u8; 32] {
+    let mut u = *public;
+    u[31] &= 0x7f;
+    // u >= p exactly when u is p + k, k in 0..=18: 0xed + k, then
+    // 0xff bytes, then 0x7f (little-endian).
+    if u[31] == 0x7f && u[1..31].iter().all(|b| *b == 0xff) && u[0] >= 0xed {
+        let k = u[0] - 0xed;
+        u = [0u8; 32];
+        u[0] = k;
+    }
+    u
+}
+
 /// Open a `legacy-x25519` wrap with the X25519 shared secret of its
 /// ephemeral key and the recipient's key, computed elsewhere (an HSM).
 pub fn open_legacy_x25519_agreed(
@@ -377,6 +393,30 @@ pub fn x25519_public(secret: &[u8; 32]) -> [u8; 32] {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn x25519_canonical_form_gives_the_same_agreement() {
+        let scalar = x25519_dalek::StaticSecret::from([0x42u8; 32]);
+        let agree = |u: [u8; 32]| {
+            *scalar
+                .diffie_hellman(&x25519_dalek::PublicKey::from(u))
+                .as_bytes()
+        };
+        let public = x25519_public(&[7u8; 32]);
+        assert_eq!(x25519_canonical(&public), public, "already canonical");
+        let mut high = public;
+        high[31] |= 0x80;
+        assert_eq!(x25519_canonical(&high), public);
+        assert_eq!(agree(high), agree(public));
+        // p + 9 is the base point, 9.
+        let mut p9 = [0xffu8; 32];
+        p9[0] = 0xed + 9;
+        p9[31] = 0x7f;
+        let mut nine = [0u8; 32];
+        nine[0] = 9;
+        assert_eq!(x25519_canonical(&p9), nine);
+        assert_eq!(agree(p9), agree(nine));
+    }
 
     #[test]
     fn canonical_uuid_lowercases_and_refuses_other_shapes() {

@@ -270,11 +270,13 @@ pub enum Probe {
     TooSlow,
 }
 
-/// A selected wrapper whose kms1, kms2 or a layer's key is one of `keys`,
+/// A selected wrapper that needs one of `keys` to be opened (a legacy
+/// wrapper's kms1 or kms2, a `pqmig-wrap-v1` wrapper's layers' keys),
 /// looked for in at most `budget` (the statement's own timeout, in a
-/// read-only transaction of its own, rolled back).
+/// read-only transaction of its own, rolled back: also when the caller
+/// stops waiting, as a dropped transaction rolls back).
 pub async fn first_needing(
-    c: &impl GenericClient,
+    c: &mut tokio_postgres::Client,
     filter: &WrapperFilter,
     keys: &[i64],
     budget: std::time::Duration,
@@ -284,37 +286,42 @@ pub async fn first_needing(
                 ARRAY(SELECT l.kms_key_id FROM key_wrapper_layers l \
                       WHERE l.key_wrapper_id = w.id AND l.kms_key_id IS NOT NULL) \
          FROM key_wrappers w \
-         WHERE (w.kms1_key_id = ANY($1::bigint[]) OR w.kms2_key_id = ANY($1::bigint[]) \
+         WHERE ((COALESCE(w.crypto_suite->>'format', 'legacy-aes-gcm') <> 'pqmig-wrap-v1' \
+                 AND (w.kms1_key_id = ANY($1::bigint[]) OR w.kms2_key_id = ANY($1::bigint[]))) \
                 OR EXISTS (SELECT 1 FROM key_wrapper_layers l \
                            WHERE l.key_wrapper_id = w.id AND l.kms_key_id = ANY($1::bigint[]))){} \
          LIMIT 1",
         filter.0.clause(2)
     );
     let keys = keys.to_vec();
-    c.batch_execute(&format!(
-        "BEGIN READ ONLY; SET LOCAL statement_timeout = {}",
+    let tx = c.transaction().await?;
+    tx.batch_execute(&format!(
+        "SET TRANSACTION READ ONLY; SET LOCAL statement_timeout = {}",
         budget.as_millis().max(1)
     ))
     .await?;
-    let found = c.query_opt(&sql, &filter.0.params(&[&keys])).await;
-    c.batch_execute("ROLLBACK").await?;
+    let found = tx.query_opt(&sql, &filter.0.params(&[&keys])).await;
+    let rolled_back = tx.rollback().await;
     let row = match found {
         Ok(row) => row,
         Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::QUERY_CANCELED) => {
             return Ok(Probe::TooSlow);
         }
+        // The query's own error, not the rollback's.
         Err(e) => return Err(e),
     };
+    rolled_back?;
     Ok(match row {
         None => Probe::None,
         Some(r) => {
             let layer_keys: Vec<i64> = r.get(3);
+            // The row matched on one of them, so one is there.
             let key = [r.get::<_, Option<i64>>(1), r.get(2)]
                 .into_iter()
                 .flatten()
                 .chain(layer_keys)
                 .find(|k| keys.contains(k))
-                .unwrap_or_default();
+                .unwrap_or(keys[0]);
             Probe::Found {
                 wrapper: r.get(0),
                 key,

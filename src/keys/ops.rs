@@ -52,7 +52,7 @@ impl From<HsmError> for OpError {
     fn from(e: HsmError) -> OpError {
         match e {
             HsmError::Authentication(_) => OpError::Integrity(e.to_string()),
-            HsmError::Config(_) => OpError::Refused(e.to_string()),
+            HsmError::Config(_) | HsmError::Unsupported(_) => OpError::Refused(e.to_string()),
             HsmError::Unavailable(_) => OpError::Unavailable(e.to_string()),
         }
     }

@@ -75,6 +75,12 @@ pub enum HsmError {
     /// fails before any item with this message.
     #[error("{0}")]
     Config(String),
+    /// The token cannot do the operation for this process at all, for any
+    /// key (it refuses the mechanism or its parameters, or keeps the
+    /// result in): set up wrong, as [`HsmError::Config`], but the token's,
+    /// not one key's.
+    #[error("{0}")]
+    Unsupported(String),
     /// The token or its connection failed: try again later.
     #[error("{0}")]
     Unavailable(String),
@@ -563,18 +569,21 @@ impl Hsm {
         let public = self
             .with_session(token, |s| derive_x25519(s, private, &base))?
             .map_err(|e| match e {
-                P11Error::InvalidValue => HsmError::Config(format!(
-                    "{what}: the token does not give out the X25519 shared secret (CKA_VALUE of the derived key), which the wrap's HKDF needs"
-                )),
-                P11Error::Pkcs11(rv, _) if refuses_agreement(rv) => {
-                    HsmError::Config(format!("{what}: X25519 agreement: {e}"))
-                }
-                // Anything else may be the token failing for now (a
-                // general error, a lost device): tried again later.
-                e => {
+                // The token failing for now (a lost device, a general
+                // error): tried again later.
+                P11Error::Pkcs11(rv, _)
+                    if unavailable(rv)
+                        || matches!(rv, RvError::GeneralError | RvError::FunctionFailed) =>
+                {
                     self.forget(token);
                     HsmError::Unavailable(format!("{what}: X25519 agreement: {e}"))
                 }
+                P11Error::InvalidValue => HsmError::Unsupported(format!(
+                    "{what}: the token does not give out the X25519 shared secret (CKA_VALUE of the derived key), which the wrap's HKDF needs"
+                )),
+                // It refuses the agreement itself (mechanism, parameters,
+                // template, a sensitive result).
+                e => HsmError::Unsupported(format!("{what}: X25519 agreement: {e}")),
             })?;
         let found = X25519Key {
             private,
@@ -763,22 +772,6 @@ impl Hsm {
     }
 }
 
-/// The token says this key or template cannot do an X25519 agreement at
-/// all (not that it failed this time).
-fn refuses_agreement(rv: RvError) -> bool {
-    matches!(
-        rv,
-        RvError::KeyTypeInconsistent
-            | RvError::KeyFunctionNotPermitted
-            | RvError::MechanismInvalid
-            | RvError::MechanismParamInvalid
-            | RvError::TemplateIncomplete
-            | RvError::TemplateInconsistent
-            | RvError::AttributeTypeInvalid
-            | RvError::AttributeValueInvalid
-    )
-}
-
 /// An X25519 private key in a token and its public key.
 #[derive(Debug, Clone, Copy)]
 pub struct X25519Key {
@@ -852,7 +845,7 @@ fn metered<T>(operation: &str, f: impl FnOnce() -> Result<T, HsmError>) -> Resul
     let outcome = match &out {
         Ok(_) => "ok",
         Err(HsmError::Authentication(_)) => "integrity",
-        Err(HsmError::Config(_)) => "refused",
+        Err(HsmError::Config(_) | HsmError::Unsupported(_)) => "refused",
         Err(HsmError::Unavailable(_)) => "unavailable",
     };
     super::meter::observe("pkcs11", operation, outcome, started.elapsed());

@@ -304,7 +304,7 @@ pub trait Scope: Send + Sync + 'static {
     /// Checks a daemon makes when it starts (or restarts) the job, after
     /// `prepare` and before any item: what needs the selection's rows
     /// (`pqmig enqueue` does not run them). Nothing by default.
-    fn preflight(&self, c: &Client) -> impl Future<Output = Result<(), JobError>> + Send {
+    fn preflight(&self, c: &mut Client) -> impl Future<Output = Result<(), JobError>> + Send {
         let _ = c;
         std::future::ready(Ok(()))
     }

@@ -33,7 +33,7 @@ trait Erased: Send + Sync {
     fn common(&self) -> &Common;
     fn item_bytes(&self) -> i64;
     fn pin_to_record(&self) -> Option<Value>;
-    fn preflight<'a>(&'a self, c: &'a Client) -> BoxFuture<'a, Result<(), JobError>>;
+    fn preflight<'a>(&'a self, c: &'a mut Client) -> BoxFuture<'a, Result<(), JobError>>;
     fn count<'a>(
         &'a self,
         c: &'a Client,
@@ -84,7 +84,7 @@ impl<S: Scope> Erased for S {
         Scope::pin_to_record(self)
     }
 
-    fn preflight<'a>(&'a self, c: &'a Client) -> BoxFuture<'a, Result<(), JobError>> {
+    fn preflight<'a>(&'a self, c: &'a mut Client) -> BoxFuture<'a, Result<(), JobError>> {
         Box::pin(Scope::preflight(self, c))
     }
 
@@ -194,7 +194,7 @@ impl Prepared {
     }
 
     /// See [`Scope::preflight`].
-    pub async fn preflight(&self, c: &Client) -> Result<(), JobError> {
+    pub async fn preflight(&self, c: &mut Client) -> Result<(), JobError> {
         self.0.preflight(c).await
     }
 

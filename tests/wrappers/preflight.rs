@@ -17,7 +17,7 @@ fn filter(selection: Value) -> WrapperFilter {
 #[tokio::test]
 async fn first_needing_names_a_wrapper_and_its_key_or_says_it_ran_out_of_time() {
     let db = TestDb::migrated().await;
-    let c = db.client().await;
+    let mut c = db.client().await;
     let key = |r: &str| {
         format!(
             "INSERT INTO kms_keys (provider_id, external_key_ref, purpose) \
@@ -45,15 +45,24 @@ async fn first_needing_names_a_wrapper_and_its_key_or_says_it_ran_out_of_time() 
         .await
         .unwrap()
         .get(0);
-    let timeout = || async {
+    // A wrapper rewritten to pqmig-wrap-v1 keeps its old kms1, which it no
+    // longer needs (its layers open it): not one to find.
+    c.execute(
+        "UPDATE key_wrappers SET kms1_key_id = $1, crypto_suite = '{\"format\": \"pqmig-wrap-v1\"}' \
+         WHERE id = (SELECT min(id) + 10 FROM key_wrappers)",
+        &[&b],
+    )
+    .await
+    .unwrap();
+    async fn timeout(c: &tokio_postgres::Client) -> String {
         let r = c.query_one("SHOW statement_timeout", &[]).await.unwrap();
-        r.get::<_, String>(0)
-    };
-    let before = timeout().await;
+        r.get(0)
+    }
+    let before = timeout(&c).await;
 
     let ten = Duration::from_secs(10);
     assert_eq!(
-        first_needing(&c, &filter(json!({})), &[b], ten)
+        first_needing(&mut c, &filter(json!({})), &[b], ten)
             .await
             .unwrap(),
         Probe::Found {
@@ -63,20 +72,42 @@ async fn first_needing_names_a_wrapper_and_its_key_or_says_it_ran_out_of_time() 
     );
     let below = json!({"id_to": needing - 1});
     assert_eq!(
-        first_needing(&c, &filter(below), &[b], ten).await.unwrap(),
+        first_needing(&mut c, &filter(below), &[b], ten)
+            .await
+            .unwrap(),
         Probe::None
     );
     // No wrapper needs key `a + b`: the whole table is read, far beyond a
     // millisecond.
     assert_eq!(
-        first_needing(&c, &filter(json!({})), &[a + b], Duration::from_millis(1))
-            .await
-            .unwrap(),
+        first_needing(
+            &mut c,
+            &filter(json!({})),
+            &[a + b],
+            Duration::from_millis(1)
+        )
+        .await
+        .unwrap(),
         Probe::TooSlow
     );
     // The connection is as it was: no transaction open, its own timeout.
-    assert_eq!(timeout().await, before);
-    // (In a transaction, now() would stand still between statements.)
+    assert_eq!(timeout(&c).await, before);
+    assert_outside_a_transaction(&c).await;
+
+    // A caller that stops waiting mid-query (a job start dropped when its
+    // lease is lost) leaves no transaction behind on the connection.
+    let dropped = tokio::time::timeout(
+        Duration::from_millis(5),
+        first_needing(&mut c, &filter(json!({})), &[a + b], ten),
+    )
+    .await;
+    assert!(dropped.is_err(), "still running after 5 ms");
+    assert_eq!(timeout(&c).await, before);
+    assert_outside_a_transaction(&c).await;
+}
+
+/// In a transaction, now() would stand still between statements.
+async fn assert_outside_a_transaction(c: &tokio_postgres::Client) {
     let now = || async {
         let r = c.query_one("SELECT now()::text", &[]).await.unwrap();
         r.get::<_, String>(0)

@@ -40,8 +40,8 @@ pub(super) async fn run(
     })
     .await?;
     retrying(shared, lost, "preflight", || async {
-        let client = shared.pool.get().await?;
-        scope.preflight(&client).await
+        let mut client = shared.pool.get().await?;
+        scope.preflight(&mut client).await
     })
     .await?;
     walk::ensure_backups(shared, lost, spec.scope, scope.common(), lease.job_id).await?;

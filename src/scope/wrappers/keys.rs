@@ -122,6 +122,8 @@ fn hsm_key(
         if !shallow {
             hsm.x25519_key(&t, &key.key_ref).map_err(|e| match e {
                 HsmError::Unavailable(m) => Unusable::ForNow(m),
+                // The token will not agree for any key: its setup.
+                HsmError::Unsupported(m) => Unusable::Setup(m),
                 other => Unusable::Key(other.to_string()),
             })?;
         }
@@ -209,10 +211,14 @@ pub struct SourceKeys {
 }
 
 /// Ids of the keys a wrapper needs to be opened.
+/// A `pqmig-wrap-v1` wrapper is opened through its layers only: the
+/// kms1/kms2 a rewrite leaves in place are not needed any more.
 fn needed_keys(row: &WrapperRow) -> impl Iterator<Item = i64> + '_ {
+    let legacy = format_of(row) != Ok(wrap::FORMAT_V1);
     [row.kms1, row.kms2]
         .into_iter()
         .flatten()
+        .filter(move |_| legacy)
         .chain(row.layers.iter().filter_map(|l| l.kms_key_id))
 }
 
@@ -255,7 +261,9 @@ enum Opened {
 /// The token's X25519 agreement with a `legacy-x25519` wrap's ephemeral
 /// key, and the key's public key. A wrap too short to hold one, or whose
 /// ephemeral key is a low-order point (no shared secret), is the data's
-/// fault, decided here, so that whatever the token says is the token's.
+/// fault, decided here; a key with its top bit set or not reduced mod p is
+/// passed in its canonical form (the same agreement): so whatever the
+/// token then says is the token's.
 fn agree_in_token(
     hsm: &Hsm,
     token: &str,
@@ -266,7 +274,9 @@ fn agree_in_token(
     if !wrap::x25519_contributory(eph) {
         return Err(Opened::Tag);
     }
-    hsm.x25519_agree(token, key, eph).map_err(hsm_opened)
+    // The same agreement (RFC 7748), in the one form every token takes.
+    let eph = wrap::x25519_canonical(eph);
+    hsm.x25519_agree(token, key, &eph).map_err(hsm_opened)
 }
 
 /// What an HSM's answer means for a wrap.
@@ -274,7 +284,7 @@ fn hsm_opened(e: HsmError) -> Opened {
     match e {
         HsmError::Authentication(_) => Opened::Tag,
         HsmError::Unavailable(m) => Opened::ForNow(m),
-        HsmError::Config(m) => Opened::Unusable(m),
+        HsmError::Config(m) | HsmError::Unsupported(m) => Opened::Unusable(m),
     }
 }
 
@@ -357,7 +367,10 @@ impl SourceKeys {
         };
         let needed_by = |id: i64| {
             let row = rows.iter().find(|r| needed_keys(r).any(|k| k == id));
-            format!("wrapper {} needs it", row.map_or(0, |r| r.id))
+            format!(
+                "wrapper {} needs it; set its provider up where pqmig runs, then resume the job",
+                row.map_or(0, |r| r.id)
+            )
         };
         self.resolve_ids(c, wanted, false, &needed_by).await
     }
@@ -411,11 +424,11 @@ impl SourceKeys {
     /// ever).
     pub async fn preflight(
         &self,
-        c: &impl GenericClient,
+        c: &mut tokio_postgres::Client,
         filter: &dbw::WrapperFilter,
         budget: std::time::Duration,
     ) -> Result<(), JobError> {
-        let all: Vec<KmsKey> = kms::kms_keys_all(c)
+        let all: Vec<KmsKey> = kms::kms_keys_all(&*c)
             .await?
             .into_iter()
             .map(|(k, _)| k)
@@ -445,7 +458,7 @@ impl SourceKeys {
                     .find(|(id, _)| *id == key)
                     .map_or("", |(_, why)| why.as_str());
                 Err(fatal(format!(
-                    "{why}: wrapper {wrapper} needs it (found when the job started, before any item)"
+                    "{why}: wrapper {wrapper} needs it (found when the job started, before any item); set its provider up where pqmig runs, then resume the job"
                 )))
             }
             dbw::Probe::None => Ok(()),

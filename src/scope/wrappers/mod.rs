@@ -324,12 +324,10 @@ impl Scope for WrappersJob {
     }
 
     /// A source key this process cannot use its provider for fails the
-    /// job before any item, when a selected wrapper needs it (the keys
-    /// `kms_key_ids` names were checked by `prepare`).
-    async fn preflight(&self, c: &Client) -> Result<(), JobError> {
-        if self.sel.kms_key_ids.is_some() {
-            return Ok(());
-        }
+    /// job before any item, when a selected wrapper needs it (beyond the
+    /// keys `kms_key_ids` names, which `prepare` checked: the layers' keys
+    /// of the wrappers they select).
+    async fn preflight(&self, c: &mut Client) -> Result<(), JobError> {
         self.plan
             .source
             .preflight(c, &self.filter, PREFLIGHT_BUDGET)
