@@ -13,6 +13,16 @@ use crate::support::softhsm::{MODULE, Token};
 use crate::support::wrappers::{WrapFx, register_kek, register_key};
 use crate::support::{InProcess, stderr, stdout};
 
+/// A new token for this test, labelled `prefix` and the end of its
+/// database's name.
+fn token_of(fx: &Fixture, prefix: &str) -> Token {
+    let name = &fx.db.name;
+    Token::new(&format!(
+        "{prefix}{}",
+        &name[name.len().saturating_sub(20)..]
+    ))
+}
+
 /// A `kms_providers` row for the token and a `kms_keys` row for its key.
 async fn register(c: &tokio_postgres::Client, token: &str, key: &str) -> i64 {
     register_kek(c, &format!("hsm-{token}"), "pkcs11", token, key).await
@@ -22,10 +32,7 @@ async fn register(c: &tokio_postgres::Client, token: &str, key: &str) -> i64 {
 async fn legacy_wraps_under_an_hsm_kek_are_opened_in_the_token_and_rewrapped() {
     let w = WrapFx::new(4, pqmig::crypto::kem::Kem::MlKem768, 1).await;
     let c = w.fx.db.client().await;
-    let token = Token::new(&format!(
-        "t{}",
-        &w.fx.db.name[w.fx.db.name.len().saturating_sub(20)..]
-    ));
+    let token = token_of(&w.fx, "t");
     let kek = token.aes_key("kek-hsm");
     assert_eq!(
         token.readable_value(kek),
@@ -253,10 +260,7 @@ async fn legacy_wraps_under_an_hsm_kek_are_opened_in_the_token_and_rewrapped() {
 async fn a_token_never_has_more_operation_sessions_than_the_cap() {
     let w = WrapFx::new(1, pqmig::crypto::kem::Kem::MlKem768, 1).await;
     let c = w.fx.db.client().await;
-    let token = Token::new(&format!(
-        "s{}",
-        &w.fx.db.name[w.fx.db.name.len().saturating_sub(20)..]
-    ));
+    let token = token_of(&w.fx, "s");
     let kek = token.aes_key("kek-cap");
     let kek_id = register(&c, &token.label, "kek-cap").await;
     let (mut uuids, mut wraps) = (Vec::new(), Vec::new());
@@ -341,10 +345,7 @@ async fn an_hsm_hmac_pepper_rehashes_in_the_token() {
     const N: i64 = 150;
     let fx = Fixture::new(N).await;
     let c = fx.db.client().await;
-    let token = Token::new(&format!(
-        "h{}",
-        &fx.db.name[fx.db.name.len().saturating_sub(20)..]
-    ));
+    let token = token_of(&fx, "h");
     let pepper: [u8; 32] = rand::random();
     let key = token.hmac_key("pepper-hsm", &pepper, false);
     assert_eq!(
@@ -481,10 +482,7 @@ async fn legacy_x25519_wraps_are_opened_by_an_agreement_in_the_token() {
     use pqmig::crypto::wrap;
     let w = WrapFx::new(2, pqmig::crypto::kem::Kem::MlKem768, 1).await;
     let c = w.fx.db.client().await;
-    let token = Token::new(&format!(
-        "x{}",
-        &w.fx.db.name[w.fx.db.name.len().saturating_sub(20)..]
-    ));
+    let token = token_of(&w.fx, "x");
     let (public, private) = token.x25519_key("ecies-hsm");
     assert_eq!(
         token.readable_value(private),
@@ -591,10 +589,7 @@ async fn an_hsm_outage_is_waited_out_and_nothing_is_lost() {
     use pqmig::crypto::wrap;
     let w = WrapFx::new(1, pqmig::crypto::kem::Kem::MlKem768, 1).await;
     let c = w.fx.db.client().await;
-    let token = Token::new(&format!(
-        "o{}",
-        &w.fx.db.name[w.fx.db.name.len().saturating_sub(20)..]
-    ));
+    let token = token_of(&w.fx, "o");
     let kek = token.aes_key("kek-out");
     let (public, _) = token.x25519_key("ecies-out");
     let aes = register(&c, &token.label, "kek-out").await;
@@ -714,10 +709,7 @@ async fn an_hsm_outage_is_waited_out_and_nothing_is_lost() {
 async fn a_key_without_its_token_met_mid_job_fails_the_job_at_that_batch() {
     let w = WrapFx::new(1, pqmig::crypto::kem::Kem::MlKem768, 1).await;
     let c = w.fx.db.client().await;
-    let token = Token::new(&format!(
-        "m{}",
-        &w.fx.db.name[w.fx.db.name.len().saturating_sub(20)..]
-    ));
+    let token = token_of(&w.fx, "m");
     let kek = token.aes_key("kek-mid");
     let kek_id = register(&c, &token.label, "kek-mid").await;
     let elsewhere = register(&c, &format!("{}x", token.label), "kek-gone").await;

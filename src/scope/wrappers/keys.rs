@@ -113,41 +113,31 @@ fn hsm_key(
     };
     let hsm = pkcs11::open(settings).map_err(setup)?;
     let t = hsm.token(&token).map_err(setup)?;
-    if x25519 {
-        if !Hsm::does_x25519(&t) {
-            return Err(Unusable::Setup(format!(
-                "{what}: token {token:?} has no CKM_ECDH1_DERIVE mechanism, which opening its legacy-x25519 wraps needs"
-            )));
-        }
-        if !shallow {
-            hsm.x25519_key(&t, &key.key_ref).map_err(|e| match e {
-                HsmError::Unavailable(m) => Unusable::ForNow(m),
-                // The token will not agree for any key: its setup.
-                HsmError::Unsupported(m) => Unusable::Setup(m),
-                other => Unusable::Key(other.to_string()),
-            })?;
-        }
-        return Ok(SourceKey::HsmX25519 {
-            hsm,
-            token,
-            key: key.key_ref.clone(),
-        });
-    }
-    if !Hsm::does_aes_gcm(&t) {
+    let (has, mechanism, format) = match x25519 {
+        true => (Hsm::does_x25519(&t), "CKM_ECDH1_DERIVE", "legacy-x25519"),
+        false => (Hsm::does_aes_gcm(&t), "CKM_AES_GCM", "legacy-aes-gcm"),
+    };
+    if !has {
         return Err(Unusable::Setup(format!(
-            "{what}: token {token:?} has no CKM_AES_GCM mechanism, which opening its legacy-aes-gcm wraps needs"
+            "{what}: token {token:?} has no {mechanism} mechanism, which opening its {format} wraps needs"
         )));
     }
     if !shallow {
-        hsm.aes_key(&t, &key.key_ref).map_err(|e| match e {
+        let found = match x25519 {
+            true => hsm.x25519_key(&t, &key.key_ref).map(drop),
+            false => hsm.aes_key(&t, &key.key_ref).map(drop),
+        };
+        found.map_err(|e| match e {
             HsmError::Unavailable(m) => Unusable::ForNow(m),
+            // The token will not do it for any key: its setup.
+            HsmError::Unsupported(m) => Unusable::Setup(m),
             other => Unusable::Key(other.to_string()),
         })?;
     }
-    Ok(SourceKey::Hsm {
-        hsm,
-        token,
-        key: key.key_ref.clone(),
+    let key = key.key_ref.clone();
+    Ok(match x25519 {
+        true => SourceKey::HsmX25519 { hsm, token, key },
+        false => SourceKey::Hsm { hsm, token, key },
     })
 }
 
