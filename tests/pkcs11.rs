@@ -23,6 +23,36 @@ fn token_of(fx: &Fixture, prefix: &str) -> Token {
     ))
 }
 
+/// Another `kms_keys` row (`key_ref`, `algorithm`) of `key`'s provider.
+async fn key_beside(c: &tokio_postgres::Client, key: i64, key_ref: &str, algorithm: &str) -> i64 {
+    c.query_one(
+        "INSERT INTO kms_keys (provider_id, external_key_ref, purpose, algorithm) \
+         SELECT provider_id, $2, 'wrap', $3 FROM kms_keys WHERE id = $1 RETURNING id",
+        &[&key, &key_ref, &algorithm],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+/// `pqmig ARGS` against `fx`'s database and keyring, with SoftHSM and
+/// `token`'s PIN file as its HSM.
+fn cli(fx: &Fixture, token: &Token, args: &[&str]) -> std::process::Output {
+    let keyring = fx.keyring.display().to_string();
+    let pin = token.pin_file.display().to_string();
+    let conf = crate::support::softhsm::conf();
+    crate::support::run(
+        args,
+        &[
+            ("DATABASE_URL", fx.db.url.as_str()),
+            ("PQMIG_KEYRING", keyring.as_str()),
+            ("PQMIG_PKCS11_MODULE", MODULE),
+            ("PQMIG_PKCS11_PIN_FILE", pin.as_str()),
+            ("SOFTHSM2_CONF", conf.as_str()),
+        ],
+    )
+}
+
 /// A `kms_providers` row for the token and a `kms_keys` row for its key.
 async fn register(c: &tokio_postgres::Client, token: &str, key: &str) -> i64 {
     register_kek(c, &format!("hsm-{token}"), "pkcs11", token, key).await
@@ -40,16 +70,7 @@ async fn legacy_wraps_under_an_hsm_kek_are_opened_in_the_token_and_rewrapped() {
         "the KEK cannot be read out of the token"
     );
     let kek_id = register(&c, &token.label, "kek-hsm").await;
-    let missing_id: i64 = c
-        .query_one(
-            "INSERT INTO kms_keys (provider_id, external_key_ref, purpose, algorithm) \
-             SELECT provider_id, 'kek-nowhere', 'wrap', 'AES-256-GCM' FROM kms_keys WHERE id = $1 \
-             RETURNING id",
-            &[&kek_id],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let missing_id: i64 = key_beside(&c, kek_id, "kek-nowhere", "AES-256-GCM").await;
 
     // Wrappers sealed in the token (legacy-aes-gcm: aad = uuid); one
     // tampered, one under a key the token does not have.
@@ -176,20 +197,7 @@ async fn legacy_wraps_under_an_hsm_kek_are_opened_in_the_token_and_rewrapped() {
     daemon.stop().await;
     assert_eq!(j.status, "done", "{:?}", j.error);
     let kek_arg = kek_id.to_string();
-    let conf = crate::support::softhsm::conf();
-    let cli_env = |args: &[&str]| {
-        let keyring = w.fx.keyring.display().to_string();
-        crate::support::run(
-            args,
-            &[
-                ("DATABASE_URL", w.fx.db.url.as_str()),
-                ("PQMIG_KEYRING", keyring.as_str()),
-                ("PQMIG_PKCS11_MODULE", MODULE),
-                ("PQMIG_PKCS11_PIN_FILE", pin.as_str()),
-                ("SOFTHSM2_CONF", conf.as_str()),
-            ],
-        )
-    };
+    let cli_env = |args: &[&str]| cli(&w.fx, &token, args);
     let out = cli_env(&[
         "keys",
         "signing",
@@ -364,16 +372,7 @@ async fn an_hsm_hmac_pepper_rehashes_in_the_token() {
         "HMAC-SHA-256",
     )
     .await;
-    let loose_id: i64 = c
-        .query_one(
-            "INSERT INTO kms_keys (provider_id, external_key_ref, purpose, algorithm) \
-             SELECT provider_id, 'pepper-loose', 'wrap', 'HMAC-SHA-256' FROM kms_keys WHERE id = $1 \
-             RETURNING id",
-            &[&key_id],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let loose_id: i64 = key_beside(&c, key_id, "pepper-loose", "HMAC-SHA-256").await;
     token.logout();
     let pin = token.pin_file.display().to_string();
     let env = [
@@ -433,20 +432,7 @@ async fn an_hsm_hmac_pepper_rehashes_in_the_token() {
         assert_eq!(version, "hsm-v3/v1", "row {id}");
     }
 
-    let conf = crate::support::softhsm::conf();
-    let keyring = fx.keyring.display().to_string();
-    let cli_env = |args: &[&str]| {
-        crate::support::run(
-            args,
-            &[
-                ("DATABASE_URL", fx.db.url.as_str()),
-                ("PQMIG_KEYRING", keyring.as_str()),
-                ("PQMIG_PKCS11_MODULE", MODULE),
-                ("PQMIG_PKCS11_PIN_FILE", pin.as_str()),
-                ("SOFTHSM2_CONF", conf.as_str()),
-            ],
-        )
-    };
+    let cli_env = |args: &[&str]| cli(&fx, &token, args);
     // `pqmig verify` has the token compute each backed-up hash's HMAC again.
     let out = cli_env(&["verify", &job.to_string()]);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -547,27 +533,13 @@ async fn legacy_x25519_wraps_are_opened_by_an_agreement_in_the_token() {
     );
     w.assert_pyca_opens(&deks[..5]).await;
 
-    let conf = crate::support::softhsm::conf();
-    let keyring = w.fx.keyring.display().to_string();
-    let cli = |args: &[&str]| {
-        crate::support::run(
-            args,
-            &[
-                ("DATABASE_URL", w.fx.db.url.as_str()),
-                ("PQMIG_KEYRING", keyring.as_str()),
-                ("PQMIG_PKCS11_MODULE", MODULE),
-                ("PQMIG_PKCS11_PIN_FILE", pin.as_str()),
-                ("SOFTHSM2_CONF", conf.as_str()),
-            ],
-        )
-    };
-    let out = cli(&["keys", "list"]);
+    let out = cli(&w.fx, &token, &["keys", "list"]);
     assert!(
         stdout(&out).contains("usable: open legacy-x25519 (in its token)"),
         "{}",
         stdout(&out)
     );
-    let out = cli(&["keys", "check"]);
+    let out = cli(&w.fx, &token, &["keys", "check"]);
     assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
     assert!(
         stdout(&out).contains(&format!(
@@ -593,16 +565,7 @@ async fn an_hsm_outage_is_waited_out_and_nothing_is_lost() {
     let kek = token.aes_key("kek-out");
     let (public, _) = token.x25519_key("ecies-out");
     let aes = register(&c, &token.label, "kek-out").await;
-    let x25519: i64 = c
-        .query_one(
-            "INSERT INTO kms_keys (provider_id, external_key_ref, purpose, algorithm) \
-             SELECT provider_id, 'ecies-out', 'wrap', 'X25519' FROM kms_keys WHERE id = $1 \
-             RETURNING id",
-            &[&aes],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let x25519: i64 = key_beside(&c, aes, "ecies-out", "X25519").await;
     // Eight wraps of each kind, interleaved.
     let mut deks = Vec::new();
     for i in 0..16 {
@@ -774,14 +737,7 @@ async fn a_key_without_its_token_met_mid_job_fails_the_job_at_that_batch() {
     c.execute("DELETE FROM key_wrappers WHERE id = 1004", &[])
         .await
         .unwrap();
-    let keyring = w.fx.keyring.display().to_string();
-    let out = crate::support::run(
-        &["resume", &job.to_string()],
-        &[
-            ("DATABASE_URL", w.fx.db.url.as_str()),
-            ("PQMIG_KEYRING", keyring.as_str()),
-        ],
-    );
+    let out = cli(&w.fx, &token, &["resume", &job.to_string()]);
     assert!(out.status.success(), "{}", stderr(&out));
     let j = w.fx.wait_job(job, 60, |j| j.status == "done").await;
     daemon.stop().await;
