@@ -31,6 +31,14 @@ pub struct HashUpdates {
     pub new_versions: Vec<String>,
 }
 
+/// A page of backups, the rows they name as they are now (by id), and
+/// the cursor of the next page.
+pub type BackupsAndRows = (
+    Vec<HashBackup>,
+    std::collections::HashMap<i64, HashRow>,
+    Option<super::backups::Cursor>,
+);
+
 /// The statements of one job, built once from validated identifiers.
 pub struct HashStatements {
     from: String,
@@ -289,6 +297,26 @@ impl HashStatements {
             .iter()
             .map(row_to_hash)
             .collect())
+    }
+
+    /// A page of the job's backups (as [`HashStatements::hashes_backups`])
+    /// and the rows they name as they are now, by id.
+    pub async fn hashes_backups_and_rows(
+        &self,
+        c: &impl GenericClient,
+        job_id: i64,
+        at: super::backups::Cursor,
+        n: i64,
+    ) -> Result<BackupsAndRows, tokio_postgres::Error> {
+        let (backups, next) = self.hashes_backups(c, job_id, at, n).await?;
+        let ids: Vec<i64> = backups.iter().map(|b| b.item_id).collect();
+        let now = self
+            .hashes_current(c, &ids)
+            .await?
+            .into_iter()
+            .map(|r| (r.id, r))
+            .collect();
+        Ok((backups, now, next))
     }
 
     /// Restore backed-up values where the row still carries the version the

@@ -61,16 +61,11 @@ impl HashesAftercare {
         };
         let mut at = Some(Cursor::START);
         while let Some(here) = at {
-            let (backups, next) = self.stmts.hashes_backups(c, job_id, here, 1000).await?;
-            at = next;
-            let ids: Vec<i64> = backups.iter().map(|b| b.item_id).collect();
-            let now: std::collections::HashMap<i64, _> = self
+            let (backups, now, next) = self
                 .stmts
-                .hashes_current(c, &ids)
-                .await?
-                .into_iter()
-                .map(|r| (r.id, r))
-                .collect();
+                .hashes_backups_and_rows(c, job_id, here, 1000)
+                .await?;
+            at = next;
             // Each backup's row, where it still carries the version the
             // job gave it.
             let ours: Vec<_> = backups
@@ -188,16 +183,11 @@ impl crate::scope::Aftercare for HashesAftercare {
             }
             let (mut out, mut at) = (Vec::new(), Some(Cursor::START));
             while let Some(here) = at {
-                let (backups, next) = self.stmts.hashes_backups(c, job_id, here, 1000).await?;
-                at = next;
-                let ids: Vec<i64> = backups.iter().map(|b| b.item_id).collect();
-                let now: std::collections::HashMap<i64, _> = self
+                let (backups, now, next) = self
                     .stmts
-                    .hashes_current(c, &ids)
-                    .await?
-                    .into_iter()
-                    .map(|r| (r.id, r))
-                    .collect();
+                    .hashes_backups_and_rows(c, job_id, here, 1000)
+                    .await?;
+                at = next;
                 for b in &backups {
                     let ours = format!("{}/{}", self.profile, b.old_version);
                     let Some(row) = now.get(&b.item_id) else {
