@@ -9,16 +9,10 @@ import base64
 import json
 import sys
 
-import boto3
+from kms_client import client
 
 req = json.load(sys.stdin)
-kms = boto3.client(
-    "kms",
-    region_name="us-east-1",
-    endpoint_url=req["endpoint"],
-    aws_access_key_id="test",
-    aws_secret_access_key="test",
-)
+kms = client(req["endpoint"])
 arn = kms.create_key(KeySpec="HMAC_256", KeyUsage="GENERATE_VERIFY_MAC")["KeyMetadata"]["Arn"]
 macs = []
 for m in req["messages"]:

@@ -13,16 +13,10 @@ import os
 import sys
 import uuid as uuid_mod
 
-import boto3
+from kms_client import client
 
 req = json.load(sys.stdin)
-kms = boto3.client(
-    "kms",
-    region_name="us-east-1",
-    endpoint_url=req["endpoint"],
-    aws_access_key_id="test",
-    aws_secret_access_key="test",
-)
+kms = client(req["endpoint"])
 arn = kms.create_key(KeySpec="SYMMETRIC_DEFAULT", KeyUsage="ENCRYPT_DECRYPT")["KeyMetadata"]["Arn"]
 wraps = []
 for i, uuid in enumerate(req["uuids"]):
