@@ -11,7 +11,7 @@ use serde_json::json;
 
 use crate::support::hashes::{Fixture, legacy_hash, terminal, terminate};
 use crate::support::kms::KmsServer;
-use crate::support::wrappers::{WrapFx, register_kek, register_key};
+use crate::support::wrappers::{WrapFx, attest_with_a_sealed_key, register_kek, register_key};
 use crate::support::{stderr, stdout};
 
 /// An `aws` provider of region us-east-1 and a `kms_keys` row for `arn`.
@@ -205,62 +205,12 @@ async fn legacy_kms_wraps_are_decrypted_by_kms_and_rewrapped_through_throttling_
     let j = w.fx.wait_job(job, 60, terminal).await;
     terminate(&mut d);
     assert_eq!(j.status, "done", "{:?}", j.error);
-    let kek = key.to_string();
-    let out = cli(
-        &w.fx,
-        &kms,
-        &[
-            "keys",
-            "signing",
-            "--algorithm",
-            "ML-DSA-65",
-            "--name",
-            "kms-attest",
-            "--kek",
-            &kek,
-            "--scope",
-            "attestation",
-        ],
-    );
-    assert!(out.status.success(), "{}", stderr(&out));
-    let sealed: Vec<u8> = c
-        .query_one(
-            "SELECT private_key_enc FROM signing_keys WHERE name = 'kms-attest'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let run = |args: &[&str]| cli(&w.fx, &kms, args);
+    let sealed = attest_with_a_sealed_key(&c, run, key, "kms-attest", job).await;
     assert!(
         sealed.len() > 32 + 40,
         "a KMS ciphertext blob: {} bytes",
         sealed.len()
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("a.dsse.json").display().to_string();
-    let out = cli(&w.fx, &kms, &["attest", &job.to_string(), "--out", &file]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let out = cli(&w.fx, &kms, &["attest", "verify", &file]);
-    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
-    assert!(
-        stdout(&out).contains("ML-DSA-65 key \"kms-attest\""),
-        "{}",
-        stdout(&out)
-    );
-    // Under another name the sealed seed does not open (the context).
-    c.execute(
-        "UPDATE signing_keys SET name = 'kms-other' WHERE name = 'kms-attest'",
-        &[],
-    )
-    .await
-    .unwrap();
-    let out = cli(&w.fx, &kms, &["attest", &job.to_string(), "--out", &file]);
-    assert!(!out.status.success());
-    assert!(
-        stderr(&out)
-            .contains("signing key \"kms-other\": private_key_enc does not open with its KEK"),
-        "{}",
-        stderr(&out)
     );
 }
 

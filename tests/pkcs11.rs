@@ -10,7 +10,7 @@ use serde_json::json;
 use crate::support::hashes::{Fixture, legacy_hash};
 use crate::support::hashes::{terminal, terminate};
 use crate::support::softhsm::{MODULE, Token};
-use crate::support::wrappers::{WrapFx, register_kek, register_key};
+use crate::support::wrappers::{WrapFx, attest_with_a_sealed_key, register_kek, register_key};
 use crate::support::{InProcess, stderr, stdout};
 
 /// A new token for this test, labelled `prefix` and the end of its
@@ -196,32 +196,8 @@ async fn legacy_wraps_under_an_hsm_kek_are_opened_in_the_token_and_rewrapped() {
     let j = w.fx.wait_job(job, 60, terminal).await;
     daemon.stop().await;
     assert_eq!(j.status, "done", "{:?}", j.error);
-    let kek_arg = kek_id.to_string();
     let cli_env = |args: &[&str]| cli(&w.fx, &token, args);
-    let out = cli_env(&[
-        "keys",
-        "signing",
-        "--algorithm",
-        "ML-DSA-65",
-        "--name",
-        "hsm-attest",
-        "--kek",
-        &kek_arg,
-        "--scope",
-        "attestation",
-    ]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("a.dsse.json").display().to_string();
-    let out = cli_env(&["attest", &job.to_string(), "--out", &file]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let out = cli_env(&["attest", "verify", &file]);
-    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
-    assert!(
-        stdout(&out).contains("ML-DSA-65 key \"hsm-attest\""),
-        "{}",
-        stdout(&out)
-    );
+    attest_with_a_sealed_key(&c, cli_env, kek_id, "hsm-attest", job).await;
 
     // The operator's view: the HSM key is used in its token; a key the
     // token lacks, and the key of a token that does not exist, are named.

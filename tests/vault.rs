@@ -13,7 +13,7 @@ use serde_json::json;
 
 use crate::support::hashes::{Fixture, legacy_hash, terminal, terminate};
 use crate::support::vault::{ROOT, VaultServer};
-use crate::support::wrappers::{WrapFx, register_kek, register_key};
+use crate::support::wrappers::{WrapFx, attest_with_a_sealed_key, register_kek, register_key};
 use crate::support::{stderr, stdout, wait_until};
 
 /// A real `pqmig run` with `token`, retrying quickly; metrics on `port`.
@@ -163,56 +163,14 @@ async fn legacy_vault_transit_wraps_are_decrypted_by_transit_through_a_sealed_va
     c.execute("DELETE FROM key_wrappers WHERE id = $1", &[&deks[6].0])
         .await
         .unwrap();
-    let kek = key.to_string();
-    let out = cli(
-        &w.fx,
-        &[
-            "keys",
-            "signing",
-            "--algorithm",
-            "ML-DSA-65",
-            "--name",
-            "vault-attest",
-            "--kek",
-            &kek,
-            "--scope",
-            "attestation",
-        ],
-    );
-    assert!(out.status.success(), "{}", stderr(&out));
-    let sealed: Vec<u8> = c
-        .query_one(
-            "SELECT private_key_enc FROM signing_keys WHERE name = 'vault-attest'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert!(sealed.starts_with(b"vault:v1:"), "sealed by transit");
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("a.dsse.json").display().to_string();
     let job2 = w.enqueue(w.seed.policy_id, json!({})).await;
     let mut d = daemon(&w.fx, ROOT, crate::observe::free_port(), "d2");
     let j2 = w.fx.wait_job(job2, 60, terminal).await;
     terminate(&mut d);
     assert_eq!(j2.status, "done", "{:?}", j2.error);
-    let out = cli(&w.fx, &["attest", &job2.to_string(), "--out", &file]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let out = cli(&w.fx, &["attest", "verify", &file]);
-    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
-    c.execute(
-        "UPDATE signing_keys SET name = 'vault-renamed' WHERE name = 'vault-attest'",
-        &[],
-    )
-    .await
-    .unwrap();
-    let out = cli(&w.fx, &["attest", &job2.to_string(), "--out", &file]);
-    assert!(!out.status.success());
-    assert!(
-        stderr(&out).contains("does not open with its KEK"),
-        "{}",
-        stderr(&out)
-    );
+    let run = |args: &[&str]| cli(&w.fx, args);
+    let sealed = attest_with_a_sealed_key(&c, run, key, "vault-attest", job2).await;
+    assert!(sealed.starts_with(b"vault:v1:"), "sealed by transit");
 }
 
 /// A pepper held as a transit HMAC key (SHA3-256, which neither KMS nor

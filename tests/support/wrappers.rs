@@ -259,3 +259,76 @@ pub async fn register_key(
     .unwrap()
     .get(0)
 }
+
+/// A provider-held KEK sealing a signing key, end to end through `pqmig`
+/// (`run`: the CLI with the provider's settings): `keys signing` seals a
+/// new ML-DSA-65 attestation key `name` under kms_keys `kek`, `attest` of
+/// the done `job` unseals it and signs, `attest verify` accepts the
+/// envelope and names the key; renamed, the sealed seed no longer opens
+/// (its name is bound in). The sealed `private_key_enc`, for the caller's
+/// provider-specific checks.
+pub async fn attest_with_a_sealed_key(
+    c: &tokio_postgres::Client,
+    run: impl Fn(&[&str]) -> std::process::Output,
+    kek: i64,
+    name: &str,
+    job: i64,
+) -> Vec<u8> {
+    use super::{stderr, stdout};
+    let kek = kek.to_string();
+    let out = run(&[
+        "keys",
+        "signing",
+        "--algorithm",
+        "ML-DSA-65",
+        "--name",
+        name,
+        "--kek",
+        &kek,
+        "--scope",
+        "attestation",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let sealed: Vec<u8> = c
+        .query_one(
+            "SELECT private_key_enc FROM signing_keys WHERE name = $1",
+            &[&name],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a.dsse.json").display().to_string();
+    let out = run(&["attest", &job.to_string(), "--out", &file]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = run(&["attest", "verify", &file]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert!(
+        stdout(&out).contains(&format!("ML-DSA-65 key \"{name}\"")),
+        "{}",
+        stdout(&out)
+    );
+    let renamed = format!("{name}-renamed");
+    c.execute(
+        "UPDATE signing_keys SET name = $2 WHERE name = $1",
+        &[&name, &renamed],
+    )
+    .await
+    .unwrap();
+    let out = run(&["attest", &job.to_string(), "--out", &file]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains(&format!(
+            "signing key \"{renamed}\": private_key_enc does not open with its KEK"
+        )),
+        "{}",
+        stderr(&out)
+    );
+    c.execute(
+        "UPDATE signing_keys SET name = $1 WHERE name = $2",
+        &[&name, &renamed],
+    )
+    .await
+    .unwrap();
+    sealed
+}
