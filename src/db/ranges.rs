@@ -105,7 +105,11 @@ pub async fn ranges_reset(
 }
 
 /// Claim up to `limit` pending ranges of running jobs (higher job priority
-/// first, then job and range order), committing at once.
+/// first, then job and range order), committing at once. A job whose start
+/// holds its lease (a resume or a restart: validation, preflight, then its
+/// ranges reset) has none claimed until that start hands them on: a walk
+/// begun before would run on what the start has not checked yet, and lose
+/// its lease to the reset.
 pub async fn ranges_claim(
     c: &impl GenericClient,
     limit: i64,
@@ -117,7 +121,7 @@ pub async fn ranges_claim(
                 "WITH c AS ( \
                SELECT r.job_id, r.range_no FROM pq_migration_ranges r \
                JOIN pq_migration_jobs j ON j.id = r.job_id \
-               WHERE r.status = 'pending' AND j.status = 'running' \
+               WHERE r.status = 'pending' AND j.status = 'running' AND j.lease_token IS NULL \
                  AND (r.not_before IS NULL OR r.not_before <= now()) AND NOT {PAUSED} \
                ORDER BY j.priority DESC, r.job_id, r.range_no \
                LIMIT $1 FOR UPDATE OF r SKIP LOCKED), \

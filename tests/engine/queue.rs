@@ -121,6 +121,49 @@ async fn one_statement_renews_every_lease_and_never_waits_on_a_locked_row() {
     );
 }
 
+/// A split job claimed again to be started (a resume, a restart) keeps
+/// its pending ranges from walkers until its start hands them on: a walk
+/// begun before would run on what the start has not checked, and lose its
+/// lease when the start resets the ranges.
+#[tokio::test]
+async fn a_job_being_started_has_no_range_claimed_until_it_hands_them_on() {
+    let fx = Fixture::new(0).await;
+    let c = fx.db.client().await;
+    let id = fx.enqueue(json!({})).await;
+    c.execute(
+        "UPDATE pq_migration_jobs SET status = 'running', ranges = 2, \
+           lease_token = gen_random_uuid(), locked_by = 'starter', heartbeat_at = now() \
+         WHERE id = $1",
+        &[&id],
+    )
+    .await
+    .expect("job being started");
+    c.execute(
+        "INSERT INTO pq_migration_ranges (job_id, range_no, lo, hi) \
+         VALUES ($1, 0, 0, 10), ($1, 1, 10, 20)",
+        &[&id],
+    )
+    .await
+    .expect("ranges");
+    let claim = async || {
+        pqmig::db::ranges::ranges_claim(&c, 8, "walker")
+            .await
+            .expect("claim")
+            .iter()
+            .map(|r| (r.lease.job_id, r.lease.range_no))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(claim().await, [], "the start holds the job");
+    c.execute(
+        "UPDATE pq_migration_jobs SET lease_token = NULL, locked_by = NULL, heartbeat_at = NULL \
+         WHERE id = $1",
+        &[&id],
+    )
+    .await
+    .expect("start hands the ranges on");
+    assert_eq!(claim().await, [(id, 0), (id, 1)]);
+}
+
 #[tokio::test]
 async fn claim_query_uses_the_partial_index() {
     let fx = Fixture::new(0).await;
