@@ -11,6 +11,7 @@ is moto's.
 """
 
 import json
+import logging
 import sys
 import threading
 
@@ -51,6 +52,8 @@ def app(environ, start_response):
     return moto(environ, start_response)
 
 
+# No line per request on stderr: nobody reads them.
+logging.getLogger("werkzeug").setLevel(logging.WARNING)
 server = make_server("127.0.0.1", 0, app, threaded=True)
 print(server.server_port, flush=True)
 sys.stdout.close()
