@@ -109,7 +109,12 @@ pub async fn run(shared: Arc<Shared>, work: Work, _permit: OwnedSemaphorePermit)
     };
     let label = Metrics::scope_label(&scope);
     let guard = LeaseGuard::start(&shared, held, label);
+    // The work first: work that has ended reports what it wrote (every
+    // write is fenced on the lease), even when the keeper, nudged by that
+    // very write, finds the lease gone in the same instant (a job this
+    // start ended `failed` reads as not ours any more).
     let outcome = tokio::select! {
+        biased;
         r = async {
             match &work {
                 Work::Start(job) => start::run(&shared, job, &guard.lost).await,
