@@ -93,11 +93,13 @@ def main():
         measure("moto DescribeKey", moto, port, *describe, n)
     finally:
         moto.kill()
+        moto.wait()
     hello, port = start(["-c", HELLO])
     try:
         measure("werkzeug hello-world", hello, port, *decrypt, n)
     finally:
         hello.kill()
+        hello.wait()
 
 
 if __name__ == "__main__":

@@ -330,14 +330,18 @@ pub async fn job_unlease(
     c: &impl GenericClient,
     lease: Lease,
 ) -> Result<bool, tokio_postgres::Error> {
+    // The ranges were pending already (their NOTIFY woke replicas that
+    // could claim none while this start held the job): wake them again.
     let n = c
-        .execute(
-            "UPDATE pq_migration_jobs SET attempts = 0, locked_by = NULL, lease_token = NULL, \
-               heartbeat_at = NULL, updated_at = now() \
-             WHERE id = $1 AND lease_token = $2 AND status = 'running'",
+        .query(
+            "WITH u AS (UPDATE pq_migration_jobs SET attempts = 0, locked_by = NULL, \
+                 lease_token = NULL, heartbeat_at = NULL, updated_at = now() \
+               WHERE id = $1 AND lease_token = $2 AND status = 'running' RETURNING id) \
+             SELECT pg_notify('pqmig_jobs', id::text) FROM u",
             &[&lease.job_id, &lease.token],
         )
-        .await?;
+        .await?
+        .len();
     Ok(n == 1)
 }
 

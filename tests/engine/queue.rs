@@ -122,19 +122,21 @@ async fn one_statement_renews_every_lease_and_never_waits_on_a_locked_row() {
 }
 
 /// A split job claimed again to be started (a resume, a restart) keeps
-/// its pending ranges from walkers until its start hands them on: a walk
+/// its pending ranges from walkers until its start hands them on (a walk
 /// begun before would run on what the start has not checked, and lose its
-/// lease when the start resets the ranges.
+/// lease when the start resets the ranges); handing them on wakes the
+/// replicas.
 #[tokio::test]
 async fn a_job_being_started_has_no_range_claimed_until_it_hands_them_on() {
     let fx = Fixture::new(0).await;
     let c = fx.db.client().await;
     let id = fx.enqueue(json!({})).await;
+    let token = uuid::Uuid::from_u128(0x5747);
     c.execute(
         "UPDATE pq_migration_jobs SET status = 'running', ranges = 2, \
-           lease_token = gen_random_uuid(), locked_by = 'starter', heartbeat_at = now() \
+           lease_token = $2, locked_by = 'starter', heartbeat_at = now() \
          WHERE id = $1",
-        &[&id],
+        &[&id, &token],
     )
     .await
     .expect("job being started");
@@ -154,14 +156,37 @@ async fn a_job_being_started_has_no_range_claimed_until_it_hands_them_on() {
             .collect::<Vec<_>>()
     };
     assert_eq!(claim().await, [], "the start holds the job");
-    c.execute(
-        "UPDATE pq_migration_jobs SET lease_token = NULL, locked_by = NULL, heartbeat_at = NULL \
-         WHERE id = $1",
-        &[&id],
-    )
-    .await
-    .expect("start hands the ranges on");
+    // Replicas woken by the ranges' NOTIFY claimed nothing: handing the
+    // ranges on wakes them again.
+    let (listener, mut connection) = tokio_postgres::connect(&fx.db.url, tokio_postgres::NoTls)
+        .await
+        .expect("listener");
+    let (tx, mut woken) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(Ok(m)) = futures_util::StreamExt::next(&mut messages).await {
+            if let tokio_postgres::AsyncMessage::Notification(n) = m {
+                let _ = tx.send(n.payload().to_owned());
+            }
+        }
+    });
+    listener
+        .batch_execute("LISTEN pqmig_jobs")
+        .await
+        .expect("listen");
+    let lease = pqmig::db::jobs::Lease { job_id: id, token };
+    assert!(
+        pqmig::db::jobs::job_unlease(&c, lease)
+            .await
+            .expect("unlease"),
+        "the start's lease"
+    );
+    let payload = tokio::time::timeout(Duration::from_secs(10), woken.recv())
+        .await
+        .expect("a NOTIFY when the start hands the ranges on");
+    assert_eq!(payload, Some(id.to_string()));
     assert_eq!(claim().await, [(id, 0), (id, 1)]);
+    drop(listener);
 }
 
 #[tokio::test]

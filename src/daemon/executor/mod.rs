@@ -109,10 +109,10 @@ pub async fn run(shared: Arc<Shared>, work: Work, _permit: OwnedSemaphorePermit)
     };
     let label = Metrics::scope_label(&scope);
     let guard = LeaseGuard::start(&shared, held, label);
-    // The work first: work that has ended reports what it wrote (every
-    // write is fenced on the lease), even when the keeper, nudged by that
-    // very write, finds the lease gone in the same instant (a job this
-    // start ended `failed` reads as not ours any more).
+    // The work first: work that has ended reports how it ended, even when
+    // the keeper, nudged by the work's own last write, finds the lease gone
+    // in the same instant (a job this start ended `failed`, or a job never
+    // split that it ended, reads as not ours any more).
     let outcome = tokio::select! {
         biased;
         r = async {
