@@ -20,6 +20,7 @@ mod image;
 mod inventory;
 mod keyring;
 mod keyring_use;
+mod kryoptic;
 mod migrate;
 mod observe;
 mod onion;

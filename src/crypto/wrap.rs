@@ -248,9 +248,28 @@ pub fn open_v1(
     let mut ciphertexts = Vec::with_capacity(layers.len());
     for (key, ct) in layers {
         shared.push(key.decapsulate(ct)?);
-        ciphertexts.push(ct.to_vec());
+        ciphertexts.push(*ct);
     }
-    let (kek, expected) = derive_v1(uuid, &shared, &ciphertexts, aad);
+    open_v1_shared(uuid, aad, &shared, &ciphertexts, commitment, wrap)
+}
+
+/// [`open_v1`] with each layer's shared secret already decapsulated
+/// (by a key in a token), in layer order beside its ciphertext.
+pub fn open_v1_shared(
+    uuid: &str,
+    aad: &[u8],
+    shared: &[Zeroizing<[u8; 32]>],
+    ciphertexts: &[&[u8]],
+    commitment: &[u8],
+    wrap: &[u8],
+) -> Result<Zeroizing<Vec<u8>>, WrapError> {
+    if shared.is_empty() || shared.len() != ciphertexts.len() {
+        return Err(WrapError::Format(
+            "a pqmig-wrap-v1 wrapper needs one secret per layer".into(),
+        ));
+    }
+    let ciphertexts: Vec<Vec<u8>> = ciphertexts.iter().map(|c| c.to_vec()).collect();
+    let (kek, expected) = derive_v1(uuid, shared, &ciphertexts, aad);
     if !bool::from(expected.ct_eq(commitment)) {
         return Err(WrapError::Commitment);
     }

@@ -11,8 +11,8 @@ use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts};
 
 /// Providers whose requests are counted (`local` works in-process).
 pub const PROVIDERS: &[&str] = &["aws", "pkcs11", "vault"];
-/// What was asked: `decrypt` opens a wrap (pkcs11: an AES-GCM decryption
-/// or an X25519 agreement) or unseals a signing key,
+/// What was asked: `decrypt` opens a wrap (pkcs11: an AES-GCM decryption,
+/// an X25519 agreement or an ML-KEM decapsulation) or unseals a signing key,
 /// `encrypt` seals one (and `keys check`'s probe), `mac` computes a
 /// pepper's HMAC (aws: one `GenerateMac`; pkcs11: a batch's share, one
 /// session's `C_Sign`s and, with verify, `C_Verify`s; vault: one batch

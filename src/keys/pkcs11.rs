@@ -3,8 +3,9 @@
 //! SoftHSM2) and never leave it. pqmig asks the token to do the operation:
 //! AES-256-GCM decryption (`CKM_AES_GCM`) opens `legacy-aes-gcm` wraps and
 //! unseals signing keys, X25519 agreement (`CKM_ECDH1_DERIVE`) opens
-//! `legacy-x25519` wraps, HMAC (`CKM_SHA256_HMAC`, `CKM_SHA512_HMAC`)
-//! computes peppered hashes.
+//! `legacy-x25519` wraps, ML-KEM decapsulation (`CKM_ML_KEM`, PKCS#11 3.2)
+//! opens the layers of `pqmig-wrap-v1` wraps, HMAC (`CKM_SHA256_HMAC`,
+//! `CKM_SHA512_HMAC`) computes peppered hashes.
 //!
 //! A `kms_providers` row with provider `pkcs11` names the token by its
 //! label in `location`; its `kms_keys` rows name a secret key object by
@@ -23,12 +24,16 @@ use std::sync::{Arc, Mutex, OnceLock};
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error as P11Error, RvError};
 use cryptoki::mechanism::{Mechanism, MechanismType, aead::GcmParams};
-use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::object::{
+    Attribute, AttributeType, KeyType, MlKemParameterSetType, ObjectClass, ObjectHandle,
+    ParameterSetType,
+};
 use cryptoki::session::{Session, UserType};
 use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
 use zeroize::{Zeroize, Zeroizing};
 
+use crate::crypto::kem::Kem;
 use crate::crypto::onion::HmacHash;
 
 /// `keys.pkcs11_module` and `keys.pkcs11_pin_file`, and how many
@@ -378,6 +383,92 @@ impl Hsm {
     /// The token does `CKM_ECDH1_DERIVE` (opens `legacy-x25519` wraps).
     pub fn does_x25519(token: &Token) -> bool {
         token.mechanisms.contains(&MechanismType::ECDH1_DERIVE)
+    }
+
+    /// The token does `CKM_ML_KEM` decapsulation (PKCS#11 3.2: opens the
+    /// ML-KEM layers of `pqmig-wrap-v1` wraps).
+    pub fn does_ml_kem(token: &Token) -> bool {
+        token.mechanisms.contains(&MechanismType::ML_KEM)
+    }
+
+    /// The ML-KEM private key labelled `key` in `token` for `kem`,
+    /// checked: an ML-KEM key of that parameter set allowed to
+    /// decapsulate, the token does `CKM_ML_KEM`, and its value cannot be
+    /// read out. X-Wing has no PKCS#11 mechanism: `Unsupported`.
+    pub fn ml_kem_key(&self, token: &Token, key: &str, kem: Kem) -> Result<ObjectHandle, HsmError> {
+        let set = match kem {
+            Kem::MlKem768 => MlKemParameterSetType::ML_KEM_768,
+            Kem::MlKem1024 => MlKemParameterSetType::ML_KEM_1024,
+            Kem::XWing => {
+                return Err(HsmError::Unsupported(format!(
+                    "token {:?} key {key:?}: X-Wing has no PKCS#11 mechanism; an X-Wing layer key stays in the keyring",
+                    token.label
+                )));
+            }
+        };
+        if !Self::does_ml_kem(token) {
+            return Err(HsmError::Unsupported(format!(
+                "token {:?} does not support CKM_ML_KEM, which decapsulating with {key:?} needs",
+                token.label
+            )));
+        }
+        let set = ParameterSetType::from(set);
+        let usage = [AttributeType::ParameterSet, AttributeType::Decapsulate];
+        let kind = format!("ml-kem:{}", kem.alias());
+        self.key_object(
+            token,
+            ObjectClass::PRIVATE_KEY,
+            key,
+            &kind,
+            &usage,
+            |a| match a {
+                Attribute::KeyType(t) => (*t == KeyType::ML_KEM, "not an ML-KEM key (CKK_ML_KEM)"),
+                Attribute::ParameterSet(p) => (*p == set, "of another ML-KEM parameter set"),
+                Attribute::Decapsulate(d) => (*d, "not allowed to decapsulate (CKA_DECAPSULATE)"),
+                _ => (true, ""),
+            },
+        )
+    }
+
+    /// The ML-KEM shared secret of `ct` under the token's key `key`,
+    /// computed in the token (`C_DecapsulateKey`): it comes out as a
+    /// session object that is read and destroyed at once; the private key
+    /// stays in the token. ML-KEM rejects implicitly (a wrong ciphertext
+    /// gives another secret, which the wrap's commitment catches) and the
+    /// caller checks the length before, so any error here is the token's:
+    /// failing for now ([`HsmError::Unavailable`], the token forgotten), or
+    /// refusing the operation itself, or keeping the secret in
+    /// ([`HsmError::Unsupported`]: its setup).
+    pub fn ml_kem_decapsulate(
+        &self,
+        token: &str,
+        key: &str,
+        kem: Kem,
+        ct: &[u8],
+    ) -> Result<Zeroizing<[u8; 32]>, HsmError> {
+        metered("decrypt", || {
+            let token = self.token(token)?;
+            let private = self.ml_kem_key(&token, key, kem)?;
+            let what = format!("token {:?} key {key:?}", token.label);
+            let out = self.with_session(&token, |s| {
+                let secret =
+                    s.decapsulate_key(&Mechanism::MlKem, private, &shared_template(), ct)?;
+                read_secret(s, secret)
+            })?;
+            out.map_err(|e| match e {
+                P11Error::Pkcs11(rv, _)
+                    if unavailable(rv)
+                        || matches!(rv, RvError::GeneralError | RvError::FunctionFailed) =>
+                {
+                    self.forget(&token);
+                    HsmError::Unavailable(format!("{what}: ML-KEM decapsulation: {e}"))
+                }
+                P11Error::InvalidValue => HsmError::Unsupported(format!(
+                    "{what}: the token does not give out the ML-KEM shared secret (CKA_VALUE of the decapsulated key), which the wrap's key derivation needs"
+                )),
+                e => HsmError::Unsupported(format!("{what}: ML-KEM decapsulation: {e}")),
+            })
+        })
     }
 
     /// The AES-256 secret key labelled `key` in `token`, checked: it can
@@ -796,15 +887,26 @@ fn derive_x25519(
 ) -> Result<Zeroizing<[u8; 32]>, P11Error> {
     use cryptoki::mechanism::elliptic_curve::{EcKdf, Ecdh1DeriveParams};
     let mechanism = Mechanism::Ecdh1Derive(Ecdh1DeriveParams::new(EcKdf::null(), peer));
-    let template = [
+    let derived = s.derive_key(&mechanism, private, &shared_template())?;
+    read_secret(s, derived)
+}
+
+/// How a shared secret comes out of the token: a 32-byte generic secret
+/// session object whose value can be read.
+fn shared_template() -> [Attribute; 6] {
+    [
         Attribute::Class(ObjectClass::SECRET_KEY),
         Attribute::KeyType(KeyType::GENERIC_SECRET),
         Attribute::ValueLen(32.into()),
         Attribute::Token(false),
         Attribute::Sensitive(false),
         Attribute::Extractable(true),
-    ];
-    let derived = s.derive_key(&mechanism, private, &template)?;
+    ]
+}
+
+/// The value of the 32-byte secret session object `derived`, which is
+/// destroyed whatever the read gives.
+fn read_secret(s: &Session, derived: ObjectHandle) -> Result<Zeroizing<[u8; 32]>, P11Error> {
     let read = s.get_attributes(derived, &[AttributeType::Value]);
     // Destroyed whatever the read gave.
     let destroyed = s.destroy_object(derived);

@@ -14,6 +14,7 @@ pub mod db;
 pub mod hashes;
 pub mod inventory;
 pub mod kms;
+pub mod kryoptic;
 pub mod python;
 pub mod signatures;
 pub mod softhsm;

@@ -41,6 +41,14 @@ pub enum SourceKey {
         token: String,
         key: String,
     },
+    /// An ML-KEM private key held by an HSM (provider `pkcs11`), which
+    /// decapsulates a `pqmig-wrap-v1` layer itself (`CKM_ML_KEM`).
+    HsmKem {
+        hsm: Arc<Hsm>,
+        token: String,
+        key: String,
+        kem: Kem,
+    },
     /// A key in AWS KMS (provider `aws`), which decrypts `legacy-aws-kms`
     /// wraps itself, a batch's at once ([`SourceKeys::open_remote`]).
     Aws {
@@ -92,12 +100,13 @@ fn hsm_key(
     })?;
     let algorithm = key.algorithm.as_deref().unwrap_or("AES-256-GCM");
     let x25519 = algorithm.eq_ignore_ascii_case("X25519");
-    if Kem::from_alias(algorithm).is_some() {
+    let kem = Kem::from_alias(algorithm);
+    if kem == Some(Kem::XWing) {
         return Err(Unusable::Setup(format!(
-            "{what}: {algorithm} decapsulation in a token is not supported by the pkcs11 provider yet (a token opens AES-256-GCM and X25519 wraps)"
+            "{what}: X-Wing decapsulation in a token is not supported (PKCS#11 has no X-Wing mechanism; a token decapsulates ML-KEM-768 and ML-KEM-1024)"
         )));
     }
-    if !x25519 && !algorithm.eq_ignore_ascii_case("AES-256-GCM") {
+    if kem.is_none() && !x25519 && !algorithm.eq_ignore_ascii_case("AES-256-GCM") {
         return Err(Unusable::Key(format!(
             "{what} is a {algorithm} key, which opens no wrapper"
         )));
@@ -113,9 +122,10 @@ fn hsm_key(
     };
     let hsm = pkcs11::open(settings).map_err(setup)?;
     let t = hsm.token(&token).map_err(setup)?;
-    let (has, mechanism, format) = match x25519 {
-        true => (Hsm::does_x25519(&t), "CKM_ECDH1_DERIVE", "legacy-x25519"),
-        false => (Hsm::does_aes_gcm(&t), "CKM_AES_GCM", "legacy-aes-gcm"),
+    let (has, mechanism, format) = match (kem, x25519) {
+        (Some(_), _) => (Hsm::does_ml_kem(&t), "CKM_ML_KEM", "pqmig-wrap-v1"),
+        (None, true) => (Hsm::does_x25519(&t), "CKM_ECDH1_DERIVE", "legacy-x25519"),
+        (None, false) => (Hsm::does_aes_gcm(&t), "CKM_AES_GCM", "legacy-aes-gcm"),
     };
     if !has {
         return Err(Unusable::Setup(format!(
@@ -123,9 +133,10 @@ fn hsm_key(
         )));
     }
     if !shallow {
-        let found = match x25519 {
-            true => hsm.x25519_key(&t, &key.key_ref).map(drop),
-            false => hsm.aes_key(&t, &key.key_ref).map(drop),
+        let found = match (kem, x25519) {
+            (Some(kem), _) => hsm.ml_kem_key(&t, &key.key_ref, kem).map(drop),
+            (None, true) => hsm.x25519_key(&t, &key.key_ref).map(drop),
+            (None, false) => hsm.aes_key(&t, &key.key_ref).map(drop),
         };
         found.map_err(|e| match e {
             HsmError::Unavailable(m) => Unusable::ForNow(m),
@@ -135,9 +146,15 @@ fn hsm_key(
         })?;
     }
     let key = key.key_ref.clone();
-    Ok(match x25519 {
-        true => SourceKey::HsmX25519 { hsm, token, key },
-        false => SourceKey::Hsm { hsm, token, key },
+    Ok(match (kem, x25519) {
+        (Some(kem), _) => SourceKey::HsmKem {
+            hsm,
+            token,
+            key,
+            kem,
+        },
+        (None, true) => SourceKey::HsmX25519 { hsm, token, key },
+        (None, false) => SourceKey::Hsm { hsm, token, key },
     })
 }
 
@@ -765,7 +782,10 @@ impl SourceKeys {
                     wrap::open_legacy_x25519_agreed(shared, public, u, sealed)
                         .map_err(|_| Opened::Tag)
                 }
-                SourceKey::Kem(_) | SourceKey::Aws { .. } | SourceKey::Vault { .. } => {
+                SourceKey::Kem(_)
+                | SourceKey::HsmKem { .. }
+                | SourceKey::Aws { .. }
+                | SourceKey::Vault { .. } => {
                     unreachable!("matched against the format below")
                 }
             };
@@ -926,6 +946,7 @@ impl SourceKeys {
             let key = self.key(kid).expect("keys resolved before compute");
             match &*key {
                 Ok(SourceKey::Kem(pair)) if pair.kem() == kem => keys.push((key.clone(), l)),
+                Ok(SourceKey::HsmKem { kem: k, .. }) if *k == kem => keys.push((key.clone(), l)),
                 Ok(_) => {
                     return Err(data(format!(
                         "layer {} key {kid} is not a {} key",
@@ -936,23 +957,59 @@ impl SourceKeys {
                 Err(e) => return Err(data(e.clone())),
             }
         }
-        let layers: Vec<(&KemKeyPair, &[u8])> = keys
-            .iter()
-            .map(|(k, l)| {
-                let Ok(SourceKey::Kem(pair)) = &**k else {
-                    unreachable!("checked above")
-                };
-                (pair, l.ciphertext.as_deref().unwrap_or_default())
-            })
-            .collect();
+        // Each layer's shared secret: in process, or in its key's token.
+        let mut shared = Vec::with_capacity(keys.len());
+        let mut ciphertexts = Vec::with_capacity(keys.len());
+        for (k, l) in &keys {
+            let ct = l.ciphertext.as_deref().unwrap_or_default();
+            let secret = match &**k {
+                Ok(SourceKey::Kem(pair)) => pair.decapsulate(ct).map_err(|e| integrity(&e.0))?,
+                Ok(SourceKey::HsmKem {
+                    hsm,
+                    token,
+                    key,
+                    kem,
+                }) => {
+                    // A ciphertext of the wrong size: stored bytes were
+                    // altered (said here, so a token's error is the token's).
+                    if ct.len() != kem.ciphertext_len() {
+                        return Err(integrity(&format!(
+                            "layer {} {} ciphertext is {} bytes, expected {}",
+                            l.layer_no,
+                            kem.alias(),
+                            ct.len(),
+                            kem.ciphertext_len()
+                        )));
+                    }
+                    hsm.ml_kem_decapsulate(token, key, *kem, ct).map_err(|e| {
+                        match hsm_opened(e) {
+                            Opened::ForNow(m) => (UNAVAILABLE, m),
+                            Opened::Unusable(m) => data(format!("layer {}: {m}", l.layer_no)),
+                            Opened::Tag => integrity(&format!(
+                                "layer {}: the token refused the ciphertext",
+                                l.layer_no
+                            )),
+                        }
+                    })?
+                }
+                _ => unreachable!("checked above"),
+            };
+            shared.push(secret);
+            ciphertexts.push(ct);
+        }
         let wrap1 = row.wrap1.as_deref().unwrap_or_default();
-        wrap::open_v1(&uuid, &wrap::canonical_json(&aad), &layers, &kc, wrap1).map_err(|e| {
-            match e {
-                WrapError::Auth => integrity("AES-256-GCM authentication failed"),
-                WrapError::Commitment => integrity("key commitment does not match"),
-                // A ciphertext of the wrong size: stored bytes were altered.
-                WrapError::Format(m) => integrity(&m),
-            }
+        wrap::open_v1_shared(
+            &uuid,
+            &wrap::canonical_json(&aad),
+            &shared,
+            &ciphertexts,
+            &kc,
+            wrap1,
+        )
+        .map_err(|e| match e {
+            WrapError::Auth => integrity("AES-256-GCM authentication failed"),
+            WrapError::Commitment => integrity("key commitment does not match"),
+            WrapError::Format(m) => integrity(&m),
         })
     }
 }
