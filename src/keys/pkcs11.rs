@@ -393,8 +393,12 @@ impl Hsm {
 
     /// The ML-KEM private key labelled `key` in `token` for `kem`,
     /// checked: an ML-KEM key of that parameter set allowed to
-    /// decapsulate, the token does `CKM_ML_KEM`, and its value cannot be
-    /// read out. X-Wing has no PKCS#11 mechanism: `Unsupported`.
+    /// decapsulate, the token does `CKM_ML_KEM`, its value cannot be read
+    /// out, and, when it is first found, it decapsulates a random
+    /// ciphertext and gives the secret out: so a token that refuses the
+    /// operation or keeps the secret in is said once (`Unsupported`, its
+    /// setup), before any wrap. X-Wing has no PKCS#11 mechanism:
+    /// `Unsupported`.
     pub fn ml_kem_key(&self, token: &Token, key: &str, kem: Kem) -> Result<ObjectHandle, HsmError> {
         let set = match kem {
             Kem::MlKem768 => MlKemParameterSetType::ML_KEM_768,
@@ -412,10 +416,14 @@ impl Hsm {
                 token.label
             )));
         }
+        let tried = format!("ml-kem-tried:{}:{key}", kem.alias());
+        if let Some(h) = token.keys.lock().expect("keys").get(&tried) {
+            return Ok(*h);
+        }
         let set = ParameterSetType::from(set);
         let usage = [AttributeType::ParameterSet, AttributeType::Decapsulate];
         let kind = format!("ml-kem:{}", kem.alias());
-        self.key_object(
+        let private = self.key_object(
             token,
             ObjectClass::PRIVATE_KEY,
             key,
@@ -427,18 +435,38 @@ impl Hsm {
                 Attribute::Decapsulate(d) => (*d, "not allowed to decapsulate (CKA_DECAPSULATE)"),
                 _ => (true, ""),
             },
-        )
+        )?;
+        let what = format!("token {:?} key {key:?}", token.label);
+        let mut ct = vec![0u8; kem.ciphertext_len()];
+        rand::fill(&mut ct[..]);
+        self.with_session(token, |s| decapsulate(s, private, &ct))?
+            .map_err(|e| match e {
+                // The token failing for now: tried again later.
+                P11Error::Pkcs11(rv, _)
+                    if unavailable(rv)
+                        || matches!(rv, RvError::GeneralError | RvError::FunctionFailed) =>
+                {
+                    self.forget(token);
+                    HsmError::Unavailable(format!("{what}: ML-KEM decapsulation: {e}"))
+                }
+                P11Error::InvalidValue => HsmError::Unsupported(format!(
+                    "{what}: the token does not give out the ML-KEM shared secret (CKA_VALUE of the decapsulated key), which the wrap's key derivation needs"
+                )),
+                // It refuses the operation itself (mechanism, template).
+                e => HsmError::Unsupported(format!("{what}: ML-KEM decapsulation: {e}")),
+            })?;
+        token.keys.lock().expect("keys").insert(tried, private);
+        Ok(private)
     }
 
     /// The ML-KEM shared secret of `ct` under the token's key `key`,
     /// computed in the token (`C_DecapsulateKey`): it comes out as a
     /// session object that is read and destroyed at once; the private key
     /// stays in the token. ML-KEM rejects implicitly (a wrong ciphertext
-    /// gives another secret, which the wrap's commitment catches) and the
-    /// caller checks the length before, so any error here is the token's:
-    /// failing for now ([`HsmError::Unavailable`], the token forgotten), or
-    /// refusing the operation itself, or keeping the secret in
-    /// ([`HsmError::Unsupported`]: its setup).
+    /// gives another secret, which the wrap's commitment catches), the
+    /// caller checks the length before, and the key was seen to
+    /// decapsulate when it was found: so any error here is the token's
+    /// failing for now, [`HsmError::Unavailable`], the token forgotten.
     pub fn ml_kem_decapsulate(
         &self,
         token: &str,
@@ -450,24 +478,11 @@ impl Hsm {
             let token = self.token(token)?;
             let private = self.ml_kem_key(&token, key, kem)?;
             let what = format!("token {:?} key {key:?}", token.label);
-            let out = self.with_session(&token, |s| {
-                let secret =
-                    s.decapsulate_key(&Mechanism::MlKem, private, &shared_template(), ct)?;
-                read_secret(s, secret)
-            })?;
-            out.map_err(|e| match e {
-                P11Error::Pkcs11(rv, _)
-                    if unavailable(rv)
-                        || matches!(rv, RvError::GeneralError | RvError::FunctionFailed) =>
-                {
+            self.with_session(&token, |s| decapsulate(s, private, ct))?
+                .map_err(|e| {
                     self.forget(&token);
                     HsmError::Unavailable(format!("{what}: ML-KEM decapsulation: {e}"))
-                }
-                P11Error::InvalidValue => HsmError::Unsupported(format!(
-                    "{what}: the token does not give out the ML-KEM shared secret (CKA_VALUE of the decapsulated key), which the wrap's key derivation needs"
-                )),
-                e => HsmError::Unsupported(format!("{what}: ML-KEM decapsulation: {e}")),
-            })
+                })
         })
     }
 
@@ -889,6 +904,17 @@ fn derive_x25519(
     let mechanism = Mechanism::Ecdh1Derive(Ecdh1DeriveParams::new(EcKdf::null(), peer));
     let derived = s.derive_key(&mechanism, private, &shared_template())?;
     read_secret(s, derived)
+}
+
+/// The ML-KEM shared secret of `ct` under `private`, as a session object
+/// read out and destroyed.
+fn decapsulate(
+    s: &Session,
+    private: ObjectHandle,
+    ct: &[u8],
+) -> Result<Zeroizing<[u8; 32]>, P11Error> {
+    let secret = s.decapsulate_key(&Mechanism::MlKem, private, &shared_template(), ct)?;
+    read_secret(s, secret)
 }
 
 /// How a shared secret comes out of the token: a 32-byte generic secret
