@@ -440,23 +440,37 @@ impl Hsm {
         let mut ct = vec![0u8; kem.ciphertext_len()];
         rand::fill(&mut ct[..]);
         self.with_session(token, |s| decapsulate(s, private, &ct))?
-            .map_err(|e| match e {
-                // The token failing for now: tried again later.
-                P11Error::Pkcs11(rv, _)
-                    if unavailable(rv)
-                        || matches!(rv, RvError::GeneralError | RvError::FunctionFailed) =>
-                {
-                    self.forget(token);
-                    HsmError::Unavailable(format!("{what}: ML-KEM decapsulation: {e}"))
-                }
-                P11Error::InvalidValue => HsmError::Unsupported(format!(
-                    "{what}: the token does not give out the ML-KEM shared secret (CKA_VALUE of the decapsulated key), which the wrap's key derivation needs"
-                )),
-                // It refuses the operation itself (mechanism, template).
-                e => HsmError::Unsupported(format!("{what}: ML-KEM decapsulation: {e}")),
-            })?;
+            .map_err(|e| self.first_secret_error(token, &what, "ML-KEM decapsulation", e))?;
         token.keys.lock().expect("keys").insert(tried, private);
         Ok(private)
+    }
+
+    /// What an error of a key's first secret (`operation`: the X25519
+    /// agreement or ML-KEM decapsulation tried when the key is found)
+    /// means: the token failing for now (a lost device, a general error:
+    /// tried again later, the token forgotten), or not doing it at all
+    /// (refusing the operation, its parameters or template, or keeping the
+    /// secret sensitive: `Unsupported`, the token's setup).
+    fn first_secret_error(
+        &self,
+        token: &Token,
+        what: &str,
+        operation: &str,
+        e: P11Error,
+    ) -> HsmError {
+        match e {
+            P11Error::Pkcs11(rv, _)
+                if unavailable(rv)
+                    || matches!(rv, RvError::GeneralError | RvError::FunctionFailed) =>
+            {
+                self.forget(token);
+                HsmError::Unavailable(format!("{what}: {operation}: {e}"))
+            }
+            P11Error::InvalidValue => HsmError::Unsupported(format!(
+                "{what}: the token does not give out the shared secret of its {operation} (CKA_VALUE of the key it makes), which pqmig's key derivation needs"
+            )),
+            e => HsmError::Unsupported(format!("{what}: {operation}: {e}")),
+        }
     }
 
     /// The ML-KEM shared secret of `ct` under the token's key `key`,
@@ -674,23 +688,7 @@ impl Hsm {
         base[0] = 9;
         let public = self
             .with_session(token, |s| derive_x25519(s, private, &base))?
-            .map_err(|e| match e {
-                // The token failing for now (a lost device, a general
-                // error): tried again later.
-                P11Error::Pkcs11(rv, _)
-                    if unavailable(rv)
-                        || matches!(rv, RvError::GeneralError | RvError::FunctionFailed) =>
-                {
-                    self.forget(token);
-                    HsmError::Unavailable(format!("{what}: X25519 agreement: {e}"))
-                }
-                P11Error::InvalidValue => HsmError::Unsupported(format!(
-                    "{what}: the token does not give out the X25519 shared secret (CKA_VALUE of the derived key), which the wrap's HKDF needs"
-                )),
-                // It refuses the agreement itself (mechanism, parameters,
-                // template, a sensitive result).
-                e => HsmError::Unsupported(format!("{what}: X25519 agreement: {e}")),
-            })?;
+            .map_err(|e| self.first_secret_error(token, &what, "X25519 agreement", e))?;
         let found = X25519Key {
             private,
             public: *public,
