@@ -117,15 +117,15 @@ pub fn canonical_json(v: &Value) -> Vec<u8> {
 /// KEK and key commitment of a v1 wrap:
 /// HKDF-SHA-384(salt = uuid, ikm = ss_1 || … || ss_n,
 /// info = "pqmig-wrap-v1" || 0x00 || SHA-384(ct_1 || … || ct_n) || aad, L = 64).
-pub fn derive_v1(
+pub fn derive_v1<C: AsRef<[u8]>>(
     uuid: &str,
     shared: &[Zeroizing<[u8; 32]>],
-    ciphertexts: &[Vec<u8>],
+    ciphertexts: &[C],
     aad: &[u8],
 ) -> (Zeroizing<[u8; KEY_LEN]>, [u8; 32]) {
     let mut transcript = Sha384::new();
     for ct in ciphertexts {
-        transcript.update(ct);
+        transcript.update(ct.as_ref());
     }
     let transcript = transcript.finalize();
     let mut ikm = Zeroizing::new(Vec::with_capacity(32 * shared.len()));
@@ -268,8 +268,7 @@ pub fn open_v1_shared(
             "a pqmig-wrap-v1 wrapper needs one secret per layer".into(),
         ));
     }
-    let ciphertexts: Vec<Vec<u8>> = ciphertexts.iter().map(|c| c.to_vec()).collect();
-    let (kek, expected) = derive_v1(uuid, shared, &ciphertexts, aad);
+    let (kek, expected) = derive_v1(uuid, shared, ciphertexts, aad);
     if !bool::from(expected.ct_eq(commitment)) {
         return Err(WrapError::Commitment);
     }
