@@ -475,7 +475,10 @@ async fn job_status(c: &impl GenericClient, id: i64) -> Result<JobAction, tokio_
 }
 
 /// Cancel a pending or running job; a running worker notices at its next
-/// fenced write or heartbeat and stops, keeping its progress.
+/// fenced write or heartbeat and stops, keeping its progress. The job row
+/// and then its ranges are locked before their counts are summed (the
+/// order a range's end takes): a batch committing at that moment is
+/// waited for and counted, never written but left out of the job's total.
 pub async fn job_cancel(
     c: &impl GenericClient,
     id: i64,
@@ -485,8 +488,10 @@ pub async fn job_cancel(
         c,
         id,
         who,
-        "WITH t AS (SELECT sum(processed_count)::bigint AS p, sum(failed_count)::bigint AS f \
-                    FROM pq_migration_ranges WHERE job_id = $1), \
+        "WITH j0 AS (SELECT id FROM pq_migration_jobs WHERE id = $1 FOR UPDATE), \
+             rl AS (SELECT processed_count, failed_count FROM pq_migration_ranges \
+                    WHERE job_id = (SELECT id FROM j0) FOR UPDATE), \
+             t AS (SELECT sum(processed_count)::bigint AS p, sum(failed_count)::bigint AS f FROM rl), \
              u AS (UPDATE pq_migration_jobs j SET status = 'cancelled', finished_at = now(), \
                  updated_at = now(), lease_token = NULL, heartbeat_at = NULL, \
                  processed_count = COALESCE(t.p, j.processed_count), \

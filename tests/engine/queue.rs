@@ -506,3 +506,52 @@ async fn each_service_does_one_round_in_run_once() {
     shared.health.tick();
     assert!(dog.run_once());
 }
+
+/// A cancel that meets a batch committing its range counts that batch:
+/// the job's total is summed after the batch's commit, not from before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_counts_the_batch_committing_at_that_moment() {
+    let fx = Fixture::new(0).await;
+    let c = fx.db.client().await;
+    let id = fx.enqueue(json!({})).await;
+    c.batch_execute(&format!(
+        "UPDATE pq_migration_jobs SET status = 'running', ranges = 1 WHERE id = {id}; \
+         INSERT INTO pq_migration_ranges (job_id, range_no, lo, hi, status, lease_token, heartbeat_at, processed_count) \
+           VALUES ({id}, 0, 0, 1000, 'running', gen_random_uuid(), now(), 100)"
+    ))
+    .await
+    .expect("a job walking its range");
+    // A batch's commit in flight: its range row locked, 50 more counted.
+    let mut batch = fx.db.client().await;
+    let tx = batch.transaction().await.expect("begin");
+    tx.execute(
+        "UPDATE pq_migration_ranges SET processed_count = processed_count + 50 WHERE job_id = $1",
+        &[&id],
+    )
+    .await
+    .expect("the batch's count");
+    let canceller = fx.db.client().await;
+    let cancel =
+        tokio::spawn(async move { pqmig::db::jobs::job_cancel(&canceller, id, "test").await });
+    wait_until(10, "the cancel waiting for the batch", || async {
+        c.query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND wait_event_type = 'Lock'",
+            &[],
+        )
+        .await
+        .expect("pg_stat_activity")
+        .get::<_, i64>(0)
+            == 1
+    })
+    .await;
+    tx.commit().await.expect("the batch commits");
+    let done = cancel.await.expect("join").expect("cancel");
+    assert_eq!(done, pqmig::db::jobs::JobAction::Done);
+    let j = fx.job(id).await;
+    assert_eq!(
+        (j.status.as_str(), j.processed),
+        ("cancelled", 150),
+        "the committed batch is counted"
+    );
+}
