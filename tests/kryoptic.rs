@@ -8,7 +8,7 @@ use serde_json::json;
 use pqmig::crypto::kem::Kem;
 
 use crate::support::hashes::{terminal, terminate};
-use crate::support::kryoptic::Token;
+use crate::support::kryoptic::{MlKem768, Token};
 use crate::support::wrappers::{WrapFx, register_key};
 use crate::support::{stderr, stdout};
 
@@ -61,7 +61,15 @@ async fn ml_kem_layers_are_decapsulated_in_the_token_and_rewrapped() {
         "k{}",
         &w.fx.db.name[w.fx.db.name.len().saturating_sub(20)..]
     );
-    let token = Token::new(w.fx.dir.path(), &label, &[("pq-in-token", &seed[..])]);
+    let token = Token::new(
+        w.fx.dir.path(),
+        &label,
+        &[MlKem768::Import {
+            label: "pq-in-token",
+            seed: &seed,
+            public: None,
+        }],
+    );
     let in_token = register_key(
         &c,
         &format!("hsm-{label}"),
@@ -131,7 +139,7 @@ async fn ml_kem_layers_are_decapsulated_in_the_token_and_rewrapped() {
     };
     let out = cli(&["keys", "list"]);
     assert!(
-        stdout(&out).contains("usable: decapsulate pqmig-wrap-v1 layers (in its token)"),
+        stdout(&out).contains("usable: decapsulate pqmig-wrap-v1 layers (in its token; no public key object: not a layer key of new wraps)"),
         "{}{}",
         stdout(&out),
         stderr(&out)
@@ -141,6 +149,177 @@ async fn ml_kem_layers_are_decapsulated_in_the_token_and_rewrapped() {
     assert!(
         stdout(&out).contains(&format!(
             "kms_keys {in_token} \"pq-in-token\": decapsulated a test ciphertext in token \"{label}\" (ML-KEM-768)"
+        )),
+        "{}",
+        stdout(&out)
+    );
+}
+
+/// A target policy's layer key in the token: a key pair generated there
+/// (its private key never outside). A job re-wraps to a policy of two
+/// layers, the token's first and a keyring key's second: pqmig seals each
+/// new layer to the token key's public key object and checks each new
+/// wrap before writing it by decapsulating that layer in the token (one
+/// decapsulation per item). A later job re-wraps them back to a keyring
+/// policy, decapsulating in the token again, and pyca opens every DEK. A
+/// public key object that is not its private key's fails a job before any
+/// item, and `keys check`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_layers_are_sealed_to_a_token_key_and_verified_in_the_token() {
+    use pqmig::crypto::kem::KemKeyPair;
+    use sha2::{Digest, Sha256};
+
+    const N: usize = 6;
+    let mut w = WrapFx::new(N, Kem::MlKem768, 1).await;
+    let c = w.fx.db.client().await;
+    let label = format!(
+        "t{}",
+        &w.fx.db.name[w.fx.db.name.len().saturating_sub(20)..]
+    );
+    let (own, other): ([u8; 64], [u8; 64]) = (rand::random(), rand::random());
+    let other = KemKeyPair::from_seed(Kem::MlKem768, &other).unwrap();
+    let token = Token::new(
+        w.fx.dir.path(),
+        &label,
+        &[
+            MlKem768::Generate { label: "pq-target" },
+            MlKem768::Import {
+                label: "pq-mismatch",
+                seed: &own,
+                public: Some(other.public_key()),
+            },
+        ],
+    );
+    let target = register_key(&c, "hsm-a", "pkcs11", &label, "pq-target", "ML-KEM-768").await;
+    let mismatch = register_key(&c, "hsm-b", "pkcs11", &label, "pq-mismatch", "ML-KEM-768").await;
+    // Two layers: the token's key first (higher priority), a keyring key.
+    let two = w
+        .add_policy("two", Kem::MlKem768, 1, "defined", 2, 2, None)
+        .await;
+    c.execute(
+        "INSERT INTO policy_kms_keys (policy_id, kms_key_id, weight, priority) VALUES ($1, $2, 1, 10)",
+        &[&two, &target],
+    )
+    .await
+    .unwrap();
+    let wrong =
+        pqmig::sample::policy_create(&c, "wrong", "defined", 1, 1, "ML-KEM-768", &[mismatch])
+            .await
+            .unwrap();
+
+    let env = token.env();
+    let port = crate::observe::free_port();
+    let metrics = format!("127.0.0.1:{port}");
+    let mut extra: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    extra.push(("PQMIG_METRICS_ADDR", metrics.as_str()));
+    let mut d = w.fx.spawn_daemon("d", &extra);
+    let decapsulated = || {
+        crate::observe::scrape(
+            port,
+            "pqmig_key_provider_requests_total{operation=\"decrypt\",outcome=\"ok\",provider=\"pkcs11\"} ",
+        )
+    };
+    let versions = "SELECT sum(wrap_version)::bigint FROM key_wrappers";
+    let before: i64 = c.query_one(versions, &[]).await.unwrap().get(0);
+
+    // A public key object of another key: the job fails before any item.
+    let job = w.enqueue(wrong, json!({})).await;
+    let j = w.fx.wait_job(job, 60, terminal).await;
+    assert_eq!((j.status.as_str(), j.processed), ("failed", 0), "{j:?}");
+    let error = j.error.clone().unwrap_or_default();
+    assert!(
+        error.contains("\"pq-mismatch\"") && error.contains("is not the private key's"),
+        "{error}"
+    );
+    assert_eq!(
+        c.query_one(versions, &[]).await.unwrap().get::<_, i64>(0),
+        before
+    );
+
+    // Sealed to the token's key, each new wrap checked in the token.
+    let job = w.enqueue(two, json!({"batch_size": 4})).await;
+    let j = w.fx.wait_job(job, 60, terminal).await;
+    assert_eq!(
+        (j.status.as_str(), j.processed, j.failed),
+        ("done", N as i64, 0),
+        "{j:?}\n{}",
+        w.fx.log("d")
+    );
+    assert_eq!(
+        decapsulated().await,
+        N as f64,
+        "one decapsulation in the token per new wrap (verify before write)"
+    );
+    let layers = c
+        .query(
+            "SELECT layer_no, kms_key_id, encap_pubkey FROM key_wrapper_layers ORDER BY key_wrapper_id, layer_no",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(layers.len(), 2 * N);
+    let publics: std::collections::HashSet<Vec<u8>> = layers
+        .iter()
+        .filter(|l| l.get::<_, i16>(0) == 1)
+        .map(|l| {
+            assert_eq!(l.get::<_, i64>(1), target, "layer 1 is the token's");
+            l.get(2)
+        })
+        .collect();
+    assert_eq!(publics.len(), 1, "one public key for the token's layers");
+    let public = publics.into_iter().next().unwrap();
+    assert_eq!(public.len(), Kem::MlKem768.public_key_len());
+
+    // Back to a keyring policy: the token's layers decapsulated there.
+    let job = w.enqueue(w.seed.policy_id, json!({})).await;
+    let j = w.fx.wait_job(job, 60, terminal).await;
+    assert_eq!(
+        (j.status.as_str(), j.processed, j.failed),
+        ("done", N as i64, 0),
+        "{j:?}\n{}",
+        w.fx.log("d")
+    );
+    assert_eq!(decapsulated().await, 2.0 * N as f64);
+    terminate(&mut d);
+    w.assert_pyca_opens(&w.seed.deks).await;
+
+    // The operator's view.
+    let cli = |args: &[&str]| {
+        let keyring = w.fx.keyring.display().to_string();
+        let mut env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        env.push(("DATABASE_URL", w.fx.db.url.as_str()));
+        env.push(("PQMIG_KEYRING", keyring.as_str()));
+        crate::support::run(args, &env)
+    };
+    let out = cli(&["keys", "list"]);
+    assert!(
+        stdout(&out).contains(
+            "usable: decapsulate pqmig-wrap-v1 layers, layer key of new wraps (in its token)"
+        ),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    let out = cli(&["keys", "check"]);
+    assert!(!out.status.success(), "{}", stdout(&out));
+    assert!(
+        stderr(&out).contains("pq-mismatch") && stderr(&out).contains("is not the private key's"),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    c.execute(
+        "UPDATE kms_keys SET status = 'retired' WHERE id = $1",
+        &[&mismatch],
+    )
+    .await
+    .unwrap();
+    let out = cli(&["keys", "check"]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert!(
+        stdout(&out).contains(&format!(
+            "kms_keys {target} \"pq-target\": encapsulated to its public key and decapsulated in token \"{label}\" (ML-KEM-768); public key 1184 bytes, SHA-256 {}",
+            pqmig::hex(&Sha256::digest(&public))
         )),
         "{}",
         stdout(&out)

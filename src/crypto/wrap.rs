@@ -175,19 +175,20 @@ pub fn seal_v1(
     Ok(finish_v1(uuid, aad, dek, ciphertexts, &shared, &nonce))
 }
 
-/// [`seal_v1`] to key pairs held here (the wrappers scope's layer keys):
-/// the same output, through libcrux's faster unpacked keys.
-pub fn seal_v1_to(uuid: &str, aad: &[u8], dek: &[u8], layers: &[&KemKeyPair]) -> SealedV1 {
-    let mut ciphertexts = Vec::with_capacity(layers.len());
-    let mut shared = Vec::with_capacity(layers.len());
-    for pair in layers {
-        let (ct, ss) = pair.encapsulate();
-        ciphertexts.push(ct);
-        shared.push(ss);
-    }
+/// [`seal_v1`] with each layer's encapsulation done already (the wrappers
+/// scope's layer keys: through libcrux's faster unpacked keys, or to a
+/// token key's public key): its ciphertext and shared secret, in layer
+/// order; a fresh nonce.
+pub fn seal_v1_shared(
+    uuid: &str,
+    aad: &[u8],
+    dek: &[u8],
+    ciphertexts: Vec<Vec<u8>>,
+    shared: &[Zeroizing<[u8; 32]>],
+) -> SealedV1 {
     let mut nonce = [0u8; NONCE_LEN];
     rand::fill(&mut nonce);
-    finish_v1(uuid, aad, dek, ciphertexts, &shared, &nonce)
+    finish_v1(uuid, aad, dek, ciphertexts, shared, &nonce)
 }
 
 /// [`seal_v1`] with explicit KEM randomness (one per layer) and nonce: for
@@ -497,6 +498,16 @@ mod tests {
         assert_eq!(
             open_v1(uuid, b"{}", &layers, &kc, &s.wrap),
             Err(WrapError::Commitment)
+        );
+        // Sealed from encapsulations made before (a token key's public key,
+        // or a key pair here): the same format.
+        let (cts, shared): (Vec<_>, Vec<_>) =
+            [a.encapsulate(), b.encapsulate()].into_iter().unzip();
+        let s = seal_v1_shared(uuid, b"{}", &dek, cts, &shared);
+        let layers = [(&a, &s.ciphertexts[0][..]), (&b, &s.ciphertexts[1][..])];
+        assert_eq!(
+            &open_v1(uuid, b"{}", &layers, &s.commitment, &s.wrap).unwrap()[..],
+            &dek
         );
     }
 }

@@ -87,11 +87,24 @@ pub fn usable(
     key: &KmsKey,
 ) -> Result<&'static str, String> {
     if key.provider == "pkcs11" {
-        hsm_of(pkcs11, key)?;
+        let (hsm, token) = hsm_of(pkcs11, key)?;
+        if let Some(kem) = token_kem(key) {
+            // A target layer key needs its public key object too.
+            let public = hsm
+                .ml_kem_public_object(&token, &key.key_ref, kem)
+                .map_err(|e| e.to_string())?;
+            return Ok(match public {
+                Some(_) => {
+                    "decapsulate pqmig-wrap-v1 layers, layer key of new wraps (in its token)"
+                }
+                None => {
+                    "decapsulate pqmig-wrap-v1 layers (in its token; no public key object: not a layer key of new wraps)"
+                }
+            });
+        }
         return Ok(match hmac_of(key)? {
             Some(_) => "hmac (in its token)",
             None if is_x25519(key) => "open legacy-x25519 (in its token)",
-            None if token_kem(key).is_some() => "decapsulate pqmig-wrap-v1 layers (in its token)",
             None => "open/unseal (in its token)",
         });
     }
@@ -287,6 +300,18 @@ pub fn try_key(
             ));
         }
         if let Some(kem) = token_kem(key) {
+            // With a public key object: encapsulated to it, and the token
+            // decapsulates the same secret (what a layer key needs).
+            let public = hsm
+                .ml_kem_public_object(&token, &key.key_ref, kem)
+                .map_err(|e| e.to_string())?;
+            if let Some(public) = public {
+                return Ok(format!(
+                    "encapsulated to its public key and decapsulated in token {token:?} ({}); {}",
+                    kem.alias(),
+                    fingerprint(&public)
+                ));
+            }
             // No public key to encapsulate to (the token keeps the private
             // key alone): a test ciphertext decapsulated twice. ML-KEM
             // rejects implicitly, so the same secret both times shows the

@@ -4,7 +4,8 @@
 //! AES-256-GCM decryption (`CKM_AES_GCM`) opens `legacy-aes-gcm` wraps and
 //! unseals signing keys, X25519 agreement (`CKM_ECDH1_DERIVE`) opens
 //! `legacy-x25519` wraps, ML-KEM decapsulation (`CKM_ML_KEM`, PKCS#11 3.2)
-//! opens the layers of `pqmig-wrap-v1` wraps, HMAC (`CKM_SHA256_HMAC`,
+//! opens the layers of `pqmig-wrap-v1` wraps and checks new ones sealed to
+//! a token key's public key object, HMAC (`CKM_SHA256_HMAC`,
 //! `CKM_SHA512_HMAC`) computes peppered hashes.
 //!
 //! A `kms_providers` row with provider `pkcs11` names the token by its
@@ -498,6 +499,92 @@ impl Hsm {
                     HsmError::Unavailable(format!("{what}: ML-KEM decapsulation: {e}"))
                 })
         })
+    }
+
+    /// The encapsulation key of the token's ML-KEM key `key`, to wrap new
+    /// layers to: the value of the `CKK_ML_KEM` public key object with the
+    /// same label and parameter set (the one `C_GenerateKeyPair` made with
+    /// it, or one imported beside it). It is checked to be the private
+    /// key's: pqmig encapsulates to it and the token must decapsulate the
+    /// same secret, so a public key object of another key (a label used
+    /// twice) fails the job before any wrap is sealed to it.
+    pub fn ml_kem_public(&self, token: &str, key: &str, kem: Kem) -> Result<Vec<u8>, HsmError> {
+        self.ml_kem_public_object(token, key, kem)?.ok_or_else(|| {
+            HsmError::Config(format!(
+                "token {token:?} key {key:?}: no ML-KEM public key object with that label, which wrapping new layers to the key needs (keep the one C_GenerateKeyPair makes, or import the encapsulation key as a CKO_PUBLIC_KEY)"
+            ))
+        })
+    }
+
+    /// [`Hsm::ml_kem_public`], `None` when the token has no public key
+    /// object of that label (the key can still decapsulate).
+    pub fn ml_kem_public_object(
+        &self,
+        token: &str,
+        key: &str,
+        kem: Kem,
+    ) -> Result<Option<Vec<u8>>, HsmError> {
+        let token = self.token(token)?;
+        let private = self.ml_kem_key(&token, key, kem)?;
+        let what = format!("token {:?} key {key:?}", token.label);
+        let found = self
+            .with_session(&token, |s| {
+                s.find_objects(&[
+                    Attribute::Class(ObjectClass::PUBLIC_KEY),
+                    Attribute::KeyType(KeyType::ML_KEM),
+                    Attribute::Label(key.as_bytes().to_vec()),
+                ])
+            })?
+            .map_err(|e| classify(what.clone(), e))?;
+        let handle = match found[..] {
+            [h] => h,
+            [] => return Ok(None),
+            _ => {
+                return Err(HsmError::Config(format!(
+                    "{what}: {} ML-KEM public key objects carry that label",
+                    found.len()
+                )));
+            }
+        };
+        let attrs = self
+            .with_session(&token, |s| {
+                s.get_attributes(handle, &[AttributeType::ParameterSet, AttributeType::Value])
+            })?
+            .map_err(|e| classify(what.clone(), e))?;
+        let mut public = None;
+        let mut set = None;
+        for a in attrs {
+            match a {
+                Attribute::Value(v) => public = Some(v),
+                Attribute::ParameterSet(p) => set = Some(p),
+                _ => {}
+            }
+        }
+        let wanted = ParameterSetType::from(match kem {
+            Kem::MlKem1024 => MlKemParameterSetType::ML_KEM_1024,
+            _ => MlKemParameterSetType::ML_KEM_768,
+        });
+        if set.is_some_and(|p| p != wanted) {
+            return Err(HsmError::Config(format!(
+                "{what}: its public key object is of another ML-KEM parameter set"
+            )));
+        }
+        let public = public.ok_or_else(|| {
+            HsmError::Config(format!(
+                "{what}: the token did not give the public key's value (CKA_VALUE)"
+            ))
+        })?;
+        let (ct, expected) = crate::crypto::kem::encapsulate(kem, &public)
+            .map_err(|e| HsmError::Config(format!("{what}: its public key object: {}", e.0)))?;
+        let got = self
+            .with_session(&token, |s| decapsulate(s, private, &ct))?
+            .map_err(|e| self.first_secret_error(&token, &what, "ML-KEM decapsulation", e))?;
+        if *got != *expected {
+            return Err(HsmError::Config(format!(
+                "{what}: its public key object is not the private key's (the token decapsulated another secret from a ciphertext sealed to it)"
+            )));
+        }
+        Ok(Some(public))
     }
 
     /// The AES-256 secret key labelled `key` in `token`, checked: it can

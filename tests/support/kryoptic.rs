@@ -8,11 +8,26 @@
 use std::ffi::CString;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
+use std::sync::Mutex;
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, KeyType, MlKemParameterSetType, ObjectClass};
 use cryptoki::session::UserType;
 use cryptoki::types::AuthPin;
+
+/// An ML-KEM-768 key of a test token.
+pub enum MlKem768<'a> {
+    /// A private key imported from its 64-byte seed (d || z), and, given
+    /// its value, a public key object of the same label beside it.
+    Import {
+        label: &'a str,
+        seed: &'a [u8],
+        public: Option<&'a [u8]>,
+    },
+    /// A key pair generated in the token (the private key never outside).
+    Generate { label: &'a str },
+}
 
 /// Where `.ci/setup-kryoptic` puts the module.
 pub const MODULE: &str = "/opt/pqmig-test/kryoptic-1.5.4/libkryoptic_pkcs11.so";
@@ -29,10 +44,10 @@ pub struct Token {
 }
 
 impl Token {
-    /// Make the token labelled `label` in `dir` and import each ML-KEM-768
-    /// private key (label, 64-byte seed d || z) into it: sensitive, not
-    /// extractable, allowed to decapsulate only.
-    pub fn new(dir: &Path, label: &str, ml_kem_768: &[(&str, &[u8])]) -> Token {
+    /// Make the token labelled `label` in `dir` with these ML-KEM-768
+    /// keys: private keys sensitive, not extractable, allowed to
+    /// decapsulate only.
+    pub fn new(dir: &Path, label: &str, ml_kem_768: &[MlKem768<'_>]) -> Token {
         use std::os::unix::fs::OpenOptionsExt;
         let store = dir.join("kryoptic.sql");
         let conf = dir.join("kryoptic.conf");
@@ -62,7 +77,10 @@ impl Token {
         token
     }
 
-    fn set_up(&self, ml_kem_768: &[(&str, &[u8])]) {
+    fn set_up(&self, ml_kem_768: &[MlKem768<'_>]) {
+        // One C_Initialize at a time in this process (tests run at once).
+        static ONE: Mutex<()> = Mutex::new(());
+        let _one = ONE.lock().unwrap_or_else(|e| e.into_inner());
         let ctx = Pkcs11::new(MODULE).expect("kryoptic's module (bash .ci/setup builds it)");
         // kryoptic takes its store from C_Initialize's reserved argument:
         // the environment (KRYOPTIC_CONF) is the test process's, shared.
@@ -84,20 +102,60 @@ impl Token {
         }
         let s = ctx.open_rw_session(slot).expect("session");
         s.login(UserType::User, Some(&user)).expect("user login");
-        for (label, seed) in ml_kem_768 {
-            s.create_object(&[
-                Attribute::Class(ObjectClass::PRIVATE_KEY),
-                Attribute::KeyType(KeyType::ML_KEM),
-                Attribute::ParameterSet(MlKemParameterSetType::ML_KEM_768.into()),
-                Attribute::Seed(seed.to_vec()),
+        let set = || Attribute::ParameterSet(MlKemParameterSetType::ML_KEM_768.into());
+        let private = |label: &str| {
+            vec![
                 Attribute::Label(label.as_bytes().to_vec()),
                 Attribute::Token(true),
                 Attribute::Private(true),
                 Attribute::Sensitive(true),
                 Attribute::Extractable(false),
                 Attribute::Decapsulate(true),
-            ])
-            .expect("import the ML-KEM key");
+            ]
+        };
+        let public = |label: &str| {
+            vec![
+                Attribute::Label(label.as_bytes().to_vec()),
+                Attribute::Token(true),
+                Attribute::Encapsulate(true),
+                set(),
+            ]
+        };
+        for key in ml_kem_768 {
+            match key {
+                MlKem768::Import {
+                    label,
+                    seed,
+                    public: value,
+                } => {
+                    let mut template = private(label);
+                    template.extend([
+                        Attribute::Class(ObjectClass::PRIVATE_KEY),
+                        Attribute::KeyType(KeyType::ML_KEM),
+                        set(),
+                        Attribute::Seed(seed.to_vec()),
+                    ]);
+                    s.create_object(&template).expect("import the ML-KEM key");
+                    if let Some(value) = value {
+                        let mut template = public(label);
+                        template.extend([
+                            Attribute::Class(ObjectClass::PUBLIC_KEY),
+                            Attribute::KeyType(KeyType::ML_KEM),
+                            Attribute::Value(value.to_vec()),
+                        ]);
+                        s.create_object(&template)
+                            .expect("import the ML-KEM public key");
+                    }
+                }
+                MlKem768::Generate { label } => {
+                    s.generate_key_pair(
+                        &Mechanism::MlKemKeyPairGen,
+                        &public(label),
+                        &private(label),
+                    )
+                    .expect("generate an ML-KEM key pair in the token");
+                }
+            }
         }
         drop(s);
         ctx.finalize().expect("C_Finalize");

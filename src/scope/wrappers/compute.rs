@@ -2,21 +2,83 @@
 //! layer keys, build the `pqmig-wrap-v1` wrap, open it again (verify before
 //! write), and gather a batch's new values for one compare-and-set.
 
+use std::sync::Arc;
+
 use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
+use zeroize::Zeroizing;
 
-use super::keys::{SourceKeys, format_of, suite_kem, suite_policy};
+use super::keys::{Failure, SourceKeys, UNAVAILABLE, format_of, suite_kem, suite_policy};
 use super::policy::{AadValues, LayerSelection, choose_layers, render_aad};
-use crate::crypto::kem::{Kem, KemKeyPair};
+use crate::crypto::kem::{self, Kem, KemKeyPair};
 use crate::crypto::{suite, wrap};
 use crate::db::wrappers::{NewLayers, Policy, WrapperRow, WrapperUpdates};
+use crate::keys::pkcs11::{Hsm, HsmError};
 use crate::scope::ItemFailure;
 
 /// A usable layer key of the target policy.
 pub struct LayerKey {
     pub kms_key_id: i64,
     pub weight: i32,
-    pub pair: KemKeyPair,
+    pub key: LayerSecret,
+}
+
+/// Where a layer key's private half is. New layers are sealed by pqmig
+/// either way (a public key is all that needs); checking a new wrap
+/// before it is written takes the private key.
+pub enum LayerSecret {
+    /// In the keyring: both in process.
+    Here(KemKeyPair),
+    /// ML-KEM in an HSM token (provider `pkcs11`): sealed to its public
+    /// key object's value ([`Hsm::ml_kem_public`], checked to be the
+    /// private key's), each new layer decapsulated in the token.
+    Token {
+        hsm: Arc<Hsm>,
+        token: String,
+        label: String,
+        kem: Kem,
+        public: Vec<u8>,
+    },
+}
+
+impl LayerKey {
+    fn public_key(&self) -> &[u8] {
+        match &self.key {
+            LayerSecret::Here(pair) => pair.public_key(),
+            LayerSecret::Token { public, .. } => public,
+        }
+    }
+
+    /// A new layer: (ciphertext, shared secret), fresh randomness.
+    fn encapsulate(&self) -> (Vec<u8>, Zeroizing<[u8; 32]>) {
+        match &self.key {
+            LayerSecret::Here(pair) => pair.encapsulate(),
+            LayerSecret::Token { kem, public, .. } => kem::encapsulate(*kem, public)
+                .expect("a token's public key is checked when the job loads it"),
+        }
+    }
+
+    /// The shared secret of a new layer, as opening the wrap later will
+    /// find it. A token that fails is the job's transient error.
+    fn decapsulate(&self, ct: &[u8]) -> Result<Zeroizing<[u8; 32]>, Failure> {
+        match &self.key {
+            LayerSecret::Here(pair) => pair
+                .decapsulate(ct)
+                .map_err(|e| ("verify", format!("the new wrap: {}", e.0))),
+            LayerSecret::Token {
+                hsm,
+                token,
+                label,
+                kem,
+                ..
+            } => hsm
+                .ml_kem_decapsulate(token, label, *kem, ct)
+                .map_err(|e| match e {
+                    HsmError::Unavailable(m) => (UNAVAILABLE, m),
+                    other => ("verify", format!("the new wrap: {other}")),
+                }),
+        }
+    }
 }
 
 /// What the computation threads share for the whole job.
@@ -160,16 +222,29 @@ impl Plan {
         );
         let aad_bytes = wrap::canonical_json(&aad);
         let keys: Vec<&LayerKey> = chosen.iter().map(|&i| &self.layer_keys[i]).collect();
-        let pairs: Vec<&KemKeyPair> = keys.iter().map(|k| &k.pair).collect();
-        let sealed = wrap::seal_v1_to(&uuid, &aad_bytes, &dek, &pairs);
+        let (ciphertexts, shared): (Vec<_>, Vec<_>) = keys.iter().map(|k| k.encapsulate()).unzip();
+        let sealed = wrap::seal_v1_shared(&uuid, &aad_bytes, &dek, ciphertexts, &shared);
+        drop(shared);
         if self.verify {
-            let layers: Vec<(&KemKeyPair, &[u8])> = keys
-                .iter()
-                .zip(&sealed.ciphertexts)
-                .map(|(k, ct)| (&k.pair, ct.as_slice()))
-                .collect();
-            let ok = wrap::open_v1(&uuid, &aad_bytes, &layers, &sealed.commitment, &sealed.wrap)
-                .is_ok_and(|opened| bool::from(opened.ct_eq(&dek)));
+            // Opened as a reader will open it: each layer decapsulated
+            // again (in its token, for a key held there).
+            let mut opened = Vec::with_capacity(keys.len());
+            for (k, ct) in keys.iter().zip(&sealed.ciphertexts) {
+                match k.decapsulate(ct) {
+                    Ok(secret) => opened.push(secret),
+                    Err((code, msg)) => return Outcome::Fail(code, msg),
+                }
+            }
+            let cts: Vec<&[u8]> = sealed.ciphertexts.iter().map(Vec::as_slice).collect();
+            let ok = wrap::open_v1_shared(
+                &uuid,
+                &aad_bytes,
+                &opened,
+                &cts,
+                &sealed.commitment,
+                &sealed.wrap,
+            )
+            .is_ok_and(|d| bool::from(d.ct_eq(&dek)));
             if !ok {
                 return Outcome::Fail(
                     "verify",
@@ -191,7 +266,7 @@ impl Plan {
             layers: keys
                 .iter()
                 .zip(sealed.ciphertexts)
-                .map(|(k, ct)| (k.kms_key_id, ct, k.pair.public_key().to_vec()))
+                .map(|(k, ct)| (k.kms_key_id, ct, k.public_key().to_vec()))
                 .collect(),
         })
     }

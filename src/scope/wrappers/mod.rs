@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 use tokio_postgres::{Client, GenericClient, Transaction};
 
 pub use aftercare::{WrappersAftercare, aftercare};
-pub use compute::{Computed, LayerKey, Plan};
+pub use compute::{Computed, LayerKey, LayerSecret, Plan};
 pub use keys::SourceKeys;
 use policy::{LayerSelection, PolicyPin, aad_template, kem_of};
 
@@ -33,6 +33,7 @@ use crate::crypto::wrap;
 use crate::db::kms;
 use crate::db::wrappers::{self as dbw, Policy, WrapperFilter, WrapperRow, WrapperUpdates};
 use crate::job::JobSpec;
+use crate::keys::pkcs11::{self, HsmError};
 use crate::selection::{self, Common};
 
 /// A wrappers job checked against the database, its keys not loaded.
@@ -67,7 +68,7 @@ impl WrappersJob {
         spec: &JobSpec,
         ctx: &ScopeContext,
     ) -> Result<WrappersJob, JobError> {
-        let job = Self::check(c, spec).await?.load_keys(spec.id, ctx)?;
+        let job = Self::check(c, spec).await?.load_keys(spec.id, ctx).await?;
         // The keys the selection names, before any item: one this process
         // cannot open wraps with fails the job now, not item by item.
         if let Some(ids) = &job.sel.kms_key_ids {
@@ -247,23 +248,33 @@ async fn refuse_downgrade(
 impl Checked {
     /// The layer keys, last: a keyring problem is reported only for a job
     /// that is otherwise valid.
-    pub fn load_keys(self, job_id: i64, ctx: &ScopeContext) -> Result<WrappersJob, JobError> {
+    pub async fn load_keys(self, job_id: i64, ctx: &ScopeContext) -> Result<WrappersJob, JobError> {
         let keyring = ctx.keys("read the wrapping keys from")?;
         let mut layer_keys = Vec::with_capacity(self.candidates.len());
         for c in &self.candidates {
-            let secret =
-                crate::keys::kms_secret(&*keyring, &c.key, self.kem.alias()).map_err(|e| {
-                    fatal(format!(
-                        "layer key {} of policy {:?}: {e}",
-                        c.key.id, self.policy.name
-                    ))
-                })?;
-            let pair = KemKeyPair::from_seed(self.kem, &secret.bytes)
-                .map_err(|e| fatal(format!("layer key {:?}: {e}", c.key.key_ref)))?;
+            let what = format!(
+                "layer key {} ({:?}) of policy {:?}",
+                c.key.id, c.key.key_ref, self.policy.name
+            );
+            let key = match c.key.provider.as_str() {
+                "pkcs11" => token_layer_key(&what, &c.key, self.kem, ctx).await?,
+                "local" => {
+                    let secret = crate::keys::kms_secret(&*keyring, &c.key, self.kem.alias())
+                        .map_err(|e| fatal(format!("{what}: {e}")))?;
+                    let pair = KemKeyPair::from_seed(self.kem, &secret.bytes)
+                        .map_err(|e| fatal(format!("{what}: {e}")))?;
+                    LayerSecret::Here(pair)
+                }
+                other => {
+                    return Err(fatal(format!(
+                        "{what}: provider {other} cannot hold a layer key (a layer key lives in the keyring or, ML-KEM, in a pkcs11 token; README \"Key providers\")"
+                    )));
+                }
+            };
             layer_keys.push(LayerKey {
                 kms_key_id: c.key.id,
                 weight: c.weight,
-                pair,
+                key,
             });
         }
         Ok(WrappersJob {
@@ -284,6 +295,52 @@ impl Checked {
             sel: self.sel,
         })
     }
+}
+
+/// A layer key held in an HSM token: its public key, checked to be the
+/// private key's, which must decapsulate there (ML-KEM only). A token that
+/// is down is the job's transient error; one set up wrong fails the job
+/// before any item.
+async fn token_layer_key(
+    what: &str,
+    key: &kms::KmsKey,
+    kem: Kem,
+    ctx: &ScopeContext,
+) -> Result<LayerSecret, JobError> {
+    if kem == Kem::XWing {
+        return Err(fatal(format!(
+            "{what}: an X-Wing key cannot be held in a token (PKCS#11 has no X-Wing mechanism; a token holds ML-KEM-768 and ML-KEM-1024 layer keys)"
+        )));
+    }
+    let settings = ctx.pkcs11.clone().ok_or_else(|| {
+        fatal(format!(
+            "{what}: held by provider pkcs11, and this process has no PKCS#11 module: set keys.pkcs11_module and keys.pkcs11_pin_file"
+        ))
+    })?;
+    let token = key.location.clone().ok_or_else(|| {
+        fatal(format!(
+            "{what}: its pkcs11 kms_providers row names no token (location)"
+        ))
+    })?;
+    let (t, label) = (token.clone(), key.key_ref.clone());
+    let found = tokio::task::spawn_blocking(move || {
+        let hsm = pkcs11::open(&settings)?;
+        let public = hsm.ml_kem_public(&t, &label, kem)?;
+        Ok::<_, HsmError>((hsm, public))
+    })
+    .await
+    .map_err(|e| fatal(format!("{what}: the key lookup panicked: {e}")))?;
+    let (hsm, public) = found.map_err(|e| match e {
+        HsmError::Unavailable(m) => JobError::Transient(format!("{what}: {m}")),
+        other => fatal(format!("{what}: {other}")),
+    })?;
+    Ok(LayerSecret::Token {
+        hsm,
+        token,
+        label: key.key_ref.clone(),
+        kem,
+        public,
+    })
 }
 
 impl WrappersJob {
