@@ -300,6 +300,13 @@ async fn new_layers_are_sealed_to_a_token_key_and_verified_in_the_token() {
         stdout(&out),
         stderr(&out)
     );
+    assert!(
+        stdout(&out).contains(
+            "usable: decapsulate pqmig-wrap-v1 layers (in its token; its public key object cannot be used, keys check says why: not a layer key of new wraps)"
+        ),
+        "{}",
+        stdout(&out)
+    );
     let out = cli(&["keys", "check"]);
     assert!(!out.status.success(), "{}", stdout(&out));
     assert!(
@@ -324,4 +331,106 @@ async fn new_layers_are_sealed_to_a_token_key_and_verified_in_the_token() {
         "{}",
         stdout(&out)
     );
+}
+
+/// The token fails ML-KEM decapsulation in the middle of jobs
+/// (`C_DecapsulateKey` answering `CKR_DEVICE_REMOVED`, then
+/// `CKR_GENERAL_ERROR`: `tests/support/p11_faulty.c` around kryoptic, in a
+/// real daemon): first while new wraps to a token layer key are checked
+/// before they are written, then while those layers are opened to re-wrap
+/// them back. Each batch that meets it is the job's transient error with
+/// nothing of it written; pqmig finds the token again, both jobs end done
+/// with no item failed, and pyca opens every DEK.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_failing_ml_kem_work_is_waited_out_and_nothing_is_lost() {
+    const N: usize = 8;
+    let mut w = WrapFx::new(N, Kem::MlKem768, 1).await;
+    let c = w.fx.db.client().await;
+    let label = format!(
+        "o{}",
+        &w.fx.db.name[w.fx.db.name.len().saturating_sub(20)..]
+    );
+    let token = Token::new(
+        w.fx.dir.path(),
+        &label,
+        &[MlKem768::Generate { label: "pq-out" }],
+    );
+    let key = register_key(&c, "hsm-o", "pkcs11", &label, "pq-out", "ML-KEM-768").await;
+    let two = w
+        .add_policy("two", Kem::MlKem768, 1, "defined", 2, 2, None)
+        .await;
+    c.execute(
+        "INSERT INTO policy_kms_keys (policy_id, kms_key_id, weight, priority) VALUES ($1, $2, 1, 10)",
+        &[&two, &key],
+    )
+    .await
+    .unwrap();
+
+    let dir = w.fx.dir.path();
+    let shim = crate::support::softhsm::faulty_module(dir)
+        .display()
+        .to_string();
+    let faults = dir.join("faults");
+    let config = dir.join("pqmig.toml");
+    std::fs::write(
+        &config,
+        "[worker]\nretry_backoff = \"100ms\"\nretry_backoff_max = \"1s\"\nmax_attempts = 50\n",
+    )
+    .unwrap();
+    let (faults_path, config) = (faults.display().to_string(), config.display().to_string());
+    let mut env: Vec<(&str, String)> = token
+        .env()
+        .into_iter()
+        .filter(|(k, _)| *k != "PQMIG_PKCS11_MODULE")
+        .collect();
+    env.extend([
+        ("PQMIG_PKCS11_MODULE", shim),
+        ("P11FAULTY_MODULE", crate::support::kryoptic::MODULE.into()),
+        ("P11FAULTY_COUNT", faults_path),
+        ("PQMIG_CONFIG", config),
+    ]);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut d = w.fx.spawn_daemon("d", &env);
+    // Into policy two (verify before write in the token), then back to
+    // the keyring policy (the token's layers opened there). The first
+    // calls go through (a job's start decapsulates twice to check the
+    // key), so the outage meets the batches.
+    for (policy, fault) in [
+        (two, "C_DecapsulateKey 3 0x32 4"),
+        (w.seed.policy_id, "C_DecapsulateKey 3 0x5 2"),
+    ] {
+        std::fs::write(&faults, format!("{fault}\n")).unwrap();
+        let job = w.enqueue(policy, json!({"batch_size": 2})).await;
+        let j = w.fx.wait_job(job, 90, terminal).await;
+        let log = w.fx.log("d");
+        assert_eq!(
+            (j.status.as_str(), j.processed, j.failed),
+            ("done", N as i64, 0),
+            "{fault}: {:?}\n{log}",
+            j.error
+        );
+        let left = std::fs::read_to_string(&faults).unwrap();
+        assert_eq!(
+            left.split_whitespace().nth(1),
+            Some("0"),
+            "every outage was met: {left}"
+        );
+        assert!(
+            log.lines().any(|l| l.contains("batch failed; retrying")
+                && l.contains("pq-out")
+                && l.contains("ML-KEM decapsulation")),
+            "{fault}: the batch that met the outage was retried, the token's error logged:\n{log}"
+        );
+    }
+    terminate(&mut d);
+    let layers: i64 = c
+        .query_one(
+            "SELECT count(*) FROM key_wrapper_layers WHERE kms_key_id = $1",
+            &[&key],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(layers, 0, "every wrapper is back under the keyring policy");
+    w.assert_pyca_opens(&w.seed.deks).await;
 }

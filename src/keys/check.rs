@@ -6,7 +6,7 @@
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
-use super::pkcs11::Pkcs11Settings;
+use super::pkcs11::{HsmError, Pkcs11Settings};
 use super::{KeyProvider, KeySecret, LocalKeyring};
 use crate::crypto::kem::{Kem, KemKeyPair};
 use crate::crypto::onion::{HmacHash, Onion};
@@ -89,18 +89,20 @@ pub fn usable(
     if key.provider == "pkcs11" {
         let (hsm, token) = hsm_of(pkcs11, key)?;
         if let Some(kem) = token_kem(key) {
-            // A target layer key needs its public key object too.
-            let public = hsm
-                .ml_kem_public_object(&token, &key.key_ref, kem)
-                .map_err(|e| e.to_string())?;
-            return Ok(match public {
-                Some(_) => {
-                    "decapsulate pqmig-wrap-v1 layers, layer key of new wraps (in its token)"
+            // A target layer key needs its public key object too; the
+            // private key opens existing layers either way.
+            return match hsm.ml_kem_public_object(&token, &key.key_ref, kem) {
+                Ok(Some(_)) => {
+                    Ok("decapsulate pqmig-wrap-v1 layers, layer key of new wraps (in its token)")
                 }
-                None => {
-                    "decapsulate pqmig-wrap-v1 layers (in its token; no public key object: not a layer key of new wraps)"
-                }
-            });
+                Ok(None) => Ok(
+                    "decapsulate pqmig-wrap-v1 layers (in its token; no public key object: not a layer key of new wraps)",
+                ),
+                Err(e @ HsmError::Unavailable(_)) => Err(e.to_string()),
+                Err(_) => Ok(
+                    "decapsulate pqmig-wrap-v1 layers (in its token; its public key object cannot be used, keys check says why: not a layer key of new wraps)",
+                ),
+            };
         }
         return Ok(match hmac_of(key)? {
             Some(_) => "hmac (in its token)",

@@ -13,7 +13,7 @@ use super::policy::{AadValues, LayerSelection, choose_layers, render_aad};
 use crate::crypto::kem::{self, Kem, KemKeyPair};
 use crate::crypto::{suite, wrap};
 use crate::db::wrappers::{NewLayers, Policy, WrapperRow, WrapperUpdates};
-use crate::keys::pkcs11::{Hsm, HsmError};
+use crate::keys::pkcs11::Hsm;
 use crate::scope::ItemFailure;
 
 /// A usable layer key of the target policy.
@@ -59,7 +59,11 @@ impl LayerKey {
     }
 
     /// The shared secret of a new layer, as opening the wrap later will
-    /// find it. A token that fails is the job's transient error.
+    /// find it. Any token error is the job's transient error: the key was
+    /// checked when the job started, so the token is failing now, or its
+    /// setup changed since, which the job's next start finds and fails
+    /// the job for, naming it (never an item failed for a wrap that is
+    /// sound).
     fn decapsulate(&self, ct: &[u8]) -> Result<Zeroizing<[u8; 32]>, Failure> {
         match &self.key {
             LayerSecret::Here(pair) => pair
@@ -73,10 +77,7 @@ impl LayerKey {
                 ..
             } => hsm
                 .ml_kem_decapsulate(token, label, *kem, ct)
-                .map_err(|e| match e {
-                    HsmError::Unavailable(m) => (UNAVAILABLE, m),
-                    other => ("verify", format!("the new wrap: {other}")),
-                }),
+                .map_err(|e| (UNAVAILABLE, e.to_string())),
         }
     }
 }
