@@ -377,30 +377,47 @@ pub async fn job_finish_split(
 }
 
 /// Fail a split job from one of its ranges (a fatal error, too many item
-/// failures): every other range stops at its next fenced write. `false`:
-/// the job was no longer running.
+/// failures): every other range stops at its next fenced write. Fenced by
+/// that range's lease: a range given to another replica meanwhile (its
+/// heartbeat lapsed) no longer speaks for the job. The job row, then its
+/// ranges, are locked before their counts are summed (the order a range's
+/// end and a cancel take), so a batch committing at that moment is
+/// counted. `false`: the job was no longer running, or the range no
+/// longer ours.
 pub async fn job_fail(
     c: &impl GenericClient,
-    job_id: i64,
+    range: &crate::db::ranges::RangeLease,
     error: &str,
     result: &Value,
     worker: &str,
 ) -> Result<bool, tokio_postgres::Error> {
     let rows = c
         .query(
-            "WITH t AS (SELECT COALESCE(sum(processed_count), 0)::bigint AS p, \
-                               COALESCE(sum(failed_count), 0)::bigint AS f \
-                        FROM pq_migration_ranges WHERE job_id = $1), \
+            "WITH j0 AS (SELECT id FROM pq_migration_jobs WHERE id = $1 AND status = 'running' FOR UPDATE), \
+             rl AS (SELECT range_no, lease_token, status, processed_count, failed_count \
+                    FROM pq_migration_ranges WHERE job_id = (SELECT id FROM j0) FOR UPDATE), \
+             t AS (SELECT COALESCE(sum(processed_count), 0)::bigint AS p, \
+                          COALESCE(sum(failed_count), 0)::bigint AS f FROM rl), \
              u AS (UPDATE pq_migration_jobs j SET status = 'failed', error = $2, \
                  result = COALESCE(j.result, '{}'::jsonb) || $3::jsonb, \
                  processed_count = t.p, failed_count = t.f, finished_at = now(), updated_at = now() \
-               FROM t WHERE j.id = $1 AND j.status = 'running' RETURNING j.id), \
+               FROM t WHERE j.id = $1 AND j.status = 'running' \
+                 AND EXISTS (SELECT 1 FROM rl WHERE rl.range_no = $5 AND rl.lease_token = $6 \
+                                                AND rl.status = 'running') \
+               RETURNING j.id), \
              r AS (UPDATE pq_migration_ranges SET status = 'pending', locked_by = NULL, \
                  lease_token = NULL, heartbeat_at = NULL, throttled = NULL, updated_at = now() \
                WHERE job_id = (SELECT id FROM u) AND status = 'running') \
              INSERT INTO pq_migration_job_events (job_id, event, worker, detail) \
              SELECT id, 'failed', $4, jsonb_build_object('error', $2::text) FROM u RETURNING job_id",
-            &[&job_id, &error, result, &worker],
+            &[
+                &range.job_id,
+                &error,
+                result,
+                &worker,
+                &range.range_no,
+                &range.token,
+            ],
         )
         .await?;
     Ok(rows.len() == 1)

@@ -555,3 +555,89 @@ async fn cancel_counts_the_batch_committing_at_that_moment() {
         "the committed batch is counted"
     );
 }
+
+/// A range fails its job only while it still holds its lease (one given
+/// to another replica meanwhile no longer speaks for the job), and the
+/// job's counts include a batch of another range committing at that
+/// moment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_range_fails_its_job_only_under_its_lease_counting_every_committed_batch() {
+    use pqmig::db::ranges::RangeLease;
+    let fx = Fixture::new(0).await;
+    let c = fx.db.client().await;
+    let id = fx.enqueue(json!({})).await;
+    let (ours, theirs) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+    c.execute(
+        "UPDATE pq_migration_jobs SET status = 'running', ranges = 2 WHERE id = $1",
+        &[&id],
+    )
+    .await
+    .expect("a split job");
+    c.execute(
+        "INSERT INTO pq_migration_ranges (job_id, range_no, lo, hi, status, lease_token, heartbeat_at, processed_count) \
+         VALUES ($1, 0, 0, 1000, 'running', $2, now(), 100), ($1, 1, 1000, 2000, 'running', $3, now(), 10)",
+        &[&id, &ours, &theirs],
+    )
+    .await
+    .expect("its ranges, walking");
+    let result = json!({});
+    // A stale lease of range 0 (reclaimed since): nothing happens.
+    let stale = RangeLease {
+        job_id: id,
+        range_no: 0,
+        token: uuid::Uuid::new_v4(),
+    };
+    let failed = pqmig::db::jobs::job_fail(&c, &stale, "stale", &result, "test")
+        .await
+        .expect("job_fail");
+    assert!(!failed, "a range no longer held does not fail the job");
+    assert_eq!(fx.job(id).await.status, "running");
+    // Range 1's batch commits while range 0 fails the job.
+    let mut batch = fx.db.client().await;
+    let tx = batch.transaction().await.expect("begin");
+    tx.execute(
+        "UPDATE pq_migration_ranges SET processed_count = processed_count + 50 \
+         WHERE job_id = $1 AND range_no = 1",
+        &[&id],
+    )
+    .await
+    .expect("the batch's count");
+    let failer = fx.db.client().await;
+    let lease = RangeLease {
+        job_id: id,
+        range_no: 0,
+        token: ours,
+    };
+    let fail = tokio::spawn(async move {
+        pqmig::db::jobs::job_fail(&failer, &lease, "fatal", &json!({}), "test").await
+    });
+    wait_until(10, "the failure waiting for the batch", || async {
+        c.query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND wait_event_type = 'Lock'",
+            &[],
+        )
+        .await
+        .expect("pg_stat_activity")
+        .get::<_, i64>(0)
+            == 1
+    })
+    .await;
+    tx.commit().await.expect("the batch commits");
+    assert!(fail.await.expect("join").expect("job_fail"));
+    let j = fx.job(id).await;
+    assert_eq!(
+        (j.status.as_str(), j.processed, j.error.as_deref()),
+        ("failed", 160, Some("fatal")),
+        "the committed batch is counted"
+    );
+    let running: i64 = c
+        .query_one(
+            "SELECT count(*) FROM pq_migration_ranges WHERE job_id = $1 AND status = 'running'",
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(running, 0, "its ranges are given back");
+}

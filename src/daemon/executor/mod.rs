@@ -267,7 +267,7 @@ async fn fail(shared: &Shared, held: Held, msg: &str, result: serde_json::Value)
             Held::Job(lease) => {
                 jobs::job_finish(&**client, lease, "failed", Some(msg), &result, w).await?
             }
-            Held::Range(_) => jobs::job_fail(&**client, job_id, msg, &result, w).await?,
+            Held::Range(r) => jobs::job_fail(&**client, &r, msg, &result, w).await?,
         })
     }
     .await;
