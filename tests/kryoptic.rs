@@ -8,7 +8,7 @@ use serde_json::json;
 use pqmig::crypto::kem::Kem;
 
 use crate::support::hashes::{terminal, terminate};
-use crate::support::kryoptic::{MlKem768, Token};
+use crate::support::kryoptic::{Token, TokenKey};
 use crate::support::wrappers::{WrapFx, register_key};
 use crate::support::{stderr, stdout};
 
@@ -64,7 +64,7 @@ async fn ml_kem_layers_are_decapsulated_in_the_token_and_rewrapped() {
     let token = Token::new(
         w.fx.dir.path(),
         &label,
-        &[MlKem768::Import {
+        &[TokenKey::Import {
             label: "pq-in-token",
             seed: &seed,
             public: None,
@@ -182,8 +182,8 @@ async fn new_layers_are_sealed_to_a_token_key_and_verified_in_the_token() {
         w.fx.dir.path(),
         &label,
         &[
-            MlKem768::Generate { label: "pq-target" },
-            MlKem768::Import {
+            TokenKey::Generate { label: "pq-target" },
+            TokenKey::Import {
                 label: "pq-mismatch",
                 seed: &own,
                 public: Some(other.public_key()),
@@ -353,7 +353,7 @@ async fn a_token_failing_ml_kem_work_is_waited_out_and_nothing_is_lost() {
     let token = Token::new(
         w.fx.dir.path(),
         &label,
-        &[MlKem768::Generate { label: "pq-out" }],
+        &[TokenKey::Generate { label: "pq-out" }],
     );
     let key = register_key(&c, "hsm-o", "pkcs11", &label, "pq-out", "ML-KEM-768").await;
     let two = w
@@ -433,4 +433,125 @@ async fn a_token_failing_ml_kem_work_is_waited_out_and_nothing_is_lost() {
         .get(0);
     assert_eq!(layers, 0, "every wrapper is back under the keyring policy");
     w.assert_pyca_opens(&w.seed.deks).await;
+}
+
+/// An X-Wing key in the token: its ML-KEM-768 and X25519 halves under one
+/// label, imported from a 32-byte X-Wing seed the test keeps (never in
+/// the keyring). As a target layer key, new layers are sealed to its
+/// public key (the ML-KEM public key object's value, then the X25519 half's
+/// public key as the token computes it) and checked in the token; pyca,
+/// given the seed, opens them (an independent X-Wing on pyca's ML-KEM and
+/// X25519). Re-wrapping them to a keyring X-Wing policy decapsulates
+/// both halves in the token: an X25519 ciphertext altered to a low-order
+/// point fails `integrity` (the token is not asked), the rest are opened
+/// by pyca again. `keys check` prints the public key of the seed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn x_wing_keys_in_the_token_are_layer_keys_and_open_their_layers() {
+    use pqmig::crypto::kem::KemKeyPair;
+    use sha2::{Digest, Sha256};
+
+    const N: usize = 6;
+    let mut w = WrapFx::new(N, Kem::MlKem768, 1).await;
+    let c = w.fx.db.client().await;
+    let label = format!(
+        "x{}",
+        &w.fx.db.name[w.fx.db.name.len().saturating_sub(20)..]
+    );
+    let seed: [u8; 32] = rand::random();
+    let token = Token::new(
+        w.fx.dir.path(),
+        &label,
+        &[TokenKey::XWing {
+            label: "xw",
+            seed: &seed,
+        }],
+    );
+    let in_token = register_key(&c, "hsm-x", "pkcs11", &label, "xw", "X-Wing").await;
+    let to_token = pqmig::sample::policy_create(&c, "xtok", "defined", 1, 1, "X-Wing", &[in_token])
+        .await
+        .unwrap();
+    let to_keyring = w
+        .add_policy("xkey", Kem::XWing, 1, "defined", 1, 1, None)
+        .await;
+    // The seed, for pyca only (the keyring file was written above).
+    w.keys
+        .add("xw", "X-Wing", zeroize::Zeroizing::new(seed.to_vec()));
+
+    let env = token.env();
+    let port = crate::observe::free_port();
+    let metrics = format!("127.0.0.1:{port}");
+    let mut extra: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    extra.push(("PQMIG_METRICS_ADDR", metrics.as_str()));
+    let mut d = w.fx.spawn_daemon("d", &extra);
+    let decapsulated = || {
+        crate::observe::scrape(
+            port,
+            "pqmig_key_provider_requests_total{operation=\"decrypt\",outcome=\"ok\",provider=\"pkcs11\"} ",
+        )
+    };
+
+    let job = w.enqueue(to_token, json!({"batch_size": 4})).await;
+    let j = w.fx.wait_job(job, 60, terminal).await;
+    assert_eq!(
+        (j.status.as_str(), j.processed, j.failed),
+        ("done", N as i64, 0),
+        "{j:?}\n{}",
+        w.fx.log("d")
+    );
+    assert_eq!(decapsulated().await, N as f64, "verify before write");
+    w.assert_pyca_opens(&w.seed.deks).await;
+
+    // One X25519 ciphertext made the low-order point 0.
+    let (tampered, _) = w.seed.deks[N - 1];
+    c.execute(
+        "UPDATE key_wrapper_layers SET kem_ciphertext = substr(kem_ciphertext, 1, 1088) || \
+           '\\x0000000000000000000000000000000000000000000000000000000000000000'::bytea \
+         WHERE key_wrapper_id = $1",
+        &[&tampered],
+    )
+    .await
+    .unwrap();
+    let job = w.enqueue(to_keyring, json!({"batch_size": 4})).await;
+    let j = w.fx.wait_job(job, 60, terminal).await;
+    terminate(&mut d);
+    let errors = w.fx.item_errors(job).await;
+    assert_eq!(
+        (j.processed, j.failed),
+        (N as i64 - 1, 1),
+        "{errors:?}\n{}",
+        w.fx.log("d")
+    );
+    assert_eq!((errors[0].0, errors[0].1.as_str()), (tampered, "integrity"));
+    w.assert_pyca_opens(&w.seed.deks[..N - 1]).await;
+    let layers: i64 = c
+        .query_one(
+            "SELECT count(*) FROM key_wrapper_layers WHERE kms_key_id = $1",
+            &[&in_token],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        layers, 1,
+        "only the altered wrapper is left under the token key"
+    );
+
+    let cli = |args: &[&str]| {
+        let keyring = w.fx.keyring.display().to_string();
+        let mut env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        env.push(("DATABASE_URL", w.fx.db.url.as_str()));
+        env.push(("PQMIG_KEYRING", keyring.as_str()));
+        crate::support::run(args, &env)
+    };
+    let public = KemKeyPair::from_seed(Kem::XWing, &seed).unwrap();
+    let out = cli(&["keys", "check"]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert!(
+        stdout(&out).contains(&format!(
+            "kms_keys {in_token} \"xw\": encapsulated to its public key and decapsulated in token \"{label}\" (X-Wing); public key 1216 bytes, SHA-256 {}",
+            pqmig::hex(&Sha256::digest(public.public_key()))
+        )),
+        "{}",
+        stdout(&out)
+    );
 }

@@ -376,8 +376,9 @@ impl KemKeyPair {
     }
 }
 
-/// SHA3-256(ss_M || ss_X || ct_X || pk_X || label).
-fn xwing_combine(
+/// SHA3-256(ss_M || ss_X || ct_X || pk_X || label): X-Wing's combiner (a
+/// token's halves are combined here too).
+pub fn xwing_combine(
     ss_m: &[u8; 32],
     ss_x: &[u8; 32],
     ct_x: &[u8; 32],

@@ -43,7 +43,7 @@ fn hsm_of(
     if hmac.is_none() && !x25519 && kem.is_none() && !algorithm.eq_ignore_ascii_case("AES-256-GCM")
     {
         return Err(format!(
-            "the pkcs11 provider uses AES-256-GCM, X25519, ML-KEM-768, ML-KEM-1024 and HMAC keys; {algorithm} is not supported by it"
+            "the pkcs11 provider uses AES-256-GCM, X25519, ML-KEM-768, ML-KEM-1024, X-Wing and HMAC keys; {algorithm} is not supported by it"
         ));
     }
     let token = key
@@ -64,13 +64,10 @@ fn hsm_of(
     Ok((hsm, token))
 }
 
-/// The ML-KEM parameter set a `pkcs11` row declares (X-Wing has no
-/// PKCS#11 mechanism: not one of them).
+/// The KEM a `pkcs11` row declares (ML-KEM-768/1024, or X-Wing: its
+/// ML-KEM-768 and X25519 halves under one label).
 fn token_kem(key: &KmsKey) -> Option<Kem> {
-    key.algorithm
-        .as_deref()
-        .and_then(Kem::from_alias)
-        .filter(|k| *k != Kem::XWing)
+    key.algorithm.as_deref().and_then(Kem::from_alias)
 }
 
 /// The row is declared an X25519 key.

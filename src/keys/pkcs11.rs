@@ -34,8 +34,9 @@ use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
 use zeroize::{Zeroize, Zeroizing};
 
-use crate::crypto::kem::Kem;
+use crate::crypto::kem::{self, Kem};
 use crate::crypto::onion::HmacHash;
+use crate::crypto::wrap;
 
 /// `keys.pkcs11_module` and `keys.pkcs11_pin_file`, and how many
 /// operation sessions a token may have open at once.
@@ -398,22 +399,25 @@ impl Hsm {
     /// out, and, when it is first found, it decapsulates a random
     /// ciphertext and gives the secret out: so a token that refuses the
     /// operation or keeps the secret in is said once (`Unsupported`, its
-    /// setup), before any wrap. X-Wing has no PKCS#11 mechanism:
-    /// `Unsupported`.
+    /// setup), before any wrap. An X-Wing key (no PKCS#11 mechanism of its
+    /// own) is its two halves under one label: this ML-KEM-768 key and an
+    /// X25519 key ([`Hsm::x25519_key`], checked here too), combined by
+    /// pqmig ([`Hsm::ml_kem_decapsulate`]).
     pub fn ml_kem_key(&self, token: &Token, key: &str, kem: Kem) -> Result<ObjectHandle, HsmError> {
-        let set = match kem {
-            Kem::MlKem768 => MlKemParameterSetType::ML_KEM_768,
-            Kem::MlKem1024 => MlKemParameterSetType::ML_KEM_1024,
-            Kem::XWing => {
-                return Err(HsmError::Unsupported(format!(
-                    "token {:?} key {key:?}: X-Wing has no PKCS#11 mechanism; an X-Wing layer key stays in the keyring",
-                    token.label
-                )));
-            }
+        let (set, part) = match kem {
+            Kem::MlKem768 => (MlKemParameterSetType::ML_KEM_768, kem),
+            Kem::MlKem1024 => (MlKemParameterSetType::ML_KEM_1024, kem),
+            Kem::XWing => (MlKemParameterSetType::ML_KEM_768, Kem::MlKem768),
         };
         if !Self::does_ml_kem(token) {
             return Err(HsmError::Unsupported(format!(
                 "token {:?} does not support CKM_ML_KEM, which decapsulating with {key:?} needs",
+                token.label
+            )));
+        }
+        if kem == Kem::XWing && !Self::does_x25519(token) {
+            return Err(HsmError::Unsupported(format!(
+                "token {:?} does not support CKM_ECDH1_DERIVE, which the X25519 half of X-Wing key {key:?} needs",
                 token.label
             )));
         }
@@ -438,10 +442,13 @@ impl Hsm {
             },
         )?;
         let what = format!("token {:?} key {key:?}", token.label);
-        let mut ct = vec![0u8; kem.ciphertext_len()];
+        let mut ct = vec![0u8; part.ciphertext_len()];
         rand::fill(&mut ct[..]);
         self.with_session(token, |s| decapsulate(s, private, &ct))?
             .map_err(|e| self.first_secret_error(token, &what, "ML-KEM decapsulation", e))?;
+        if kem == Kem::XWing {
+            self.x25519_key(token, key)?;
+        }
         token.keys.lock().expect("keys").insert(tried, private);
         Ok(private)
     }
@@ -482,6 +489,11 @@ impl Hsm {
     /// caller checks the length before, and the key was seen to
     /// decapsulate when it was found: so any error here is the token's
     /// failing for now, [`HsmError::Unavailable`], the token forgotten.
+    ///
+    /// X-Wing: the ML-KEM-768 half decapsulates the first 1088 bytes, the
+    /// X25519 half agrees with the last 32 (a low-order point gives the
+    /// all-zero secret without asking the token, as X25519 does in
+    /// process), and pqmig combines them with the X25519 public key.
     pub fn ml_kem_decapsulate(
         &self,
         token: &str,
@@ -491,14 +503,51 @@ impl Hsm {
     ) -> Result<Zeroizing<[u8; 32]>, HsmError> {
         metered("decrypt", || {
             let token = self.token(token)?;
-            let private = self.ml_kem_key(&token, key, kem)?;
-            let what = format!("token {:?} key {key:?}", token.label);
-            self.with_session(&token, |s| decapsulate(s, private, ct))?
-                .map_err(|e| {
-                    self.forget(&token);
-                    HsmError::Unavailable(format!("{what}: ML-KEM decapsulation: {e}"))
-                })
+            self.decapsulate_in(&token, key, kem, ct)
         })
+    }
+
+    /// [`Hsm::ml_kem_decapsulate`] in a token found, not counted.
+    fn decapsulate_in(
+        &self,
+        token: &Token,
+        key: &str,
+        kem: Kem,
+        ct: &[u8],
+    ) -> Result<Zeroizing<[u8; 32]>, HsmError> {
+        let what = format!("token {:?} key {key:?}", token.label);
+        if ct.len() != kem.ciphertext_len() {
+            return Err(HsmError::Config(format!(
+                "{what}: a {} ciphertext is {} bytes, not {}",
+                kem.alias(),
+                kem.ciphertext_len(),
+                ct.len()
+            )));
+        }
+        let private = self.ml_kem_key(token, key, kem)?;
+        let failing = |operation: &str, e: P11Error| {
+            self.forget(token);
+            HsmError::Unavailable(format!("{what}: {operation}: {e}"))
+        };
+        if kem != Kem::XWing {
+            return self
+                .with_session(token, |s| decapsulate(s, private, ct))?
+                .map_err(|e| failing("ML-KEM decapsulation", e));
+        }
+        let (ct_m, ct_x) = ct.split_at(Kem::MlKem768.ciphertext_len());
+        let ct_x: &[u8; 32] = ct_x.try_into().expect("length checked");
+        let x = self.x25519_key(token, key)?;
+        let ss_m = self
+            .with_session(token, |s| decapsulate(s, private, ct_m))?
+            .map_err(|e| failing("ML-KEM decapsulation", e))?;
+        let ss_x = if wrap::x25519_contributory(ct_x) {
+            let peer = wrap::x25519_canonical(ct_x);
+            self.with_session(token, |s| derive_x25519(s, x.private, &peer))?
+                .map_err(|e| failing("X25519 agreement", e))?
+        } else {
+            Zeroizing::new([0u8; 32])
+        };
+        Ok(kem::xwing_combine(&ss_m, &ss_x, ct_x, &x.public))
     }
 
     /// The encapsulation key of the token's ML-KEM key `key`, to wrap new
@@ -569,16 +618,24 @@ impl Hsm {
                 "{what}: its public key object is of another ML-KEM parameter set"
             )));
         }
-        let public = public.ok_or_else(|| {
+        let mut public = public.ok_or_else(|| {
             HsmError::Config(format!(
                 "{what}: the token did not give the public key's value (CKA_VALUE)"
             ))
         })?;
-        let (ct, expected) = crate::crypto::kem::encapsulate(kem, &public)
+        if kem == Kem::XWing {
+            // pk_M || pk_X, the X25519 half's public key computed by the
+            // token.
+            public.extend_from_slice(&self.x25519_key(&token, key)?.public);
+        }
+        let (ct, expected) = kem::encapsulate(kem, &public)
             .map_err(|e| HsmError::Config(format!("{what}: its public key object: {}", e.0)))?;
-        let got = self
-            .with_session(&token, |s| decapsulate(s, private, &ct))?
-            .map_err(|e| self.first_secret_error(&token, &what, "ML-KEM decapsulation", e))?;
+        let got = match kem {
+            Kem::XWing => self.decapsulate_in(&token, key, kem, &ct)?,
+            _ => self
+                .with_session(&token, |s| decapsulate(s, private, &ct))?
+                .map_err(|e| self.first_secret_error(&token, &what, "ML-KEM decapsulation", e))?,
+        };
         if *got != *expected {
             return Err(HsmError::Config(format!(
                 "{what}: its public key object is not the private key's (the token decapsulated another secret from a ciphertext sealed to it)"
@@ -692,11 +749,33 @@ impl Hsm {
                 ])
             })?
             .map_err(|e| classify(what.clone(), e))?;
+        // Several keys of a label (an X-Wing key's two halves): the one of
+        // the kind wanted.
+        let labelled = found.len();
+        let found = if labelled > 1 {
+            let mut kept = Vec::with_capacity(found.len());
+            for h in found {
+                let kind = self
+                    .with_session(token, |s| s.get_attributes(h, &[AttributeType::KeyType]))?
+                    .map_err(|e| classify(what.clone(), e))?;
+                if kind.iter().all(|a| check(a).0) {
+                    kept.push(h);
+                }
+            }
+            kept
+        } else {
+            found
+        };
         let handle = match found[..] {
             [h] => h,
-            [] => {
+            [] if labelled == 0 => {
                 return Err(HsmError::Config(format!(
                     "{what}: no {noun} with that label"
+                )));
+            }
+            [] => {
+                return Err(HsmError::Config(format!(
+                    "{what}: {labelled} {noun}s carry that label, none of the kind wanted"
                 )));
             }
             _ => {

@@ -15,9 +15,10 @@ use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, KeyType, MlKemParameterSetType, ObjectClass};
 use cryptoki::session::UserType;
 use cryptoki::types::AuthPin;
+use pqmig::crypto::kem::{Kem, KemKeyPair};
 
-/// An ML-KEM-768 key of a test token.
-pub enum MlKem768<'a> {
+/// A key of a test token.
+pub enum TokenKey<'a> {
     /// A private key imported from its 64-byte seed (d || z), and, given
     /// its value, a public key object of the same label beside it.
     Import {
@@ -25,8 +26,13 @@ pub enum MlKem768<'a> {
         seed: &'a [u8],
         public: Option<&'a [u8]>,
     },
-    /// A key pair generated in the token (the private key never outside).
+    /// An ML-KEM-768 key pair generated in the token (the private key
+    /// never outside).
     Generate { label: &'a str },
+    /// An X-Wing key from its 32-byte seed: its two halves under one
+    /// label, the ML-KEM-768 key (with its public key object) and the
+    /// X25519 key (`CKK_EC_MONTGOMERY`, allowed to derive).
+    XWing { label: &'a str, seed: &'a [u8] },
 }
 
 /// Where `.ci/setup-kryoptic` puts the module.
@@ -47,7 +53,7 @@ impl Token {
     /// Make the token labelled `label` in `dir` with these ML-KEM-768
     /// keys: private keys sensitive, not extractable, allowed to
     /// decapsulate only.
-    pub fn new(dir: &Path, label: &str, ml_kem_768: &[MlKem768<'_>]) -> Token {
+    pub fn new(dir: &Path, label: &str, keys: &[TokenKey<'_>]) -> Token {
         use std::os::unix::fs::OpenOptionsExt;
         let store = dir.join("kryoptic.sql");
         let conf = dir.join("kryoptic.conf");
@@ -73,11 +79,11 @@ impl Token {
             pin_file,
             store,
         };
-        token.set_up(ml_kem_768);
+        token.set_up(keys);
         token
     }
 
-    fn set_up(&self, ml_kem_768: &[MlKem768<'_>]) {
+    fn set_up(&self, keys: &[TokenKey<'_>]) {
         // One C_Initialize at a time in this process (tests run at once).
         static ONE: Mutex<()> = Mutex::new(());
         let _one = ONE.lock().unwrap_or_else(|e| e.into_inner());
@@ -121,9 +127,9 @@ impl Token {
                 set(),
             ]
         };
-        for key in ml_kem_768 {
+        for key in keys {
             match key {
-                MlKem768::Import {
+                TokenKey::Import {
                     label,
                     seed,
                     public: value,
@@ -147,7 +153,46 @@ impl Token {
                             .expect("import the ML-KEM public key");
                     }
                 }
-                MlKem768::Generate { label } => {
+                TokenKey::XWing { label, seed } => {
+                    use shake::{ExtendableOutput, Update, XofReader};
+                    let mut expanded = [0u8; 96];
+                    let mut xof = shake::Shake256::default();
+                    xof.update(seed);
+                    xof.finalize_xof().read(&mut expanded);
+                    let pair = KemKeyPair::from_seed(Kem::XWing, seed).expect("an X-Wing seed");
+                    let mut template = private(label);
+                    template.extend([
+                        Attribute::Class(ObjectClass::PRIVATE_KEY),
+                        Attribute::KeyType(KeyType::ML_KEM),
+                        set(),
+                        Attribute::Seed(expanded[..64].to_vec()),
+                    ]);
+                    s.create_object(&template)
+                        .expect("import X-Wing's ML-KEM half");
+                    let mut template = public(label);
+                    template.extend([
+                        Attribute::Class(ObjectClass::PUBLIC_KEY),
+                        Attribute::KeyType(KeyType::ML_KEM),
+                        Attribute::Value(pair.public_key()[..1184].to_vec()),
+                    ]);
+                    s.create_object(&template)
+                        .expect("import X-Wing's ML-KEM public key");
+                    s.create_object(&[
+                        Attribute::Class(ObjectClass::PRIVATE_KEY),
+                        Attribute::KeyType(KeyType::EC_MONTGOMERY),
+                        // curve25519's OID, DER.
+                        Attribute::EcParams(vec![0x06, 0x03, 0x2b, 0x65, 0x6e]),
+                        Attribute::Value(expanded[64..].to_vec()),
+                        Attribute::Label(label.as_bytes().to_vec()),
+                        Attribute::Token(true),
+                        Attribute::Private(true),
+                        Attribute::Sensitive(true),
+                        Attribute::Extractable(false),
+                        Attribute::Derive(true),
+                    ])
+                    .expect("import X-Wing's X25519 half");
+                }
+                TokenKey::Generate { label } => {
                     s.generate_key_pair(
                         &Mechanism::MlKemKeyPairGen,
                         &public(label),

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Independent implementation of the wrapper formats of SPEC §5.1 and §5.2
-on pyca/cryptography (OpenSSL's ML-KEM, AES-GCM, HKDF, X25519), used by
+on pyca/cryptography (OpenSSL's ML-KEM, AES-GCM, HKDF, X25519; X-Wing from
+ML-KEM-768, X25519 and hashlib's SHAKE-256 and SHA3-256), used by
 tests/wrappers.rs to cross-check pqmig.
 
     wrap_check.py check-vectors FILE   re-derive every committed vector
@@ -37,6 +38,29 @@ def mlkem_key(alg, seed):
     return cls.from_seed_bytes(seed)
 
 
+XWING_LABEL = b"\\.//^\\"
+
+
+def xwing_decapsulate(seed, ct):
+    """X-Wing (draft-connolly-cfrg-xwing-kem): the 32-byte seed expanded by
+    SHAKE-256 into ML-KEM-768's d || z and an X25519 secret; the two shared
+    secrets combined with SHA3-256."""
+    expanded = hashlib.shake_256(seed).digest(96)
+    sk_m = mlkem.MLKEM768PrivateKey.from_seed_bytes(expanded[:64])
+    sk_x = x25519.X25519PrivateKey.from_private_bytes(expanded[64:96])
+    ct_m, ct_x = ct[:1088], ct[1088:]
+    ss_m = sk_m.decapsulate(ct_m)
+    ss_x = sk_x.exchange(x25519.X25519PublicKey.from_public_bytes(ct_x))
+    pk_x = raw_pub(sk_x.public_key())
+    return hashlib.sha3_256(ss_m + ss_x + ct_x + pk_x + XWING_LABEL).digest()
+
+
+def decapsulate(alg, seed, ct):
+    if alg == "X-Wing":
+        return xwing_decapsulate(seed, ct)
+    return mlkem_key(alg, seed).decapsulate(ct)
+
+
 def v1_kek(uuid, shared, cts, aad):
     transcript = hashlib.sha384(b"".join(cts)).digest()
     okm = HKDF(
@@ -52,7 +76,7 @@ def open_v1(w):
     """Decapsulate every layer, derive, check the commitment, open."""
     aad = canonical(w["aad"])
     cts = [b64d(l["ct"]) for l in w["layers"]]
-    shared = [mlkem_key(l["alg"], b64d(l["seed"])).decapsulate(ct) for l, ct in zip(w["layers"], cts)]
+    shared = [decapsulate(l["alg"], b64d(l["seed"]), ct) for l, ct in zip(w["layers"], cts)]
     kek, kc = v1_kek(w["uuid"], shared, cts, aad)
     if kc != b64d(w["kc"]):
         raise AssertionError(f"{w['uuid']}: key commitment differs")

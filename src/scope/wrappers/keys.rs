@@ -101,11 +101,6 @@ fn hsm_key(
     let algorithm = key.algorithm.as_deref().unwrap_or("AES-256-GCM");
     let x25519 = algorithm.eq_ignore_ascii_case("X25519");
     let kem = Kem::from_alias(algorithm);
-    if kem == Some(Kem::XWing) {
-        return Err(Unusable::Setup(format!(
-            "{what}: X-Wing decapsulation in a token is not supported (PKCS#11 has no X-Wing mechanism; a token decapsulates ML-KEM-768 and ML-KEM-1024)"
-        )));
-    }
     if kem.is_none() && !x25519 && !algorithm.eq_ignore_ascii_case("AES-256-GCM") {
         return Err(Unusable::Key(format!(
             "{what} is a {algorithm} key, which opens no wrapper"
@@ -123,6 +118,10 @@ fn hsm_key(
     let hsm = pkcs11::open(settings).map_err(setup)?;
     let t = hsm.token(&token).map_err(setup)?;
     let (has, mechanism, format) = match (kem, x25519) {
+        // X-Wing: its X25519 half also needs CKM_ECDH1_DERIVE.
+        (Some(Kem::XWing), _) if !Hsm::does_x25519(&t) => {
+            (false, "CKM_ECDH1_DERIVE", "pqmig-wrap-v1")
+        }
         (Some(_), _) => (Hsm::does_ml_kem(&t), "CKM_ML_KEM", "pqmig-wrap-v1"),
         (None, true) => (Hsm::does_x25519(&t), "CKM_ECDH1_DERIVE", "legacy-x25519"),
         (None, false) => (Hsm::does_aes_gcm(&t), "CKM_AES_GCM", "legacy-aes-gcm"),

@@ -307,11 +307,6 @@ async fn token_layer_key(
     kem: Kem,
     ctx: &ScopeContext,
 ) -> Result<LayerSecret, JobError> {
-    if kem == Kem::XWing {
-        return Err(fatal(format!(
-            "{what}: an X-Wing key cannot be held in a token (PKCS#11 has no X-Wing mechanism; a token holds ML-KEM-768 and ML-KEM-1024 layer keys)"
-        )));
-    }
     let settings = ctx.pkcs11.clone().ok_or_else(|| {
         fatal(format!(
             "{what}: held by provider pkcs11, and this process has no PKCS#11 module: set keys.pkcs11_module and keys.pkcs11_pin_file"
