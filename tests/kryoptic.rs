@@ -57,10 +57,7 @@ async fn ml_kem_layers_are_decapsulated_in_the_token_and_rewrapped() {
         .expect("the policy's key in the keyring")
         .secret
         .clone();
-    let label = format!(
-        "k{}",
-        &w.fx.db.name[w.fx.db.name.len().saturating_sub(20)..]
-    );
+    let label = token_label(&w, "k");
     let token = Token::new(
         w.fx.dir.path(),
         &label,
@@ -98,19 +95,10 @@ async fn ml_kem_layers_are_decapsulated_in_the_token_and_rewrapped() {
     .unwrap();
 
     // Policy B: every layer of A decapsulated in the token.
-    let env = token.env();
-    let port = crate::observe::free_port();
-    let metrics = format!("127.0.0.1:{port}");
-    let mut extra: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    extra.push(("PQMIG_METRICS_ADDR", metrics.as_str()));
-    let mut d = w.fx.spawn_daemon("b", &extra);
+    let (mut d, port) = spawn_with_token(&w, &token, "b");
     let job = w.enqueue(second, json!({"batch_size": 4})).await;
     let j = w.fx.wait_job(job, 60, terminal).await;
-    let decapsulated = crate::observe::scrape(
-        port,
-        "pqmig_key_provider_requests_total{operation=\"decrypt\",outcome=\"ok\",provider=\"pkcs11\"} ",
-    )
-    .await;
+    let decapsulated = decapsulations(port).await;
     terminate(&mut d);
     let errors = w.fx.item_errors(job).await;
     assert_eq!(j.status, "failed", "{:?}\n{}", j.error, w.fx.log("b"));
@@ -130,13 +118,7 @@ async fn ml_kem_layers_are_decapsulated_in_the_token_and_rewrapped() {
     w.assert_pyca_opens(&w.seed.deks[..N - 1]).await;
 
     // The operator's view: what the key is used for, and a harmless use.
-    let cli = |args: &[&str]| {
-        let keyring = w.fx.keyring.display().to_string();
-        let mut env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        env.push(("DATABASE_URL", w.fx.db.url.as_str()));
-        env.push(("PQMIG_KEYRING", keyring.as_str()));
-        crate::support::run(args, &env)
-    };
+    let cli = |args: &[&str]| cli_with_token(&w, &token, args);
     let out = cli(&["keys", "list"]);
     assert!(
         stdout(&out).contains("usable: decapsulate pqmig-wrap-v1 layers (in its token; no public key object: not a layer key of new wraps)"),
@@ -172,10 +154,7 @@ async fn new_layers_are_sealed_to_a_token_key_and_verified_in_the_token() {
     const N: usize = 6;
     let mut w = WrapFx::new(N, Kem::MlKem768, 1).await;
     let c = w.fx.db.client().await;
-    let label = format!(
-        "t{}",
-        &w.fx.db.name[w.fx.db.name.len().saturating_sub(20)..]
-    );
+    let label = token_label(&w, "t");
     let (own, other): ([u8; 64], [u8; 64]) = (rand::random(), rand::random());
     let other = KemKeyPair::from_seed(Kem::MlKem768, &other).unwrap();
     let token = Token::new(
@@ -207,18 +186,7 @@ async fn new_layers_are_sealed_to_a_token_key_and_verified_in_the_token() {
             .await
             .unwrap();
 
-    let env = token.env();
-    let port = crate::observe::free_port();
-    let metrics = format!("127.0.0.1:{port}");
-    let mut extra: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    extra.push(("PQMIG_METRICS_ADDR", metrics.as_str()));
-    let mut d = w.fx.spawn_daemon("d", &extra);
-    let decapsulated = || {
-        crate::observe::scrape(
-            port,
-            "pqmig_key_provider_requests_total{operation=\"decrypt\",outcome=\"ok\",provider=\"pkcs11\"} ",
-        )
-    };
+    let (mut d, port) = spawn_with_token(&w, &token, "d");
     let versions = "SELECT sum(wrap_version)::bigint FROM key_wrappers";
     let before: i64 = c.query_one(versions, &[]).await.unwrap().get(0);
 
@@ -246,7 +214,7 @@ async fn new_layers_are_sealed_to_a_token_key_and_verified_in_the_token() {
         w.fx.log("d")
     );
     assert_eq!(
-        decapsulated().await,
+        decapsulations(port).await,
         N as f64,
         "one decapsulation in the token per new wrap (verify before write)"
     );
@@ -279,18 +247,12 @@ async fn new_layers_are_sealed_to_a_token_key_and_verified_in_the_token() {
         "{j:?}\n{}",
         w.fx.log("d")
     );
-    assert_eq!(decapsulated().await, 2.0 * N as f64);
+    assert_eq!(decapsulations(port).await, 2.0 * N as f64);
     terminate(&mut d);
     w.assert_pyca_opens(&w.seed.deks).await;
 
     // The operator's view.
-    let cli = |args: &[&str]| {
-        let keyring = w.fx.keyring.display().to_string();
-        let mut env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        env.push(("DATABASE_URL", w.fx.db.url.as_str()));
-        env.push(("PQMIG_KEYRING", keyring.as_str()));
-        crate::support::run(args, &env)
-    };
+    let cli = |args: &[&str]| cli_with_token(&w, &token, args);
     let out = cli(&["keys", "list"]);
     assert!(
         stdout(&out).contains(
@@ -346,10 +308,7 @@ async fn a_token_failing_ml_kem_work_is_waited_out_and_nothing_is_lost() {
     const N: usize = 8;
     let mut w = WrapFx::new(N, Kem::MlKem768, 1).await;
     let c = w.fx.db.client().await;
-    let label = format!(
-        "o{}",
-        &w.fx.db.name[w.fx.db.name.len().saturating_sub(20)..]
-    );
+    let label = token_label(&w, "o");
     let token = Token::new(
         w.fx.dir.path(),
         &label,
@@ -453,10 +412,7 @@ async fn x_wing_keys_in_the_token_are_layer_keys_and_open_their_layers() {
     const N: usize = 6;
     let mut w = WrapFx::new(N, Kem::MlKem768, 1).await;
     let c = w.fx.db.client().await;
-    let label = format!(
-        "x{}",
-        &w.fx.db.name[w.fx.db.name.len().saturating_sub(20)..]
-    );
+    let label = token_label(&w, "x");
     let seed: [u8; 32] = rand::random();
     let token = Token::new(
         w.fx.dir.path(),
@@ -477,18 +433,7 @@ async fn x_wing_keys_in_the_token_are_layer_keys_and_open_their_layers() {
     w.keys
         .add("xw", "X-Wing", zeroize::Zeroizing::new(seed.to_vec()));
 
-    let env = token.env();
-    let port = crate::observe::free_port();
-    let metrics = format!("127.0.0.1:{port}");
-    let mut extra: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    extra.push(("PQMIG_METRICS_ADDR", metrics.as_str()));
-    let mut d = w.fx.spawn_daemon("d", &extra);
-    let decapsulated = || {
-        crate::observe::scrape(
-            port,
-            "pqmig_key_provider_requests_total{operation=\"decrypt\",outcome=\"ok\",provider=\"pkcs11\"} ",
-        )
-    };
+    let (mut d, port) = spawn_with_token(&w, &token, "d");
 
     let job = w.enqueue(to_token, json!({"batch_size": 4})).await;
     let j = w.fx.wait_job(job, 60, terminal).await;
@@ -498,7 +443,7 @@ async fn x_wing_keys_in_the_token_are_layer_keys_and_open_their_layers() {
         "{j:?}\n{}",
         w.fx.log("d")
     );
-    assert_eq!(decapsulated().await, N as f64, "verify before write");
+    assert_eq!(decapsulations(port).await, N as f64, "verify before write");
     w.assert_pyca_opens(&w.seed.deks).await;
 
     // One X25519 ciphertext made the low-order point 0.
@@ -536,13 +481,7 @@ async fn x_wing_keys_in_the_token_are_layer_keys_and_open_their_layers() {
         "only the altered wrapper is left under the token key"
     );
 
-    let cli = |args: &[&str]| {
-        let keyring = w.fx.keyring.display().to_string();
-        let mut env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        env.push(("DATABASE_URL", w.fx.db.url.as_str()));
-        env.push(("PQMIG_KEYRING", keyring.as_str()));
-        crate::support::run(args, &env)
-    };
+    let cli = |args: &[&str]| cli_with_token(&w, &token, args);
     let public = KemKeyPair::from_seed(Kem::XWing, &seed).unwrap();
     let out = cli(&["keys", "check"]);
     assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
@@ -554,4 +493,40 @@ async fn x_wing_keys_in_the_token_are_layer_keys_and_open_their_layers() {
         "{}",
         stdout(&out)
     );
+}
+
+/// A token label of the test's own (its database's name, unique).
+fn token_label(w: &WrapFx, prefix: &str) -> String {
+    let name = &w.fx.db.name;
+    format!("{prefix}{}", &name[name.len().saturating_sub(20)..])
+}
+
+/// A daemon that uses `token`, its metrics on a port of its own.
+fn spawn_with_token(w: &WrapFx, token: &Token, name: &str) -> (std::process::Child, u16) {
+    let port = crate::observe::free_port();
+    let metrics = format!("127.0.0.1:{port}");
+    let env = token.env();
+    let mut extra: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    extra.push(("PQMIG_METRICS_ADDR", metrics.as_str()));
+    (w.fx.spawn_daemon(name, &extra), port)
+}
+
+/// ML-KEM / X-Wing decapsulations the daemon had the token do (counted
+/// as `decrypt`).
+async fn decapsulations(port: u16) -> f64 {
+    crate::observe::scrape(
+        port,
+        "pqmig_key_provider_requests_total{operation=\"decrypt\",outcome=\"ok\",provider=\"pkcs11\"} ",
+    )
+    .await
+}
+
+/// A `pqmig` command with the token, the database and the keyring.
+fn cli_with_token(w: &WrapFx, token: &Token, args: &[&str]) -> std::process::Output {
+    let keyring = w.fx.keyring.display().to_string();
+    let env = token.env();
+    let mut env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    env.push(("DATABASE_URL", w.fx.db.url.as_str()));
+    env.push(("PQMIG_KEYRING", keyring.as_str()));
+    crate::support::run(args, &env)
 }
