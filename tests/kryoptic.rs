@@ -402,8 +402,8 @@ async fn a_token_failing_ml_kem_work_is_waited_out_and_nothing_is_lost() {
 /// given the seed, opens them (an independent X-Wing on pyca's ML-KEM and
 /// X25519). Re-wrapping them to a keyring X-Wing policy decapsulates
 /// both halves in the token: an X25519 ciphertext altered to a low-order
-/// point fails `integrity` (the token is not asked), the rest are opened
-/// by pyca again. `keys check` prints the public key of the seed.
+/// point (the token is not asked) or to a non-canonical form fails
+/// `integrity`, the rest are opened by pyca again. `keys check` prints the public key of the seed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn x_wing_keys_in_the_token_are_layer_keys_and_open_their_layers() {
     use pqmig::crypto::kem::KemKeyPair;
@@ -456,18 +456,29 @@ async fn x_wing_keys_in_the_token_are_layer_keys_and_open_their_layers() {
     )
     .await
     .unwrap();
+    // Another's made non-canonical (bit 255 set: the same agreement, but
+    // not the ciphertext sealed).
+    let (high, _) = w.seed.deks[N - 2];
+    c.execute(
+        "UPDATE key_wrapper_layers SET kem_ciphertext = set_byte(kem_ciphertext, 1119, \
+           get_byte(kem_ciphertext, 1119) | 128) WHERE key_wrapper_id = $1",
+        &[&high],
+    )
+    .await
+    .unwrap();
     let job = w.enqueue(to_keyring, json!({"batch_size": 4})).await;
     let j = w.fx.wait_job(job, 60, terminal).await;
     terminate(&mut d);
     let errors = w.fx.item_errors(job).await;
     assert_eq!(
         (j.processed, j.failed),
-        (N as i64 - 1, 1),
+        (N as i64 - 2, 2),
         "{errors:?}\n{}",
         w.fx.log("d")
     );
-    assert_eq!((errors[0].0, errors[0].1.as_str()), (tampered, "integrity"));
-    w.assert_pyca_opens(&w.seed.deks[..N - 1]).await;
+    let failed: Vec<(i64, &str)> = errors.iter().map(|e| (e.0, e.1.as_str())).collect();
+    assert_eq!(failed, [(high, "integrity"), (tampered, "integrity")]);
+    w.assert_pyca_opens(&w.seed.deks[..N - 2]).await;
     let layers: i64 = c
         .query_one(
             "SELECT count(*) FROM key_wrapper_layers WHERE kms_key_id = $1",
@@ -477,8 +488,8 @@ async fn x_wing_keys_in_the_token_are_layer_keys_and_open_their_layers() {
         .unwrap()
         .get(0);
     assert_eq!(
-        layers, 1,
-        "only the altered wrapper is left under the token key"
+        layers, 2,
+        "only the altered wrappers are left under the token key"
     );
 
     let cli = |args: &[&str]| cli_with_token(&w, &token, args);

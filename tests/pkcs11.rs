@@ -37,6 +37,17 @@ async fn key_beside(c: &tokio_postgres::Client, key: i64, key_ref: &str, algorit
 
 /// `pqmig ARGS` against `fx`'s database and keyring, with SoftHSM and
 /// `token`'s PIN file as its HSM.
+/// A daemon in this process with `token`'s module and PIN, and `extra`.
+async fn start_with(fx: &Fixture, token: &Token, extra: &[(&str, &str)]) -> InProcess {
+    let pin = token.pin_file.display().to_string();
+    let mut env = vec![
+        ("PQMIG_PKCS11_MODULE", MODULE),
+        ("PQMIG_PKCS11_PIN_FILE", pin.as_str()),
+    ];
+    env.extend_from_slice(extra);
+    InProcess::start(fx, &env).await
+}
+
 fn cli(fx: &Fixture, token: &Token, args: &[&str]) -> std::process::Output {
     let keyring = fx.keyring.display().to_string();
     let pin = token.pin_file.display().to_string();
@@ -96,12 +107,7 @@ async fn legacy_wraps_under_an_hsm_kek_are_opened_in_the_token_and_rewrapped() {
     }
 
     token.logout();
-    let pin = token.pin_file.display().to_string();
-    let env = [
-        ("PQMIG_PKCS11_MODULE", MODULE),
-        ("PQMIG_PKCS11_PIN_FILE", pin.as_str()),
-    ];
-    let daemon = InProcess::start(&w.fx, &env).await;
+    let daemon = start_with(&w.fx, &token, &[]).await;
     let job = w
         .enqueue(
             w.seed.policy_id,
@@ -159,7 +165,7 @@ async fn legacy_wraps_under_an_hsm_kek_are_opened_in_the_token_and_rewrapped() {
         .await
         .unwrap()
         .get(0);
-    let daemon = InProcess::start(&w.fx, &env).await;
+    let daemon = start_with(&w.fx, &token, &[]).await;
     let named = w
         .enqueue(w.seed.policy_id, json!({"kms_key_ids": [elsewhere]}))
         .await;
@@ -191,7 +197,7 @@ async fn legacy_wraps_under_an_hsm_kek_are_opened_in_the_token_and_rewrapped() {
         .await
         .unwrap();
 
-    let daemon = InProcess::start(&w.fx, &env).await;
+    let daemon = start_with(&w.fx, &token, &[]).await;
     let job = w.enqueue(w.seed.policy_id, json!({})).await;
     let j = w.fx.wait_job(job, 60, terminal).await;
     daemon.stop().await;
@@ -266,14 +272,8 @@ async fn a_token_never_has_more_operation_sessions_than_the_cap() {
     // Two jobs on two worker slots, each batch computed on a thread per
     // core: without the cap (keys.pkcs11_sessions = 1) the token would
     // see several sessions at once.
-    let pin = token.pin_file.display().to_string();
-    let env = [
-        ("PQMIG_PKCS11_MODULE", MODULE),
-        ("PQMIG_PKCS11_PIN_FILE", pin.as_str()),
-        ("PQMIG_CONCURRENCY", "2"),
-        ("PQMIG_PKCS11_SESSIONS", "1"),
-    ];
-    let daemon = InProcess::start(&w.fx, &env).await;
+    let extra = [("PQMIG_CONCURRENCY", "2"), ("PQMIG_PKCS11_SESSIONS", "1")];
+    let daemon = start_with(&w.fx, &token, &extra).await;
     let half = uuids.len() as i64 / 2;
     let ids: Vec<i64> = c
         .query("SELECT id FROM key_wrappers ORDER BY id", &[])
@@ -489,12 +489,7 @@ async fn legacy_x25519_wraps_are_opened_by_an_agreement_in_the_token() {
     }
 
     token.logout();
-    let pin = token.pin_file.display().to_string();
-    let env = [
-        ("PQMIG_PKCS11_MODULE", MODULE),
-        ("PQMIG_PKCS11_PIN_FILE", pin.as_str()),
-    ];
-    let daemon = InProcess::start(&w.fx, &env).await;
+    let daemon = start_with(&w.fx, &token, &[]).await;
     let job = w.enqueue(w.seed.policy_id, json!({"batch_size": 4})).await;
     let j = w.fx.wait_job(job, 60, terminal).await;
     daemon.stop().await;
@@ -667,12 +662,7 @@ async fn a_key_without_its_token_met_mid_job_fails_the_job_at_that_batch() {
         deks.push((id, dek));
     }
     token.logout();
-    let pin = token.pin_file.display().to_string();
-    let env = [
-        ("PQMIG_PKCS11_MODULE", MODULE),
-        ("PQMIG_PKCS11_PIN_FILE", pin.as_str()),
-    ];
-    let daemon = InProcess::start(&w.fx, &env).await;
+    let daemon = start_with(&w.fx, &token, &[]).await;
     let job = w
         .enqueue(
             w.seed.policy_id,

@@ -382,7 +382,10 @@ pub async fn job_finish_split(
 /// heartbeat lapsed) no longer speaks for the job. The job row, then its
 /// ranges, are locked before their counts are summed (the order a range's
 /// end and a cancel take), so a batch committing at that moment is
-/// counted. `false`: the job was no longer running, or the range no
+/// counted. `NO KEY UPDATE` on the job row, as in `job_lock_totals`: a
+/// range's release or rescue holds its range row while its event insert
+/// takes a key-share lock on the job row, which `FOR UPDATE` would block
+/// (a deadlock). `false`: the job was no longer running, or the range no
 /// longer ours.
 pub async fn job_fail(
     c: &impl GenericClient,
@@ -393,7 +396,8 @@ pub async fn job_fail(
 ) -> Result<bool, tokio_postgres::Error> {
     let rows = c
         .query(
-            "WITH j0 AS (SELECT id FROM pq_migration_jobs WHERE id = $1 AND status = 'running' FOR UPDATE), \
+            "WITH j0 AS (SELECT id FROM pq_migration_jobs WHERE id = $1 AND status = 'running' \
+                         FOR NO KEY UPDATE), \
              rl AS (SELECT range_no, lease_token, status, processed_count, failed_count \
                     FROM pq_migration_ranges WHERE job_id = (SELECT id FROM j0) FOR UPDATE), \
              t AS (SELECT COALESCE(sum(processed_count), 0)::bigint AS p, \
@@ -505,7 +509,7 @@ pub async fn job_cancel(
         c,
         id,
         who,
-        "WITH j0 AS (SELECT id FROM pq_migration_jobs WHERE id = $1 FOR UPDATE), \
+        "WITH j0 AS (SELECT id FROM pq_migration_jobs WHERE id = $1 FOR NO KEY UPDATE), \
              rl AS (SELECT processed_count, failed_count FROM pq_migration_ranges \
                     WHERE job_id = (SELECT id FROM j0) FOR UPDATE), \
              t AS (SELECT sum(processed_count)::bigint AS p, sum(failed_count)::bigint AS f FROM rl), \

@@ -298,9 +298,9 @@ impl Checked {
 }
 
 /// A layer key held in an HSM token: its public key, checked to be the
-/// private key's, which must decapsulate there (ML-KEM only). A token that
-/// is down is the job's transient error; one set up wrong fails the job
-/// before any item.
+/// private key's, which must decapsulate there (ML-KEM, or X-Wing as its
+/// two halves). A token that is down is the job's transient error; one
+/// set up wrong fails the job before any item.
 async fn token_layer_key(
     what: &str,
     key: &kms::KmsKey,
