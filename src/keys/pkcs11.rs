@@ -5,7 +5,8 @@
 //! unseals signing keys, X25519 agreement (`CKM_ECDH1_DERIVE`) opens
 //! `legacy-x25519` wraps, ML-KEM decapsulation (`CKM_ML_KEM`, PKCS#11 3.2)
 //! opens the layers of `pqmig-wrap-v1` wraps and checks new ones sealed to
-//! a token key's public key object, HMAC (`CKM_SHA256_HMAC`,
+//! a token key's public key object (an X-Wing key is its ML-KEM-768 and
+//! X25519 halves under one label, combined here), HMAC (`CKM_SHA256_HMAC`,
 //! `CKM_SHA512_HMAC`) computes peppered hashes.
 //!
 //! A `kms_providers` row with provider `pkcs11` names the token by its
