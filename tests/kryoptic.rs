@@ -171,16 +171,7 @@ async fn new_layers_are_sealed_to_a_token_key_and_verified_in_the_token() {
     );
     let target = register_key(&c, "hsm-a", "pkcs11", &label, "pq-target", "ML-KEM-768").await;
     let mismatch = register_key(&c, "hsm-b", "pkcs11", &label, "pq-mismatch", "ML-KEM-768").await;
-    // Two layers: the token's key first (higher priority), a keyring key.
-    let two = w
-        .add_policy("two", Kem::MlKem768, 1, "defined", 2, 2, None)
-        .await;
-    c.execute(
-        "INSERT INTO policy_kms_keys (policy_id, kms_key_id, weight, priority) VALUES ($1, $2, 1, 10)",
-        &[&two, &target],
-    )
-    .await
-    .unwrap();
+    let two = token_first_of_two(&mut w, target).await;
     let wrong =
         pqmig::sample::policy_create(&c, "wrong", "defined", 1, 1, "ML-KEM-768", &[mismatch])
             .await
@@ -315,15 +306,7 @@ async fn a_token_failing_ml_kem_work_is_waited_out_and_nothing_is_lost() {
         &[TokenKey::Generate { label: "pq-out" }],
     );
     let key = register_key(&c, "hsm-o", "pkcs11", &label, "pq-out", "ML-KEM-768").await;
-    let two = w
-        .add_policy("two", Kem::MlKem768, 1, "defined", 2, 2, None)
-        .await;
-    c.execute(
-        "INSERT INTO policy_kms_keys (policy_id, kms_key_id, weight, priority) VALUES ($1, $2, 1, 10)",
-        &[&two, &key],
-    )
-    .await
-    .unwrap();
+    let two = token_first_of_two(&mut w, key).await;
 
     let dir = w.fx.dir.path();
     let shim = crate::support::softhsm::faulty_module(dir)
@@ -540,4 +523,22 @@ fn cli_with_token(w: &WrapFx, token: &Token, args: &[&str]) -> std::process::Out
     env.push(("DATABASE_URL", w.fx.db.url.as_str()));
     env.push(("PQMIG_KEYRING", keyring.as_str()));
     crate::support::run(args, &env)
+}
+
+/// A policy "two" of two ML-KEM-768 layers: the token's key `key` first
+/// (higher priority), then a fresh keyring key.
+async fn token_first_of_two(w: &mut WrapFx, key: i64) -> i64 {
+    let two = w
+        .add_policy("two", Kem::MlKem768, 1, "defined", 2, 2, None)
+        .await;
+    w.fx.db
+        .client()
+        .await
+        .execute(
+            "INSERT INTO policy_kms_keys (policy_id, kms_key_id, weight, priority) VALUES ($1, $2, 1, 10)",
+            &[&two, &key],
+        )
+        .await
+        .unwrap();
+    two
 }

@@ -533,18 +533,7 @@ async fn cancel_counts_the_batch_committing_at_that_moment() {
     let canceller = fx.db.client().await;
     let cancel =
         tokio::spawn(async move { pqmig::db::jobs::job_cancel(&canceller, id, "test").await });
-    wait_until(10, "the cancel waiting for the batch", || async {
-        c.query_one(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
-             AND wait_event_type = 'Lock'",
-            &[],
-        )
-        .await
-        .expect("pg_stat_activity")
-        .get::<_, i64>(0)
-            == 1
-    })
-    .await;
+    one_waits_on_a_lock(&c, "the cancel waiting for the batch").await;
     tx.commit().await.expect("the batch commits");
     let done = cancel.await.expect("join").expect("cancel");
     assert_eq!(done, pqmig::db::jobs::JobAction::Done);
@@ -611,18 +600,7 @@ async fn a_range_fails_its_job_only_under_its_lease_counting_every_committed_bat
     let fail = tokio::spawn(async move {
         pqmig::db::jobs::job_fail(&failer, &lease, "fatal", &json!({}), "test").await
     });
-    wait_until(10, "the failure waiting for the batch", || async {
-        c.query_one(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
-             AND wait_event_type = 'Lock'",
-            &[],
-        )
-        .await
-        .expect("pg_stat_activity")
-        .get::<_, i64>(0)
-            == 1
-    })
-    .await;
+    one_waits_on_a_lock(&c, "the failure waiting for the batch").await;
     tx.commit().await.expect("the batch commits");
     assert!(fail.await.expect("join").expect("job_fail"));
     let j = fx.job(id).await;
@@ -640,4 +618,21 @@ async fn a_range_fails_its_job_only_under_its_lease_counting_every_committed_bat
         .unwrap()
         .get(0);
     assert_eq!(running, 0, "its ranges are given back");
+}
+
+/// Wait until one session of the test's database waits on a lock (the
+/// statement the test just started, behind the transaction it holds).
+async fn one_waits_on_a_lock(c: &tokio_postgres::Client, what: &str) {
+    wait_until(10, what, || async {
+        c.query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND wait_event_type = 'Lock'",
+            &[],
+        )
+        .await
+        .expect("pg_stat_activity")
+        .get::<_, i64>(0)
+            == 1
+    })
+    .await;
 }
