@@ -29,9 +29,10 @@ pub struct LayerKey {
 pub enum LayerSecret {
     /// In the keyring: both in process.
     Here(KemKeyPair),
-    /// ML-KEM in an HSM token (provider `pkcs11`): sealed to its public
-    /// key object's value ([`Hsm::ml_kem_public`], checked to be the
-    /// private key's), each new layer decapsulated in the token.
+    /// ML-KEM (or X-Wing, by its two halves) in an HSM token (provider
+    /// `pkcs11`): sealed to its public key ([`Hsm::ml_kem_public`],
+    /// checked to be the private key's), each new layer decapsulated in
+    /// the token.
     Token {
         hsm: Arc<Hsm>,
         token: String,
