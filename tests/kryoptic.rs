@@ -351,17 +351,10 @@ async fn a_token_failing_ml_kem_work_is_waited_out_and_nothing_is_lost() {
             "{fault}: {:?}\n{log}",
             j.error
         );
-        let left = std::fs::read_to_string(&faults).unwrap();
-        assert_eq!(
-            left.split_whitespace().nth(1),
-            Some("0"),
-            "every outage was met: {left}"
-        );
-        assert!(
-            log.lines().any(|l| l.contains("batch failed; retrying")
-                && l.contains("pq-out")
-                && l.contains("ML-KEM decapsulation")),
-            "{fault}: the batch that met the outage was retried, the token's error logged:\n{log}"
+        crate::support::softhsm::assert_outages_met(
+            &faults,
+            &log,
+            &["pq-out", "ML-KEM decapsulation"],
         );
     }
     terminate(&mut d);

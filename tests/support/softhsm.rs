@@ -269,6 +269,23 @@ pub fn faulty_module(dir: &std::path::Path) -> std::path::PathBuf {
     out
 }
 
+/// Every outage the count file `faults` asked of `faulty_module` was met,
+/// and a daemon's `log` shows a batch retried after one, its error naming
+/// each of `said`.
+pub fn assert_outages_met(faults: &std::path::Path, log: &str, said: &[&str]) {
+    let left = std::fs::read_to_string(faults).expect("the count file");
+    assert_eq!(
+        left.split_whitespace().nth(1),
+        Some("0"),
+        "every outage was met: {left}"
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.contains("batch failed; retrying") && said.iter().all(|w| l.contains(w))),
+        "the batch that met the outage was retried, the token's error logged ({said:?}):\n{log}"
+    );
+}
+
 fn free_slot(ctx: &Pkcs11) -> Slot {
     ctx.get_all_slots()
         .expect("slots")
