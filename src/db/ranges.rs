@@ -447,50 +447,104 @@ pub async fn jobs_rollup(c: &impl GenericClient) -> Result<u64, tokio_postgres::
 /// range used `max_attempts` claims without progress (its other ranges
 /// stop at their next write and go back to `pending`). Returns the (job
 /// id, range, new status) triples.
+///
+/// A reclaim locks only range rows (a range out of attempts whose job is
+/// no longer running is reclaimed too). A failure takes the job row first and
+/// then the job's ranges, in its own statement ([`job_fail_exhausted`]):
+/// the order a cancel, a range's failure and a job's end take, so a
+/// rescue never deadlocks with them, and the job's counts include a batch
+/// of another range committing at that moment.
 pub async fn ranges_rescue(
     c: &impl GenericClient,
     lease: Duration,
     max_attempts: i32,
     worker: &str,
 ) -> Result<Vec<(i64, i32, String)>, tokio_postgres::Error> {
+    let lease = lease.as_secs_f64();
     let rows = c
         .query(
             "WITH s AS (SELECT r.job_id, r.range_no FROM pq_migration_ranges r \
                  WHERE r.status = 'running' \
+                   AND (r.attempts < $2 OR NOT EXISTS (SELECT 1 FROM pq_migration_jobs j \
+                                                       WHERE j.id = r.job_id AND j.status = 'running')) \
                    AND (r.heartbeat_at IS NULL OR r.heartbeat_at < now() - $1::float8 * interval '1 second') \
                  ORDER BY r.heartbeat_at LIMIT 100 FOR UPDATE SKIP LOCKED), \
              u AS (UPDATE pq_migration_ranges r SET status = 'pending', locked_by = NULL, \
                  lease_token = NULL, heartbeat_at = NULL, throttled = NULL, updated_at = now() \
                FROM s WHERE r.job_id = s.job_id AND r.range_no = s.range_no \
-               RETURNING r.job_id, r.range_no, r.attempts, r.locked_by), \
-             f AS (UPDATE pq_migration_jobs j SET status = 'failed', finished_at = now(), \
-                 updated_at = now(), \
-                 processed_count = (SELECT COALESCE(sum(processed_count), 0) \
-                                    FROM pq_migration_ranges WHERE job_id = j.id), \
-                 failed_count = (SELECT COALESCE(sum(failed_count), 0) \
-                                 FROM pq_migration_ranges WHERE job_id = j.id), \
-                 error = format( \
-                   'range %s lease expired %s times without progress (max_attempts %s)', \
-                   u.range_no, u.attempts, $2::int) \
-               FROM u WHERE j.id = u.job_id AND u.attempts >= $2 AND j.status = 'running' \
-               RETURNING j.id), \
-             o AS (UPDATE pq_migration_ranges r SET status = 'pending', locked_by = NULL, \
-                 lease_token = NULL, heartbeat_at = NULL, throttled = NULL, updated_at = now() \
-               FROM f WHERE r.job_id = f.id AND r.status = 'running' \
-                 AND NOT EXISTS (SELECT 1 FROM u WHERE u.job_id = r.job_id AND u.range_no = r.range_no)), \
+               RETURNING r.job_id, r.range_no, r.attempts), \
              e AS (INSERT INTO pq_migration_job_events (job_id, event, worker, detail) \
-               SELECT u.job_id, CASE WHEN u.attempts >= $2 THEN 'failed' ELSE 'reclaimed' END, $3, \
+               SELECT u.job_id, 'reclaimed', $3, \
                       jsonb_build_object('reason', 'lease expired', 'range', u.range_no, \
                                          'attempts', u.attempts) FROM u) \
-             SELECT job_id, range_no, CASE WHEN attempts >= $2 THEN 'failed' ELSE 'pending' END \
-             FROM u ORDER BY job_id, range_no",
-            &[&lease.as_secs_f64(), &max_attempts, &worker],
+             SELECT job_id, range_no FROM u ORDER BY job_id, range_no",
+            &[&lease, &max_attempts, &worker],
         )
         .await?;
-    Ok(rows
+    let mut rescued: Vec<(i64, i32, String)> = rows
         .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
-        .collect())
+        .map(|r| (r.get(0), r.get(1), "pending".to_owned()))
+        .collect();
+    let exhausted = c
+        .query(
+            "SELECT DISTINCT job_id FROM pq_migration_ranges \
+             WHERE status = 'running' AND attempts >= $2 \
+               AND (heartbeat_at IS NULL OR heartbeat_at < now() - $1::float8 * interval '1 second') \
+             ORDER BY job_id LIMIT 100",
+            &[&lease, &max_attempts],
+        )
+        .await?;
+    for row in exhausted {
+        rescued.extend(job_fail_exhausted(c, row.get(0), lease, max_attempts, worker).await?);
+    }
+    Ok(rescued)
+}
+
+/// Fail job `job_id` if one of its ranges is still running, stale (no
+/// heartbeat for `lease` seconds) and out of attempts, and give its
+/// running ranges back; returns the stale ones among them as
+/// [`ranges_rescue`] does (`failed`: out of attempts). The job row
+/// is locked first (SKIP LOCKED: a cancel or a range's end holding it
+/// wins, and the next round looks again), then every range of the job,
+/// whose counts are summed from what they hold once locked.
+async fn job_fail_exhausted(
+    c: &impl GenericClient,
+    job_id: i64,
+    lease: f64,
+    max_attempts: i32,
+    worker: &str,
+) -> Result<Vec<(i64, i32, String)>, tokio_postgres::Error> {
+    let rows = c
+        .query(
+            "WITH j0 AS (SELECT id FROM pq_migration_jobs WHERE id = $1 AND status = 'running' \
+                         FOR NO KEY UPDATE SKIP LOCKED), \
+             rl AS (SELECT range_no, status, attempts, heartbeat_at, processed_count, failed_count \
+                    FROM pq_migration_ranges WHERE job_id = (SELECT id FROM j0) FOR UPDATE), \
+             x AS (SELECT range_no, attempts FROM rl WHERE status = 'running' AND attempts >= $3 \
+                     AND (heartbeat_at IS NULL OR heartbeat_at < now() - $2::float8 * interval '1 second') \
+                   ORDER BY range_no LIMIT 1), \
+             t AS (SELECT COALESCE(sum(processed_count), 0)::bigint AS p, \
+                          COALESCE(sum(failed_count), 0)::bigint AS f FROM rl), \
+             u AS (UPDATE pq_migration_jobs j SET status = 'failed', finished_at = now(), \
+                 updated_at = now(), processed_count = t.p, failed_count = t.f, \
+                 error = format('range %s lease expired %s times without progress (max_attempts %s)', \
+                                x.range_no, x.attempts, $3::int) \
+               FROM t, x WHERE j.id = $1 AND j.status = 'running' \
+               RETURNING j.id, x.range_no, x.attempts), \
+             r AS (UPDATE pq_migration_ranges SET status = 'pending', locked_by = NULL, \
+                 lease_token = NULL, heartbeat_at = NULL, throttled = NULL, updated_at = now() \
+               WHERE job_id = (SELECT id FROM u) AND status = 'running' RETURNING range_no), \
+             e AS (INSERT INTO pq_migration_job_events (job_id, event, worker, detail) \
+               SELECT id, 'failed', $4, jsonb_build_object('reason', 'lease expired', \
+                      'range', range_no, 'attempts', attempts) FROM u) \
+             SELECT rl.range_no, CASE WHEN rl.attempts >= $3 THEN 'failed' ELSE 'pending' END \
+             FROM rl JOIN r USING (range_no) \
+             WHERE rl.heartbeat_at IS NULL OR rl.heartbeat_at < now() - $2::float8 * interval '1 second' \
+             ORDER BY rl.range_no",
+            &[&job_id, &lease, &max_attempts, &worker],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (job_id, r.get(0), r.get(1))).collect())
 }
 
 /// A range as `pqmig status JOB` shows it.

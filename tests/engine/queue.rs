@@ -620,6 +620,128 @@ async fn a_range_fails_its_job_only_under_its_lease_counting_every_committed_bat
     assert_eq!(running, 0, "its ranges are given back");
 }
 
+/// The rescuer fails a job whose range ran out of attempts in the lock
+/// order a cancel takes (the job row, then its ranges): a cancel holding
+/// the job row meanwhile wins instead of deadlocking with it. And the
+/// failed job's counts include a batch of another range committing at
+/// that moment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rescuer_fails_a_job_in_a_cancel_s_lock_order_counting_every_committed_batch() {
+    use pqmig::db::ranges::ranges_rescue;
+    let fx = Fixture::new(0).await;
+    let mut c = fx.db.client().await;
+    let id = fx.enqueue(json!({})).await;
+    c.execute(
+        "UPDATE pq_migration_jobs SET status = 'running', ranges = 2 WHERE id = $1",
+        &[&id],
+    )
+    .await
+    .expect("a split job");
+    c.execute(
+        "INSERT INTO pq_migration_ranges (job_id, range_no, lo, hi, status, attempts, lease_token, \
+                                          heartbeat_at, processed_count) \
+         VALUES ($1, 0, 0, 1000, 'running', 5, gen_random_uuid(), now() - interval '1 hour', 100), \
+                ($1, 1, 1000, 2000, 'running', 1, gen_random_uuid(), now(), 10)",
+        &[&id],
+    )
+    .await
+    .expect("range 0 stale and out of attempts, range 1 walking");
+    let lease = Duration::from_secs(30);
+    let rescue = |c: tokio_postgres::Client| async move {
+        let r = ranges_rescue(&c, lease, 5, "rescuer").await;
+        (c, r)
+    };
+    // A cancel holds the job row and is about to lock the ranges.
+    let mut cancel = fx.db.client().await;
+    let tx = cancel.transaction().await.expect("begin");
+    tx.execute(
+        "SELECT 1 FROM pq_migration_jobs WHERE id = $1 FOR NO KEY UPDATE",
+        &[&id],
+    )
+    .await
+    .expect("the cancel's job row");
+    let first = tokio::spawn(rescue(fx.db.client().await));
+    wait_until(10, "the rescue ends or waits", || async {
+        first.is_finished()
+            || c.query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                 AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .await
+            .expect("pg_stat_activity")
+            .get::<_, i64>(0)
+                == 1
+    })
+    .await;
+    tx.execute(
+        "SELECT 1 FROM pq_migration_ranges WHERE job_id = $1 FOR UPDATE",
+        &[&id],
+    )
+    .await
+    .expect("the cancel locks the ranges (no deadlock)");
+    tx.commit().await.expect("the cancel commits");
+    let (rescuer, rescued) = first.await.expect("join");
+    assert_eq!(
+        rescued.expect("the rescue (no deadlock)"),
+        vec![],
+        "a job row held by a cancel is left to the next round"
+    );
+    assert_eq!(fx.job(id).await.status, "running");
+    // Range 1's batch commits while the rescuer fails the job.
+    let batch = lock_range(&mut c, id, 1).await;
+    batch
+        .execute(
+            "UPDATE pq_migration_ranges SET processed_count = processed_count + 50 \
+             WHERE job_id = $1 AND range_no = 1",
+            &[&id],
+        )
+        .await
+        .expect("the batch's count");
+    let second = tokio::spawn(rescue(rescuer));
+    one_waits_on_a_lock(&fx.db.client().await, "the rescue waiting for the batch").await;
+    batch.commit().await.expect("the batch commits");
+    let (_, rescued) = second.await.expect("join");
+    assert_eq!(
+        rescued.expect("the rescue"),
+        vec![(id, 0, "failed".to_owned())]
+    );
+    let j = fx.job(id).await;
+    assert_eq!(
+        (j.status.as_str(), j.processed, j.error.as_deref()),
+        (
+            "failed",
+            160,
+            Some("range 0 lease expired 5 times without progress (max_attempts 5)")
+        ),
+        "the committed batch is counted"
+    );
+    let running: i64 = c
+        .query_one(
+            "SELECT count(*) FROM pq_migration_ranges WHERE job_id = $1 AND status = 'running'",
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(running, 0, "its ranges are given back");
+    // A range out of attempts left running under a job that no longer
+    // runs is given back, not kept.
+    c.execute(
+        "UPDATE pq_migration_ranges SET status = 'running', attempts = 5, \
+             heartbeat_at = now() - interval '1 hour' WHERE job_id = $1 AND range_no = 1",
+        &[&id],
+    )
+    .await
+    .expect("a leftover range");
+    let rescued = ranges_rescue(&c, lease, 5, "rescuer").await;
+    assert_eq!(
+        rescued.expect("the rescue"),
+        vec![(id, 1, "pending".to_owned())]
+    );
+    assert_eq!(fx.job(id).await.status, "failed");
+}
+
 /// Wait until one session of the test's database waits on a lock (the
 /// statement the test just started, behind the transaction it holds).
 async fn one_waits_on_a_lock(c: &tokio_postgres::Client, what: &str) {
