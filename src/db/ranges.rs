@@ -476,7 +476,8 @@ pub async fn ranges_rescue(
              e AS (INSERT INTO pq_migration_job_events (job_id, event, worker, detail) \
                SELECT u.job_id, 'reclaimed', $3, \
                       jsonb_build_object('reason', 'lease expired', 'range', u.range_no, \
-                                         'attempts', u.attempts) FROM u) \
+                                         'attempts', u.attempts) FROM u \
+               ORDER BY u.job_id, u.range_no) \
              SELECT job_id, range_no FROM u ORDER BY job_id, range_no",
             &[&lease, &max_attempts, &worker],
         )
@@ -487,15 +488,26 @@ pub async fn ranges_rescue(
         .collect();
     let exhausted = c
         .query(
-            "SELECT DISTINCT job_id FROM pq_migration_ranges \
-             WHERE status = 'running' AND attempts >= $2 \
-               AND (heartbeat_at IS NULL OR heartbeat_at < now() - $1::float8 * interval '1 second') \
-             ORDER BY job_id LIMIT 100",
+            "SELECT DISTINCT r.job_id FROM pq_migration_ranges r \
+             JOIN pq_migration_jobs j ON j.id = r.job_id AND j.status = 'running' \
+             WHERE r.status = 'running' AND r.attempts >= $2 \
+               AND (r.heartbeat_at IS NULL OR r.heartbeat_at < now() - $1::float8 * interval '1 second') \
+             ORDER BY r.job_id LIMIT 100",
             &[&lease, &max_attempts],
         )
         .await?;
     for row in exhausted {
-        rescued.extend(job_fail_exhausted(c, row.get(0), lease, max_attempts, worker).await?);
+        let job_id: i64 = row.get(0);
+        match job_fail_exhausted(c, job_id, lease, max_attempts, worker).await {
+            Ok(done) => rescued.extend(done),
+            Err(e) if rescued.is_empty() => return Err(e),
+            // What committed before is returned (counted and logged);
+            // this job is looked at again next round.
+            Err(e) => {
+                tracing::warn!(job_id, error = %e, "could not fail a job whose range ran out of attempts; next round tries again");
+                break;
+            }
+        }
     }
     Ok(rescued)
 }
@@ -503,7 +515,8 @@ pub async fn ranges_rescue(
 /// Fail job `job_id` if one of its ranges is still running, stale (no
 /// heartbeat for `lease` seconds) and out of attempts, and give its
 /// running ranges back; returns the stale ones among them as
-/// [`ranges_rescue`] does (`failed`: out of attempts). The job row
+/// [`ranges_rescue`] does (`failed`: out of attempts; `pending`: a stale
+/// range with attempts left, event `reclaimed`). The job row
 /// is locked first (SKIP LOCKED: a cancel or a range's end holding it
 /// wins, and the next round looks again), then every range of the job,
 /// whose counts are summed from what they hold once locked.
@@ -531,16 +544,21 @@ async fn job_fail_exhausted(
                                 x.range_no, x.attempts, $3::int) \
                FROM t, x WHERE j.id = $1 AND j.status = 'running' \
                RETURNING j.id, x.range_no, x.attempts), \
-             r AS (UPDATE pq_migration_ranges SET status = 'pending', locked_by = NULL, \
+             r AS (UPDATE pq_migration_ranges p SET status = 'pending', locked_by = NULL, \
                  lease_token = NULL, heartbeat_at = NULL, throttled = NULL, updated_at = now() \
-               WHERE job_id = (SELECT id FROM u) AND status = 'running' RETURNING range_no), \
+               FROM rl WHERE p.job_id = (SELECT id FROM u) AND p.range_no = rl.range_no \
+                 AND rl.status = 'running' RETURNING p.range_no), \
+             g AS (SELECT rl.range_no, rl.attempts FROM rl JOIN r USING (range_no) \
+                   WHERE rl.heartbeat_at IS NULL \
+                      OR rl.heartbeat_at < now() - $2::float8 * interval '1 second'), \
              e AS (INSERT INTO pq_migration_job_events (job_id, event, worker, detail) \
-               SELECT id, 'failed', $4, jsonb_build_object('reason', 'lease expired', \
-                      'range', range_no, 'attempts', attempts) FROM u) \
-             SELECT rl.range_no, CASE WHEN rl.attempts >= $3 THEN 'failed' ELSE 'pending' END \
-             FROM rl JOIN r USING (range_no) \
-             WHERE rl.heartbeat_at IS NULL OR rl.heartbeat_at < now() - $2::float8 * interval '1 second' \
-             ORDER BY rl.range_no",
+               SELECT $1, ev, $4, jsonb_build_object('reason', 'lease expired', \
+                      'range', range_no, 'attempts', attempts) \
+               FROM (SELECT 0 AS o, 'failed' AS ev, range_no, attempts FROM u \
+                     UNION ALL SELECT 1, 'reclaimed', range_no, attempts FROM g \
+                     WHERE attempts < $3) v ORDER BY o, range_no) \
+             SELECT range_no, CASE WHEN attempts >= $3 THEN 'failed' ELSE 'pending' END \
+             FROM g ORDER BY range_no",
             &[&job_id, &lease, &max_attempts, &worker],
         )
         .await?;

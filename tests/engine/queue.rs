@@ -688,6 +688,18 @@ async fn the_rescuer_fails_a_job_in_a_cancel_s_lock_order_counting_every_committ
         "a job row held by a cancel is left to the next round"
     );
     assert_eq!(fx.job(id).await.status, "running");
+    // Range 2, stale with attempts left, is locked when the rescue
+    // reclaims (so it is skipped there) and given back with the job.
+    c.execute(
+        "INSERT INTO pq_migration_ranges (job_id, range_no, lo, hi, status, attempts, lease_token, \
+                                          heartbeat_at) \
+         VALUES ($1, 2, 2000, 3000, 'running', 1, gen_random_uuid(), now() - interval '1 hour')",
+        &[&id],
+    )
+    .await
+    .expect("range 2");
+    let mut other = fx.db.client().await;
+    let held = lock_range(&mut other, id, 2).await;
     // Range 1's batch commits while the rescuer fails the job.
     let batch = lock_range(&mut c, id, 1).await;
     batch
@@ -701,10 +713,19 @@ async fn the_rescuer_fails_a_job_in_a_cancel_s_lock_order_counting_every_committ
     let second = tokio::spawn(rescue(rescuer));
     one_waits_on_a_lock(&fx.db.client().await, "the rescue waiting for the batch").await;
     batch.commit().await.expect("the batch commits");
+    held.commit().await.expect("range 2's holder commits");
     let (_, rescued) = second.await.expect("join");
     assert_eq!(
         rescued.expect("the rescue"),
-        vec![(id, 0, "failed".to_owned())]
+        vec![(id, 0, "failed".to_owned()), (id, 2, "pending".to_owned())]
+    );
+    assert_eq!(
+        (
+            fx.events(id, "failed").await,
+            fx.events(id, "reclaimed").await
+        ),
+        (1, 1),
+        "one failure of the job, range 2 reclaimed"
     );
     let j = fx.job(id).await;
     assert_eq!(
@@ -740,6 +761,7 @@ async fn the_rescuer_fails_a_job_in_a_cancel_s_lock_order_counting_every_committ
         vec![(id, 1, "pending".to_owned())]
     );
     assert_eq!(fx.job(id).await.status, "failed");
+    assert_eq!(fx.events(id, "reclaimed").await, 2);
 }
 
 /// Wait until one session of the test's database waits on a lock (the
