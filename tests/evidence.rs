@@ -375,6 +375,110 @@ async fn attestations_are_signed_provable_and_catch_any_change() {
     );
 }
 
+/// An ML-DSA-65 attestation key sealed under a new keyring KEK, made by
+/// the CLI with `env` (a hashes fixture has no signing key).
+fn hashes_attestation_key(env: &[(&str, &str)]) {
+    let out = crate::support::run(
+        &[
+            "keys",
+            "generate",
+            "--algorithm",
+            "AES-256-GCM",
+            "--ref",
+            "local:attest-kek",
+            "--register",
+        ],
+        env,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = crate::support::run(
+        &[
+            "keys",
+            "signing",
+            "--algorithm",
+            "ML-DSA-65",
+            "--name",
+            "attest",
+            "--kek",
+            "local:attest-kek",
+            "--scope",
+            "attestation",
+        ],
+        env,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+/// A daemon told to stop just after it ended a job `done` writes that
+/// job's attestation before it exits, within `shutdown_timeout`; past the
+/// deadline it exits anyway, naming the job whose attestation it did not
+/// write. The test holds the attestation back by locking `signing_keys`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_daemon_writes_the_attestations_of_the_jobs_it_just_ended() {
+    use crate::support::hashes::signal;
+    let fx = crate::support::hashes::Fixture::new(20).await;
+    let c = fx.db.client().await;
+    let dir = tempfile::tempdir().unwrap();
+    let attest_dir = dir.path().display().to_string();
+    let keyring = fx.keyring.display().to_string();
+    hashes_attestation_key(&[
+        ("DATABASE_URL", fx.db.url.as_str()),
+        ("PQMIG_KEYRING", keyring.as_str()),
+    ]);
+    for (name, timeout, in_time) in [("waits", "60s", true), ("late", "1s", false)] {
+        let mut holder = fx.db.client().await;
+        let tx = holder.transaction().await.unwrap();
+        tx.batch_execute("LOCK TABLE signing_keys IN ACCESS EXCLUSIVE MODE")
+            .await
+            .expect("lock signing_keys");
+        let mut d = fx.spawn_daemon(
+            name,
+            &[
+                ("PQMIG_ATTEST_DIR", attest_dir.as_str()),
+                ("PQMIG_SHUTDOWN_TIMEOUT", timeout),
+            ],
+        );
+        let id = fx.enqueue(json!({"batch_size": 10})).await;
+        assert_eq!(fx.wait_job(id, 30, terminal).await.status, "done");
+        crate::support::wait_until(10, "the attestation waiting on the lock", || async {
+            c.query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                 AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+                == 1
+        })
+        .await;
+        signal(&d, libc::SIGTERM);
+        crate::support::wait_until(10, "the stopping daemon waiting for it", || async {
+            fx.log(name)
+                .contains("writing the attestations of jobs just done before stopping")
+        })
+        .await;
+        if in_time {
+            tx.commit().await.expect("unlock");
+        }
+        let status = d.wait().expect("wait");
+        assert!(status.success(), "{status:?}");
+        let log = fx.log(name);
+        if in_time {
+            assert!(hook_file(dir.path(), id).is_some(), "{log}");
+            let written = log.find("attestation written").expect("written");
+            assert!(written < log.find("pqmig daemon stopped").expect("stopped"));
+        } else {
+            assert!(hook_file(dir.path(), id).is_none(), "{log}");
+            assert!(
+                log.lines().any(|l| l.contains("attestations not written")
+                    && l.contains(&format!("\"jobs\":\"[{id}]\""))),
+                "{log}"
+            );
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_attests_and_a_hashes_job_is_attested_from_its_backups() {
     let fx = crate::support::hashes::Fixture::new(30).await;
@@ -401,36 +505,7 @@ async fn verify_attests_and_a_hashes_job_is_attested_from_its_backups() {
         "{}",
         stderr(&out)
     );
-    // A KEK in the keyring for the attestation key.
-    let out = crate::support::run(
-        &[
-            "keys",
-            "generate",
-            "--algorithm",
-            "AES-256-GCM",
-            "--ref",
-            "local:attest-kek",
-            "--register",
-        ],
-        &env,
-    );
-    assert!(out.status.success(), "{}", stderr(&out));
-    let out = crate::support::run(
-        &[
-            "keys",
-            "signing",
-            "--algorithm",
-            "ML-DSA-65",
-            "--name",
-            "attest",
-            "--kek",
-            "local:attest-kek",
-            "--scope",
-            "attestation",
-        ],
-        &env,
-    );
-    assert!(out.status.success(), "{}", stderr(&out));
+    hashes_attestation_key(&env);
     let out = crate::support::run(&["verify", &id.to_string()], &env);
     assert!(out.status.success(), "{}", stderr(&out));
     let file = hook_file(dir.path(), id).expect("verify wrote the attestation");

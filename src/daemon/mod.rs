@@ -163,6 +163,12 @@ pub struct Shared {
     pub db_trouble: Mutex<Option<Instant>>,
     /// `evidence.attest_dir`: attest each job this process ends `done`.
     pub attest_dir: Option<std::path::PathBuf>,
+    /// The attestations being written (off the worker slots): a stop
+    /// waits for them within `shutdown_timeout`.
+    pub attestations: TaskTracker,
+    /// The jobs whose attestation is being written, to name those a stop
+    /// past its deadline leaves unwritten.
+    pub attesting: Mutex<std::collections::BTreeSet<i64>>,
 }
 
 impl Shared {
@@ -187,6 +193,8 @@ impl Shared {
             brake: tokio::sync::watch::Sender::new(governor::Brake::default()),
             db_trouble: Mutex::new(None),
             attest_dir: config.attest_dir.clone(),
+            attestations: TaskTracker::new(),
+            attesting: Mutex::new(Default::default()),
         }
     }
 
@@ -412,6 +420,50 @@ fn log_config(c: &Config) {
     );
 }
 
+/// Let the attestations of jobs this process ended (some maybe during the
+/// drain) be written before it stops, until `deadline`; those still being
+/// written then are named in a warning and counted as failed (`pqmig
+/// attest JOB` writes them later).
+async fn finish_attestations(shared: &Shared, deadline: tokio::time::Instant) {
+    shared.attestations.close();
+    if shared.attestations.is_empty() {
+        return;
+    }
+    let jobs: Vec<i64> = shared
+        .attesting
+        .lock()
+        .expect("attesting")
+        .iter()
+        .copied()
+        .collect();
+    tracing::info!(
+        ?jobs,
+        "writing the attestations of jobs just done before stopping"
+    );
+    if tokio::time::timeout_at(deadline, shared.attestations.wait())
+        .await
+        .is_ok()
+    {
+        return;
+    }
+    let left: Vec<i64> = shared
+        .attesting
+        .lock()
+        .expect("attesting")
+        .iter()
+        .copied()
+        .collect();
+    tracing::warn!(
+        jobs = ?left,
+        "shutdown timeout reached; attestations not written (pqmig attest JOB writes one)"
+    );
+    shared
+        .metrics
+        .attestations
+        .with_label_values(&["failed"])
+        .inc_by(left.len() as u64);
+}
+
 pub async fn run(
     config: &Config,
     services: Services,
@@ -494,11 +546,12 @@ pub async fn run(
     shared.health.draining.store(true, Ordering::Relaxed);
     let _ = sd_notify::notify(&[NotifyState::Stopping]);
     tracker.close();
+    let deadline = tokio::time::Instant::now() + shared.worker.shutdown_timeout;
     let held = shared.running.lock().expect("registry").len();
     if held > 0 {
         tracing::info!(jobs = held, timeout = ?shared.worker.shutdown_timeout, "draining in-flight jobs");
     }
-    if tokio::time::timeout(shared.worker.shutdown_timeout, tracker.wait())
+    if tokio::time::timeout_at(deadline, tracker.wait())
         .await
         .is_err()
     {
@@ -523,6 +576,7 @@ pub async fn run(
             })
             .await;
     }
+    finish_attestations(&shared, deadline).await;
     background.cancel();
     let _ = tokio::join!(
         listener, keeper, rescuer, sampler, governor, janitor, watchdog

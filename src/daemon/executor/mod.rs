@@ -134,8 +134,13 @@ pub async fn run(shared: Arc<Shared>, work: Work, _permit: OwnedSemaphorePermit)
             .with_label_values(&[label, status])
             .inc();
         if status == "done" && shared.attest_dir.is_some() {
-            // Off the worker slot: a large job's leaves take a while.
-            tokio::spawn(attest(Arc::clone(&shared), held.job_id()));
+            // Off the worker slot: a large job's leaves take a while. A
+            // stop waits for it (`daemon::run`).
+            let job_id = held.job_id();
+            shared.attesting.lock().expect("attesting").insert(job_id);
+            shared
+                .attestations
+                .spawn(attest(Arc::clone(&shared), job_id));
         }
     }
 }
@@ -143,20 +148,31 @@ pub async fn run(shared: Arc<Shared>, work: Work, _permit: OwnedSemaphorePermit)
 /// The completion hook: write the attestation of a job this process ended
 /// `done` to `evidence.attest_dir`. A failure is logged, never the job's.
 async fn attest(shared: Arc<Shared>, job_id: i64) {
+    let result = attest_once(&shared, job_id).await;
+    shared.attesting.lock().expect("attesting").remove(&job_id);
+    shared
+        .metrics
+        .attestations
+        .with_label_values(&[result])
+        .inc();
+}
+
+/// [`attest`]'s work: `written` or `failed`.
+async fn attest_once(shared: &Shared, job_id: i64) -> &'static str {
     // One at a time per process: a large job's leaves take memory (about
     // 80 bytes an item) and a pooled connection while they are listed.
     static ONE: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
     let Some(dir) = shared.attest_dir.as_deref() else {
-        return;
+        return "failed";
     };
     let Ok(_turn) = ONE.acquire().await else {
-        return;
+        return "failed";
     };
     let written = match shared.pool.get().await {
         Ok(client) => crate::cmd::attest::attest_into(&client, &shared.scope, dir, job_id).await,
         Err(e) => Err(e.to_string()),
     };
-    let result = match written {
+    match written {
         Ok(path) => {
             tracing::info!(job_id, path = %path.display(), "attestation written");
             "written"
@@ -165,12 +181,7 @@ async fn attest(shared: Arc<Shared>, job_id: i64) {
             tracing::warn!(job_id, "attestation not written: {e}");
             "failed"
         }
-    };
-    shared
-        .metrics
-        .attestations
-        .with_label_values(&[result])
-        .inc();
+    }
 }
 
 /// `pqmig_job_duration_seconds` of a job this process ended (best effort:
