@@ -446,12 +446,9 @@ async fn finish_attestations(shared: &Shared, deadline: tokio::time::Instant) {
     {
         return;
     }
-    let left: Vec<i64> = shared
-        .attesting
-        .lock()
-        .expect("attesting")
-        .iter()
-        .copied()
+    // Taken off the set: one that ends after all is not counted again.
+    let left: Vec<i64> = std::mem::take(&mut *shared.attesting.lock().expect("attesting"))
+        .into_iter()
         .collect();
     tracing::warn!(
         jobs = ?left,

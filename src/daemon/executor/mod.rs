@@ -147,9 +147,32 @@ pub async fn run(shared: Arc<Shared>, work: Work, _permit: OwnedSemaphorePermit)
 
 /// The completion hook: write the attestation of a job this process ended
 /// `done` to `evidence.attest_dir`. A failure is logged, never the job's.
+/// Counted in `pqmig_attestations_total` unless a stop past its deadline
+/// already counted it as not written (`daemon::run`).
 async fn attest(shared: Arc<Shared>, job_id: i64) {
-    let result = attest_once(&shared, job_id).await;
-    shared.attesting.lock().expect("attesting").remove(&job_id);
+    let pending = Attesting {
+        set: &shared.attesting,
+        job_id,
+    };
+    let written = attest_once(&shared, job_id).await;
+    let counted = pending.finish();
+    let result = match (written, counted) {
+        (Ok(path), true) => {
+            tracing::info!(job_id, path = %path.display(), "attestation written");
+            "written"
+        }
+        (Ok(path), false) => {
+            tracing::warn!(job_id, path = %path.display(), "attestation written after all, past the stop's deadline");
+            return;
+        }
+        (Err(e), counted) => {
+            tracing::warn!(job_id, "attestation not written: {e}");
+            if !counted {
+                return;
+            }
+            "failed"
+        }
+    };
     shared
         .metrics
         .attestations
@@ -157,31 +180,41 @@ async fn attest(shared: Arc<Shared>, job_id: i64) {
         .inc();
 }
 
-/// [`attest`]'s work: `written` or `failed`.
-async fn attest_once(shared: &Shared, job_id: i64) -> &'static str {
+/// A job in [`Shared::attesting`] until its attestation ends (or its task
+/// unwinds).
+struct Attesting<'a> {
+    set: &'a std::sync::Mutex<std::collections::BTreeSet<i64>>,
+    job_id: i64,
+}
+
+impl Attesting<'_> {
+    /// Take the job off the set: `false` when a stop past its deadline
+    /// took it off first (and counted it).
+    fn finish(self) -> bool {
+        self.set.lock().expect("attesting").remove(&self.job_id)
+    }
+}
+
+impl Drop for Attesting<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut set) = self.set.lock() {
+            set.remove(&self.job_id);
+        }
+    }
+}
+
+/// [`attest`]'s work: the file written.
+async fn attest_once(shared: &Shared, job_id: i64) -> Result<std::path::PathBuf, String> {
     // One at a time per process: a large job's leaves take memory (about
     // 80 bytes an item) and a pooled connection while they are listed.
     static ONE: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
-    let Some(dir) = shared.attest_dir.as_deref() else {
-        return "failed";
-    };
-    let Ok(_turn) = ONE.acquire().await else {
-        return "failed";
-    };
-    let written = match shared.pool.get().await {
-        Ok(client) => crate::cmd::attest::attest_into(&client, &shared.scope, dir, job_id).await,
-        Err(e) => Err(e.to_string()),
-    };
-    match written {
-        Ok(path) => {
-            tracing::info!(job_id, path = %path.display(), "attestation written");
-            "written"
-        }
-        Err(e) => {
-            tracing::warn!(job_id, "attestation not written: {e}");
-            "failed"
-        }
-    }
+    let dir = shared
+        .attest_dir
+        .as_deref()
+        .ok_or("no evidence.attest_dir")?;
+    let _turn = ONE.acquire().await.map_err(|e| e.to_string())?;
+    let client = shared.pool.get().await.map_err(|e| e.to_string())?;
+    crate::cmd::attest::attest_into(&client, &shared.scope, dir, job_id).await
 }
 
 /// `pqmig_job_duration_seconds` of a job this process ended (best effort:
