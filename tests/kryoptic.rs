@@ -194,8 +194,14 @@ async fn new_layers_are_sealed_to_a_token_key_and_verified_in_the_token() {
         c.query_one(versions, &[]).await.unwrap().get::<_, i64>(0),
         before
     );
+    assert_eq!(
+        decapsulations(port).await,
+        1.0,
+        "the start's check of the public key counts as a request"
+    );
 
     // Sealed to the token's key, each new wrap checked in the token.
+    let counted = decapsulations(port).await;
     let job = w.enqueue(two, json!({"batch_size": 4})).await;
     let j = w.fx.wait_job(job, 60, terminal).await;
     assert_eq!(
@@ -205,9 +211,10 @@ async fn new_layers_are_sealed_to_a_token_key_and_verified_in_the_token() {
         w.fx.log("d")
     );
     assert_eq!(
-        decapsulations(port).await,
-        N as f64,
-        "one decapsulation in the token per new wrap (verify before write)"
+        decapsulations(port).await - counted,
+        N as f64 + 2.0,
+        "one decapsulation in the token per new wrap (verify before write), and the public \
+         key's check by the job's start and by its range's walk"
     );
     let layers = c
         .query(
@@ -230,6 +237,7 @@ async fn new_layers_are_sealed_to_a_token_key_and_verified_in_the_token() {
     assert_eq!(public.len(), Kem::MlKem768.public_key_len());
 
     // Back to a keyring policy: the token's layers decapsulated there.
+    let counted = decapsulations(port).await;
     let job = w.enqueue(w.seed.policy_id, json!({})).await;
     let j = w.fx.wait_job(job, 60, terminal).await;
     assert_eq!(
@@ -238,7 +246,7 @@ async fn new_layers_are_sealed_to_a_token_key_and_verified_in_the_token() {
         "{j:?}\n{}",
         w.fx.log("d")
     );
-    assert_eq!(decapsulations(port).await, 2.0 * N as f64);
+    assert_eq!(decapsulations(port).await - counted, N as f64);
     terminate(&mut d);
     w.assert_pyca_opens(&w.seed.deks).await;
 
@@ -419,7 +427,11 @@ async fn x_wing_keys_in_the_token_are_layer_keys_and_open_their_layers() {
         "{j:?}\n{}",
         w.fx.log("d")
     );
-    assert_eq!(decapsulations(port).await, N as f64, "verify before write");
+    assert_eq!(
+        decapsulations(port).await,
+        N as f64 + 2.0,
+        "verify before write, and the public key's check by the job's start and its walk"
+    );
     w.assert_pyca_opens(&w.seed.deks).await;
 
     // One X25519 ciphertext made the low-order point 0.

@@ -631,12 +631,13 @@ impl Hsm {
         }
         let (ct, expected) = kem::encapsulate(kem, &public)
             .map_err(|e| HsmError::Config(format!("{what}: its public key object: {}", e.0)))?;
-        let got = match kem {
-            Kem::XWing => self.decapsulate_in(&token, key, kem, &ct)?,
+        // One `decrypt` request of the provider, as a layer's opening is.
+        let got = metered("decrypt", || match kem {
+            Kem::XWing => self.decapsulate_in(&token, key, kem, &ct),
             _ => self
                 .with_session(&token, |s| decapsulate(s, private, &ct))?
-                .map_err(|e| self.first_secret_error(&token, &what, "ML-KEM decapsulation", e))?,
-        };
+                .map_err(|e| self.first_secret_error(&token, &what, "ML-KEM decapsulation", e)),
+        })?;
         if *got != *expected {
             return Err(HsmError::Config(format!(
                 "{what}: its public key object is not the private key's (the token decapsulated another secret from a ciphertext sealed to it)"
