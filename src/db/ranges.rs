@@ -449,7 +449,8 @@ pub async fn jobs_rollup(c: &impl GenericClient) -> Result<u64, tokio_postgres::
 /// id, range, new status) triples.
 ///
 /// A reclaim locks only range rows (a range out of attempts whose job is
-/// no longer running is reclaimed too). A failure takes the job row first and
+/// no longer running, or is being started, holds no claim of a walk and
+/// is reclaimed too: the start sets it up again). A failure takes the job row first and
 /// then the job's ranges, in its own statement ([`job_fail_exhausted`]):
 /// the order a cancel, a range's failure and a job's end take, so a
 /// rescue never deadlocks with them, and the job's counts include a batch
@@ -466,7 +467,7 @@ pub async fn ranges_rescue(
             "WITH s AS (SELECT r.job_id, r.range_no FROM pq_migration_ranges r \
                  WHERE r.status = 'running' \
                    AND (r.attempts < $2 OR NOT EXISTS (SELECT 1 FROM pq_migration_jobs j \
-                                                       WHERE j.id = r.job_id AND j.status = 'running')) \
+                          WHERE j.id = r.job_id AND j.status = 'running' AND j.lease_token IS NULL)) \
                    AND (r.heartbeat_at IS NULL OR r.heartbeat_at < now() - $1::float8 * interval '1 second') \
                  ORDER BY r.heartbeat_at LIMIT 100 FOR UPDATE SKIP LOCKED), \
              u AS (UPDATE pq_migration_ranges r SET status = 'pending', locked_by = NULL, \
@@ -490,6 +491,7 @@ pub async fn ranges_rescue(
         .query(
             "SELECT DISTINCT r.job_id FROM pq_migration_ranges r \
              JOIN pq_migration_jobs j ON j.id = r.job_id AND j.status = 'running' \
+                                         AND j.lease_token IS NULL \
              WHERE r.status = 'running' AND r.attempts >= $2 \
                AND (r.heartbeat_at IS NULL OR r.heartbeat_at < now() - $1::float8 * interval '1 second') \
              ORDER BY r.job_id LIMIT 100",
@@ -530,7 +532,7 @@ async fn job_fail_exhausted(
     let rows = c
         .query(
             "WITH j0 AS (SELECT id FROM pq_migration_jobs WHERE id = $1 AND status = 'running' \
-                         FOR NO KEY UPDATE SKIP LOCKED), \
+                           AND lease_token IS NULL FOR NO KEY UPDATE SKIP LOCKED), \
              rl AS (SELECT range_no, status, attempts, heartbeat_at, processed_count, failed_count \
                     FROM pq_migration_ranges WHERE job_id = (SELECT id FROM j0) FOR UPDATE), \
              x AS (SELECT range_no, attempts FROM rl WHERE status = 'running' AND attempts >= $3 \

@@ -762,6 +762,28 @@ async fn the_rescuer_fails_a_job_in_a_cancel_s_lock_order_counting_every_committ
     );
     assert_eq!(fx.job(id).await.status, "failed");
     assert_eq!(fx.events(id, "reclaimed").await, 2);
+    // Resumed and being started again (the job's own lease): a range left
+    // running from before is given back, not made to fail the new start.
+    c.execute(
+        "UPDATE pq_migration_jobs SET status = 'running', lease_token = gen_random_uuid(), \
+             heartbeat_at = now() WHERE id = $1",
+        &[&id],
+    )
+    .await
+    .expect("being started");
+    c.execute(
+        "UPDATE pq_migration_ranges SET status = 'running', attempts = 5, \
+             heartbeat_at = now() - interval '1 hour' WHERE job_id = $1 AND range_no = 0",
+        &[&id],
+    )
+    .await
+    .expect("a leftover range");
+    let rescued = ranges_rescue(&c, lease, 5, "rescuer").await;
+    assert_eq!(
+        rescued.expect("the rescue"),
+        vec![(id, 0, "pending".to_owned())]
+    );
+    assert_eq!(fx.job(id).await.status, "running");
 }
 
 /// Wait until one session of the test's database waits on a lock (the
