@@ -748,18 +748,19 @@ async fn the_rescuer_fails_a_job_in_a_cancel_s_lock_order_counting_every_committ
     assert_eq!(running, 0, "its ranges are given back");
     // A range out of attempts left running under a job that no longer
     // runs is given back, not kept.
-    c.execute(
-        "UPDATE pq_migration_ranges SET status = 'running', attempts = 5, \
-             heartbeat_at = now() - interval '1 hour' WHERE job_id = $1 AND range_no = 1",
-        &[&id],
-    )
-    .await
-    .expect("a leftover range");
-    let rescued = ranges_rescue(&c, lease, 5, "rescuer").await;
-    assert_eq!(
-        rescued.expect("the rescue"),
-        vec![(id, 1, "pending".to_owned())]
-    );
+    let leftover = async |no: i32| {
+        c.execute(
+            "UPDATE pq_migration_ranges SET status = 'running', attempts = 5, \
+                 heartbeat_at = now() - interval '1 hour' WHERE job_id = $1 AND range_no = $2",
+            &[&id, &no],
+        )
+        .await
+        .expect("a leftover range");
+        ranges_rescue(&c, lease, 5, "rescuer")
+            .await
+            .expect("the rescue")
+    };
+    assert_eq!(leftover(1).await, vec![(id, 1, "pending".to_owned())]);
     assert_eq!(fx.job(id).await.status, "failed");
     assert_eq!(fx.events(id, "reclaimed").await, 2);
     // Resumed and being started again (the job's own lease): a range left
@@ -771,18 +772,7 @@ async fn the_rescuer_fails_a_job_in_a_cancel_s_lock_order_counting_every_committ
     )
     .await
     .expect("being started");
-    c.execute(
-        "UPDATE pq_migration_ranges SET status = 'running', attempts = 5, \
-             heartbeat_at = now() - interval '1 hour' WHERE job_id = $1 AND range_no = 0",
-        &[&id],
-    )
-    .await
-    .expect("a leftover range");
-    let rescued = ranges_rescue(&c, lease, 5, "rescuer").await;
-    assert_eq!(
-        rescued.expect("the rescue"),
-        vec![(id, 0, "pending".to_owned())]
-    );
+    assert_eq!(leftover(0).await, vec![(id, 0, "pending".to_owned())]);
     assert_eq!(fx.job(id).await.status, "running");
 }
 
