@@ -603,13 +603,22 @@ async fn a_range_fails_its_job_only_under_its_lease_counting_every_committed_bat
     one_waits_on_a_lock(&c, "the failure waiting for the batch").await;
     tx.commit().await.expect("the batch commits");
     assert!(fail.await.expect("join").expect("job_fail"));
+    failed_counting_the_batch(&fx, id, "fatal").await;
+}
+
+/// Job `id` is `failed` with `error`, its counts include the batch that
+/// committed meanwhile (100 + 10 + 50), and none of its ranges runs.
+async fn failed_counting_the_batch(fx: &Fixture, id: i64, error: &str) {
     let j = fx.job(id).await;
     assert_eq!(
         (j.status.as_str(), j.processed, j.error.as_deref()),
-        ("failed", 160, Some("fatal")),
+        ("failed", 160, Some(error)),
         "the committed batch is counted"
     );
-    let running: i64 = c
+    let running: i64 = fx
+        .db
+        .client()
+        .await
         .query_one(
             "SELECT count(*) FROM pq_migration_ranges WHERE job_id = $1 AND status = 'running'",
             &[&id],
@@ -727,25 +736,12 @@ async fn the_rescuer_fails_a_job_in_a_cancel_s_lock_order_counting_every_committ
         (1, 1),
         "one failure of the job, range 2 reclaimed"
     );
-    let j = fx.job(id).await;
-    assert_eq!(
-        (j.status.as_str(), j.processed, j.error.as_deref()),
-        (
-            "failed",
-            160,
-            Some("range 0 lease expired 5 times without progress (max_attempts 5)")
-        ),
-        "the committed batch is counted"
-    );
-    let running: i64 = c
-        .query_one(
-            "SELECT count(*) FROM pq_migration_ranges WHERE job_id = $1 AND status = 'running'",
-            &[&id],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(running, 0, "its ranges are given back");
+    failed_counting_the_batch(
+        &fx,
+        id,
+        "range 0 lease expired 5 times without progress (max_attempts 5)",
+    )
+    .await;
     // A range out of attempts left running under a job that no longer
     // runs is given back, not kept.
     let leftover = async |no: i32| {
