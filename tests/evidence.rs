@@ -441,15 +441,7 @@ async fn a_stopping_daemon_writes_the_attestations_of_the_jobs_it_just_ended() {
         let id = fx.enqueue(json!({"batch_size": 10})).await;
         assert_eq!(fx.wait_job(id, 30, terminal).await.status, "done");
         crate::support::wait_until(10, "the attestation waiting on the lock", || async {
-            c.query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
-                 AND wait_event_type = 'Lock'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get::<_, i64>(0)
-                == 1
+            crate::support::lock_waiters(&c).await == 1
         })
         .await;
         signal(&d, libc::SIGTERM);

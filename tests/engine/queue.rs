@@ -8,7 +8,7 @@ use serde_json::json;
 use pqmig::db::leases::{self, Renewal};
 
 use crate::support::hashes::{Fixture, terminal};
-use crate::support::{InProcess, wait_until};
+use crate::support::{InProcess, lock_waiters, wait_until};
 
 /// Renew one job lease alone.
 async fn renew(c: &tokio_postgres::Client, lease: pqmig::db::jobs::Lease) -> Renewal {
@@ -671,16 +671,7 @@ async fn the_rescuer_fails_a_job_in_a_cancel_s_lock_order_counting_every_committ
     .expect("the cancel's job row");
     let first = tokio::spawn(rescue(fx.db.client().await));
     wait_until(10, "the rescue ends or waits", || async {
-        first.is_finished()
-            || c.query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
-                 AND wait_event_type = 'Lock'",
-                &[],
-            )
-            .await
-            .expect("pg_stat_activity")
-            .get::<_, i64>(0)
-                == 1
+        first.is_finished() || lock_waiters(&c).await == 1
     })
     .await;
     tx.execute(
@@ -775,16 +766,5 @@ async fn the_rescuer_fails_a_job_in_a_cancel_s_lock_order_counting_every_committ
 /// Wait until one session of the test's database waits on a lock (the
 /// statement the test just started, behind the transaction it holds).
 async fn one_waits_on_a_lock(c: &tokio_postgres::Client, what: &str) {
-    wait_until(10, what, || async {
-        c.query_one(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
-             AND wait_event_type = 'Lock'",
-            &[],
-        )
-        .await
-        .expect("pg_stat_activity")
-        .get::<_, i64>(0)
-            == 1
-    })
-    .await;
+    wait_until(10, what, || async { lock_waiters(c).await == 1 }).await;
 }

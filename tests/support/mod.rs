@@ -26,6 +26,18 @@ pub use codec::{b64, hex, unb64, unhex};
 pub use daemon::InProcess;
 pub use db::{TestDb, admin_url, connect, pqmig, run, stderr, stdout, url_for};
 
+/// How many sessions of `c`'s database wait on a lock now.
+pub async fn lock_waiters(c: &tokio_postgres::Client) -> i64 {
+    c.query_one(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+         AND wait_event_type = 'Lock'",
+        &[],
+    )
+    .await
+    .expect("pg_stat_activity")
+    .get(0)
+}
+
 /// Poll `cond` every 50 ms until it holds; panic naming `what` after `secs`.
 pub async fn wait_until<F, Fut>(secs: u64, what: &str, mut cond: F)
 where
