@@ -37,6 +37,24 @@ async fn lock_range(
     tx
 }
 
+/// A batch of range `no` of `job` committing: its range row locked and 50
+/// more items counted, until the caller commits.
+async fn batch_in_flight(
+    c: &mut tokio_postgres::Client,
+    job: i64,
+    no: i32,
+) -> tokio_postgres::Transaction<'_> {
+    let tx = c.transaction().await.expect("begin");
+    tx.execute(
+        "UPDATE pq_migration_ranges SET processed_count = processed_count + 50 \
+         WHERE job_id = $1 AND range_no = $2",
+        &[&job, &no],
+    )
+    .await
+    .expect("the batch's count");
+    tx
+}
+
 #[tokio::test]
 async fn one_statement_renews_every_lease_and_never_waits_on_a_locked_row() {
     let fx = Fixture::new(0).await;
@@ -523,13 +541,7 @@ async fn cancel_counts_the_batch_committing_at_that_moment() {
     .expect("a job walking its range");
     // A batch's commit in flight: its range row locked, 50 more counted.
     let mut batch = fx.db.client().await;
-    let tx = batch.transaction().await.expect("begin");
-    tx.execute(
-        "UPDATE pq_migration_ranges SET processed_count = processed_count + 50 WHERE job_id = $1",
-        &[&id],
-    )
-    .await
-    .expect("the batch's count");
+    let tx = batch_in_flight(&mut batch, id, 0).await;
     let canceller = fx.db.client().await;
     let cancel =
         tokio::spawn(async move { pqmig::db::jobs::job_cancel(&canceller, id, "test").await });
@@ -583,14 +595,7 @@ async fn a_range_fails_its_job_only_under_its_lease_counting_every_committed_bat
     assert_eq!(fx.job(id).await.status, "running");
     // Range 1's batch commits while range 0 fails the job.
     let mut batch = fx.db.client().await;
-    let tx = batch.transaction().await.expect("begin");
-    tx.execute(
-        "UPDATE pq_migration_ranges SET processed_count = processed_count + 50 \
-         WHERE job_id = $1 AND range_no = 1",
-        &[&id],
-    )
-    .await
-    .expect("the batch's count");
+    let tx = batch_in_flight(&mut batch, id, 1).await;
     let failer = fx.db.client().await;
     let lease = RangeLease {
         job_id: id,
@@ -701,15 +706,7 @@ async fn the_rescuer_fails_a_job_in_a_cancel_s_lock_order_counting_every_committ
     let mut other = fx.db.client().await;
     let held = lock_range(&mut other, id, 2).await;
     // Range 1's batch commits while the rescuer fails the job.
-    let batch = lock_range(&mut c, id, 1).await;
-    batch
-        .execute(
-            "UPDATE pq_migration_ranges SET processed_count = processed_count + 50 \
-             WHERE job_id = $1 AND range_no = 1",
-            &[&id],
-        )
-        .await
-        .expect("the batch's count");
+    let batch = batch_in_flight(&mut c, id, 1).await;
     let second = tokio::spawn(rescue(rescuer));
     one_waits_on_a_lock(&fx.db.client().await, "the rescue waiting for the batch").await;
     batch.commit().await.expect("the batch commits");
